@@ -1,0 +1,3 @@
+//! Device models. `bus` dispatches MMIO exits.
+
+pub mod bus;

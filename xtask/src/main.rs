@@ -1,0 +1,48 @@
+//! `cargo xtask <task>`: the project's build and measurement tasks.
+
+mod bench;
+mod ebpf;
+mod guest;
+mod kernel;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "ftvm project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the reference guest; the ELF lands at target/guest/ftvm-guest.
+    BuildGuest,
+    /// Build the eBPF programs with Debian's rustc and bpf-linker; the object lands at
+    /// target/ebpf/ftvm-ebpf.
+    BuildEbpf,
+    /// Extract a real Debian bzImage to target/fixtures/vmlinuz for the Linux loader's tests.
+    FetchTestKernel,
+    /// Run the benchmarks and write bench/results/<name>.json.
+    Bench(bench::BenchArgs),
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BuildGuest => guest::build().map(|p| println!("{}", p.display())),
+        Task::BuildEbpf => ebpf::build().map(|p| println!("{}", p.display())),
+        Task::FetchTestKernel => kernel::fetch().map(|p| println!("{}", p.display())),
+        Task::Bench(args) => bench::run(args),
+    }
+}
