@@ -1,1 +1,156 @@
-//! Benchmark support shared by `cargo xtask bench`.
+//! End-to-end benchmarks: the reference guest under `redis-benchmark`, on this machine, with
+//! results written as JSON. Every later protection level is reported as a ratio against the
+//! unprotected figures measured in the same run.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use ftvm_system_tests::{run_with_timeout, Netns, GUEST_IP};
+
+/// One line of `redis-benchmark --csv`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CommandResult {
+    pub test: String,
+    pub pipeline: u32,
+    pub clients: u32,
+    pub requests: u32,
+    pub rps: f64,
+    pub avg_latency_ms: f64,
+    pub p50_latency_ms: f64,
+    pub p95_latency_ms: f64,
+    pub p99_latency_ms: f64,
+    pub max_latency_ms: f64,
+}
+
+/// What one `redis-benchmark` invocation should do.
+#[derive(Clone, Debug)]
+pub struct RedisBenchmark {
+    pub tests: &'static str,
+    pub requests: u32,
+    pub clients: u32,
+    pub pipeline: u32,
+}
+
+/// Parses `redis-benchmark --csv` output (redis-tools 7.x columns).
+pub fn parse_csv(out: &str, bench: &RedisBenchmark) -> Result<Vec<CommandResult>> {
+    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<String> = match lines.next() {
+        Some(h) => split_csv(h),
+        None => bail!("redis-benchmark printed nothing"),
+    };
+    let col = |name: &str| {
+        header.iter().position(|h| h == name).with_context(|| format!("no {name} column in {header:?}"))
+    };
+    let (test, rps, avg, p50, p95, p99, max) = (
+        col("test")?,
+        col("rps")?,
+        col("avg_latency_ms")?,
+        col("p50_latency_ms")?,
+        col("p95_latency_ms")?,
+        col("p99_latency_ms")?,
+        col("max_latency_ms")?,
+    );
+    lines
+        .map(|line| {
+            let f = split_csv(line);
+            let num = |i: usize| -> Result<f64> {
+                f.get(i).and_then(|v| v.parse().ok()).with_context(|| format!("bad number in {line:?}"))
+            };
+            Ok(CommandResult {
+                test: f.get(test).cloned().unwrap_or_default(),
+                pipeline: bench.pipeline,
+                clients: bench.clients,
+                requests: bench.requests,
+                rps: num(rps)?,
+                avg_latency_ms: num(avg)?,
+                p50_latency_ms: num(p50)?,
+                p95_latency_ms: num(p95)?,
+                p99_latency_ms: num(p99)?,
+                max_latency_ms: num(max)?,
+            })
+        })
+        .collect()
+}
+
+fn split_csv(line: &str) -> Vec<String> {
+    line.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect()
+}
+
+/// Runs redis-benchmark from inside `ns` against the guest.
+pub fn run_redis_benchmark(ns: &Netns, bench: &RedisBenchmark) -> Result<Vec<CommandResult>> {
+    let ip = GUEST_IP.to_string();
+    let (n, c, p) = (bench.requests.to_string(), bench.clients.to_string(), bench.pipeline.to_string());
+    let mut cmd: Command = ns.exec(&[
+        "redis-benchmark", "-h", &ip, "-p", "6379", "-t", bench.tests, "-n", &n, "-c", &c, "-P", &p, "--csv",
+    ]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(900));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_csv(&stdout, bench)
+}
+
+/// A results file: bench/results/<name>.json.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub host: String,
+    pub unix_time: u64,
+    pub unprotected: Vec<CommandResult>,
+}
+
+impl Report {
+    pub fn write(&self, dir: &Path) -> Result<std::path::PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{}.json", self.name));
+        std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// A short table for the terminal and for closing notes.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<12} {:>3} {:>10} {:>8} {:>8} {:>8}\n",
+            "command", "P", "req/s", "p50 ms", "p99 ms", "max ms"
+        );
+        for r in &self.unprotected {
+            s += &format!(
+                "{:<12} {:>3} {:>10.0} {:>8.3} {:>8.3} {:>8.3}\n",
+                r.test, r.pipeline, r.rps, r.p50_latency_ms, r.p99_latency_ms, r.max_latency_ms
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_redis_benchmark_7_csv() {
+        let out = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n\
+                   \"SET\",\"41666.67\",\"1.120\",\"0.200\",\"1.055\",\"1.655\",\"2.311\",\"9.999\"\n\
+                   \"GET\",\"45454.55\",\"1.020\",\"0.180\",\"0.975\",\"1.455\",\"2.011\",\"8.100\"\n";
+        let b = RedisBenchmark { tests: "set,get", requests: 1000, clients: 50, pipeline: 1 };
+        let r = parse_csv(out, &b).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].test, "SET");
+        assert!((r[0].rps - 41666.67).abs() < 1e-6);
+        assert!((r[1].p99_latency_ms - 2.011).abs() < 1e-9);
+        assert_eq!(r[1].clients, 50);
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        let b = RedisBenchmark { tests: "set", requests: 1, clients: 1, pipeline: 1 };
+        assert!(parse_csv("", &b).is_err());
+        assert!(parse_csv("\"test\",\"rps\"\n\"SET\",\"1\"\n", &b).is_err());
+    }
+}

@@ -1,1 +1,435 @@
-//! Helpers for the system tests.
+//! Helpers for the whole-system tests: uniquely named network namespaces, a VM process guard, and
+//! clients that run inside a namespace.
+//!
+//! These tests need root and /dev/kvm. They fail (never skip) when those are missing, with a message
+//! that says what to do. Every resource they create is named uniquely and removed by a Drop guard.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Guest address inside each test's own namespace (namespaces are isolated, so tests can share it).
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// Host side of the TAP inside the test namespace.
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The guest's key-value port.
+pub const KV_PORT: u16 = 6379;
+/// How long a VM may take to boot and start serving.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+static UNIQUE: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test (in this or another process) uses: `<prefix><pid>x<n>`, at most 15 bytes so
+/// it also fits an interface name.
+pub fn unique_name(prefix: &str) -> String {
+    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}x{n}", std::process::id() % 100_000);
+    assert!(name.len() <= 15, "name {name} too long for an interface");
+    name
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+/// Panics (the test fails, it does not skip) unless we are root with /dev/kvm.
+pub fn require_root_and_kvm() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "system tests need root (namespaces, TAP, KVM): run the README's test command");
+    assert!(Path::new("/dev/kvm").exists(), "system tests need /dev/kvm");
+}
+
+/// The `ftvm` binary: `$FTVM_BIN` if set (benchmarks use a release build), otherwise the one built
+/// next to this test binary (target/<profile>/ftvm).
+pub fn ftvm_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("FTVM_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/ftvm
+    let bin = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").join("ftvm");
+    assert!(bin.exists(), "{} missing: build it first (`cargo build -p ftvm`, done by `cargo xtask test`)", bin.display());
+    bin
+}
+
+/// The reference guest built by `cargo xtask build-guest`.
+pub fn guest_elf() -> PathBuf {
+    let elf = workspace_root().join("target/guest/ftvm-guest");
+    assert!(elf.exists(), "{} missing: run `cargo xtask build-guest` first", elf.display());
+    elf
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique_name(&format!("ftvm-{tag}-")));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A network namespace that exists for the guard's lifetime. Dropping it kills every process
+/// still inside and deletes it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = unique_name(&format!("ftvm{tag}"));
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        run_ok(&mut ns.exec(&["ip", "link", "set", "lo", "up"]));
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn exec(&self, argv: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(argv);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered the namespace; sockets it creates live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = File::open(&path).expect("open netns");
+                // SAFETY: setns with a valid namespace fd; affects only this scoped thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("netns thread panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Runs a command to completion (bounded by `timeout`), killing it if it overruns.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("wait_with_output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait_with_output");
+            panic!(
+                "command {cmd:?} ran over {timeout:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command and panics with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({})\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How to start a VM in a test.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    pub disk: PathBuf,
+    pub memory: &'static str,
+    pub extra_args: Vec<String>,
+}
+
+impl VmOptions {
+    pub fn new(disk: PathBuf) -> Self {
+        Self { disk, memory: "256M", extra_args: Vec::new() }
+    }
+}
+
+/// An `ftvm run` process inside a namespace. Dropping it SIGKILLs the process if still running.
+#[derive(Debug)]
+pub struct Vm {
+    child: Option<Child>,
+    console_log: PathBuf,
+    stderr_log: PathBuf,
+}
+
+impl Vm {
+    /// Starts the reference guest in `ns` and waits until it serves.
+    pub fn start(ns: &Netns, dir: &Path, opts: &VmOptions) -> Self {
+        let mut vm = Self::spawn(ns, dir, opts);
+        vm.wait_for_console("ftvm-guest: serving on", BOOT_TIMEOUT);
+        vm
+    }
+
+    /// Starts `ftvm run` without waiting for anything.
+    pub fn spawn(ns: &Netns, dir: &Path, opts: &VmOptions) -> Self {
+        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+        let console_log = dir.join(format!("console-{n}.log"));
+        let stderr_log = dir.join(format!("ftvm-{n}.stderr"));
+        let mut cmd = Command::new(ftvm_bin());
+        cmd.args(["run", "--netns", ns.name(), "--tap", "ftvmtap0"])
+            .arg("--guest")
+            .arg(guest_elf())
+            .arg("--disk")
+            .arg(&opts.disk)
+            .args(["--memory", opts.memory])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--host-ip", &format!("{HOST_IP}/24")])
+            .arg("--console-log")
+            .arg(&console_log)
+            .args(&opts.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr_log).expect("stderr log"));
+        let child = cmd.spawn().expect("spawn ftvm");
+        Self { child: Some(child), console_log, stderr_log }
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console_log).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `needle`; panics with the logs if the VM exits or time runs out.
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(needle) {
+                return;
+            }
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait().expect("try_wait").is_some(),
+                None => true,
+            };
+            if exited || Instant::now() > deadline {
+                panic!(
+                    "VM did not print {needle:?} ({})\n--- console ---\n{}\n--- stderr ---\n{}",
+                    if exited { "it exited" } else { "timed out" },
+                    self.console(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("VM already stopped");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("VM did not stop within 20 s of SIGTERM\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal RESP2 client over one TCP connection (use it inside [`Netns::run`]).
+#[derive(Debug)]
+pub struct RespClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One RESP2 reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Status(String),
+    Error(String),
+    Integer(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Reply>>),
+}
+
+impl Reply {
+    pub fn bulk(s: &str) -> Self {
+        Reply::Bulk(Some(s.as_bytes().to_vec()))
+    }
+}
+
+impl RespClient {
+    pub fn connect() -> Self {
+        let addr = SocketAddrV4::new(GUEST_IP, KV_PORT);
+        let stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(10)).expect("connect to guest");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self { stream, buf: Vec::new() }
+    }
+
+    /// Sends raw bytes (for malformed-input tests).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// Sends one command as a RESP array of bulk strings and reads its reply.
+    pub fn cmd(&mut self, args: &[&str]) -> Reply {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        self.send_raw(&out);
+        self.read_reply()
+    }
+
+    fn fill(&mut self) {
+        let mut chunk = [0u8; 16384];
+        let n = self.stream.read(&mut chunk).expect("read reply");
+        assert!(n > 0, "connection closed by the guest");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    fn line(&mut self) -> String {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
+                self.buf.drain(..pos + 2);
+                return line;
+            }
+            self.fill();
+        }
+    }
+
+    /// Reads one reply.
+    pub fn read_reply(&mut self) -> Reply {
+        let line = self.line();
+        let (kind, rest) = line.split_at(1);
+        match kind {
+            "+" => Reply::Status(rest.to_string()),
+            "-" => Reply::Error(rest.to_string()),
+            ":" => Reply::Integer(rest.parse().expect("integer reply")),
+            "$" => {
+                let len: i64 = rest.parse().expect("bulk length");
+                if len < 0 {
+                    return Reply::Bulk(None);
+                }
+                let len = len as usize;
+                while self.buf.len() < len + 2 {
+                    self.fill();
+                }
+                let data = self.buf[..len].to_vec();
+                self.buf.drain(..len + 2);
+                Reply::Bulk(Some(data))
+            }
+            "*" => {
+                let n: i64 = rest.parse().expect("array length");
+                if n < 0 {
+                    return Reply::Array(None);
+                }
+                Reply::Array(Some((0..n).map(|_| self.read_reply()).collect()))
+            }
+            _ => panic!("not a RESP reply: {line:?}"),
+        }
+    }
+}
+
+/// Runs `redis-cli -h <guest> <args>` inside the namespace and returns its stdout (trimmed).
+pub fn redis_cli(ns: &Netns, args: &[&str]) -> String {
+    let ip = GUEST_IP.to_string();
+    let mut argv = vec!["redis-cli", "-h", ip.as_str(), "-p", "6379"];
+    argv.extend_from_slice(args);
+    run_ok(&mut ns.exec(&argv)).trim_end().to_string()
+}
+
+/// Makes a minimal static ELF64 (one PT_LOAD at the guest load address) around `code`, for tests
+/// that need a guest that misbehaves in a precise way.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x20_0000;
+    let header_len = 64 + 56;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(LOAD + header_len as u64).to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes());
+    elf.extend_from_slice(&56u16.to_le_bytes());
+    elf.extend_from_slice(&1u16.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes());
+    elf.extend_from_slice(&0u16.to_le_bytes());
+    elf.extend_from_slice(&0u16.to_le_bytes());
+    let total = (header_len + code.len()) as u64;
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    elf.extend_from_slice(&0u64.to_le_bytes()); // offset
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // paddr
+    elf.extend_from_slice(&total.to_le_bytes()); // filesz
+    elf.extend_from_slice(&total.to_le_bytes()); // memsz
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    assert_eq!(elf.len(), header_len);
+    elf.extend_from_slice(code);
+    elf
+}

@@ -4,6 +4,7 @@ mod bench;
 mod ebpf;
 mod guest;
 mod kernel;
+mod test;
 
 use std::path::PathBuf;
 
@@ -28,6 +29,13 @@ enum Task {
     FetchTestKernel,
     /// Run the benchmarks and write bench/results/<name>.json.
     Bench(bench::BenchArgs),
+    /// Build every artefact the tests need, then run the whole test suite (as root, with KVM).
+    #[command(alias = "ci")]
+    Test {
+        /// Extra arguments for `cargo test` (e.g. `-- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        extra: Vec<String>,
+    },
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -44,5 +52,6 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build().map(|p| println!("{}", p.display())),
         Task::FetchTestKernel => kernel::fetch().map(|p| println!("{}", p.display())),
         Task::Bench(args) => bench::run(args),
+        Task::Test { extra } => test::run(&extra),
     }
 }

@@ -1,1 +1,33 @@
-fn main() {}
+//! `ftvm`: fault-tolerant virtual machines on two commodity servers.
+
+mod cli;
+mod console;
+mod netns;
+mod run;
+mod signals;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // One line: the operator sees the whole chain of causes, joined by ": ".
+            eprintln!("ftvm: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

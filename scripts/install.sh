@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything ftvm needs on a fresh Debian bookworm x86-64 machine, skipping what is there.
+# Run as root. Used by the README's commands and by .ci/run.
+set -euo pipefail
+
+log() { printf '[install] %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: must run as root (apt-get, /dev/kvm, network namespaces)" >&2
+    exit 1
+fi
+
+# Debian packages. rustc-web and llvm-22-dev come from bookworm-security; libstd-rust-web-dev-bpf
+# carries the precompiled `core` for the BPF targets (see shared/TOOLCHAIN.md).
+packages=(
+    rustc-web libstd-rust-web-dev-bpf llvm-22-dev   # eBPF toolchain
+    redis-tools                                      # redis-cli, redis-benchmark: the real clients
+    iproute2 iputils-ping tcpdump                    # namespaces, veth, TAP, captures
+    build-essential pkg-config                       # C for -sys crates
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+else
+    log "Debian packages present"
+fi
+
+# bpf-linker, built against Debian's LLVM 22 (about 5 minutes, once).
+if ! command -v bpf-linker >/dev/null 2>&1; then
+    log "cargo install bpf-linker (llvm-22)"
+    PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --no-default-features --features llvm-22
+else
+    log "bpf-linker present: $(bpf-linker --version 2>/dev/null || echo unknown version)"
+fi
+
+[ -c /dev/kvm ] || { echo "install.sh: /dev/kvm is missing: ftvm needs KVM" >&2; exit 1; }
+log "done"

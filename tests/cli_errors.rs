@@ -1,0 +1,114 @@
+//! Bad invocations: `ftvm` exits non-zero with a one-line reason and never panics.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ftvm_system_tests::{ftvm_bin, guest_elf, require_root_and_kvm, run_with_timeout, tiny_elf, Netns, TempDir};
+
+/// Runs `ftvm run` in a fresh namespace with the given guest and extra args; returns stderr after
+/// checking the exit is a failure with one `ftvm: error:` line and no panic.
+fn run_expecting_error(ns: &Netns, dir: &Path, guest: &Path, extra: &[&str], wrap: Option<&[&str]>) -> String {
+    let disk = dir.join("disk.img");
+    let mut argv: Vec<String> = wrap.unwrap_or(&[]).iter().map(|s| s.to_string()).collect();
+    let mut bin = ftvm_bin();
+    if wrap.is_some() {
+        // A wrapped (unprivileged) run may not be able to reach the build tree: use a copy.
+        let copy = dir.join("ftvm");
+        std::fs::copy(&bin, &copy).unwrap();
+        bin = copy;
+    }
+    argv.push(bin.display().to_string());
+    argv.extend(["run", "--netns", ns.name(), "--tap", "ftvmtap0", "--memory", "64M"].map(String::from));
+    argv.extend(["--guest".into(), guest.display().to_string(), "--disk".into(), disk.display().to_string()]);
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env("RUST_LOG", "error");
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "ftvm should have failed: {argv:?}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "ftvm panicked:\n{stderr}");
+    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("ftvm: error: ")).collect();
+    assert_eq!(errors.len(), 1, "expected exactly one error line:\n{stderr}");
+    errors[0].to_string()
+}
+
+#[test]
+fn not_an_elf_file() {
+    require_root_and_kvm();
+    let ns = Netns::new("noelf");
+    let dir = TempDir::new("noelf");
+    let bogus = dir.path().join("bogus");
+    std::fs::write(&bogus, b"#!/bin/sh\necho this is not a guest\n").unwrap();
+    let line = run_expecting_error(&ns, dir.path(), &bogus, &[], None);
+    assert!(line.to_lowercase().contains("elf"), "{line}");
+}
+
+#[test]
+fn missing_guest_file() {
+    require_root_and_kvm();
+    let ns = Netns::new("noguest");
+    let dir = TempDir::new("noguest");
+    let line = run_expecting_error(&ns, dir.path(), &dir.path().join("nope"), &[], None);
+    assert!(line.contains("not found"), "{line}");
+}
+
+#[test]
+fn a_guest_that_triple_faults() {
+    require_root_and_kvm();
+    let ns = Netns::new("fault");
+    let dir = TempDir::new("fault");
+    // ud2: an invalid-opcode exception with no IDT to deliver it to: a triple fault.
+    let guest = dir.path().join("ud2.elf");
+    std::fs::write(&guest, tiny_elf(&[0x0f, 0x0b])).unwrap();
+    let line = run_expecting_error(&ns, dir.path(), &guest, &[], None);
+    assert!(line.contains("triple") || line.contains("shutdown"), "{line}");
+}
+
+#[test]
+fn an_interface_that_is_not_a_tap() {
+    require_root_and_kvm();
+    let ns = Netns::new("notap");
+    let dir = TempDir::new("notap");
+    // `lo` exists in every namespace and is not a TAP device.
+    let line = run_expecting_error(&ns, dir.path(), &guest_elf(), &["--tap", "lo"], None);
+    assert!(line.contains("lo"), "{line}");
+}
+
+#[test]
+fn an_unknown_network_namespace() {
+    require_root_and_kvm();
+    let dir = TempDir::new("nons");
+    let out = run_with_timeout(
+        Command::new(ftvm_bin())
+            .args(["run", "--netns", "ftvm-no-such-namespace", "--disk"])
+            .arg(dir.path().join("d.img"))
+            .arg("--guest")
+            .arg(guest_elf()),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("network namespace ftvm-no-such-namespace not found"), "{stderr}");
+}
+
+#[test]
+fn no_permission_on_dev_kvm() {
+    require_root_and_kvm();
+    let ns = Netns::new("nokvm");
+    let dir = TempDir::new("nokvm");
+    // The directory must be reachable by the unprivileged user for the disk file.
+    Command::new("chmod").arg("777").arg(dir.path()).status().unwrap();
+    let guest = dir.path().join("guest.elf");
+    std::fs::copy(guest_elf(), &guest).unwrap();
+    Command::new("chmod").arg("755").arg(&guest).status().unwrap();
+    // As user nobody, keeping only CAP_SYS_ADMIN so that entering the namespace still works: what
+    // fails must be /dev/kvm (root-only, mode 0600).
+    let wrap: &[&str] = &[
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+sys_admin",
+        "--ambient-caps=+sys_admin", "--",
+    ];
+    let line = run_expecting_error(&ns, dir.path(), &guest, &[], Some(wrap));
+    assert!(line.contains("/dev/kvm"), "{line}");
+    assert!(line.to_lowercase().contains("permission denied"), "{line}");
+}

@@ -1,0 +1,164 @@
+//! Command line: what the operator types, parsed into plain values.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default guest address: a private /24 that only exists on the TAP ftvm creates.
+pub const DEFAULT_GUEST_IP: &str = "10.77.0.2/24";
+/// Default guest MAC: locally administered (bit 1 of the first byte), unicast.
+pub const DEFAULT_GUEST_MAC: &str = "02:46:54:00:00:02";
+/// Default TAP name.
+pub const DEFAULT_TAP: &str = "ftvm0";
+/// Default key-value port (Redis's).
+pub const DEFAULT_KV_PORT: u16 = 6379;
+/// Size of a disk file that `ftvm run` creates because it does not exist yet.
+pub const DEFAULT_NEW_DISK_SIZE: &str = "64M";
+/// Where `cargo xtask build-guest` leaves the reference guest (relative to the workspace).
+pub const DEFAULT_GUEST_ELF: &str = "target/guest/ftvm-guest";
+
+#[derive(Debug, Parser)]
+#[command(name = "ftvm", version, about = "Fault-tolerant virtual machines on two commodity servers")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one unprotected VM on this host (the baseline every benchmark compares against).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The guest ELF (the reference guest is built by `cargo xtask build-guest`).
+    #[arg(long, default_value = DEFAULT_GUEST_ELF)]
+    pub guest: PathBuf,
+    /// Guest RAM, e.g. 256M or 1G (a multiple of 2 MiB).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Raw disk file for the guest's virtio-blk device; created (sparse) if it does not exist.
+    #[arg(long)]
+    pub disk: PathBuf,
+    /// Size of the disk file when ftvm has to create it.
+    #[arg(long, default_value = DEFAULT_NEW_DISK_SIZE, value_parser = parse_size)]
+    pub disk_size: u64,
+    /// TAP device for the guest's network; created if it does not exist, and brought up.
+    #[arg(long, default_value = DEFAULT_TAP)]
+    pub tap: String,
+    /// Run inside this network namespace (made with `ip netns add`); the TAP is created there.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// The guest's IPv4 address and prefix length.
+    #[arg(long, default_value = DEFAULT_GUEST_IP, value_parser = parse_ipv4_cidr)]
+    pub ip: (Ipv4Addr, u8),
+    /// Address and prefix for the host side of the TAP, so the host (or the namespace) reaches the
+    /// guest directly.
+    #[arg(long, value_parser = parse_ipv4_cidr)]
+    pub host_ip: Option<(Ipv4Addr, u8)>,
+    /// The guest's default gateway.
+    #[arg(long)]
+    pub gateway: Option<Ipv4Addr>,
+    /// The guest's MAC address.
+    #[arg(long, default_value = DEFAULT_GUEST_MAC, value_parser = parse_mac)]
+    pub mac: [u8; 6],
+    /// TCP port of the guest's key-value (Redis protocol) server.
+    #[arg(long, default_value_t = DEFAULT_KV_PORT)]
+    pub port: u16,
+    /// Also write the guest console to this file (appended).
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Benchmark load: pages the guest dirties per millisecond (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub dirty_pages_per_ms: u32,
+    /// Benchmark load: size in 4 KiB pages of the region the load cycles through.
+    #[arg(long, default_value_t = 4096)]
+    pub dirty_region_pages: u32,
+}
+
+/// Parses `256M`, `1G`, `4096K` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&s[..i], 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&s[..i], 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("invalid size {s:?} (use e.g. 256M, 1G)"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parses `10.0.0.2/24`.
+pub fn parse_ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, prefix) =
+        s.split_once('/').ok_or_else(|| format!("{s:?} is not address/prefix (e.g. 10.0.0.2/24)"))?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("invalid IPv4 address {addr:?}"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("invalid prefix length {prefix:?} (1 to 32)"))?;
+    Ok((addr, prefix))
+}
+
+/// Parses `02:46:54:00:00:02`; refuses multicast addresses, which no NIC may own.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(|| format!("invalid MAC address {s:?}"))?;
+        if part.len() != 2 {
+            return Err(format!("invalid MAC address {s:?}"));
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| format!("invalid MAC address {s:?}"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("invalid MAC address {s:?}"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address {s:?} is multicast"));
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn cidr() {
+        assert_eq!(parse_ipv4_cidr("10.0.0.2/24"), Ok((Ipv4Addr::new(10, 0, 0, 2), 24)));
+        assert!(parse_ipv4_cidr("10.0.0.2").is_err());
+        assert!(parse_ipv4_cidr("10.0.0.2/33").is_err());
+        assert!(parse_ipv4_cidr("10.0.0/24").is_err());
+    }
+
+    #[test]
+    fn mac() {
+        assert_eq!(parse_mac("02:46:54:00:00:02"), Ok([2, 0x46, 0x54, 0, 0, 2]));
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+        assert!(parse_mac("02:46:54:00:00").is_err());
+        assert!(parse_mac("02:46:54:00:00:02:03").is_err());
+        assert!(parse_mac("zz:46:54:00:00:02").is_err());
+    }
+
+    #[test]
+    fn defaults_parse() {
+        assert!(parse_ipv4_cidr(DEFAULT_GUEST_IP).is_ok());
+        assert!(parse_mac(DEFAULT_GUEST_MAC).is_ok());
+        assert!(parse_size(DEFAULT_NEW_DISK_SIZE).is_ok());
+    }
+}
