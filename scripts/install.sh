@@ -33,7 +33,7 @@ fi
 # bpf-linker, built against Debian's LLVM 22 (about 5 minutes, once).
 if ! command -v bpf-linker >/dev/null 2>&1; then
     log "cargo install bpf-linker (llvm-22)"
-    PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --no-default-features --features llvm-22
+    PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --version 0.13.0 --no-default-features --features llvm-22
 else
     log "bpf-linker present: $(bpf-linker --version 2>/dev/null || echo unknown version)"
 fi
