@@ -1,0 +1,399 @@
+//! A-Link frames: a fixed 32-byte header, the payload, and a 32-byte authentication tag.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic        "FTAL"
+//!      4    1 major        protocol major version
+//!      5    1 minor        protocol minor version
+//!      6    2 kind         FrameKind (0 is never valid)
+//!      8    2 flags        per-kind flags
+//!     10    2 reserved     zero
+//!     12    4 payload_len  bytes of payload after the header
+//!     16    8 seq          per-direction sequence number, 1, 2, 3, …
+//!     24    8 epoch        the checkpoint epoch the frame belongs to (0 when none)
+//!     32    n payload
+//!   32+n   32 tag          keyed BLAKE3 of header and payload
+//! ```
+//! All integers are little-endian. The tag is keyed with the session key of the direction (see
+//! [`crate::handshake`]), so it checks integrity (a flipped bit, a truncated payload) and
+//! authenticity (a peer without the shared secret) at once; the sequence number, covered by the
+//! tag, must be exactly the next one, so a replayed, dropped or reordered frame is refused too.
+
+use std::io::{self, Read, Write};
+
+/// "FTAL", little-endian.
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
+/// Protocol major version: peers with different majors do not talk.
+pub const PROTOCOL_MAJOR: u8 = 1;
+/// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
+pub const PROTOCOL_MINOR: u8 = 0;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 32;
+/// Size of the authentication tag.
+pub const TAG_LEN: usize = 32;
+/// Largest payload a receiver accepts (a whole epoch of pages is sent as several frames).
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+
+/// What a frame carries.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// Handshake: version and nonce.
+    Hello = 1,
+    /// Handshake refused; the payload is a UTF-8 reason.
+    Refused = 2,
+    /// An epoch starts; the payload describes it.
+    EpochBegin = 16,
+    /// Guest pages of the epoch.
+    Pages = 17,
+    /// vCPU state of the epoch.
+    VcpuState = 18,
+    /// Device state of the epoch.
+    DeviceState = 19,
+    /// Disk writes of the epoch.
+    DiskWrites = 20,
+    /// Everything of the epoch has been sent.
+    EpochCommit = 21,
+    /// The backup holds the epoch.
+    EpochAck = 22,
+    /// Liveness probe.
+    Heartbeat = 32,
+    /// Liveness answer.
+    HeartbeatReply = 33,
+    /// Orderly close; the payload is a UTF-8 reason.
+    Goodbye = 48,
+}
+
+impl FrameKind {
+    /// Decodes a kind; 0 and unknown values are `None`.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        use FrameKind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Refused,
+            16 => EpochBegin,
+            17 => Pages,
+            18 => VcpuState,
+            19 => DeviceState,
+            20 => DiskWrites,
+            21 => EpochCommit,
+            22 => EpochAck,
+            32 => Heartbeat,
+            33 => HeartbeatReply,
+            48 => Goodbye,
+            _ => return None,
+        })
+    }
+}
+
+/// The decoded fixed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Protocol version of the sender (major, minor).
+    pub version: (u8, u8),
+    /// What the frame carries.
+    pub kind: FrameKind,
+    /// Per-kind flags.
+    pub flags: u16,
+    /// Payload bytes.
+    pub payload_len: u32,
+    /// Sequence number in its direction.
+    pub seq: u64,
+    /// Epoch the frame belongs to.
+    pub epoch: u64,
+}
+
+impl FrameHeader {
+    /// The 32 header bytes.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+        b[4] = self.version.0;
+        b[5] = self.version.1;
+        b[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        b[8..10].copy_from_slice(&self.flags.to_le_bytes());
+        b[12..16].copy_from_slice(&self.payload_len.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b[24..32].copy_from_slice(&self.epoch.to_le_bytes());
+        b
+    }
+
+    /// Checks and decodes 32 header bytes: magic, major version, kind, reserved bits, length.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, FrameError> {
+        let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(b[r].try_into().expect("4 bytes"));
+        let le64 = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
+        let le16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let magic = le32(0..4);
+        if magic != FRAME_MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        if b[4] != PROTOCOL_MAJOR {
+            return Err(FrameError::UnsupportedVersion { major: b[4], minor: b[5] });
+        }
+        let kind = FrameKind::from_u16(le16(6)).ok_or(FrameError::UnknownKind(le16(6)))?;
+        if le16(10) != 0 {
+            return Err(FrameError::ReservedBits);
+        }
+        let payload_len = le32(12..16);
+        if payload_len > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge(payload_len));
+        }
+        Ok(Self { version: (b[4], b[5]), kind, flags: le16(8), payload_len, seq: le64(16..24), epoch: le64(24..32) })
+    }
+}
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended cleanly between frames.
+    #[error("Peer closed the A-Link")]
+    Closed,
+    /// The stream ended inside a frame.
+    #[error("Frame truncated")]
+    Truncated,
+    /// Reading or writing the stream failed.
+    #[error("A-Link I/O failed")]
+    Io(#[source] io::Error),
+    /// Not an A-Link frame.
+    #[error("Bad frame magic {0:#010x}")]
+    BadMagic(u32),
+    /// A peer of another major version.
+    #[error("Unsupported protocol version {major}.{minor} (this side speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR})")]
+    UnsupportedVersion {
+        /// Peer's major.
+        major: u8,
+        /// Peer's minor.
+        minor: u8,
+    },
+    /// Kind 0 or a kind this version does not know.
+    #[error("Unknown frame kind {0}")]
+    UnknownKind(u16),
+    /// Reserved header bits set.
+    #[error("Reserved header bits set")]
+    ReservedBits,
+    /// Payload longer than [`MAX_PAYLOAD`].
+    #[error("Frame payload of {0} bytes is over the limit")]
+    TooLarge(u32),
+    /// The tag does not match: corrupted, or sent by a peer without the shared secret.
+    #[error("Frame {seq} failed authentication (corrupted, or wrong shared secret)")]
+    BadTag {
+        /// The sequence number the header claimed.
+        seq: u64,
+    },
+    /// An authentic frame, but not the next one: replayed, duplicated or reordered.
+    #[error("Frame out of sequence: expected {expected}, got {got}")]
+    OutOfSequence {
+        /// The sequence number expected.
+        expected: u64,
+        /// The sequence number received.
+        got: u64,
+    },
+}
+
+/// A received, checked frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Its header.
+    pub header: FrameHeader,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+fn tag(key: &[u8; 32], header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(header);
+    h.update(payload);
+    *h.finalize().as_bytes()
+}
+
+/// The sending half of one direction: numbers and tags frames.
+#[derive(Clone)]
+pub struct FrameSealer {
+    key: [u8; 32],
+    next_seq: u64,
+    version: (u8, u8),
+}
+
+impl std::fmt::Debug for FrameSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("FrameSealer").field("next_seq", &self.next_seq).finish_non_exhaustive()
+    }
+}
+
+impl FrameSealer {
+    /// A sealer whose first frame has sequence number 1.
+    pub fn new(key: [u8; 32]) -> Self {
+        Self { key, next_seq: 1, version: (PROTOCOL_MAJOR, PROTOCOL_MINOR) }
+    }
+
+    /// Sets the minor version written into headers (after negotiation).
+    pub fn set_minor(&mut self, minor: u8) {
+        self.version.1 = minor;
+    }
+
+    /// Writes one frame: header, payload, tag. The payload may be given in pieces (e.g. a page
+    /// list and the pages) to avoid copying them together.
+    pub fn write<W: Write>(
+        &mut self,
+        out: &mut W,
+        kind: FrameKind,
+        flags: u16,
+        epoch: u64,
+        payload: &[&[u8]],
+    ) -> Result<(), FrameError> {
+        let len: usize = payload.iter().map(|p| p.len()).sum();
+        let payload_len = u32::try_from(len).ok().filter(|&l| l <= MAX_PAYLOAD).ok_or(FrameError::TooLarge(u32::MAX))?;
+        let header = FrameHeader { version: self.version, kind, flags, payload_len, seq: self.next_seq, epoch }.encode();
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(&header);
+        for p in payload {
+            h.update(p);
+        }
+        let tag = *h.finalize().as_bytes();
+        out.write_all(&header).map_err(FrameError::Io)?;
+        for p in payload {
+            out.write_all(p).map_err(FrameError::Io)?;
+        }
+        out.write_all(&tag).map_err(FrameError::Io)?;
+        self.next_seq += 1;
+        Ok(())
+    }
+}
+
+/// The receiving half of one direction: checks every frame before anyone sees its payload.
+#[derive(Clone)]
+pub struct FrameOpener {
+    key: [u8; 32],
+    next_seq: u64,
+}
+
+impl std::fmt::Debug for FrameOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameOpener").field("next_seq", &self.next_seq).finish_non_exhaustive()
+    }
+}
+
+fn read_full<R: Read>(input: &mut R, buf: &mut [u8], at_frame_start: bool) -> Result<(), FrameError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match input.read(&mut buf[done..]) {
+            Ok(0) if done == 0 && at_frame_start => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+impl FrameOpener {
+    /// An opener that expects sequence number 1 first.
+    pub fn new(key: [u8; 32]) -> Self {
+        Self { key, next_seq: 1 }
+    }
+
+    /// Reads and checks the next frame. On any error the stream must be considered broken: the
+    /// caller drops the connection (and with it any epoch that was not complete).
+    pub fn read<R: Read>(&mut self, input: &mut R) -> Result<Frame, FrameError> {
+        let mut header_bytes = [0u8; HEADER_LEN];
+        read_full(input, &mut header_bytes, true)?;
+        let header = FrameHeader::decode(&header_bytes)?;
+        let mut payload = vec![0u8; header.payload_len as usize];
+        read_full(input, &mut payload, false)?;
+        let mut got = [0u8; TAG_LEN];
+        read_full(input, &mut got, false)?;
+        let want = tag(&self.key, &header_bytes, &payload);
+        // blake3::Hash's equality is constant-time.
+        if blake3::Hash::from(want) != blake3::Hash::from(got) {
+            return Err(FrameError::BadTag { seq: header.seq });
+        }
+        if header.seq != self.next_seq {
+            return Err(FrameError::OutOfSequence { expected: self.next_seq, got: header.seq });
+        }
+        self.next_seq += 1;
+        Ok(Frame { header, payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn one_frame(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        FrameSealer::new(KEY).write(&mut out, FrameKind::Pages, 3, 42, &[payload]).unwrap();
+        out
+    }
+
+    #[test]
+    fn round_trip_in_pieces() {
+        let mut out = Vec::new();
+        let mut s = FrameSealer::new(KEY);
+        s.write(&mut out, FrameKind::Pages, 1, 9, &[b"abc", b"", b"defg"]).unwrap();
+        s.write(&mut out, FrameKind::EpochCommit, 0, 9, &[]).unwrap();
+        let mut o = FrameOpener::new(KEY);
+        let mut r = &out[..];
+        let f = o.read(&mut r).unwrap();
+        assert_eq!((f.header.kind, f.header.flags, f.header.epoch, f.header.seq), (FrameKind::Pages, 1, 9, 1));
+        assert_eq!(f.payload, b"abcdefg");
+        let f = o.read(&mut r).unwrap();
+        assert_eq!((f.header.kind, f.header.seq, f.payload.len()), (FrameKind::EpochCommit, 2, 0));
+        assert!(matches!(o.read(&mut r), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_refused() {
+        let frame = one_frame(b"payload bytes");
+        for i in 0..frame.len() * 8 {
+            let mut bad = frame.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            assert!(FrameOpener::new(KEY).read(&mut &bad[..]).is_err(), "bit {i} accepted");
+        }
+    }
+
+    #[test]
+    fn truncation_at_every_length_is_refused() {
+        let frame = one_frame(b"0123456789");
+        for n in 1..frame.len() {
+            let err = FrameOpener::new(KEY).read(&mut &frame[..n]).unwrap_err();
+            assert!(matches!(err, FrameError::Truncated), "len {n}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_key_replay_and_reorder_are_refused() {
+        let frame = one_frame(b"x");
+        assert!(matches!(FrameOpener::new([8; 32]).read(&mut &frame[..]), Err(FrameError::BadTag { seq: 1 })));
+        // Replay: the same frame twice.
+        let twice = [frame.clone(), frame].concat();
+        let mut o = FrameOpener::new(KEY);
+        let mut r = &twice[..];
+        o.read(&mut r).unwrap();
+        assert!(matches!(o.read(&mut r), Err(FrameError::OutOfSequence { expected: 2, got: 1 })));
+    }
+
+    #[test]
+    fn header_checks() {
+        let good = FrameHeader { version: (1, 0), kind: FrameKind::Hello, flags: 0, payload_len: 5, seq: 1, epoch: 0 };
+        assert_eq!(FrameHeader::decode(&good.encode()).unwrap(), good);
+        let mut b = good.encode();
+        b[4] = 2;
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::UnsupportedVersion { major: 2, .. })));
+        let mut b = good.encode();
+        b[6] = 0;
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::UnknownKind(0))));
+        let mut b = good.encode();
+        b[12..16].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::TooLarge(_))));
+        let mut b = good.encode();
+        b[0] = b'X';
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::BadMagic(_))));
+        let mut b = good.encode();
+        b[11] = 1;
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::ReservedBits)));
+    }
+}

@@ -1,0 +1,31 @@
+//! ftvm-proto: what crosses the A-Link, and nothing that needs KVM or file descriptors, so any
+//! host can test and fuzz it.
+//!
+//! * [`frame`]: the fixed binary frame header, the frame kinds, and the per-frame authentication
+//!   tag and sequence numbers that make a corrupted, truncated, replayed or forged frame an error;
+//! * [`handshake`]: the versioned, mutually authenticated handshake that derives a session key from
+//!   the shared secret;
+//! * [`pages`]: [`pages::PageRangeSet`], sets of guest page frame numbers kept as sorted ranges;
+//! * [`EpochId`]: the number of a checkpoint epoch.
+
+pub mod frame;
+pub mod handshake;
+pub mod pages;
+
+/// The number of a checkpoint epoch. Epoch 0 is the initial synchronisation; each checkpoint after
+/// it takes the next number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EpochId(pub u64);
+
+impl EpochId {
+    /// The epoch after this one.
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for EpochId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
