@@ -113,6 +113,13 @@ fn read_hello<S: Read>(stream: &mut S, opener: &mut FrameOpener) -> Result<(u8, 
     Ok((minor, n))
 }
 
+/// Both sides use the lower of the two minors.
+// While PROTOCOL_MINOR is 0 clippy sees the min as a no-op; it stops being one at minor 1.
+#[allow(clippy::unnecessary_min_or_max)]
+fn negotiated_minor(peer_minor: u8) -> u8 {
+    peer_minor.min(PROTOCOL_MINOR)
+}
+
 fn check_secret(secret: &[u8]) -> Result<(), HandshakeError> {
     if secret.len() < MIN_SECRET_LEN {
         return Err(HandshakeError::WeakSecret);
@@ -137,7 +144,7 @@ pub fn initiate<S: Read + Write>(stream: &mut S, secret: &[u8]) -> Result<Sessio
     FrameSealer::new(key).write(stream, FrameKind::Hello, 0, 0, &[&hello_payload(&nonce_i)])?;
     stream.flush().map_err(FrameError::Io)?;
     let (minor, nonce_r) = read_hello(stream, &mut FrameOpener::new(key))?;
-    Ok(session(secret, &nonce_i, &nonce_r, true, minor.min(PROTOCOL_MINOR)))
+    Ok(session(secret, &nonce_i, &nonce_r, true, negotiated_minor(minor)))
 }
 
 /// Runs the responder's side (the backup accepting the primary). A peer of another major version
@@ -158,7 +165,7 @@ pub fn respond<S: Read + Write>(stream: &mut S, secret: &[u8]) -> Result<Session
     let nonce_r = nonce()?;
     sealer.write(stream, FrameKind::Hello, 0, 0, &[&hello_payload(&nonce_r)])?;
     stream.flush().map_err(FrameError::Io)?;
-    Ok(session(secret, &nonce_i, &nonce_r, false, minor.min(PROTOCOL_MINOR)))
+    Ok(session(secret, &nonce_i, &nonce_r, false, negotiated_minor(minor)))
 }
 
 #[cfg(test)]
