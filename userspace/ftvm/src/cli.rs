@@ -29,6 +29,12 @@ pub struct Cli {
 pub enum Command {
     /// Run one unprotected VM on this host (the baseline every benchmark compares against).
     Run(RunArgs),
+    /// A whole site on this one machine, in network namespaces: hosts A and B, a client, a
+    /// business LAN and the A-Link.
+    Site {
+        #[command(subcommand)]
+        command: crate::site::SiteCommand,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ mod console;
 mod netns;
 mod run;
 mod signals;
+mod site;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Site { command } => site::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

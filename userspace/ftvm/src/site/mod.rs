@@ -1,0 +1,380 @@
+//! `ftvm site`: a whole site on this one machine, for trying ftvm out and for the tests.
+//!
+//! `up` builds the network ([`topology`]), starts the VM in host A's namespace and returns once it
+//! serves; the processes keep running in the background until `down`. Everything a site owns lives
+//! under `/run/ftvm/sites/<name>/`: its state file, the guest disk, the console and process logs.
+//!
+//! Until the fault-tolerant pair exists (issue 3), host A runs the VM unprotected and host B is
+//! idle; status says so.
+
+pub mod topology;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{parse_size, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
+use topology::SiteNames;
+
+/// Where sites keep their state.
+const SITES_DIR: &str = "/run/ftvm/sites";
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    /// Build the site's namespaces and networks, start the VM, and return once it serves.
+    Up(UpArgs),
+    /// Show each host's role and the site's state.
+    Status(StatusArgs),
+    /// SIGKILL every process of a host and take its links down.
+    Kill(KillArgs),
+    /// Stop everything and remove the site.
+    Down(NameArg),
+}
+
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// Site name (prefix of its namespaces).
+    #[arg(long, default_value = "ftvm")]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub site: NameArg,
+    /// The guest ELF.
+    #[arg(long, default_value = DEFAULT_GUEST_ELF)]
+    pub guest: PathBuf,
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Seconds to wait for the guest to serve.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub site: NameArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    #[command(flatten)]
+    pub site: NameArg,
+    /// The host: A or B.
+    pub host: String,
+}
+
+/// One host of the site, as recorded in the state file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    pub netns: String,
+    /// Pids of this host's processes.
+    pub pids: Vec<i32>,
+    pub role: String,
+    pub killed: bool,
+}
+
+/// The state file of a site (`/run/ftvm/sites/<name>/site.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub name: String,
+    pub client_netns: String,
+    pub guest_ip: String,
+    pub guest_port: u16,
+    pub hosts: Vec<HostRecord>,
+}
+
+/// What `status --json` prints.
+#[derive(Debug, Serialize)]
+struct StatusReport<'a> {
+    site: &'a str,
+    state: &'a str,
+    client_netns: &'a str,
+    guest_ip: &'a str,
+    guest_port: u16,
+    connect: String,
+    hosts: Vec<HostStatus<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct HostStatus<'a> {
+    name: &'a str,
+    netns: &'a str,
+    role: &'a str,
+    running: bool,
+}
+
+fn site_dir(name: &str) -> PathBuf {
+    Path::new(SITES_DIR).join(name)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 16
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !name.starts_with('-');
+    if !ok {
+        bail!("invalid site name {name:?} (letters, digits and '-', at most 16)");
+    }
+    Ok(())
+}
+
+fn load(name: &str) -> Result<SiteRecord> {
+    let path = site_dir(name).join("site.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!("site {name} is not up (`ftvm site up --name {name}`)")
+        } else {
+            anyhow::anyhow!("cannot read {}: {e}", path.display())
+        }
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("corrupt site state {}", path.display()))
+}
+
+fn save(record: &SiteRecord) -> Result<()> {
+    let path = site_dir(&record.name).join("site.json");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(record)? + "\n")
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// SIGKILLs the processes and waits (at most 5 s) until they are gone.
+fn kill_pids(pids: &[i32]) {
+    for &pid in pids {
+        if alive(pid) {
+            // SAFETY: SIGKILL to a pid this site started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        // Reap our own children (a zombie still answers kill(pid, 0)).
+        // SAFETY: waitpid with WNOHANG on any child has no preconditions.
+        unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn run(cmd: SiteCommand) -> Result<()> {
+    match cmd {
+        SiteCommand::Up(args) => up(args),
+        SiteCommand::Status(args) => status(args),
+        SiteCommand::Kill(args) => kill(args),
+        SiteCommand::Down(args) => down(&args.name),
+    }
+}
+
+fn up(args: UpArgs) -> Result<()> {
+    let name = &args.site.name;
+    check_name(name)?;
+    if !args.guest.exists() {
+        bail!("guest ELF {} not found (build it with `cargo xtask build-guest`)", args.guest.display());
+    }
+    let dir = site_dir(name);
+    if dir.join("site.json").exists() {
+        bail!("site {name} is already up (`ftvm site down --name {name}` first)");
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let names = SiteNames::new(name);
+    eprintln!("site {name}: building namespaces and networks");
+    if let Err(e) = topology::build(&names) {
+        let _ = topology::teardown(&names);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    match start_vm(&args, &names, &dir) {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = down(name);
+            let _ = topology::teardown(&names);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    }
+    println!("site {name} is up: the VM serves on {}:{DEFAULT_KV_PORT} (host A, unprotected)", topology::GUEST_IP);
+    println!("  ip netns exec {} redis-cli -h {} PING", names.client, topology::GUEST_IP);
+    println!("  ftvm site status --name {name}; ftvm site down --name {name}");
+    Ok(())
+}
+
+fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
+    let console_log = dir.join("host-a.console.log");
+    let stderr_log = dir.join("host-a.log");
+    let mut cmd = Command::new(exe);
+    cmd.args(["run", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP])
+        .arg("--guest")
+        .arg(&args.guest)
+        .arg("--memory")
+        .arg(args.memory.to_string())
+        .arg("--disk")
+        .arg(dir.join("disk-a.img"))
+        .args(["--ip", &format!("{}/{}", topology::GUEST_IP, topology::LAN_PREFIX)])
+        .arg("--console-log")
+        .arg(&console_log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr_log).context("cannot create the host log")?)
+        // Its own process group: a Ctrl-C typed at `site up` must not reach the VM.
+        .process_group(0);
+    let child = cmd.spawn().context("cannot start the VM process")?;
+    let record = SiteRecord {
+        name: args.site.name.clone(),
+        client_netns: names.client.clone(),
+        guest_ip: topology::GUEST_IP.to_string(),
+        guest_port: DEFAULT_KV_PORT,
+        hosts: vec![
+            HostRecord { name: "A".into(), netns: names.hosts[0].clone(), pids: vec![child.id() as i32], role: "unprotected".into(), killed: false },
+            HostRecord { name: "B".into(), netns: names.hosts[1].clone(), pids: vec![], role: "idle".into(), killed: false },
+        ],
+    };
+    save(&record)?;
+    wait_serving(child.id() as i32, &console_log, &stderr_log, Duration::from_secs(args.timeout))?;
+    check_from_client(names)
+}
+
+/// Waits for the guest's "serving" line, printing progress once a second.
+fn wait_serving(pid: i32, console: &Path, log: &Path, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut last_report = start;
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains("ftvm-guest: serving on") {
+            eprintln!("site: guest serving after {:.1} s", start.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if !alive(pid) {
+            let reason = std::fs::read_to_string(log).unwrap_or_default();
+            let reason = reason.lines().rev().find(|l| l.contains("error")).unwrap_or("no reason logged");
+            bail!("the VM process exited before serving: {reason}");
+        }
+        if start.elapsed() > timeout {
+            bail!("the guest did not serve within {} s (see {})", timeout.as_secs(), console.display());
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            eprintln!("site: waiting for the guest to serve ({} s)", start.elapsed().as_secs());
+            last_report = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Proves the business LAN path: a PING from the client namespace through the bridges.
+fn check_from_client(names: &SiteNames) -> Result<()> {
+    let ip = topology::GUEST_IP.to_string();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &names.client, "redis-cli", "-h", &ip, "-p"])
+        .arg(DEFAULT_KV_PORT.to_string())
+        .arg("PING")
+        .output()
+        .context("cannot run redis-cli in the client namespace (install redis-tools)")?;
+    let reply = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || reply.trim() != "PONG" {
+        bail!("the guest does not answer from the client namespace: {} {}", reply.trim(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn site_state(record: &SiteRecord) -> &'static str {
+    let running = |h: &HostRecord| h.pids.iter().any(|&p| alive(p));
+    match record.hosts.iter().find(|h| h.role == "unprotected") {
+        Some(h) if running(h) => "simplex",
+        _ => "failed",
+    }
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let record = load(&args.site.name)?;
+    let state = site_state(&record);
+    let hosts: Vec<_> = record
+        .hosts
+        .iter()
+        .map(|h| HostStatus {
+            name: &h.name,
+            netns: &h.netns,
+            role: if h.killed { "killed" } else { &h.role },
+            running: h.pids.iter().any(|&p| alive(p)),
+        })
+        .collect();
+    let report = StatusReport {
+        site: &record.name,
+        state,
+        client_netns: &record.client_netns,
+        guest_ip: &record.guest_ip,
+        guest_port: record.guest_port,
+        connect: format!("ip netns exec {} redis-cli -h {} -p {}", record.client_netns, record.guest_ip, record.guest_port),
+        hosts,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "site {}: {}   guest {}:{}", report.site, report.state, report.guest_ip, report.guest_port)?;
+    for h in &report.hosts {
+        writeln!(out, "  host {:<2} {:<12} {:<12} {}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
+    }
+    writeln!(out, "  connect: {}", report.connect)?;
+    Ok(())
+}
+
+fn kill(args: KillArgs) -> Result<()> {
+    let mut record = load(&args.site.name)?;
+    let wanted = args.host.to_ascii_uppercase();
+    let host = record
+        .hosts
+        .iter_mut()
+        .find(|h| h.name == wanted)
+        .with_context(|| format!("no host {:?} in site {} (A or B)", args.host, args.site.name))?;
+    kill_pids(&host.pids);
+    topology::isolate_host(&host.netns)?;
+    host.killed = true;
+    let netns = host.netns.clone();
+    save(&record)?;
+    println!("host {wanted} killed (SIGKILL) and its links ({netns}) taken down");
+    Ok(())
+}
+
+fn down(name: &str) -> Result<()> {
+    check_name(name)?;
+    let names = SiteNames::new(name);
+    if let Ok(record) = load(name) {
+        for h in &record.hosts {
+            kill_pids(&h.pids);
+        }
+    }
+    // Also anything else still inside the namespaces (a process started by hand, say).
+    for ns in names.all() {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            kill_pids(&pids);
+        }
+    }
+    topology::teardown(&names)?;
+    let dir = site_dir(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    println!("site {name} is down");
+    Ok(())
+}
