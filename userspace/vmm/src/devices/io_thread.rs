@@ -1,0 +1,170 @@
+//! The device I/O thread: one epoll over the host-side events of every device.
+//!
+//! * the network backend (TAP) fd: readable → move frames into the receive queue. While the
+//!   guest has no receive buffers the fd is taken out of the epoll set (frames wait in the
+//!   kernel) until the driver notifies the receive queue;
+//! * the receive "kick" eventfd: written by the vCPU thread when a starved receive queue gets
+//!   buffers, and on activation;
+//! * the io_uring completion eventfd of the disk → complete block requests;
+//! * a stop eventfd.
+//!
+//! Guest-initiated work (transmit, block submission) stays on the vCPU thread; this thread only
+//! reacts to the host. Each event locks the device's transport, the same lock MMIO exits take.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::bus::lock;
+use super::virtio::block::Block;
+use super::virtio::net::{Net, RxPoll};
+use super::virtio::MmioTransport;
+use super::DeviceStartError;
+
+const STOP: u64 = 0;
+const KICK: u64 = 1;
+const NET_BACKEND: u64 = 2;
+const BLOCK_COMPLETION: u64 = 3;
+
+/// What the thread watches for the network device.
+pub(crate) struct NetEvents {
+    pub transport: Arc<Mutex<MmioTransport<Net>>>,
+    pub backend_fd: Option<RawFd>,
+    pub kick: Arc<EventFd>,
+}
+
+/// What the thread watches for the block device.
+pub(crate) struct BlockEvents {
+    pub transport: Arc<Mutex<MmioTransport<Block>>>,
+    pub completion_fd: RawFd,
+}
+
+/// A running I/O thread.
+#[derive(Debug)]
+pub(crate) struct IoThread {
+    stop: EventFd,
+    handle: JoinHandle<()>,
+}
+
+impl IoThread {
+    /// Sets up the epoll set here (so errors reach the caller) and starts the thread.
+    pub(crate) fn spawn(
+        net: Option<NetEvents>,
+        block: Option<BlockEvents>,
+    ) -> Result<Self, DeviceStartError> {
+        let epoll = Epoll::new().map_err(DeviceStartError::Epoll)?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(DeviceStartError::EventFd)?;
+        let watch = |fd: RawFd, token: u64, what: &'static str| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(|source| DeviceStartError::Watch { what, source })
+        };
+        watch(stop.as_raw_fd(), STOP, "stop eventfd")?;
+        if let Some(n) = &net {
+            watch(n.kick.as_raw_fd(), KICK, "network kick eventfd")?;
+            if let Some(fd) = n.backend_fd {
+                watch(fd, NET_BACKEND, "TAP")?;
+            }
+        }
+        if let Some(b) = &block {
+            watch(b.completion_fd, BLOCK_COMPLETION, "disk completion eventfd")?;
+        }
+        let thread_stop = stop.try_clone().map_err(DeviceStartError::EventFd)?;
+        let handle = std::thread::Builder::new()
+            .name("ftvm-devio".into())
+            .spawn(move || {
+                let mut worker =
+                    Worker { epoll, net, block, backend_armed: true, _stop: thread_stop };
+                if let Err(e) = worker.run() {
+                    tracing::error!("device I/O thread stopped: epoll_wait failed: {e}");
+                }
+            })
+            .map_err(DeviceStartError::Spawn)?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Stops the thread and waits for it. `Err` if it panicked.
+    pub(crate) fn stop(self) -> Result<(), ()> {
+        // Only fails on counter overflow, and then the thread wakes anyway.
+        let _ = self.stop.write(1);
+        self.handle.join().map_err(|_| ())
+    }
+}
+
+struct Worker {
+    epoll: Epoll,
+    net: Option<NetEvents>,
+    block: Option<BlockEvents>,
+    /// The backend fd is in the epoll set (false while the guest has no receive buffers).
+    backend_armed: bool,
+    /// Keeps the stop eventfd open for as long as the epoll set watches it.
+    _stop: EventFd,
+}
+
+impl Worker {
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let mut rx = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    STOP => return Ok(()),
+                    KICK => {
+                        if let Some(net) = &self.net {
+                            // WouldBlock: already consumed; the kick is level information only.
+                            let _ = net.kick.read();
+                        }
+                        self.arm_backend(true);
+                        rx = true;
+                    }
+                    NET_BACKEND => rx = true,
+                    BLOCK_COMPLETION => self.block_completions(),
+                    _ => {}
+                }
+            }
+            if rx {
+                self.receive();
+            }
+        }
+    }
+
+    fn receive(&mut self) {
+        let Some(net) = &self.net else { return };
+        let poll = lock(&net.transport).process(|dev, ctx| dev.process_rx(ctx));
+        // A device that is not running, or has no buffers, must not make a level-triggered
+        // backend fd spin this thread: stop watching it until the next kick.
+        let keep = matches!(poll, Some(RxPoll::Drained | RxPoll::More));
+        self.arm_backend(keep);
+    }
+
+    fn arm_backend(&mut self, armed: bool) {
+        let Some(fd) = self.net.as_ref().and_then(|n| n.backend_fd) else { return };
+        if armed == self.backend_armed {
+            return;
+        }
+        let events = if armed { EventSet::IN } else { EventSet::empty() };
+        match self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, NET_BACKEND)) {
+            Ok(()) => self.backend_armed = armed,
+            Err(e) => tracing::error!("cannot change the TAP's epoll registration: {e}"),
+        }
+    }
+
+    fn block_completions(&mut self) {
+        let Some(block) = &self.block else { return };
+        let mut t = lock(&block.transport);
+        if t.process(|dev, ctx| dev.process_completions(ctx)).is_none() {
+            // Not running: the completions wait for the reset or shutdown that drains them;
+            // clear the eventfd so it does not keep this thread busy.
+            t.device().clear_completion_event();
+        }
+    }
+}

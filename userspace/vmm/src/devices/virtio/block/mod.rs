@@ -1,0 +1,10 @@
+//! virtio-blk on a raw file: `device` (features, config, activation, queue events), `handler`
+//! (pure request parsing), `engine` (io_uring and the in-flight table).
+
+pub mod device;
+pub mod engine;
+pub mod handler;
+
+pub use device::{Block, BlockOpenError, BLOCK_FEATURES};
+pub use engine::{InflightTable, IoEngine};
+pub use handler::{Request, RequestType, Segment};

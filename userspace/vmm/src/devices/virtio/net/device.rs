@@ -1,0 +1,348 @@
+//! The virtio-net device: features, config space, activation, and what each queue event does.
+//!
+//! Transmit runs on the vCPU thread, inside the guest's QueueNotify exit: frames go straight to
+//! the backend. Receive runs on the device I/O thread when the backend is readable; the vCPU
+//! thread only kicks that thread when the guest adds buffers to a starved receive queue.
+
+use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::handler::{process_tx, FrameSink, FrameSource, NetStats, RxPoll, RxState};
+use super::tap::Tap;
+use crate::devices::virtio::{
+    ring_err, ActivateError, Desc, QueueContext, QueueError, VirtioDevice, WarnOnce,
+    F_RING_EVENT_IDX, F_VERSION_1, QUEUE_MAX_SIZE,
+};
+
+/// Receive queue index.
+pub const RX_QUEUE: u16 = 0;
+/// Transmit queue index.
+pub const TX_QUEUE: u16 = 1;
+
+/// Features offered: virtio 1.x, a MAC in config space, link status, EVENT_IDX. No offloads
+/// and no mergeable buffers, so every frame fits one receive buffer with a plain header.
+pub const NET_FEATURES: u64 =
+    F_VERSION_1 | F_RING_EVENT_IDX | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS;
+
+/// Config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+const CONFIG_LEN: usize = 12;
+
+/// A frame backend the device can poll: a TAP, or a test double.
+pub trait NetBackend: FrameSink + FrameSource + Send + fmt::Debug {
+    /// The fd that becomes readable when frames arrive (registered with the I/O thread's epoll).
+    fn poll_fd(&self) -> Option<RawFd>;
+}
+
+impl NetBackend for Tap {
+    fn poll_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
+/// The virtio-net device.
+#[derive(Debug)]
+pub struct Net {
+    config: [u8; CONFIG_LEN],
+    backend: Box<dyn NetBackend>,
+    /// Wakes the I/O thread: the receive queue got buffers, or the device was activated.
+    kick: Arc<EventFd>,
+    rx: RxState,
+    tx_buf: Vec<u8>,
+    descs: Vec<Desc>,
+    stats: NetStats,
+    warned: WarnOnce,
+}
+
+impl Net {
+    /// A device with MAC `mac` over `backend`; `kick` is the I/O thread's receive kick.
+    pub fn new(mac: [u8; 6], backend: Box<dyn NetBackend>, kick: Arc<EventFd>) -> Self {
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        Self {
+            config,
+            backend,
+            kick,
+            rx: RxState::new(),
+            tx_buf: Vec::with_capacity(super::handler::MAX_FRAME_LEN),
+            descs: Vec::with_capacity(usize::from(QUEUE_MAX_SIZE)),
+            stats: NetStats::default(),
+            warned: WarnOnce::default(),
+        }
+    }
+
+    /// Frame counters.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// The backend's readiness fd.
+    pub fn backend_fd(&self) -> Option<RawFd> {
+        self.backend.poll_fd()
+    }
+
+    /// Receive-side state (starved, pending frame).
+    pub fn rx_state(&self) -> &RxState {
+        &self.rx
+    }
+
+    /// I/O thread: the backend is readable, or the driver added receive buffers. Moves frames
+    /// into the receive queue and says whether to keep polling the backend.
+    pub fn process_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<RxPoll, QueueError> {
+        let queue = &mut ctx.queues[usize::from(RX_QUEUE)];
+        let (poll, notify) = self.rx.process(
+            queue,
+            RX_QUEUE,
+            ctx.mem,
+            self.backend.as_mut(),
+            &mut self.descs,
+            &mut self.stats,
+        )?;
+        if notify {
+            // The guest may be idle in PORT_WAIT waiting for exactly this frame.
+            ctx.signal_used(true);
+        }
+        Ok(poll)
+    }
+
+    fn kick_io_thread(&self) {
+        // Only fails when the counter would overflow, and then the thread is awake anyway.
+        let _ = self.kick.write(1);
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_MAX_SIZE, QUEUE_MAX_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        NET_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::devices::virtio::read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Every field is read-only (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
+    }
+
+    fn activate(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), ActivateError> {
+        for q in [RX_QUEUE, TX_QUEUE] {
+            if !ctx.queues[usize::from(q)].ready() {
+                return Err(ActivateError::QueueNotReady(usize::from(q)));
+            }
+        }
+        self.rx.reset();
+        // Until the first frame finds a buffer the device wants to hear about every buffer.
+        ctx.queues[usize::from(RX_QUEUE)]
+            .enable_notification(ctx.mem)
+            .map_err(|source| ActivateError::Ring { queue: usize::from(RX_QUEUE), source })?;
+        // Let the I/O thread (re)arm the backend: it stops polling while the device is inactive.
+        self.kick_io_thread();
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, queue: u16, ctx: &mut QueueContext<'_>) -> Result<(), QueueError> {
+        match queue {
+            RX_QUEUE => {
+                // Receive buffers matter only when the device is waiting for them.
+                if self.rx.starved {
+                    self.kick_io_thread();
+                }
+                Ok(())
+            }
+            TX_QUEUE => {
+                let q = &mut ctx.queues[usize::from(TX_QUEUE)];
+                let out = process_tx(
+                    q,
+                    TX_QUEUE,
+                    ctx.mem,
+                    self.backend.as_mut(),
+                    &mut self.tx_buf,
+                    &mut self.descs,
+                    &mut self.stats,
+                )?;
+                if let Some(e) = out.error {
+                    if self.warned.first("tx-backend") {
+                        tracing::warn!("virtio-net: cannot send a guest frame (dropped): {e}");
+                    }
+                }
+                if out.notify {
+                    // No wake-up: the guest is stopped in this very exit and sees the used
+                    // entries when it resumes.
+                    ctx.signal_used(false);
+                }
+                Ok(())
+            }
+            _ => Err(ring_err(queue)(virtio_queue::Error::InvalidDescriptorIndex)),
+        }
+    }
+
+    fn reset(&mut self, _mem: &crate::memory::GuestMemory) {
+        self.rx.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::handler::VNET_HDR_LEN;
+    use super::*;
+    use crate::devices::bus::MmioDevice;
+    use crate::devices::virtio::test_utils::*;
+    use crate::devices::virtio::MmioTransport;
+    use crate::wake::GuestWake;
+    use std::collections::VecDeque;
+    use std::io;
+    use std::sync::Mutex;
+    use virtio_bindings::virtio_mmio::*;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// A backend made of two frame queues shared with the test.
+    #[derive(Debug, Default, Clone)]
+    struct Loop {
+        to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl FrameSink for Loop {
+        fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.from_guest.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+    }
+
+    impl FrameSource for Loop {
+        fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let f = self.to_guest.lock().unwrap().pop_front().ok_or(io::ErrorKind::WouldBlock)?;
+            buf[..f.len()].copy_from_slice(&f);
+            Ok(f.len())
+        }
+    }
+
+    impl NetBackend for Loop {
+        fn poll_fd(&self) -> Option<RawFd> {
+            None
+        }
+    }
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
+    fn setup() -> (MmioTransport<Net>, Loop, Arc<EventFd>, Arc<GuestWake>, GuestMemory) {
+        let mem = test_memory();
+        let wake = Arc::new(GuestWake::new().unwrap());
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let backend = Loop::default();
+        let net = Net::new(MAC, Box::new(backend.clone()), kick.clone());
+        (MmioTransport::new(net, mem.clone(), wake.clone()), backend, kick, wake, mem)
+    }
+
+    use crate::memory::GuestMemory;
+
+    /// What virtio-drivers' VirtIONetRaw::new reads from the config space.
+    #[test]
+    fn config_space_and_features_match_virtio_drivers() {
+        let (mut t, ..) = setup();
+        assert_eq!(r32(&mut t, VIRTIO_MMIO_DEVICE_ID), 1);
+        let mut mac = [0u8; 6];
+        for (i, b) in mac.iter_mut().enumerate() {
+            let mut one = [0u8; 1];
+            t.read(0x100 + i as u64, &mut one);
+            *b = one[0];
+        }
+        assert_eq!(mac, MAC);
+        let mut status = [0u8; 2];
+        t.read(0x106, &mut status);
+        assert_eq!(u16::from_le_bytes(status), 1, "link up");
+        // virtio-drivers' net SUPPORTED_FEATURES: MAC, STATUS, RING_EVENT_IDX, RING_INDIRECT_DESC,
+        // VERSION_1 (and more it will not get).
+        let drivers = 1 << 5 | 1 << 16 | 1 << 29 | 1 << 28 | 1 << 32 | 1 << 15 | 1 << 0;
+        let got = negotiate(&mut t, drivers);
+        assert_eq!(got, NET_FEATURES);
+    }
+
+    #[test]
+    fn tx_and_rx_through_the_transport() {
+        let (mut t, backend, kick, wake, mem) = setup();
+        negotiate(&mut t, u64::MAX);
+        let mut rxq = TestQueue::new(&mem, 0x1_0000, 16);
+        let mut txq = TestQueue::new(&mem, 0x4_0000, 16);
+        rxq.program(&mut t, 0);
+        txq.program(&mut t, 1);
+        driver_ok(&mut t);
+        assert!(t.is_running());
+        assert_eq!(kick.read().unwrap(), 1, "activation kicks the I/O thread");
+
+        // TX: header + frame, sent during the notify exit.
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend_from_slice(b"hello from the guest");
+        mem.write_slice(&frame, GuestAddress(0x8_0000)).unwrap();
+        txq.add_chain(&[(0x8_0000, frame.len() as u32, false)]);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert_eq!(*backend.from_guest.lock().unwrap(), [frame.clone()]);
+        assert_eq!(txq.next_used(), Some((0, 0)));
+        assert_eq!(t.device().stats().tx_frames, 1);
+
+        // RX with no buffer: the device starves and the frame waits.
+        let mut incoming = vec![0u8; VNET_HDR_LEN];
+        incoming.extend_from_slice(b"hello from the host");
+        backend.to_guest.lock().unwrap().push_back(incoming.clone());
+        let poll = t.process(|net, ctx| net.process_rx(ctx)).unwrap();
+        assert_eq!(poll, RxPoll::Starved);
+        // The guest adds a buffer and notifies: the device kicks the I/O thread.
+        rxq.add_chain(&[(0x9_0000, 2048, true)]);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(kick.read().unwrap(), 1);
+        drain_wake(&wake);
+        let poll = t.process(|net, ctx| net.process_rx(ctx)).unwrap();
+        assert_eq!(poll, RxPoll::Drained);
+        let (id, len) = rxq.next_used().unwrap();
+        assert_eq!((id, len as usize), (0, incoming.len()));
+        let mut got = vec![0u8; incoming.len()];
+        mem.read_slice(&mut got, GuestAddress(0x9_0000)).unwrap();
+        incoming[10] = 1; // num_buffers
+        assert_eq!(got, incoming);
+        assert!(
+            wait_readable(std::os::fd::AsRawFd::as_raw_fd(&*wake), 0),
+            "an RX frame wakes the guest"
+        );
+        assert_eq!(
+            r32(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+            VIRTIO_MMIO_INT_VRING
+        );
+
+        // Not starved any more: a receive notification does not kick.
+        rxq.add_chain(&[(0xa_0000, 2048, true)]);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(kick.read().is_err());
+    }
+
+    /// Consumes a pending wake-up, if any.
+    fn drain_wake(wake: &GuestWake) {
+        let never = EventFd::new(EFD_NONBLOCK).unwrap();
+        let _ = wake.wait(Some(std::time::Duration::ZERO), std::os::fd::AsRawFd::as_raw_fd(&never));
+    }
+
+    #[test]
+    fn activation_needs_both_queues() {
+        let (mut t, _, _, _, mem) = setup();
+        negotiate(&mut t, u64::MAX);
+        TestQueue::new(&mem, 0x1_0000, 16).program(&mut t, 0);
+        driver_ok(&mut t);
+        assert!(!t.is_running());
+        assert_ne!(r32(&mut t, VIRTIO_MMIO_STATUS) & 64, 0, "DEVICE_NEEDS_RESET");
+    }
+}

@@ -1,0 +1,216 @@
+//! Test helpers: a small guest memory and a driver-side split queue writer, so tests can play
+//! the guest driver (descriptor table, avail ring) and read back what the device did (used ring).
+
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::devices::bus::MmioDevice;
+use crate::memory::GuestMemory;
+
+/// 1 MiB of guest memory starting at 0, with a dirty bitmap.
+pub(crate) fn test_memory() -> GuestMemory {
+    vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+}
+
+/// Clears the VMM dirty bitmap, as a checkpoint harvest would.
+pub(crate) fn clear_dirty(mem: &GuestMemory) {
+    for region in mem.iter() {
+        // The region's own AtomicBitmap (MmapRegion::bitmap), not the trait's slice view.
+        std::ops::Deref::deref(region).bitmap().reset();
+    }
+}
+
+/// True when the page holding `addr` is marked dirty in the VMM bitmap.
+pub(crate) fn is_dirty(mem: &GuestMemory, addr: u64) -> bool {
+    use vm_memory::bitmap::Bitmap;
+    let region = mem.find_region(GuestAddress(addr)).unwrap();
+    let offset = addr - region.start_addr().0;
+    region.bitmap().dirty_at(usize::try_from(offset).unwrap())
+}
+
+/// The driver's side of one split virtqueue. Layout from `base`: descriptor table, avail ring
+/// right after it, used ring on the second page after `base` (so tests can tell the pages apart).
+pub(crate) struct TestQueue<'a> {
+    mem: &'a GuestMemory,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl<'a> TestQueue<'a> {
+    pub(crate) fn new(mem: &'a GuestMemory, base: u64, size: u16) -> Self {
+        assert!(size <= 256);
+        let desc = base;
+        let avail = base + 16 * u64::from(size);
+        let used = base + 0x2000;
+        // Zero the rings, as a driver allocating them would.
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(base)).unwrap();
+        Self { mem, size, desc, avail, used, next_desc: 0, avail_idx: 0, used_seen: 0 }
+    }
+
+    /// A device-side queue configured for this layout, enabled.
+    pub(crate) fn queue(&self) -> Queue {
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_ready(true);
+        q
+    }
+
+    /// Writes descriptor `index` as is.
+    pub(crate) fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(self.desc + 16 * u64::from(index));
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&raw, at).unwrap();
+    }
+
+    /// Makes chain `head` available and bumps the avail index.
+    pub(crate) fn publish(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        self.mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .store(self.avail_idx.to_le(), GuestAddress(self.avail + 2), Ordering::Release)
+            .unwrap();
+    }
+
+    /// Writes a chain of `(addr, len, writable)` descriptors into fresh table slots and publishes
+    /// it. Returns the head index.
+    pub(crate) fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let index = (head + i as u16) % self.size;
+            let last = i + 1 == descs.len();
+            let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            self.set_desc(index, addr, len, flags, (index + 1) % self.size);
+        }
+        self.next_desc = (head + descs.len() as u16) % self.size;
+        self.publish(head);
+        head
+    }
+
+    /// The device's used index.
+    pub(crate) fn used_idx(&self) -> u16 {
+        u16::from_le(self.mem.load(GuestAddress(self.used + 2), Ordering::Acquire).unwrap())
+    }
+
+    /// The next used element `(id, len)` the driver has not seen yet.
+    pub(crate) fn next_used(&mut self) -> Option<(u32, u32)> {
+        if self.used_idx() == self.used_seen {
+            return None;
+        }
+        let slot = u64::from(self.used_seen % self.size);
+        let at = self.used + 4 + 8 * slot;
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        self.used_seen = self.used_seen.wrapping_add(1);
+        Some((u32::from_le(id), u32::from_le(len)))
+    }
+
+    /// The used ring's flags (bit 0 = VRING_USED_F_NO_NOTIFY).
+    pub(crate) fn used_flags(&self) -> u16 {
+        u16::from_le(self.mem.read_obj(GuestAddress(self.used)).unwrap())
+    }
+
+    /// The device's `avail_event` (EVENT_IDX).
+    pub(crate) fn avail_event(&self) -> u16 {
+        let at = self.used + 4 + 8 * u64::from(self.size);
+        u16::from_le(self.mem.read_obj(GuestAddress(at)).unwrap())
+    }
+
+    /// Sets the driver's `used_event` (EVENT_IDX).
+    pub(crate) fn set_used_event(&self, value: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        self.mem.write_obj(value.to_le(), GuestAddress(at)).unwrap();
+    }
+
+    /// Programs this queue into a virtio-mmio transport as queue `index`, and enables it.
+    pub(crate) fn program(&self, dev: &mut dyn MmioDevice, index: u32) {
+        use virtio_bindings::virtio_mmio::*;
+        w32(dev, VIRTIO_MMIO_QUEUE_SEL, index);
+        assert!(r32(dev, VIRTIO_MMIO_QUEUE_NUM_MAX) >= u32::from(self.size));
+        self.program_unchecked(dev, index);
+    }
+
+    /// [`Self::program`] without checking the queue exists (for fuzzing).
+    pub(crate) fn program_unchecked(&self, dev: &mut dyn MmioDevice, index: u32) {
+        use virtio_bindings::virtio_mmio::*;
+        w32(dev, VIRTIO_MMIO_QUEUE_SEL, index);
+        w32(dev, VIRTIO_MMIO_QUEUE_NUM, u32::from(self.size));
+        w32(dev, VIRTIO_MMIO_QUEUE_DESC_LOW, self.desc as u32);
+        w32(dev, VIRTIO_MMIO_QUEUE_DESC_HIGH, (self.desc >> 32) as u32);
+        w32(dev, VIRTIO_MMIO_QUEUE_AVAIL_LOW, self.avail as u32);
+        w32(dev, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (self.avail >> 32) as u32);
+        w32(dev, VIRTIO_MMIO_QUEUE_USED_LOW, self.used as u32);
+        w32(dev, VIRTIO_MMIO_QUEUE_USED_HIGH, (self.used >> 32) as u32);
+        w32(dev, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+}
+
+/// A 32-bit register read.
+pub(crate) fn r32(dev: &mut dyn MmioDevice, offset: u32) -> u32 {
+    let mut b = [0u8; 4];
+    dev.read(u64::from(offset), &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// A 32-bit register write.
+pub(crate) fn w32(dev: &mut dyn MmioDevice, offset: u32, value: u32) {
+    dev.write(u64::from(offset), &value.to_le_bytes());
+}
+
+/// The driver side of virtio initialisation, as virtio-drivers' `begin_init` does it: reset,
+/// ACKNOWLEDGE|DRIVER in one write, read features, write `accept & offered`, FEATURES_OK.
+/// Returns the negotiated features; panics if the device refused FEATURES_OK.
+pub(crate) fn negotiate(dev: &mut dyn MmioDevice, accept: u64) -> u64 {
+    use virtio_bindings::virtio_config::*;
+    use virtio_bindings::virtio_mmio::*;
+    w32(dev, VIRTIO_MMIO_STATUS, 0);
+    w32(dev, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+    w32(dev, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    let mut offered = u64::from(r32(dev, VIRTIO_MMIO_DEVICE_FEATURES));
+    w32(dev, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    offered |= u64::from(r32(dev, VIRTIO_MMIO_DEVICE_FEATURES)) << 32;
+    let features = offered & accept;
+    w32(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    w32(dev, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+    w32(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    w32(dev, VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+    let status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+    w32(dev, VIRTIO_MMIO_STATUS, status);
+    assert_eq!(r32(dev, VIRTIO_MMIO_STATUS), status, "device refused the features");
+    features
+}
+
+/// Sets DRIVER_OK after [`negotiate`] and the queue set-up.
+pub(crate) fn driver_ok(dev: &mut dyn MmioDevice) {
+    use virtio_bindings::virtio_config::*;
+    use virtio_bindings::virtio_mmio::*;
+    let status = r32(dev, VIRTIO_MMIO_STATUS);
+    w32(dev, VIRTIO_MMIO_STATUS, status | VIRTIO_CONFIG_S_DRIVER_OK);
+}
+
+/// Polls `fd` for readability for up to `ms` milliseconds.
+pub(crate) fn wait_readable(fd: std::os::fd::RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: `pfd` is one valid pollfd that outlives the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n == 1
+}
