@@ -45,18 +45,29 @@ fn fetch_into(package: &str, work: &Path, dest: &Path) -> Result<()> {
     // apt-get download writes into the current directory; it needs no root, but when run as root
     // the _apt sandbox user must be able to write there, so keep the directory world-writable.
     set_mode(work, 0o777)?;
-    run(Command::new("apt-get").arg("download").arg(package).current_dir(work))?;
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg(package)
+        .current_dir(work))?;
     let deb = std::fs::read_dir(work)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download {package} left no .deb in {}", work.display()))?;
+        .with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                work.display()
+            )
+        })?;
     let root = work.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
     let boot = root.join("boot");
     let vmlinuz = std::fs::read_dir(&boot)
         .with_context(|| format!("{} has no boot/ directory", deb.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .with_context(|| format!("{} has no boot/vmlinuz-*", deb.display()))?;
     std::fs::create_dir_all(dest.parent().expect("dest has a parent"))?;
     // Copy to a temporary name first so an interrupted copy never looks like a fixture.
@@ -76,11 +87,19 @@ fn kernel_package() -> Result<String> {
         .context("running apt-cache (is this a Debian machine?)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("apt-cache depends {META_PACKAGE} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "apt-cache depends {META_PACKAGE} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
-        .map(|d| d.trim().trim_start_matches('<').trim_end_matches('>').to_string())
+        .map(|d| {
+            d.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string()
+        })
         .find(|d| d.starts_with("linux-image-") && !d.ends_with("-dbg"))
         .with_context(|| format!("apt-cache depends {META_PACKAGE} names no kernel image package"))
 }

@@ -2,8 +2,14 @@
 //! CPL 3 reference guest, and virtio-mmio devices.
 //!
 //! Module owners: `memory` (guest memory and the VMM dirty bitmap), `wake` (idle-guest wake-ups),
-//! `devices` (the MMIO bus and every device model).
+//! `devices` (the MMIO bus and every device model); `vm`, `vcpu`, `boot`, `cpuid` and `machine`
+//! (the KVM VM, the vCPU state machine, guest loading and the assembly of the whole machine).
 
+pub mod boot;
+pub mod cpuid;
 pub mod devices;
+pub mod machine;
 pub mod memory;
+pub mod vcpu;
+pub mod vm;
 pub mod wake;
