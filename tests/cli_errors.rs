@@ -19,7 +19,10 @@ fn run_expecting_error(ns: &Netns, dir: &Path, guest: &Path, extra: &[&str], wra
         bin = copy;
     }
     argv.push(bin.display().to_string());
-    argv.extend(["run", "--netns", ns.name(), "--tap", "ftvmtap0", "--memory", "64M"].map(String::from));
+    argv.extend(["run", "--netns", ns.name(), "--memory", "64M"].map(String::from));
+    if !extra.contains(&"--tap") {
+        argv.extend(["--tap".into(), "ftvmtap0".into()]);
+    }
     argv.extend(["--guest".into(), guest.display().to_string(), "--disk".into(), disk.display().to_string()]);
     argv.extend(extra.iter().map(|s| s.to_string()));
     let mut cmd = Command::new(&argv[0]);

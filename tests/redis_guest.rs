@@ -113,7 +113,7 @@ fn benchmark(ns: &Netns, pipeline: &str) {
     let out = run_with_timeout(
         &mut ns.exec(&[
             "redis-benchmark", "-h", &ip, "-p", "6379", "-t", "ping,set,get,incr", "-n", "100000", "-c",
-            "50", "-P", pipeline, "-q",
+            "50", "-P", pipeline, "--csv",
         ]),
         Duration::from_secs(600),
     );
@@ -121,11 +121,15 @@ fn benchmark(ns: &Netns, pipeline: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "redis-benchmark failed: {stdout}\n{stderr}");
     assert!(!stdout.to_lowercase().contains("error") && !stderr.to_lowercase().contains("error"), "{stdout}\n{stderr}");
+    // --csv: one row per test, "TEST","rps",...; every test must have run at a positive rate.
     for test in ["PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"] {
-        assert!(
-            stdout.lines().any(|l| l.starts_with(&format!("{test}:")) && l.contains("requests per second")),
-            "no {test} result in:\n{stdout}"
-        );
+        let rps: f64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("\"{test}\",\"")))
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|rps| rps.parse().ok())
+            .unwrap_or_else(|| panic!("no {test} result in:\n{stdout}"));
+        assert!(rps > 0.0, "{test}: {rps} requests/s");
     }
 }
 

@@ -24,13 +24,10 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
-/// A name no other test (in this or another process) uses: `<prefix><pid>x<n>`, at most 15 bytes so
-/// it also fits an interface name.
+/// A name no other test (in this or another process) uses: `<prefix><pid>x<n>`.
 pub fn unique_name(prefix: &str) -> String {
     let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
-    let name = format!("{prefix}{}x{n}", std::process::id() % 100_000);
-    assert!(name.len() <= 15, "name {name} too long for an interface");
-    name
+    format!("{prefix}{}x{n}", std::process::id())
 }
 
 /// The workspace root.
