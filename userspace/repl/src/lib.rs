@@ -1,0 +1,1 @@
+//! ftvm-repl: everything about keeping a backup in step with the primary.
