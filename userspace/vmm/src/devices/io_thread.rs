@@ -4,12 +4,18 @@
 //!   guest has no receive buffers the fd is taken out of the epoll set (frames wait in the
 //!   kernel) until the driver notifies the receive queue;
 //! * the receive "kick" eventfd: written by the vCPU thread when a starved receive queue gets
-//!   buffers, and on activation;
-//! * the io_uring completion eventfd of the disk → complete block requests;
+//!   buffers, on activation, and on a resume after this thread turned an event away;
+//! * the transmit kick eventfd: written by the output hold when a release frees room after
+//!   transmit stalled on it (and on such a resume) → transmit what the guest queued meanwhile;
+//! * the io_uring completion eventfd of the disk → complete block requests (also written on
+//!   such a resume, to reap what completed while paused);
 //! * a stop eventfd.
 //!
 //! Guest-initiated work (transmit, block submission) stays on the vCPU thread; this thread only
-//! reacts to the host. Each event locks the device's transport, the same lock MMIO exits take.
+//! reacts to the host. Each event locks the device's transport, the same lock MMIO exits take,
+//! and does nothing while the transport is paused (see `MmioTransport::pause`): the receive fd
+//! is then unwatched and block completions stay in the io_uring completion queue until the
+//! resume kicks this thread again.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -29,12 +35,14 @@ const STOP: u64 = 0;
 const KICK: u64 = 1;
 const NET_BACKEND: u64 = 2;
 const BLOCK_COMPLETION: u64 = 3;
+const TX_KICK: u64 = 4;
 
 /// What the thread watches for the network device.
 pub(crate) struct NetEvents {
     pub transport: Arc<Mutex<MmioTransport<Net>>>,
     pub backend_fd: Option<RawFd>,
     pub kick: Arc<EventFd>,
+    pub tx_kick: Arc<EventFd>,
 }
 
 /// What the thread watches for the block device.
@@ -66,6 +74,7 @@ impl IoThread {
         watch(stop.as_raw_fd(), STOP, "stop eventfd")?;
         if let Some(n) = &net {
             watch(n.kick.as_raw_fd(), KICK, "network kick eventfd")?;
+            watch(n.tx_kick.as_raw_fd(), TX_KICK, "network transmit kick eventfd")?;
             if let Some(fd) = n.backend_fd {
                 watch(fd, NET_BACKEND, "TAP")?;
             }
@@ -127,6 +136,7 @@ impl Worker {
                         rx = true;
                     }
                     NET_BACKEND => rx = true,
+                    TX_KICK => self.transmit(),
                     BLOCK_COMPLETION => self.block_completions(),
                     _ => {}
                 }
@@ -144,6 +154,14 @@ impl Worker {
         // backend fd spin this thread: stop watching it until the next kick.
         let keep = matches!(poll, Some(RxPoll::Drained | RxPoll::More));
         self.arm_backend(keep);
+    }
+
+    fn transmit(&mut self) {
+        let Some(net) = &self.net else { return };
+        // WouldBlock: already consumed. A paused or stopped device ignores the kick; the
+        // resume kicks again.
+        let _ = net.tx_kick.read();
+        lock(&net.transport).process(|dev, ctx| dev.retry_tx(ctx));
     }
 
     fn arm_backend(&mut self, armed: bool) {

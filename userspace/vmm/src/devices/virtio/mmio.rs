@@ -7,6 +7,7 @@
 //! and ignored. Nothing the guest writes can make the VMM panic.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
@@ -56,11 +57,26 @@ pub struct TransportState {
 }
 
 /// A virtio device on the MMIO bus.
+///
+/// # Pausing
+/// Every piece of device work that touches guest memory or the queues runs with the transport's
+/// lock held: MMIO exits (vCPU thread) and [`Self::process`] (I/O thread). [`Self::pause`] takes
+/// effect under that same lock, so once it returns nothing runs until [`Self::resume`]:
+/// `process` returns `None` and a QueueNotify is remembered (in `pending_notify`, which is
+/// saved with the state) and handled at `resume`. The `pausing` flag is set before the lock is
+/// taken, so a long receive loop that holds the lock stops after the frame it is on instead of
+/// finishing its budget.
 pub struct MmioTransport<D> {
     device: D,
     mem: GuestMemory,
     wake: Arc<GuestWake>,
     state: TransportState,
+    paused: bool,
+    /// A host event was turned away while paused ([`Self::process`] called).
+    missed: bool,
+    /// Bit `q`: queue `q` was notified while paused.
+    pending_notify: u32,
+    pausing: Arc<AtomicBool>,
     warned: WarnOnce,
 }
 
@@ -69,6 +85,8 @@ impl<D: fmt::Debug> fmt::Debug for MmioTransport<D> {
         f.debug_struct("MmioTransport")
             .field("device", &self.device)
             .field("state", &self.state)
+            .field("paused", &self.paused)
+            .field("pending_notify", &self.pending_notify)
             .finish()
     }
 }
@@ -95,7 +113,73 @@ impl<D: VirtioDevice> MmioTransport<D> {
             activated: false,
             queues,
         };
-        Self { device, mem, wake, state, warned: WarnOnce::default() }
+        Self::with_state(device, mem, wake, state, 0)
+    }
+
+    /// A transport with registers and queues as given (restore).
+    pub(crate) fn with_state(
+        device: D,
+        mem: GuestMemory,
+        wake: Arc<GuestWake>,
+        state: TransportState,
+        pending_notify: u32,
+    ) -> Self {
+        Self {
+            device,
+            mem,
+            wake,
+            state,
+            paused: false,
+            missed: false,
+            pending_notify,
+            pausing: Arc::new(AtomicBool::new(false)),
+            warned: WarnOnce::default(),
+        }
+    }
+
+    /// Queues notified while paused (bit per queue), handled at [`Self::resume`].
+    pub fn pending_notify(&self) -> u32 {
+        self.pending_notify
+    }
+
+    /// The flag [`Self::pause`] raises; a pauser sets it *before* taking the transport's lock so
+    /// that the current lock holder cuts its loop short (see [`QueueContext::pause_requested`]).
+    pub fn pause_flag(&self) -> Arc<AtomicBool> {
+        self.pausing.clone()
+    }
+
+    /// Stops all device work on guest memory and queues until [`Self::resume`]. Idempotent.
+    pub fn pause(&mut self) {
+        self.pausing.store(true, Ordering::SeqCst);
+        self.paused = true;
+    }
+
+    /// Lets the device work again, and handles the notifications that came while paused (the
+    /// guest may be idle waiting for their completions, so they wake it). Returns true when a
+    /// host event was turned away meanwhile: the caller must make the I/O thread look again.
+    /// Idempotent.
+    pub fn resume(&mut self) -> bool {
+        self.paused = false;
+        self.pausing.store(false, Ordering::SeqCst);
+        self.replay_pending_notify();
+        std::mem::take(&mut self.missed)
+    }
+
+    /// True between [`Self::pause`] and [`Self::resume`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Handles notifications remembered while paused (or restored with the state).
+    pub fn replay_pending_notify(&mut self) {
+        if self.paused {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending_notify);
+        for queue in (0..32u16).filter(|q| pending & (1 << q) != 0) {
+            // Not inside the guest's own exit any more: the guest may be waiting.
+            self.notify_queue(queue, true);
+        }
     }
 
     /// The device model.
@@ -126,11 +210,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &mut self,
         f: impl FnOnce(&mut D, &mut QueueContext<'_>) -> Result<R, QueueError>,
     ) -> Option<R> {
+        if self.paused {
+            self.missed = true;
+            return None;
+        }
         if !self.is_running() {
             return None;
         }
         let mut ctx =
-            QueueContext::new(&self.mem, &mut self.state.queues, self.state.driver_features);
+            QueueContext::new(&self.mem, &mut self.state.queues, self.state.driver_features)
+                .with_pause_flag(&self.pausing);
         let result = f(&mut self.device, &mut ctx);
         let signal = ctx.signal();
         self.apply(signal);
@@ -196,6 +285,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         s.status = 0;
         s.interrupt_status = 0;
         s.activated = false;
+        self.pending_notify = 0;
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -426,10 +516,35 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 )
             }
         };
+        if self.paused {
+            // The vCPUs should be paused before the devices; if one was not, remember the
+            // notification (devices have at most a handful of queues, all below 32) and act
+            // on it at resume rather than touch the queues now.
+            if self.warned.first("notify-paused") {
+                tracing::debug!(
+                    device = self.device.device_type(),
+                    "virtio: queue {queue} notified while the devices are paused; deferred"
+                );
+            }
+            if queue < 32 {
+                self.pending_notify |= 1 << queue;
+            }
+            return;
+        }
+        self.notify_queue(queue, false);
+    }
+
+    /// Runs the device's handler for a notification of `queue` (a valid index). `wake`: the
+    /// guest is not stopped in this notification's exit, so completions must wake it.
+    fn notify_queue(&mut self, queue: u16, wake: bool) {
+        if !self.is_running() || usize::from(queue) >= self.state.queues.len() {
+            return;
+        }
         let mut ctx =
             QueueContext::new(&self.mem, &mut self.state.queues, self.state.driver_features);
         let result = self.device.queue_notify(queue, &mut ctx);
-        let signal = ctx.signal();
+        let mut signal = ctx.signal();
+        signal.wake |= wake && signal.used;
         self.apply(signal);
         if let Err(e) = result {
             self.queue_failed(&e);

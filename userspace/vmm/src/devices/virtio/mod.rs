@@ -15,11 +15,12 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -81,6 +82,8 @@ pub struct QueueContext<'a> {
     /// Features the driver accepted.
     pub features: u64,
     signal: Signal,
+    /// Raised by a pauser waiting for the transport's lock.
+    pause_flag: Option<&'a AtomicBool>,
 }
 
 /// What the device asked the transport to do once the event is handled.
@@ -95,7 +98,26 @@ pub struct Signal {
 impl<'a> QueueContext<'a> {
     /// A context over `queues` with nothing signalled yet.
     pub fn new(mem: &'a GuestMemory, queues: &'a mut [Queue], features: u64) -> Self {
-        Self { mem, queues, features, signal: Signal::default() }
+        Self { mem, queues, features, signal: Signal::default(), pause_flag: None }
+    }
+
+    /// Lets the device see a pending pause (see [`Self::pause_requested`]).
+    pub(crate) fn with_pause_flag(mut self, flag: &'a AtomicBool) -> Self {
+        self.pause_flag = Some(flag);
+        self
+    }
+
+    /// True when someone waits to pause the device: a loop that may run long (receive) should
+    /// stop at the next item boundary, leaving the rest for after the resume.
+    pub fn pause_requested(&self) -> bool {
+        self.pause_flag.is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// [`Self::pause_requested`] as a closure that does not borrow the context (so the device
+    /// can hold it while it borrows the queues).
+    pub fn pause_probe(&self) -> impl Fn() -> bool + 'a {
+        let flag = self.pause_flag;
+        move || flag.is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     /// The device added used buffers the driver asked to hear about. `wake`: the guest may be

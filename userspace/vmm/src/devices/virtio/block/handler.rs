@@ -31,7 +31,7 @@ pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// What the driver asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RequestType {
     /// Read sectors into the data buffers.
     In,

@@ -1,10 +1,14 @@
 //! The virtio-net device: features, config space, activation, and what each queue event does.
 //!
 //! Transmit runs on the vCPU thread, inside the guest's QueueNotify exit: frames go straight to
-//! the backend. Receive runs on the device I/O thread when the backend is readable; the vCPU
-//! thread only kicks that thread when the guest adds buffers to a starved receive queue.
+//! the backend ([`TxMode::Direct`]) or into the output-commit hold ([`TxMode::Held`]). When the
+//! hold is full, transmit stops with the frame left in the avail ring; the hold's release then
+//! writes the transmit kick and the device I/O thread resumes transmit. Receive runs on the
+//! device I/O thread when the backend is readable; the vCPU thread only kicks that thread when
+//! the guest adds buffers to a starved receive queue.
 
 use std::fmt;
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -13,7 +17,10 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::handler::{process_tx, FrameSink, FrameSource, NetStats, RxPoll, RxState};
+use super::handler::{
+    process_tx_to, DirectTx, FrameSink, FrameSource, HeldTx, NetStats, RxPoll, RxState,
+};
+use super::hold::OutputHold;
 use super::tap::Tap;
 use crate::devices::virtio::{
     ring_err, ActivateError, Desc, QueueContext, QueueError, VirtioDevice, WarnOnce,
@@ -37,12 +44,42 @@ const CONFIG_LEN: usize = 12;
 pub trait NetBackend: FrameSink + FrameSource + Send + fmt::Debug {
     /// The fd that becomes readable when frames arrive (registered with the I/O thread's epoll).
     fn poll_fd(&self) -> Option<RawFd>;
+
+    /// A second handle for sending frames from another thread (the output hold's releaser).
+    fn output(&self) -> io::Result<Box<dyn FrameSink + Send>> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl NetBackend for Tap {
     fn poll_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
     }
+
+    fn output(&self) -> io::Result<Box<dyn FrameSink + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+/// Where transmitted frames go.
+#[derive(Clone, Debug, Default)]
+pub enum TxMode {
+    /// Straight to the backend (unprotected VMs; the backup after failover).
+    #[default]
+    Direct,
+    /// Into the output-commit hold; the replication layer releases them per epoch.
+    Held(Arc<OutputHold>),
+}
+
+/// Why the transmit mode could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum TxModeError {
+    /// The backend cannot give the hold a handle to send on.
+    #[error("cannot give the output hold a handle on the network backend")]
+    Output(#[source] io::Error),
+    /// The VM has no network device.
+    #[error("the VM has no network device")]
+    NoNetDevice,
 }
 
 /// The virtio-net device.
@@ -53,6 +90,11 @@ pub struct Net {
     /// Wakes the I/O thread: the receive queue got buffers, or the device was activated.
     kick: Arc<EventFd>,
     rx: RxState,
+    tx_mode: TxMode,
+    /// Wakes the I/O thread to retry transmit (written by the output hold when it frees space).
+    tx_kick: Option<Arc<EventFd>>,
+    /// Transmit stopped on a full hold; a chain waits in the avail ring.
+    tx_stalled: bool,
     tx_buf: Vec<u8>,
     descs: Vec<Desc>,
     stats: NetStats,
@@ -71,6 +113,9 @@ impl Net {
             backend,
             kick,
             rx: RxState::new(),
+            tx_mode: TxMode::Direct,
+            tx_kick: None,
+            tx_stalled: false,
             tx_buf: Vec::with_capacity(super::handler::MAX_FRAME_LEN),
             descs: Vec::with_capacity(usize::from(QUEUE_MAX_SIZE)),
             stats: NetStats::default(),
@@ -93,17 +138,119 @@ impl Net {
         &self.rx
     }
 
+    /// Receive-side state, to restore it.
+    pub(crate) fn rx_state_mut(&mut self) -> &mut RxState {
+        &mut self.rx
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        mac
+    }
+
+    /// Where transmitted frames go.
+    pub fn tx_mode(&self) -> &TxMode {
+        &self.tx_mode
+    }
+
+    /// True when transmit waits for room in the output hold.
+    pub fn tx_stalled(&self) -> bool {
+        self.tx_stalled
+    }
+
+    pub(crate) fn set_tx_stalled(&mut self, stalled: bool) {
+        self.tx_stalled = stalled;
+    }
+
+    /// The eventfd that makes the I/O thread retry transmit ([`Self::retry_tx`]).
+    pub fn set_tx_kick(&mut self, kick: Arc<EventFd>) {
+        if let TxMode::Held(hold) = &self.tx_mode {
+            hold.set_space_waker(Some(kick.clone()));
+        }
+        self.tx_kick = Some(kick);
+    }
+
+    /// Chooses where transmitted frames go. For [`TxMode::Held`] the hold gets its own handle
+    /// on the backend to release frames on, and the transmit kick as its space waker. Leaving
+    /// the held mode does not touch the hold's frames (release or discard them as needed).
+    pub fn set_tx_mode(&mut self, mode: TxMode) -> Result<(), TxModeError> {
+        if let TxMode::Held(hold) = &mode {
+            hold.attach_output(self.backend.output().map_err(TxModeError::Output)?);
+            hold.set_space_waker(self.tx_kick.clone());
+        }
+        if let TxMode::Held(old) = &self.tx_mode {
+            old.set_space_waker(None);
+        }
+        self.tx_mode = mode;
+        if self.tx_stalled {
+            // The new target may have room.
+            self.kick_tx();
+        }
+        Ok(())
+    }
+
+    fn kick_tx(&self) {
+        if let Some(k) = &self.tx_kick {
+            // Only fails on counter overflow, and then the thread is awake anyway.
+            let _ = k.write(1);
+        }
+    }
+
+    /// I/O thread: the output hold has room again (or the devices resumed): transmit what the
+    /// guest made available meanwhile. Completions wake the guest, which is not in an exit.
+    pub fn retry_tx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), QueueError> {
+        self.transmit(ctx, true)
+    }
+
+    fn transmit(&mut self, ctx: &mut QueueContext<'_>, wake: bool) -> Result<(), QueueError> {
+        let q = &mut ctx.queues[usize::from(TX_QUEUE)];
+        let out = match &self.tx_mode {
+            TxMode::Direct => process_tx_to(
+                q,
+                TX_QUEUE,
+                ctx.mem,
+                &mut DirectTx(self.backend.as_mut()),
+                &mut self.tx_buf,
+                &mut self.descs,
+                &mut self.stats,
+            )?,
+            TxMode::Held(hold) => process_tx_to(
+                q,
+                TX_QUEUE,
+                ctx.mem,
+                &mut HeldTx(hold),
+                &mut self.tx_buf,
+                &mut self.descs,
+                &mut self.stats,
+            )?,
+        };
+        self.tx_stalled = out.stalled;
+        if let Some(e) = out.error {
+            if self.warned.first("tx-backend") {
+                tracing::warn!("virtio-net: cannot send a guest frame (dropped): {e}");
+            }
+        }
+        if out.notify {
+            ctx.signal_used(wake);
+        }
+        Ok(())
+    }
+
     /// I/O thread: the backend is readable, or the driver added receive buffers. Moves frames
     /// into the receive queue and says whether to keep polling the backend.
     pub fn process_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<RxPoll, QueueError> {
+        let stop = ctx.pause_probe();
         let queue = &mut ctx.queues[usize::from(RX_QUEUE)];
-        let (poll, notify) = self.rx.process(
+        let (poll, notify) = self.rx.process_until(
             queue,
             RX_QUEUE,
             ctx.mem,
             self.backend.as_mut(),
             &mut self.descs,
             &mut self.stats,
+            &stop,
         )?;
         if notify {
             // The guest may be idle in PORT_WAIT waiting for exactly this frame.
@@ -164,35 +311,16 @@ impl VirtioDevice for Net {
                 }
                 Ok(())
             }
-            TX_QUEUE => {
-                let q = &mut ctx.queues[usize::from(TX_QUEUE)];
-                let out = process_tx(
-                    q,
-                    TX_QUEUE,
-                    ctx.mem,
-                    self.backend.as_mut(),
-                    &mut self.tx_buf,
-                    &mut self.descs,
-                    &mut self.stats,
-                )?;
-                if let Some(e) = out.error {
-                    if self.warned.first("tx-backend") {
-                        tracing::warn!("virtio-net: cannot send a guest frame (dropped): {e}");
-                    }
-                }
-                if out.notify {
-                    // No wake-up: the guest is stopped in this very exit and sees the used
-                    // entries when it resumes.
-                    ctx.signal_used(false);
-                }
-                Ok(())
-            }
+            // No wake-up: the guest is stopped in this very exit and sees the used entries
+            // when it resumes.
+            TX_QUEUE => self.transmit(ctx, false),
             _ => Err(ring_err(queue)(virtio_queue::Error::InvalidDescriptorIndex)),
         }
     }
 
     fn reset(&mut self, _mem: &crate::memory::GuestMemory) {
         self.rx.reset();
+        self.tx_stalled = false;
     }
 }
 

@@ -11,6 +11,7 @@ use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 
+use super::hold::{AppendError, OutputHold};
 use crate::devices::virtio::{
     collect_chain, pop_chain, ring_err, suppress_notifications, Desc, QueueError,
 };
@@ -27,7 +28,8 @@ pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 18 + 65_535;
 /// events.
 pub const RX_BUDGET: usize = 256;
 
-/// Where transmitted frames go: the TAP, or (later) the output-commit hold ring.
+/// Where transmitted frames go: the TAP (directly, or through the output-commit hold when it
+/// releases them).
 pub trait FrameSink {
     /// Sends one frame that starts with its 12-byte virtio-net header.
     /// [`io::ErrorKind::WouldBlock`] means "no room now": the frame is dropped and counted.
@@ -58,6 +60,57 @@ pub struct NetStats {
     pub rx_dropped: u64,
     /// Failed reads from the source.
     pub rx_errors: u64,
+    /// Times transmit stopped because the output hold was full (the frame stayed in the
+    /// guest's avail ring).
+    pub tx_stalls: u64,
+}
+
+/// What a transmit target did with one frame.
+#[derive(Debug)]
+pub enum TxVerdict {
+    /// Taken (sent, or held for output commit).
+    Sent,
+    /// No room now and the frame is lost ("no room" of a TAP: counted as dropped).
+    Dropped,
+    /// The target failed; the frame is lost.
+    Failed(io::Error),
+    /// No room now, and the target will say when there is: leave the frame in the avail ring.
+    Full,
+}
+
+/// Where [`process_tx_to`] puts frames.
+pub trait TxSink {
+    /// Takes one frame that starts with its 12-byte virtio-net header.
+    fn transmit(&mut self, frame: &[u8]) -> TxVerdict;
+}
+
+/// Frames straight to a [`FrameSink`] (no output commit).
+#[derive(Debug)]
+pub struct DirectTx<'a, S: ?Sized>(pub &'a mut S);
+
+impl<S: FrameSink + ?Sized> TxSink for DirectTx<'_, S> {
+    fn transmit(&mut self, frame: &[u8]) -> TxVerdict {
+        match self.0.send_frame(frame) {
+            Ok(()) => TxVerdict::Sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => TxVerdict::Dropped,
+            Err(e) => TxVerdict::Failed(e),
+        }
+    }
+}
+
+/// Frames into the output-commit hold.
+#[derive(Debug)]
+pub struct HeldTx<'a>(pub &'a OutputHold);
+
+impl TxSink for HeldTx<'_> {
+    fn transmit(&mut self, frame: &[u8]) -> TxVerdict {
+        match self.0.append(frame) {
+            Ok(()) => TxVerdict::Sent,
+            Err(AppendError::Full) => TxVerdict::Full,
+            // read_tx_frame only passes frames of a valid length; anything else is dropped.
+            Err(AppendError::BadLength { .. }) => TxVerdict::Dropped,
+        }
+    }
 }
 
 /// What [`process_tx`] did.
@@ -67,6 +120,9 @@ pub struct TxOutcome {
     pub notify: bool,
     /// The first send error other than "no room", for logging.
     pub error: Option<io::Error>,
+    /// The sink was full: the next chain is still in the avail ring, and notifications stay
+    /// off until the sink says it has room.
+    pub stalled: bool,
 }
 
 /// Why a transmit chain carried no frame.
@@ -87,12 +143,27 @@ pub fn process_tx(
     descs: &mut Vec<Desc>,
     stats: &mut NetStats,
 ) -> Result<TxOutcome, QueueError> {
+    process_tx_to(queue, qidx, mem, &mut DirectTx(sink), buf, descs, stats)
+}
+
+/// [`process_tx`] into any [`TxSink`]. When the sink is [`TxVerdict::Full`], the chain goes
+/// back to the avail ring (nothing is dropped) and processing stops with notifications still
+/// off: the sink's owner retries when it has room ([`TxOutcome::stalled`]).
+pub fn process_tx_to(
+    queue: &mut Queue,
+    qidx: u16,
+    mem: &GuestMemory,
+    sink: &mut dyn TxSink,
+    buf: &mut Vec<u8>,
+    descs: &mut Vec<Desc>,
+    stats: &mut NetStats,
+) -> Result<TxOutcome, QueueError> {
     let mut out = TxOutcome::default();
     if !queue.ready() {
         return Ok(out);
     }
     let mut used = 0u32;
-    loop {
+    'outer: loop {
         queue.disable_notification(mem).map_err(ring_err(qidx))?;
         while let Some(chain) = pop_chain(queue, mem).map_err(ring_err(qidx))? {
             let head = chain.head_index();
@@ -104,12 +175,20 @@ pub fn process_tx(
                 });
             }
             match read_tx_frame(descs, mem, buf) {
-                Ok(len) => match sink.send_frame(&buf[..len]) {
-                    Ok(()) => stats.tx_frames += 1,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.tx_dropped += 1,
-                    Err(e) => {
+                Ok(len) => match sink.transmit(&buf[..len]) {
+                    TxVerdict::Sent => stats.tx_frames += 1,
+                    TxVerdict::Dropped => stats.tx_dropped += 1,
+                    TxVerdict::Failed(e) => {
                         stats.tx_errors += 1;
                         out.error.get_or_insert(e);
+                    }
+                    TxVerdict::Full => {
+                        // Un-pop the chain: the driver still owns nothing new, and the device
+                        // takes it again on the retry.
+                        queue.go_to_previous_position();
+                        stats.tx_stalls += 1;
+                        out.stalled = true;
+                        break 'outer;
                     }
                 },
                 Err(TxDrop::Malformed) => stats.tx_malformed += 1,
@@ -249,6 +328,22 @@ impl RxState {
         self.pending = None;
     }
 
+    /// The frame waiting for a receive buffer, header included.
+    pub fn pending_frame(&self) -> Option<&[u8]> {
+        self.pending.map(|len| &self.buf[..len])
+    }
+
+    /// Makes `frame` the one waiting for a receive buffer (restore). `false` if it is not a
+    /// frame the device could have read (shorter than a header, longer than the buffer).
+    pub fn set_pending_frame(&mut self, frame: &[u8]) -> bool {
+        if !(VNET_HDR_LEN..=self.buf.len()).contains(&frame.len()) {
+            return false;
+        }
+        self.buf[..frame.len()].copy_from_slice(frame);
+        self.pending = Some(frame.len());
+        true
+    }
+
     /// Moves frames from `source` to the receive queue until the source is empty, the guest
     /// has no buffers, or [`RX_BUDGET`] frames went through. Returns why it stopped and whether
     /// the driver wants to hear about the new used entries.
@@ -260,6 +355,22 @@ impl RxState {
         source: &mut dyn FrameSource,
         descs: &mut Vec<Desc>,
         stats: &mut NetStats,
+    ) -> Result<(RxPoll, bool), QueueError> {
+        self.process_until(queue, qidx, mem, source, descs, stats, &|| false)
+    }
+
+    /// [`Self::process`] that also stops (with [`RxPoll::More`]) as soon as `stop` says so,
+    /// between two frames: a pause must not wait for a whole budget of frames.
+    #[allow(clippy::too_many_arguments)]
+    pub fn process_until(
+        &mut self,
+        queue: &mut Queue,
+        qidx: u16,
+        mem: &GuestMemory,
+        source: &mut dyn FrameSource,
+        descs: &mut Vec<Desc>,
+        stats: &mut NetStats,
+        stop: &dyn Fn() -> bool,
     ) -> Result<(RxPoll, bool), QueueError> {
         if !queue.ready() {
             return Ok((RxPoll::Starved, false));
@@ -277,7 +388,7 @@ impl RxState {
         }
         let mut delivered = 0usize;
         let poll = loop {
-            if delivered >= RX_BUDGET {
+            if delivered >= RX_BUDGET || stop() {
                 break RxPoll::More;
             }
             let len = match self.pending.take() {

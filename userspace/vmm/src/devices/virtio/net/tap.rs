@@ -258,6 +258,12 @@ impl Tap {
         Ok(Self { file, name: name.into() })
     }
 
+    /// A second handle on the same TAP queue (a dup of the fd): frames written through either
+    /// go out in the order written. The TAP lives until every handle is closed.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self { file: self.file.try_clone()?, name: self.name.clone() })
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
