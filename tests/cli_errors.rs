@@ -4,7 +4,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ftvm_system_tests::{ftvm_bin, guest_elf, require_root_and_kvm, run_with_timeout, tiny_elf, Netns, TempDir};
+use ftvm_guest_abi::GUEST_LOAD_GPA;
+use ftvm_system_tests::{ftvm_bin, guest_elf, require_root_and_kvm, run_with_timeout, Netns, TempDir};
+use ftvm_vmm::boot::elf::build_test_elf;
 
 /// Runs `ftvm run` in a fresh namespace with the given guest and extra args; returns stderr after
 /// checking the exit is a failure with one `ftvm: error:` line and no panic.
@@ -63,7 +65,7 @@ fn a_guest_that_triple_faults() {
     let dir = TempDir::new("fault");
     // ud2: an invalid-opcode exception with no IDT to deliver it to: a triple fault.
     let guest = dir.path().join("ud2.elf");
-    std::fs::write(&guest, tiny_elf(&[0x0f, 0x0b])).unwrap();
+    std::fs::write(&guest, build_test_elf(GUEST_LOAD_GPA, &[0x0f, 0x0b], 0)).unwrap();
     let line = run_expecting_error(&ns, dir.path(), &guest, &[], None);
     assert!(line.contains("triple") || line.contains("shutdown"), "{line}");
 }

@@ -396,37 +396,3 @@ pub fn redis_cli(ns: &Netns, args: &[&str]) -> String {
     argv.extend_from_slice(args);
     run_ok(&mut ns.exec(&argv)).trim_end().to_string()
 }
-
-/// Makes a minimal static ELF64 (one PT_LOAD at the guest load address) around `code`, for tests
-/// that need a guest that misbehaves in a precise way.
-pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    const LOAD: u64 = 0x20_0000;
-    let header_len = 64 + 56;
-    let mut elf = Vec::new();
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&(LOAD + header_len as u64).to_le_bytes()); // entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    elf.extend_from_slice(&64u16.to_le_bytes());
-    elf.extend_from_slice(&56u16.to_le_bytes());
-    elf.extend_from_slice(&1u16.to_le_bytes());
-    elf.extend_from_slice(&64u16.to_le_bytes());
-    elf.extend_from_slice(&0u16.to_le_bytes());
-    elf.extend_from_slice(&0u16.to_le_bytes());
-    let total = (header_len + code.len()) as u64;
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    elf.extend_from_slice(&0u64.to_le_bytes()); // offset
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // paddr
-    elf.extend_from_slice(&total.to_le_bytes()); // filesz
-    elf.extend_from_slice(&total.to_le_bytes()); // memsz
-    elf.extend_from_slice(&0x1000u64.to_le_bytes());
-    assert_eq!(elf.len(), header_len);
-    elf.extend_from_slice(code);
-    elf
-}
