@@ -81,6 +81,16 @@ fn an_interface_that_is_not_a_tap() {
 }
 
 #[test]
+fn a_tap_name_the_kernel_cannot_have() {
+    require_root_and_kvm();
+    let ns = Netns::new("badtap");
+    let dir = TempDir::new("badtap");
+    // Interface names are at most 15 bytes.
+    let line = run_expecting_error(&ns, dir.path(), &guest_elf(), &["--tap", "a-name-far-too-long-for-linux"], None);
+    assert!(line.contains("a-name-far-too-long-for-linux"), "{line}");
+}
+
+#[test]
 fn an_unknown_network_namespace() {
     require_root_and_kvm();
     let dir = TempDir::new("nons");
