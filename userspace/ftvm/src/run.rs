@@ -42,6 +42,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             block: Some(BlockConfig { path: args.disk.clone() }),
         },
         console: Box::new(console),
+        // An unprotected VM tracks nothing; the checkpoint engine chooses a tracker for FT.
+        dirty_tracking: ftvm_vmm::dirty::DirtyTracking::Off,
     };
     let mut machine = Machine::create(config)?;
     let handle = machine.handle();

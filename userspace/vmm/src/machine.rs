@@ -1,46 +1,76 @@
 //! The whole VM: KVM VM and memory, the loaded guest, devices, vCPU threads, and the handle the
 //! operator (or the checkpoint engine) uses to pause, resume and stop it.
 //!
-//! Order of creation: VM and memory → guest image, page tables, GDT → devices on the MMIO bus →
-//! vCPUs (CPUID, TSC frequency, registers) → boot info (it needs the TSC frequency and the device
-//! addresses) → vCPU threads, Paused. [`Machine::run`] starts the device I/O thread, resumes the
-//! vCPUs and waits for the first of them to end.
+//! Order of creation: VM and memory (with the dirty ring, if chosen: it must precede the vCPUs)
+//! → guest image, page tables, GDT → devices on the MMIO bus → vCPUs (CPUID, TSC frequency,
+//! registers) → boot info (it needs the TSC frequency and the device addresses) → vCPU threads,
+//! Paused. [`Machine::run`] starts the device I/O thread, resumes the vCPUs and waits for the
+//! first of them to end.
+//!
+//! # Checkpoints
+//! [`Machine::checkpoint_source`] hands the checkpoint engine a [`CheckpointSource`] (Send): it
+//! pauses and resumes the machine (vCPUs, then devices), and between the two,
+//! [`CheckpointSource::capture`] harvests the dirty pages and reads every vCPU's and device's
+//! state into a [`MachineState`]; the engine copies the pages from
+//! [`CheckpointSource::guest_memory`]. Capture refuses to run unless the machine is paused.
+//!
+//! # Failover
+//! [`Machine::restore`] builds a fresh KVM VM from a memory image and a [`MachineState`]; its
+//! [`Machine::run`] resumes the guest exactly where the state was captured.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ftvm_guest_abi::{BootInfo, GuestStatus};
+use ftvm_proto::pages::PageRangeSet;
+use kvm_bindings::{kvm_clock_data, CpuId};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use crate::boot::{self, BootSetupError, DeviceAddrs, EntryPoint};
 use crate::cpuid::{self, CpuidError};
 use crate::devices::bus::{lock, BusOverlapError, MmioBus};
+use crate::devices::{
+    DeviceConfig, DeviceCreateError, DeviceManager, DeviceRestoreError, DeviceSaveError,
+    DeviceShutdownError, DeviceStartError,
+};
+use crate::dirty::kvm_ring::RingMapError;
+use crate::dirty::{
+    DirtyRings, DirtyTracker, DirtyTracking, HarvestError, HarvestStats, KvmBitmap, KvmRing,
+    TrackStartError, TrackStopError, TrackerKind,
+};
+use crate::memory::GuestMemory;
+use crate::state::{ClockState, MachineState};
+use crate::vcpu::state::StateProbeError;
 use crate::vcpu::{
-    Console, StatusCell, Vcpu, VcpuContext, VcpuControlError, VcpuExitReason, VcpuExitReport,
-    VcpuHandle, VcpuRunError, VcpuStartError, VcpuStopper,
+    Console, DirtyRingFullHandler, StateConfig, StatusCell, Vcpu, VcpuContext, VcpuControlError,
+    VcpuExitReason, VcpuExitReport, VcpuHandle, VcpuRestoreError, VcpuRunError, VcpuSaveError,
+    VcpuStartError, VcpuStopper,
 };
 use crate::vm::{VcpuFdCreateError, Vm, VmCreateError};
 use crate::wake::GuestWake;
 
 pub use crate::boot::BootParams;
-use crate::devices::{
-    DeviceConfig, DeviceCreateError, DeviceManager, DeviceShutdownError, DeviceStartError,
-};
 
 /// Everything needed to build a [`Machine`].
 pub struct VmConfig {
     /// Bytes of guest RAM (a multiple of 2 MiB, 16 MiB to [`ftvm_guest_abi::MAX_MEM_SIZE`]).
     pub mem_size: u64,
-    /// The guest ELF.
+    /// The guest ELF (not read by [`Machine::restore`]: the guest is in the memory image).
     pub guest_elf: PathBuf,
-    /// What the guest learns through its boot info.
+    /// What the guest learns through its boot info (not used by [`Machine::restore`]: the state
+    /// carries the boot info the guest was given).
     pub boot: BootParams,
     /// Which devices to attach.
     pub devices: DeviceConfig,
     /// Where guest console output goes (flushed line by line).
     pub console: Box<dyn Write + Send>,
+    /// Which dirty tracker the VM is built with ([`DirtyTracking::Off`] for an unprotected VM).
+    pub dirty_tracking: DirtyTracking,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -49,6 +79,7 @@ impl std::fmt::Debug for VmConfig {
             .field("mem_size", &self.mem_size)
             .field("guest_elf", &self.guest_elf)
             .field("boot", &self.boot)
+            .field("dirty_tracking", &self.dirty_tracking)
             .finish_non_exhaustive()
     }
 }
@@ -89,9 +120,89 @@ pub enum MachineCreateError {
     /// The initial registers.
     #[error(transparent)]
     Registers(#[from] boot::VcpuBootError),
+    /// What vCPU state can be saved on this host.
+    #[error(transparent)]
+    StateProbe(#[from] StateProbeError),
+    /// The dirty rings could not be mapped.
+    #[error(transparent)]
+    DirtyRings(#[from] RingMapError),
     /// A vCPU thread.
     #[error(transparent)]
     VcpuStart(#[from] VcpuStartError),
+}
+
+/// Why [`Machine::restore`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineRestoreError {
+    /// The configuration's memory size is not the state's.
+    #[error("the state has {state:#x} bytes of guest memory, the configuration {config:#x}")]
+    MemSize {
+        /// From the state.
+        state: u64,
+        /// From the configuration.
+        config: u64,
+    },
+    /// The memory image is not the size of guest memory.
+    #[error("the memory image has {image:#x} bytes, guest memory {mem:#x}")]
+    ImageSize {
+        /// Bytes in the image.
+        image: u64,
+        /// Bytes of guest memory.
+        mem: u64,
+    },
+    /// The state's vCPU count is not this VMM's.
+    #[error("the state has {0} vCPUs; this VMM runs {VCPUS}")]
+    VcpuCount(usize),
+    /// The state holds no valid boot info.
+    #[error("the state's boot info is missing or invalid")]
+    BootInfo,
+    /// The restored devices landed at other MMIO addresses than the guest knows.
+    #[error("the devices would be at {got:?}, but the guest uses {want:?}")]
+    DeviceAddrs {
+        /// Where the guest's drivers expect them.
+        want: DeviceAddrs,
+        /// Where they are now.
+        got: DeviceAddrs,
+    },
+    /// The KVM VM or its memory.
+    #[error(transparent)]
+    Vm(#[from] VmCreateError),
+    /// Copying the memory image failed.
+    #[error("cannot copy the memory image into guest memory")]
+    CopyMemory(#[source] vm_memory::GuestMemoryError),
+    /// `KVM_SET_CLOCK` failed.
+    #[error("cannot set the VM clock")]
+    Clock(#[source] std::io::Error),
+    /// The wake-up eventfd.
+    #[error("cannot create the guest wake-up eventfd")]
+    Wake(#[source] std::io::Error),
+    /// The devices could not be rebuilt from their state.
+    #[error("cannot restore the devices")]
+    Devices(#[source] DeviceRestoreError),
+    /// Two devices claim the same MMIO range.
+    #[error("cannot place the devices on the MMIO bus")]
+    Bus(#[source] BusOverlapError),
+    /// A vCPU fd.
+    #[error(transparent)]
+    VcpuFd(#[from] VcpuFdCreateError),
+    /// What vCPU state can be restored on this host.
+    #[error(transparent)]
+    StateProbe(#[from] StateProbeError),
+    /// The dirty rings could not be mapped.
+    #[error(transparent)]
+    DirtyRings(#[from] RingMapError),
+    /// A vCPU thread.
+    #[error(transparent)]
+    VcpuStart(#[from] VcpuStartError),
+    /// A vCPU refused its state.
+    #[error("cannot restore vCPU {id}")]
+    Vcpu {
+        /// The vCPU.
+        id: u32,
+        /// Why.
+        #[source]
+        source: VcpuRestoreError,
+    },
 }
 
 /// Why [`Machine::run`] failed.
@@ -128,14 +239,116 @@ pub struct MachineControlError {
     pub source: VcpuControlError,
 }
 
+/// Why [`Machine::checkpoint_source`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointSourceError {
+    /// There is only one source per machine (it owns the dirty tracker).
+    #[error("the machine's checkpoint source was already taken")]
+    AlreadyTaken,
+}
+
+/// Why [`CheckpointSource::capture`] failed. When pages had already been harvested, they are
+/// pending again: the next harvest returns them.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The machine is not paused ([`CheckpointSource::pause`] first).
+    #[error("the machine must be paused to capture its state")]
+    NotPaused,
+    /// The machine was built with [`DirtyTracking::Off`]: there are no dirty pages to harvest.
+    #[error("the machine has no dirty tracking")]
+    NoDirtyTracking,
+    /// Harvesting the dirty pages failed.
+    #[error(transparent)]
+    Harvest(#[from] HarvestError),
+    /// A vCPU's state could not be read.
+    #[error("cannot save vCPU {id}")]
+    Vcpu {
+        /// The vCPU.
+        id: u32,
+        /// Why.
+        #[source]
+        source: VcpuSaveError,
+    },
+    /// The devices' state could not be read.
+    #[error("cannot save the devices")]
+    Devices(#[source] DeviceSaveError),
+    /// `KVM_GET_CLOCK` failed.
+    #[error("cannot read the VM clock")]
+    Clock(#[source] std::io::Error),
+}
+
+/// Why [`CheckpointSource::start_tracking`] or [`CheckpointSource::stop_tracking`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackingControlError {
+    /// The machine was built with [`DirtyTracking::Off`].
+    #[error("the machine has no dirty tracking")]
+    NoDirtyTracking,
+    /// Starting failed.
+    #[error("cannot start dirty tracking")]
+    Start(#[source] TrackStartError),
+    /// Stopping failed.
+    #[error("cannot stop dirty tracking")]
+    Stop(#[source] TrackStopError),
+}
+
+/// The vCPU handles, and whether a pause of everything has completed since the last resume.
+#[derive(Debug)]
+struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+    /// True after [`MachineHandle::pause`] succeeded for every vCPU and the devices, until the
+    /// next resume starts. Capture requires it.
+    paused: bool,
+}
+
 #[derive(Debug)]
 struct Shared {
-    /// pause/resume go through here, one request at a time.
-    vcpus: Mutex<Vec<VcpuHandle>>,
+    /// pause/resume/capture go through here, one request at a time. Lock order: `vcpus`, then
+    /// `devices`.
+    vcpus: Mutex<VcpuSet>,
+    devices: Mutex<DeviceManager>,
     /// stop needs no lock: it must work while a pause is waiting.
     stoppers: Vec<VcpuStopper>,
     stop_requested: AtomicBool,
     status: Arc<StatusCell>,
+}
+
+impl Shared {
+    /// Pauses every vCPU, then the devices. With `save`, each vCPU reads its own state right
+    /// after pausing (see [`VcpuHandle::pause_and_save`]).
+    fn pause_with(&self, save: bool) -> Result<(), MachineControlError> {
+        let mut set = lock(&self.vcpus);
+        set.paused = false;
+        for v in set.handles.iter_mut() {
+            let r = if save { v.pause_and_save() } else { v.pause() };
+            r.map_err(|source| MachineControlError {
+                action: "pause",
+                source,
+            })?;
+        }
+        // vCPUs first: a device must not change guest memory or queues after the vCPUs have
+        // stopped looking (the devices remember notifications that still come, see
+        // `DeviceManager::pause`).
+        lock(&self.devices).pause();
+        set.paused = true;
+        Ok(())
+    }
+
+    fn pause(&self) -> Result<(), MachineControlError> {
+        self.pause_with(false)
+    }
+
+    fn resume(&self) -> Result<(), MachineControlError> {
+        let mut set = lock(&self.vcpus);
+        set.paused = false;
+        lock(&self.devices).resume();
+        for v in set.handles.iter_mut() {
+            v.resume().map_err(|source| MachineControlError {
+                action: "resume",
+                source,
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Controls a [`Machine`] from other threads. Cheap to clone.
@@ -154,28 +367,19 @@ impl MachineHandle {
         }
     }
 
-    /// Pauses every vCPU; returns once all are paused.
+    /// Pauses every vCPU, then the devices; returns once all are paused.
     pub fn pause(&self) -> Result<(), MachineControlError> {
-        let vcpus = lock(&self.shared.vcpus);
-        for v in vcpus.iter() {
-            v.pause().map_err(|source| MachineControlError {
-                action: "pause",
-                source,
-            })?;
-        }
-        Ok(())
+        self.shared.pause()
     }
 
-    /// Resumes every vCPU.
+    /// Resumes the devices, then every vCPU.
     pub fn resume(&self) -> Result<(), MachineControlError> {
-        let vcpus = lock(&self.shared.vcpus);
-        for v in vcpus.iter() {
-            v.resume().map_err(|source| MachineControlError {
-                action: "resume",
-                source,
-            })?;
-        }
-        Ok(())
+        self.shared.resume()
+    }
+
+    /// Whether the last [`Self::pause`] completed and no resume followed.
+    pub fn is_paused(&self) -> bool {
+        lock(&self.shared.vcpus).paused
     }
 
     /// The last boot milestone the guest reported.
@@ -184,16 +388,290 @@ impl MachineHandle {
     }
 }
 
+/// Where [`CheckpointSource::capture`] spent its time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureTimings {
+    /// Harvesting the dirty pages (KVM and VMM).
+    pub harvest: Duration,
+    /// Reading every vCPU's state (through the vCPU threads).
+    pub vcpus: Duration,
+    /// Reading the devices' state and the VM clock.
+    pub devices: Duration,
+    /// The whole capture.
+    pub total: Duration,
+}
+
+/// What a checkpoint engine needs from a machine: pause and resume, dirty pages, state and
+/// memory. Send, so the engine can run on its own thread while [`Machine::run`] blocks on
+/// another.
+pub struct CheckpointSource {
+    shared: Arc<Shared>,
+    tracker: Option<Box<dyn DirtyTracker>>,
+    mem: GuestMemory,
+    vm: Arc<VmFd>,
+    clock: bool,
+    mem_size: u64,
+    tsc_khz: u32,
+    boot_info: BootInfo,
+    last: CaptureTimings,
+    last_harvest: HarvestStats,
+}
+
+impl std::fmt::Debug for CheckpointSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointSource")
+            .field("tracker", &self.tracker)
+            .field("mem_size", &self.mem_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckpointSource {
+    /// Pauses every vCPU, then the devices, like [`MachineHandle::pause`]; each vCPU thread then
+    /// reads its own state at once, so that [`Self::capture`] finds it ready (or nearly): the
+    /// state ioctls overlap the dirty-page harvest instead of following it.
+    pub fn pause(&self) -> Result<(), MachineControlError> {
+        self.shared.pause_with(true)
+    }
+
+    /// Resumes the devices, then every vCPU ([`MachineHandle::resume`]).
+    pub fn resume(&self) -> Result<(), MachineControlError> {
+        self.shared.resume()
+    }
+
+    /// A handle on the same machine.
+    pub fn handle(&self) -> MachineHandle {
+        MachineHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The dirty tracker's kind, `None` for [`DirtyTracking::Off`].
+    pub fn tracker_kind(&self) -> Option<TrackerKind> {
+        self.tracker.as_ref().map(|t| t.kind())
+    }
+
+    /// Starts dirty tracking; every page written from now on is in the next harvest. Copy all of
+    /// guest memory after this (the initial synchronisation).
+    pub fn start_tracking(&mut self) -> Result<(), TrackingControlError> {
+        let t = self
+            .tracker
+            .as_mut()
+            .ok_or(TrackingControlError::NoDirtyTracking)?;
+        t.start().map_err(TrackingControlError::Start)
+    }
+
+    /// Stops dirty tracking (the guest's writes cost nothing extra again).
+    pub fn stop_tracking(&mut self) -> Result<(), TrackingControlError> {
+        let t = self
+            .tracker
+            .as_mut()
+            .ok_or(TrackingControlError::NoDirtyTracking)?;
+        t.stop().map_err(TrackingControlError::Stop)
+    }
+
+    /// Gives back pages that a failed epoch could not deliver: the next capture returns them.
+    pub fn remark(&mut self, pages: &PageRangeSet) -> Result<(), TrackingControlError> {
+        let t = self
+            .tracker
+            .as_mut()
+            .ok_or(TrackingControlError::NoDirtyTracking)?;
+        t.remark(pages);
+        Ok(())
+    }
+
+    /// Runs `f` on the machine's devices, under their lock: for the replication layer's hooks
+    /// ([`DeviceManager::set_tx_mode`] for the output-commit hold,
+    /// [`DeviceManager::set_disk_write_observer`] for disk replication). `f` must not pause,
+    /// resume or capture the machine (that takes the same lock).
+    pub fn with_devices<R>(&self, f: impl FnOnce(&DeviceManager) -> R) -> R {
+        f(&lock(&self.shared.devices))
+    }
+
+    /// Guest memory, to copy the dirty pages from (reads do not mark pages dirty).
+    pub fn guest_memory(&self) -> GuestMemory {
+        self.mem.clone()
+    }
+
+    /// Time spent in the parts of the last successful capture.
+    pub fn last_timings(&self) -> CaptureTimings {
+        self.last
+    }
+
+    /// What the last successful harvest found.
+    pub fn last_harvest(&self) -> HarvestStats {
+        self.last_harvest
+    }
+
+    /// Harvests the pages dirtied since the last capture into `pages` (adds to it) and reads the
+    /// machine's state. Only between [`Self::pause`] and [`Self::resume`]: returns
+    /// [`CaptureError::NotPaused`] otherwise (and resume waits until a capture is done). If the
+    /// state cannot be read after the harvest, the harvested pages are pending again.
+    pub fn capture(&mut self, pages: &mut PageRangeSet) -> Result<MachineState, CaptureError> {
+        if self.tracker.is_none() {
+            return Err(CaptureError::NoDirtyTracking);
+        }
+        self.capture_inner(Some(pages))
+    }
+
+    /// Reads the machine's state without harvesting (a full snapshot, or a machine without
+    /// dirty tracking). Same pause rule as [`Self::capture`].
+    pub fn capture_state(&mut self) -> Result<MachineState, CaptureError> {
+        self.capture_inner(None)
+    }
+
+    fn capture_inner(
+        &mut self,
+        mut pages: Option<&mut PageRangeSet>,
+    ) -> Result<MachineState, CaptureError> {
+        let span = tracing::debug_span!("capture", pages = tracing::field::Empty);
+        let _enter = span.enter();
+        let t0 = Instant::now();
+        // Held throughout: no resume can start until the state is complete.
+        let mut set = lock(&self.shared.vcpus);
+        if !set.paused {
+            return Err(CaptureError::NotPaused);
+        }
+        let mut timings = CaptureTimings::default();
+        let mut harvest = HarvestStats::default();
+        if let (Some(out), Some(tracker)) = (pages.as_deref_mut(), self.tracker.as_mut()) {
+            harvest = tracker.harvest(out)?;
+            span.record("pages", out.page_count());
+        }
+        timings.harvest = t0.elapsed();
+        let result = self.read_state(&mut set.handles, &mut timings);
+        drop(set);
+        match result {
+            Ok(state) => {
+                timings.total = t0.elapsed();
+                self.last = timings;
+                self.last_harvest = harvest;
+                tracing::debug!(
+                    harvest_us = timings.harvest.as_micros() as u64,
+                    vcpus_us = timings.vcpus.as_micros() as u64,
+                    devices_us = timings.devices.as_micros() as u64,
+                    "captured"
+                );
+                Ok(state)
+            }
+            Err(e) => {
+                if let (Some(out), Some(tracker)) = (pages, self.tracker.as_mut()) {
+                    // No page may be lost: the caller will drop `out` with the error.
+                    tracker.remark(out);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn read_state(
+        &self,
+        handles: &mut [VcpuHandle],
+        timings: &mut CaptureTimings,
+    ) -> Result<MachineState, CaptureError> {
+        let t = Instant::now();
+        let mut vcpus = Vec::with_capacity(handles.len());
+        for h in handles.iter_mut() {
+            vcpus.push(
+                h.save_state()
+                    .map_err(|source| CaptureError::Vcpu { id: h.id(), source })?,
+            );
+        }
+        timings.vcpus = t.elapsed();
+        let t = Instant::now();
+        let devices = lock(&self.shared.devices)
+            .save_state()
+            .map_err(CaptureError::Devices)?;
+        let clock = if self.clock {
+            let c = self
+                .vm
+                .get_clock()
+                .map_err(|e| CaptureError::Clock(e.into()))?;
+            Some(ClockState {
+                clock: c.clock,
+                flags: c.flags,
+            })
+        } else {
+            None
+        };
+        timings.devices = t.elapsed();
+        Ok(MachineState {
+            mem_size: self.mem_size,
+            tsc_khz: self.tsc_khz,
+            boot_info: self.boot_info.as_bytes().to_vec(),
+            vcpus,
+            devices,
+            clock,
+        })
+    }
+}
+
+/// A full copy of guest memory for [`Machine::restore`].
+#[derive(Clone, Copy, Debug)]
+pub enum MemoryImage<'a> {
+    /// Guest memory as one byte slice, address 0 first.
+    Bytes(&'a [u8]),
+    /// Another guest memory (the backup's staging copy) of the same size.
+    Memory(&'a GuestMemory),
+}
+
+impl MemoryImage<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Self::Bytes(b) => b.len() as u64,
+            Self::Memory(m) => m.iter().map(|r| r.len()).sum(),
+        }
+    }
+
+    /// Copies the image into `dst`, which must be fresh (all zero): all-zero pages of the image
+    /// are skipped, so guest RAM the guest never used is not faulted in (on the failover path,
+    /// faulting in fresh memory costs more than reading the image).
+    fn copy_into(&self, dst: &GuestMemory) -> Result<(), vm_memory::GuestMemoryError> {
+        const PAGE: usize = crate::memory::PAGE_SIZE as usize;
+        static ZERO: [u8; PAGE] = [0; PAGE];
+        // A slice comparison is a memcmp: many GB/s, where a byte loop would make the scan cost
+        // more than the copy it saves.
+        let is_zero = |p: &[u8]| p == &ZERO[..p.len()];
+        match self {
+            Self::Bytes(b) => {
+                for (i, page) in b.chunks(PAGE).enumerate() {
+                    if !is_zero(page) {
+                        dst.write_slice(page, GuestAddress((i * PAGE) as u64))?;
+                    }
+                }
+                Ok(())
+            }
+            Self::Memory(src) => {
+                let mut page = vec![0u8; PAGE];
+                for r in src.iter() {
+                    let (start, len) = (r.start_addr().0, r.len());
+                    for off in (0..len).step_by(PAGE) {
+                        let n = (len - off).min(PAGE as u64) as usize;
+                        let at = GuestAddress(start + off);
+                        src.read_slice(&mut page[..n], at)?;
+                        if !is_zero(&page[..n]) {
+                            dst.write_slice(&page[..n], at)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A VM ready to run.
 pub struct Machine {
     vm: Vm,
-    devices: DeviceManager,
     devices_down: bool,
     console: Arc<Console>,
     boot_info: BootInfo,
+    tsc_khz: u32,
     shared: Arc<Shared>,
     exits: Receiver<VcpuExitReport>,
     ran: bool,
+    tracker: Option<Box<dyn DirtyTracker>>,
+    source_taken: bool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -208,6 +686,26 @@ impl std::fmt::Debug for Machine {
 /// Number of vCPUs. The reference guest uses one; the code below does not assume it.
 const VCPUS: u32 = 1;
 
+/// What [`Machine::create`] and [`Machine::restore`] hand to the common assembly.
+struct Parts {
+    vm: Vm,
+    devices: DeviceManager,
+    bus: MmioBus,
+    wake: Arc<GuestWake>,
+    fds: Vec<VcpuFd>,
+    state_cfg: StateConfig,
+    boot_info: BootInfo,
+    tsc_khz: u32,
+    console: Box<dyn Write + Send>,
+    tracking: DirtyTracking,
+}
+
+/// Why the common assembly failed (mapped into each constructor's error).
+enum AssembleError {
+    Rings(RingMapError),
+    Start(VcpuStartError),
+}
+
 impl Machine {
     /// Builds the VM described by `cfg`, with its vCPU threads started and paused.
     pub fn create(cfg: VmConfig) -> Result<Machine, MachineCreateError> {
@@ -216,7 +714,7 @@ impl Machine {
 
     /// Like [`Machine::create`], with extra devices already on `bus` (tests, debugging aids).
     pub fn create_with_bus(cfg: VmConfig, mut bus: MmioBus) -> Result<Machine, MachineCreateError> {
-        let vm = Vm::new(cfg.mem_size)?;
+        let vm = Vm::create(cfg.mem_size, cfg.dirty_tracking.ring_entries())?;
         let mem = vm.memory().clone();
         let image = boot::load_guest(&mem, cfg.mem_size, &cfg.guest_elf)?;
 
@@ -245,6 +743,8 @@ impl Machine {
             }
             fds.push(fd);
         }
+        let table = cpuid::build_cpuid(&supported, 0, tsc_khz)?;
+        let state_cfg = StateConfig::probe(vm.kvm(), vm.fd(), &table, vm.has_irqchip())?;
 
         let devices_addrs = DeviceAddrs {
             net: bases.net,
@@ -259,38 +759,218 @@ impl Machine {
             devices_addrs,
         );
         boot::write_boot_info(&mem, &boot_info)?;
-        tracing::debug!(?image, tsc_khz, irqchip = vm.has_irqchip(), "guest loaded");
+        tracing::debug!(
+            ?image,
+            tsc_khz,
+            irqchip = vm.has_irqchip(),
+            ?state_cfg,
+            "guest loaded"
+        );
 
-        let console = Arc::new(Console::new(cfg.console));
+        Self::assemble(Parts {
+            vm,
+            devices,
+            bus,
+            wake,
+            fds,
+            state_cfg,
+            boot_info,
+            tsc_khz,
+            console: cfg.console,
+            tracking: cfg.dirty_tracking,
+        })
+        .map_err(|e| match e {
+            AssembleError::Rings(e) => MachineCreateError::DirtyRings(e),
+            AssembleError::Start(e) => MachineCreateError::VcpuStart(e),
+        })
+    }
+
+    /// Builds a fresh VM from `state` and a full copy of guest memory (`image`): the failover
+    /// path. `cfg` gives the devices' host resources (TAP, disk), the console and the dirty
+    /// tracker; its memory size must be the state's; its guest ELF and boot parameters are not
+    /// used (the guest is in the image, its boot info in the state). [`Machine::run`] then
+    /// resumes the guest exactly where the state was captured.
+    pub fn restore(
+        cfg: VmConfig,
+        image: MemoryImage<'_>,
+        state: &MachineState,
+    ) -> Result<Machine, MachineRestoreError> {
+        Self::restore_with_bus(cfg, MmioBus::default(), image, state)
+    }
+
+    /// Like [`Machine::restore`], with extra devices already on `bus`.
+    pub fn restore_with_bus(
+        cfg: VmConfig,
+        mut bus: MmioBus,
+        image: MemoryImage<'_>,
+        state: &MachineState,
+    ) -> Result<Machine, MachineRestoreError> {
+        let t0 = Instant::now();
+        if state.mem_size != cfg.mem_size {
+            return Err(MachineRestoreError::MemSize {
+                state: state.mem_size,
+                config: cfg.mem_size,
+            });
+        }
+        if state.vcpus.len() != VCPUS as usize {
+            return Err(MachineRestoreError::VcpuCount(state.vcpus.len()));
+        }
+        let boot_info = state.boot_info().ok_or(MachineRestoreError::BootInfo)?;
+        if image.len() != state.mem_size {
+            return Err(MachineRestoreError::ImageSize {
+                image: image.len(),
+                mem: state.mem_size,
+            });
+        }
+        let vm = Vm::create(state.mem_size, cfg.dirty_tracking.ring_entries())?;
+        let mem = vm.memory().clone();
+        image
+            .copy_into(&mem)
+            .map_err(MachineRestoreError::CopyMemory)?;
+        let t_mem = t0.elapsed();
+        if let Some(c) = state.clock {
+            if vm.fd().check_extension(Cap::AdjustClock) {
+                // Only the value: the flags read at capture (TSC_STABLE, ...) describe the
+                // source host and are not all accepted by KVM_SET_CLOCK.
+                let clock = kvm_clock_data {
+                    clock: c.clock,
+                    ..Default::default()
+                };
+                vm.fd()
+                    .set_clock(&clock)
+                    .map_err(|e| MachineRestoreError::Clock(e.into()))?;
+            }
+        }
+
+        let wake = Arc::new(GuestWake::new().map_err(MachineRestoreError::Wake)?);
+        let devices =
+            DeviceManager::restore(mem.clone(), wake.clone(), &cfg.devices, &state.devices)
+                .map_err(MachineRestoreError::Devices)?;
+        let bases = devices
+            .register(&mut bus)
+            .map_err(MachineRestoreError::Bus)?;
+        let want = DeviceAddrs {
+            net: (boot_info.virtio_net_base != 0).then_some(boot_info.virtio_net_base),
+            block: (boot_info.virtio_blk_base != 0).then_some(boot_info.virtio_blk_base),
+        };
+        let got = DeviceAddrs {
+            net: bases.net,
+            block: bases.block,
+        };
+        if want != got {
+            return Err(MachineRestoreError::DeviceAddrs { want, got });
+        }
+
+        let mut fds = Vec::new();
+        for (id, vs) in state.vcpus.iter().enumerate() {
+            let fd = vm.create_vcpu(id as u64)?;
+            if let Some(khz) = vs.tsc_khz {
+                match fd.get_tsc_khz() {
+                    Ok(here) if here == khz => {}
+                    here => {
+                        // Without TSC scaling the guest's clock runs at this host's rate.
+                        if let Err(e) = fd.set_tsc_khz(khz) {
+                            tracing::warn!(vcpu = id, ?here, saved = khz, error = %e,
+                                "cannot set the saved TSC frequency; guest time will drift");
+                        }
+                    }
+                }
+            }
+            fds.push(fd);
+        }
+        let cpuid =
+            CpuId::from_entries(&state.vcpus[0].cpuid).map_err(|_| MachineRestoreError::Vcpu {
+                id: 0,
+                source: VcpuRestoreError::Cpuid(state.vcpus[0].cpuid.len()),
+            })?;
+        let state_cfg = StateConfig::probe(vm.kvm(), vm.fd(), &cpuid, vm.has_irqchip())?;
+        let machine = Self::assemble(Parts {
+            vm,
+            devices,
+            bus,
+            wake,
+            fds,
+            state_cfg,
+            boot_info,
+            tsc_khz: state.tsc_khz,
+            console: cfg.console,
+            tracking: cfg.dirty_tracking,
+        })
+        .map_err(|e| match e {
+            AssembleError::Rings(e) => MachineRestoreError::DirtyRings(e),
+            AssembleError::Start(e) => MachineRestoreError::VcpuStart(e),
+        })?;
+        // Through the vCPU threads, like a checkpoint's save: the thread owns the fd.
+        {
+            let mut set = lock(&machine.shared.vcpus);
+            for (h, vs) in set.handles.iter_mut().zip(&state.vcpus) {
+                h.restore_state(vs.clone())
+                    .map_err(|source| MachineRestoreError::Vcpu { id: h.id(), source })?;
+            }
+        }
+        tracing::info!(
+            memory_ms = t_mem.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "machine restored"
+        );
+        Ok(machine)
+    }
+
+    /// The common tail of create and restore: dirty tracker, vCPU threads (Paused), handles.
+    fn assemble(p: Parts) -> Result<Machine, AssembleError> {
+        let mem = p.vm.memory().clone();
+        let mut ring_handler: Option<Arc<dyn DirtyRingFullHandler>> = None;
+        let tracker: Option<Box<dyn DirtyTracker>> = match p.tracking {
+            DirtyTracking::Off => None,
+            DirtyTracking::KvmBitmap => Some(Box::new(KvmBitmap::new(&p.vm))),
+            DirtyTracking::KvmRing { .. } => {
+                let fds: Vec<&VcpuFd> = p.fds.iter().collect();
+                let rings = Arc::new(DirtyRings::new(&p.vm, &fds).map_err(AssembleError::Rings)?);
+                ring_handler = Some(rings.clone());
+                Some(Box::new(KvmRing::new(rings, mem.clone())))
+            }
+        };
+        let console = Arc::new(Console::new(p.console));
         let status = Arc::new(StatusCell::default());
         let ctx = VcpuContext {
             mem,
-            bus: Arc::new(bus),
-            wake,
+            bus: Arc::new(p.bus),
+            wake: p.wake,
             console: console.clone(),
             status: status.clone(),
+            state: Arc::new(p.state_cfg),
+            dirty_ring: ring_handler,
         };
         let (exit_tx, exit_rx) = channel();
         let mut handles = Vec::new();
-        for (id, fd) in fds.into_iter().enumerate() {
-            handles.push(Vcpu::start(id as u32, fd, ctx.clone(), exit_tx.clone())?);
+        for (id, fd) in p.fds.into_iter().enumerate() {
+            handles.push(
+                Vcpu::start(id as u32, fd, ctx.clone(), exit_tx.clone())
+                    .map_err(AssembleError::Start)?,
+            );
         }
         let stoppers = handles.iter().map(VcpuHandle::stopper).collect();
         let shared = Arc::new(Shared {
-            vcpus: Mutex::new(handles),
+            vcpus: Mutex::new(VcpuSet {
+                handles,
+                paused: false,
+            }),
+            devices: Mutex::new(p.devices),
             stoppers,
             stop_requested: AtomicBool::new(false),
             status,
         });
         Ok(Machine {
-            vm,
-            devices,
+            vm: p.vm,
             devices_down: false,
             console,
-            boot_info,
+            boot_info: p.boot_info,
+            tsc_khz: p.tsc_khz,
             shared,
             exits: exit_rx,
             ran: false,
+            tracker,
+            source_taken: false,
         })
     }
 
@@ -299,6 +979,27 @@ impl Machine {
         MachineHandle {
             shared: self.shared.clone(),
         }
+    }
+
+    /// The checkpoint engine's access to this machine (once per machine: it takes the dirty
+    /// tracker along).
+    pub fn checkpoint_source(&mut self) -> Result<CheckpointSource, CheckpointSourceError> {
+        if self.source_taken {
+            return Err(CheckpointSourceError::AlreadyTaken);
+        }
+        self.source_taken = true;
+        Ok(CheckpointSource {
+            shared: self.shared.clone(),
+            tracker: self.tracker.take(),
+            mem: self.vm.memory().clone(),
+            vm: self.vm.shared_fd(),
+            clock: self.vm.fd().check_extension(Cap::AdjustClock),
+            mem_size: self.vm.mem_size(),
+            tsc_khz: self.tsc_khz,
+            boot_info: self.boot_info,
+            last: CaptureTimings::default(),
+            last_harvest: HarvestStats::default(),
+        })
     }
 
     /// The KVM VM (memory slots, dirty logging).
@@ -343,10 +1044,19 @@ impl Machine {
         if self.shared.stop_requested.load(Ordering::SeqCst) {
             return Ok(MachineExit::Stopped);
         }
-        self.devices.start().map_err(MachineRunError::DeviceStart)?;
+        lock(&self.shared.devices)
+            .start()
+            .map_err(MachineRunError::DeviceStart)?;
         {
-            let vcpus = lock(&self.shared.vcpus);
-            for v in vcpus.iter() {
+            let mut set = lock(&self.shared.vcpus);
+            set.paused = false;
+            {
+                let devices = lock(&self.shared.devices);
+                if devices.is_paused() {
+                    devices.resume();
+                }
+            }
+            for v in set.handles.iter_mut() {
                 // A vCPU already stopped (stop() raced with run()) reports Stopped below.
                 if let Err(e) = v.resume() {
                     tracing::debug!(error = %e, "vCPU did not resume");
@@ -370,8 +1080,9 @@ impl Machine {
     }
 
     fn stop_vcpus(&mut self) {
-        let mut vcpus = lock(&self.shared.vcpus);
-        for v in vcpus.iter_mut() {
+        let mut set = lock(&self.shared.vcpus);
+        set.paused = false;
+        for v in set.handles.iter_mut() {
             let _ = v.stop();
         }
     }
@@ -381,7 +1092,7 @@ impl Machine {
             return Ok(());
         }
         self.devices_down = true;
-        self.devices
+        lock(&self.shared.devices)
             .shutdown()
             .map_err(MachineRunError::DeviceShutdown)
     }

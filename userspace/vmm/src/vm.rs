@@ -3,11 +3,19 @@
 //! Guest RAM is one region `[0, mem_size)` (the layout in [`ftvm_guest_abi`] keeps everything
 //! below the MMIO window), registered as one KVM memory slot per vm-memory region. The slots can
 //! be re-registered with `KVM_MEM_LOG_DIRTY_PAGES` for checkpointing.
+//!
+//! The KVM dirty ring is a property of the VM that must be chosen before the first vCPU exists
+//! (`KVM_CAP_DIRTY_LOG_RING` is refused afterwards), so it is an argument of [`Vm::create`]
+//! rather than something a checkpoint engine switches on later.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use ftvm_guest_abi::MAX_MEM_SIZE;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
@@ -59,7 +67,46 @@ pub enum VmCreateError {
     /// `KVM_SET_USER_MEMORY_REGION` failed.
     #[error("cannot register guest memory with KVM")]
     RegisterMemory(#[source] std::io::Error),
+    /// The dirty ring was asked for but cannot be had.
+    #[error(transparent)]
+    DirtyRing(#[from] DirtyRingEnableError),
 }
+
+/// Why the KVM dirty ring could not be enabled on a new VM.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyRingEnableError {
+    /// Neither `KVM_CAP_DIRTY_LOG_RING` nor `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` is offered.
+    #[error("KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
+    Unsupported,
+    /// The ring size is not a power of two of at least one page, or exceeds KVM's maximum.
+    #[error(
+        "dirty ring of {entries} entries is not possible (power of two, {min} to {max} entries)"
+    )]
+    BadSize {
+        /// Entries asked for.
+        entries: u32,
+        /// Fewest entries (one page of 16-byte entries).
+        min: u32,
+        /// Most entries KVM offers.
+        max: u32,
+    },
+    /// `KVM_ENABLE_CAP` refused.
+    #[error("cannot enable the KVM dirty ring")]
+    Enable(#[source] std::io::Error),
+}
+
+/// The dirty ring enabled on a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyRingConfig {
+    /// Entries per vCPU ring (a power of two).
+    pub entries: u32,
+    /// Whether the ring was enabled through `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` (user space must
+    /// read an entry's flags with acquire and write them with release; this VMM always does).
+    pub acq_rel: bool,
+}
+
+/// Size of one `struct kvm_dirty_gfn`.
+pub const DIRTY_GFN_SIZE: u32 = 16;
 
 /// A guest RAM size that the layout cannot use.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -124,11 +171,14 @@ pub struct MemSlot {
 #[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    /// Shared with the dirty trackers, which read the dirty log from the checkpoint thread
+    /// while the machine's own thread is blocked in [`crate::machine::Machine::run`].
+    fd: Arc<VmFd>,
     mem: GuestMemory,
     slots: Vec<MemSlot>,
     irqchip: bool,
     dirty_logging: bool,
+    dirty_ring: Option<DirtyRingConfig>,
 }
 
 /// Checks a guest RAM size against the layout in [`ftvm_guest_abi`].
@@ -170,6 +220,12 @@ impl Vm {
     /// Opens `/dev/kvm`, creates a VM with `mem_size` bytes of RAM at address 0 and, where the
     /// kernel allows it, an in-kernel irqchip.
     pub fn new(mem_size: u64) -> Result<Self, VmCreateError> {
+        Self::create(mem_size, None)
+    }
+
+    /// Like [`Vm::new`]; with `dirty_ring_entries`, also enables the KVM dirty ring with that
+    /// many entries per vCPU (before any vCPU exists, as KVM requires).
+    pub fn create(mem_size: u64, dirty_ring_entries: Option<u32>) -> Result<Self, VmCreateError> {
         check_mem_size(mem_size)?;
         let kvm = Kvm::new().map_err(|e| VmCreateError::OpenKvm(e.into()))?;
         let api = kvm.get_api_version();
@@ -204,14 +260,19 @@ impl Vm {
                 false
             }
         };
+        let dirty_ring = match dirty_ring_entries {
+            Some(entries) => Some(enable_dirty_ring(&fd, entries)?),
+            None => None,
+        };
         let mem = create_guest_memory(mem_size)?;
         let mut vm = Vm {
             kvm,
-            fd,
+            fd: Arc::new(fd),
             mem,
             slots: Vec::new(),
             irqchip,
             dirty_logging: false,
+            dirty_ring,
         };
         vm.register_memory()?;
         Ok(vm)
@@ -238,33 +299,32 @@ impl Vm {
     }
 
     fn set_slot(&self, s: &MemSlot, flags: u32) -> std::io::Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot: s.slot,
-            flags,
-            guest_phys_addr: s.guest_addr,
-            memory_size: s.size,
-            userspace_addr: s.host_addr,
-        };
-        // SAFETY: `host_addr..host_addr + size` is a mapping owned by `self.mem`, which lives as
-        // long as the VM fd (both are fields of `self`, and the mapping is reference-counted by
-        // every clone of the memory). Slots do not overlap: one per vm-memory region, and
-        // vm-memory refuses overlapping regions.
-        unsafe { self.fd.set_user_memory_region(region) }.map_err(Into::into)
+        // SAFETY: `s` describes a mapping owned by `self.mem`, which lives as long as the VM fd
+        // (both are fields of `self`, and the mapping is reference-counted by every clone of the
+        // memory). Slots do not overlap: one per vm-memory region, and vm-memory refuses
+        // overlapping regions.
+        unsafe { register_slot(&self.fd, s, flags) }
     }
 
     /// Turns KVM's dirty page log on or off for every memory slot (re-registers the slots with
-    /// or without `KVM_MEM_LOG_DIRTY_PAGES`). Turning it on clears the log.
+    /// or without `KVM_MEM_LOG_DIRTY_PAGES`). Turning it on clears the log. The dirty trackers
+    /// of [`crate::dirty`] do this themselves (and [`Self::dirty_logging`] does not see it): use
+    /// one or the other on a VM.
     pub fn set_dirty_logging(&mut self, enable: bool) -> Result<(), DirtyLogError> {
-        let flags = if enable { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-        for s in &self.slots {
-            self.set_slot(s, flags).map_err(|source| DirtyLogError {
-                slot: s.slot,
-                enable,
-                source,
-            })?;
-        }
+        // SAFETY: the slots are this VM's, over `self.mem`, which `self` keeps mapped.
+        unsafe { set_dirty_logging(&self.fd, &self.slots, enable) }?;
         self.dirty_logging = enable;
         Ok(())
+    }
+
+    /// The dirty ring, if the VM was created with one.
+    pub fn dirty_ring(&self) -> Option<DirtyRingConfig> {
+        self.dirty_ring
+    }
+
+    /// The VM fd, shared (for the dirty trackers and the checkpoint thread).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     /// Whether the slots are registered for dirty logging.
@@ -309,6 +369,78 @@ impl Vm {
             source: e.into(),
         })
     }
+}
+
+/// Registers memory slot `s` with `flags` (or changes the flags of a slot already registered at
+/// the same place).
+///
+/// # Safety
+///
+/// `s.host_addr..s.host_addr + s.size` must be a mapping that stays valid for as long as the VM
+/// may use it, and must not overlap another slot of the VM.
+pub unsafe fn register_slot(fd: &VmFd, s: &MemSlot, flags: u32) -> std::io::Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot: s.slot,
+        flags,
+        guest_phys_addr: s.guest_addr,
+        memory_size: s.size,
+        userspace_addr: s.host_addr,
+    };
+    // SAFETY: the caller guarantees the mapping and the absence of overlaps.
+    unsafe { fd.set_user_memory_region(region) }.map_err(Into::into)
+}
+
+/// Re-registers every slot of `slots` with or without `KVM_MEM_LOG_DIRTY_PAGES`. Turning the
+/// log on write-protects all of guest memory and starts from a clean log (bitmap or ring).
+///
+/// # Safety
+///
+/// As [`register_slot`], for every slot (normally: the slots of the VM behind `fd`, as
+/// [`Vm::mem_slots`] lists them, while a clone of its memory is alive).
+pub unsafe fn set_dirty_logging(
+    fd: &VmFd,
+    slots: &[MemSlot],
+    enable: bool,
+) -> Result<(), DirtyLogError> {
+    let flags = if enable { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    for s in slots {
+        // SAFETY: the caller's guarantee, slot by slot.
+        unsafe { register_slot(fd, s, flags) }.map_err(|source| DirtyLogError {
+            slot: s.slot,
+            enable,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Enables the dirty ring with `entries` entries per vCPU; the `_ACQ_REL` flavour when offered
+/// (it is the one whose memory-ordering contract is written down for every architecture).
+fn enable_dirty_ring(fd: &VmFd, entries: u32) -> Result<DirtyRingConfig, DirtyRingEnableError> {
+    let acq_rel_max = fd.check_extension_raw(u64::from(KVM_CAP_DIRTY_LOG_RING_ACQ_REL));
+    let plain_max = fd.check_extension_raw(u64::from(KVM_CAP_DIRTY_LOG_RING));
+    let (cap, max_bytes, acq_rel) = if acq_rel_max > 0 {
+        (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, acq_rel_max, true)
+    } else if plain_max > 0 {
+        (KVM_CAP_DIRTY_LOG_RING, plain_max, false)
+    } else {
+        return Err(DirtyRingEnableError::Unsupported);
+    };
+    let min = 4096 / DIRTY_GFN_SIZE;
+    let max = u32::try_from(max_bytes).unwrap_or(u32::MAX) / DIRTY_GFN_SIZE;
+    if !entries.is_power_of_two() || entries < min || entries > max {
+        return Err(DirtyRingEnableError::BadSize { entries, min, max });
+    }
+    let mut args = [0u64; 4];
+    args[0] = u64::from(entries) * u64::from(DIRTY_GFN_SIZE);
+    let enable = kvm_enable_cap {
+        cap,
+        args,
+        ..Default::default()
+    };
+    fd.enable_cap(&enable)
+        .map_err(|e| DirtyRingEnableError::Enable(e.into()))?;
+    Ok(DirtyRingConfig { entries, acq_rel })
 }
 
 impl std::os::fd::AsRawFd for Vm {

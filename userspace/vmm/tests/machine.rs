@@ -63,6 +63,7 @@ mod tests {
             },
             devices: Default::default(),
             console: Box::new(sink.clone()),
+            dirty_tracking: Default::default(),
         }
     }
 

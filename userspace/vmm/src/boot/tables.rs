@@ -33,6 +33,10 @@ const PTE_P: u64 = 1 << 0;
 const PTE_RW: u64 = 1 << 1;
 /// User: the guest runs at CPL 3, so every level must allow user access.
 const PTE_US: u64 = 1 << 2;
+/// Accessed.
+const PTE_A: u64 = 1 << 5;
+/// Dirty (leaf entries).
+const PTE_D: u64 = 1 << 6;
 /// Large page (2 MiB in a PD entry).
 const PTE_PS: u64 = 1 << 7;
 
@@ -79,8 +83,13 @@ pub fn write_page_tables(mem: &GuestMemory) -> Result<(), GuestMemoryError> {
 
 /// Writes the identity map of the first 4 GiB at [`PAGE_TABLES_GPA`]; `user` sets the U bit at
 /// every level (the CPL 3 guest needs it; a kernel booted at CPL 0 does not).
+///
+/// Accessed and Dirty are set in advance at every level: the CPU then never writes the page
+/// tables itself, so they do not show up as dirty pages in every checkpoint after the guest
+/// touches a new 2 MiB page, and (under the development machines' shadow paging) a first write
+/// costs no emulated A/D update.
 pub fn write_identity_map(mem: &GuestMemory, user: bool) -> Result<(), GuestMemoryError> {
-    let flags = PTE_P | PTE_RW | if user { PTE_US } else { 0 };
+    let flags = PTE_P | PTE_RW | PTE_A | if user { PTE_US } else { 0 };
     mem.write_obj(PDPT_GPA | flags, GuestAddress(PAGE_TABLES_GPA))?;
     for i in 0..PD_COUNT {
         let pd = PD_GPA + i * PAGE;
@@ -88,7 +97,7 @@ pub fn write_identity_map(mem: &GuestMemory, user: bool) -> Result<(), GuestMemo
         let mut entries = [0u8; PAGE as usize];
         for (j, e) in entries.chunks_exact_mut(8).enumerate() {
             let addr = (i << 30) | ((j as u64) << 21);
-            e.copy_from_slice(&(addr | flags | PTE_PS).to_le_bytes());
+            e.copy_from_slice(&(addr | flags | PTE_D | PTE_PS).to_le_bytes());
         }
         mem.write_slice(&entries, GuestAddress(pd))?;
     }
@@ -147,7 +156,7 @@ mod tests {
         let mem = create_guest_memory(16 << 20).unwrap();
         write_page_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PAGE_TABLES_GPA)).unwrap();
-        assert_eq!(pml4, PDPT_GPA | 7);
+        assert_eq!(pml4, PDPT_GPA | 7 | PTE_A);
         // Walk a few addresses, including one in the MMIO window.
         for va in [0u64, 0x20_0000, 0x1234_5678, 0xd000_0000, 0xffff_ffff] {
             let pdpte: u64 = mem
@@ -157,7 +166,7 @@ mod tests {
             let pde: u64 = mem
                 .read_obj(GuestAddress((pdpte & !0xfff) + ((va >> 21) & 511) * 8))
                 .unwrap();
-            assert_eq!(pde & 0x87, 0x87);
+            assert_eq!(pde & 0xe7, 0xe7, "P, RW, U, A, D, PS");
             assert_eq!((pde & !0x1f_ffff) | (va & 0x1f_ffff), va);
         }
     }

@@ -119,6 +119,10 @@ pub struct VcpuContext {
     pub console: Arc<Console>,
     /// The guest's boot milestones.
     pub status: Arc<StatusCell>,
+    /// What vCPU state KVM lets this VM save and restore.
+    pub state: Arc<super::StateConfig>,
+    /// Drains a full dirty ring (VMs built with the KVM dirty ring only).
+    pub dirty_ring: Option<Arc<dyn super::DirtyRingFullHandler>>,
 }
 
 /// What the run loop should do after an I/O exit.

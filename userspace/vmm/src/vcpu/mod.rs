@@ -13,26 +13,40 @@
 //! because `immediate_exit` was set. KVM completes a pending I/O or MMIO exit before it returns
 //! there, so in Paused the vCPU's registers are exactly the guest's (Paused is the only state in
 //! which vCPU state may be read or written; the checkpoint code relies on that).
+//!
+//! [`VcpuEvent::SaveState`] and [`VcpuEvent::RestoreState`] are handled by the vCPU thread, which
+//! owns the vCPU fd, only while Paused; a Running vCPU answers them with
+//! [`state::VcpuSaveError::NotPaused`] (or the restore equivalent) and keeps running.
 
 pub mod io;
 pub mod kick;
+pub mod state;
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 pub use io::{Console, IoAction, IoHandler, StatusCell, VcpuContext};
 pub use kick::Kick;
+pub use state::{StateConfig, VcpuRestoreError, VcpuSaveError, VcpuState};
+
+/// Drains a vCPU's dirty ring when KVM reports it full (`KVM_EXIT_DIRTY_RING_FULL`), on the
+/// vCPU's own thread, so that `KVM_RUN` can go on. See [`crate::dirty::kvm_ring`].
+pub trait DirtyRingFullHandler: Send + Sync + std::fmt::Debug {
+    /// Harvests vCPU `vcpu`'s ring into the tracker's pending pages and recycles its entries.
+    fn ring_full(&self, vcpu: u32) -> std::io::Result<()>;
+}
 
 /// How long a [`VcpuHandle`] waits for the vCPU thread to answer. Answers normally take
 /// microseconds; this only catches a wedged thread.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum VcpuEvent {
     /// Stop running the guest at the next pause point.
     Pause,
@@ -40,10 +54,18 @@ pub enum VcpuEvent {
     Resume,
     /// End the thread.
     Stop,
+    /// Read the vCPU's state (only while Paused).
+    SaveState,
+    /// Pause, answer [`VcpuResponse::Paused`], then at once read the state and send it as a
+    /// second answer. A checkpoint pauses this way so that the vCPU thread's state ioctls run
+    /// while the engine harvests dirty pages on its own thread.
+    PauseAndSave,
+    /// Write the vCPU's state (only while Paused).
+    RestoreState(Box<VcpuState>),
 }
 
 /// A vCPU thread's answer to a [`VcpuEvent`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     /// Now paused.
     Paused,
@@ -53,11 +75,35 @@ pub enum VcpuResponse {
     Stopped,
     /// The guest has already exited (or failed); the vCPU cannot pause or run.
     Exited,
+    /// The state [`VcpuEvent::SaveState`] asked for.
+    SavedState(Box<VcpuState>),
+    /// Why [`VcpuEvent::SaveState`] failed (for instance: the vCPU is running).
+    SaveStateFailed(VcpuSaveError),
+    /// [`VcpuEvent::RestoreState`] done.
+    RestoredState,
+    /// Why [`VcpuEvent::RestoreState`] failed.
+    RestoreStateFailed(VcpuRestoreError),
+}
+
+impl VcpuResponse {
+    /// The variant's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Paused => "Paused",
+            Self::Resumed => "Resumed",
+            Self::Stopped => "Stopped",
+            Self::Exited => "Exited",
+            Self::SavedState(_) => "SavedState",
+            Self::SaveStateFailed(_) => "SaveStateFailed",
+            Self::RestoredState => "RestoredState",
+            Self::RestoreStateFailed(_) => "RestoreStateFailed",
+        }
+    }
 }
 
 /// The states of the vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum RunState {
     /// Not running the guest; vCPU state may be read and written.
     Paused,
     /// In the `KVM_RUN` loop.
@@ -123,6 +169,9 @@ pub enum VcpuRunError {
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed")]
     Run(#[source] std::io::Error),
+    /// The dirty ring was full and could not be drained.
+    #[error("cannot drain the full dirty ring")]
+    DirtyRing(#[source] std::io::Error),
     /// Waiting for a device event failed.
     #[error("waiting for a device event failed")]
     Wait(#[source] std::io::Error),
@@ -141,12 +190,12 @@ pub enum VcpuControlError {
     #[error("vCPU {0} has exited")]
     Exited(u32),
     /// The thread answered something else (it was stopped meanwhile).
-    #[error("vCPU {id} answered {got:?}")]
+    #[error("vCPU {id} answered {got}")]
     Unexpected {
         /// The vCPU.
         id: u32,
-        /// Its answer.
-        got: VcpuResponse,
+        /// Its answer ([`VcpuResponse::name`]).
+        got: &'static str,
     },
 }
 
@@ -168,6 +217,7 @@ pub enum VcpuStartError {
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    cache: state::SaveCache,
     io: IoHandler,
     kick: Arc<Kick>,
     events: Receiver<VcpuEvent>,
@@ -202,6 +252,7 @@ enum Step {
     FailEntry(u64, u32),
     Unexpected(String),
     WaitFailed(std::io::Error),
+    DirtyRingFull,
 }
 
 impl Vcpu {
@@ -225,6 +276,7 @@ impl Vcpu {
         let vcpu = Vcpu {
             id,
             fd,
+            cache: state::SaveCache::default(),
             io: IoHandler::new(ctx, kick.clone()),
             kick: kick.clone(),
             events: event_rx,
@@ -246,6 +298,7 @@ impl Vcpu {
             responses: resp_rx,
             kick,
             thread: Some(thread),
+            save_pending: false,
         })
     }
 
@@ -255,7 +308,7 @@ impl Vcpu {
         if let Err(e) = vmm_sys_util::signal::unblock_signal(kick::kick_signal()) {
             tracing::warn!(error = %e, "cannot unblock the vCPU kick signal");
         }
-        let mut state = VcpuState::Paused;
+        let mut state = RunState::Paused;
         while let Some(next) = self.step(state) {
             state = next;
         }
@@ -263,11 +316,11 @@ impl Vcpu {
     }
 
     /// One state of the machine; `None` ends the thread.
-    fn step(&mut self, state: VcpuState) -> Option<VcpuState> {
+    fn step(&mut self, state: RunState) -> Option<RunState> {
         match state {
-            VcpuState::Paused => self.paused(),
-            VcpuState::Running => self.running(),
-            VcpuState::Exited => self.exited(),
+            RunState::Paused => self.paused(),
+            RunState::Running => self.running(),
+            RunState::Exited => self.exited(),
         }
     }
 
@@ -286,17 +339,17 @@ impl Vcpu {
         }
     }
 
-    fn stop(&mut self) -> Option<VcpuState> {
+    fn stop(&mut self) -> Option<RunState> {
         self.report(VcpuExitReason::Stopped);
         self.respond(VcpuResponse::Stopped);
         None
     }
 
-    fn paused(&mut self) -> Option<VcpuState> {
+    fn paused(&mut self) -> Option<RunState> {
         match self.events.recv() {
             Ok(VcpuEvent::Pause) => {
                 self.respond(VcpuResponse::Paused);
-                Some(VcpuState::Paused)
+                Some(RunState::Paused)
             }
             Ok(VcpuEvent::Resume) => {
                 self.respond(VcpuResponse::Resumed);
@@ -304,18 +357,58 @@ impl Vcpu {
                 // once; clear it here, and handle whatever was sent meanwhile.
                 match self.pause_point() {
                     Some(next) => next,
-                    None => Some(VcpuState::Running),
+                    None => Some(RunState::Running),
                 }
+            }
+            Ok(VcpuEvent::SaveState) => {
+                self.save_and_respond();
+                Some(RunState::Paused)
+            }
+            Ok(VcpuEvent::PauseAndSave) => {
+                self.respond(VcpuResponse::Paused);
+                self.save_and_respond();
+                Some(RunState::Paused)
+            }
+            Ok(VcpuEvent::RestoreState(s)) => {
+                // The restored CPUID and TSC frequency may differ from what was cached.
+                self.cache.clear();
+                let r = state::restore_state(&self.fd, &self.io.ctx().state, &s);
+                self.respond(match r {
+                    Ok(()) => VcpuResponse::RestoredState,
+                    Err(e) => VcpuResponse::RestoreStateFailed(e),
+                });
+                Some(RunState::Paused)
             }
             Ok(VcpuEvent::Stop) | Err(_) => self.stop(),
         }
     }
 
-    fn exited(&mut self) -> Option<VcpuState> {
+    /// Reads the state (Paused only) and sends it.
+    fn save_and_respond(&mut self) {
+        let r = state::save_state_cached(&self.fd, &self.io.ctx().state, &mut self.cache);
+        self.respond(match r {
+            Ok(s) => VcpuResponse::SavedState(Box::new(s)),
+            Err(e) => VcpuResponse::SaveStateFailed(e),
+        });
+    }
+
+    fn exited(&mut self) -> Option<RunState> {
         match self.events.recv() {
-            Ok(VcpuEvent::Pause | VcpuEvent::Resume) => {
+            Ok(VcpuEvent::Pause | VcpuEvent::Resume | VcpuEvent::PauseAndSave) => {
                 self.respond(VcpuResponse::Exited);
-                Some(VcpuState::Exited)
+                Some(RunState::Exited)
+            }
+            Ok(VcpuEvent::SaveState) => {
+                self.respond(VcpuResponse::SaveStateFailed(VcpuSaveError::Exited(
+                    self.id,
+                )));
+                Some(RunState::Exited)
+            }
+            Ok(VcpuEvent::RestoreState(_)) => {
+                self.respond(VcpuResponse::RestoreStateFailed(VcpuRestoreError::Exited(
+                    self.id,
+                )));
+                Some(RunState::Exited)
             }
             Ok(VcpuEvent::Stop) | Err(_) => {
                 self.respond(VcpuResponse::Stopped);
@@ -325,34 +418,51 @@ impl Vcpu {
     }
 
     /// At a pause point: handle what was asked. `None` = keep running.
-    fn pause_point(&mut self) -> Option<Option<VcpuState>> {
+    fn pause_point(&mut self) -> Option<Option<RunState>> {
         // Clear first, then read the channel: a request sent after the read sets the flag again.
         self.kick.clear();
         loop {
             match self.events.try_recv() {
                 Ok(VcpuEvent::Pause) => {
                     self.respond(VcpuResponse::Paused);
-                    return Some(Some(VcpuState::Paused));
+                    return Some(Some(RunState::Paused));
+                }
+                Ok(VcpuEvent::PauseAndSave) => {
+                    self.respond(VcpuResponse::Paused);
+                    self.save_and_respond();
+                    return Some(Some(RunState::Paused));
                 }
                 Ok(VcpuEvent::Resume) => self.respond(VcpuResponse::Resumed),
+                // Firecracker's rule: state is read and written only while Paused. A running
+                // vCPU refuses and goes on running.
+                Ok(VcpuEvent::SaveState) => {
+                    self.respond(VcpuResponse::SaveStateFailed(VcpuSaveError::NotPaused(
+                        self.id,
+                    )));
+                }
+                Ok(VcpuEvent::RestoreState(_)) => {
+                    self.respond(VcpuResponse::RestoreStateFailed(
+                        VcpuRestoreError::NotPaused(self.id),
+                    ));
+                }
                 Ok(VcpuEvent::Stop) | Err(TryRecvError::Disconnected) => return Some(self.stop()),
                 Err(TryRecvError::Empty) => return None,
             }
         }
     }
 
-    fn fail(&mut self, e: VcpuRunError) -> Option<VcpuState> {
+    fn fail(&mut self, e: VcpuRunError) -> Option<RunState> {
         // The machine returns the error to its caller; this is only for the trace.
         tracing::debug!(vcpu = self.id, error = %e, "vCPU failed");
         self.report(VcpuExitReason::Failed(e));
-        Some(VcpuState::Exited)
+        Some(RunState::Exited)
     }
 
     fn rip(&self) -> u64 {
         self.fd.get_regs().map_or(0, |r| r.rip)
     }
 
-    fn running(&mut self) -> Option<VcpuState> {
+    fn running(&mut self) -> Option<RunState> {
         loop {
             let step = match self.fd.run() {
                 Ok(exit) => match exit {
@@ -380,6 +490,8 @@ impl Vcpu {
                     VcpuExit::Hlt => Step::Hlt,
                     VcpuExit::InternalError => Step::Internal,
                     VcpuExit::FailEntry(reason, cpu) => Step::FailEntry(reason, cpu),
+                    // kvm-ioctls has no variant for it.
+                    VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => Step::DirtyRingFull,
                     other => Step::Unexpected(format!("{other:?}")),
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::PausePoint,
@@ -395,7 +507,16 @@ impl Vcpu {
                 Step::GuestExit(code) => {
                     tracing::debug!(vcpu = self.id, code, "guest exited");
                     self.report(VcpuExitReason::GuestExit(code));
-                    return Some(VcpuState::Exited);
+                    return Some(RunState::Exited);
+                }
+                Step::DirtyRingFull => {
+                    let drained = match &self.io.ctx().dirty_ring {
+                        Some(h) => h.ring_full(self.id),
+                        None => Err(std::io::Error::other("no dirty ring handler")),
+                    };
+                    if let Err(e) = drained {
+                        return self.fail(VcpuRunError::DirtyRing(e));
+                    }
                 }
                 Step::Shutdown => return self.fail(VcpuRunError::TripleFault { rip: self.rip() }),
                 Step::Hlt => return self.fail(VcpuRunError::Halted { rip: self.rip() }),
@@ -425,6 +546,8 @@ pub struct VcpuHandle {
     responses: Receiver<VcpuResponse>,
     kick: Arc<Kick>,
     thread: Option<JoinHandle<()>>,
+    /// A [`VcpuEvent::PauseAndSave`] was answered Paused; its state answer is still to be read.
+    save_pending: bool,
 }
 
 /// Sends a stop to a vCPU without waiting: cheap to clone, usable from any thread (a signal
@@ -467,27 +590,87 @@ impl VcpuHandle {
         Ok(())
     }
 
-    fn request(&self, event: VcpuEvent, want: VcpuResponse) -> Result<(), VcpuControlError> {
+    /// Sends `event` and waits for the thread's answer. [`VcpuResponse::Exited`] becomes
+    /// [`VcpuControlError::Exited`].
+    fn request(&mut self, event: VcpuEvent) -> Result<VcpuResponse, VcpuControlError> {
+        // A state answer still on its way would be taken for this request's answer.
+        if self.save_pending {
+            self.save_pending = false;
+            let _ = self.next_response();
+        }
         // Drop answers to requests that timed out earlier, so this one reads its own.
         while self.responses.try_recv().is_ok() {}
         self.send_event(event)?;
+        self.next_response()
+    }
+
+    fn next_response(&self) -> Result<VcpuResponse, VcpuControlError> {
         match self.responses.recv_timeout(RESPONSE_TIMEOUT) {
-            Ok(got) if got == want => Ok(()),
             Ok(VcpuResponse::Exited) => Err(VcpuControlError::Exited(self.id)),
-            Ok(got) => Err(VcpuControlError::Unexpected { id: self.id, got }),
+            Ok(got) => Ok(got),
             Err(RecvTimeoutError::Timeout) => Err(VcpuControlError::Timeout(self.id)),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuControlError::Gone(self.id)),
         }
     }
 
+    fn unexpected(&self, got: &VcpuResponse) -> VcpuControlError {
+        VcpuControlError::Unexpected {
+            id: self.id,
+            got: got.name(),
+        }
+    }
+
     /// Pauses the vCPU; returns once it is paused (at a pause point, its state consistent).
-    pub fn pause(&self) -> Result<(), VcpuControlError> {
-        self.request(VcpuEvent::Pause, VcpuResponse::Paused)
+    pub fn pause(&mut self) -> Result<(), VcpuControlError> {
+        match self.request(VcpuEvent::Pause)? {
+            VcpuResponse::Paused => Ok(()),
+            got => Err(self.unexpected(&got)),
+        }
+    }
+
+    /// Pauses the vCPU like [`Self::pause`], and has it read its state right away, on its own
+    /// thread; [`Self::save_state`] then returns that state (waiting for it if need be).
+    pub fn pause_and_save(&mut self) -> Result<(), VcpuControlError> {
+        match self.request(VcpuEvent::PauseAndSave)? {
+            VcpuResponse::Paused => {
+                self.save_pending = true;
+                Ok(())
+            }
+            got => Err(self.unexpected(&got)),
+        }
     }
 
     /// Lets the vCPU run again.
-    pub fn resume(&self) -> Result<(), VcpuControlError> {
-        self.request(VcpuEvent::Resume, VcpuResponse::Resumed)
+    pub fn resume(&mut self) -> Result<(), VcpuControlError> {
+        match self.request(VcpuEvent::Resume)? {
+            VcpuResponse::Resumed => Ok(()),
+            got => Err(self.unexpected(&got)),
+        }
+    }
+
+    /// Reads the vCPU's state. Refused ([`VcpuSaveError::NotPaused`]) unless it is paused.
+    /// After [`Self::pause_and_save`], returns the state read at that pause.
+    pub fn save_state(&mut self) -> Result<VcpuState, VcpuSaveError> {
+        let answer = if self.save_pending {
+            self.save_pending = false;
+            self.next_response()?
+        } else {
+            self.request(VcpuEvent::SaveState)?
+        };
+        match answer {
+            VcpuResponse::SavedState(s) => Ok(*s),
+            VcpuResponse::SaveStateFailed(e) => Err(e),
+            got => Err(self.unexpected(&got).into()),
+        }
+    }
+
+    /// Writes the vCPU's state. Refused ([`VcpuRestoreError::NotPaused`]) unless it is paused.
+    pub fn restore_state(&mut self, state: VcpuState) -> Result<(), VcpuRestoreError> {
+        match self.request(VcpuEvent::RestoreState(Box::new(state)))? {
+            VcpuResponse::RestoredState => Ok(()),
+            VcpuResponse::RestoreStateFailed(e) => Err(e),
+            got => Err(self.unexpected(&got).into()),
+        }
     }
 
     /// Stops the vCPU thread and waits for it to end.
