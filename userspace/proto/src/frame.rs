@@ -56,6 +56,14 @@ pub enum FrameKind {
     EpochCommit = 21,
     /// The backup holds the epoch.
     EpochAck = 22,
+    /// The machine state of the epoch: an opaque blob (the VMM's own versioned container), possibly
+    /// split over several frames.
+    MachineState = 23,
+    /// A chunk of the whole disk image, during an initial synchronisation.
+    DiskImage = 24,
+    /// Sent by the backup right after the handshake: what its standby holds (committed epoch,
+    /// memory and disk sizes), or a `Goodbye` instead when it refuses the session.
+    StandbyInfo = 25,
     /// Liveness probe.
     Heartbeat = 32,
     /// Liveness answer.
@@ -78,6 +86,9 @@ impl FrameKind {
             20 => DiskWrites,
             21 => EpochCommit,
             22 => EpochAck,
+            23 => MachineState,
+            24 => DiskImage,
+            25 => StandbyInfo,
             32 => Heartbeat,
             33 => HeartbeatReply,
             48 => Goodbye,
@@ -199,12 +210,8 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
-fn tag(key: &[u8; 32], header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
-    let mut h = blake3::Hasher::new_keyed(key);
-    h.update(header);
-    h.update(payload);
-    *h.finalize().as_bytes()
-}
+/// How much of a payload is read before it is hashed.
+const READ_PIECE: usize = 256 << 10;
 
 /// The sending half of one direction: numbers and tags frames.
 #[derive(Clone)]
@@ -212,6 +219,7 @@ pub struct FrameSealer {
     key: [u8; 32],
     next_seq: u64,
     version: (u8, u8),
+    last_tag: Option<[u8; TAG_LEN]>,
 }
 
 impl std::fmt::Debug for FrameSealer {
@@ -224,7 +232,7 @@ impl std::fmt::Debug for FrameSealer {
 impl FrameSealer {
     /// A sealer whose first frame has sequence number 1.
     pub fn new(key: [u8; 32]) -> Self {
-        Self { key, next_seq: 1, version: (PROTOCOL_MAJOR, PROTOCOL_MINOR) }
+        Self { key, next_seq: 1, version: (PROTOCOL_MAJOR, PROTOCOL_MINOR), last_tag: None }
     }
 
     /// Sets the minor version written into headers (after negotiation).
@@ -257,7 +265,82 @@ impl FrameSealer {
         }
         out.write_all(&tag).map_err(FrameError::Io)?;
         self.next_seq += 1;
+        self.last_tag = Some(tag);
         Ok(())
+    }
+
+    /// Starts a frame whose payload the caller writes itself, for senders that hand the header, the
+    /// payload pieces and the tag to one vectored write, hashing each piece just before it is
+    /// written (one pass over the pages, while they are in cache).
+    ///
+    /// The sequence number is taken now: the caller must write the header, exactly `payload_len`
+    /// bytes fed through [`SealingFrame::update`], and the tag from [`SealingFrame::finish`], or
+    /// abandon the stream.
+    pub fn start(&mut self, kind: FrameKind, flags: u16, epoch: u64, payload_len: usize) -> Result<SealingFrame, FrameError> {
+        let len = u32::try_from(payload_len).ok().filter(|&l| l <= MAX_PAYLOAD).ok_or(FrameError::TooLarge(u32::MAX))?;
+        let header = FrameHeader { version: self.version, kind, flags, payload_len: len, seq: self.next_seq, epoch }.encode();
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(&header);
+        self.next_seq += 1;
+        Ok(SealingFrame { header, hasher, remaining: payload_len })
+    }
+
+    /// The sequence number the next frame gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The tag of the last frame written by [`FrameSealer::write`] (frames sealed through
+    /// [`FrameSealer::start`] return theirs from [`SealingFrame::finish`]).
+    pub fn last_tag(&self) -> Option<[u8; TAG_LEN]> {
+        self.last_tag
+    }
+}
+
+/// A frame being sealed piece by piece (see [`FrameSealer::start`]).
+pub struct SealingFrame {
+    header: [u8; HEADER_LEN],
+    hasher: blake3::Hasher,
+    remaining: usize,
+}
+
+impl std::fmt::Debug for SealingFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealingFrame").field("remaining", &self.remaining).finish_non_exhaustive()
+    }
+}
+
+/// The payload fed to a [`SealingFrame`] does not have the length its header announced.
+#[derive(Debug, thiserror::Error)]
+#[error("Frame payload length differs from its header by {excess} bytes")]
+pub struct PayloadLengthMismatch {
+    /// Bytes fed minus bytes announced (negative when too few were fed).
+    pub excess: i64,
+}
+
+impl SealingFrame {
+    /// The 32 header bytes, to be written first.
+    pub fn header(&self) -> &[u8; HEADER_LEN] {
+        &self.header
+    }
+
+    /// Feeds the next payload piece to the tag.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.hasher.update(piece);
+        // Wrapping: an overfeed is reported by finish, not by a panic here.
+        self.remaining = self.remaining.wrapping_sub(piece.len());
+    }
+
+    /// The tag, to be written after the payload. Fails if the payload fed does not have the
+    /// announced length (the frame would be refused by the peer).
+    pub fn finish(self) -> Result<[u8; TAG_LEN], PayloadLengthMismatch> {
+        if self.remaining != 0 {
+            // remaining counts down from the announced length; as a two's complement difference it
+            // is announced - fed.
+            let excess = (self.remaining as i64).wrapping_neg();
+            return Err(PayloadLengthMismatch { excess });
+        }
+        Ok(*self.hasher.finalize().as_bytes())
     }
 }
 
@@ -266,6 +349,7 @@ impl FrameSealer {
 pub struct FrameOpener {
     key: [u8; 32],
     next_seq: u64,
+    last_tag: Option<[u8; TAG_LEN]>,
 }
 
 impl std::fmt::Debug for FrameOpener {
@@ -291,20 +375,36 @@ fn read_full<R: Read>(input: &mut R, buf: &mut [u8], at_frame_start: bool) -> Re
 impl FrameOpener {
     /// An opener that expects sequence number 1 first.
     pub fn new(key: [u8; 32]) -> Self {
-        Self { key, next_seq: 1 }
+        Self { key, next_seq: 1, last_tag: None }
     }
 
     /// Reads and checks the next frame. On any error the stream must be considered broken: the
     /// caller drops the connection (and with it any epoch that was not complete).
     pub fn read<R: Read>(&mut self, input: &mut R) -> Result<Frame, FrameError> {
+        let mut payload = Vec::new();
+        let header = self.read_into(input, &mut payload)?;
+        Ok(Frame { header, payload })
+    }
+
+    /// Like [`FrameOpener::read`], into a caller's buffer (resized to the payload), so a receiver
+    /// can reuse its buffers from frame to frame. On error the buffer's content is unspecified.
+    pub fn read_into<R: Read>(&mut self, input: &mut R, payload: &mut Vec<u8>) -> Result<FrameHeader, FrameError> {
         let mut header_bytes = [0u8; HEADER_LEN];
         read_full(input, &mut header_bytes, true)?;
         let header = FrameHeader::decode(&header_bytes)?;
-        let mut payload = vec![0u8; header.payload_len as usize];
-        read_full(input, &mut payload, false)?;
+        payload.clear();
+        payload.resize(header.payload_len as usize, 0);
+        // Hash each piece as soon as it is read, while it is still in cache (and while the sender
+        // may still be writing the rest), rather than in a second pass over the whole payload.
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(&header_bytes);
+        for piece in payload.chunks_mut(READ_PIECE) {
+            read_full(input, piece, false)?;
+            h.update(piece);
+        }
         let mut got = [0u8; TAG_LEN];
         read_full(input, &mut got, false)?;
-        let want = tag(&self.key, &header_bytes, &payload);
+        let want = *h.finalize().as_bytes();
         // blake3::Hash's equality is constant-time.
         if blake3::Hash::from(want) != blake3::Hash::from(got) {
             return Err(FrameError::BadTag { seq: header.seq });
@@ -313,7 +413,14 @@ impl FrameOpener {
             return Err(FrameError::OutOfSequence { expected: self.next_seq, got: header.seq });
         }
         self.next_seq += 1;
-        Ok(Frame { header, payload })
+        self.last_tag = Some(want);
+        Ok(header)
+    }
+
+    /// The tag of the last frame accepted: a keyed BLAKE3 of its header and payload, which a
+    /// receiver can chain into a digest of several frames without hashing their payloads again.
+    pub fn last_tag(&self) -> Option<[u8; TAG_LEN]> {
+        self.last_tag
     }
 }
 
@@ -374,6 +481,49 @@ mod tests {
         let mut r = &twice[..];
         o.read(&mut r).unwrap();
         assert!(matches!(o.read(&mut r), Err(FrameError::OutOfSequence { expected: 2, got: 1 })));
+    }
+
+    #[test]
+    fn a_frame_sealed_in_pieces_opens_like_a_written_one() {
+        let mut s = FrameSealer::new(KEY);
+        let mut f = s.start(FrameKind::Pages, 2, 7, 10).unwrap();
+        f.update(b"0123");
+        f.update(b"");
+        f.update(b"456789");
+        let mut wire = f.header().to_vec();
+        wire.extend_from_slice(b"0123456789");
+        let t = f.finish().unwrap();
+        wire.extend_from_slice(&t);
+        s.write(&mut wire, FrameKind::EpochCommit, 0, 7, &[b"x"]).unwrap();
+        let mut o = FrameOpener::new(KEY);
+        let mut r = &wire[..];
+        let mut buf = vec![1, 2, 3];
+        let h = o.read_into(&mut r, &mut buf).unwrap();
+        assert_eq!((h.kind, h.flags, h.epoch, h.seq, &buf[..]), (FrameKind::Pages, 2, 7, 1, &b"0123456789"[..]));
+        assert_eq!(o.last_tag(), Some(t));
+        let f = o.read(&mut r).unwrap();
+        assert_eq!((f.header.seq, &f.payload[..]), (2, &b"x"[..]));
+        assert_eq!(o.last_tag(), s.last_tag());
+        assert_eq!(s.next_seq(), 3);
+    }
+
+    #[test]
+    fn a_wrong_payload_length_is_caught_before_sending() {
+        let mut s = FrameSealer::new(KEY);
+        let mut f = s.start(FrameKind::Pages, 0, 0, 4).unwrap();
+        f.update(b"12345");
+        assert_eq!(f.finish().unwrap_err().excess, 1);
+        let mut f = s.start(FrameKind::Pages, 0, 0, 4).unwrap();
+        f.update(b"12");
+        assert_eq!(f.finish().unwrap_err().excess, -2);
+        assert!(matches!(s.start(FrameKind::Pages, 0, 0, MAX_PAYLOAD as usize + 1), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn new_kinds_round_trip() {
+        for k in [FrameKind::MachineState, FrameKind::DiskImage, FrameKind::StandbyInfo] {
+            assert_eq!(FrameKind::from_u16(k as u16), Some(k));
+        }
     }
 
     #[test]

@@ -138,10 +138,25 @@ fn session(secret: &[u8], nonce_i: &[u8], nonce_r: &[u8], initiator: bool, minor
 
 /// Runs the initiator's side (the primary connecting to the backup).
 pub fn initiate<S: Read + Write>(stream: &mut S, secret: &[u8]) -> Result<Session, HandshakeError> {
+    initiate_with_version(stream, secret, PROTOCOL_MAJOR, PROTOCOL_MINOR)
+}
+
+/// The initiator's side, announcing the given version in its Hello. Only tests need another
+/// version than this build's (to check that a peer refuses it); the frame headers still carry this
+/// build's version, as the Hello payload is what the responder negotiates on.
+pub fn initiate_with_version<S: Read + Write>(
+    stream: &mut S,
+    secret: &[u8],
+    major: u8,
+    minor: u8,
+) -> Result<Session, HandshakeError> {
     check_secret(secret)?;
     let key = hello_key(secret);
     let nonce_i = nonce()?;
-    FrameSealer::new(key).write(stream, FrameKind::Hello, 0, 0, &[&hello_payload(&nonce_i)])?;
+    let mut hello = hello_payload(&nonce_i);
+    hello[0] = major;
+    hello[1] = minor;
+    FrameSealer::new(key).write(stream, FrameKind::Hello, 0, 0, &[&hello])?;
     stream.flush().map_err(FrameError::Io)?;
     let (minor, nonce_r) = read_hello(stream, &mut FrameOpener::new(key))?;
     Ok(session(secret, &nonce_i, &nonce_r, true, negotiated_minor(minor)))
@@ -166,6 +181,16 @@ pub fn respond<S: Read + Write>(stream: &mut S, secret: &[u8]) -> Result<Session
     sealer.write(stream, FrameKind::Hello, 0, 0, &[&hello_payload(&nonce_r)])?;
     stream.flush().map_err(FrameError::Io)?;
     Ok(session(secret, &nonce_i, &nonce_r, false, negotiated_minor(minor)))
+}
+
+/// Refuses an initiator without reading its Hello (for example: the responder is busy with
+/// another peer), with a reason the initiator's [`initiate`] returns as [`HandshakeError::Refused`].
+/// Only a peer with the secret can read the refusal as authentic.
+pub fn refuse<S: Write>(stream: &mut S, secret: &[u8], reason: &str) -> Result<(), HandshakeError> {
+    check_secret(secret)?;
+    FrameSealer::new(hello_key(secret)).write(stream, FrameKind::Refused, 0, 0, &[reason.as_bytes()])?;
+    stream.flush().map_err(FrameError::Io)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -222,6 +247,20 @@ mod tests {
         assert!(matches!(t.join().unwrap(), Err(HandshakeError::Version { .. })));
         let err = read_hello(&mut a, &mut FrameOpener::new(hello_key(SECRET))).unwrap_err();
         assert!(matches!(err, HandshakeError::Refused(ref r) if r.contains("protocol")), "{err}");
+    }
+
+    #[test]
+    fn another_announced_version_is_refused_and_a_refusal_reads_as_such() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || respond(&mut b, SECRET));
+        let err = initiate_with_version(&mut a, SECRET, PROTOCOL_MAJOR + 1, 0).unwrap_err();
+        assert!(matches!(err, HandshakeError::Refused(ref r) if r.contains("protocol")), "{err}");
+        assert!(matches!(t.join().unwrap(), Err(HandshakeError::Version { .. })));
+
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        refuse(&mut b, SECRET, "busy").unwrap();
+        let err = initiate(&mut a, SECRET).unwrap_err();
+        assert!(matches!(err, HandshakeError::Refused(ref r) if r == "busy"), "{err}");
     }
 
     #[test]

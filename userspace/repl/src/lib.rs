@@ -1,1 +1,44 @@
 //! ftvm-repl: everything about keeping a backup in step with the primary.
+//!
+//! * [`epoch::wire`]: the payloads of the epoch frames (begin, pages, machine state, disk writes,
+//!   disk image, commit, ack, standby info);
+//! * [`transport`]: the primary's side of the A-Link ([`transport::CheckpointTransport`], over TCP
+//!   in [`transport::tcp`]);
+//! * [`backup`]: the backup's side: [`backup::BackupReceiver`] stages each epoch and applies it
+//!   atomically at its commit; [`backup::journal`] is the per-epoch disk write log;
+//! * [`disk`]: the primary's disk write capture ([`disk::DiskReplicator`]).
+//!
+//! The machine itself stays abstract here: pages come from a [`transport::PageSource`], the machine
+//! state is an opaque blob, disk writes are `(sector, bytes)`.
+
+pub mod backup;
+pub mod disk;
+pub mod epoch;
+pub mod transport;
+
+/// Size of a guest page.
+pub const PAGE_SIZE: usize = 4096;
+/// Size of a disk sector, the unit of disk write addresses.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Formats an error with its chain of sources, `a: b: c`, for logs and status.
+#[derive(Debug)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        // Bounded: error chains are short, but a cyclic one must not loop forever.
+        let mut depth = 0;
+        while let Some(s) = source {
+            if depth == 16 {
+                break;
+            }
+            write!(f, ": {s}")?;
+            source = s.source();
+            depth += 1;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1141 @@
+//! The backup receiver: accepts the primary on the A-Link, stages each epoch, applies it at its
+//! commit, acknowledges it.
+//!
+//! Threads: one accept thread (waits on the listener and a wake-up socket), one thread per
+//! connection while it runs the handshake, and at most one authenticated session at a time (a
+//! second authenticated primary is told "busy" and closed). Peers that fail the handshake (wrong
+//! secret, other protocol version, garbage) are logged and closed; the receiver keeps waiting.
+//!
+//! Epoch rules:
+//! * an **initial synchronisation** (EpochBegin flag) may carry any epoch number. It replaces the
+//!   standby: at its begin the committed epoch is forgotten (a primary that starts over has moved
+//!   on, and its old checkpoint must never be resumed), and its pages and disk image chunks are
+//!   written straight into the standby as they arrive, so the sync needs no staging the size of the
+//!   guest and can stream while the primary runs. Pages captured while the guest ran are fixed up by
+//!   the next epoch; the standby becomes *restorable* at the first committed epoch that carries a
+//!   machine state;
+//! * every other epoch must be the committed epoch + 1 and carry a machine state. Its pages, state
+//!   and disk writes are staged, and applied only when its EpochCommit's totals and digest match;
+//!   then the EpochAck goes out. A session that ends, or a frame that fails any check, drops the
+//!   staging and leaves the committed standby untouched.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use ftvm_proto::frame::{FrameError, FrameKind, FrameSealer, HEADER_LEN, TAG_LEN};
+use ftvm_proto::handshake::{self, MIN_SECRET_LEN};
+use ftvm_proto::pages::PageRange;
+use ftvm_proto::EpochId;
+
+use super::journal::{AppendError, ApplyError, DiskJournal};
+use super::standby::{Standby, StandbyMemory};
+use crate::epoch::wire::{
+    DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView, StandbyInfo,
+};
+use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
+
+/// Whether applied disk writes are made durable before the acknowledgement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskSync {
+    /// `fdatasync` the standby disk before acknowledging an epoch that wrote to it.
+    #[default]
+    DataSync,
+    /// Leave it to the page cache (faster; a crash of the backup host loses its standby anyway,
+    /// since the standby memory is in RAM).
+    NoSync,
+}
+
+/// Settings of a [`BackupReceiver`].
+#[derive(Clone)]
+pub struct ReceiverConfig {
+    /// The A-Link address to listen on.
+    pub listen: SocketAddr,
+    /// The shared secret.
+    pub secret: Vec<u8>,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// The standby disk (a raw file, created if missing, sized to `disk_bytes`).
+    pub disk_path: PathBuf,
+    /// Guest disk size (a multiple of 512).
+    pub disk_bytes: u64,
+    /// Durability of applied disk writes.
+    pub disk_sync: DiskSync,
+    /// Longest wait for each read or write of the handshake.
+    pub handshake_timeout: Duration,
+    /// A session whose primary sends nothing for this long is dropped (the primary sends epochs
+    /// continuously, or heartbeats).
+    pub link_timeout: Duration,
+    /// Most bytes of pages, machine state and disk writes staged for one epoch.
+    pub max_staging_bytes: u64,
+    /// Most connections in their handshake at once; more are closed at once.
+    pub max_pending_handshakes: usize,
+    /// Allow listening on 0.0.0.0 or [::] (off: the A-Link is a private link, and the receiver
+    /// should not be reachable from the business network).
+    pub allow_unspecified: bool,
+}
+
+impl std::fmt::Debug for ReceiverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("ReceiverConfig")
+            .field("listen", &self.listen)
+            .field("memory_bytes", &self.memory_bytes)
+            .field("disk_path", &self.disk_path)
+            .field("disk_bytes", &self.disk_bytes)
+            .field("disk_sync", &self.disk_sync)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("link_timeout", &self.link_timeout)
+            .field("max_staging_bytes", &self.max_staging_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceiverConfig {
+    /// A configuration with the default timeouts and limits.
+    pub fn new(
+        listen: SocketAddr,
+        secret: impl Into<Vec<u8>>,
+        memory_bytes: u64,
+        disk_path: impl Into<PathBuf>,
+        disk_bytes: u64,
+    ) -> Self {
+        Self {
+            listen,
+            secret: secret.into(),
+            memory_bytes,
+            disk_path: disk_path.into(),
+            disk_bytes,
+            disk_sync: DiskSync::DataSync,
+            handshake_timeout: Duration::from_secs(2),
+            link_timeout: Duration::from_secs(5),
+            max_staging_bytes: 1 << 30,
+            max_pending_handshakes: 4,
+            allow_unspecified: false,
+        }
+    }
+}
+
+/// Why the receiver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// 0.0.0.0 or [::] without `allow_unspecified`.
+    #[error("Refusing to listen on the unspecified address {0}; give the A-Link address")]
+    Unspecified(SocketAddr),
+    /// The secret is too short.
+    #[error("Shared secret is shorter than {MIN_SECRET_LEN} bytes")]
+    WeakSecret,
+    /// Memory size zero or not whole pages.
+    #[error("Memory size {0} is not a positive multiple of 4 KiB")]
+    MemorySize(u64),
+    /// Disk size not whole sectors.
+    #[error("Disk size {0} is not a multiple of 512")]
+    DiskSize(u64),
+    /// The standby memory could not be created.
+    #[error("Cannot create the standby memory")]
+    Memory(#[source] io::Error),
+    /// The standby disk could not be opened or sized.
+    #[error("Cannot open the standby disk {path}")]
+    Disk {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The listener could not be set up.
+    #[error("Cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A thread could not be started.
+    #[error("Cannot start the receiver thread")]
+    Thread(#[source] io::Error),
+}
+
+/// Why stopping could not hand the standby back.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// A receiver thread still holds the standby (it could not be joined).
+    #[error("A receiver thread still holds the standby")]
+    StillShared,
+}
+
+/// Why a session with the primary ended. Logged; the committed standby is untouched by all of them
+/// except [`SessionError::Apply`].
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A frame failed a check (tag, sequence, version, length), or the link failed.
+    #[error("Frame refused")]
+    Frame(#[source] FrameError),
+    /// The link closed while an epoch was being received.
+    #[error("Link closed in the middle of epoch {0}")]
+    ClosedMidEpoch(EpochId),
+    /// A payload failed to decode.
+    #[error("Malformed {kind:?} payload")]
+    Payload {
+        /// The frame kind.
+        kind: FrameKind,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// A frame that has no place here.
+    #[error("Unexpected {kind:?} frame {context}")]
+    Unexpected {
+        /// The frame kind.
+        kind: FrameKind,
+        /// Where.
+        context: &'static str,
+    },
+    /// A frame of another epoch than the open one.
+    #[error("Frame of epoch {got} inside epoch {open}")]
+    WrongEpoch {
+        /// The open epoch.
+        open: EpochId,
+        /// The frame's epoch.
+        got: u64,
+    },
+    /// An incremental epoch that does not follow the committed one.
+    #[error("Epoch {epoch} cannot follow the committed epoch {committed:?}")]
+    EpochOrder {
+        /// The epoch begun.
+        epoch: EpochId,
+        /// The standby's committed epoch.
+        committed: Option<EpochId>,
+    },
+    /// An EpochBegin that is wrong for its kind of epoch.
+    #[error("Invalid epoch announcement: {0}")]
+    BadBegin(&'static str),
+    /// The epoch needs more staging than allowed.
+    #[error("Epoch {epoch} needs more than {max} bytes of staging")]
+    StagingFull {
+        /// The epoch.
+        epoch: EpochId,
+        /// The limit.
+        max: u64,
+    },
+    /// More of something than the EpochBegin announced.
+    #[error("Epoch {epoch} sent more {what} than the {announced} announced")]
+    OverAnnounced {
+        /// The epoch.
+        epoch: EpochId,
+        /// Which total.
+        what: &'static str,
+        /// Announced.
+        announced: u64,
+    },
+    /// The commit's totals disagree with the announcement or with what arrived.
+    #[error("Epoch {epoch} totals do not match: {what} announced {announced}, received {received}, committed {committed}")]
+    Totals {
+        /// The epoch.
+        epoch: EpochId,
+        /// Which total.
+        what: &'static str,
+        /// In EpochBegin.
+        announced: u64,
+        /// Counted on arrival.
+        received: u64,
+        /// In EpochCommit.
+        committed: u64,
+    },
+    /// The commit's digest disagrees with the frames received.
+    #[error("Epoch {0} digest does not match its frames")]
+    Digest(EpochId),
+    /// Writing a disk image chunk failed (initial synchronisation; nothing committed is affected).
+    #[error("Writing the standby disk failed")]
+    DiskImage(#[source] io::Error),
+    /// Applying the epoch's disk writes failed: the standby is invalid until the next initial
+    /// synchronisation.
+    #[error("Applying epoch {epoch} to the standby disk failed; the standby is invalid")]
+    Apply {
+        /// The epoch.
+        epoch: EpochId,
+        /// Why.
+        #[source]
+        source: ApplyError,
+    },
+    /// Answering the primary failed.
+    #[error("Sending to the primary failed")]
+    Send(#[source] io::Error),
+    /// The receiver is stopping.
+    #[error("Receiver is stopping")]
+    Stopping,
+}
+
+/// Progress of an initial synchronisation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// The synchronisation epoch.
+    pub epoch: EpochId,
+    /// Pages received so far.
+    pub pages_received: u64,
+    /// Pages announced.
+    pub pages_total: u64,
+    /// Disk image bytes received so far.
+    pub disk_bytes_received: u64,
+    /// Disk image bytes announced.
+    pub disk_bytes_total: u64,
+}
+
+/// Counters for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiverStats {
+    /// The primary of the current session.
+    pub connected: Option<SocketAddr>,
+    /// The last epoch applied.
+    pub committed: Option<EpochId>,
+    /// The standby can be resumed.
+    pub restorable: bool,
+    /// Epochs applied.
+    pub epochs_committed: u64,
+    /// Epochs dropped before their commit (link lost, frame refused, mismatch).
+    pub epochs_discarded: u64,
+    /// Bytes of frames received.
+    pub bytes_received: u64,
+    /// Pages copied into the standby memory.
+    pub pages_applied: u64,
+    /// Bytes written to the standby disk.
+    pub disk_bytes_applied: u64,
+    /// Authenticated sessions.
+    pub sessions: u64,
+    /// Connections refused (handshake failed, busy, too many pending).
+    pub refused: u64,
+    /// Time to apply the last epoch (disk writes, sync, page copy).
+    pub last_apply: Option<Duration>,
+    /// When the last epoch was applied.
+    pub last_commit: Option<SystemTime>,
+    /// The initial synchronisation under way.
+    pub sync: Option<SyncProgress>,
+    /// The last error that ended a session or refused a peer.
+    pub last_error: Option<String>,
+}
+
+/// The standby, under the receiver's lock.
+#[derive(Debug)]
+struct StandbyState {
+    memory: StandbyMemory,
+    disk: File,
+    state: Vec<u8>,
+    committed: Option<EpochId>,
+}
+
+impl StandbyState {
+    fn info(&self, disk_bytes: u64) -> StandbyInfo {
+        StandbyInfo {
+            committed: self.committed,
+            restorable: self.committed.is_some() && !self.state.is_empty(),
+            memory_bytes: self.memory.len() as u64,
+            disk_bytes,
+        }
+    }
+
+    /// Forgets the committed epoch (an initial sync begins, or applying failed half-way).
+    fn invalidate(&mut self) {
+        self.committed = None;
+        self.state.clear();
+    }
+}
+
+/// The committed standby, read-locked: the receiver cannot apply an epoch while a view is held.
+#[derive(Debug)]
+pub struct CommittedView<'a> {
+    epoch: EpochId,
+    guard: RwLockReadGuard<'a, StandbyState>,
+}
+
+impl CommittedView<'_> {
+    /// The committed epoch.
+    pub fn epoch(&self) -> EpochId {
+        self.epoch
+    }
+
+    /// The standby memory image.
+    pub fn memory(&self) -> &[u8] {
+        self.guard.memory.as_slice()
+    }
+
+    /// The machine state blob.
+    pub fn state(&self) -> &[u8] {
+        &self.guard.state
+    }
+
+    /// The standby disk.
+    pub fn disk(&self) -> &File {
+        &self.guard.disk
+    }
+}
+
+struct Inner {
+    config: ReceiverConfig,
+    standby: RwLock<StandbyState>,
+    stats: Mutex<ReceiverStats>,
+    bytes_received: AtomicU64,
+    stop: AtomicBool,
+    session_active: AtomicBool,
+    pending_handshakes: AtomicUsize,
+    next_conn: AtomicU64,
+    /// Every open connection, so that stopping can shut them all down.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    fn read_standby(&self) -> RwLockReadGuard<'_, StandbyState> {
+        self.standby.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_standby(&self) -> RwLockWriteGuard<'_, StandbyState> {
+        self.standby.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refused(&self, peer: SocketAddr, reason: String) {
+        tracing::warn!(%peer, %reason, "A-Link peer refused");
+        let mut s = lock(&self.stats);
+        s.refused += 1;
+        s.last_error = Some(reason);
+    }
+}
+
+/// The backup's A-Link receiver. See the module documentation.
+#[derive(Debug)]
+pub struct BackupReceiver {
+    inner: Arc<Inner>,
+    local_addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+    wake: UnixStream,
+}
+
+impl BackupReceiver {
+    /// Creates the standby (zeroed memory image, disk file sized to the guest's) and starts
+    /// listening on the A-Link address for the primary.
+    pub fn bind(config: ReceiverConfig) -> Result<Self, BindError> {
+        if config.listen.ip().is_unspecified() && !config.allow_unspecified {
+            return Err(BindError::Unspecified(config.listen));
+        }
+        if config.secret.len() < MIN_SECRET_LEN {
+            return Err(BindError::WeakSecret);
+        }
+        let memory_len = usize::try_from(config.memory_bytes)
+            .ok()
+            .filter(|&m| m > 0 && m % PAGE_SIZE == 0)
+            .ok_or(BindError::MemorySize(config.memory_bytes))?;
+        if !config.disk_bytes.is_multiple_of(SECTOR_SIZE) {
+            return Err(BindError::DiskSize(config.disk_bytes));
+        }
+        let memory = StandbyMemory::new(memory_len).map_err(BindError::Memory)?;
+        let disk_err = |source| BindError::Disk { path: config.disk_path.clone(), source };
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&config.disk_path)
+            .map_err(disk_err)?;
+        disk.set_len(config.disk_bytes).map_err(disk_err)?;
+
+        let listen_err = |source| BindError::Listen { addr: config.listen, source };
+        let listener = TcpListener::bind(config.listen).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let local_addr = listener.local_addr().map_err(listen_err)?;
+        let (wake, wake_rx) = UnixStream::pair().map_err(BindError::Thread)?;
+
+        let inner = Arc::new(Inner {
+            config,
+            standby: RwLock::new(StandbyState { memory, disk, state: Vec::new(), committed: None }),
+            stats: Mutex::default(),
+            bytes_received: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            session_active: AtomicBool::new(false),
+            pending_handshakes: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            conns: Mutex::default(),
+            workers: Mutex::default(),
+        });
+        let accept = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("ftvm-backup-accept".into())
+                .spawn(move || accept_loop(&inner, &listener, &wake_rx))
+                .map_err(BindError::Thread)?
+        };
+        tracing::info!(%local_addr, "backup receiver listening");
+        Ok(Self { inner, local_addr, accept: Some(accept), wake })
+    }
+
+    /// The address the receiver listens on (with the port the system chose, if 0 was given).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The committed standby, when it can be resumed (an epoch committed with a machine state).
+    /// While the view is held, the receiver waits before applying the next epoch.
+    pub fn committed(&self) -> Option<CommittedView<'_>> {
+        let guard = self.inner.read_standby();
+        let epoch = guard.committed.filter(|_| !guard.state.is_empty())?;
+        Some(CommittedView { epoch, guard })
+    }
+
+    /// What the standby holds, as the primary is told on connecting.
+    pub fn standby_info(&self) -> StandbyInfo {
+        self.inner.read_standby().info(self.inner.config.disk_bytes)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ReceiverStats {
+        let mut s = lock(&self.inner.stats).clone();
+        s.bytes_received = self.inner.bytes_received.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Stops accepting, drops the session (discarding any epoch being received), and hands back
+    /// the standby for the failover path.
+    pub fn stop(mut self) -> Result<Standby, StopError> {
+        self.shutdown_threads();
+        let inner = Arc::clone(&self.inner);
+        drop(self);
+        let inner = Arc::try_unwrap(inner).map_err(|_| StopError::StillShared)?;
+        let sb = inner.standby.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(Standby {
+            committed: sb.committed,
+            memory: sb.memory,
+            state: sb.state,
+            disk: sb.disk,
+            disk_path: inner.config.disk_path,
+        })
+    }
+
+    fn shutdown_threads(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            // Wakes the accept thread's poll at once (it would notice within a second anyway).
+            let _ = (&self.wake).write_all(&[1]);
+            let _ = t.join();
+        }
+        // The accept thread is gone, so no connection can be added after this.
+        for s in lock(&self.inner.conns).values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let workers = std::mem::take(&mut *lock(&self.inner.workers));
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for BackupReceiver {
+    fn drop(&mut self) {
+        self.shutdown_threads();
+    }
+}
+
+/// Waits for connections until stopped. Bounded waits: poll wakes on a connection, on the stop
+/// byte, or after a second at the latest.
+fn accept_loop(inner: &Arc<Inner>, listener: &TcpListener, wake: &UnixStream) {
+    while !inner.stop.load(Ordering::SeqCst) {
+        let mut fds = [
+            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: fds is a valid array of two pollfd for the call, whose descriptors stay open (the
+        // listener and the wake socket are borrowed for this function).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "poll on the A-Link listener failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        if inner.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        // Several connections may be waiting; take them all (bounded per round).
+        for _ in 0..16 {
+            match listener.accept() {
+                Ok((stream, peer)) => start_connection(inner, stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // For example out of descriptors: back off instead of spinning.
+                    tracing::error!(error = %e, "accepting an A-Link connection failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            }
+        }
+        // Reap finished connection threads so the list stays short.
+        let mut workers = lock(&inner.workers);
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *workers).into_iter().partition(|w| w.is_finished());
+        *workers = running;
+        drop(workers);
+        for w in done {
+            let _ = w.join();
+        }
+    }
+}
+
+fn start_connection(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
+    let pending = inner.pending_handshakes.fetch_add(1, Ordering::SeqCst);
+    if pending >= inner.config.max_pending_handshakes {
+        inner.pending_handshakes.fetch_sub(1, Ordering::SeqCst);
+        inner.refused(peer, "too many connections in their handshake".into());
+        return;
+    }
+    let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+    match stream.try_clone() {
+        Ok(clone) => {
+            lock(&inner.conns).insert(id, clone);
+        }
+        Err(e) => {
+            inner.pending_handshakes.fetch_sub(1, Ordering::SeqCst);
+            inner.refused(peer, format!("cannot track the connection: {e}"));
+            return;
+        }
+    }
+    let worker = {
+        let inner = Arc::clone(inner);
+        std::thread::Builder::new().name("ftvm-backup-link".into()).spawn(move || {
+            connection(&inner, stream, peer);
+            lock(&inner.conns).remove(&id);
+        })
+    };
+    match worker {
+        Ok(w) => lock(&inner.workers).push(w),
+        Err(e) => {
+            inner.pending_handshakes.fetch_sub(1, Ordering::SeqCst);
+            lock(&inner.conns).remove(&id);
+            inner.refused(peer, format!("cannot start a connection thread: {e}"));
+        }
+    }
+}
+
+/// Decrements the pending-handshake count on every exit path.
+struct PendingGuard<'a>(&'a AtomicUsize, bool);
+
+impl PendingGuard<'_> {
+    fn done(&mut self) {
+        if !self.1 {
+            self.1 = true;
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+/// Seals one frame into a buffer and writes it with one system call: small frames (acks, answers)
+/// must not leave as three segments with TCP_NODELAY.
+fn send_small(stream: &TcpStream, sealer: &mut FrameSealer, kind: FrameKind, epoch: u64, payload: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
+    sealer.write(&mut out, kind, 0, epoch, &[payload]).map_err(|e| match e {
+        FrameError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })?;
+    (&*stream).write_all(&out)
+}
+
+fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
+    let mut pending = PendingGuard(&inner.pending_handshakes, false);
+    let cfg = &inner.config;
+    let hs_timeout = Some(cfg.handshake_timeout.max(Duration::from_millis(1)));
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_read_timeout(hs_timeout))
+        .and_then(|()| stream.set_write_timeout(hs_timeout));
+    if let Err(e) = setup {
+        return inner.refused(peer, format!("cannot configure the socket: {e}"));
+    }
+    let mut io = &stream;
+    let session = match handshake::respond(&mut io, &cfg.secret) {
+        Ok(s) => s,
+        Err(e) => return inner.refused(peer, format!("handshake failed: {}", ErrorChain(&e))),
+    };
+    pending.done();
+    let mut sealer = session.sealer;
+    if inner.session_active.swap(true, Ordering::SeqCst) {
+        inner.refused(peer, "another primary is connected".into());
+        let _ = send_small(&stream, &mut sealer, FrameKind::Goodbye, 0, b"another primary is connected");
+        return;
+    }
+    {
+        let mut s = lock(&inner.stats);
+        s.sessions += 1;
+        s.connected = Some(peer);
+    }
+    tracing::info!(%peer, "primary connected");
+    let mut session = Session::new(inner, &stream, sealer, session.opener);
+    let result = session.run();
+    let discarded = session.discard();
+    let _ = stream.shutdown(Shutdown::Both);
+    let committed = inner.read_standby().committed;
+    match &result {
+        Ok(()) => tracing::info!(%peer, ?committed, "primary disconnected"),
+        Err(e) => tracing::warn!(
+            %peer,
+            reason = %ErrorChain(e),
+            discarded_epoch = ?discarded,
+            ?committed,
+            "A-Link session dropped; the committed standby is kept"
+        ),
+    }
+    // The slot is released under the stats lock, so that "not connected" in the counters means a
+    // new primary is accepted, and a new session's "connected" cannot be overwritten by this one.
+    let mut s = lock(&inner.stats);
+    s.connected = None;
+    s.sync = None;
+    if discarded.is_some() {
+        s.epochs_discarded += 1;
+    }
+    if let Err(e) = &result {
+        s.last_error = Some(ErrorChain(e).to_string());
+    }
+    inner.session_active.store(false, Ordering::SeqCst);
+}
+
+/// Pages of one Pages frame, staged: the frame's payload is kept as it arrived.
+#[derive(Debug)]
+struct StagedPages {
+    ranges: Vec<PageRange>,
+    data_offset: usize,
+    payload: Vec<u8>,
+}
+
+/// The epoch being received.
+#[derive(Debug)]
+struct Staging {
+    begin: EpochBegin,
+    digest: EpochDigest,
+    pages: u64,
+    disk_writes: u64,
+    image_bytes: u64,
+    staged_pages: Vec<StagedPages>,
+    state: Vec<u8>,
+    span: tracing::Span,
+}
+
+/// Buffers kept between frames.
+const POOL_BUFFERS: usize = 16;
+/// Largest buffer kept between frames.
+const POOL_BUFFER_MAX: usize = 8 << 20;
+
+struct Session<'a> {
+    inner: &'a Inner,
+    stream: &'a TcpStream,
+    sealer: FrameSealer,
+    opener: ftvm_proto::frame::FrameOpener,
+    staging: Option<Staging>,
+    journal: DiskJournal,
+    pool: Vec<Vec<u8>>,
+    memory_pages: u64,
+}
+
+impl<'a> Session<'a> {
+    fn new(inner: &'a Inner, stream: &'a TcpStream, sealer: FrameSealer, opener: ftvm_proto::frame::FrameOpener) -> Self {
+        let journal = DiskJournal::new(usize::try_from(inner.config.max_staging_bytes).unwrap_or(usize::MAX));
+        let memory_pages = inner.config.memory_bytes / PAGE_SIZE as u64;
+        Self { inner, stream, sealer, opener, staging: None, journal, pool: Vec::new(), memory_pages }
+    }
+
+    /// Drops the epoch being received, if any; returns its number.
+    fn discard(&mut self) -> Option<EpochId> {
+        self.journal.discard();
+        let staging = self.staging.take()?;
+        Some(staging.begin.epoch)
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        // Keep a few frame-sized buffers; a rare huge one is given back.
+        if self.pool.len() < POOL_BUFFERS && buf.capacity() <= POOL_BUFFER_MAX {
+            self.pool.push(buf);
+        }
+    }
+
+    fn run(&mut self) -> Result<(), SessionError> {
+        let cfg = &self.inner.config;
+        let link_timeout = Some(cfg.link_timeout.max(Duration::from_millis(1)));
+        self.stream.set_read_timeout(link_timeout).map_err(SessionError::Send)?;
+        self.stream.set_write_timeout(link_timeout).map_err(SessionError::Send)?;
+        let info = self.inner.read_standby().info(cfg.disk_bytes);
+        send_small(self.stream, &mut self.sealer, FrameKind::StandbyInfo, 0, &info.encode()).map_err(SessionError::Send)?;
+
+        // Small: it saves system calls on headers and small frames, while the payload of a large
+        // frame is read straight into its buffer (a large read bypasses an empty BufReader) instead
+        // of being copied through this one.
+        let mut input = BufReader::with_capacity(16 << 10, self.stream);
+        // Ends when the primary leaves, a frame is refused, the link times out, or the receiver stops.
+        loop {
+            if self.inner.stop.load(Ordering::SeqCst) {
+                return Err(SessionError::Stopping);
+            }
+            let mut buf = self.pool.pop().unwrap_or_default();
+            let header = match self.opener.read_into(&mut input, &mut buf) {
+                Ok(h) => h,
+                Err(FrameError::Closed) => {
+                    return match &self.staging {
+                        Some(s) => Err(SessionError::ClosedMidEpoch(s.begin.epoch)),
+                        None => Ok(()),
+                    }
+                }
+                Err(e) => return Err(SessionError::Frame(e)),
+            };
+            self.inner.bytes_received.fetch_add((HEADER_LEN + buf.len() + TAG_LEN) as u64, Ordering::Relaxed);
+            // The tag of an authenticated frame is always there after read_into succeeded.
+            let tag = self.opener.last_tag().unwrap_or_default();
+            match header.kind {
+                FrameKind::Heartbeat => {
+                    if buf.len() > 64 {
+                        return Err(SessionError::Unexpected { kind: header.kind, context: "with a payload over 64 bytes" });
+                    }
+                    send_small(self.stream, &mut self.sealer, FrameKind::HeartbeatReply, header.epoch, &buf)
+                        .map_err(SessionError::Send)?;
+                    self.recycle(buf);
+                }
+                FrameKind::Goodbye => {
+                    let reason = String::from_utf8_lossy(&buf).into_owned();
+                    tracing::info!(%reason, "primary said goodbye");
+                    return match &self.staging {
+                        Some(s) => Err(SessionError::ClosedMidEpoch(s.begin.epoch)),
+                        None => Ok(()),
+                    };
+                }
+                FrameKind::EpochBegin => {
+                    self.on_begin(header.epoch, &buf, &tag)?;
+                    self.recycle(buf);
+                }
+                FrameKind::Pages => self.on_pages(header.epoch, buf, &tag)?,
+                FrameKind::MachineState => {
+                    self.on_state(header.epoch, &buf, &tag)?;
+                    self.recycle(buf);
+                }
+                FrameKind::DiskWrites => {
+                    self.on_disk_writes(header.epoch, &buf, &tag)?;
+                    self.recycle(buf);
+                }
+                FrameKind::DiskImage => {
+                    self.on_disk_image(header.epoch, &buf, &tag)?;
+                    self.recycle(buf);
+                }
+                FrameKind::EpochCommit => {
+                    self.on_commit(header.epoch, &buf)?;
+                    self.recycle(buf);
+                }
+                kind => return Err(SessionError::Unexpected { kind, context: "from the primary" }),
+            }
+        }
+    }
+
+    /// The open epoch, checked against the frame's header.
+    fn staging_for(&mut self, kind: FrameKind, header_epoch: u64) -> Result<&mut Staging, SessionError> {
+        let s = self.staging.as_mut().ok_or(SessionError::Unexpected { kind, context: "outside an epoch" })?;
+        if s.begin.epoch.0 != header_epoch {
+            return Err(SessionError::WrongEpoch { open: s.begin.epoch, got: header_epoch });
+        }
+        Ok(s)
+    }
+
+    fn on_begin(&mut self, header_epoch: u64, payload: &[u8], tag: &[u8; 32]) -> Result<(), SessionError> {
+        if self.staging.is_some() {
+            return Err(SessionError::Unexpected { kind: FrameKind::EpochBegin, context: "inside another epoch" });
+        }
+        let begin = EpochBegin::decode(payload).map_err(|source| SessionError::Payload { kind: FrameKind::EpochBegin, source })?;
+        if begin.epoch.0 != header_epoch {
+            return Err(SessionError::WrongEpoch { open: begin.epoch, got: header_epoch });
+        }
+        let cfg = &self.inner.config;
+        let max = cfg.max_staging_bytes;
+        if begin.state_len > max {
+            return Err(SessionError::StagingFull { epoch: begin.epoch, max });
+        }
+        if begin.initial_sync {
+            // The old standby is of no use once the primary starts over (see the module docs).
+            self.inner.write_standby().invalidate();
+            let mut s = lock(&self.inner.stats);
+            s.committed = None;
+            s.restorable = false;
+            s.sync = Some(SyncProgress {
+                epoch: begin.epoch,
+                pages_received: 0,
+                pages_total: begin.page_count,
+                disk_bytes_received: 0,
+                disk_bytes_total: begin.disk_image_bytes,
+            });
+        } else {
+            let committed = self.inner.read_standby().committed;
+            if committed.and_then(|c| c.0.checked_add(1)) != Some(begin.epoch.0) {
+                return Err(SessionError::EpochOrder { epoch: begin.epoch, committed });
+            }
+            if begin.disk_image_bytes != 0 {
+                return Err(SessionError::BadBegin("disk image outside an initial synchronisation"));
+            }
+            if begin.state_len == 0 {
+                return Err(SessionError::BadBegin("an incremental epoch without machine state"));
+            }
+            let staged = begin.page_count.checked_mul(PAGE_SIZE as u64).and_then(|p| p.checked_add(begin.state_len));
+            if staged.is_none_or(|b| b > max) {
+                return Err(SessionError::StagingFull { epoch: begin.epoch, max });
+            }
+        }
+        let span = tracing::debug_span!(
+            "epoch",
+            epoch = begin.epoch.0,
+            pages = begin.page_count,
+            initial_sync = begin.initial_sync,
+            apply_us = tracing::field::Empty
+        );
+        let mut digest = EpochDigest::new(begin.epoch);
+        digest.add_frame(tag);
+        self.journal.begin(begin.epoch);
+        // Reserve up front for a typical state; a larger one grows as it arrives.
+        let state = Vec::with_capacity(usize::try_from(begin.state_len.min(16 << 20)).unwrap_or(0));
+        self.staging = Some(Staging {
+            begin,
+            digest,
+            pages: 0,
+            disk_writes: 0,
+            image_bytes: 0,
+            staged_pages: Vec::new(),
+            state,
+            span,
+        });
+        Ok(())
+    }
+
+    fn on_pages(&mut self, header_epoch: u64, payload: Vec<u8>, tag: &[u8; 32]) -> Result<(), SessionError> {
+        let memory_pages = self.memory_pages;
+        let inner = self.inner;
+        let s = self.staging_for(FrameKind::Pages, header_epoch)?;
+        let _entered = s.span.enter();
+        let view = PagesView::decode(&payload, memory_pages).map_err(|source| SessionError::Payload { kind: FrameKind::Pages, source })?;
+        let n = view.page_count();
+        if s.pages.saturating_add(n) > s.begin.page_count {
+            return Err(SessionError::OverAnnounced { epoch: s.begin.epoch, what: "pages", announced: s.begin.page_count });
+        }
+        s.digest.add_frame(tag);
+        s.pages += n;
+        if s.begin.initial_sync {
+            // Nothing committed to protect: straight into the standby.
+            let mut sb = inner.write_standby();
+            copy_runs(sb.memory.as_mut_slice(), view.runs());
+            drop(sb);
+            if let Some(p) = lock(&inner.stats).sync.as_mut() {
+                p.pages_received = s.pages;
+            }
+            drop(view);
+            drop(_entered);
+            self.recycle(payload);
+        } else {
+            let ranges = view.ranges().to_vec();
+            let data_offset = payload.len() - n as usize * PAGE_SIZE;
+            drop(view);
+            drop(_entered);
+            s.staged_pages.push(StagedPages { ranges, data_offset, payload });
+        }
+        Ok(())
+    }
+
+    fn on_state(&mut self, header_epoch: u64, payload: &[u8], tag: &[u8; 32]) -> Result<(), SessionError> {
+        let s = self.staging_for(FrameKind::MachineState, header_epoch)?;
+        if (s.state.len() as u64).saturating_add(payload.len() as u64) > s.begin.state_len {
+            return Err(SessionError::OverAnnounced { epoch: s.begin.epoch, what: "state bytes", announced: s.begin.state_len });
+        }
+        s.digest.add_frame(tag);
+        s.state.extend_from_slice(payload);
+        Ok(())
+    }
+
+    fn on_disk_writes(&mut self, header_epoch: u64, payload: &[u8], tag: &[u8; 32]) -> Result<(), SessionError> {
+        let disk_bytes = self.inner.config.disk_bytes;
+        let max = self.inner.config.max_staging_bytes;
+        let s = self.staging.as_mut().ok_or(SessionError::Unexpected { kind: FrameKind::DiskWrites, context: "outside an epoch" })?;
+        if s.begin.epoch.0 != header_epoch {
+            return Err(SessionError::WrongEpoch { open: s.begin.epoch, got: header_epoch });
+        }
+        let view = DiskWritesView::decode(payload, disk_bytes)
+            .map_err(|source| SessionError::Payload { kind: FrameKind::DiskWrites, source })?;
+        let n = view.entries().len() as u64;
+        if s.disk_writes.saturating_add(n) > s.begin.disk_write_count {
+            return Err(SessionError::OverAnnounced { epoch: s.begin.epoch, what: "disk writes", announced: s.begin.disk_write_count });
+        }
+        s.digest.add_frame(tag);
+        s.disk_writes += n;
+        let epoch = s.begin.epoch;
+        for (sector, bytes) in view.entries() {
+            self.journal.append(*sector, bytes).map_err(|e| match e {
+                AppendError::Full { .. } | AppendError::NotOpen => SessionError::StagingFull { epoch, max },
+            })?;
+        }
+        Ok(())
+    }
+
+    fn on_disk_image(&mut self, header_epoch: u64, payload: &[u8], tag: &[u8; 32]) -> Result<(), SessionError> {
+        let disk_bytes = self.inner.config.disk_bytes;
+        let inner = self.inner;
+        let s = self.staging_for(FrameKind::DiskImage, header_epoch)?;
+        if !s.begin.initial_sync {
+            return Err(SessionError::Unexpected { kind: FrameKind::DiskImage, context: "outside an initial synchronisation" });
+        }
+        let view =
+            DiskImageView::decode(payload, disk_bytes).map_err(|source| SessionError::Payload { kind: FrameKind::DiskImage, source })?;
+        let len = view.data.len() as u64;
+        if s.image_bytes.saturating_add(len) > s.begin.disk_image_bytes {
+            return Err(SessionError::OverAnnounced {
+                epoch: s.begin.epoch,
+                what: "disk image bytes",
+                announced: s.begin.disk_image_bytes,
+            });
+        }
+        s.digest.add_frame(tag);
+        s.image_bytes += len;
+        // Nothing committed to protect during a sync: straight onto the standby disk.
+        inner.read_standby().disk.write_all_at(view.data, view.offset).map_err(SessionError::DiskImage)?;
+        if let Some(p) = lock(&inner.stats).sync.as_mut() {
+            p.disk_bytes_received = s.image_bytes;
+        }
+        Ok(())
+    }
+
+    fn on_commit(&mut self, header_epoch: u64, payload: &[u8]) -> Result<(), SessionError> {
+        let s = self.staging_for(FrameKind::EpochCommit, header_epoch)?;
+        let commit =
+            EpochCommit::decode(payload).map_err(|source| SessionError::Payload { kind: FrameKind::EpochCommit, source })?;
+        let epoch = s.begin.epoch;
+        if commit.epoch != epoch {
+            return Err(SessionError::WrongEpoch { open: epoch, got: commit.epoch.0 });
+        }
+        let b = &s.begin;
+        for (what, announced, received, committed) in [
+            ("pages", b.page_count, s.pages, commit.pages),
+            ("state bytes", b.state_len, s.state.len() as u64, commit.state_bytes),
+            ("disk writes", b.disk_write_count, s.disk_writes, commit.disk_writes),
+            ("disk image bytes", b.disk_image_bytes, s.image_bytes, commit.disk_image_bytes),
+        ] {
+            if announced != received || received != committed {
+                return Err(SessionError::Totals { epoch, what, announced, received, committed });
+            }
+        }
+        // blake3::Hash compares in constant time; not needed for a digest, but it costs nothing.
+        if blake3::Hash::from(s.digest.finish()) != blake3::Hash::from(commit.digest) {
+            return Err(SessionError::Digest(epoch));
+        }
+        let Some(mut staging) = self.staging.take() else {
+            return Err(SessionError::Unexpected { kind: FrameKind::EpochCommit, context: "outside an epoch" });
+        };
+        let span = staging.span.clone();
+        let _entered = span.enter();
+        let started = Instant::now();
+        let sync = self.inner.config.disk_sync == DiskSync::DataSync;
+        let pages_applied;
+        let disk_bytes;
+        let restorable;
+        {
+            let mut sb = self.inner.write_standby();
+            // The disk first: it is the only part that can fail. If it fails half-way, the standby
+            // holds part of an epoch and must not be resumed.
+            disk_bytes = match self.journal.apply(epoch, &sb.disk, sync) {
+                Ok(n) => n,
+                Err(source) => {
+                    sb.invalidate();
+                    return Err(SessionError::Apply { epoch, source });
+                }
+            };
+            if sync && staging.image_bytes > 0 {
+                if let Err(e) = sb.disk.sync_data() {
+                    sb.invalidate();
+                    return Err(SessionError::Apply { epoch, source: ApplyError::Sync(e) });
+                }
+            }
+            let memory = sb.memory.as_mut_slice();
+            let mut pages = 0u64;
+            for sp in &staging.staged_pages {
+                let data = sp.payload.get(sp.data_offset..).unwrap_or_default();
+                pages += copy_runs(memory, runs_of(&sp.ranges, data));
+            }
+            pages_applied = if staging.begin.initial_sync { staging.pages } else { pages };
+            if staging.begin.state_len > 0 {
+                std::mem::swap(&mut sb.state, &mut staging.state);
+            }
+            sb.committed = Some(epoch);
+            restorable = !sb.state.is_empty();
+        }
+        let apply = started.elapsed();
+        span.record("apply_us", apply.as_micros() as u64);
+        // Counters before the acknowledgement, so that whoever learns of the ack sees them.
+        {
+            let mut st = lock(&self.inner.stats);
+            st.committed = Some(epoch);
+            st.restorable = restorable;
+            st.epochs_committed += 1;
+            st.pages_applied += pages_applied;
+            st.disk_bytes_applied += disk_bytes + staging.image_bytes;
+            st.last_apply = Some(apply);
+            st.last_commit = Some(SystemTime::now());
+            st.sync = None;
+        }
+        send_small(self.stream, &mut self.sealer, FrameKind::EpochAck, epoch.0, &EpochAck { epoch }.encode())
+            .map_err(SessionError::Send)?;
+        for sp in staging.staged_pages.drain(..) {
+            self.recycle(sp.payload);
+        }
+        if staging.begin.initial_sync {
+            tracing::info!(epoch = epoch.0, pages = staging.pages, disk_bytes = staging.image_bytes, "initial synchronisation committed");
+        } else {
+            tracing::debug!(epoch = epoch.0, apply_us = apply.as_micros() as u64, "epoch applied");
+        }
+        Ok(())
+    }
+}
+
+/// The runs `(range, bytes)` of staged ranges over their page bytes (lengths checked on arrival).
+fn runs_of<'d>(ranges: &'d [PageRange], data: &'d [u8]) -> impl Iterator<Item = (PageRange, &'d [u8])> + 'd {
+    let mut at = 0usize;
+    ranges.iter().map(move |r| {
+        let n = r.len as usize * PAGE_SIZE;
+        let bytes = data.get(at..at + n).unwrap_or_default();
+        at += n;
+        (*r, bytes)
+    })
+}
+
+/// Copies page runs into the memory image; returns the pages copied. Ranges were checked against
+/// the memory size when the frame was decoded; a run that would not fit is skipped, never a panic.
+fn copy_runs<'d>(memory: &mut [u8], runs: impl Iterator<Item = (PageRange, &'d [u8])>) -> u64 {
+    let mut pages = 0;
+    for (r, bytes) in runs {
+        let start = r.start as usize * PAGE_SIZE;
+        if let Some(dst) = memory.get_mut(start..start + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            pages += (bytes.len() / PAGE_SIZE) as u64;
+        }
+    }
+    pages
+}

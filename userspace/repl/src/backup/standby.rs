@@ -1,0 +1,160 @@
+//! The standby the backup keeps: a memory image the size of the guest's, the machine state blob,
+//! the disk, and the epoch they hold.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use ftvm_proto::EpochId;
+
+/// The standby memory image: a shared mapping of a memfd, so that a restore can map the same pages
+/// into the new VM instead of copying them.
+#[derive(Debug)]
+pub struct StandbyMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: StandbyMemory owns its mapping; the pointer is only dereferenced through `&self` (shared
+// reads) or `&mut self` (exclusive writes), so moving it to another thread is as safe as moving a
+// Vec<u8>.
+unsafe impl Send for StandbyMemory {}
+// SAFETY: `&StandbyMemory` only gives out `&[u8]`; writes need `&mut StandbyMemory`.
+unsafe impl Sync for StandbyMemory {}
+
+impl StandbyMemory {
+    /// A zero-filled image of `len` bytes (a positive multiple of the page size).
+    pub fn new(len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty standby memory"));
+        }
+        let file_len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the name is a NUL-terminated string that outlives the call; the flags are valid.
+        let raw = unsafe { libc::memfd_create(c"ftvm-standby".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: the descriptor is open for the call; ftruncate only sizes the file.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), file_len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new shared mapping of the whole file, at an address the kernel picks, so it
+        // aliases no Rust object; it stays valid until munmap in Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len, fd })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: an image is never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The image.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr and len describe a live, readable mapping owned by self; nothing in this
+        // process writes it while the shared borrow lasts (writes need &mut self).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The image, for writing.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and the exclusive borrow of self makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The memfd behind the image, for a restore that maps it into the new VM. Whoever maps it must
+    /// not write through that mapping while this object is still read.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for StandbyMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in new() with this address and length, and no borrow of it
+        // can outlive self.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// The standby, taken out of a stopped [`crate::backup::BackupReceiver`] for the failover path.
+#[derive(Debug)]
+pub struct Standby {
+    pub(crate) committed: Option<EpochId>,
+    pub(crate) memory: StandbyMemory,
+    pub(crate) state: Vec<u8>,
+    pub(crate) disk: File,
+    pub(crate) disk_path: PathBuf,
+}
+
+impl Standby {
+    /// The epoch the standby holds, when it can be resumed (a committed epoch with a machine state);
+    /// `None` when there is nothing to resume from.
+    pub fn committed(&self) -> Option<EpochId> {
+        self.committed.filter(|_| !self.state.is_empty())
+    }
+
+    /// The memory image.
+    pub fn memory(&self) -> &StandbyMemory {
+        &self.memory
+    }
+
+    /// The machine state blob of the committed epoch.
+    pub fn state(&self) -> &[u8] {
+        &self.state
+    }
+
+    /// The standby disk, open for reading and writing.
+    pub fn disk(&self) -> &File {
+        &self.disk
+    }
+
+    /// Where the standby disk is.
+    pub fn disk_path(&self) -> &Path {
+        &self.disk_path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_zeroed_writable_and_backed_by_its_memfd() {
+        let mut m = StandbyMemory::new(3 * 4096).unwrap();
+        assert_eq!(m.len(), 3 * 4096);
+        assert!(m.as_slice().iter().all(|&b| b == 0));
+        m.as_mut_slice()[4096] = 7;
+        // The memfd sees the write: a restore mapping it gets the same bytes.
+        let f = File::from(m.fd().try_clone_to_owned().unwrap());
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 4096).unwrap();
+        assert_eq!(b, [7]);
+        assert!(StandbyMemory::new(0).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Checkpoint epochs. For now: what an epoch looks like on the wire ([`wire`]).
+
+pub mod wire;

@@ -1,0 +1,397 @@
+//! The primary's side of the A-Link: sending checkpoint epochs and learning when the backup holds
+//! them.
+//!
+//! One epoch is `begin_epoch`, then any number of `send_pages`, `send_state`, `send_disk_writes`
+//! and (initial synchronisation only) `send_disk_image`, then `commit`, which returns at once with
+//! an [`AckToken`]. The next epoch may begin before the previous one is acknowledged (pipelining);
+//! acknowledgements arrive in epoch order, on the transport's own thread, which calls the
+//! [`AckListener`] (the output-commit release hangs there) and wakes [`CheckpointTransport::wait_ack`].
+//!
+//! Any failure of the link is an error of the call that met it, and of every call after it: the
+//! engine then re-marks the pages of every unacknowledged epoch dirty, requeues their disk writes,
+//! and goes on unprotected (simplex) until a backup is connected again.
+
+pub mod tcp;
+
+use std::time::{Duration, Instant};
+
+use ftvm_proto::frame::FrameKind;
+use ftvm_proto::pages::PageRangeSet;
+use ftvm_proto::EpochId;
+
+use crate::disk::DiskWrite;
+use crate::epoch::wire::{DecodeError, EpochBegin, StandbyInfo};
+use crate::PAGE_SIZE;
+
+/// Where the transport reads guest pages from.
+///
+/// # Zero-copy invariant
+/// The transport may read the slices it gets from a page source at any time until
+/// [`CheckpointTransport::commit`] returns for the epoch (a zero-copy transport hands them to the
+/// kernel or the NIC, which reads them later). Until then the engine keeps those pages unchanged:
+/// vCPUs paused, the pages write-protected (copy-on-write checkpoints), or the pages copied into
+/// buffers that the engine owns. A page that changes before `commit` returns may reach the backup
+/// half old, half new, and the backup cannot tell.
+pub trait PageSource {
+    /// The 4 KiB of page frame `pfn`, or `None` when the page is not in guest memory.
+    fn page(&self, pfn: u64) -> Option<&[u8]>;
+
+    /// The `len` pages from `start` on as one slice, when they are contiguous in the host's memory
+    /// (`None` otherwise, and the transport asks page by page). An optimisation: one I/O vector per
+    /// run instead of one per page.
+    fn run(&self, start: u64, len: u64) -> Option<&[u8]> {
+        let _ = (start, len);
+        None
+    }
+}
+
+/// A guest memory that is one contiguous host mapping: page `pfn` is at byte `pfn * 4096`.
+#[derive(Clone, Copy, Debug)]
+pub struct FlatMemory<'a>(pub &'a [u8]);
+
+impl PageSource for FlatMemory<'_> {
+    fn page(&self, pfn: u64) -> Option<&[u8]> {
+        self.run(pfn, 1)
+    }
+
+    fn run(&self, start: u64, len: u64) -> Option<&[u8]> {
+        let from = usize::try_from(start).ok()?.checked_mul(PAGE_SIZE)?;
+        let n = usize::try_from(len).ok()?.checked_mul(PAGE_SIZE)?;
+        self.0.get(from..from.checked_add(n)?)
+    }
+}
+
+/// Proof that an epoch was committed on this transport; redeem it with
+/// [`CheckpointTransport::wait_ack`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckToken {
+    /// The epoch committed.
+    pub epoch: EpochId,
+    pub(crate) link: u64,
+}
+
+/// What the acknowledgement thread reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AckEvent {
+    /// The backup holds `epoch` and every epoch before it.
+    Acked {
+        /// The epoch.
+        epoch: EpochId,
+        /// From the `commit` call that sent it to its acknowledgement.
+        round_trip: Duration,
+    },
+    /// The link is down; no further acknowledgement will come.
+    LinkDown {
+        /// Why, for logs and status.
+        reason: String,
+    },
+}
+
+/// Called on the acknowledgement thread for each [`AckEvent`], in order. It must be quick (it delays
+/// the next acknowledgement) and must not call back into the transport.
+pub type AckListener = Box<dyn FnMut(AckEvent) + Send>;
+
+/// Why the link failed. Once it has, every later call fails with [`LinkError::Down`].
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Writing to the socket failed.
+    #[error("Writing to the A-Link failed")]
+    Write(#[source] std::io::Error),
+    /// The socket accepted nothing for the write timeout.
+    #[error("A-Link write timed out")]
+    WriteTimedOut,
+    /// The link had already failed (or was closed).
+    #[error("A-Link is down: {reason}")]
+    Down {
+        /// The first failure.
+        reason: String,
+    },
+}
+
+/// Why connecting to the backup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connection failed or timed out.
+    #[error("Cannot connect to the backup at {addr}")]
+    Connect {
+        /// The backup's A-Link address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A socket option could not be set.
+    #[error("Cannot configure the A-Link socket")]
+    Socket(#[source] std::io::Error),
+    /// The handshake failed (wrong secret, other protocol version, refused, timed out).
+    #[error("A-Link handshake failed")]
+    Handshake(#[from] ftvm_proto::handshake::HandshakeError),
+    /// Reading the backup's standby information failed.
+    #[error("Reading the backup's standby information failed")]
+    Info(#[source] ftvm_proto::frame::FrameError),
+    /// The backup sent something else than its standby information.
+    #[error("Backup sent {0:?} instead of its standby information")]
+    Unexpected(FrameKind),
+    /// The standby information is malformed.
+    #[error("Malformed standby information")]
+    MalformedInfo(#[source] DecodeError),
+    /// The backup authenticated us but refused the session (for example: another primary is
+    /// connected).
+    #[error("Backup refused the session: {0}")]
+    Refused(String),
+    /// The backup's standby memory has another size than the guest's.
+    #[error("Backup memory is {backup} bytes, the guest has {guest}")]
+    MemoryMismatch {
+        /// Backup's standby memory.
+        backup: u64,
+        /// Guest memory.
+        guest: u64,
+    },
+    /// The backup's standby disk has another size than the guest's.
+    #[error("Backup disk is {backup} bytes, the guest's is {guest}")]
+    DiskMismatch {
+        /// Backup's standby disk.
+        backup: u64,
+        /// Guest disk.
+        guest: u64,
+    },
+    /// The acknowledgement thread could not be started.
+    #[error("Cannot start the acknowledgement thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Why an epoch could not begin.
+#[derive(Debug, thiserror::Error)]
+pub enum BeginEpochError {
+    /// The previous epoch was not committed.
+    #[error("Epoch {0} is still open")]
+    EpochOpen(EpochId),
+    /// Epochs must increase, by one except for an initial synchronisation.
+    #[error("Epoch {epoch} cannot follow epoch {last}")]
+    OutOfOrder {
+        /// The epoch asked for.
+        epoch: EpochId,
+        /// The last epoch begun on this link (or the backup's committed one).
+        last: EpochId,
+    },
+    /// The backup holds no epoch to continue from: the first epoch must be an initial
+    /// synchronisation.
+    #[error("Backup holds no committed epoch; an initial synchronisation is needed")]
+    NeedsInitialSync,
+    /// The announcement itself is wrong for this kind of epoch.
+    #[error("Invalid epoch announcement: {0}")]
+    Invalid(&'static str),
+    /// Too many epochs are waiting for their acknowledgement.
+    #[error("{0} epochs are already waiting for their acknowledgement")]
+    TooManyInFlight(usize),
+    /// The link failed.
+    #[error("Sending the epoch start failed")]
+    Link(#[source] LinkError),
+}
+
+/// Why pages could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendPagesError {
+    /// No epoch is open.
+    #[error("No epoch is open")]
+    NoEpoch,
+    /// A page past the end of guest memory.
+    #[error("Page {0} lies outside guest memory")]
+    OutsideMemory(u64),
+    /// The page source has no page (or a short one) for a page frame number.
+    #[error("Page source has no 4 KiB page {0}")]
+    MissingPage(u64),
+    /// More pages than the epoch announced.
+    #[error("Epoch announced {announced} pages, this would send {would_send}")]
+    OverAnnounced {
+        /// Pages announced in EpochBegin.
+        announced: u64,
+        /// Pages sent with this call.
+        would_send: u64,
+    },
+    /// The link failed.
+    #[error("Sending pages failed")]
+    Link(#[source] LinkError),
+}
+
+/// Why the machine state could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendStateError {
+    /// No epoch is open.
+    #[error("No epoch is open")]
+    NoEpoch,
+    /// More bytes than the epoch announced.
+    #[error("Epoch announced {announced} state bytes, this would send {would_send}")]
+    OverAnnounced {
+        /// Bytes announced.
+        announced: u64,
+        /// Bytes sent with this call.
+        would_send: u64,
+    },
+    /// The link failed.
+    #[error("Sending the machine state failed")]
+    Link(#[source] LinkError),
+}
+
+/// Why disk writes could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendDiskWritesError {
+    /// No epoch is open.
+    #[error("No epoch is open")]
+    NoEpoch,
+    /// An entry that is empty, not whole sectors, too large, or outside the disk.
+    #[error("Disk write at sector {sector} of {len} bytes is not valid for the backup's disk")]
+    BadWrite {
+        /// Sector.
+        sector: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// More writes than the epoch announced.
+    #[error("Epoch announced {announced} disk writes, this would send {would_send}")]
+    OverAnnounced {
+        /// Writes announced.
+        announced: u64,
+        /// Writes sent with this call.
+        would_send: u64,
+    },
+    /// The link failed.
+    #[error("Sending disk writes failed")]
+    Link(#[source] LinkError),
+}
+
+/// Why a disk image chunk could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendDiskImageError {
+    /// No epoch is open.
+    #[error("No epoch is open")]
+    NoEpoch,
+    /// Disk image chunks belong to an initial synchronisation only.
+    #[error("Disk image chunks need an initial synchronisation epoch")]
+    NotInitialSync,
+    /// Empty, unaligned or outside the disk.
+    #[error("Disk image chunk {offset}+{len} is not valid for the backup's disk")]
+    BadChunk {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// More bytes than the epoch announced.
+    #[error("Epoch announced {announced} disk image bytes, this would send {would_send}")]
+    OverAnnounced {
+        /// Bytes announced.
+        announced: u64,
+        /// Bytes sent with this call.
+        would_send: u64,
+    },
+    /// The link failed.
+    #[error("Sending the disk image failed")]
+    Link(#[source] LinkError),
+}
+
+/// Why an epoch could not be committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// No epoch is open, or another one.
+    #[error("Epoch {0} is not the open epoch")]
+    NotOpen(EpochId),
+    /// Less was sent than the epoch announced (nothing was sent; the epoch stays open).
+    #[error("Epoch {epoch} is incomplete: {what} sent {sent} of {announced}")]
+    Incomplete {
+        /// The epoch.
+        epoch: EpochId,
+        /// Which total.
+        what: &'static str,
+        /// Sent so far.
+        sent: u64,
+        /// Announced.
+        announced: u64,
+    },
+    /// The link failed.
+    #[error("Sending the epoch commit failed")]
+    Link(#[source] LinkError),
+}
+
+/// Why waiting for an acknowledgement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitAckError {
+    /// The token belongs to another (earlier) link.
+    #[error("Token of epoch {0} belongs to another link")]
+    ForeignToken(EpochId),
+    /// The deadline passed first.
+    #[error("No acknowledgement of epoch {epoch} within {waited:?}")]
+    TimedOut {
+        /// The epoch waited for.
+        epoch: EpochId,
+        /// How long.
+        waited: Duration,
+    },
+    /// The link failed before the acknowledgement came.
+    #[error("A-Link failed before epoch {epoch} was acknowledged")]
+    Link {
+        /// The epoch waited for.
+        epoch: EpochId,
+        /// Why.
+        #[source]
+        source: LinkError,
+    },
+}
+
+/// Sends checkpoint epochs to the backup. See the module documentation for the call order.
+pub trait CheckpointTransport: Send {
+    /// What the backup held when the link came up: its committed epoch (an incremental epoch must
+    /// follow it), whether it is restorable, and its memory and disk sizes.
+    fn peer_standby(&self) -> StandbyInfo;
+
+    /// Sets the function called on the acknowledgement thread for each acknowledgement and for the
+    /// link going down. Replaces any earlier one.
+    fn set_ack_listener(&mut self, listener: AckListener);
+
+    /// Starts an epoch. `begin` announces everything it will carry; the backup checks the totals
+    /// at the commit. Fails at once when too many epochs wait for their acknowledgement.
+    fn begin_epoch(&mut self, begin: &EpochBegin) -> Result<(), BeginEpochError>;
+
+    /// Sends the pages of `pages`, read from `source`, in frames of at most
+    /// [`crate::epoch::wire::MAX_PAGES_PER_FRAME`] pages. Returns the bytes put on the link.
+    ///
+    /// **Zero-copy invariant:** the bytes that `source` returns for these pages must not change
+    /// until [`commit`](Self::commit) returns for this epoch (see [`PageSource`]).
+    fn send_pages(&mut self, pages: &PageRangeSet, source: &dyn PageSource) -> Result<u64, SendPagesError>;
+
+    /// Sends (part of) the machine state, an opaque blob; several calls append.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), SendStateError>;
+
+    /// Sends disk writes of the epoch, applied on the backup in the order given.
+    fn send_disk_writes(&mut self, writes: &[DiskWrite]) -> Result<(), SendDiskWritesError>;
+
+    /// Sends a chunk of the whole disk image, at byte `offset` (initial synchronisation only).
+    fn send_disk_image(&mut self, offset: u64, data: &[u8]) -> Result<(), SendDiskImageError>;
+
+    /// Ends the epoch: sends the totals and digest, and returns without waiting for the
+    /// acknowledgement.
+    fn commit(&mut self, epoch: EpochId) -> Result<AckToken, CommitError>;
+
+    /// Waits until the backup has acknowledged the token's epoch (or a later one), or the deadline.
+    /// Returns the latest epoch acknowledged.
+    fn wait_ack(&self, token: AckToken, deadline: Instant) -> Result<EpochId, WaitAckError>;
+
+    /// The latest epoch acknowledged on this link, without waiting.
+    fn acked(&self) -> Option<EpochId>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flat_memory_is_a_page_source() {
+        let mem: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i / PAGE_SIZE) as u8).collect();
+        let src = FlatMemory(&mem);
+        assert_eq!(src.page(2).map(|p| (p.len(), p[0])), Some((PAGE_SIZE, 2)));
+        assert_eq!(src.page(4), None);
+        assert_eq!(src.run(1, 3).map(<[u8]>::len), Some(3 * PAGE_SIZE));
+        assert_eq!(src.run(1, 4), None);
+        assert_eq!(src.run(u64::MAX, 2), None);
+    }
+}

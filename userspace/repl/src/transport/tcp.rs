@@ -1,0 +1,699 @@
+//! The TCP A-Link transport: the baseline every faster transport is measured against.
+//!
+//! The primary's thread writes frames with vectored writes: header, page slices straight from guest
+//! memory, tag; each batch of slices is hashed into the frame's tag just before it is written, so the
+//! pages are read once by the CPU (for the tag) while they are in cache, and copied once by the
+//! kernel. A second thread owns the read half of the socket and receives the acknowledgements, so
+//! the primary can send epoch N+1 while N's acknowledgement is on its way.
+//!
+//! Timeouts: connecting and the handshake have their own; every write has the write timeout; acks
+//! have the caller's deadline. The acknowledgement thread blocks without a timeout and is ended by
+//! shutting the socket down (on drop, or when a write fails).
+
+use std::collections::VecDeque;
+use std::io::{self, BufReader, IoSlice, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ftvm_proto::frame::{FrameKind, FrameOpener, FrameSealer, TAG_LEN};
+use ftvm_proto::handshake;
+use ftvm_proto::pages::PageRangeSet;
+use ftvm_proto::EpochId;
+
+use super::{
+    AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, LinkError,
+    PageSource, SendDiskImageError, SendDiskWritesError, SendPagesError, SendStateError, WaitAckError,
+};
+use crate::disk::DiskWrite;
+use crate::epoch::wire::{
+    self, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo, MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES,
+    MAX_PAGES_PER_FRAME,
+};
+use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
+
+/// Most I/O vectors per `writev` (the kernel takes up to 1024).
+const BATCH_IOVS: usize = 256;
+/// Bytes hashed, then written, per batch: small enough to still be in cache when the kernel copies.
+const BATCH_BYTES: usize = 512 << 10;
+
+/// Settings of a [`TcpTransport`].
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// Longest wait for the TCP connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for each read of the handshake and of the standby information.
+    pub handshake_timeout: Duration,
+    /// Longest time one write may block (the socket buffer full because the backup does not read).
+    pub write_timeout: Duration,
+    /// Socket send and receive buffer sizes to request; `None` leaves the kernel's autotuning. A set
+    /// size turns autotuning off and is capped by `net.core.wmem_max` / `rmem_max`.
+    pub socket_buffer: Option<usize>,
+    /// Most epochs committed and not yet acknowledged; `begin_epoch` fails beyond it.
+    pub max_in_flight: usize,
+    /// The guest's memory size, checked against the backup's standby memory.
+    pub memory_bytes: Option<u64>,
+    /// The guest's disk size, checked against the backup's standby disk.
+    pub disk_bytes: Option<u64>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(1),
+            socket_buffer: Some(4 << 20),
+            max_in_flight: 64,
+            memory_bytes: None,
+            disk_bytes: None,
+        }
+    }
+}
+
+/// Tells every transport apart, so a token cannot be redeemed on a later link.
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, Default)]
+struct AckState {
+    acked: Option<EpochId>,
+    /// Committed epochs waiting for their acknowledgement, oldest first, with their commit time.
+    in_flight: VecDeque<(EpochId, Instant)>,
+    /// Why the link is down, once it is.
+    down: Option<String>,
+}
+
+/// What the sending thread and the acknowledgement thread share.
+struct AckShared {
+    state: Mutex<AckState>,
+    cv: Condvar,
+    listener: Mutex<Option<AckListener>>,
+}
+
+impl std::fmt::Debug for AckShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckShared").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+/// Locks a mutex; a thread that panicked while holding it left plain data behind, still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AckShared {
+    fn notify(&self, event: AckEvent) {
+        if let Some(l) = lock(&self.listener).as_mut() {
+            l(event);
+        }
+    }
+
+    /// Records the first failure; later ones are consequences of it. `closed` marks an orderly
+    /// close by this side, which is not worth a warning.
+    fn mark_down(&self, reason: String) {
+        self.mark_down_as(reason, false);
+    }
+
+    fn mark_down_as(&self, reason: String, closed: bool) {
+        {
+            let mut s = lock(&self.state);
+            if s.down.is_some() {
+                return;
+            }
+            s.down = Some(reason.clone());
+            self.cv.notify_all();
+        }
+        if closed {
+            tracing::info!(%reason, "A-Link closed");
+        } else {
+            tracing::warn!(%reason, "A-Link down");
+        }
+        self.notify(AckEvent::LinkDown { reason });
+    }
+
+    fn down(&self) -> Option<String> {
+        lock(&self.state).down.clone()
+    }
+
+    /// An acknowledgement arrived: it must be for the oldest epoch in flight. The listener hears of
+    /// it before any `wait_ack` returns, so whoever waits finds the release already done.
+    fn on_ack(&self, epoch: EpochId) -> Result<(), String> {
+        let round_trip = {
+            let mut s = lock(&self.state);
+            match s.in_flight.front() {
+                Some(&(e, sent)) if e == epoch => {
+                    s.in_flight.pop_front();
+                    sent.elapsed()
+                }
+                Some(&(e, _)) => return Err(format!("backup acknowledged epoch {epoch}, expected {e}")),
+                None => return Err(format!("backup acknowledged epoch {epoch}, none is in flight")),
+            }
+        };
+        tracing::debug!(epoch = epoch.0, ack_us = round_trip.as_micros() as u64, "epoch acknowledged");
+        self.notify(AckEvent::Acked { epoch, round_trip });
+        lock(&self.state).acked = Some(epoch);
+        self.cv.notify_all();
+        Ok(())
+    }
+}
+
+/// The epoch being sent.
+#[derive(Debug)]
+struct OpenEpoch {
+    begin: EpochBegin,
+    digest: EpochDigest,
+    pages: u64,
+    state: u64,
+    writes: u64,
+    image: u64,
+    bytes: u64,
+    span: tracing::Span,
+}
+
+/// The primary's end of a TCP A-Link.
+#[derive(Debug)]
+pub struct TcpTransport {
+    stream: TcpStream,
+    sealer: FrameSealer,
+    shared: Arc<AckShared>,
+    reader: Option<JoinHandle<()>>,
+    peer: StandbyInfo,
+    peer_addr: SocketAddr,
+    link: u64,
+    max_in_flight: usize,
+    open: Option<OpenEpoch>,
+    last_begun: Option<EpochId>,
+    /// Scratch for the head of list payloads (page ranges, disk write table).
+    head: Vec<u8>,
+}
+
+fn set_socket_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the open socket `stream` borrows for the whole call; the option value
+    // points to a c_int that lives across the call, and its exact size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes every byte of `bufs`, or fails. Bounded: each round writes at least one byte or ends, and
+/// interruptions by signals are retried a limited number of times.
+fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> Result<(), LinkError> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    let mut interrupts = 0;
+    while !bufs.is_empty() {
+        match stream.write_vectored(bufs) {
+            Ok(0) => return Err(LinkError::Write(io::ErrorKind::WriteZero.into())),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupts < 1000 => interrupts += 1,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(LinkError::WriteTimedOut)
+            }
+            Err(e) => return Err(LinkError::Write(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Seals and writes one frame whose payload is `head` then `pieces`, in batches that are hashed
+/// just before they are written. Returns the frame's tag.
+fn write_frame(
+    stream: &mut TcpStream,
+    sealer: &mut FrameSealer,
+    kind: FrameKind,
+    epoch: u64,
+    head: &[u8],
+    pieces: &[&[u8]],
+) -> Result<[u8; TAG_LEN], LinkError> {
+    let len: usize = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
+    // Our frames are bounded by construction (MAX_CHUNK_BYTES, MAX_PAGES_PER_FRAME); a failure here
+    // would be a bug, reported as a broken link rather than a panic.
+    let too_large = || LinkError::Write(io::Error::new(io::ErrorKind::InvalidInput, "frame over the payload limit"));
+    let mut frame = sealer.start(kind, 0, epoch, len).map_err(|_| too_large())?;
+    let header = *frame.header();
+    let mut batch: Vec<IoSlice<'_>> = Vec::with_capacity(BATCH_IOVS.min(pieces.len()) + 3);
+    batch.push(IoSlice::new(&header));
+    frame.update(head);
+    batch.push(IoSlice::new(head));
+    let mut batch_bytes = head.len();
+    for p in pieces {
+        frame.update(p);
+        batch.push(IoSlice::new(p));
+        batch_bytes += p.len();
+        if batch.len() >= BATCH_IOVS || batch_bytes >= BATCH_BYTES {
+            write_all_vectored(stream, &mut batch)?;
+            batch.clear();
+            batch_bytes = 0;
+        }
+    }
+    let tag = frame.finish().map_err(|_| too_large())?;
+    batch.push(IoSlice::new(&tag));
+    write_all_vectored(stream, &mut batch)?;
+    Ok(tag)
+}
+
+fn ack_reader(stream: TcpStream, mut opener: FrameOpener, shared: Arc<AckShared>) {
+    let mut input = BufReader::with_capacity(4096, stream);
+    let mut payload = Vec::new();
+    // Ends when the socket fails or is shut down (drop, or a failed write): every exit marks the link
+    // down, which is a no-op when it already was.
+    loop {
+        let header = match opener.read_into(&mut input, &mut payload) {
+            Ok(h) => h,
+            Err(e) => return shared.mark_down(format!("receiving acknowledgements: {}", ErrorChain(&e))),
+        };
+        match header.kind {
+            FrameKind::EpochAck => {
+                let ack = match EpochAck::decode(&payload) {
+                    Ok(a) if a.epoch.0 == header.epoch => a,
+                    Ok(a) => return shared.mark_down(format!("acknowledgement of epoch {} in a frame of epoch {}", a.epoch, header.epoch)),
+                    Err(e) => return shared.mark_down(format!("malformed acknowledgement: {e}")),
+                };
+                if let Err(reason) = shared.on_ack(ack.epoch) {
+                    return shared.mark_down(reason);
+                }
+            }
+            FrameKind::HeartbeatReply => {}
+            FrameKind::Goodbye => {
+                return shared.mark_down(format!("backup closed the link: {}", String::from_utf8_lossy(&payload)))
+            }
+            other => return shared.mark_down(format!("backup sent an unexpected {other:?} frame")),
+        }
+    }
+}
+
+impl TcpTransport {
+    /// Connects to the backup's A-Link address, runs the handshake as initiator with the shared
+    /// secret, reads what the backup's standby holds, and starts the acknowledgement thread.
+    pub fn connect(addr: SocketAddr, secret: &[u8], options: &TcpOptions) -> Result<Self, ConnectError> {
+        let stream =
+            TcpStream::connect_timeout(&addr, options.connect_timeout).map_err(|source| ConnectError::Connect { addr, source })?;
+        stream.set_nodelay(true).map_err(ConnectError::Socket)?;
+        if let Some(bytes) = options.socket_buffer {
+            set_socket_buffer(&stream, libc::SO_SNDBUF, bytes).map_err(ConnectError::Socket)?;
+            set_socket_buffer(&stream, libc::SO_RCVBUF, bytes).map_err(ConnectError::Socket)?;
+        }
+        stream.set_write_timeout(Some(options.write_timeout.max(Duration::from_millis(1)))).map_err(ConnectError::Socket)?;
+        stream.set_read_timeout(Some(options.handshake_timeout.max(Duration::from_millis(1)))).map_err(ConnectError::Socket)?;
+
+        let mut io = &stream;
+        let session = handshake::initiate(&mut io, secret)?;
+        let (sealer, mut opener) = (session.sealer, session.opener);
+        let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
+        let peer = match frame.header.kind {
+            FrameKind::StandbyInfo => StandbyInfo::decode(&frame.payload).map_err(ConnectError::MalformedInfo)?,
+            FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
+            other => return Err(ConnectError::Unexpected(other)),
+        };
+        if let Some(guest) = options.memory_bytes.filter(|&g| g != peer.memory_bytes) {
+            return Err(ConnectError::MemoryMismatch { backup: peer.memory_bytes, guest });
+        }
+        if let Some(guest) = options.disk_bytes.filter(|&g| g != peer.disk_bytes) {
+            return Err(ConnectError::DiskMismatch { backup: peer.disk_bytes, guest });
+        }
+
+        // From here on the acknowledgement thread reads without a timeout (acks only come when an
+        // epoch is in flight); wait_ack's deadline bounds every wait, and shutdown ends the thread.
+        stream.set_read_timeout(None).map_err(ConnectError::Socket)?;
+        let read_half = stream.try_clone().map_err(ConnectError::Socket)?;
+        let shared = Arc::new(AckShared { state: Mutex::default(), cv: Condvar::new(), listener: Mutex::new(None) });
+        let reader = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("ftvm-alink-ack".into())
+                .spawn(move || ack_reader(read_half, opener, shared))
+                .map_err(ConnectError::Thread)?
+        };
+        tracing::info!(%addr, committed = ?peer.committed, restorable = peer.restorable, "A-Link up");
+        Ok(Self {
+            stream,
+            sealer,
+            shared,
+            reader: Some(reader),
+            peer,
+            peer_addr: addr,
+            link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
+            max_in_flight: options.max_in_flight.max(1),
+            open: None,
+            last_begun: None,
+            head: Vec::new(),
+        })
+    }
+
+    /// The backup's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// Sends an orderly goodbye (when no epoch is open) and closes the link.
+    pub fn close(mut self, reason: &str) {
+        if self.open.is_none() && self.shared.down().is_none() {
+            let _ = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes(), &[]);
+        }
+        self.shared.mark_down_as(format!("closed by the primary: {reason}"), true);
+    }
+
+    /// Sends a heartbeat; the backup answers on the acknowledgement thread. Keeps an idle link from
+    /// hitting the backup's link timeout.
+    pub fn heartbeat(&mut self) -> Result<(), LinkError> {
+        self.check_up()?;
+        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Heartbeat, 0, &[], &[]);
+        r.map(|_| ()).map_err(|e| self.fail(e))
+    }
+
+    fn check_up(&self) -> Result<(), LinkError> {
+        match self.shared.down() {
+            Some(reason) => Err(LinkError::Down { reason }),
+            None => Ok(()),
+        }
+    }
+
+    /// A write failed: the stream is now unusable (a frame may be half written).
+    fn fail(&mut self, e: LinkError) -> LinkError {
+        self.shared.mark_down(ErrorChain(&e).to_string());
+        let _ = self.stream.shutdown(Shutdown::Both);
+        e
+    }
+
+    fn memory_pages(&self) -> u64 {
+        self.peer.memory_bytes / PAGE_SIZE as u64
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.shared.mark_down_as("transport closed".into(), true);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = self.reader.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl CheckpointTransport for TcpTransport {
+    fn peer_standby(&self) -> StandbyInfo {
+        self.peer
+    }
+
+    fn set_ack_listener(&mut self, listener: AckListener) {
+        *lock(&self.shared.listener) = Some(listener);
+    }
+
+    fn begin_epoch(&mut self, begin: &EpochBegin) -> Result<(), BeginEpochError> {
+        if let Some(open) = &self.open {
+            return Err(BeginEpochError::EpochOpen(open.begin.epoch));
+        }
+        self.check_up().map_err(BeginEpochError::Link)?;
+        let in_flight = lock(&self.shared.state).in_flight.len();
+        if in_flight >= self.max_in_flight {
+            return Err(BeginEpochError::TooManyInFlight(in_flight));
+        }
+        if begin.initial_sync {
+            if let Some(last) = self.last_begun.filter(|&l| begin.epoch <= l) {
+                return Err(BeginEpochError::OutOfOrder { epoch: begin.epoch, last });
+            }
+        } else {
+            match self.last_begun.or(self.peer.committed) {
+                None => return Err(BeginEpochError::NeedsInitialSync),
+                Some(last) if last.0.checked_add(1) != Some(begin.epoch.0) => {
+                    return Err(BeginEpochError::OutOfOrder { epoch: begin.epoch, last })
+                }
+                Some(_) => {}
+            }
+            if begin.disk_image_bytes != 0 {
+                return Err(BeginEpochError::Invalid("disk image bytes outside an initial synchronisation"));
+            }
+            if begin.state_len == 0 {
+                return Err(BeginEpochError::Invalid("an incremental epoch carries the machine state"));
+            }
+        }
+        let span = tracing::debug_span!(
+            "epoch",
+            epoch = begin.epoch.0,
+            pages = begin.page_count,
+            bytes = tracing::field::Empty,
+            initial_sync = begin.initial_sync
+        );
+        let payload = begin.encode();
+        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::EpochBegin, begin.epoch.0, &payload, &[]);
+        let tag = r.map_err(|e| BeginEpochError::Link(self.fail(e)))?;
+        let mut digest = EpochDigest::new(begin.epoch);
+        digest.add_frame(&tag);
+        self.last_begun = Some(begin.epoch);
+        let bytes = (payload.len() + 64) as u64;
+        self.open = Some(OpenEpoch { begin: *begin, digest, pages: 0, state: 0, writes: 0, image: 0, bytes, span });
+        Ok(())
+    }
+
+    fn send_pages(&mut self, pages: &PageRangeSet, source: &dyn PageSource) -> Result<u64, SendPagesError> {
+        let memory_pages = self.memory_pages();
+        let open = self.open.as_mut().ok_or(SendPagesError::NoEpoch)?;
+        let n = pages.page_count();
+        if open.pages + n > open.begin.page_count {
+            return Err(SendPagesError::OverAnnounced { announced: open.begin.page_count, would_send: n });
+        }
+        // Check everything before the first byte goes out, so a bad call leaves the epoch as it was.
+        if let Some(r) = pages.ranges().iter().find(|r| r.start.checked_add(r.len).is_none_or(|end| end > memory_pages)) {
+            return Err(SendPagesError::OutsideMemory(r.start.max(memory_pages)));
+        }
+        for r in pages.ranges() {
+            if source.run(r.start, r.len).is_some_and(|s| s.len() == r.len as usize * PAGE_SIZE) {
+                continue;
+            }
+            if let Some(pfn) = (r.start..r.start + r.len).find(|&p| source.page(p).is_none_or(|s| s.len() != PAGE_SIZE)) {
+                return Err(SendPagesError::MissingPage(pfn));
+            }
+        }
+        if let Some(reason) = self.shared.down() {
+            return Err(SendPagesError::Link(LinkError::Down { reason }));
+        }
+        let _entered = open.span.clone().entered();
+        let mut sent = 0u64;
+        let mut pieces: Vec<&[u8]> = Vec::with_capacity(MAX_PAGES_PER_FRAME as usize + 1);
+        let mut failure = None;
+        for ranges in wire::page_frames(pages, MAX_PAGES_PER_FRAME) {
+            let count = wire::encode_pages_head(&ranges, &mut self.head);
+            pieces.clear();
+            for r in &ranges {
+                match source.run(r.start, r.len).filter(|s| s.len() == r.len as usize * PAGE_SIZE) {
+                    Some(run) => pieces.push(run),
+                    // Checked above: every page is there and 4 KiB long.
+                    None => pieces.extend((r.start..r.start + r.len).filter_map(|p| source.page(p))),
+                }
+            }
+            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::Pages, open.begin.epoch.0, &self.head, &pieces) {
+                Ok(tag) => {
+                    open.digest.add_frame(&tag);
+                    open.pages += count;
+                    let bytes = wire::pages_payload_len(&ranges) as u64 + 64;
+                    open.bytes += bytes;
+                    sent += bytes;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(pieces);
+        match failure {
+            Some(e) => Err(SendPagesError::Link(self.fail(e))),
+            None => Ok(sent),
+        }
+    }
+
+    fn send_state(&mut self, state: &[u8]) -> Result<(), SendStateError> {
+        let open = self.open.as_mut().ok_or(SendStateError::NoEpoch)?;
+        let len = state.len() as u64;
+        if open.state + len > open.begin.state_len {
+            return Err(SendStateError::OverAnnounced { announced: open.begin.state_len, would_send: len });
+        }
+        if let Some(reason) = self.shared.down() {
+            return Err(SendStateError::Link(LinkError::Down { reason }));
+        }
+        for chunk in state.chunks(MAX_CHUNK_BYTES) {
+            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::MachineState, open.begin.epoch.0, chunk, &[]) {
+                Ok(tag) => {
+                    open.digest.add_frame(&tag);
+                    open.state += chunk.len() as u64;
+                    open.bytes += chunk.len() as u64 + 64;
+                }
+                Err(e) => return Err(SendStateError::Link(self.fail(e))),
+            }
+        }
+        Ok(())
+    }
+
+    fn send_disk_writes(&mut self, writes: &[DiskWrite]) -> Result<(), SendDiskWritesError> {
+        let disk = self.peer.disk_bytes;
+        let open = self.open.as_mut().ok_or(SendDiskWritesError::NoEpoch)?;
+        let n = writes.len() as u64;
+        if open.writes + n > open.begin.disk_write_count {
+            return Err(SendDiskWritesError::OverAnnounced { announced: open.begin.disk_write_count, would_send: n });
+        }
+        for w in writes {
+            let len = w.data.len();
+            let inside = w.sector.checked_mul(SECTOR_SIZE).and_then(|o| o.checked_add(len as u64)).is_some_and(|e| e <= disk);
+            if len == 0 || !(len as u64).is_multiple_of(SECTOR_SIZE) || len > MAX_DISK_WRITE_BYTES || !inside {
+                return Err(SendDiskWritesError::BadWrite { sector: w.sector, len });
+            }
+        }
+        if let Some(reason) = self.shared.down() {
+            return Err(SendDiskWritesError::Link(LinkError::Down { reason }));
+        }
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        let mut failure = None;
+        for group in wire::disk_write_frames(writes, MAX_CHUNK_BYTES) {
+            wire::encode_disk_writes_head(group, &mut self.head);
+            pieces.clear();
+            pieces.extend(group.iter().map(|w| &w.data[..]));
+            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::DiskWrites, open.begin.epoch.0, &self.head, &pieces) {
+                Ok(tag) => {
+                    open.digest.add_frame(&tag);
+                    open.writes += group.len() as u64;
+                    open.bytes += wire::disk_writes_payload_len(group) as u64 + 64;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(pieces);
+        match failure {
+            Some(e) => Err(SendDiskWritesError::Link(self.fail(e))),
+            None => Ok(()),
+        }
+    }
+
+    fn send_disk_image(&mut self, offset: u64, data: &[u8]) -> Result<(), SendDiskImageError> {
+        let disk = self.peer.disk_bytes;
+        let open = self.open.as_mut().ok_or(SendDiskImageError::NoEpoch)?;
+        if !open.begin.initial_sync {
+            return Err(SendDiskImageError::NotInitialSync);
+        }
+        let len = data.len() as u64;
+        if len == 0 || !len.is_multiple_of(SECTOR_SIZE) || !offset.is_multiple_of(SECTOR_SIZE) || offset.checked_add(len).is_none_or(|e| e > disk) {
+            return Err(SendDiskImageError::BadChunk { offset, len: data.len() });
+        }
+        if open.image + len > open.begin.disk_image_bytes {
+            return Err(SendDiskImageError::OverAnnounced { announced: open.begin.disk_image_bytes, would_send: len });
+        }
+        if let Some(reason) = self.shared.down() {
+            return Err(SendDiskImageError::Link(LinkError::Down { reason }));
+        }
+        // MAX_CHUNK_BYTES is a whole number of sectors, so every chunk stays aligned.
+        for (i, chunk) in data.chunks(MAX_CHUNK_BYTES).enumerate() {
+            let head = wire::encode_disk_image_head(offset + (i * MAX_CHUNK_BYTES) as u64);
+            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::DiskImage, open.begin.epoch.0, &head, &[chunk]) {
+                Ok(tag) => {
+                    open.digest.add_frame(&tag);
+                    open.image += chunk.len() as u64;
+                    open.bytes += chunk.len() as u64 + 72;
+                }
+                Err(e) => return Err(SendDiskImageError::Link(self.fail(e))),
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, epoch: EpochId) -> Result<AckToken, CommitError> {
+        let open = match &self.open {
+            Some(o) if o.begin.epoch == epoch => o,
+            _ => return Err(CommitError::NotOpen(epoch)),
+        };
+        let b = &open.begin;
+        for (what, sent, announced) in [
+            ("pages", open.pages, b.page_count),
+            ("state bytes", open.state, b.state_len),
+            ("disk writes", open.writes, b.disk_write_count),
+            ("disk image bytes", open.image, b.disk_image_bytes),
+        ] {
+            if sent != announced {
+                return Err(CommitError::Incomplete { epoch, what, sent, announced });
+            }
+        }
+        self.check_up().map_err(CommitError::Link)?;
+        let commit = EpochCommit {
+            epoch,
+            pages: open.pages,
+            state_bytes: open.state,
+            disk_writes: open.writes,
+            disk_image_bytes: open.image,
+            digest: open.digest.finish(),
+        };
+        open.span.record("bytes", open.bytes + EpochCommit::LEN as u64 + 64);
+        // In flight before the commit frame leaves: the acknowledgement can come back at once.
+        lock(&self.shared.state).in_flight.push_back((epoch, Instant::now()));
+        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::EpochCommit, epoch.0, &commit.encode(), &[]);
+        self.open = None;
+        r.map_err(|e| CommitError::Link(self.fail(e)))?;
+        Ok(AckToken { epoch, link: self.link })
+    }
+
+    fn wait_ack(&self, token: AckToken, deadline: Instant) -> Result<EpochId, WaitAckError> {
+        if token.link != self.link {
+            return Err(WaitAckError::ForeignToken(token.epoch));
+        }
+        let start = Instant::now();
+        let mut s = lock(&self.shared.state);
+        // Bounded by the deadline: every round either returns or waits until it.
+        loop {
+            if let Some(acked) = s.acked.filter(|&a| a >= token.epoch) {
+                return Ok(acked);
+            }
+            if let Some(reason) = &s.down {
+                return Err(WaitAckError::Link { epoch: token.epoch, source: LinkError::Down { reason: reason.clone() } });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WaitAckError::TimedOut { epoch: token.epoch, waited: now - start });
+            }
+            s = self.shared.cv.wait_timeout(s, deadline - now).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    fn acked(&self) -> Option<EpochId> {
+        lock(&self.shared.state).acked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_written_in_batches_open_normally() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut o = FrameOpener::new([3; 32]);
+            let f = o.read(&mut s).unwrap();
+            (f.header.kind, f.payload)
+        });
+        let mut stream = TcpStream::connect(addr).unwrap();
+        let mut sealer = FrameSealer::new([3; 32]);
+        // More pieces and bytes than one batch, with empty pieces among them.
+        let pages: Vec<Vec<u8>> = (0..600).map(|i| vec![i as u8; if i % 7 == 0 { 0 } else { 4096 }]).collect();
+        let pieces: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
+        let tag = write_frame(&mut stream, &mut sealer, FrameKind::Pages, 4, b"head", &pieces).unwrap();
+        let (kind, payload) = t.join().unwrap();
+        assert_eq!(kind, FrameKind::Pages);
+        assert_eq!(payload, [b"head".to_vec(), pages.concat()].concat());
+        assert_ne!(tag, [0; TAG_LEN]);
+    }
+}

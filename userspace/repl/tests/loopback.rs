@@ -1,0 +1,397 @@
+//! A primary and a backup over real TCP on 127.0.0.1: initial synchronisation, many epochs,
+//! pipelining, refusal of a second primary, failover hand-over, link failures, and loopback figures.
+
+mod common;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use crate::common::*;
+    use ftvm_proto::pages::PageRangeSet;
+    use ftvm_proto::EpochId;
+    use ftvm_repl::backup::{BackupReceiver, BindError, DiskSync, ReceiverConfig};
+    use ftvm_repl::disk::{DiskReplicator, MemoryDiskReplicator};
+    use ftvm_repl::epoch::wire::EpochBegin;
+    use ftvm_repl::transport::tcp::TcpTransport;
+    use ftvm_repl::transport::{
+        AckEvent, BeginEpochError, CheckpointTransport, CommitError, ConnectError, FlatMemory, LinkError, SendPagesError, WaitAckError,
+    };
+    use ftvm_repl::PAGE_SIZE;
+
+    const MIB: usize = 1 << 20;
+
+    /// 64 MiB of memory and 8 MiB of disk, synchronised while the "guest" keeps running, then 200
+    /// epochs of random dirty pages, states and disk writes; after every acknowledgement the standby
+    /// equals the primary at that epoch.
+    #[test]
+    fn initial_sync_then_200_epochs_keep_the_standby_equal_to_the_primary() {
+        init_tracing();
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        let mut model = Model::new(&mut rng, 64 * MIB, 8 * MIB);
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 256 * MIB as u64);
+        let (backup, _disk) = start_backup(&model, "main");
+        let mut t = connect(backup.local_addr(), &model);
+        assert_eq!(t.peer_standby().committed, None);
+        assert!(matches!(
+            t.begin_epoch(&EpochBegin { epoch: EpochId(1), state_len: 1, ..EpochBegin::default() }),
+            Err(BeginEpochError::NeedsInitialSync)
+        ));
+
+        // Epoch 0: every page and the whole disk, streamed in chunks while the guest runs. Dirty
+        // tracking starts first: whatever changes during the sync goes out again in epoch 1. The sync
+        // carries no machine state (the guest was running), so it is not restorable by itself.
+        let started = Instant::now();
+        let begin = EpochBegin {
+            epoch: EpochId(0),
+            page_count: model.pages(),
+            state_len: 0,
+            disk_write_count: 0,
+            disk_image_bytes: model.disk.len() as u64,
+            initial_sync: true,
+        };
+        t.begin_epoch(&begin).unwrap();
+        let chunk_pages = 2048u64;
+        let mut progress_seen = 0;
+        for (i, start) in (0..model.pages()).step_by(chunk_pages as usize).enumerate() {
+            let mut chunk = PageRangeSet::new();
+            chunk.insert(start, chunk_pages.min(model.pages() - start));
+            // A copy of the chunk, as an engine that syncs while the guest runs would send (the guest
+            // may write the live pages while they are read).
+            let end = (start + chunk.page_count()) as usize * PAGE_SIZE;
+            let snapshot = model.mem[start as usize * PAGE_SIZE..end].to_vec();
+            t.send_pages(&chunk, &Shifted { first: start, bytes: &snapshot }).unwrap();
+            let disk_chunk = model.disk.len() / 8;
+            if i < 8 {
+                t.send_disk_image((i * disk_chunk) as u64, &model.disk[i * disk_chunk..(i + 1) * disk_chunk]).unwrap();
+            }
+            // The guest keeps running during the sync.
+            model.run(&mut rng, 20, 2, &mut disks);
+            if let Some(p) = backup.stats().sync {
+                assert!(p.pages_received >= progress_seen && p.pages_total == model.pages());
+                progress_seen = p.pages_received;
+            }
+        }
+        let token = t.commit(EpochId(0)).unwrap();
+        assert_eq!(wait(&t, token), EpochId(0));
+        let sync_time = started.elapsed();
+        let stats = backup.stats();
+        assert_eq!(stats.committed, Some(EpochId(0)));
+        assert!(!stats.restorable && backup.committed().is_none(), "a sync without state is not restorable");
+        assert!(progress_seen > 0, "progress was visible during the sync");
+        println!(
+            "initial sync of {} MiB memory + {} MiB disk while running: {:.0} ms, {:.0} MB/s",
+            model.mem.len() / MIB,
+            model.disk.len() / MIB,
+            sync_time.as_secs_f64() * 1e3,
+            (model.mem.len() + model.disk.len()) as f64 / sync_time.as_secs_f64() / 1e6
+        );
+
+        // Epoch 1 carries what changed during the sync, and the state: now the standby is restorable.
+        let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(1));
+        assert_eq!(wait(&t, token), EpochId(1));
+        disks.commit(EpochId(1)).unwrap();
+        assert_standby(&backup, &model, EpochId(1));
+
+        for e in 2..202u64 {
+            let pages = 1 + rng.below(300);
+            let writes = rng.below(9);
+            model.run(&mut rng, pages, writes, &mut disks);
+            let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(e));
+            assert_eq!(wait(&t, token), EpochId(e));
+            disks.commit(EpochId(e)).unwrap();
+            assert_standby(&backup, &model, EpochId(e));
+        }
+        let stats = backup.stats();
+        assert_eq!((stats.epochs_committed, stats.epochs_discarded, stats.sessions), (202, 0, 1));
+        assert_eq!(disks.backlog_bytes(), 0);
+
+        // Failover hand-over: stopping the receiver gives the committed standby back.
+        drop(t);
+        let standby = backup.stop().unwrap();
+        assert_eq!(standby.committed(), Some(EpochId(201)));
+        assert!(standby.memory().as_slice() == &model.mem[..]);
+        assert_eq!(standby.state(), &model.state[..]);
+    }
+
+    /// Pages `first..` served from a copy (asked page by page: no contiguous runs).
+    struct Shifted<'a> {
+        first: u64,
+        bytes: &'a [u8],
+    }
+
+    impl ftvm_repl::transport::PageSource for Shifted<'_> {
+        fn page(&self, pfn: u64) -> Option<&[u8]> {
+            let i = usize::try_from(pfn.checked_sub(self.first)?).ok()?;
+            self.bytes.get(i * PAGE_SIZE..(i + 1) * PAGE_SIZE)
+        }
+    }
+
+    /// Epoch N+1 goes out before N's acknowledgement arrives, and acknowledgements come back in order.
+    /// Holding a view of the committed standby stops the receiver from applying (and acknowledging)
+    /// anything, which makes "before the ack" certain rather than likely.
+    #[test]
+    fn epochs_pipeline_and_acks_arrive_in_order() {
+        init_tracing();
+        let mut rng = Rng(7);
+        let mut model = Model::new(&mut rng, 4 * MIB, MIB);
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
+        let (backup, _disk) = start_backup(&model, "pipeline");
+        let mut t = connect(backup.local_addr(), &model);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        {
+            let events = Arc::clone(&events);
+            t.set_ack_listener(Box::new(move |e| events.lock().unwrap().push(e)));
+        }
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+
+        let view = backup.committed().unwrap();
+        let mut tokens = Vec::new();
+        for e in 1..=4u64 {
+            model.run(&mut rng, 3, 1, &mut disks);
+            tokens.push(send_epoch(&mut t, &mut model, &mut disks, EpochId(e)));
+        }
+        // All four epochs are on the wire; none can have been acknowledged.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(t.acked(), Some(EpochId(0)));
+        let err = t.wait_ack(tokens[0], Instant::now() + Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(err, WaitAckError::TimedOut { epoch: EpochId(1), .. }), "{err}");
+        drop(view);
+
+        assert_eq!(wait(&t, tokens[3]), EpochId(4));
+        let acked: Vec<u64> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                AckEvent::Acked { epoch, .. } => Some(epoch.0),
+                AckEvent::LinkDown { .. } => None,
+            })
+            .collect();
+        assert_eq!(acked, vec![0, 1, 2, 3, 4]);
+        // Earlier tokens are satisfied by the later acknowledgement.
+        assert_eq!(wait(&t, tokens[0]), EpochId(4));
+        assert_standby(&backup, &model, EpochId(4));
+    }
+
+    /// Only one primary at a time: a second authenticated primary is told so; the first keeps going.
+    #[test]
+    fn a_second_primary_is_refused_while_one_is_connected() {
+        init_tracing();
+        let mut rng = Rng(11);
+        let mut model = Model::new(&mut rng, MIB, 256 << 10);
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
+        let (backup, _disk) = start_backup(&model, "second");
+        let mut t = connect(backup.local_addr(), &model);
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+
+        let err = TcpTransport::connect(backup.local_addr(), SECRET, &options(&model)).unwrap_err();
+        assert!(matches!(err, ConnectError::Refused(ref r) if r.contains("another primary")), "{err}");
+        assert!(backup.stats().refused >= 1);
+
+        model.run(&mut rng, 10, 2, &mut disks);
+        let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(1));
+        wait(&t, token);
+        assert_standby(&backup, &model, EpochId(1));
+
+        // Once the first primary is gone, another one gets in, and learns where the standby is.
+        drop(t);
+        wait_stats(&backup, "the session to end", |s| s.connected.is_none());
+        let t2 = connect(backup.local_addr(), &model);
+        let info = t2.peer_standby();
+        assert_eq!((info.committed, info.restorable), (Some(EpochId(1)), true));
+    }
+
+    /// A primary that sends nothing for the link timeout is dropped; heartbeats keep an idle link up.
+    #[test]
+    fn an_idle_primary_is_dropped_unless_it_sends_heartbeats() {
+        init_tracing();
+        let mut rng = Rng(15);
+        let mut model = Model::new(&mut rng, MIB, 256 << 10);
+        let disk = TempPath::new("idle");
+        let mut cfg = receiver_config(&model, &disk);
+        cfg.link_timeout = Duration::from_millis(300);
+        let backup = BackupReceiver::bind(cfg).unwrap();
+        let mut t = connect(backup.local_addr(), &model);
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(100));
+            t.heartbeat().unwrap();
+        }
+        assert!(backup.stats().connected.is_some(), "heartbeats kept the link up");
+        let before = backup.stats();
+        let s = wait_stats(&backup, "the idle session to be dropped", |s| s.connected.is_none());
+        assert!(s.last_error.unwrap_or_default().contains("I/O failed"));
+        assert_eq!((s.committed, s.epochs_discarded), (Some(EpochId(0)), before.epochs_discarded));
+        let err = t.wait_ack(token, Instant::now() + Duration::from_secs(5));
+        assert_eq!(err.unwrap(), EpochId(0), "an old token still reads the last acknowledgement");
+        // The primary learns of it too (its acknowledgement thread sees the link close).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.heartbeat().is_ok() {
+            assert!(Instant::now() < deadline, "the primary never noticed the dropped link");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A primary whose memory or disk size differs from the standby's is stopped at connect.
+    #[test]
+    fn size_mismatches_are_caught_at_connect() {
+        init_tracing();
+        let mut rng = Rng(12);
+        let model = Model::new(&mut rng, MIB, 256 << 10);
+        let (backup, _disk) = start_backup(&model, "sizes");
+        let mut opts = options(&model);
+        opts.memory_bytes = Some(2 * MIB as u64);
+        let err = TcpTransport::connect(backup.local_addr(), SECRET, &opts).unwrap_err();
+        assert!(matches!(err, ConnectError::MemoryMismatch { .. }), "{err}");
+        wait_stats(&backup, "the session to end", |s| s.connected.is_none());
+        let mut opts = options(&model);
+        opts.disk_bytes = Some(512);
+        let err = TcpTransport::connect(backup.local_addr(), SECRET, &opts).unwrap_err();
+        assert!(matches!(err, ConnectError::DiskMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_receiver_does_not_listen_everywhere_by_default() {
+        let disk = TempPath::new("unspecified");
+        let cfg = ReceiverConfig::new("0.0.0.0:0".parse().unwrap(), SECRET, 1 << 20, disk.0.clone(), 1 << 20);
+        assert!(matches!(BackupReceiver::bind(cfg.clone()), Err(BindError::Unspecified(_))));
+        let cfg = ReceiverConfig { listen: "127.0.0.1:0".parse().unwrap(), secret: b"short".to_vec(), ..cfg };
+        assert!(matches!(BackupReceiver::bind(cfg.clone()), Err(BindError::WeakSecret)));
+        let cfg = ReceiverConfig { secret: SECRET.to_vec(), memory_bytes: 1000, ..cfg };
+        assert!(matches!(BackupReceiver::bind(cfg), Err(BindError::MemorySize(1000))));
+    }
+
+    /// The backup going away is an error the primary sees promptly, on every path: never a hang.
+    #[test]
+    fn a_lost_backup_is_an_error_not_a_hang() {
+        init_tracing();
+        let mut rng = Rng(13);
+        let mut model = Model::new(&mut rng, MIB, 256 << 10);
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
+        // A backup that takes everything and acknowledges nothing, then dies.
+        let fake = FakeBackup::start(&model, true);
+        let mut t = connect(fake.addr, &model);
+        let down = Arc::new(Mutex::new(None));
+        {
+            let down = Arc::clone(&down);
+            t.set_ack_listener(Box::new(move |e| {
+                if let AckEvent::LinkDown { reason } = e {
+                    *down.lock().unwrap() = Some(reason);
+                }
+            }));
+        }
+        let sync = full_sync(&mut t, &mut model, EpochId(0));
+        model.run(&mut rng, 10, 1, &mut disks);
+        let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(1));
+        let err = t.wait_ack(token, Instant::now() + Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(err, WaitAckError::TimedOut { .. }), "{err}");
+        fake.vanish();
+        let started = Instant::now();
+        let err = t.wait_ack(sync, Instant::now() + Duration::from_secs(10)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "noticed in {:?}", started.elapsed());
+        assert!(matches!(err, WaitAckError::Link { epoch: EpochId(0), .. }), "{err}");
+        assert!(down.lock().unwrap().is_some(), "the listener heard about it");
+        // The engine requeues the unacknowledged writes; nothing is lost.
+        assert_eq!(disks.requeue_unacked(), 1);
+        // Every later call fails at once.
+        let begin = EpochBegin { epoch: EpochId(2), state_len: 1, ..EpochBegin::default() };
+        assert!(matches!(t.begin_epoch(&begin), Err(BeginEpochError::Link(_))));
+    }
+
+    /// A backup that stops reading: the primary's write times out instead of blocking forever.
+    #[test]
+    fn a_backup_that_stops_reading_makes_writes_time_out() {
+        init_tracing();
+        let mut rng = Rng(14);
+        let mut model = Model::new(&mut rng, 64 * MIB, 256 << 10);
+        let fake = FakeBackup::start(&model, false);
+        let mut opts = options(&model);
+        opts.write_timeout = Duration::from_millis(200);
+        let mut t = TcpTransport::connect(fake.addr, SECRET, &opts).unwrap();
+        let begin = EpochBegin { epoch: EpochId(0), page_count: model.pages(), initial_sync: true, ..EpochBegin::default() };
+        t.begin_epoch(&begin).unwrap();
+        let mut all = PageRangeSet::new();
+        all.insert(0, model.pages());
+        let started = Instant::now();
+        let err = t.send_pages(&all, &FlatMemory(&model.mem)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "gave up after {:?}", started.elapsed());
+        assert!(matches!(err, SendPagesError::Link(LinkError::WriteTimedOut)), "{err}");
+        assert!(matches!(t.commit(EpochId(0)), Err(CommitError::Incomplete { .. }) | Err(CommitError::Link(_))));
+        model.dirty.clear();
+        fake.vanish();
+    }
+
+    /// Figures, printed (run with --nocapture; meaningful in release builds): throughput of a full
+    /// synchronisation, and the round trip of epochs of 1000 scattered dirty pages.
+    #[test]
+    fn measure_loopback_throughput_and_epoch_round_trip() {
+        init_tracing();
+        let mut rng = Rng(99);
+        let mut model = Model::new(&mut rng, 64 * MIB, MIB);
+        let disk = TempPath::new("measure");
+        let mut cfg = receiver_config(&model, &disk);
+        cfg.disk_sync = DiskSync::NoSync;
+        let backup = BackupReceiver::bind(cfg).unwrap();
+        let mut t = connect(backup.local_addr(), &model);
+
+        let started = Instant::now();
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+        let sync = started.elapsed();
+        let mb = (model.mem.len() + model.disk.len()) as f64 / 1e6;
+        println!("full sync: {mb:.0} MB in {:.1} ms = {:.0} MB/s", sync.as_secs_f64() * 1e3, mb / sync.as_secs_f64());
+
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
+        let epochs = 200;
+        let mut rtts = Vec::with_capacity(epochs);
+        let mut bytes = 0u64;
+        let total = Instant::now();
+        for e in 1..=epochs as u64 {
+            // 1000 scattered pages; the page contents are not changed here, so the figure is the link's.
+            let mut dirty = PageRangeSet::new();
+            while dirty.page_count() < 1000 {
+                dirty.insert(rng.below(model.pages()), 1);
+            }
+            model.dirty = dirty;
+            let started = Instant::now();
+            let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(e));
+            wait(&t, token);
+            rtts.push(started.elapsed());
+            bytes += 1000 * PAGE_SIZE as u64;
+        }
+        let total = total.elapsed();
+        rtts.sort();
+        let pct = |p: usize| rtts[(rtts.len() * p / 100).min(rtts.len() - 1)];
+        println!(
+            "1000 dirty pages/epoch, {epochs} epochs: round trip p50 {:?} p99 {:?} max {:?}; {:.0} epochs/s, {:.0} MB/s of pages",
+            pct(50),
+            pct(99),
+            rtts[rtts.len() - 1],
+            epochs as f64 / total.as_secs_f64(),
+            bytes as f64 / total.as_secs_f64() / 1e6
+        );
+        let stats = backup.stats();
+        println!("backup last apply {:?}, bytes received {}", stats.last_apply, stats.bytes_received);
+        assert_eq!(stats.committed, Some(EpochId(epochs as u64)));
+
+        // The floor: epochs that carry only a 300-byte machine state.
+        let mut floor = Vec::with_capacity(epochs);
+        for e in epochs as u64 + 1..=2 * epochs as u64 {
+            let started = Instant::now();
+            let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(e));
+            wait(&t, token);
+            floor.push(started.elapsed());
+        }
+        floor.sort();
+        println!(
+            "state-only epochs: round trip p50 {:?} p99 {:?}",
+            floor[floor.len() / 2],
+            floor[(floor.len() * 99 / 100).min(floor.len() - 1)]
+        );
+    }
+}
