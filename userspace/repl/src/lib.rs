@@ -14,6 +14,7 @@
 pub mod backup;
 pub mod disk;
 pub mod epoch;
+pub mod ha;
 pub mod transport;
 
 /// Size of a guest page.
