@@ -84,6 +84,9 @@ struct AckState {
     in_flight: VecDeque<(EpochId, Instant)>,
     /// Why the link is down, once it is.
     down: Option<String>,
+    /// Set by the first failure, before the listener hears of it; `down` is published after, so
+    /// that whoever sees the link down finds the listener already told (the same promise as acks).
+    down_claimed: bool,
 }
 
 /// What the sending thread and the acknowledgement thread share.
@@ -120,18 +123,19 @@ impl AckShared {
     fn mark_down_as(&self, reason: String, closed: bool) {
         {
             let mut s = lock(&self.state);
-            if s.down.is_some() {
+            if s.down_claimed {
                 return;
             }
-            s.down = Some(reason.clone());
-            self.cv.notify_all();
+            s.down_claimed = true;
         }
         if closed {
             tracing::info!(%reason, "A-Link closed");
         } else {
             tracing::warn!(%reason, "A-Link down");
         }
-        self.notify(AckEvent::LinkDown { reason });
+        self.notify(AckEvent::LinkDown { reason: reason.clone() });
+        lock(&self.state).down = Some(reason);
+        self.cv.notify_all();
     }
 
     fn down(&self) -> Option<String> {
