@@ -5,6 +5,7 @@
 //! commit checks out. Whatever goes wrong before that (a dropped link, a refused frame, totals that
 //! do not add up) leaves the last committed standby exactly as it was.
 
+pub mod activate;
 pub mod journal;
 pub mod receiver;
 pub mod standby;

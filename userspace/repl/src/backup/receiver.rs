@@ -42,6 +42,7 @@ use super::standby::{Standby, StandbyMemory};
 use crate::epoch::wire::{
     DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView, StandbyInfo,
 };
+use crate::ha::heartbeat::LinkActivity;
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 
 /// Whether applied disk writes are made durable before the acknowledgement.
@@ -384,6 +385,8 @@ struct Inner {
     standby: RwLock<StandbyState>,
     stats: Mutex<ReceiverStats>,
     bytes_received: AtomicU64,
+    /// Stamped on every frame read from an authenticated primary (the failure detector's input).
+    activity: LinkActivity,
     stop: AtomicBool,
     session_active: AtomicBool,
     pending_handshakes: AtomicUsize,
@@ -468,6 +471,7 @@ impl BackupReceiver {
             standby: RwLock::new(StandbyState { memory, disk, state: Vec::new(), committed: None }),
             stats: Mutex::default(),
             bytes_received: AtomicU64::new(0),
+            activity: LinkActivity::new(),
             stop: AtomicBool::new(false),
             session_active: AtomicBool::new(false),
             pending_handshakes: AtomicUsize::new(0),
@@ -497,6 +501,12 @@ impl BackupReceiver {
         let guard = self.inner.read_standby();
         let epoch = guard.committed.filter(|_| !guard.state.is_empty())?;
         Some(CommittedView { epoch, guard })
+    }
+
+    /// The time of the last frame from an authenticated primary (heartbeats included), for the
+    /// failure detector. The handle stays valid after [`BackupReceiver::stop`].
+    pub fn link_activity(&self) -> LinkActivity {
+        self.inner.activity.clone()
     }
 
     /// What the standby holds, as the primary is told on connecting.
@@ -693,6 +703,8 @@ fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
         s.connected = Some(peer);
     }
     tracing::info!(%peer, "primary connected");
+    // The handshake was a sign of life too, and a new session voids an earlier goodbye.
+    inner.activity.session_started();
     let mut session = Session::new(inner, &stream, sealer, session.opener);
     let result = session.run();
     let discarded = session.discard();
@@ -809,6 +821,7 @@ impl<'a> Session<'a> {
                 Err(e) => return Err(SessionError::Frame(e)),
             };
             self.inner.bytes_received.fetch_add((HEADER_LEN + buf.len() + TAG_LEN) as u64, Ordering::Relaxed);
+            self.inner.activity.touch();
             // The tag of an authenticated frame is always there after read_into succeeded.
             let tag = self.opener.last_tag().unwrap_or_default();
             match header.kind {
@@ -823,6 +836,7 @@ impl<'a> Session<'a> {
                 FrameKind::Goodbye => {
                     let reason = String::from_utf8_lossy(&buf).into_owned();
                     tracing::info!(%reason, "primary said goodbye");
+                    self.inner.activity.goodbye();
                     return match &self.staging {
                         Some(s) => Err(SessionError::ClosedMidEpoch(s.begin.epoch)),
                         None => Ok(()),

@@ -1,1 +1,10 @@
 //! High availability on the backup: noticing that the primary is gone, and becoming the primary.
+//!
+//! * [`heartbeat`]: the link activity stamp the receiver keeps, and the primary's idle heartbeat;
+//! * [`detector`]: the [`detector::FailureDetector`] trait and a timeout detector;
+//! * [`failover`]: the [`failover::BackupDaemon`], which runs the receiver, watches the
+//!   detector and promotes the standby (see [`crate::backup::activate`]).
+
+pub mod detector;
+pub mod failover;
+pub mod heartbeat;

@@ -1,0 +1,384 @@
+//! The backup daemon: receive checkpoints, watch the primary, take over when it dies.
+//!
+//! One thread polls the receiver's link activity stamp into the failure detector every
+//! `poll_interval`. While the primary is alive or only suspected, nothing happens (status shows
+//! the suspicion). When the verdict is dead:
+//! * with a restorable standby (an epoch committed with a machine state), the daemon stops the
+//!   receiver (which discards any half-received epoch), [`promote`]s the committed standby into a
+//!   fresh VM, and runs it: role `Standby` → `Promoting` → `Active`;
+//! * without one (the primary died before its first full checkpoint), there is nothing to resume:
+//!   the daemon logs an error and keeps waiting, receiver running, for a primary to come back;
+//! * a primary that said goodbye left on purpose: its silence is not a death, no takeover.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ftvm_proto::EpochId;
+use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
+
+use super::detector::{DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
+use super::heartbeat::{monotonic_us, LinkActivity};
+use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
+use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
+use crate::ErrorChain;
+
+/// Settings of a [`BackupDaemon`].
+#[derive(Debug)]
+pub struct DaemonConfig {
+    /// The A-Link receiver.
+    pub receiver: ReceiverConfig,
+    /// The failure detector's timeouts.
+    pub detector: DetectorConfig,
+    /// How often the detector is polled (detection latency is at most this over the timeout).
+    pub poll_interval: Duration,
+    /// What the restored VM gets on this host.
+    pub promote: PromoteConfig,
+}
+
+impl DaemonConfig {
+    /// Default detector timeouts, polled every millisecond.
+    pub fn new(receiver: ReceiverConfig, promote: PromoteConfig) -> Self {
+        Self { receiver, detector: DetectorConfig::default(), poll_interval: Duration::from_millis(1), promote }
+    }
+}
+
+/// What this host is for the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Receiving checkpoints from a primary (or waiting for one).
+    Standby,
+    /// The primary is dead; restoring the committed standby.
+    Promoting,
+    /// The restored VM runs here.
+    Active,
+    /// The restored VM's run ended (stopped, or the guest exited).
+    Ended,
+    /// The promotion failed; see `last_error`.
+    Failed,
+}
+
+/// How the takeover went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromotionTimings {
+    /// The epoch the VM was restored from.
+    pub epoch: EpochId,
+    /// From the primary's last frame to the dead verdict (the detection time).
+    pub last_frame_to_dead: Duration,
+    /// From the first suspicion (the short timeout) to the dead verdict.
+    pub suspected_to_dead: Duration,
+    /// Stopping the receiver.
+    pub stop_receiver: Duration,
+    /// Inside [`promote`].
+    pub restore: RestoreTimings,
+    /// From the dead verdict to the restored guest's vCPUs being started.
+    pub dead_to_resumed: Duration,
+    /// From the first suspicion to the restored guest's vCPUs being started.
+    pub suspected_to_resumed: Duration,
+}
+
+/// A snapshot of the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonStatus {
+    /// This host's role.
+    pub role: Role,
+    /// The last committed epoch (restorable or not).
+    pub committed: Option<EpochId>,
+    /// Whether the committed standby can be resumed.
+    pub restorable: bool,
+    /// Whether a primary is connected.
+    pub connected: bool,
+    /// Whether the last primary said goodbye (left on purpose: no takeover).
+    pub primary_left: bool,
+    /// Time since the primary's last frame.
+    pub last_frame_age: Option<Duration>,
+    /// The detector's last verdict.
+    pub suspicion: Suspicion,
+    /// Set once promoted.
+    pub promotion: Option<PromotionTimings>,
+    /// How the restored VM's run ended.
+    pub exit: Option<MachineExit>,
+    /// The last error (promotion failure, "nothing to resume", the machine's run error).
+    pub last_error: Option<String>,
+}
+
+/// Why [`BackupDaemon::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonStartError {
+    /// The receiver could not start.
+    #[error("cannot start the A-Link receiver")]
+    Receiver(#[from] BindError),
+    /// The daemon thread.
+    #[error("cannot start the backup daemon thread")]
+    Thread(#[source] std::io::Error),
+}
+
+struct Shared {
+    status: Mutex<DaemonStatus>,
+    stop: AtomicBool,
+    source: Mutex<Option<CheckpointSource>>,
+    handle: Mutex<Option<MachineHandle>>,
+    run: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The backup host's daemon for one VM. See the module documentation.
+pub struct BackupDaemon {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for BackupDaemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupDaemon").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl BackupDaemon {
+    /// Starts the receiver and the watch.
+    pub fn start(cfg: DaemonConfig) -> Result<Self, DaemonStartError> {
+        let receiver = BackupReceiver::bind(cfg.receiver)?;
+        let local_addr = receiver.local_addr();
+        let shared = Arc::new(Shared {
+            status: Mutex::new(DaemonStatus {
+                role: Role::Standby,
+                committed: None,
+                restorable: false,
+                connected: false,
+                primary_left: false,
+                last_frame_age: None,
+                suspicion: Suspicion::NeverSeen,
+                promotion: None,
+                exit: None,
+                last_error: None,
+            }),
+            stop: AtomicBool::new(false),
+            source: Mutex::new(None),
+            handle: Mutex::new(None),
+            run: Mutex::new(None),
+        });
+        let watch = Watch {
+            shared: Arc::clone(&shared),
+            activity: receiver.link_activity(),
+            detector: TimeoutDetector::new(cfg.detector),
+            poll: cfg.poll_interval.clamp(Duration::from_micros(100), Duration::from_millis(100)),
+        };
+        let promote_cfg = cfg.promote;
+        let thread = std::thread::Builder::new()
+            .name("ftvm-backup-watch".into())
+            .spawn(move || watch.run(receiver, promote_cfg))
+            .map_err(DaemonStartError::Thread)?;
+        Ok(Self { shared, local_addr, thread: Some(thread) })
+    }
+
+    /// The A-Link address the receiver listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The current status.
+    pub fn status(&self) -> DaemonStatus {
+        lock(&self.shared.status).clone()
+    }
+
+    /// Waits up to `timeout` for `role`; returns the status then, or `None` on timeout.
+    pub fn wait_for_role(&self, role: Role, timeout: Duration) -> Option<DaemonStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if s.role == role {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Runs `f` on the restored machine's checkpoint source, once active.
+    pub fn with_source<R>(&self, f: impl FnOnce(&mut CheckpointSource) -> R) -> Option<R> {
+        lock(&self.shared.source).as_mut().map(f)
+    }
+
+    /// A handle on the restored machine, once active.
+    pub fn machine_handle(&self) -> Option<MachineHandle> {
+        lock(&self.shared.handle).clone()
+    }
+
+    /// Stops everything: the watch, the receiver, and the restored machine if one runs. Returns
+    /// the final status.
+    pub fn shutdown(mut self) -> DaemonStatus {
+        self.stop_all();
+        self.status()
+    }
+
+    fn stop_all(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(h) = lock(&self.shared.handle).as_ref() {
+            h.stop();
+        }
+        let run = lock(&self.shared.run).take();
+        if let Some(t) = run {
+            let _ = t.join();
+        }
+        lock(&self.shared.source).take();
+    }
+}
+
+impl Drop for BackupDaemon {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+struct Watch {
+    shared: Arc<Shared>,
+    activity: LinkActivity,
+    detector: TimeoutDetector,
+    poll: Duration,
+}
+
+impl Watch {
+    fn set_error(&self, role: Option<Role>, msg: String) {
+        let mut s = lock(&self.shared.status);
+        if let Some(r) = role {
+            s.role = r;
+        }
+        s.last_error = Some(msg);
+    }
+
+    fn run(mut self, receiver: BackupReceiver, promote_cfg: PromoteConfig) {
+        let mut suspected_at: Option<Instant> = None;
+        let mut reported_no_takeover = false;
+        let receiver = loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(self.poll);
+            let now = monotonic_us();
+            if let Some(t) = self.activity.last_us() {
+                self.detector.observe(t);
+            }
+            let verdict = self.detector.suspected(now);
+            let stats = receiver.stats();
+            {
+                let mut s = lock(&self.shared.status);
+                s.committed = stats.committed;
+                s.restorable = stats.restorable;
+                s.connected = stats.connected.is_some();
+                s.primary_left = self.activity.said_goodbye();
+                s.last_frame_age = self.activity.age(now);
+                s.suspicion = verdict;
+            }
+            match verdict {
+                Suspicion::NeverSeen | Suspicion::Alive => {
+                    if suspected_at.take().is_some() {
+                        tracing::info!("the primary is heard again");
+                    }
+                    reported_no_takeover = false;
+                }
+                Suspicion::Silent { for_ } => {
+                    if suspected_at.is_none() {
+                        // The suspicion began when the short timeout passed, possibly before this poll.
+                        let late = for_.saturating_sub(self.detector.config().silent_after);
+                        suspected_at = Some(Instant::now().checked_sub(late).unwrap_or_else(Instant::now));
+                        tracing::warn!(silent_for = ?for_, "the primary is silent");
+                    }
+                }
+                Suspicion::Dead { for_, reason } => {
+                    if self.activity.said_goodbye() {
+                        // A planned departure (shutdown, switchover): the primary stopped its VM
+                        // itself, so resuming it here would run a VM nobody wants, or two.
+                        if !reported_no_takeover {
+                            reported_no_takeover = true;
+                            let msg = "the primary said goodbye: no takeover; waiting for a primary".to_string();
+                            tracing::warn!("{msg}");
+                            self.set_error(None, msg);
+                        }
+                        continue;
+                    }
+                    if stats.restorable {
+                        tracing::error!(silent_for = ?for_, ?reason, "the primary is dead: taking over");
+                        let dead_at = Instant::now();
+                        let suspected = suspected_at.unwrap_or(dead_at);
+                        break (receiver, dead_at, suspected, for_);
+                    }
+                    if !reported_no_takeover {
+                        reported_no_takeover = true;
+                        let msg = format!(
+                            "the primary is dead ({reason:?}, silent for {for_:?}) but no restorable checkpoint \
+                             was ever committed (committed {:?}): nothing to resume; waiting for a primary",
+                            stats.committed
+                        );
+                        tracing::error!("{msg}");
+                        self.set_error(None, msg);
+                    }
+                }
+            }
+        };
+        let (receiver, dead_at, suspected_at, last_frame_to_dead) = receiver;
+        lock(&self.shared.status).role = Role::Promoting;
+
+        let t = Instant::now();
+        let standby = match receiver.stop() {
+            Ok(s) => s,
+            Err(e) => return self.set_error(Some(Role::Failed), format!("cannot stop the receiver: {}", ErrorChain(&e))),
+        };
+        let stop_receiver = t.elapsed();
+        let promoted = match promote(standby, promote_cfg) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %ErrorChain(&e), "promotion failed");
+                return self.set_error(Some(Role::Failed), format!("promotion failed: {}", ErrorChain(&e)));
+            }
+        };
+        let mut machine = promoted.machine;
+        *lock(&self.shared.handle) = Some(machine.handle());
+        *lock(&self.shared.source) = Some(promoted.source);
+        let announcer = promoted.announcer;
+        let shared = Arc::clone(&self.shared);
+        let resumed = Instant::now();
+        let run = std::thread::Builder::new().name("ftvm-vm-run".into()).spawn(move || {
+            let result = machine.run();
+            // The announcer must not outlive the run by much; it ends by itself within its schedule.
+            drop(announcer);
+            let mut s = lock(&shared.status);
+            s.role = Role::Ended;
+            match result {
+                Ok(exit) => s.exit = Some(exit),
+                Err(e) => s.last_error = Some(format!("the restored machine failed: {}", ErrorChain(&e))),
+            }
+        });
+        match run {
+            Ok(t) => *lock(&self.shared.run) = Some(t),
+            Err(e) => return self.set_error(Some(Role::Failed), format!("cannot start the VM thread: {e}")),
+        }
+        let timings = PromotionTimings {
+            epoch: promoted.epoch,
+            last_frame_to_dead,
+            suspected_to_dead: dead_at.saturating_duration_since(suspected_at),
+            stop_receiver,
+            restore: promoted.timings,
+            dead_to_resumed: resumed.saturating_duration_since(dead_at),
+            suspected_to_resumed: resumed.saturating_duration_since(suspected_at),
+        };
+        tracing::info!(?timings, "active: the restored guest runs");
+        let mut s = lock(&self.shared.status);
+        // The run may already have ended (a guest that exits at once): keep its verdict.
+        if s.role == Role::Promoting {
+            s.role = Role::Active;
+        }
+        s.promotion = Some(timings);
+        s.connected = false;
+    }
+}
