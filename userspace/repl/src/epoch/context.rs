@@ -1,0 +1,168 @@
+//! Per-epoch metrics as a typed state machine: an epoch is [`Paused`], then [`Captured`] (dirty
+//! pages harvested, state read, output and disk writes sealed, pages staged), then [`Resumed`],
+//! then [`Sent`] (committed on the link, waiting for its acknowledgement). Each transition records
+//! the time and figures of its step, so a metric cannot be read before the step that makes it
+//! exists (the pause length is only known once resumed, the bytes only once sent).
+
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use ftvm_proto::EpochId;
+use ftvm_vmm::machine::CaptureTimings;
+
+/// The vCPUs and devices are paused for the epoch.
+#[derive(Debug)]
+pub enum Paused {}
+/// Pages harvested, state read, output and disk writes sealed, pages copied out.
+#[derive(Debug)]
+pub enum Captured {}
+/// The machine runs again.
+#[derive(Debug)]
+pub enum Resumed {}
+/// Committed on the A-Link; the acknowledgement is pending.
+#[derive(Debug)]
+pub enum Sent {}
+
+/// What one epoch cost. Fields are filled in as the epoch advances; see [`EpochContext`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpochMetrics {
+    /// The epoch.
+    pub epoch: EpochId,
+    /// Dirty pages it carries.
+    pub pages: u64,
+    /// Disk writes it carries.
+    pub disk_writes: u64,
+    /// Guest frames sealed with it (held until its acknowledgement).
+    pub frames: u64,
+    /// Asking every vCPU and the devices to stop, until they had.
+    pub pause_wait: Duration,
+    /// Where the capture spent its time (harvest, vCPU state, devices).
+    pub capture: CaptureTimings,
+    /// Copying the dirty pages into the staging buffer.
+    pub copy: Duration,
+    /// Resuming the devices and vCPUs.
+    pub resume: Duration,
+    /// From the pause request to the machine running again: what the guest lost.
+    pub pause: Duration,
+    /// Bytes put on the A-Link for the epoch (pages and framing; state and disk writes added).
+    pub link_bytes: u64,
+    /// Bytes of machine state.
+    pub state_bytes: u64,
+    /// Sending the epoch, from resume to the end of commit.
+    pub send: Duration,
+}
+
+impl EpochMetrics {
+    /// Bytes of dirty guest memory the epoch carries.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.pages * crate::PAGE_SIZE as u64
+    }
+}
+
+/// One epoch in state `S`.
+#[derive(Debug)]
+pub struct EpochContext<S> {
+    started: Instant,
+    mark: Instant,
+    metrics: EpochMetrics,
+    _state: PhantomData<S>,
+}
+
+impl EpochContext<Paused> {
+    /// The pause for `epoch` was asked for at `started` and completed now.
+    pub fn paused(epoch: EpochId, started: Instant) -> Self {
+        let now = Instant::now();
+        Self {
+            started,
+            mark: now,
+            metrics: EpochMetrics { epoch, pause_wait: now - started, ..EpochMetrics::default() },
+            _state: PhantomData,
+        }
+    }
+
+    /// Capture, seals and the staging copy are done.
+    pub fn captured(
+        mut self,
+        pages: u64,
+        disk_writes: u64,
+        frames: u64,
+        capture: CaptureTimings,
+        copy: Duration,
+    ) -> EpochContext<Captured> {
+        self.metrics.pages = pages;
+        self.metrics.disk_writes = disk_writes;
+        self.metrics.frames = frames;
+        self.metrics.capture = capture;
+        self.metrics.copy = copy;
+        self.mark = Instant::now();
+        self.into_state()
+    }
+}
+
+impl EpochContext<Captured> {
+    /// The machine runs again.
+    pub fn resumed(mut self) -> EpochContext<Resumed> {
+        let now = Instant::now();
+        self.metrics.resume = now - self.mark;
+        self.metrics.pause = now - self.started;
+        self.mark = now;
+        self.into_state()
+    }
+}
+
+impl EpochContext<Resumed> {
+    /// From the pause request to the resume.
+    pub fn pause(&self) -> Duration {
+        self.metrics.pause
+    }
+
+    /// The epoch was committed on the link with `link_bytes` bytes (state included).
+    pub fn sent(mut self, link_bytes: u64, state_bytes: u64) -> EpochContext<Sent> {
+        self.metrics.link_bytes = link_bytes;
+        self.metrics.state_bytes = state_bytes;
+        self.metrics.send = self.mark.elapsed();
+        self.into_state()
+    }
+}
+
+impl<S> EpochContext<S> {
+    /// The epoch.
+    pub fn epoch(&self) -> EpochId {
+        self.metrics.epoch
+    }
+
+    /// When the pause was asked for.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn into_state<T>(self) -> EpochContext<T> {
+        EpochContext { started: self.started, mark: self.mark, metrics: self.metrics, _state: PhantomData }
+    }
+}
+
+impl EpochContext<Sent> {
+    /// The figures of a fully sent epoch.
+    pub fn metrics(&self) -> &EpochMetrics {
+        &self.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_fill_in_as_the_epoch_advances() {
+        let t0 = Instant::now();
+        let ctx = EpochContext::paused(EpochId(7), t0);
+        let ctx = ctx.captured(3, 1, 2, CaptureTimings::default(), Duration::from_micros(5));
+        let ctx = ctx.resumed();
+        let ctx = ctx.sent(5 * 4096, 100);
+        let m = ctx.metrics();
+        assert_eq!((m.epoch, m.pages, m.disk_writes, m.frames), (EpochId(7), 3, 1, 2));
+        assert_eq!(m.dirty_bytes(), 3 * 4096);
+        assert!(m.pause >= m.pause_wait);
+        assert_eq!(m.link_bytes, 5 * 4096);
+    }
+}
