@@ -29,6 +29,12 @@ pub struct Cli {
 pub enum Command {
     /// Run one unprotected VM on this host (the baseline every benchmark compares against).
     Run(RunArgs),
+    /// Run a VM as the primary of a fault-tolerant pair: checkpoints go to the backup over the
+    /// A-Link, and the guest's network output waits for the backup's acknowledgement.
+    Primary(crate::ft::PrimaryArgs),
+    /// Be the backup of a fault-tolerant pair: keep the last committed checkpoint, and resume the VM
+    /// from it when the primary dies.
+    Backup(crate::ft::BackupArgs),
     /// A whole site on this one machine, in network namespaces: hosts A and B, a client, a
     /// business LAN and the A-Link.
     Site {

@@ -2,6 +2,7 @@
 
 mod cli;
 mod console;
+mod ft;
 mod netns;
 mod run;
 mod signals;
@@ -22,6 +23,8 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Primary(args) => ft::primary(args),
+        cli::Command::Backup(args) => ft::backup(args),
         cli::Command::Site { command } => site::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {

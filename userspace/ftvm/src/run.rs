@@ -6,26 +6,35 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use ftvm_vmm::devices::{BlockConfig, DeviceConfig, NetConfig};
-use ftvm_vmm::machine::{BootParams, Machine, MachineExit, VmConfig};
+use ftvm_vmm::dirty::DirtyTracking;
+use ftvm_vmm::machine::{BootParams, Machine, MachineExit, MachineHandle, VmConfig};
 
 use crate::cli::RunArgs;
 use crate::console::ConsoleTee;
 use crate::{netns, signals};
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    // Before any thread exists: the signal mask and the namespace are inherited by every thread
-    // the VMM starts (vCPU, device I/O).
-    signals::block_stop_signals()?;
-    if let Some(name) = &args.netns {
-        netns::enter(name)?;
-    }
+    let config = prepare_vm(&args, DirtyTracking::Off)?;
+    let mut machine = Machine::create(config)?;
+    stop_on_signal(machine.handle())?;
+    tracing::info!(
+        guest_ip = %args.ip.0,
+        port = args.port,
+        tap = %args.tap,
+        netns = args.netns.as_deref().unwrap_or("-"),
+        "VM started (unprotected)"
+    );
+    exit_code(machine.run()?)
+}
+
+/// Everything before the VM exists: signal mask and namespace (inherited by every thread the VMM
+/// starts later, so this must come first), the guest, the disk, the console.
+pub fn prepare_vm(args: &RunArgs, dirty_tracking: DirtyTracking) -> Result<VmConfig> {
+    enter_process_context(args.netns.as_deref())?;
     let guest = guest_elf(&args.guest)?;
     prepare_disk(&args.disk, args.disk_size)?;
-    let console = ConsoleTee::new(args.console_log.as_deref()).with_context(|| {
-        format!("cannot open console log {}", args.console_log.as_deref().unwrap_or(Path::new("")).display())
-    })?;
-
-    let config = VmConfig {
+    let console = open_console(args.console_log.as_deref())?;
+    Ok(VmConfig {
         mem_size: args.memory,
         guest_elf: guest,
         boot: BootParams {
@@ -42,23 +51,36 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             block: Some(BlockConfig { path: args.disk.clone() }),
         },
         console: Box::new(console),
-        // An unprotected VM tracks nothing; the checkpoint engine chooses a tracker for FT.
-        dirty_tracking: ftvm_vmm::dirty::DirtyTracking::Off,
-    };
-    let mut machine = Machine::create(config)?;
-    let handle = machine.handle();
+        dirty_tracking,
+    })
+}
+
+/// Blocks the stop signals and enters the namespace, before any thread exists.
+pub fn enter_process_context(netns: Option<&str>) -> Result<()> {
+    signals::block_stop_signals()?;
+    if let Some(name) = netns {
+        netns::enter(name)?;
+    }
+    Ok(())
+}
+
+/// The guest console: stdout, and the log file if asked.
+pub fn open_console(log: Option<&Path>) -> Result<ConsoleTee> {
+    ConsoleTee::new(log)
+        .with_context(|| format!("cannot open console log {}", log.unwrap_or(Path::new("")).display()))
+}
+
+/// Ctrl-C and SIGTERM stop the VM cleanly (disk flushed).
+pub fn stop_on_signal(handle: MachineHandle) -> Result<()> {
     signals::on_stop_signal(move |signal| {
         tracing::info!(signal, "stop requested; flushing the disk and stopping the VM");
         handle.stop();
-    })?;
-    tracing::info!(
-        guest_ip = %args.ip.0,
-        port = args.port,
-        tap = %args.tap,
-        netns = args.netns.as_deref().unwrap_or("-"),
-        "VM started (unprotected)"
-    );
-    match machine.run()? {
+    })
+}
+
+/// The process exit for a machine's end.
+pub fn exit_code(exit: MachineExit) -> Result<ExitCode> {
+    match exit {
         MachineExit::Stopped => {
             tracing::info!("VM stopped");
             Ok(ExitCode::SUCCESS)
@@ -84,7 +106,7 @@ fn guest_elf(path: &Path) -> Result<PathBuf> {
 
 /// Creates a sparse disk file of `size` bytes when `path` does not exist; leaves an existing one
 /// untouched (it holds the guest's data).
-fn prepare_disk(path: &Path, size: u64) -> Result<()> {
+pub fn prepare_disk(path: &Path, size: u64) -> Result<()> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(()),
         Ok(_) => bail!("disk {} is not a regular file", path.display()),

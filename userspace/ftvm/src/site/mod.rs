@@ -107,6 +107,10 @@ struct StatusReport<'a> {
     guest_ip: &'a str,
     guest_port: u16,
     connect: String,
+    epochs_per_sec: Option<f64>,
+    last_pause_us: Option<f64>,
+    replication_lag_epochs: Option<f64>,
+    takeover_ms: Option<f64>,
     hosts: Vec<HostStatus<'a>>,
 }
 
@@ -114,8 +118,10 @@ struct StatusReport<'a> {
 struct HostStatus<'a> {
     name: &'a str,
     netns: &'a str,
-    role: &'a str,
+    role: String,
     running: bool,
+    /// The host's own status report, as it wrote it.
+    detail: Option<serde_json::Value>,
 }
 
 fn site_dir(name: &str) -> PathBuf {
@@ -211,72 +217,126 @@ fn up(args: UpArgs) -> Result<()> {
             return Err(e);
         }
     }
-    println!("site {name} is up: the VM serves on {}:{DEFAULT_KV_PORT} (host A, unprotected)", topology::GUEST_IP);
+    println!("site {name} is up: the VM serves on {}:{DEFAULT_KV_PORT}, primary on host A, protected by host B", topology::GUEST_IP);
     println!("  ip netns exec {} redis-cli -h {} PING", names.client, topology::GUEST_IP);
     println!("  ftvm site status --name {name}; ftvm site down --name {name}");
     Ok(())
 }
 
-fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
+/// The A-Link port the backup listens on.
+const ALINK_PORT: u16 = crate::ft::DEFAULT_ALINK_PORT;
+
+/// Starts one host's ftvm process in its namespace, detached from this terminal.
+fn spawn_host(dir: &Path, host: &str, args: &[String]) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
-    let console_log = dir.join("host-a.console.log");
-    let stderr_log = dir.join("host-a.log");
-    let mut cmd = Command::new(exe);
-    cmd.args(["run", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP])
-        .arg("--guest")
-        .arg(&args.guest)
-        .arg("--memory")
-        .arg(args.memory.to_string())
-        .arg("--disk")
-        .arg(dir.join("disk-a.img"))
-        .args(["--ip", &format!("{}/{}", topology::GUEST_IP, topology::LAN_PREFIX)])
-        .arg("--console-log")
-        .arg(&console_log)
+    let log = dir.join(format!("host-{host}.log"));
+    let child = Command::new(exe)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(&stderr_log).context("cannot create the host log")?)
+        .stderr(File::create(&log).with_context(|| format!("cannot create {}", log.display()))?)
         // Its own process group: a Ctrl-C typed at `site up` must not reach the VM.
-        .process_group(0);
-    let child = cmd.spawn().context("cannot start the VM process")?;
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start host {host}"))?;
+    Ok(child.id() as i32)
+}
+
+/// A fresh random A-Link secret, readable by root only.
+fn write_secret(path: &Path) -> Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut raw = [0u8; 32];
+    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut raw)).context("cannot read /dev/urandom")?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(hex.as_bytes())?;
+    Ok(())
+}
+
+fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
+    let secret = dir.join("alink.secret");
+    write_secret(&secret)?;
+    let s = |p: &Path| p.display().to_string();
+    let guest_cidr = format!("{}/{}", topology::GUEST_IP, topology::LAN_PREFIX);
+    let alink = format!("{}:{ALINK_PORT}", topology::ALINK_IPS[1]);
+    let memory = args.memory.to_string();
+    let backup_args: Vec<String> = [
+        "backup", "--netns", &names.hosts[1], "--listen", &alink, "--secret-file", &s(&secret), "--memory", &memory,
+        "--disk", &s(&dir.join("disk-b.img")), "--tap", topology::GUEST_TAP, "--ip", &guest_cidr,
+        "--console-log", &s(&dir.join("host-b.console.log")), "--status-file", &s(&dir.join("host-b.status.json")),
+    ]
+    .map(String::from)
+    .to_vec();
+    let backup_pid = spawn_host(dir, "b", &backup_args)?;
+    let primary_args: Vec<String> = [
+        "primary", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP, "--guest", &s(&args.guest),
+        "--memory", &memory, "--disk", &s(&dir.join("disk-a.img")), "--ip", &guest_cidr,
+        "--console-log", &s(&dir.join("host-a.console.log")), "--peer", &alink, "--secret-file", &s(&secret),
+        "--status-file", &s(&dir.join("host-a.status.json")),
+    ]
+    .map(String::from)
+    .to_vec();
+    let primary_pid = spawn_host(dir, "a", &primary_args)?;
     let record = SiteRecord {
         name: args.site.name.clone(),
         client_netns: names.client.clone(),
         guest_ip: topology::GUEST_IP.to_string(),
         guest_port: DEFAULT_KV_PORT,
         hosts: vec![
-            HostRecord { name: "A".into(), netns: names.hosts[0].clone(), pids: vec![child.id() as i32], role: "unprotected".into(), killed: false },
-            HostRecord { name: "B".into(), netns: names.hosts[1].clone(), pids: vec![], role: "idle".into(), killed: false },
+            HostRecord { name: "A".into(), netns: names.hosts[0].clone(), pids: vec![primary_pid], role: "primary".into(), killed: false },
+            HostRecord { name: "B".into(), netns: names.hosts[1].clone(), pids: vec![backup_pid], role: "backup".into(), killed: false },
         ],
     };
     save(&record)?;
-    wait_serving(child.id() as i32, &console_log, &stderr_log, Duration::from_secs(args.timeout))?;
+    wait_protected(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout))?;
     check_from_client(names)
 }
 
-/// Waits for the guest's "serving" line, printing progress once a second.
-fn wait_serving(pid: i32, console: &Path, log: &Path, timeout: Duration) -> Result<()> {
+/// Waits until the primary reports the pair protected, printing progress once a second.
+fn wait_protected(primary: i32, backup: i32, dir: &Path, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     let mut last_report = start;
     loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default();
-        if text.contains("ftvm-guest: serving on") {
-            eprintln!("site: guest serving after {:.1} s", start.elapsed().as_secs_f64());
+        let status = read_json(&dir.join("host-a.status.json"));
+        let state = status.as_ref().and_then(|v| v["state"].as_str().map(String::from)).unwrap_or_default();
+        if state == "protected" {
+            eprintln!("site: protected after {:.1} s", start.elapsed().as_secs_f64());
             return Ok(());
         }
-        if !alive(pid) {
-            let reason = std::fs::read_to_string(log).unwrap_or_default();
-            let reason = reason.lines().rev().find(|l| l.contains("error")).unwrap_or("no reason logged");
-            bail!("the VM process exited before serving: {reason}");
+        for (pid, host) in [(primary, "a"), (backup, "b")] {
+            if !alive(pid) {
+                bail!("host {} exited before the pair was protected: {}", host.to_uppercase(), last_error_line(&dir.join(format!("host-{host}.log"))));
+            }
+        }
+        if state == "simplex" {
+            bail!("the primary lost its backup during the initial sync: {}", last_error_line(&dir.join("host-a.log")));
         }
         if start.elapsed() > timeout {
-            bail!("the guest did not serve within {} s (see {})", timeout.as_secs(), console.display());
+            bail!("the pair was not protected within {} s (state: {state:?}; logs in {})", timeout.as_secs(), dir.display());
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
-            eprintln!("site: waiting for the guest to serve ({} s)", start.elapsed().as_secs());
+            let detail = status.as_ref().and_then(|v| v["detail"].as_str().map(String::from)).unwrap_or_default();
+            eprintln!("site: {} {detail} ({} s)", if state.is_empty() { "starting" } else { &state }, start.elapsed().as_secs());
             last_report = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// The last line of a host log that names an error, for one-line failure reports.
+fn last_error_line(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().rev().find(|l| l.contains("error") || l.contains("ERROR")).unwrap_or("no reason logged").trim().to_string()
 }
 
 /// Proves the business LAN path: a PING from the client namespace through the bridges.
@@ -295,27 +355,61 @@ fn check_from_client(names: &SiteNames) -> Result<()> {
     Ok(())
 }
 
-fn site_state(record: &SiteRecord) -> &'static str {
-    let running = |h: &HostRecord| h.pids.iter().any(|&p| alive(p));
-    match record.hosts.iter().find(|h| h.role == "unprotected") {
-        Some(h) if running(h) => "simplex",
-        _ => "failed",
+/// What one host says about itself: its status file if its process runs.
+fn host_view(record: &SiteRecord, dir: &Path, h: &HostRecord) -> (bool, Option<serde_json::Value>) {
+    let running = h.pids.iter().any(|&p| alive(p));
+    let status = running.then(|| read_json(&dir.join(format!("host-{}.status.json", h.name.to_ascii_lowercase())))).flatten();
+    let _ = record;
+    (running, status)
+}
+
+/// The site's state from the two hosts' own reports.
+fn site_state(primary: &(bool, Option<serde_json::Value>), backup: &(bool, Option<serde_json::Value>)) -> &'static str {
+    let field = |v: &Option<serde_json::Value>, k: &str| v.as_ref().and_then(|v| v[k].as_str().map(String::from)).unwrap_or_default();
+    let backup_role = field(&backup.1, "role");
+    if backup.0 && (backup_role == "active" || backup_role == "promoting") {
+        return "failed over";
+    }
+    if !primary.0 {
+        return "failed";
+    }
+    match field(&primary.1, "state").as_str() {
+        "protected" if backup.0 => "protected",
+        "syncing" if backup.0 => "syncing",
+        _ => "simplex",
     }
 }
 
 fn status(args: StatusArgs) -> Result<()> {
     let record = load(&args.site.name)?;
-    let state = site_state(&record);
+    let dir = site_dir(&record.name);
+    let views: Vec<_> = record.hosts.iter().map(|h| host_view(&record, &dir, h)).collect();
+    let state = site_state(&views[0], &views[1]);
+    let field_str = |v: &Option<serde_json::Value>, k: &str| v.as_ref().and_then(|v| v[k].as_str().map(String::from));
     let hosts: Vec<_> = record
         .hosts
         .iter()
-        .map(|h| HostStatus {
-            name: &h.name,
-            netns: &h.netns,
-            role: if h.killed { "killed" } else { &h.role },
-            running: h.pids.iter().any(|&p| alive(p)),
+        .zip(&views)
+        .map(|(h, (running, st))| {
+            let reported = field_str(st, "role");
+            let role = if h.killed {
+                "killed".to_string()
+            } else if !running {
+                "stopped".to_string()
+            } else {
+                match reported.as_deref() {
+                    // The backup's daemon reports its own view; "active" means it now runs the VM.
+                    Some("active") | Some("promoting") => "primary".to_string(),
+                    Some("standby") => "backup".to_string(),
+                    Some(other) => other.to_string(),
+                    None => h.role.clone(),
+                }
+            };
+            HostStatus { name: &h.name, netns: &h.netns, role, running: *running, detail: st.clone() }
         })
         .collect();
+    let primary = views[0].1.as_ref();
+    let num = |k: &str| primary.and_then(|v| v[k].as_f64());
     let report = StatusReport {
         site: &record.name,
         state,
@@ -323,6 +417,10 @@ fn status(args: StatusArgs) -> Result<()> {
         guest_ip: &record.guest_ip,
         guest_port: record.guest_port,
         connect: format!("ip netns exec {} redis-cli -h {} -p {}", record.client_netns, record.guest_ip, record.guest_port),
+        epochs_per_sec: num("epochs_per_sec"),
+        last_pause_us: num("last_pause_us"),
+        replication_lag_epochs: num("lag_epochs"),
+        takeover_ms: views[1].1.as_ref().and_then(|v| v["takeover_ms"].as_f64()),
         hosts,
     };
     if args.json {
@@ -332,8 +430,17 @@ fn status(args: StatusArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "site {}: {}   guest {}:{}", report.site, report.state, report.guest_ip, report.guest_port)?;
     for h in &report.hosts {
-        writeln!(out, "  host {:<2} {:<12} {:<12} {}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
+        writeln!(out, "  host {:<2} {:<10} {:<8} {}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
     }
+    let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.0}{unit}"));
+    writeln!(
+        out,
+        "  epochs/s {}   last pause {}   lag {} epochs   takeover {}",
+        fmt(report.epochs_per_sec, ""),
+        fmt(report.last_pause_us, " µs"),
+        fmt(report.replication_lag_epochs, ""),
+        fmt(report.takeover_ms, " ms")
+    )?;
     writeln!(out, "  connect: {}", report.connect)?;
     Ok(())
 }

@@ -1,0 +1,323 @@
+//! `ftvm primary` and `ftvm backup`: the two halves of a fault-tolerant pair.
+//!
+//! The primary runs the VM, checkpoints it every epoch over the A-Link and holds the guest's
+//! network output until the backup acknowledges the epoch that produced it. The backup keeps the
+//! last committed checkpoint and, when the primary falls silent, resumes the VM from it and
+//! announces the guest's address. Each writes its status as JSON to `--status-file` several times a
+//! second (`ftvm site status` reads them).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
+use ftvm_repl::backup::receiver::ReceiverConfig;
+use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, PrimaryEngine};
+use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
+use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
+use ftvm_vmm::dirty::DirtyTracking;
+use ftvm_vmm::machine::Machine;
+use serde::Serialize;
+
+use crate::cli::{parse_ipv4_cidr, parse_mac, parse_size, RunArgs, DEFAULT_GUEST_IP, DEFAULT_GUEST_MAC, DEFAULT_NEW_DISK_SIZE, DEFAULT_TAP};
+use crate::run;
+
+/// Default A-Link port.
+pub const DEFAULT_ALINK_PORT: u16 = 7700;
+
+#[derive(Debug, Args)]
+pub struct PrimaryArgs {
+    #[command(flatten)]
+    pub vm: RunArgs,
+    /// The backup's A-Link address (host:port).
+    #[arg(long)]
+    pub peer: SocketAddr,
+    /// File holding the shared secret of the A-Link (at least 16 bytes).
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    /// Write this host's status here (JSON), several times a second.
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
+    /// Checkpoint interval in microseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub epoch_us: u64,
+    /// How long to keep trying to reach the backup at start, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Address to listen on for the primary (this host's A-Link address; never 0.0.0.0).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// File holding the shared secret of the A-Link.
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    /// Guest RAM (must equal the primary's).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// The standby disk (a raw file; created sparse if missing).
+    #[arg(long)]
+    pub disk: PathBuf,
+    /// Size of the standby disk (must equal the primary's).
+    #[arg(long, default_value = DEFAULT_NEW_DISK_SIZE, value_parser = parse_size)]
+    pub disk_size: u64,
+    /// TAP the VM uses on this host once it takes over.
+    #[arg(long, default_value = DEFAULT_TAP)]
+    pub tap: String,
+    /// Run inside this network namespace.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// The guest's address (announced by gratuitous ARP at takeover).
+    #[arg(long, default_value = DEFAULT_GUEST_IP, value_parser = parse_ipv4_cidr)]
+    pub ip: (std::net::Ipv4Addr, u8),
+    /// The guest's MAC.
+    #[arg(long, default_value = DEFAULT_GUEST_MAC, value_parser = parse_mac)]
+    pub mac: [u8; 6],
+    /// Host address for the TAP once it takes over.
+    #[arg(long, value_parser = parse_ipv4_cidr)]
+    pub host_ip: Option<(std::net::Ipv4Addr, u8)>,
+    /// Also write the guest console here after takeover.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Write this host's status here (JSON), several times a second.
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
+    /// Declare the primary dead after this many milliseconds of silence on the A-Link.
+    #[arg(long, default_value_t = 100)]
+    pub dead_after_ms: u64,
+}
+
+/// Reads the A-Link secret: the file's bytes without a trailing newline.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+    let mut secret = std::fs::read(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    if secret.len() < ftvm_proto::handshake::MIN_SECRET_LEN {
+        bail!(
+            "secret file {} holds {} bytes; the A-Link needs at least {}",
+            path.display(),
+            secret.len(),
+            ftvm_proto::handshake::MIN_SECRET_LEN
+        );
+    }
+    Ok(secret)
+}
+
+/// Writes `value` as JSON to `path` atomically (write, then rename).
+fn write_status(path: &Path, value: &impl Serialize) {
+    let tmp = path.with_extension("tmp");
+    let ok = serde_json::to_vec_pretty(value)
+        .ok()
+        .is_some_and(|json| std::fs::write(&tmp, json).is_ok() && std::fs::rename(&tmp, path).is_ok());
+    if !ok {
+        tracing::debug!(path = %path.display(), "cannot write the status file");
+    }
+}
+
+/// The primary's status file.
+#[derive(Debug, Serialize)]
+pub struct PrimaryStatus {
+    pub role: &'static str,
+    pub state: String,
+    pub detail: String,
+    pub epochs_committed: u64,
+    pub epochs_per_sec: f64,
+    pub last_pause_us: u64,
+    pub last_ack_us: Option<u64>,
+    pub lag_epochs: u64,
+    pub link_per_dirty_byte: Option<f64>,
+}
+
+fn engine_state(state: &EngineState) -> (&'static str, String) {
+    match state {
+        EngineState::Syncing(p) => (
+            "syncing",
+            format!(
+                "memory {}/{} pages, disk {}/{} MiB",
+                p.pages_sent,
+                p.pages_total,
+                p.disk_bytes_sent >> 20,
+                p.disk_bytes_total >> 20
+            ),
+        ),
+        EngineState::Protected => ("protected", String::new()),
+        EngineState::Simplex { reason } => ("simplex", reason.clone()),
+        EngineState::Stopped => ("stopped", String::new()),
+    }
+}
+
+/// Connects to the backup, retrying (with a line of progress every few seconds) until `timeout`.
+fn connect_backup(peer: SocketAddr, secret: &[u8], options: &TcpOptions, timeout: Duration) -> Result<TcpTransport> {
+    let start = Instant::now();
+    let mut last_report = start;
+    loop {
+        match TcpTransport::connect(peer, secret, options) {
+            Ok(t) => return Ok(t),
+            Err(e) if start.elapsed() < timeout => {
+                if last_report.elapsed() >= Duration::from_secs(3) {
+                    tracing::info!(%peer, error = %ftvm_repl::ErrorChain(&e), "waiting for the backup");
+                    last_report = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot reach the backup at {peer} within {} s", timeout.as_secs()))
+            }
+        }
+    }
+}
+
+pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
+    let secret = read_secret(&args.secret_file)?;
+    let config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
+    let options = TcpOptions { memory_bytes: Some(args.vm.memory), disk_bytes: Some(args.vm.disk_size_bytes()?), ..TcpOptions::default() };
+    // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
+    // half-started.
+    let transport = connect_backup(args.peer, &secret, &options, Duration::from_secs(args.connect_timeout))?;
+    tracing::info!(peer = %args.peer, "A-Link up");
+    let mut machine = Machine::create(config)?;
+    run::stop_on_signal(machine.handle())?;
+    let source = machine.checkpoint_source().context("cannot set up checkpoints")?;
+    let engine_config = EngineConfig { epoch_interval: Duration::from_micros(args.epoch_us.max(100)), ..EngineConfig::default() };
+    let disk = DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? };
+    let engine = PrimaryEngine::new(source, Box::new(transport), Some(disk), engine_config).context("cannot start the epoch engine")?;
+    let status = engine.status();
+    let handle = engine.spawn().context("cannot start the epoch engine thread")?;
+
+    let done = Arc::new(AtomicBool::new(false));
+    let reporter = {
+        let done = Arc::clone(&done);
+        let path = args.status_file.clone();
+        std::thread::Builder::new().name("status".into()).spawn(move || {
+            let mut last_state = String::new();
+            while !done.load(Ordering::Relaxed) {
+                let snap = status.snapshot();
+                let (state, detail) = engine_state(&snap.state);
+                if state != last_state {
+                    tracing::info!(state, %detail, "protection");
+                    last_state = state.to_string();
+                }
+                if let Some(path) = &path {
+                    write_status(
+                        path,
+                        &PrimaryStatus {
+                            role: "primary",
+                            state: state.to_string(),
+                            detail,
+                            epochs_committed: snap.epochs_committed,
+                            epochs_per_sec: snap.epochs_per_sec,
+                            last_pause_us: snap.last_epoch.pause.as_micros() as u64,
+                            last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
+                            lag_epochs: snap.lag_epochs(),
+                            link_per_dirty_byte: snap.link_per_dirty_byte(),
+                        },
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })?
+    };
+    let exit = machine.run();
+    done.store(true, Ordering::Relaxed);
+    let _ = reporter.join();
+    if let Err(e) = handle.stop() {
+        tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "epoch engine ended with an error");
+    }
+    run::exit_code(exit?)
+}
+
+/// The backup's status file.
+#[derive(Debug, Serialize)]
+pub struct BackupStatus {
+    pub role: String,
+    pub committed_epoch: Option<u64>,
+    pub restorable: bool,
+    pub connected: bool,
+    pub last_frame_age_ms: Option<f64>,
+    pub takeover_ms: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+pub fn backup(args: BackupArgs) -> Result<ExitCode> {
+    run::enter_process_context(args.netns.as_deref())?;
+    let secret = read_secret(&args.secret_file)?;
+    run::prepare_disk(&args.disk, args.disk_size)?;
+    let console = run::open_console(args.console_log.as_deref())?;
+    let receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
+    let promote = PromoteConfig {
+        net: Some(PromoteNet {
+            tap_name: args.tap.clone(),
+            mac: args.mac,
+            guest_ipv4: args.ip.0,
+            host_ipv4: args.host_ip,
+            announce: DEFAULT_ANNOUNCE_SCHEDULE.to_vec(),
+        }),
+        block: true,
+        console: Box::new(console),
+        dirty_tracking: DirtyTracking::Off,
+    };
+    let mut daemon_config = DaemonConfig::new(receiver, promote);
+    daemon_config.detector.dead_after = Duration::from_millis(args.dead_after_ms.max(10));
+    daemon_config.detector.silent_after = daemon_config.detector.silent_after.min(daemon_config.detector.dead_after);
+    let daemon = BackupDaemon::start(daemon_config).context("cannot start the backup")?;
+    tracing::info!(listen = %daemon.local_addr(), "backup waiting for the primary");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        crate::signals::on_stop_signal(move |_| stop.store(true, Ordering::Relaxed))?;
+    }
+    let mut last_role = None;
+    let result = loop {
+        let st = daemon.status();
+        if last_role != Some(st.role) {
+            tracing::info!(role = ?st.role, committed = ?st.committed, "backup role");
+            last_role = Some(st.role);
+        }
+        if let Some(path) = &args.status_file {
+            write_status(
+                path,
+                &BackupStatus {
+                    role: format!("{:?}", st.role).to_lowercase(),
+                    committed_epoch: st.committed.map(|e| e.0),
+                    restorable: st.restorable,
+                    connected: st.connected,
+                    last_frame_age_ms: st.last_frame_age.map(|d| d.as_secs_f64() * 1e3),
+                    takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
+                    last_error: st.last_error.clone(),
+                },
+            );
+        }
+        match st.role {
+            Role::Failed => break Err(anyhow::anyhow!("takeover failed: {}", st.last_error.unwrap_or_default())),
+            Role::Ended => break Ok(ExitCode::SUCCESS),
+            _ => {}
+        }
+        if stop.load(Ordering::Relaxed) {
+            break Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let final_status = daemon.shutdown();
+    tracing::info!(role = ?final_status.role, "backup stopped");
+    result
+}
+
+impl RunArgs {
+    /// The disk's size: the file's when it exists, the size it will be created with otherwise.
+    pub fn disk_size_bytes(&self) -> Result<u64> {
+        match std::fs::metadata(&self.disk) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.disk_size),
+            Err(e) => Err(e).with_context(|| format!("cannot open disk {}", self.disk.display())),
+        }
+    }
+}
