@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use ftvm_system_tests::{run_with_timeout, Netns, GUEST_IP};
+use ftvm_system_tests::{run_with_timeout, GUEST_IP};
 
 /// One line of `redis-benchmark --csv`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -80,11 +80,12 @@ fn split_csv(line: &str) -> Vec<String> {
     line.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect()
 }
 
-/// Runs redis-benchmark from inside `ns` against the guest.
-pub fn run_redis_benchmark(ns: &Netns, bench: &RedisBenchmark) -> Result<Vec<CommandResult>> {
+/// Runs redis-benchmark from inside the named namespace against the guest.
+pub fn run_redis_benchmark(netns: &str, bench: &RedisBenchmark) -> Result<Vec<CommandResult>> {
     let ip = GUEST_IP.to_string();
     let (n, c, p) = (bench.requests.to_string(), bench.clients.to_string(), bench.pipeline.to_string());
-    let mut cmd: Command = ns.exec(&[
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).args([
         "redis-benchmark", "-h", &ip, "-p", "6379", "-t", bench.tests, "-n", &n, "-c", &c, "-P", &p, "--csv",
     ]);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(900));
@@ -95,6 +96,35 @@ pub fn run_redis_benchmark(ns: &Netns, bench: &RedisBenchmark) -> Result<Vec<Com
     parse_csv(&stdout, bench)
 }
 
+/// FT against unprotected for one command, measured in the same run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Ratio {
+    pub test: String,
+    pub pipeline: u32,
+    /// requests/s with FT ÷ requests/s unprotected (target ≥ 0.6 for SET with 50 clients).
+    pub rps_ratio: f64,
+    /// Added p50 latency in µs (target ≤ 200).
+    pub added_p50_us: f64,
+    /// Added p99 latency in µs (target ≤ 1000).
+    pub added_p99_us: f64,
+}
+
+/// Pairs up FT and unprotected results of the same command and pipeline depth.
+pub fn ratios(unprotected: &[CommandResult], ft: &[CommandResult]) -> Vec<Ratio> {
+    ft.iter()
+        .filter_map(|f| {
+            let u = unprotected.iter().find(|u| u.test == f.test && u.pipeline == f.pipeline)?;
+            Some(Ratio {
+                test: f.test.clone(),
+                pipeline: f.pipeline,
+                rps_ratio: if u.rps > 0.0 { f.rps / u.rps } else { 0.0 },
+                added_p50_us: (f.p50_latency_ms - u.p50_latency_ms) * 1e3,
+                added_p99_us: (f.p99_latency_ms - u.p99_latency_ms) * 1e3,
+            })
+        })
+        .collect()
+}
+
 /// A results file: bench/results/<name>.json.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -102,6 +132,11 @@ pub struct Report {
     pub host: String,
     pub unix_time: u64,
     pub unprotected: Vec<CommandResult>,
+    /// The same load against the FT pair (`ftvm site up`), empty when not measured.
+    pub ft: Vec<CommandResult>,
+    /// `ftvm site status --json` of the pair right after the load: epoch rate, pause, lag.
+    pub ft_status: Option<serde_json::Value>,
+    pub ratios: Vec<Ratio>,
 }
 
 impl Report {
@@ -125,6 +160,15 @@ impl Report {
                 r.test, r.pipeline, r.rps, r.p50_latency_ms, r.p99_latency_ms, r.max_latency_ms
             );
         }
+        if !self.ratios.is_empty() {
+            s += &format!("\n{:<12} {:>3} {:>10} {:>12} {:>12}\n", "FT vs unprot", "P", "req/s ×", "+p50 µs", "+p99 µs");
+            for r in &self.ratios {
+                s += &format!(
+                    "{:<12} {:>3} {:>10.2} {:>12.0} {:>12.0}\n",
+                    r.test, r.pipeline, r.rps_ratio, r.added_p50_us, r.added_p99_us
+                );
+            }
+        }
         s
     }
 }
@@ -145,6 +189,29 @@ mod tests {
         assert!((r[0].rps - 41666.67).abs() < 1e-6);
         assert!((r[1].p99_latency_ms - 2.011).abs() < 1e-9);
         assert_eq!(r[1].clients, 50);
+    }
+
+    #[test]
+    fn ratios_pair_the_same_command_and_depth() {
+        let r = |test: &str, pipeline, rps, p50, p99| CommandResult {
+            test: test.into(),
+            pipeline,
+            clients: 50,
+            requests: 1,
+            rps,
+            avg_latency_ms: 0.0,
+            p50_latency_ms: p50,
+            p95_latency_ms: 0.0,
+            p99_latency_ms: p99,
+            max_latency_ms: 0.0,
+        };
+        let u = [r("SET", 1, 1000.0, 1.0, 2.0), r("SET", 16, 5000.0, 1.0, 2.0)];
+        let f = [r("SET", 1, 600.0, 1.2, 2.5), r("GET", 1, 1.0, 1.0, 1.0)];
+        let got = ratios(&u, &f);
+        assert_eq!(got.len(), 1);
+        assert!((got[0].rps_ratio - 0.6).abs() < 1e-9);
+        assert!((got[0].added_p50_us - 200.0).abs() < 1e-6);
+        assert!((got[0].added_p99_us - 500.0).abs() < 1e-6);
     }
 
     #[test]
