@@ -57,6 +57,26 @@ pub struct RunArgs {
     /// Size of the disk file when ftvm has to create it.
     #[arg(long, default_value = DEFAULT_NEW_DISK_SIZE, value_parser = parse_size)]
     pub disk_size: u64,
+    #[command(flatten)]
+    pub net: GuestNetArgs,
+    /// The guest's default gateway.
+    #[arg(long)]
+    pub gateway: Option<Ipv4Addr>,
+    /// TCP port of the guest's key-value (Redis protocol) server.
+    #[arg(long, default_value_t = DEFAULT_KV_PORT)]
+    pub port: u16,
+    /// Benchmark load: pages the guest dirties per millisecond (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub dirty_pages_per_ms: u32,
+    /// Benchmark load: size in 4 KiB pages of the region the load cycles through.
+    #[arg(long, default_value_t = 4096)]
+    pub dirty_region_pages: u32,
+}
+
+/// Where the guest sits on this host's network, and where its console goes: the same for a VM
+/// that runs now (`run`, `primary`) and one that will run after a takeover (`backup`).
+#[derive(Debug, Args)]
+pub struct GuestNetArgs {
     /// TAP device for the guest's network; created if it does not exist, and brought up.
     #[arg(long, default_value = DEFAULT_TAP)]
     pub tap: String,
@@ -70,24 +90,12 @@ pub struct RunArgs {
     /// guest directly.
     #[arg(long, value_parser = parse_ipv4_cidr)]
     pub host_ip: Option<(Ipv4Addr, u8)>,
-    /// The guest's default gateway.
-    #[arg(long)]
-    pub gateway: Option<Ipv4Addr>,
     /// The guest's MAC address.
     #[arg(long, default_value = DEFAULT_GUEST_MAC, value_parser = parse_mac)]
     pub mac: [u8; 6],
-    /// TCP port of the guest's key-value (Redis protocol) server.
-    #[arg(long, default_value_t = DEFAULT_KV_PORT)]
-    pub port: u16,
     /// Also write the guest console to this file (appended).
     #[arg(long)]
     pub console_log: Option<PathBuf>,
-    /// Benchmark load: pages the guest dirties per millisecond (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub dirty_pages_per_ms: u32,
-    /// Benchmark load: size in 4 KiB pages of the region the load cycles through.
-    #[arg(long, default_value_t = 4096)]
-    pub dirty_region_pages: u32,
 }
 
 /// Parses `256M`, `1G`, `4096K` or a plain byte count.

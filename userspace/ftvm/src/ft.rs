@@ -24,7 +24,7 @@ use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 use serde::Serialize;
 
-use crate::cli::{parse_ipv4_cidr, parse_mac, parse_size, RunArgs, DEFAULT_GUEST_IP, DEFAULT_GUEST_MAC, DEFAULT_NEW_DISK_SIZE, DEFAULT_TAP};
+use crate::cli::{parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
 use crate::run;
 
 /// Default A-Link port.
@@ -68,24 +68,10 @@ pub struct BackupArgs {
     /// Size of the standby disk (must equal the primary's).
     #[arg(long, default_value = DEFAULT_NEW_DISK_SIZE, value_parser = parse_size)]
     pub disk_size: u64,
-    /// TAP the VM uses on this host once it takes over.
-    #[arg(long, default_value = DEFAULT_TAP)]
-    pub tap: String,
-    /// Run inside this network namespace.
-    #[arg(long)]
-    pub netns: Option<String>,
-    /// The guest's address (announced by gratuitous ARP at takeover).
-    #[arg(long, default_value = DEFAULT_GUEST_IP, value_parser = parse_ipv4_cidr)]
-    pub ip: (std::net::Ipv4Addr, u8),
-    /// The guest's MAC.
-    #[arg(long, default_value = DEFAULT_GUEST_MAC, value_parser = parse_mac)]
-    pub mac: [u8; 6],
-    /// Host address for the TAP once it takes over.
-    #[arg(long, value_parser = parse_ipv4_cidr)]
-    pub host_ip: Option<(std::net::Ipv4Addr, u8)>,
-    /// Also write the guest console here after takeover.
-    #[arg(long)]
-    pub console_log: Option<PathBuf>,
+    /// The guest on this host's network once it takes over (the MAC and address are announced
+    /// by gratuitous ARP).
+    #[command(flatten)]
+    pub net: GuestNetArgs,
     /// Write this host's status here (JSON), several times a second.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
@@ -247,17 +233,17 @@ pub struct BackupStatus {
 }
 
 pub fn backup(args: BackupArgs) -> Result<ExitCode> {
-    run::enter_process_context(args.netns.as_deref())?;
+    run::enter_process_context(args.net.netns.as_deref())?;
     let secret = read_secret(&args.secret_file)?;
     run::prepare_disk(&args.disk, args.disk_size)?;
-    let console = run::open_console(args.console_log.as_deref())?;
+    let console = run::open_console(args.net.console_log.as_deref())?;
     let receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
     let promote = PromoteConfig {
         net: Some(PromoteNet {
-            tap_name: args.tap.clone(),
-            mac: args.mac,
-            guest_ipv4: args.ip.0,
-            host_ipv4: args.host_ip,
+            tap_name: args.net.tap.clone(),
+            mac: args.net.mac,
+            guest_ipv4: args.net.ip.0,
+            host_ipv4: args.net.host_ip,
             announce: DEFAULT_ANNOUNCE_SCHEDULE.to_vec(),
         }),
         block: true,

@@ -18,10 +18,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let mut machine = Machine::create(config)?;
     stop_on_signal(machine.handle())?;
     tracing::info!(
-        guest_ip = %args.ip.0,
+        guest_ip = %args.net.ip.0,
         port = args.port,
-        tap = %args.tap,
-        netns = args.netns.as_deref().unwrap_or("-"),
+        tap = %args.net.tap,
+        netns = args.net.netns.as_deref().unwrap_or("-"),
         "VM started (unprotected)"
     );
     exit_code(machine.run()?)
@@ -30,24 +30,24 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 /// Everything before the VM exists: signal mask and namespace (inherited by every thread the VMM
 /// starts later, so this must come first), the guest, the disk, the console.
 pub fn prepare_vm(args: &RunArgs, dirty_tracking: DirtyTracking) -> Result<VmConfig> {
-    enter_process_context(args.netns.as_deref())?;
+    enter_process_context(args.net.netns.as_deref())?;
     let guest = guest_elf(&args.guest)?;
     prepare_disk(&args.disk, args.disk_size)?;
-    let console = open_console(args.console_log.as_deref())?;
+    let console = open_console(args.net.console_log.as_deref())?;
     Ok(VmConfig {
         mem_size: args.memory,
         guest_elf: guest,
         boot: BootParams {
-            mac: args.mac,
-            ipv4: args.ip.0,
-            ipv4_prefix_len: args.ip.1,
+            mac: args.net.mac,
+            ipv4: args.net.ip.0,
+            ipv4_prefix_len: args.net.ip.1,
             ipv4_gateway: args.gateway,
             kv_port: args.port,
             dirty_pages_per_ms: args.dirty_pages_per_ms,
             dirty_region_pages: args.dirty_region_pages,
         },
         devices: DeviceConfig {
-            net: Some(NetConfig { tap_name: args.tap.clone(), mac: args.mac, host_ipv4: args.host_ip }),
+            net: Some(NetConfig { tap_name: args.net.tap.clone(), mac: args.net.mac, host_ipv4: args.net.host_ip }),
             block: Some(BlockConfig { path: args.disk.clone() }),
         },
         console: Box::new(console),
