@@ -11,6 +11,18 @@ use ftvm_vmm::boot::elf::build_test_elf;
 /// Runs `ftvm run` in a fresh namespace with the given guest and extra args; returns stderr after
 /// checking the exit is a failure with one `ftvm: error:` line and no panic.
 fn run_expecting_error(ns: &Netns, dir: &Path, guest: &Path, extra: &[&str], wrap: Option<&[&str]>) -> String {
+    run_subcommand_expecting_error("run", ns, dir, guest, extra, wrap)
+}
+
+/// The same for another subcommand that takes the `run` options (`primary`).
+fn run_subcommand_expecting_error(
+    subcommand: &str,
+    ns: &Netns,
+    dir: &Path,
+    guest: &Path,
+    extra: &[&str],
+    wrap: Option<&[&str]>,
+) -> String {
     let disk = dir.join("disk.img");
     let mut argv: Vec<String> = wrap.unwrap_or(&[]).iter().map(|s| s.to_string()).collect();
     let mut bin = ftvm_bin();
@@ -21,7 +33,7 @@ fn run_expecting_error(ns: &Netns, dir: &Path, guest: &Path, extra: &[&str], wra
         bin = copy;
     }
     argv.push(bin.display().to_string());
-    argv.extend(["run", "--netns", ns.name(), "--memory", "64M"].map(String::from));
+    argv.extend([subcommand, "--netns", ns.name(), "--memory", "64M"].map(String::from));
     if !extra.contains(&"--tap") {
         argv.extend(["--tap".into(), "ftvmtap0".into()]);
     }
@@ -126,4 +138,37 @@ fn no_permission_on_dev_kvm() {
     let line = run_expecting_error(&ns, dir.path(), &guest, &[], Some(wrap));
     assert!(line.contains("/dev/kvm"), "{line}");
     assert!(line.to_lowercase().contains("permission denied"), "{line}");
+}
+
+#[test]
+fn a_primary_with_the_wrong_secret_is_refused_and_the_backup_keeps_waiting() {
+    require_root_and_kvm();
+    let ns = Netns::new("secret");
+    let dir = TempDir::new("secret");
+    let (good, bad, short) = (dir.path().join("good"), dir.path().join("bad"), dir.path().join("short"));
+    std::fs::write(&good, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::write(&bad, "fedcba9876543210fedcba9876543210\n").unwrap();
+    std::fs::write(&short, "tooshort\n").unwrap();
+    let mut backup = Command::new(ftvm_bin())
+        .args(["backup", "--netns", ns.name(), "--listen", "127.0.0.1:7700", "--memory", "64M", "--tap", "ftvmb0"])
+        .arg("--secret-file")
+        .arg(&good)
+        .arg("--disk")
+        .arg(dir.path().join("standby.img"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let primary = |secret: &Path| {
+        let args = ["--peer", "127.0.0.1:7700", "--secret-file", secret.to_str().unwrap(), "--connect-timeout", "20"];
+        run_subcommand_expecting_error("primary", &ns, dir.path(), &guest_elf(), &args, None)
+    };
+    let line = primary(&bad);
+    assert!(line.contains("refused this primary"), "{line}");
+    let line = primary(&short);
+    assert!(line.contains("at least 16"), "{line}");
+    assert!(backup.try_wait().unwrap().is_none(), "the backup must keep running");
+    let _ = backup.kill();
+    let _ = backup.wait();
 }

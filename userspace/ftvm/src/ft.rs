@@ -20,6 +20,7 @@ use ftvm_repl::backup::receiver::ReceiverConfig;
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, PrimaryEngine};
 use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
+use ftvm_repl::transport::ConnectError;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 use serde::Serialize;
@@ -147,16 +148,19 @@ fn connect_backup(peer: SocketAddr, secret: &[u8], options: &TcpOptions, timeout
     loop {
         match TcpTransport::connect(peer, secret, options) {
             Ok(t) => return Ok(t),
-            Err(e) if start.elapsed() < timeout => {
+            // Only "nobody answers yet" is worth waiting for; a wrong secret, another protocol
+            // version or a size mismatch will not fix itself.
+            Err(e @ ConnectError::Connect { .. }) if start.elapsed() < timeout => {
                 if last_report.elapsed() >= Duration::from_secs(3) {
                     tracing::info!(%peer, error = %ftvm_repl::ErrorChain(&e), "waiting for the backup");
                     last_report = Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => {
+            Err(e @ ConnectError::Connect { .. }) => {
                 return Err(e).with_context(|| format!("cannot reach the backup at {peer} within {} s", timeout.as_secs()))
             }
+            Err(e) => return Err(e).with_context(|| format!("the backup at {peer} refused this primary")),
         }
     }
 }
