@@ -89,13 +89,15 @@ impl Drop for TempDir {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Entered with [`Netns::existing`]: someone else owns it, Drop leaves it alone.
+    borrowed: bool,
 }
 
 impl Netns {
     pub fn new(tag: &str) -> Self {
         let name = unique_name(&format!("ftvm{tag}"));
         run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
+        let ns = Self { name, borrowed: false };
         run_ok(&mut ns.exec(&["ip", "link", "set", "lo", "up"]));
         ns
     }
@@ -130,6 +132,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if self.borrowed {
+            return;
+        }
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 if let Ok(pid) = pid.parse::<i32>() {
@@ -395,4 +400,109 @@ pub fn redis_cli(ns: &Netns, args: &[&str]) -> String {
     let mut argv = vec!["redis-cli", "-h", ip.as_str(), "-p", "6379"];
     argv.extend_from_slice(args);
     run_ok(&mut ns.exec(&argv)).trim_end().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the site-level tests (failover): an existing named namespace, and a RESP client
+// whose errors (reset, timeout, closed) are values rather than panics.
+
+impl Netns {
+    /// Enters a namespace someone else created and owns (an `ftvm site`'s `<site>-client`, say).
+    /// Dropping the handle leaves the namespace and its processes alone.
+    pub fn existing(name: &str) -> Self {
+        assert!(Path::new("/run/netns").join(name).exists(), "network namespace {name} does not exist");
+        Self { name: name.to_string(), borrowed: true }
+    }
+}
+
+impl RespClient {
+    /// Connects to the guest (from the calling thread's namespace) with a per-request read
+    /// timeout; errors are returned, not panicked on.
+    pub fn try_connect(read_timeout: Duration) -> std::io::Result<Self> {
+        let addr = SocketAddrV4::new(GUEST_IP, KV_PORT);
+        let stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(10))?;
+        stream.set_read_timeout(Some(read_timeout))?;
+        stream.set_write_timeout(Some(read_timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(Self { stream, buf: Vec::new() })
+    }
+
+    /// Sends one command without reading its reply (pipelining); see [`RespClient::try_read_reply`].
+    pub fn try_send(&mut self, args: &[&str]) -> std::io::Result<()> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        self.stream.write_all(&out)
+    }
+
+    /// Sends one command and reads its reply; a reset, a timeout or a close is an `Err`.
+    pub fn try_cmd(&mut self, args: &[&str]) -> std::io::Result<Reply> {
+        self.try_send(args)?;
+        self.try_read_reply()
+    }
+
+    fn try_fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 16384];
+        let n = self.stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by the guest"));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    fn try_line(&mut self) -> std::io::Result<String> {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
+                self.buf.drain(..pos + 2);
+                return Ok(line);
+            }
+            self.try_fill()?;
+        }
+    }
+
+    /// Reads one reply; I/O errors (reset, timeout, close) and protocol garbage are `Err`.
+    pub fn try_read_reply(&mut self) -> std::io::Result<Reply> {
+        let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let line = self.try_line()?;
+        if line.is_empty() {
+            return Err(bad("empty RESP line".into()));
+        }
+        let (kind, rest) = line.split_at(1);
+        let int = |s: &str| s.parse::<i64>().map_err(|_| bad(format!("bad integer in {line:?}")));
+        match kind {
+            "+" => Ok(Reply::Status(rest.to_string())),
+            "-" => Ok(Reply::Error(rest.to_string())),
+            ":" => Ok(Reply::Integer(int(rest)?)),
+            "$" => {
+                let len = int(rest)?;
+                if len < 0 {
+                    return Ok(Reply::Bulk(None));
+                }
+                let len = len as usize;
+                while self.buf.len() < len + 2 {
+                    self.try_fill()?;
+                }
+                let data = self.buf[..len].to_vec();
+                self.buf.drain(..len + 2);
+                Ok(Reply::Bulk(Some(data)))
+            }
+            "*" => {
+                let n = int(rest)?;
+                if n < 0 {
+                    return Ok(Reply::Array(None));
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.try_read_reply()?);
+                }
+                Ok(Reply::Array(Some(items)))
+            }
+            _ => Err(bad(format!("not a RESP reply: {line:?}"))),
+        }
+    }
 }

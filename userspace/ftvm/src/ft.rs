@@ -76,8 +76,9 @@ pub struct BackupArgs {
     /// Write this host's status here (JSON), several times a second.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
-    /// Declare the primary dead after this many milliseconds of silence on the A-Link.
-    #[arg(long, default_value_t = 100)]
+    /// Declare the primary dead after this many milliseconds of silence on the A-Link. 100 ms gave
+    /// false takeovers on a loaded two-core host (a primary stalled by a huge epoch looks dead).
+    #[arg(long, default_value_t = 250)]
     pub dead_after_ms: u64,
 }
 
