@@ -334,3 +334,36 @@ macro_rules! suspendable_tests {
     };
 }
 pub(crate) use suspendable_tests;
+
+/// A network backend made of two frame queues shared with the test: frames pushed on `to_guest`
+/// are received by the device, frames the device sends land in `from_guest`. Its output (for the
+/// TX hold) is a clone of itself.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LoopBackend {
+    pub(crate) to_guest: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Vec<u8>>>>,
+    pub(crate) from_guest: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl crate::devices::virtio::net::handler::FrameSink for LoopBackend {
+    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.from_guest.lock().unwrap().push(frame.to_vec());
+        Ok(())
+    }
+}
+
+impl crate::devices::virtio::net::handler::FrameSource for LoopBackend {
+    fn recv_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let f = self.to_guest.lock().unwrap().pop_front().ok_or(std::io::ErrorKind::WouldBlock)?;
+        buf[..f.len()].copy_from_slice(&f);
+        Ok(f.len())
+    }
+}
+
+impl crate::devices::virtio::net::NetBackend for LoopBackend {
+    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    fn output(&self) -> std::io::Result<Box<dyn crate::devices::virtio::net::handler::FrameSink + Send>> {
+        Ok(Box::new(self.clone()))
+    }
+}

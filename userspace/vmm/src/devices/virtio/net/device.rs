@@ -332,40 +332,11 @@ mod tests {
     use crate::devices::virtio::test_utils::*;
     use crate::devices::virtio::MmioTransport;
     use crate::wake::GuestWake;
-    use std::collections::VecDeque;
-    use std::io;
-    use std::sync::Mutex;
     use virtio_bindings::virtio_mmio::*;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    /// A backend made of two frame queues shared with the test.
-    #[derive(Debug, Default, Clone)]
-    struct Loop {
-        to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
-        from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
-    }
-
-    impl FrameSink for Loop {
-        fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-            self.from_guest.lock().unwrap().push(frame.to_vec());
-            Ok(())
-        }
-    }
-
-    impl FrameSource for Loop {
-        fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let f = self.to_guest.lock().unwrap().pop_front().ok_or(io::ErrorKind::WouldBlock)?;
-            buf[..f.len()].copy_from_slice(&f);
-            Ok(f.len())
-        }
-    }
-
-    impl NetBackend for Loop {
-        fn poll_fd(&self) -> Option<RawFd> {
-            None
-        }
-    }
+    type Loop = crate::devices::virtio::test_utils::LoopBackend;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
 

@@ -93,7 +93,7 @@ impl Persist for Net {
 
 #[cfg(test)]
 mod tests {
-    use super::super::handler::{FrameSink, FrameSource, RxPoll, VNET_HDR_LEN};
+    use super::super::handler::{RxPoll, VNET_HDR_LEN};
     use super::super::hold::OutputHold;
     use super::super::TxMode;
     use super::*;
@@ -103,44 +103,11 @@ mod tests {
     use crate::devices::virtio::MmioTransport;
     use crate::memory::GuestMemory;
     use crate::wake::GuestWake;
-    use std::collections::VecDeque;
-    use std::io;
-    use std::os::fd::RawFd;
-    use std::sync::Mutex;
     use virtio_bindings::virtio_mmio::*;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    /// A backend made of two frame queues shared with the test.
-    #[derive(Debug, Default, Clone)]
-    struct Loop {
-        to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
-        from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
-    }
-
-    impl FrameSink for Loop {
-        fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-            self.from_guest.lock().unwrap().push(frame.to_vec());
-            Ok(())
-        }
-    }
-
-    impl FrameSource for Loop {
-        fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let f = self.to_guest.lock().unwrap().pop_front().ok_or(io::ErrorKind::WouldBlock)?;
-            buf[..f.len()].copy_from_slice(&f);
-            Ok(f.len())
-        }
-    }
-
-    impl NetBackend for Loop {
-        fn poll_fd(&self) -> Option<RawFd> {
-            None
-        }
-        fn output(&self) -> io::Result<Box<dyn FrameSink + Send>> {
-            Ok(Box::new(self.clone()))
-        }
-    }
+    type Loop = crate::devices::virtio::test_utils::LoopBackend;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
     const TX_BUF: u64 = 0x8_0000;
