@@ -128,6 +128,15 @@ impl PageRangeSet {
         }
     }
 
+    /// Moves every page into `out` and leaves this set empty; returns how many pages moved
+    /// (counted before the union, so pages `out` already had count too).
+    pub fn drain_into(&mut self, out: &mut PageRangeSet) -> u64 {
+        let moved = self.page_count();
+        out.union_with(self);
+        self.clear();
+        moved
+    }
+
     /// True when `pfn` is in the set.
     pub fn contains(&self, pfn: u64) -> bool {
         let i = self.ranges.partition_point(|r| r.end() <= pfn);
@@ -164,6 +173,17 @@ mod tests {
         assert_eq!(s.ranges(), &[PageRange { start: 0, len: 31 }]);
         s.insert(5, 0);
         assert_eq!(s.page_count(), 31);
+    }
+
+    #[test]
+    fn drain_into_moves_everything_and_counts_it() {
+        let mut pending = PageRangeSet::new();
+        pending.insert(10, 3);
+        let mut out = PageRangeSet::new();
+        out.insert(11, 5);
+        assert_eq!(pending.drain_into(&mut out), 3);
+        assert!(pending.is_empty());
+        assert_eq!(out.ranges(), &[PageRange { start: 10, len: 6 }]);
     }
 
     #[test]

@@ -90,9 +90,7 @@ impl DirtyTracker for KvmBitmap {
             }
             out.add_bitmap(first_pfn(slot), &words);
         }
-        stats.pending_pages = self.pending.page_count();
-        out.union_with(&self.pending);
-        self.pending.clear();
+        stats.pending_pages = self.pending.drain_into(out);
         Ok(stats)
     }
 

@@ -355,16 +355,9 @@ impl DirtyTracker for KvmRing {
                 return Err(HarvestError::ResetRings(e));
             }
         }
-        {
-            let mut drained = lock(&self.rings.drained);
-            stats.pending_pages = drained.page_count();
-            out.union_with(&drained);
-            drained.clear();
-        }
+        stats.pending_pages = lock(&self.rings.drained).drain_into(out);
         stats.ring_full_exits = self.rings.full_exits.swap(0, Ordering::Relaxed);
-        stats.pending_pages += self.pending.page_count();
-        out.union_with(&self.pending);
-        self.pending.clear();
+        stats.pending_pages += self.pending.drain_into(out);
         Ok(stats)
     }
 
