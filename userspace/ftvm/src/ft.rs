@@ -21,6 +21,7 @@ use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, PrimaryEng
 use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
 use ftvm_repl::transport::ConnectError;
+use ftvm_vmm::devices::virtio::net::hold::FileTrace;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 use serde::Serialize;
@@ -50,6 +51,23 @@ pub struct PrimaryArgs {
     /// How long to keep trying to reach the backup at start, in seconds.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// Milliseconds to wait for an epoch's acknowledgement before declaring the backup lost and
+    /// running unprotected (simplex), which releases the held output. Keep it well above the
+    /// backup's `--dead-after-ms` (250 by default): when the A-Link fails, the backup must give up
+    /// on the primary (and take over) before the primary gives up on the backup, or clients could
+    /// see output of epochs the new primary never had.
+    #[arg(long, default_value_t = default_ack_timeout_ms(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub ack_timeout_ms: u64,
+    /// Write a trace of the output-commit hold to this file (for tests): one line per frame held,
+    /// epoch sealed, release and frame sent, stamped with the real-time clock in nanoseconds (the
+    /// clock of packet captures). Format: `ftvm_vmm::devices::virtio::net::hold::TraceRecord`.
+    #[arg(long)]
+    pub output_trace: Option<PathBuf>,
+}
+
+/// The engine's own default, so that the CLI and the library cannot drift apart.
+fn default_ack_timeout_ms() -> u64 {
+    u64::try_from(EngineConfig::default().ack_timeout.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +156,7 @@ fn engine_state(state: &EngineState) -> (&'static str, String) {
         ),
         EngineState::Protected => ("protected", String::new()),
         EngineState::Simplex { reason } => ("simplex", reason.clone()),
+        EngineState::Fenced { reason } => ("fenced", reason.clone()),
         EngineState::Stopped => ("stopped", String::new()),
     }
 }
@@ -177,15 +196,31 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let mut machine = Machine::create(config)?;
     run::stop_on_signal(machine.handle())?;
     let source = machine.checkpoint_source().context("cannot set up checkpoints")?;
-    let engine_config = EngineConfig { epoch_interval: Duration::from_micros(args.epoch_us.max(100)), ..EngineConfig::default() };
+    let engine_config = EngineConfig {
+        epoch_interval: Duration::from_micros(args.epoch_us.max(100)),
+        ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        ..EngineConfig::default()
+    };
     let disk = DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? };
     let engine = PrimaryEngine::new(source, Box::new(transport), Some(disk), engine_config).context("cannot start the epoch engine")?;
+    // Before the engine runs: the hold takes its first frame at the first checkpoint.
+    let output_trace = match &args.output_trace {
+        Some(path) => {
+            let trace = FileTrace::create(path).with_context(|| format!("cannot create the output trace {}", path.display()))?;
+            engine.output_hold().set_trace(Some(trace.clone()));
+            Some(trace)
+        }
+        None => None,
+    };
     let status = engine.status();
     let handle = engine.spawn().context("cannot start the epoch engine thread")?;
 
     let done = Arc::new(AtomicBool::new(false));
+    let fenced = Arc::new(std::sync::Mutex::new(None::<String>));
     let reporter = {
         let done = Arc::clone(&done);
+        let fenced = Arc::clone(&fenced);
+        let machine_handle = machine.handle();
         let path = args.status_file.clone();
         std::thread::Builder::new().name("status".into()).spawn(move || {
             let mut last_state = String::new();
@@ -195,6 +230,11 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                 if state != last_state {
                     tracing::info!(state, %detail, "protection");
                     last_state = state.to_string();
+                }
+                if let EngineState::Fenced { reason } = &snap.state {
+                    // The backup runs the VM now; this copy (already paused) must end.
+                    *fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+                    machine_handle.stop();
                 }
                 if let Some(path) = &path {
                     write_status(
@@ -221,6 +261,12 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let _ = reporter.join();
     if let Err(e) = handle.stop() {
         tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "epoch engine ended with an error");
+    }
+    if let Some(Err(e)) = output_trace.map(|t| t.flush()) {
+        tracing::warn!(error = %e, "cannot write the end of the output trace");
+    }
+    if let Some(reason) = fenced.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        bail!("this VM was stopped because the backup took it over ({reason}); the backup's copy serves the guest now");
     }
     run::exit_code(exit?)
 }

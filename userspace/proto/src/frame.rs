@@ -26,7 +26,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 /// Protocol major version: peers with different majors do not talk.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
-pub const PROTOCOL_MINOR: u8 = 0;
+pub const PROTOCOL_MINOR: u8 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the authentication tag.
@@ -68,8 +68,12 @@ pub enum FrameKind {
     Heartbeat = 32,
     /// Liveness answer.
     HeartbeatReply = 33,
-    /// Orderly close; the payload is a UTF-8 reason.
+    /// Orderly close; the payload is a UTF-8 reason. From the primary: it leaves on purpose (its
+    /// silence is no death). From the backup: it drops the session (the primary goes on alone).
     Goodbye = 48,
+    /// From the backup: it has declared the primary dead and resumes the VM itself; a primary that
+    /// still hears this must stop its copy at once (fencing). The payload is a UTF-8 reason.
+    TakingOver = 49,
 }
 
 impl FrameKind {
@@ -92,6 +96,7 @@ impl FrameKind {
             32 => Heartbeat,
             33 => HeartbeatReply,
             48 => Goodbye,
+            49 => TakingOver,
             _ => return None,
         })
     }

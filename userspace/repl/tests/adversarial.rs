@@ -15,6 +15,7 @@ mod tests {
     use ftvm_proto::handshake::{self, HandshakeError};
     use ftvm_proto::EpochId;
     use ftvm_repl::backup::{BackupReceiver, ReceiverStats};
+    use ftvm_repl::ha::heartbeat::SessionEnd;
     use ftvm_repl::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
     use ftvm_proto::pages::PageRange;
     use ftvm_repl::epoch::wire::{self, EpochBegin};
@@ -77,6 +78,11 @@ mod tests {
             assert!(err.contains(reason), "dropped for {err:?}, expected {reason:?}");
             assert_eq!(s.committed, Some(GOOD));
             assert_eq!(s.epochs_committed, before.epochs_committed, "nothing was applied");
+            // What the failure detector is told: a primary whose link died may be taken over; one
+            // whose frames this side refused goes on alone (it was told), and must not be.
+            let link_died = reason.starts_with("Link closed") || reason.contains("truncated");
+            let want = if link_died { SessionEnd::Vanished } else { SessionEnd::Refused };
+            assert_eq!(self.backup.link_activity().session_end(), want, "after {err:?}");
         }
 
         /// The last good epoch is intact, and a correct primary carries on from it: the failed epoch's
@@ -102,10 +108,17 @@ mod tests {
         frames.iter().enumerate().filter(|(_, (k, _))| *k == FrameKind::Pages).map(|(i, _)| i).collect()
     }
 
-    /// The receiver answers a bad epoch with no acknowledgement: the link just closes.
+    /// The receiver answers a bad epoch with no acknowledgement: a goodbye that says it refused
+    /// the session (so that the primary goes on alone and knows this backup will not take over),
+    /// then the link closes.
     fn assert_no_ack(raw: &mut RawPrimary) {
-        if let Ok(f) = raw.read() {
-            panic!("the receiver answered with {:?}", f.header.kind);
+        let mut goodbyes = 0;
+        while let Ok(f) = raw.read() {
+            let reason = String::from_utf8_lossy(&f.payload).into_owned();
+            assert_eq!(f.header.kind, FrameKind::Goodbye, "the receiver answered with {:?} ({reason})", f.header.kind);
+            assert!(reason.contains("refused"), "goodbye without the refusal: {reason:?}");
+            goodbyes += 1;
+            assert!(goodbyes <= 1, "more than one goodbye");
         }
     }
 

@@ -430,6 +430,51 @@ mod tests {
         assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
     }
 
+    /// The backup takes over while this primary still runs (it took it for dead): the primary
+    /// hears it, pauses its VM for good and releases nothing more, since the backup's copy resumes
+    /// from its last committed epoch and two copies must never serve.
+    #[test]
+    fn a_primary_whose_backup_takes_over_is_fenced() {
+        let cfg = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
+        let pair = start_pair("fenced", cfg);
+        let status = pair.engine.status();
+        let hold = pair.engine.output_hold();
+        let sink = CountSink::default();
+        hold.attach_output(Box::new(sink.clone()));
+        let stop_append = Arc::new(AtomicBool::new(false));
+        let appender = spawn_appender(hold.clone(), stop_append.clone());
+        wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
+        let s = status.snapshot();
+        wait_status(&status, "20 epochs", Duration::from_secs(20), |x| x.epochs_committed >= s.epochs_committed + 20);
+
+        let _standby = pair.receiver.stop_taking_over("test: the backup takes over").unwrap();
+        let s = wait_status(&status, "fenced", Duration::from_secs(5), |s| matches!(s.state, EngineState::Fenced { .. }));
+        assert!(matches!(&s.state, EngineState::Fenced { reason } if reason.contains("the backup takes over")), "{s:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pair.engine.is_finished() {
+            assert!(Instant::now() < deadline, "the fenced engine does not end");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stop_append.store(true, Ordering::Relaxed);
+        let appended = appender.join().unwrap();
+
+        // Nothing held leaves any more: what was out stays out, the rest is never released.
+        let released = sink.0.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(sink.0.load(Ordering::Relaxed), released, "output left after the fence");
+        assert!(released < appended, "every frame left ({released} of {appended}): nothing was held back");
+        assert!(hold.held_frames() > 0, "the frames after the last acknowledgement must stay held");
+
+        // The VM is paused: its counter no longer moves.
+        let c0 = pair.mem.read_obj::<u64>(GuestAddress(COUNTER_GPA)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pair.mem.read_obj::<u64>(GuestAddress(COUNTER_GPA)).unwrap(), c0, "the fenced VM still runs");
+        let report = pair.engine.stop().unwrap();
+        assert!(matches!(report.status.state, EngineState::Fenced { .. }), "{:?}", report.status.state);
+        pair.machine.stop();
+        assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
+    }
+
     /// The machine ends first (the guest exits, or the operator stops it): the engine notices at
     /// its next pause and ends with an error instead of hanging.
     #[test]

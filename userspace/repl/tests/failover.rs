@@ -25,7 +25,7 @@ mod tests {
     use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
     use ftvm_repl::ha::heartbeat::{monotonic_us, IdleHeartbeat};
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
-    use ftvm_repl::transport::{CheckpointTransport, FlatMemory};
+    use ftvm_repl::transport::{AckEvent, CheckpointTransport, FlatMemory};
     use ftvm_repl::PAGE_SIZE;
     use ftvm_vmm::boot::elf::build_test_elf;
     use ftvm_vmm::boot::BootParams;
@@ -222,11 +222,32 @@ mod tests {
         assert_eq!(d.suspected(last + ms(2_000)), Suspicion::NeverSeen);
     }
 
+    /// How the primary goes away in [`detect_and_carry_on`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Death {
+        /// Its process dies: the kernel closes its end of the link (no goodbye).
+        ProcessKilled,
+        /// It falls silent with the link still open (a host that lost power, a cut cable): only
+        /// the timeout can tell. Here the "dead" primary still listens, and must hear that the
+        /// backup takes over.
+        SilentLinkOpen,
+    }
+
     /// (b) The primary checkpoints once, heartbeats while idle, then dies: the daemon stays
-    /// standby while heartbeats come, declares the primary dead within its timeout, restores the
-    /// committed checkpoint, and the guest carries on from it.
+    /// standby while heartbeats come, declares the primary dead (at once when the link closes,
+    /// within its timeout when it falls silent), restores the committed checkpoint, and the guest
+    /// carries on from it.
     #[test]
     fn backup_detects_the_dead_primary_and_the_guest_carries_on() {
+        detect_and_carry_on(Death::ProcessKilled);
+    }
+
+    #[test]
+    fn backup_detects_a_silent_primary_tells_it_and_the_guest_carries_on() {
+        detect_and_carry_on(Death::SilentLinkOpen);
+    }
+
+    fn detect_and_carry_on(death: Death) {
         init_tracing();
         let dir = TempDir::new("promote");
         let promote = PromoteConfig {
@@ -269,20 +290,52 @@ mod tests {
         let primary_reached = counter(&p.src);
         assert!(primary_reached > checkpointed);
 
+        let events = Arc::new(Mutex::new(Vec::new()));
+        {
+            let events = Arc::clone(&events);
+            t.set_ack_listener(Box::new(move |ev| events.lock().unwrap().push(ev)));
+        }
         let killed = Instant::now();
-        kill(p, t);
+        let silent_link = match death {
+            Death::ProcessKilled => {
+                kill(p, t);
+                None
+            }
+            Death::SilentLinkOpen => {
+                p.src.handle().stop();
+                assert_eq!(p.run.join().unwrap().unwrap(), MachineExit::Stopped);
+                Some(t)
+            }
+        };
         let s = daemon
             .wait_for_role(Role::Active, Duration::from_secs(10))
             .unwrap_or_else(|| panic!("not active: {:?}", daemon.status()));
         let since_kill = killed.elapsed();
         let timings = s.promotion.unwrap();
         assert_eq!(timings.epoch, EpochId(0));
-        assert!(matches!(s.suspicion, Suspicion::Dead { reason: DeadReason::HostSilent, .. }), "{s:?}");
-        // Dead at the 100 ms timeout, give or take a poll and the scheduler.
-        assert!(
-            timings.last_frame_to_dead >= Duration::from_millis(100) && timings.last_frame_to_dead < Duration::from_millis(400),
-            "{timings:?}"
-        );
+        match death {
+            Death::ProcessKilled => {
+                // The closed link says it all: no need to wait for the 100 ms timeout.
+                assert!(matches!(s.suspicion, Suspicion::Dead { reason: DeadReason::LinkClosed, .. }), "{s:?}");
+                assert!(timings.last_frame_to_dead < Duration::from_millis(100), "{timings:?}");
+            }
+            Death::SilentLinkOpen => {
+                assert!(matches!(s.suspicion, Suspicion::Dead { reason: DeadReason::HostSilent, .. }), "{s:?}");
+                // Dead at the 100 ms timeout, give or take a poll and the scheduler.
+                assert!(
+                    timings.last_frame_to_dead >= Duration::from_millis(100)
+                        && timings.last_frame_to_dead < Duration::from_millis(400),
+                    "{timings:?}"
+                );
+                // A primary still listening hears that the backup takes over (and would stop).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !events.lock().unwrap().iter().any(|e| matches!(e, AckEvent::Superseded { .. })) {
+                    assert!(Instant::now() < deadline, "no takeover notice: {:?}", events.lock().unwrap());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                drop(silent_link);
+            }
+        }
         assert!(timings.suspected_to_dead <= timings.last_frame_to_dead);
 
         // The restored guest resumes from the checkpoint and carries on: its counter grows past the
@@ -309,7 +362,7 @@ mod tests {
         assert_eq!(end.exit, Some(MachineExit::Stopped), "{end:?}");
         assert_eq!(end.role, Role::Ended);
         println!(
-            "failover: checkpoint at counter {checkpointed} (primary reached {primary_reached}, restored guest \
+            "failover ({death:?}): checkpoint at counter {checkpointed} (primary reached {primary_reached}, restored guest \
              started near {resumed_at}); detection (last frame -> dead) {:?}, suspected -> dead {:?}, stop receiver \
              {:?}, restore {:?} (decode {:?}, release standby {:?}, checkpoint source {:?}, promote total {:?}), dead -> resumed {:?}, suspected -> resumed {:?}; kill -> active {:?}",
             timings.last_frame_to_dead,

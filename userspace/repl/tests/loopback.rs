@@ -167,7 +167,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 AckEvent::Acked { epoch, .. } => Some(epoch.0),
-                AckEvent::LinkDown { .. } => None,
+                AckEvent::LinkDown { .. } | AckEvent::Superseded { .. } => None,
             })
             .collect();
         assert_eq!(acked, vec![0, 1, 2, 3, 4]);

@@ -42,7 +42,7 @@ use super::standby::{Standby, StandbyMemory};
 use crate::epoch::wire::{
     DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView, StandbyInfo,
 };
-use crate::ha::heartbeat::LinkActivity;
+use crate::ha::heartbeat::{LinkActivity, SessionEnd, StampingReader};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 
 /// Whether applied disk writes are made durable before the acknowledgement.
@@ -385,9 +385,12 @@ struct Inner {
     standby: RwLock<StandbyState>,
     stats: Mutex<ReceiverStats>,
     bytes_received: AtomicU64,
-    /// Stamped on every frame read from an authenticated primary (the failure detector's input).
+    /// Stamped on every read from an authenticated primary (the failure detector's input).
     activity: LinkActivity,
     stop: AtomicBool,
+    /// Set when the receiver stops because this host takes over: the reason is sent to a primary
+    /// still connected, which must then stop its copy.
+    farewell: Mutex<Option<String>>,
     session_active: AtomicBool,
     pending_handshakes: AtomicUsize,
     next_conn: AtomicU64,
@@ -472,6 +475,7 @@ impl BackupReceiver {
             stats: Mutex::default(),
             bytes_received: AtomicU64::new(0),
             activity: LinkActivity::new(),
+            farewell: Mutex::new(None),
             stop: AtomicBool::new(false),
             session_active: AtomicBool::new(false),
             pending_handshakes: AtomicUsize::new(0),
@@ -521,6 +525,13 @@ impl BackupReceiver {
         s
     }
 
+    /// Like [`BackupReceiver::stop`], for a takeover: a primary still connected (a live one taken
+    /// for dead) is told that this host takes over, so that it stops its copy of the VM.
+    pub fn stop_taking_over(self, reason: &str) -> Result<Standby, StopError> {
+        *lock(&self.inner.farewell) = Some(reason.to_string());
+        self.stop()
+    }
+
     /// Stops accepting, drops the session (discarding any epoch being received), and hands back
     /// the standby for the failover path.
     pub fn stop(mut self) -> Result<Standby, StopError> {
@@ -545,9 +556,17 @@ impl BackupReceiver {
             let _ = (&self.wake).write_all(&[1]);
             let _ = t.join();
         }
-        // The accept thread is gone, so no connection can be added after this.
+        // The accept thread is gone, so no connection can be added after this. With a farewell to
+        // send, only the reading side is shut (the session thread's read ends, and it can still
+        // write the farewell, within a short timeout).
+        let farewell = lock(&self.inner.farewell).is_some();
         for s in lock(&self.inner.conns).values() {
-            let _ = s.shutdown(Shutdown::Both);
+            if farewell {
+                let _ = s.set_write_timeout(Some(FAREWELL_WRITE_TIMEOUT));
+                let _ = s.shutdown(Shutdown::Read);
+            } else {
+                let _ = s.shutdown(Shutdown::Both);
+            }
         }
         let workers = std::mem::take(&mut *lock(&self.inner.workers));
         for w in workers {
@@ -704,10 +723,11 @@ fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
     }
     tracing::info!(%peer, "primary connected");
     // The handshake was a sign of life too, and a new session voids an earlier goodbye.
-    inner.activity.session_started();
+    inner.activity.session_started(stream.try_clone().ok());
     let mut session = Session::new(inner, &stream, sealer, session.opener);
     let result = session.run();
     let discarded = session.discard();
+    session.end(&result);
     let _ = stream.shutdown(Shutdown::Both);
     let committed = inner.read_standby().committed;
     match &result {
@@ -757,6 +777,8 @@ struct Staging {
 
 /// Buffers kept between frames.
 const POOL_BUFFERS: usize = 16;
+/// Longest wait to hand a takeover notice to a primary's socket.
+const FAREWELL_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Largest buffer kept between frames.
 const POOL_BUFFER_MAX: usize = 8 << 20;
 
@@ -776,6 +798,43 @@ impl<'a> Session<'a> {
         let journal = DiskJournal::new(usize::try_from(inner.config.max_staging_bytes).unwrap_or(usize::MAX));
         let memory_pages = inner.config.memory_bytes / PAGE_SIZE as u64;
         Self { inner, stream, sealer, opener, staging: None, journal, pool: Vec::new(), memory_pages }
+    }
+
+    /// Tells the failure detector how the session ended, and the primary what it must know: that
+    /// this host takes over (it must stop), or that its session was refused (it goes on alone, and
+    /// this host will not take over).
+    fn end(&mut self, result: &Result<(), SessionError>) {
+        let activity = &self.inner.activity;
+        if self.inner.stop.load(Ordering::SeqCst) {
+            if let Some(reason) = lock(&self.inner.farewell).clone() {
+                match send_small(self.stream, &mut self.sealer, FrameKind::TakingOver, 0, reason.as_bytes()) {
+                    Ok(()) => tracing::warn!(%reason, "told the primary that this host takes over"),
+                    Err(e) => tracing::info!(error = %e, "could not tell the primary that this host takes over"),
+                }
+            }
+            activity.session_ended(SessionEnd::Refused);
+            return;
+        }
+        let vanished = match result {
+            // The link closed between frames (a goodbye was recorded by its own arm first).
+            Ok(()) => true,
+            // The primary's side of the link closed, reset or fell silent past the link timeout.
+            Err(SessionError::ClosedMidEpoch(_) | SessionError::Send(_) | SessionError::Stopping) => true,
+            Err(SessionError::Frame(FrameError::Closed | FrameError::Truncated | FrameError::Io(_))) => true,
+            Err(_) => false,
+        };
+        if vanished {
+            activity.session_ended(SessionEnd::Vanished);
+            return;
+        }
+        // This side refuses what the primary sent: it must go on alone, and this host must not
+        // take over a VM that still runs.
+        let reason = match result {
+            Err(e) => format!("the backup refused the session: {}", ErrorChain(e)),
+            Ok(()) => String::new(),
+        };
+        let _ = send_small(self.stream, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes());
+        activity.session_ended(SessionEnd::Refused);
     }
 
     /// Drops the epoch being received, if any; returns its number.
@@ -803,7 +862,7 @@ impl<'a> Session<'a> {
         // Small: it saves system calls on headers and small frames, while the payload of a large
         // frame is read straight into its buffer (a large read bypasses an empty BufReader) instead
         // of being copied through this one.
-        let mut input = BufReader::with_capacity(16 << 10, self.stream);
+        let mut input = BufReader::with_capacity(16 << 10, StampingReader::new(self.stream, self.inner.activity.clone()));
         // Ends when the primary leaves, a frame is refused, the link times out, or the receiver stops.
         loop {
             if self.inner.stop.load(Ordering::SeqCst) {
@@ -821,7 +880,6 @@ impl<'a> Session<'a> {
                 Err(e) => return Err(SessionError::Frame(e)),
             };
             self.inner.bytes_received.fetch_add((HEADER_LEN + buf.len() + TAG_LEN) as u64, Ordering::Relaxed);
-            self.inner.activity.touch();
             // The tag of an authenticated frame is always there after read_into succeeded.
             let tag = self.opener.last_tag().unwrap_or_default();
             match header.kind {

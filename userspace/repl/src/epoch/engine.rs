@@ -15,7 +15,15 @@
 //!    and forgets the disk writes of N. Epoch N+1 may start before N is acknowledged.
 //! 4. **Failure** (a send, commit or ack timeout): the pages of every unacknowledged epoch are
 //!    re-marked dirty, their disk writes requeued, every held frame released and transmit goes
-//!    back to [`TxMode::Direct`]: the engine is simplex and the VM carries on unprotected.
+//!    back to [`TxMode::Direct`]: the engine is simplex and the VM carries on unprotected. When
+//!    the link still works the backup is told first (a goodbye), so that it does not take over a
+//!    VM that still runs.
+//! 5. **Fenced**: the backup says it takes over (it declared this primary dead). The VM is paused
+//!    at once and nothing held is released: the backup resumes from its last committed epoch, and
+//!    two copies must never serve. The engine ends; its owner stops the machine.
+//!
+//! While the epochs in flight are at their limit (a slow backup) the engine sends nothing else,
+//! so it sends heartbeats: the backup must hear a live primary even when it is the slow one.
 //!
 //! # Why a staging copy
 //! The transport may read the pages until `commit` returns (the zero-copy invariant of
@@ -43,6 +51,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion 
 use super::context::{EpochContext, EpochMetrics};
 use super::wire::{EpochBegin, MAX_CHUNK_BYTES};
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator, RecordError};
+use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
 use crate::transport::{
     AckEvent, BeginEpochError, CheckpointTransport, CommitError, PageSource, SendDiskImageError, SendDiskWritesError,
     SendPagesError, SendStateError,
@@ -70,6 +79,9 @@ pub struct EngineConfig {
     /// Most epochs committed and not acknowledged; the engine skips a tick beyond it (keep it below
     /// the transport's own limit).
     pub max_in_flight: usize,
+    /// A heartbeat goes to the backup after this long without any other frame (keep it well under
+    /// the backup's silence timeouts).
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +93,7 @@ impl Default for EngineConfig {
             hold_capacity: ftvm_vmm::devices::virtio::net::hold::DEFAULT_HOLD_CAPACITY,
             disk_backlog: 256 << 20,
             max_in_flight: 32,
+            heartbeat_interval: Duration::from_millis(5),
         }
     }
 }
@@ -117,6 +130,11 @@ pub enum EngineState {
     /// No backup: the VM runs unprotected.
     Simplex {
         /// Why, for status.
+        reason: String,
+    },
+    /// The backup took over this VM: this copy is paused, its held output dropped, and must stop.
+    Fenced {
+        /// The backup's reason.
         reason: String,
     },
     /// The engine ended (stopped, or its machine did).
@@ -302,6 +320,8 @@ struct AckSide {
     down: Mutex<Option<String>>,
     /// After the switch to simplex, late acknowledgements change nothing.
     simplex: AtomicBool,
+    /// Set when the backup said it takes over: nothing is released any more.
+    superseded: Mutex<Option<String>>,
     /// (epoch, round trip) of recent acknowledgements, for the epoch spans.
     round_trips: Mutex<VecDeque<(u64, Duration)>>,
 }
@@ -310,7 +330,7 @@ impl AckSide {
     fn on_event(&self, ev: AckEvent) {
         match ev {
             AckEvent::Acked { epoch, round_trip } => {
-                if self.simplex.load(Ordering::Acquire) {
+                if self.simplex.load(Ordering::Acquire) || lock(&self.superseded).is_some() {
                     return;
                 }
                 self.acked.store(epoch.0 + 1, Ordering::Release);
@@ -347,6 +367,13 @@ impl AckSide {
                 let mut d = lock(&self.down);
                 if d.is_none() {
                     *d = Some(reason);
+                }
+            }
+            AckEvent::Superseded { reason } => {
+                // Under the same lock the Acked arm checks: no release can follow this.
+                let mut s = lock(&self.superseded);
+                if s.is_none() {
+                    *s = Some(reason);
                 }
             }
         }
@@ -451,6 +478,8 @@ pub struct PrimaryEngine {
     staging: Staging,
     held: bool,
     simplex: bool,
+    fenced: bool,
+    heartbeat: IdleHeartbeat,
     epochs: Vec<EpochMetrics>,
     rate: (Instant, u64),
 }
@@ -490,9 +519,11 @@ impl PrimaryEngine {
             sync_epoch: AtomicU64::new(0),
             down: Mutex::new(None),
             simplex: AtomicBool::new(false),
+            superseded: Mutex::new(None),
             round_trips: Mutex::new(VecDeque::new()),
         });
         let observer = Arc::new(Observer { disk: replicator, status: status.clone(), lost: AtomicBool::new(false) });
+        let heartbeat = IdleHeartbeat::new(cfg.heartbeat_interval);
         Ok(Self {
             source,
             transport,
@@ -506,6 +537,8 @@ impl PrimaryEngine {
             staging: Staging::default(),
             held: false,
             simplex: false,
+            fenced: false,
+            heartbeat,
             epochs: Vec::new(),
             rate: (Instant::now(), 0),
         })
@@ -540,10 +573,13 @@ impl PrimaryEngine {
         let ack = self.ack.clone();
         self.transport.set_ack_listener(Box::new(move |ev| ack.on_event(ev)));
         let result = self.run_inner(stop);
-        // Whatever happened, the guest's output must not stay held.
-        self.unhold();
+        // Whatever happened, the guest's output must not stay held, unless the backup took over:
+        // then its copy answers for the VM, and this one's output must never leave.
+        if !self.fenced {
+            self.unhold();
+        }
         self.status.update(|s| {
-            if !matches!(s.state, EngineState::Simplex { .. }) {
+            if !matches!(s.state, EngineState::Simplex { .. } | EngineState::Fenced { .. }) {
                 s.state = EngineState::Stopped;
             }
         });
@@ -565,6 +601,11 @@ impl PrimaryEngine {
         let mut next = Instant::now();
         // Bounded by `stop`; each iteration sleeps until the next tick.
         while !stop.load(Ordering::Relaxed) {
+            let superseded = lock(&self.ack.superseded).clone();
+            if let Some(reason) = superseded {
+                self.fence(reason);
+                return Ok(());
+            }
             if self.simplex {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
@@ -575,16 +616,23 @@ impl PrimaryEngine {
             }
             next = Instant::now() + self.cfg.epoch_interval;
             self.collect_acks();
+            if lock(&self.ack.superseded).is_some() {
+                continue;
+            }
             if let Some(reason) = self.link_failure() {
                 self.go_simplex(&reason);
                 continue;
             }
             if self.in_flight.len() >= self.cfg.max_in_flight {
-                // The backup is behind; the ack timeout decides whether it is gone.
+                // The backup is behind; the ack timeout decides whether it is gone. Meanwhile it
+                // must keep hearing from us, or its own slowness looks like our death.
+                if let Err(e) = self.heartbeat.send_if_due(monotonic_us(), self.transport.as_mut()) {
+                    self.go_simplex(&e);
+                }
                 continue;
             }
             match self.checkpoint()? {
-                Ok(()) => {}
+                Ok(()) => self.heartbeat.note_sent(monotonic_us()),
                 Err(e) => self.go_simplex(&e),
             }
         }
@@ -838,13 +886,28 @@ impl PrimaryEngine {
         (waited > oldest.timeout).then(|| format!("epoch {} not acknowledged within {:?}", oldest.epoch, waited))
     }
 
+    /// The backup took over: pause this copy for good and release nothing more. The machine's
+    /// owner sees [`EngineState::Fenced`] and stops it.
+    fn fence(&mut self, reason: String) {
+        self.fenced = true;
+        self.ack.simplex.store(true, Ordering::Release);
+        if let Err(e) = self.source.pause() {
+            tracing::error!(error = %ErrorChain(&e), "cannot pause the fenced VM");
+        }
+        tracing::error!(%reason, held_epochs = self.in_flight.len(), "the backup took over: this VM is paused and its held output dropped (fenced)");
+        self.in_flight.clear();
+        self.status.update(|s| s.state = EngineState::Fenced { reason });
+    }
+
     /// The backup is gone: no page or disk write is lost, every held frame leaves, the VM goes on.
     fn go_simplex(&mut self, why: &dyn std::fmt::Display) {
-        if self.simplex {
+        if self.simplex || lock(&self.ack.superseded).is_some() {
             return;
         }
         self.simplex = true;
         self.ack.simplex.store(true, Ordering::Release);
+        // Before anything held leaves: a backup that still hears us must not take over.
+        self.transport.abandon(&why.to_string());
         let acked = self.ack.acked();
         let mut remark = PageRangeSet::new();
         for f in self.in_flight.drain(..) {

@@ -45,6 +45,9 @@ pub enum DeadReason {
     HostSilent,
     /// The host answers probes, but its daemon made no progress.
     DaemonStuck,
+    /// The primary's end of the A-Link closed or reset without a goodbye: its kernel closed the
+    /// socket of a process that is gone. Decided by the daemon, not by a timeout.
+    LinkClosed,
 }
 
 /// The detector's verdict.

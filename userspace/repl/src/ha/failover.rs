@@ -1,14 +1,23 @@
 //! The backup daemon: receive checkpoints, watch the primary, take over when it dies.
 //!
 //! One thread polls the receiver's link activity stamp into the failure detector every
-//! `poll_interval`. While the primary is alive or only suspected, nothing happens (status shows
-//! the suspicion). When the verdict is dead:
+//! `poll_interval`. Bytes waiting unread on the live session's socket count as life: a receiver
+//! slowed by its own work (applying a large epoch, syncing the disk, starved of CPU) must not take
+//! its own silence for the primary's. While the primary is alive or only suspected, nothing
+//! happens (status shows the suspicion). The verdict is dead when the silence timeout passes, or
+//! at once when the primary's end of the link closed without a goodbye (its process is gone).
+//! When the verdict is dead:
 //! * with a restorable standby (an epoch committed with a machine state), the daemon stops the
 //!   receiver (which discards any half-received epoch), [`promote`]s the committed standby into a
 //!   fresh VM, and runs it: role `Standby` → `Promoting` → `Active`;
 //! * without one (the primary died before its first full checkpoint), there is nothing to resume:
 //!   the daemon logs an error and keeps waiting, receiver running, for a primary to come back;
-//! * a primary that said goodbye left on purpose: its silence is not a death, no takeover.
+//! * a primary that said goodbye left on purpose: its silence is not a death, no takeover; nor
+//!   after this side refused the session (the primary was told and goes on alone).
+//!
+//! A takeover tells a primary still connected that this host takes over
+//! ([`BackupReceiver::stop_taking_over`]): a live primary taken for dead then stops its copy
+//! instead of serving beside the restored one.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,8 +28,8 @@ use std::time::{Duration, Instant};
 use ftvm_proto::EpochId;
 use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
 
-use super::detector::{DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
-use super::heartbeat::{monotonic_us, LinkActivity};
+use super::detector::{DeadReason, DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
+use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
 use crate::ErrorChain;
@@ -90,7 +99,8 @@ pub struct DaemonStatus {
     pub restorable: bool,
     /// Whether a primary is connected.
     pub connected: bool,
-    /// Whether the last primary said goodbye (left on purpose: no takeover).
+    /// Whether the last session ended on purpose (the primary's goodbye, or a refusal by this
+    /// side): no takeover.
     pub primary_left: bool,
     /// Time since the primary's last frame.
     pub last_frame_age: Option<Duration>,
@@ -269,14 +279,27 @@ impl Watch {
             if let Some(t) = self.activity.last_us() {
                 self.detector.observe(t);
             }
-            let verdict = self.detector.suspected(now);
+            let mut verdict = self.detector.suspected(now);
+            if !matches!(verdict, Suspicion::Alive | Suspicion::NeverSeen)
+                && self.activity.unread_bytes().is_some_and(|n| n > 0)
+            {
+                // The primary sent something this side has not read yet: it is alive, and the
+                // silence is this side's own.
+                self.detector.observe(now);
+                verdict = self.detector.suspected(now);
+            }
+            let end = self.activity.session_end();
+            if end == SessionEnd::Vanished && verdict != Suspicion::NeverSeen {
+                let for_ = self.activity.age(now).unwrap_or_default();
+                verdict = Suspicion::Dead { for_, reason: DeadReason::LinkClosed };
+            }
             let stats = receiver.stats();
             {
                 let mut s = lock(&self.shared.status);
                 s.committed = stats.committed;
                 s.restorable = stats.restorable;
                 s.connected = stats.connected.is_some();
-                s.primary_left = self.activity.said_goodbye();
+                s.primary_left = matches!(end, SessionEnd::Goodbye | SessionEnd::Refused);
                 s.last_frame_age = self.activity.age(now);
                 s.suspicion = verdict;
             }
@@ -296,12 +319,18 @@ impl Watch {
                     }
                 }
                 Suspicion::Dead { for_, reason } => {
-                    if self.activity.said_goodbye() {
+                    if matches!(end, SessionEnd::Goodbye | SessionEnd::Refused) {
                         // A planned departure (shutdown, switchover): the primary stopped its VM
-                        // itself, so resuming it here would run a VM nobody wants, or two.
+                        // itself, so resuming it here would run a VM nobody wants, or two. After a
+                        // refusal the primary goes on alone: the same.
                         if !reported_no_takeover {
                             reported_no_takeover = true;
-                            let msg = "the primary said goodbye: no takeover; waiting for a primary".to_string();
+                            let msg = if end == SessionEnd::Goodbye {
+                                "the primary said goodbye: no takeover; waiting for a primary"
+                            } else {
+                                "this backup refused the primary's session (the primary goes on unprotected): no takeover; waiting for a primary"
+                            }
+                            .to_string();
                             tracing::warn!("{msg}");
                             self.set_error(None, msg);
                         }
@@ -330,7 +359,8 @@ impl Watch {
         lock(&self.shared.status).role = Role::Promoting;
 
         let t = Instant::now();
-        let standby = match receiver.stop() {
+        let notice = format!("the backup declared the primary dead after {last_frame_to_dead:?} of silence");
+        let standby = match receiver.stop_taking_over(&notice) {
             Ok(s) => s,
             Err(e) => return self.set_error(Some(Role::Failed), format!("cannot stop the receiver: {}", ErrorChain(&e))),
         };

@@ -1,18 +1,23 @@
 //! Liveness of the A-Link, as cheaply as possible.
 //!
-//! * The backup: every frame the receiver reads (epoch data or heartbeat) stamps a
+//! * The backup: every read of the receiver that returns bytes (epoch data or heartbeat) stamps a
 //!   [`LinkActivity`], one relaxed atomic store of monotonic microseconds. The failure detector
-//!   polls it; nothing else is shared between the receive path and the detector.
-//! * The primary: while epochs flow, they are the heartbeat. When it is idle (no epoch for a
-//!   while, or the engine stalled on something else), [`IdleHeartbeat`] sends a
-//!   [`TcpTransport::heartbeat`] frame so that the backup's detector keeps hearing from it.
+//!   polls it. Its own slowness must not look like the primary's death, so the detector also asks
+//!   the live socket for bytes not read yet ([`LinkActivity::unread_bytes`]), and it learns how a
+//!   session ended ([`SessionEnd`]): a goodbye or a refusal forbids a takeover, a link closed by
+//!   the primary's kernel allows one at once.
+//! * The primary: while epochs flow, they are the heartbeat. When it sends nothing for a while
+//!   (the backup is behind and the epochs in flight are at their limit), [`IdleHeartbeat`] sends a
+//!   heartbeat frame so that the backup's detector keeps hearing from it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::transport::tcp::TcpTransport;
-use crate::transport::LinkError;
+use crate::transport::{CheckpointTransport, LinkError};
 
 /// Microseconds of `CLOCK_MONOTONIC`, plus one so that 0 can mean "never". Shared by the
 /// receiver's stamps and the detector's clock: both must read the same clock.
@@ -29,16 +34,33 @@ pub fn monotonic_us() -> u64 {
     secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000).saturating_add(1)
 }
 
-/// The time of the last frame received from the primary, in [`monotonic_us`] (0: none yet), and
-/// whether the primary's last session ended with a goodbye (a deliberate departure, not a death).
-/// Cloning shares the same stamp.
+/// How the primary's last session ended, as far as takeover is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SessionEnd {
+    /// No session ended since the last one started (or none ever ran).
+    Open = 0,
+    /// The primary said goodbye: it left on purpose, and its silence is not a death.
+    Goodbye = 1,
+    /// This side ended the session (a frame failed a check) and told the primary, which goes on
+    /// alone: taking over would run a second copy of the VM.
+    Refused = 2,
+    /// The primary's end of the link closed or reset without a goodbye: its process is gone (the
+    /// kernel closed its socket), so there is no point in waiting for the silence timeout.
+    Vanished = 3,
+}
+
+/// The time of the last bytes received from the primary, in [`monotonic_us`] (0: none yet), how
+/// its last session ended, and the live session's socket (to see bytes the receiver has not read
+/// yet). Cloning shares the same state.
 #[derive(Clone, Debug, Default)]
 pub struct LinkActivity(Arc<Activity>);
 
 #[derive(Debug, Default)]
 struct Activity {
     last_us: AtomicU64,
-    goodbye: AtomicBool,
+    end: AtomicU8,
+    socket: Mutex<Option<TcpStream>>,
 }
 
 impl LinkActivity {
@@ -47,40 +69,96 @@ impl LinkActivity {
         Self::default()
     }
 
-    /// Records a frame received now.
+    /// Records bytes received now.
     pub fn touch(&self) {
         self.touch_at(monotonic_us());
     }
 
-    /// Records a frame received at `now_us`. The stamp never goes backwards.
+    /// Records bytes received at `now_us`. The stamp never goes backwards.
     pub fn touch_at(&self, now_us: u64) {
         self.0.last_us.fetch_max(now_us, Ordering::Relaxed);
     }
 
-    /// A primary authenticated: a sign of life, and any earlier goodbye is void.
-    pub fn session_started(&self) {
-        self.0.goodbye.store(false, Ordering::SeqCst);
+    /// A primary authenticated on `socket` (a clone of the session's stream): a sign of life, and
+    /// any earlier ending is void.
+    pub fn session_started(&self, socket: Option<TcpStream>) {
+        *self.0.socket.lock().unwrap_or_else(|e| e.into_inner()) = socket;
+        self.0.end.store(SessionEnd::Open as u8, Ordering::SeqCst);
         self.touch();
+    }
+
+    /// The session ended as `end` (the first ending recorded after a start counts).
+    pub fn session_ended(&self, end: SessionEnd) {
+        self.0.socket.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let _ = self.0.end.compare_exchange(SessionEnd::Open as u8, end as u8, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// The primary said goodbye: it leaves on purpose, and its silence is not a death.
     pub fn goodbye(&self) {
-        self.0.goodbye.store(true, Ordering::SeqCst);
+        self.session_ended(SessionEnd::Goodbye);
+    }
+
+    /// How the last session ended.
+    pub fn session_end(&self) -> SessionEnd {
+        match self.0.end.load(Ordering::SeqCst) {
+            1 => SessionEnd::Goodbye,
+            2 => SessionEnd::Refused,
+            3 => SessionEnd::Vanished,
+            _ => SessionEnd::Open,
+        }
     }
 
     /// Whether the last session ended with a goodbye (and no session started since).
     pub fn said_goodbye(&self) -> bool {
-        self.0.goodbye.load(Ordering::SeqCst)
+        self.session_end() == SessionEnd::Goodbye
     }
 
-    /// When the last frame arrived, if any did.
+    /// Bytes that arrived on the live session's socket and are not read yet, if a session is live.
+    /// A receiver busy applying an epoch (or starved of CPU) reads nothing for a while: bytes
+    /// waiting here mean the primary is alive, whatever the stamp says.
+    pub fn unread_bytes(&self) -> Option<usize> {
+        let guard = self.0.socket.lock().unwrap_or_else(|e| e.into_inner());
+        let socket = guard.as_ref()?;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer, which is valid for the call; the
+        // descriptor is open while the guard holds the stream.
+        let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+        (r == 0).then(|| usize::try_from(n).unwrap_or(0))
+    }
+
+    /// When the last bytes arrived, if any did.
     pub fn last_us(&self) -> Option<u64> {
         Some(self.0.last_us.load(Ordering::Relaxed)).filter(|&t| t != 0)
     }
 
-    /// How long ago the last frame arrived, if any did.
+    /// How long ago the last bytes arrived, if any did.
     pub fn age(&self, now_us: u64) -> Option<Duration> {
         self.last_us().map(|t| Duration::from_micros(now_us.saturating_sub(t)))
+    }
+}
+
+/// A reader that stamps a [`LinkActivity`] whenever it reads bytes, so that a large frame being
+/// received counts as life all along, not only once it is complete.
+#[derive(Debug)]
+pub struct StampingReader<R> {
+    inner: R,
+    activity: LinkActivity,
+}
+
+impl<R> StampingReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R, activity: LinkActivity) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<R: Read> Read for StampingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.activity.touch();
+        }
+        Ok(n)
     }
 }
 
@@ -112,7 +190,7 @@ impl IdleHeartbeat {
     }
 
     /// Sends a heartbeat on `transport` if one is due; returns whether it sent one.
-    pub fn send_if_due(&mut self, now_us: u64, transport: &mut TcpTransport) -> Result<bool, LinkError> {
+    pub fn send_if_due(&mut self, now_us: u64, transport: &mut dyn CheckpointTransport) -> Result<bool, LinkError> {
         if !self.due(now_us) {
             return Ok(false);
         }
@@ -146,8 +224,41 @@ mod tests {
         assert!(!a.said_goodbye());
         a.goodbye();
         assert!(a.said_goodbye());
-        a.session_started();
+        a.session_started(None);
         assert!(!a.said_goodbye() && a.last_us().is_some_and(|t| t > 50));
+        assert_eq!(a.session_end(), SessionEnd::Open);
+        // The first ending after a start counts: a refusal followed by the link closing stays a
+        // refusal.
+        a.session_ended(SessionEnd::Refused);
+        a.session_ended(SessionEnd::Vanished);
+        assert_eq!(a.session_end(), SessionEnd::Refused);
+        assert_eq!(a.unread_bytes(), None);
+    }
+
+    #[test]
+    fn unread_bytes_and_stamping_reads() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (rx, _) = listener.accept().unwrap();
+        let a = LinkActivity::new();
+        a.session_started(Some(rx.try_clone().unwrap()));
+        assert_eq!(a.unread_bytes(), Some(0));
+        std::io::Write::write_all(&mut tx, &[7u8; 100]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while a.unread_bytes() != Some(100) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(a.unread_bytes(), Some(100));
+        let before = a.last_us().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let mut r = StampingReader::new(&rx, a.clone());
+        let mut buf = [0u8; 40];
+        r.read_exact(&mut buf).unwrap();
+        assert!(a.last_us().unwrap() > before, "a read stamps the activity");
+        assert_eq!(a.unread_bytes(), Some(60));
+        a.session_ended(SessionEnd::Vanished);
+        assert_eq!(a.unread_bytes(), None, "no session, no socket");
+        assert_eq!(a.session_end(), SessionEnd::Vanished);
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub enum AckEvent {
         /// Why, for logs and status.
         reason: String,
     },
+    /// The backup declared this primary dead and resumes the VM itself: this copy must stop at
+    /// once, releasing nothing more (fencing). The link goes down right after.
+    Superseded {
+        /// The backup's reason.
+        reason: String,
+    },
 }
 
 /// Called on the acknowledgement thread for each [`AckEvent`], in order. It must be quick (it delays
@@ -378,6 +384,14 @@ pub trait CheckpointTransport: Send {
 
     /// The latest epoch acknowledged on this link, without waiting.
     fn acked(&self) -> Option<EpochId>;
+
+    /// Sends a liveness frame (between epochs only), so that a backup that hears no epoch for a
+    /// while (the epochs in flight are at their limit) does not take the primary for dead.
+    fn heartbeat(&mut self) -> Result<(), LinkError>;
+
+    /// The primary goes on without this backup (simplex): tells it so when the link still works,
+    /// so that it does not take over a VM that still runs, then closes the link. Best effort.
+    fn abandon(&mut self, reason: &str);
 }
 
 #[cfg(test)]

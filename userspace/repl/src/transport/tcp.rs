@@ -291,6 +291,12 @@ fn ack_reader(stream: TcpStream, mut opener: FrameOpener, shared: Arc<AckShared>
                 }
             }
             FrameKind::HeartbeatReply => {}
+            FrameKind::TakingOver => {
+                let reason = String::from_utf8_lossy(&payload).into_owned();
+                tracing::error!(%reason, "the backup is taking over this VM");
+                shared.notify(AckEvent::Superseded { reason: reason.clone() });
+                return shared.mark_down(format!("the backup took over: {reason}"));
+            }
             FrameKind::Goodbye => {
                 return shared.mark_down(format!("backup closed the link: {}", String::from_utf8_lossy(&payload)))
             }
@@ -364,18 +370,16 @@ impl TcpTransport {
 
     /// Sends an orderly goodbye (when no epoch is open) and closes the link.
     pub fn close(mut self, reason: &str) {
+        self.say_goodbye(reason);
+    }
+
+    /// A goodbye when the framing allows it (no epoch half sent, the link not failed), then the
+    /// link marked down as closed by this side.
+    fn say_goodbye(&mut self, reason: &str) {
         if self.open.is_none() && self.shared.down().is_none() {
             let _ = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes(), &[]);
         }
         self.shared.mark_down_as(format!("closed by the primary: {reason}"), true);
-    }
-
-    /// Sends a heartbeat; the backup answers on the acknowledgement thread. Keeps an idle link from
-    /// hitting the backup's link timeout.
-    pub fn heartbeat(&mut self) -> Result<(), LinkError> {
-        self.check_up()?;
-        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Heartbeat, 0, &[], &[]);
-        r.map(|_| ()).map_err(|e| self.fail(e))
     }
 
     fn check_up(&self) -> Result<(), LinkError> {
@@ -410,6 +414,21 @@ impl Drop for TcpTransport {
 impl CheckpointTransport for TcpTransport {
     fn peer_standby(&self) -> StandbyInfo {
         self.peer
+    }
+
+    fn heartbeat(&mut self) -> Result<(), LinkError> {
+        self.check_up()?;
+        if self.open.is_some() {
+            // Inside an epoch its own frames are the sign of life (and the digest covers them).
+            return Ok(());
+        }
+        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Heartbeat, 0, &[], &[]);
+        r.map(|_| ()).map_err(|e| self.fail(e))
+    }
+
+    fn abandon(&mut self, reason: &str) {
+        self.say_goodbye(reason);
+        let _ = self.stream.shutdown(Shutdown::Both);
     }
 
     fn set_ack_listener(&mut self, listener: AckListener) {
