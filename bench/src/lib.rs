@@ -1,6 +1,9 @@
 //! End-to-end benchmarks: the reference guest under `redis-benchmark`, on this machine, with
 //! results written as JSON. Every later protection level is reported as a ratio against the
-//! unprotected figures measured in the same run.
+//! unprotected figures measured in the same run. [`failover`] measures the takeover itself: SIGKILL
+//! of the primary to the first reply served by the backup.
+
+pub mod failover;
 
 use std::path::Path;
 use std::process::Command;
@@ -43,7 +46,10 @@ pub fn parse_csv(out: &str, bench: &RedisBenchmark) -> Result<Vec<CommandResult>
         None => bail!("redis-benchmark printed nothing"),
     };
     let col = |name: &str| {
-        header.iter().position(|h| h == name).with_context(|| format!("no {name} column in {header:?}"))
+        header
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("no {name} column in {header:?}"))
     };
     let (test, rps, avg, p50, p95, p99, max) = (
         col("test")?,
@@ -58,7 +64,9 @@ pub fn parse_csv(out: &str, bench: &RedisBenchmark) -> Result<Vec<CommandResult>
         .map(|line| {
             let f = split_csv(line);
             let num = |i: usize| -> Result<f64> {
-                f.get(i).and_then(|v| v.parse().ok()).with_context(|| format!("bad number in {line:?}"))
+                f.get(i)
+                    .and_then(|v| v.parse().ok())
+                    .with_context(|| format!("bad number in {line:?}"))
             };
             Ok(CommandResult {
                 test: f.get(test).cloned().unwrap_or_default(),
@@ -77,21 +85,43 @@ pub fn parse_csv(out: &str, bench: &RedisBenchmark) -> Result<Vec<CommandResult>
 }
 
 fn split_csv(line: &str) -> Vec<String> {
-    line.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect()
+    line.split(',')
+        .map(|f| f.trim().trim_matches('"').to_string())
+        .collect()
 }
 
 /// Runs redis-benchmark from inside the named namespace against the guest.
 pub fn run_redis_benchmark(netns: &str, bench: &RedisBenchmark) -> Result<Vec<CommandResult>> {
     let ip = GUEST_IP.to_string();
-    let (n, c, p) = (bench.requests.to_string(), bench.clients.to_string(), bench.pipeline.to_string());
+    let (n, c, p) = (
+        bench.requests.to_string(),
+        bench.clients.to_string(),
+        bench.pipeline.to_string(),
+    );
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns]).args([
-        "redis-benchmark", "-h", &ip, "-p", "6379", "-t", bench.tests, "-n", &n, "-c", &c, "-P", &p, "--csv",
+        "redis-benchmark",
+        "-h",
+        &ip,
+        "-p",
+        "6379",
+        "-t",
+        bench.tests,
+        "-n",
+        &n,
+        "-c",
+        &c,
+        "-P",
+        &p,
+        "--csv",
     ]);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(900));
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "redis-benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     parse_csv(&stdout, bench)
 }
@@ -113,7 +143,9 @@ pub struct Ratio {
 pub fn ratios(unprotected: &[CommandResult], ft: &[CommandResult]) -> Vec<Ratio> {
     ft.iter()
         .filter_map(|f| {
-            let u = unprotected.iter().find(|u| u.test == f.test && u.pipeline == f.pipeline)?;
+            let u = unprotected
+                .iter()
+                .find(|u| u.test == f.test && u.pipeline == f.pipeline)?;
             Some(Ratio {
                 test: f.test.clone(),
                 pipeline: f.pipeline,
@@ -137,6 +169,8 @@ pub struct Report {
     /// `ftvm site status --json` of the pair right after the load: epoch rate, pause, lag.
     pub ft_status: Option<serde_json::Value>,
     pub ratios: Vec<Ratio>,
+    /// SIGKILL of the primary to serving on the backup, over fresh sites; `None` when skipped.
+    pub failover: Option<failover::FailoverReport>,
 }
 
 impl Report {
@@ -150,10 +184,13 @@ impl Report {
 
     /// A short table for the terminal and for closing notes.
     pub fn table(&self) -> String {
-        let mut s = format!(
-            "{:<12} {:>3} {:>10} {:>8} {:>8} {:>8}\n",
-            "command", "P", "req/s", "p50 ms", "p99 ms", "max ms"
-        );
+        let mut s = String::new();
+        if !self.unprotected.is_empty() {
+            s += &format!(
+                "{:<12} {:>3} {:>10} {:>8} {:>8} {:>8}\n",
+                "command", "P", "req/s", "p50 ms", "p99 ms", "max ms"
+            );
+        }
         for r in &self.unprotected {
             s += &format!(
                 "{:<12} {:>3} {:>10.0} {:>8.3} {:>8.3} {:>8.3}\n",
@@ -161,13 +198,19 @@ impl Report {
             );
         }
         if !self.ratios.is_empty() {
-            s += &format!("\n{:<12} {:>3} {:>10} {:>12} {:>12}\n", "FT vs unprot", "P", "req/s ×", "+p50 µs", "+p99 µs");
+            s += &format!(
+                "\n{:<12} {:>3} {:>10} {:>12} {:>12}\n",
+                "FT vs unprot", "P", "req/s ×", "+p50 µs", "+p99 µs"
+            );
             for r in &self.ratios {
                 s += &format!(
                     "{:<12} {:>3} {:>10.2} {:>12.0} {:>12.0}\n",
                     r.test, r.pipeline, r.rps_ratio, r.added_p50_us, r.added_p99_us
                 );
             }
+        }
+        if let Some(f) = &self.failover {
+            s += &f.table();
         }
         s
     }
@@ -182,7 +225,12 @@ mod tests {
         let out = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n\
                    \"SET\",\"41666.67\",\"1.120\",\"0.200\",\"1.055\",\"1.655\",\"2.311\",\"9.999\"\n\
                    \"GET\",\"45454.55\",\"1.020\",\"0.180\",\"0.975\",\"1.455\",\"2.011\",\"8.100\"\n";
-        let b = RedisBenchmark { tests: "set,get", requests: 1000, clients: 50, pipeline: 1 };
+        let b = RedisBenchmark {
+            tests: "set,get",
+            requests: 1000,
+            clients: 50,
+            pipeline: 1,
+        };
         let r = parse_csv(out, &b).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].test, "SET");
@@ -205,7 +253,10 @@ mod tests {
             p99_latency_ms: p99,
             max_latency_ms: 0.0,
         };
-        let u = [r("SET", 1, 1000.0, 1.0, 2.0), r("SET", 16, 5000.0, 1.0, 2.0)];
+        let u = [
+            r("SET", 1, 1000.0, 1.0, 2.0),
+            r("SET", 16, 5000.0, 1.0, 2.0),
+        ];
         let f = [r("SET", 1, 600.0, 1.2, 2.5), r("GET", 1, 1.0, 1.0, 1.0)];
         let got = ratios(&u, &f);
         assert_eq!(got.len(), 1);
@@ -216,7 +267,12 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        let b = RedisBenchmark { tests: "set", requests: 1, clients: 1, pipeline: 1 };
+        let b = RedisBenchmark {
+            tests: "set",
+            requests: 1,
+            clients: 1,
+            pipeline: 1,
+        };
         assert!(parse_csv("", &b).is_err());
         assert!(parse_csv("\"test\",\"rps\"\n\"SET\",\"1\"\n", &b).is_err());
     }

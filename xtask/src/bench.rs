@@ -1,6 +1,9 @@
-//! `cargo xtask bench`: the unprotected VM under redis-benchmark; writes bench/results/<name>.json.
+//! `cargo xtask bench`: the unprotected VM and the FT pair under redis-benchmark, then failovers
+//! (SIGKILL of the primary of a fresh site, repeated); writes bench/results/<name>.json.
 //!
-//! Needs root and /dev/kvm (it builds a network namespace and boots the reference guest).
+//! Needs root and /dev/kvm (it builds network namespaces and boots the reference guest). The ftvm
+//! binary is `$FTVM_BIN` if set (used as it is, not built), else a release build made here in
+//! `$CARGO_TARGET_DIR` (or `target/`).
 
 use std::process::Command;
 
@@ -19,9 +22,31 @@ pub struct BenchArgs {
     /// Concurrent clients.
     #[arg(long, default_value_t = 50)]
     pub clients: u32,
-    /// Measure only the unprotected VM.
+    /// Measure only the unprotected VM (no FT pair, no failover).
     #[arg(long)]
     pub no_ft: bool,
+    /// Failover repetitions (a fresh site each, primary SIGKILLed at a random moment).
+    #[arg(long, default_value_t = 5)]
+    pub failovers: u32,
+    /// Client connections held open across each failover.
+    #[arg(long, default_value_t = 4)]
+    pub failover_connections: usize,
+    /// Skip the failover measurement.
+    #[arg(long, conflicts_with = "failover_only")]
+    pub no_failover: bool,
+    /// Only the failover measurement (no redis-benchmark runs).
+    #[arg(long, conflicts_with = "no_ft")]
+    pub failover_only: bool,
+}
+
+/// The release ftvm the benchmark runs: `$FTVM_BIN`, else `<target dir>/release/ftvm`.
+fn ftvm_bin(root: &std::path::Path) -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("FTVM_BIN") {
+        return bin.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    target.join("release/ftvm")
 }
 
 /// An FT pair brought up with `ftvm site up` for the length of the benchmark.
@@ -31,11 +56,14 @@ struct FtSite {
 }
 
 impl FtSite {
-    fn up(root: &std::path::Path) -> Result<Self> {
-        let site = Self { name: format!("fb{}", std::process::id() % 100_000), bin: root.join("target/release/ftvm") };
+    fn up(bin: &std::path::Path, guest: &std::path::Path) -> Result<Self> {
+        let site = Self {
+            name: format!("fb{}", std::process::id() % 100_000),
+            bin: bin.to_path_buf(),
+        };
         let status = Command::new(&site.bin)
             .args(["site", "up", "--name", &site.name, "--guest"])
-            .arg(root.join("target/guest/ftvm-guest"))
+            .arg(guest)
             .status()
             .context("cannot run ftvm site up")?;
         if !status.success() {
@@ -49,69 +77,118 @@ impl FtSite {
     }
 
     fn status_json(&self) -> Result<serde_json::Value> {
-        let out = Command::new(&self.bin).args(["site", "status", "--json", "--name", &self.name]).output()?;
+        let out = Command::new(&self.bin)
+            .args(["site", "status", "--json", "--name", &self.name])
+            .output()?;
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 }
 
 impl Drop for FtSite {
     fn drop(&mut self) {
-        let _ = Command::new(&self.bin).args(["site", "down", "--name", &self.name]).status();
+        let _ = Command::new(&self.bin)
+            .args(["site", "down", "--name", &self.name])
+            .status();
     }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let root = crate::workspace_root();
-    eprintln!("[bench] building the guest and a release ftvm");
-    crate::guest::build()?;
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-p", "ftvm"])
-        .current_dir(&root)
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p ftvm failed");
+    eprintln!("[bench] building the guest");
+    let guest = crate::guest::build()?;
+    if std::env::var_os("FTVM_BIN").is_some() {
+        eprintln!("[bench] using FTVM_BIN as it is (not building ftvm)");
+    } else {
+        eprintln!("[bench] building a release ftvm");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "-p", "ftvm"])
+            .current_dir(&root)
+            .status()
+            .context("cannot run cargo build")?;
+        if !status.success() {
+            bail!("cargo build --release -p ftvm failed");
+        }
+    }
+    let bin = ftvm_bin(&root);
+    if !bin.exists() {
+        bail!("{} missing after the build (set FTVM_BIN?)", bin.display());
     }
     // SAFETY: set before any other thread exists; the helpers read it when starting the VM.
-    unsafe { std::env::set_var("FTVM_BIN", root.join("target/release/ftvm")) };
+    unsafe { std::env::set_var("FTVM_BIN", &bin) };
 
     let load = |netns: &str| -> Result<Vec<_>> {
         let mut results = Vec::new();
         for pipeline in [1, 16] {
-            let bench = RedisBenchmark { tests: "ping,set,get,incr", requests: args.requests, clients: args.clients, pipeline };
-            eprintln!("[bench] redis-benchmark -n {} -c {} -P {pipeline}", bench.requests, bench.clients);
+            let bench = RedisBenchmark {
+                tests: "ping,set,get,incr",
+                requests: args.requests,
+                clients: args.clients,
+                pipeline,
+            };
+            eprintln!(
+                "[bench] redis-benchmark -n {} -c {} -P {pipeline}",
+                bench.requests, bench.clients
+            );
             results.extend(run_redis_benchmark(netns, &bench)?);
         }
         Ok(results)
     };
 
-    let unprotected = {
+    let unprotected = if args.failover_only {
+        Vec::new()
+    } else {
         let ns = Netns::new("bench");
         let dir = TempDir::new("bench");
         let opts = VmOptions::new(dir.path().join("disk.img"));
-        eprintln!("[bench] booting the unprotected VM in namespace {}", ns.name());
+        eprintln!(
+            "[bench] booting the unprotected VM in namespace {}",
+            ns.name()
+        );
         let _vm = Vm::start(&ns, dir.path(), &opts);
         load(ns.name())?
     };
 
-    let (ft, ft_status) = if args.no_ft {
+    let (ft, ft_status) = if args.no_ft || args.failover_only {
         (Vec::new(), None)
     } else {
         eprintln!("[bench] bringing up the FT pair (ftvm site up)");
-        let site = FtSite::up(&root)?;
+        let site = FtSite::up(&bin, &guest)?;
         let ft = load(&site.client_netns())?;
         let status = site.status_json()?;
         (ft, Some(status))
     };
+    let failover = if args.no_ft || args.no_failover || args.failovers == 0 {
+        None
+    } else {
+        eprintln!(
+            "[bench] failover: {} repetitions, {} connections each",
+            args.failovers, args.failover_connections
+        );
+        Some(ftvm_bench::failover::run(
+            &ftvm_bench::failover::FailoverConfig {
+                ftvm: bin.clone(),
+                guest: guest.clone(),
+                repetitions: args.failovers,
+                connections: args.failover_connections.max(1),
+                seed: ftvm_bench::failover::seed_from_env_or_clock(),
+            },
+        ))
+    };
     let ratios = ftvm_bench::ratios(&unprotected, &ft);
     let report = Report {
         name: args.name,
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
-        unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
         unprotected,
         ft,
         ft_status,
         ratios,
+        failover,
     };
     let path = report.write(&root.join("bench/results"))?;
     print!("{}", report.table());

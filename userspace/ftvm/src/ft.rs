@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
-use ftvm_repl::backup::receiver::ReceiverConfig;
+use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, PrimaryEngine};
 use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
@@ -98,6 +98,12 @@ pub struct BackupArgs {
     /// false takeovers on a loaded two-core host (a primary stalled by a huge epoch looks dead).
     #[arg(long, default_value_t = 250)]
     pub dead_after_ms: u64,
+    /// fdatasync the standby disk before acknowledging each epoch that wrote to it. Off by
+    /// default: the standby memory is in RAM, so a crash of this host loses the standby whatever
+    /// the disk holds, and a sync per epoch adds milliseconds to every acknowledgement (and so to
+    /// the guest's replies); a background flush every second keeps the page cache from growing.
+    #[arg(long)]
+    pub sync_every_epoch: bool,
 }
 
 /// Reads the A-Link secret: the file's bytes without a trailing newline.
@@ -288,7 +294,10 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     let secret = read_secret(&args.secret_file)?;
     run::prepare_disk(&args.disk, args.disk_size)?;
     let console = run::open_console(args.net.console_log.as_deref())?;
-    let receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
+    let mut receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
+    if !args.sync_every_epoch {
+        receiver.disk_sync = DiskSync::NoSync;
+    }
     let promote = PromoteConfig {
         net: Some(PromoteNet {
             tap_name: args.net.tap.clone(),
@@ -312,6 +321,7 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
         let stop = Arc::clone(&stop);
         crate::signals::on_stop_signal(move |_| stop.store(true, Ordering::Relaxed))?;
     }
+    let flusher = (!args.sync_every_epoch).then(|| spawn_disk_flusher(args.disk.clone(), Arc::clone(&stop)));
     let mut last_role = None;
     let result = loop {
         let st = daemon.status();
@@ -343,9 +353,32 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    stop.store(true, Ordering::Relaxed);
     let final_status = daemon.shutdown();
+    if let Some(Ok(t)) = flusher {
+        let _ = t.join();
+    }
     tracing::info!(role = ?final_status.role, "backup stopped");
     result
+}
+
+/// Flushes the standby disk to stable storage every second until `stop`, so that the writes
+/// applied without a sync per epoch do not pile up in the page cache.
+fn spawn_disk_flusher(path: PathBuf, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("disk-flush".into()).spawn(move || {
+        let mut last = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            if last.elapsed() < Duration::from_secs(1) {
+                continue;
+            }
+            last = Instant::now();
+            // Any descriptor of the file flushes its dirty pages.
+            if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_data()) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot flush the standby disk");
+            }
+        }
+    })
 }
 
 impl RunArgs {

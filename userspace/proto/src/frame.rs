@@ -64,6 +64,9 @@ pub enum FrameKind {
     /// Sent by the backup right after the handshake: what its standby holds (committed epoch,
     /// memory and disk sizes), or a `Goodbye` instead when it refuses the session.
     StandbyInfo = 25,
+    /// The guest frames the epoch's output hold sealed (the backup replays them at a takeover: the
+    /// primary may have died before it released them, and the restored guest believes them sent).
+    HeldOutput = 26,
     /// Liveness probe.
     Heartbeat = 32,
     /// Liveness answer.
@@ -93,6 +96,7 @@ impl FrameKind {
             23 => MachineState,
             24 => DiskImage,
             25 => StandbyInfo,
+            26 => HeldOutput,
             32 => Heartbeat,
             33 => HeartbeatReply,
             48 => Goodbye,

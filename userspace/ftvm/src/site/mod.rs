@@ -25,6 +25,8 @@ use topology::SiteNames;
 
 /// Where sites keep their state.
 const SITES_DIR: &str = "/run/ftvm/sites";
+/// Host A's output trace in the site's directory (`site up --output-trace`).
+pub const OUTPUT_TRACE_FILE: &str = "output-trace.txt";
 
 #[derive(Debug, Subcommand)]
 pub enum SiteCommand {
@@ -58,6 +60,18 @@ pub struct UpArgs {
     /// Seconds to wait for the guest to serve.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Return as soon as both hosts run and the initial synchronisation has started, without
+    /// waiting for the pair to be protected (`site status` tells when it is).
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Host A's `--ack-timeout-ms`: how long the primary waits for an acknowledgement before it
+    /// goes on unprotected (the primary's default when not given).
+    #[arg(long)]
+    pub ack_timeout_ms: Option<u64>,
+    /// Have host A trace its output-commit hold to `/run/ftvm/sites/<name>/output-trace.txt` (the
+    /// primary's `--output-trace`; for tests).
+    #[arg(long)]
+    pub output_trace: bool,
 }
 
 #[derive(Debug, Args)]
@@ -217,7 +231,11 @@ fn up(args: UpArgs) -> Result<()> {
             return Err(e);
         }
     }
-    println!("site {name} is up: the VM serves on {}:{DEFAULT_KV_PORT}, primary on host A, protected by host B", topology::GUEST_IP);
+    if args.no_wait {
+        println!("site {name} is starting: primary on host A, synchronising host B (`ftvm site status --name {name}` says when it is protected)");
+    } else {
+        println!("site {name} is up: the VM serves on {}:{DEFAULT_KV_PORT}, primary on host A, protected by host B", topology::GUEST_IP);
+    }
     println!("  ip netns exec {} redis-cli -h {} PING", names.client, topology::GUEST_IP);
     println!("  ftvm site status --name {name}; ftvm site down --name {name}");
     Ok(())
@@ -274,7 +292,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     .map(String::from)
     .to_vec();
     let backup_pid = spawn_host(dir, "b", &backup_args)?;
-    let primary_args: Vec<String> = [
+    let mut primary_args: Vec<String> = [
         "primary", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP, "--guest", &s(&args.guest),
         "--memory", &memory, "--disk", &s(&dir.join("disk-a.img")), "--ip", &guest_cidr,
         "--console-log", &s(&dir.join("host-a.console.log")), "--peer", &alink, "--secret-file", &s(&secret),
@@ -282,6 +300,12 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
+    if let Some(ms) = args.ack_timeout_ms {
+        primary_args.extend(["--ack-timeout-ms".to_string(), ms.to_string()]);
+    }
+    if args.output_trace {
+        primary_args.extend(["--output-trace".to_string(), s(&dir.join(OUTPUT_TRACE_FILE))]);
+    }
     let primary_pid = spawn_host(dir, "a", &primary_args)?;
     let record = SiteRecord {
         name: args.site.name.clone(),
@@ -294,19 +318,23 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
         ],
     };
     save(&record)?;
-    wait_protected(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout))?;
+    if args.no_wait {
+        // The primary reports "syncing" once it reached the backup and its engine runs.
+        return wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &["syncing", "protected"]);
+    }
+    wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &["protected"])?;
     check_from_client(names)
 }
 
-/// Waits until the primary reports the pair protected, printing progress once a second.
-fn wait_protected(primary: i32, backup: i32, dir: &Path, timeout: Duration) -> Result<()> {
+/// Waits until the primary reports one of the `wanted` states, printing progress once a second.
+fn wait_state(primary: i32, backup: i32, dir: &Path, timeout: Duration, wanted: &[&str]) -> Result<()> {
     let start = Instant::now();
     let mut last_report = start;
     loop {
         let status = read_json(&dir.join("host-a.status.json"));
         let state = status.as_ref().and_then(|v| v["state"].as_str().map(String::from)).unwrap_or_default();
-        if state == "protected" {
-            eprintln!("site: protected after {:.1} s", start.elapsed().as_secs_f64());
+        if wanted.contains(&state.as_str()) {
+            eprintln!("site: {state} after {:.1} s", start.elapsed().as_secs_f64());
             return Ok(());
         }
         for (pid, host) in [(primary, "a"), (backup, "b")] {
@@ -318,7 +346,7 @@ fn wait_protected(primary: i32, backup: i32, dir: &Path, timeout: Duration) -> R
             bail!("the primary lost its backup during the initial sync: {}", last_error_line(&dir.join("host-a.log")));
         }
         if start.elapsed() > timeout {
-            bail!("the pair was not protected within {} s (state: {state:?}; logs in {})", timeout.as_secs(), dir.display());
+            bail!("the pair was not {} within {} s (state: {state:?}; logs in {})", wanted.join(" or "), timeout.as_secs(), dir.display());
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             let detail = status.as_ref().and_then(|v| v["detail"].as_str().map(String::from)).unwrap_or_default();

@@ -19,7 +19,7 @@
 //!   then the EpochAck goes out. A session that ends, or a frame that fails any check, drops the
 //!   staging and leaves the committed standby untouched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -40,7 +40,8 @@ use ftvm_proto::EpochId;
 use super::journal::{AppendError, ApplyError, DiskJournal};
 use super::standby::{Standby, StandbyMemory};
 use crate::epoch::wire::{
-    DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView, StandbyInfo,
+    decode_output, DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView,
+    StandbyInfo,
 };
 use crate::ha::heartbeat::{LinkActivity, SessionEnd, StampingReader};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
@@ -332,6 +333,9 @@ struct StandbyState {
     disk: File,
     state: Vec<u8>,
     committed: Option<EpochId>,
+    /// The held output of the last committed epochs (HeldOutput payloads), oldest first: the
+    /// primary may have died before releasing them, and the restored guest believes them sent.
+    recent_output: VecDeque<(EpochId, Vec<Vec<u8>>)>,
 }
 
 impl StandbyState {
@@ -348,6 +352,38 @@ impl StandbyState {
     fn invalidate(&mut self) {
         self.committed = None;
         self.state.clear();
+        self.recent_output.clear();
+    }
+
+    /// Keeps `epoch`'s held output (just committed), and only as much older output as the primary
+    /// can have left unreleased.
+    fn keep_output(&mut self, epoch: EpochId, payloads: Vec<Vec<u8>>) {
+        if !payloads.is_empty() {
+            self.recent_output.push_back((epoch, payloads));
+        }
+        let oldest = epoch.0.saturating_sub(RECENT_OUTPUT_EPOCHS);
+        let mut bytes: usize = self.recent_output.iter().flat_map(|(_, p)| p.iter()).map(Vec::len).sum();
+        while let Some((e, p)) = self.recent_output.front() {
+            if e.0 >= oldest && bytes <= RECENT_OUTPUT_BYTES {
+                break;
+            }
+            bytes -= p.iter().map(Vec::len).sum::<usize>();
+            self.recent_output.pop_front();
+        }
+    }
+
+    /// The frames to replay at a takeover, oldest first.
+    fn unreleased_output(&self) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        for (_, payloads) in &self.recent_output {
+            for p in payloads {
+                // Checked on arrival; a payload that fails now is skipped rather than trusted.
+                if let Ok(fs) = decode_output(p) {
+                    frames.extend(fs.into_iter().map(<[u8]>::to_vec));
+                }
+            }
+        }
+        frames
     }
 }
 
@@ -471,7 +507,7 @@ impl BackupReceiver {
 
         let inner = Arc::new(Inner {
             config,
-            standby: RwLock::new(StandbyState { memory, disk, state: Vec::new(), committed: None }),
+            standby: RwLock::new(StandbyState { memory, disk, state: Vec::new(), committed: None, recent_output: VecDeque::new() }),
             stats: Mutex::default(),
             bytes_received: AtomicU64::new(0),
             activity: LinkActivity::new(),
@@ -772,11 +808,19 @@ struct Staging {
     image_bytes: u64,
     staged_pages: Vec<StagedPages>,
     state: Vec<u8>,
+    /// HeldOutput payloads, checked.
+    output: Vec<Vec<u8>>,
+    output_bytes: u64,
     span: tracing::Span,
 }
 
 /// Buffers kept between frames.
 const POOL_BUFFERS: usize = 16;
+/// Committed epochs whose held output is kept for a takeover: more than the primary keeps in flight
+/// (an acknowledged epoch's output may still be unreleased when the primary dies).
+const RECENT_OUTPUT_EPOCHS: u64 = 64;
+/// Most bytes of held output kept (and staged for one epoch).
+const RECENT_OUTPUT_BYTES: usize = 32 << 20;
 /// Longest wait to hand a takeover notice to a primary's socket.
 const FAREWELL_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Largest buffer kept between frames.
@@ -917,6 +961,7 @@ impl<'a> Session<'a> {
                     self.on_disk_image(header.epoch, &buf, &tag)?;
                     self.recycle(buf);
                 }
+                FrameKind::HeldOutput => self.on_output(header.epoch, buf, &tag)?,
                 FrameKind::EpochCommit => {
                     self.on_commit(header.epoch, &buf)?;
                     self.recycle(buf);
@@ -997,6 +1042,8 @@ impl<'a> Session<'a> {
             image_bytes: 0,
             staged_pages: Vec::new(),
             state,
+            output: Vec::new(),
+            output_bytes: 0,
             span,
         });
         Ok(())
@@ -1042,6 +1089,21 @@ impl<'a> Session<'a> {
         }
         s.digest.add_frame(tag);
         s.state.extend_from_slice(payload);
+        Ok(())
+    }
+
+    fn on_output(&mut self, header_epoch: u64, payload: Vec<u8>, tag: &[u8; 32]) -> Result<(), SessionError> {
+        let s = self.staging_for(FrameKind::HeldOutput, header_epoch)?;
+        if s.begin.initial_sync {
+            return Err(SessionError::Unexpected { kind: FrameKind::HeldOutput, context: "in an initial synchronisation" });
+        }
+        decode_output(&payload).map_err(|source| SessionError::Payload { kind: FrameKind::HeldOutput, source })?;
+        s.output_bytes += payload.len() as u64;
+        if s.output_bytes > RECENT_OUTPUT_BYTES as u64 {
+            return Err(SessionError::StagingFull { epoch: s.begin.epoch, max: RECENT_OUTPUT_BYTES as u64 });
+        }
+        s.digest.add_frame(tag);
+        s.output.push(payload);
         Ok(())
     }
 
@@ -1157,6 +1219,7 @@ impl<'a> Session<'a> {
                 std::mem::swap(&mut sb.state, &mut staging.state);
             }
             sb.committed = Some(epoch);
+            sb.keep_output(epoch, std::mem::take(&mut staging.output));
             restorable = !sb.state.is_empty();
         }
         let apply = started.elapsed();

@@ -9,7 +9,11 @@
 //! 2. **First checkpoint**: guest transmit switches to [`TxMode::Held`], then the first incremental
 //!    epoch carries the pages dirtied during the sync, the machine state and the disk writes; its
 //!    acknowledgement makes the backup restorable.
-//! 3. **Epoch loop**, every [`EngineConfig::epoch_interval`]: pause, capture (harvest + state),
+//! 3. **Epoch loop**: a checkpoint starts when guest output waits in the hold and
+//!    [`EngineConfig::min_epoch_gap`] has passed since the last one began (held output is latency
+//!    a client sees, so it is checkpointed at once), and at the latest
+//!    [`EngineConfig::epoch_interval`] after the last one (which bounds the work of the next
+//!    epoch and keeps the backup hearing from us). Each checkpoint: pause, capture (harvest + state),
 //!    seal the output hold and the disk writes as epoch N, copy the dirty pages into a staging
 //!    buffer, resume, then send and commit. The acknowledgement thread releases the held frames
 //!    and forgets the disk writes of N. Epoch N+1 may start before N is acknowledged.
@@ -64,9 +68,12 @@ const SYNC_CHUNK_PAGES: u64 = 1024;
 /// Settings of a [`PrimaryEngine`].
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Time from the start of one checkpoint to the start of the next. 1 ms by default: this
-    /// machine sustains it with the small test guests (see the engine tests' printed figures).
+    /// Longest time from the start of one checkpoint to the start of the next. 1 ms by default:
+    /// this machine sustains it with the small test guests (see the engine tests' printed figures).
     pub epoch_interval: Duration,
+    /// Shortest time from the start of one checkpoint to the start of the next one triggered by
+    /// waiting guest output; `None` checkpoints only every `epoch_interval`.
+    pub min_epoch_gap: Option<Duration>,
     /// An epoch not acknowledged this long after its commit means the backup is gone.
     pub ack_timeout: Duration,
     /// The same for the initial synchronisation, whose commit makes the backup flush the whole
@@ -88,6 +95,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             epoch_interval: Duration::from_millis(1),
+            min_epoch_gap: Some(Duration::from_micros(200)),
             ack_timeout: Duration::from_millis(500),
             sync_ack_timeout: Duration::from_secs(30),
             hold_capacity: ftvm_vmm::devices::virtio::net::hold::DEFAULT_HOLD_CAPACITY,
@@ -479,6 +487,8 @@ pub struct PrimaryEngine {
     held: bool,
     simplex: bool,
     fenced: bool,
+    /// Frames sealed into epochs so far (the hold's appended count beyond it is waiting output).
+    frames_sealed: u64,
     heartbeat: IdleHeartbeat,
     epochs: Vec<EpochMetrics>,
     rate: (Instant, u64),
@@ -538,6 +548,7 @@ impl PrimaryEngine {
             held: false,
             simplex: false,
             fenced: false,
+            frames_sealed: 0,
             heartbeat,
             epochs: Vec::new(),
             rate: (Instant::now(), 0),
@@ -598,8 +609,8 @@ impl PrimaryEngine {
         if let Err(e) = self.initial_sync(stop) {
             self.go_simplex(&e);
         }
-        let mut next = Instant::now();
-        // Bounded by `stop`; each iteration sleeps until the next tick.
+        let mut last_start: Option<Instant> = None;
+        // Bounded by `stop`; each iteration sleeps until the next checkpoint is due.
         while !stop.load(Ordering::Relaxed) {
             let superseded = lock(&self.ack.superseded).clone();
             if let Some(reason) = superseded {
@@ -610,11 +621,11 @@ impl PrimaryEngine {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            let now = Instant::now();
-            if now < next {
-                std::thread::sleep(next - now);
+            if let Some(wait) = last_start.and_then(|t| self.until_due(t.elapsed())) {
+                std::thread::sleep(wait);
+                continue;
             }
-            next = Instant::now() + self.cfg.epoch_interval;
+            last_start = Some(Instant::now());
             self.collect_acks();
             if lock(&self.ack.superseded).is_some() {
                 continue;
@@ -637,6 +648,29 @@ impl PrimaryEngine {
             }
         }
         Ok(())
+    }
+
+    /// How long to sleep before looking again, `since` the last checkpoint began; `None`: one is
+    /// due now (see the module documentation).
+    fn until_due(&self, since: Duration) -> Option<Duration> {
+        let interval = self.cfg.epoch_interval;
+        let to_interval = interval.checked_sub(since).filter(|d| !d.is_zero())?;
+        let Some(gap) = self.cfg.min_epoch_gap.filter(|g| *g < interval) else {
+            return Some(to_interval);
+        };
+        if let Some(to_gap) = gap.checked_sub(since).filter(|d| !d.is_zero()) {
+            return Some(to_gap);
+        }
+        if self.output_waiting() {
+            return None;
+        }
+        // No output waiting: look again soon (a frame may come any time), or at the interval.
+        Some(to_interval.min((gap / 2).max(Duration::from_micros(50))))
+    }
+
+    /// Whether guest frames wait in the hold for a checkpoint (appended since the last seal).
+    fn output_waiting(&self) -> bool {
+        self.held && self.ack.hold.stats().appended > self.frames_sealed
     }
 
     /// Streams all of guest memory and the disk image as one initial-sync epoch while the VM runs.
@@ -771,6 +805,7 @@ impl PrimaryEngine {
             tracing::error!(error = %e, "output hold seal");
             0
         });
+        self.frames_sealed += frames;
         let writes: Vec<DiskWrite> = lock(&self.ack.disk).seal(EpochId(epoch)).unwrap_or_else(|e| {
             tracing::error!(error = %e, "disk write seal");
             Vec::new()

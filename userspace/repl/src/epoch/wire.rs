@@ -5,7 +5,7 @@
 //! One epoch on the wire, primary → backup:
 //! ```text
 //! EpochBegin                       what the epoch will carry
-//! Pages*  MachineState*  DiskWrites*  DiskImage*   in any order and interleaving
+//! Pages*  MachineState*  DiskWrites*  DiskImage*  HeldOutput*   in any order and interleaving
 //! EpochCommit                      totals and digest; the backup applies the epoch, then
 //!                                   backup → primary: EpochAck
 //! ```
@@ -32,6 +32,9 @@
 //!     order
 //!
 //! MachineState: the VMM's opaque, self-versioned blob, in chunks, concatenated in order.
+//!
+//! HeldOutput: guest frames sealed with the epoch, as the output hold keeps them (virtio-net
+//! header first), each as `u32 length, bytes`; at least one, each 1..=MAX_OUTPUT_FRAME bytes.
 //!
 //! StandbyInfo (32 bytes)
 //!   0  4 flags (1 = holds a committed epoch, 2 = it is restorable)
@@ -99,6 +102,9 @@ pub enum DecodeError {
     /// A list frame with nothing in it.
     #[error("Empty list")]
     Empty,
+    /// A held output frame of no bytes or too many.
+    #[error("Held output frame of {0} bytes")]
+    BadOutputFrame(usize),
     /// A page range of no pages, or one that wraps around.
     #[error("Page range {start}+{len} is empty or overflows")]
     BadRange {
@@ -582,6 +588,32 @@ fn on_disk(offset: u64, len: u64, disk_bytes: u64) -> Result<(), DecodeError> {
     }
 }
 
+/// Largest guest frame in a HeldOutput payload (virtio-net header and a 64 KiB frame).
+pub const MAX_OUTPUT_FRAME: usize = 12 + 65_550;
+
+/// Appends one guest frame to a HeldOutput payload being built.
+pub fn encode_output_frame(frame: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    out.extend_from_slice(frame);
+}
+
+/// The frames of a checked HeldOutput payload, in order.
+pub fn decode_output(payload: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    let mut r = Le { b: payload };
+    let mut frames = Vec::new();
+    while !r.b.is_empty() {
+        let len = r.u32()? as usize;
+        if len == 0 || len > MAX_OUTPUT_FRAME {
+            return Err(DecodeError::BadOutputFrame(len));
+        }
+        frames.push(r.take(len)?);
+    }
+    if frames.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    Ok(frames)
+}
+
 /// A checked DiskWrites payload.
 #[derive(Debug)]
 pub struct DiskWritesView<'a> {
@@ -977,5 +1009,21 @@ mod tests {
         c.add_frame(&[1; 32]);
         c.add_frame(&[2; 32]);
         assert_ne!(a.finish(), c.finish());
+    }
+
+    #[test]
+    fn held_output_round_trips_and_bad_payloads_are_refused() {
+        let mut p = Vec::new();
+        encode_output_frame(&[1u8; 70], &mut p);
+        encode_output_frame(&[2u8; 12], &mut p);
+        let frames = decode_output(&p).unwrap();
+        assert_eq!(frames, vec![&[1u8; 70][..], &[2u8; 12][..]]);
+        assert!(matches!(decode_output(&[]), Err(DecodeError::Empty)));
+        assert!(matches!(decode_output(&p[..p.len() - 1]), Err(DecodeError::Short)));
+        assert!(matches!(decode_output(&0u32.to_le_bytes()), Err(DecodeError::BadOutputFrame(0))));
+        let mut huge = ((MAX_OUTPUT_FRAME + 1) as u32).to_le_bytes().to_vec();
+        huge.resize(MAX_OUTPUT_FRAME + 5, 0);
+        assert!(matches!(decode_output(&huge), Err(DecodeError::BadOutputFrame(_))));
+        assert!(matches!(decode_output(&[1, 0]), Err(DecodeError::Short)));
     }
 }

@@ -239,6 +239,20 @@ pub enum SendStateError {
     Link(#[source] LinkError),
 }
 
+/// Why held guest output could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendOutputError {
+    /// No epoch is open.
+    #[error("No epoch is open")]
+    NoEpoch,
+    /// A frame is empty or larger than a guest frame can be.
+    #[error("Held output frame of {0} bytes")]
+    BadFrame(usize),
+    /// The link failed.
+    #[error("Sending held output failed")]
+    Link(#[source] LinkError),
+}
+
 /// Why disk writes could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SendDiskWritesError {
@@ -370,6 +384,10 @@ pub trait CheckpointTransport: Send {
 
     /// Sends disk writes of the epoch, applied on the backup in the order given.
     fn send_disk_writes(&mut self, writes: &[DiskWrite]) -> Result<(), SendDiskWritesError>;
+
+    /// Sends guest frames sealed with the epoch (its held output), so that the backup can replay
+    /// them if it takes over before the primary released them. Returns the bytes put on the link.
+    fn send_output(&mut self, frames: &[&[u8]]) -> Result<u64, SendOutputError>;
 
     /// Sends a chunk of the whole disk image, at byte `offset` (initial synchronisation only).
     fn send_disk_image(&mut self, offset: u64, data: &[u8]) -> Result<(), SendDiskImageError>;

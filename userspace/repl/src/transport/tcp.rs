@@ -26,7 +26,7 @@ use ftvm_proto::EpochId;
 
 use super::{
     AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, LinkError,
-    PageSource, SendDiskImageError, SendDiskWritesError, SendPagesError, SendStateError, WaitAckError,
+    PageSource, SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
 };
 use crate::disk::DiskWrite;
 use crate::epoch::wire::{
@@ -558,6 +558,45 @@ impl CheckpointTransport for TcpTransport {
             }
         }
         Ok(())
+    }
+
+    fn send_output(&mut self, frames: &[&[u8]]) -> Result<u64, SendOutputError> {
+        let open = self.open.as_mut().ok_or(SendOutputError::NoEpoch)?;
+        if let Some(f) = frames.iter().find(|f| f.is_empty() || f.len() > wire::MAX_OUTPUT_FRAME) {
+            return Err(SendOutputError::BadFrame(f.len()));
+        }
+        if let Some(reason) = self.shared.down() {
+            return Err(SendOutputError::Link(LinkError::Down { reason }));
+        }
+        let epoch = open.begin.epoch.0;
+        let mut sent = 0u64;
+        let mut payload = std::mem::take(&mut self.head);
+        let mut rest = frames;
+        while !rest.is_empty() {
+            payload.clear();
+            // Whole frames per A-Link frame, up to the chunk size (one frame always fits).
+            let mut n = 0;
+            while n < rest.len() && (n == 0 || payload.len() + 4 + rest[n].len() <= MAX_CHUNK_BYTES) {
+                wire::encode_output_frame(rest[n], &mut payload);
+                n += 1;
+            }
+            rest = &rest[n..];
+            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::HeldOutput, epoch, &payload, &[]) {
+                Ok(tag) => {
+                    if let Some(open) = self.open.as_mut() {
+                        open.digest.add_frame(&tag);
+                        open.bytes += payload.len() as u64 + 64;
+                    }
+                    sent += payload.len() as u64 + 64;
+                }
+                Err(e) => {
+                    self.head = payload;
+                    return Err(SendOutputError::Link(self.fail(e)));
+                }
+            }
+        }
+        self.head = payload;
+        Ok(sent)
     }
 
     fn send_disk_writes(&mut self, writes: &[DiskWrite]) -> Result<(), SendDiskWritesError> {
