@@ -4,19 +4,20 @@
 //! working (no reconnect). Also: killing the backup leaves the primary serving (simplex).
 //!
 //! Needs root and /dev/kvm (fails, never skips). Every site is taken down by a guard on every exit
-//! path; its logs are copied to `/tmp/ftvm-failover-logs/<site>/` first. The random kill moments
+//! path; its logs are copied to `/tmp/ftvm-test-logs/<site>/` first. The random kill moments
 //! come from a seed printed by each test; `FTVM_FAILOVER_SEED=<n>` replays one.
 
+#[path = "ft_site/mod.rs"]
+mod ft_site;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ftvm_system_tests::{
-    ftvm_bin, guest_elf, require_root_and_kvm, run_with_timeout, unique_name, Netns, Reply, RespClient,
-};
+use ftvm_system_tests::{require_root_and_kvm, Netns, Reply, RespClient};
+
+use ft_site::{enter_netns, Site};
 
 /// Connections the client holds open across the failover.
 const CONNECTIONS: usize = 8;
@@ -49,7 +50,7 @@ const GAP_BOUND: Duration = Duration::from_secs(10);
 const GAP_TARGET: Duration = Duration::from_millis(500);
 
 // --------------------------------------------------------------------------------------------
-// Small pieces: randomness, the ftvm CLI, site status, the site guard.
+// Randomness.
 
 /// xorshift64*, seeded from the clock (or FTVM_FAILOVER_SEED); no crate needed.
 struct Rng(u64);
@@ -73,139 +74,6 @@ impl Rng {
     fn duration(&mut self, lo: Duration, hi: Duration) -> Duration {
         let span = (hi - lo).as_micros() as u64;
         lo + Duration::from_micros(self.next() % span.max(1))
-    }
-}
-
-fn ftvm(args: &[&str], timeout: Duration) -> (bool, String, String) {
-    let out = run_with_timeout(Command::new(ftvm_bin()).args(args), timeout);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The parts of `ftvm site status --json` the test looks at.
-#[derive(Debug)]
-struct Status {
-    json: String,
-    state: String,
-    /// Role of host A and host B.
-    role_a: String,
-    role_b: String,
-}
-
-/// The string value of `"key": "..."` at or after `from` in pretty-printed JSON.
-fn json_str_after(json: &str, from: usize, key: &str) -> Option<(usize, String)> {
-    let needle = format!("\"{key}\": \"");
-    let at = json[from..].find(&needle)? + from + needle.len();
-    let end = json[at..].find('"')? + at;
-    Some((end, json[at..end].to_string()))
-}
-
-fn role_of(json: &str, host: &str) -> String {
-    let Some(at) = json.find(&format!("\"name\": \"{host}\"")) else { return format!("<no host {host}>") };
-    json_str_after(json, at, "role").map(|(_, r)| r).unwrap_or_else(|| "<no role>".into())
-}
-
-fn site_status(site: &str) -> Status {
-    let (ok, json, err) = ftvm(&["site", "status", "--name", site, "--json"], Duration::from_secs(30));
-    assert!(ok, "ftvm site status --name {site} failed:\n{json}\n{err}");
-    let state = json_str_after(&json, 0, "state").map(|(_, s)| s).unwrap_or_else(|| "<no state>".into());
-    Status { role_a: role_of(&json, "A"), role_b: role_of(&json, "B"), state, json }
-}
-
-/// Polls status until `want` holds (bounded); returns the last status and how long it took.
-fn wait_status(site: &str, timeout: Duration, want: impl Fn(&Status) -> bool) -> (Status, Duration, bool) {
-    let start = Instant::now();
-    loop {
-        let st = site_status(site);
-        if want(&st) {
-            return (st, start.elapsed(), true);
-        }
-        if start.elapsed() > timeout {
-            return (st, start.elapsed(), false);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// An `ftvm site` brought up by a test. Dropping it (every exit path) copies the site's logs to
-/// `/tmp/ftvm-failover-logs/<site>/` and runs `ftvm site down`.
-struct Site {
-    name: String,
-    up_returned: Instant,
-}
-
-impl Site {
-    fn up(tag: &str) -> Self {
-        Self::up_with(tag, &[])
-    }
-
-    /// `ftvm site up` with extra arguments.
-    fn up_with(tag: &str, extra: &[&str]) -> Self {
-        let name = unique_name(tag);
-        assert!(name.len() <= 16, "site name {name} too long");
-        let guest = guest_elf().display().to_string();
-        let started = Instant::now();
-        let out = run_with_timeout(
-            Command::new(ftvm_bin()).args(["site", "up", "--name", &name, "--guest", &guest]).args(extra),
-            Duration::from_secs(300),
-        );
-        let up_returned = Instant::now();
-        // From here on the guard owns the site (even if `up` failed half way).
-        let site = Self { name, up_returned };
-        assert!(
-            out.status.success(),
-            "ftvm site up --name {} failed ({})\nstdout: {}\nstderr: {}",
-            site.name,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        println!("[{}] site up in {:.1} s", site.name, (up_returned - started).as_secs_f64());
-        site
-    }
-
-    fn dir(&self) -> PathBuf {
-        Path::new("/run/ftvm/sites").join(&self.name)
-    }
-
-    fn client_netns(&self) -> String {
-        format!("{}-client", self.name)
-    }
-
-    /// `ftvm site kill --name <site> <host>`; returns when it started and ended.
-    fn kill(&self, host: &str) -> (Instant, Instant) {
-        let start = Instant::now();
-        let (ok, out, err) = ftvm(&["site", "kill", "--name", &self.name, host], Duration::from_secs(60));
-        let end = Instant::now();
-        assert!(ok, "ftvm site kill --name {} {host} failed:\n{out}\n{err}", self.name);
-        (start, end)
-    }
-
-    /// Copies the site's text files (not disk images) out of /run before `down` removes them.
-    fn save_logs(&self) -> PathBuf {
-        let to = Path::new("/tmp/ftvm-failover-logs").join(&self.name);
-        let _ = std::fs::create_dir_all(&to);
-        if let Ok(entries) = std::fs::read_dir(self.dir()) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let big = e.metadata().map(|m| m.len() > 64 << 20).unwrap_or(true);
-                if p.is_file() && p.extension().is_none_or(|x| x != "img") && !big {
-                    let _ = std::fs::copy(&p, to.join(e.file_name()));
-                }
-            }
-        }
-        to
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let logs = self.save_logs();
-        println!("[{}] logs saved in {}", self.name, logs.display());
-        let _ = Command::new(ftvm_bin()).args(["site", "down", "--name", &self.name]).output();
     }
 }
 
@@ -407,7 +275,7 @@ struct Outcome {
 
 /// One site: up, load on CONNECTIONS connections, kill `host` at `at`, keep loading, verify.
 fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
-    let site = Site::up("fo");
+    let site = Site::up("fo", &[]).keep_logs();
     let name = site.name.clone();
     let up_returned = site.up_returned;
     let mut problems = Vec::new();
@@ -416,11 +284,11 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
     // time it takes is inside the 200 ms, and the actual kill moment is checked below.)
     {
         let t = Instant::now();
-        let st = site_status(&name);
-        println!("[{label}] status after up ({:.3} s): {} / A {} / B {}", t.elapsed().as_secs_f64(), st.state, st.role_a, st.role_b);
+        let st = site.status();
+        println!("[{label}] status after up ({:.3} s): {st}", t.elapsed().as_secs_f64());
         assert!(
-            st.state == "protected" && st.role_a == "primary" && st.role_b == "backup",
-            "[{label}] after site up: want state protected, A primary, B backup; got {} / {} / {}\n{}",
+            st.is_protected(),
+            "[{label}] after site up: want state protected, A primary, B backup; got {} / {} / {}\n{:#}",
             st.state,
             st.role_a,
             st.role_b,
@@ -428,7 +296,8 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
         );
     }
 
-    let client_ns = Netns::existing(&site.client_netns());
+    let client_ns_name = site.netns("client");
+    let client_ns = Netns::existing(&client_ns_name);
     let mut pre_kill_problem = None;
     let (kill_moment, kill_window, reports, mut extra) = client_ns.run(|| {
         let mut clients = Vec::new();
@@ -445,7 +314,6 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
             assert_eq!(rep, Reply::Status("OK".into()), "[{label}] FTVM.LOAD {DIRTY_LOAD}");
             dirtier = Some(c);
         }
-        let ns_path = format!("/run/netns/{}", site.client_netns());
         let shared = Shared {
             stop: AtomicBool::new(false),
             kill_done: std::sync::Mutex::new(None),
@@ -460,11 +328,11 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
                 .map(|(i, c)| {
                     let shared = &shared;
                     let barrier = barrier.clone();
-                    let ns_path = ns_path.clone();
+                    let client_ns_name = &client_ns_name;
                     s.spawn(move || {
                         // Threads inherit the creating thread's namespace; entering it again keeps
                         // that true whatever spawns them.
-                        enter_netns(&ns_path);
+                        enter_netns(client_ns_name);
                         barrier.wait();
                         load_loop(c, i, shared)
                     })
@@ -485,24 +353,21 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
             }
             // The pair must still be protected at the kill: a backup that took over on its own
             // before (a false failure detection) means two VMs with the guest's address — split brain.
-            let pre = site_status(&name);
-            if pre.state != "protected" || pre.role_a != "primary" || pre.role_b != "backup" {
+            let pre = site.status();
+            if !pre.is_protected() {
                 pre_kill_problem = Some(format!(
-                    "just before the kill (nobody killed yet) status was {} / A {} / B {}: the pair was no longer protected \
-                     (a backup that took over while A lives is split brain)\n{}",
-                    pre.state, pre.role_a, pre.role_b, pre.json
+                    "just before the kill (nobody killed yet) status was {pre}: the pair was no longer protected \
+                     (a backup that took over while A lives is split brain)\n{:#}",
+                    pre.json
                 ));
             }
             let kill_wall = wall_clock();
             let (kill_start, kill_end) = site.kill(host);
             *shared.kill_done.lock().unwrap() = Some((kill_start, kill_end));
             let kill_moment = format!(
-                "kill {host} started at {kill_wall} UTC, {:.3} s after site up returned ({:.3} s after the load started; status just before: {} / A {} / B {}), `site kill` took {:.3} s",
+                "kill {host} started at {kill_wall} UTC, {:.3} s after site up returned ({:.3} s after the load started; status just before: {pre}), `site kill` took {:.3} s",
                 (kill_start - up_returned).as_secs_f64(),
                 kill_start.saturating_duration_since(load_start).as_secs_f64(),
-                pre.state,
-                pre.role_a,
-                pre.role_b,
                 (kill_end - kill_start).as_secs_f64()
             );
             println!("[{label}] {kill_moment}");
@@ -527,9 +392,9 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
                 let hs: Vec<_> = results
                     .iter_mut()
                     .map(|(c, r)| {
-                        let ns_path = ns_path.clone();
+                        let client_ns_name = &client_ns_name;
                         s2.spawn(move || {
-                            enter_netns(&ns_path);
+                            enter_netns(client_ns_name);
                             if r.failure.is_none() {
                                 return verify(c, r);
                             }
@@ -575,26 +440,21 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
     }
 
     // Step 5 (status): B took over (or, for a killed backup, A runs simplex).
-    let (st, took, ok) = if host == "A" {
-        wait_status(&name, STATUS_TAKEOVER_TIMEOUT, |s| s.state == "failed over" && s.role_b == "primary" && s.role_a == "killed")
+    let polling = Instant::now();
+    let (st, ok) = if host == "A" {
+        site.wait_status(STATUS_TAKEOVER_TIMEOUT, |s| s.state == "failed over" && s.role_b == "primary" && s.role_a == "killed")
     } else {
-        wait_status(&name, STATUS_TAKEOVER_TIMEOUT, |s| s.state == "simplex" && s.role_a == "primary" && s.role_b == "killed")
+        site.wait_status(STATUS_TAKEOVER_TIMEOUT, |s| s.state == "simplex" && s.role_a == "primary" && s.role_b == "killed")
     };
+    let took = polling.elapsed();
     let want = if host == "A" { "failed over, A killed, B primary" } else { "simplex, A primary, B killed" };
-    let takeover_ms = st.json.find("\"takeover_ms\": ").map(|at| {
-        let rest = &st.json[at + "\"takeover_ms\": ".len()..];
-        rest[..rest.find([',', '\n']).unwrap_or(rest.len())].to_string()
-    });
-    println!(
-        "[{label}] status: {} / A {} / B {} (after {:.1} s of polling); takeover_ms reported by B: {}",
-        st.state,
-        st.role_a,
-        st.role_b,
-        took.as_secs_f64(),
-        takeover_ms.as_deref().unwrap_or("-")
-    );
+    let takeover_ms = match &st.json["takeover_ms"] {
+        serde_json::Value::Null => "-".to_string(),
+        ms => ms.to_string(),
+    };
+    println!("[{label}] status: {st} (after {:.1} s of polling); takeover_ms reported by B: {takeover_ms}", took.as_secs_f64());
     if !ok {
-        problems.push(format!("status after killing {host}: want {want}; got {} / A {} / B {}\n{}", st.state, st.role_a, st.role_b, st.json));
+        problems.push(format!("status after killing {host}: want {want}; got {st}\n{:#}", st.json));
     }
 
     Outcome { label: label.to_string(), site: name, kill_moment, kill_window, reports, problems }
@@ -605,14 +465,6 @@ fn wall_clock() -> String {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     let s = t.as_secs() % 86_400;
     format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, t.subsec_millis())
-}
-
-fn enter_netns(path: &str) {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    // SAFETY: setns with a valid namespace fd; affects only the calling thread.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
 
 /// Prints the figures of one scenario and returns its failures.
@@ -755,17 +607,14 @@ fn killing_the_primary_during_the_initial_sync_never_resumes_a_partial_copy() {
     let _serial = one_site_at_a_time();
     let mut rng = Rng::from_env_or_clock("kill during sync");
     let label = "kill during the initial sync";
-    let site = Site::up_with("fs", &["--no-wait"]);
+    let site = Site::up("fs", &["--no-wait"]).keep_logs();
     // The sync of 256 MiB of memory and a 64 MiB disk takes seconds here; kill somewhere in it.
     let delay = rng.duration(Duration::ZERO, Duration::from_millis(800));
     std::thread::sleep(delay);
-    let pre = site_status(&site.name);
+    let pre = site.status();
     assert!(
         pre.state == "syncing" && pre.role_a == "primary" && pre.role_b == "backup",
-        "[{label}] want the pair still syncing {delay:?} after `site up --no-wait`; got {} / A {} / B {}\n{}",
-        pre.state,
-        pre.role_a,
-        pre.role_b,
+        "[{label}] want the pair still syncing {delay:?} after `site up --no-wait`; got {pre}\n{:#}",
         pre.json
     );
     let (kill_start, _) = site.kill("A");
@@ -774,31 +623,29 @@ fn killing_the_primary_during_the_initial_sync_never_resumes_a_partial_copy() {
     // B must not take over: watch it for a while (its dead timeout is 250 ms; the link closes at once).
     let watch = Duration::from_secs(3);
     let until = Instant::now() + watch;
-    let mut last = site_status(&site.name);
+    let mut last = site.status();
     while Instant::now() < until {
         assert!(
             last.role_b != "primary" && last.state != "failed over",
-            "[{label}] B took over from a partial synchronisation: {} / A {} / B {}\n{}",
-            last.state,
-            last.role_a,
-            last.role_b,
+            "[{label}] B took over from a partial synchronisation: {last}\n{:#}",
             last.json
         );
         std::thread::sleep(Duration::from_millis(100));
-        last = site_status(&site.name);
+        last = site.status();
     }
     assert!(
         last.state == "failed" && last.role_a == "killed" && last.role_b == "backup",
-        "[{label}] after {watch:?}: want failed / A killed / B backup; got {} / A {} / B {}\n{}",
-        last.state,
-        last.role_a,
-        last.role_b,
+        "[{label}] after {watch:?}: want failed / A killed / B backup; got {last}\n{:#}",
         last.json
     );
-    assert!(last.json.contains("nothing to resume"), "[{label}] B does not say why it did not take over:\n{}", last.json);
+    assert!(
+        last.json.to_string().contains("nothing to resume"),
+        "[{label}] B does not say why it did not take over:\n{:#}",
+        last.json
+    );
 
     // And nothing answers for the guest.
-    let client_ns = Netns::existing(&site.client_netns());
+    let client_ns = Netns::existing(&site.netns("client"));
     let reached = client_ns.run(|| RespClient::try_connect(Duration::from_secs(1)).and_then(|mut c| c.try_cmd(&["PING"])));
     assert!(reached.is_err(), "[{label}] something answered for the guest after the primary died in the sync: {reached:?}");
     println!("[{label}] B stayed backup and said: nothing to resume; site state {}", last.state);

@@ -1,11 +1,14 @@
 //! A whole `ftvm site` for a system test: brought up with a unique name, its status read as JSON,
 //! its namespaces entered, and taken down by a guard on every exit path (its text logs are first
-//! copied to `/tmp/ftvm-test-logs/<site>/` when the test fails).
+//! copied to `/tmp/ftvm-test-logs/<site>/` when the test fails, or always with
+//! [`Site::keep_logs`]).
 //!
-//! Shared by `output_commit.rs` and `disk_failover.rs` (`#[path]` module: each test binary
-//! compiles its own copy, so not every helper is used by both).
+//! Shared by `site.rs`, `failover.rs`, `output_commit.rs` and `disk_failover.rs` (`#[path]`
+//! module: each test binary compiles its own copy, so not every helper is used by each). It is not
+//! in the crate's lib (`common/`) because it needs serde_json, a dev-dependency.
 #![allow(dead_code)]
 
+use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -41,12 +44,28 @@ impl Status {
     pub fn detail(&self, name: &str) -> Option<&serde_json::Value> {
         self.json["hosts"].as_array()?.iter().find(|h| h["name"] == name)?.get("detail")
     }
+
+    /// Whether the pair is protected: A primary, B backup.
+    pub fn is_protected(&self) -> bool {
+        self.state == "protected" && self.role_a == "primary" && self.role_b == "backup"
+    }
+}
+
+/// `<state> / A <role> / B <role>`.
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} / A {} / B {}", self.state, self.role_a, self.role_b)
+    }
 }
 
 /// An `ftvm site` owned by a test.
 #[derive(Debug)]
 pub struct Site {
     pub name: String,
+    /// When `ftvm site up` returned.
+    pub up_returned: Instant,
+    /// Save the logs on drop even when the test has not (yet) failed.
+    keep_logs: bool,
 }
 
 impl Site {
@@ -61,8 +80,9 @@ impl Site {
         args.extend(extra.iter().map(|a| a.to_string()));
         let started = Instant::now();
         let out = run_with_timeout(Command::new(ftvm_bin()).args(&args), Duration::from_secs(300));
+        let up_returned = Instant::now();
         // From here on the guard owns the site, even if `up` failed half way.
-        let site = Self { name };
+        let site = Self { name, up_returned, keep_logs: false };
         assert!(
             out.status.success(),
             "ftvm {} failed ({})\nstdout: {}\nstderr: {}",
@@ -71,8 +91,15 @@ impl Site {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        println!("[{}] site up in {:.1} s", site.name, started.elapsed().as_secs_f64());
+        println!("[{}] site up in {:.1} s", site.name, (up_returned - started).as_secs_f64());
         site
+    }
+
+    /// Saves the logs on drop whether or not the test panicked (for tests that judge after the
+    /// site is gone).
+    pub fn keep_logs(mut self) -> Self {
+        self.keep_logs = true;
+        self
     }
 
     /// `/run/ftvm/sites/<name>`.
@@ -123,11 +150,15 @@ impl Site {
         }
     }
 
-    /// `ftvm site kill --name <site> <host>`.
-    pub fn kill(&self, host: &str) {
+    /// `ftvm site kill --name <site> <host>`; returns when it started and ended (the SIGKILL lands
+    /// in between).
+    pub fn kill(&self, host: &str) -> (Instant, Instant) {
+        let start = Instant::now();
         let (ok, out, err) =
             ftvm(&["site", "kill", "--name", &self.name, host], Duration::from_secs(60));
+        let end = Instant::now();
         assert!(ok, "ftvm site kill --name {} {host} failed:\n{out}\n{err}", self.name);
+        (start, end)
     }
 
     /// Copies the site's text files (not the disk images) out of /run before `down` removes them.
@@ -152,6 +183,9 @@ impl Drop for Site {
         if std::thread::panicking() {
             let logs = self.save_logs();
             println!("[{}] test failed: site logs saved in {}", self.name, logs.display());
+        } else if self.keep_logs {
+            let logs = self.save_logs();
+            println!("[{}] logs saved in {}", self.name, logs.display());
         }
         let _ = run_with_timeout(
             Command::new(ftvm_bin()).args(["site", "down", "--name", &self.name]),

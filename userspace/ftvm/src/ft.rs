@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
 use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
+use ftvm_repl::epoch::context::{EpochWindowStats, Percentiles};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, PrimaryEngine};
 use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
@@ -45,9 +46,13 @@ pub struct PrimaryArgs {
     /// Write this host's status here (JSON), several times a second.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
-    /// Checkpoint interval in microseconds.
+    /// Longest time between checkpoints, in microseconds.
     #[arg(long, default_value_t = 1000)]
     pub epoch_us: u64,
+    /// Shortest time between checkpoints when guest output waits for one, in microseconds (held
+    /// output is latency the clients see); 0 checkpoints only every `--epoch-us`.
+    #[arg(long, default_value_t = 200)]
+    pub min_epoch_gap_us: u64,
     /// How long to keep trying to reach the backup at start, in seconds.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
@@ -146,6 +151,42 @@ pub struct PrimaryStatus {
     pub last_ack_us: Option<u64>,
     pub lag_epochs: u64,
     pub link_per_dirty_byte: Option<f64>,
+    /// Percentiles over the last epochs, in microseconds: `<part>: [p50, p99]`.
+    pub recent: RecentEpochs,
+}
+
+/// The pause and its parts, and the acknowledgement round trip, over the last epochs: `[p50, p99]`
+/// in microseconds.
+#[derive(Debug, Serialize)]
+pub struct RecentEpochs {
+    pub epochs: usize,
+    pub pause_us: [u64; 2],
+    pub pause_wait_us: [u64; 2],
+    pub harvest_us: [u64; 2],
+    pub state_us: [u64; 2],
+    pub copy_us: [u64; 2],
+    pub resume_us: [u64; 2],
+    pub send_us: [u64; 2],
+    pub ack_us: [u64; 2],
+    pub dirty_pages_p50: u64,
+}
+
+impl RecentEpochs {
+    fn of(w: &EpochWindowStats, ack: &Percentiles) -> Self {
+        let us = |p: &Percentiles| [p.p50.as_micros() as u64, p.p99.as_micros() as u64];
+        Self {
+            epochs: w.epochs,
+            pause_us: us(&w.pause),
+            pause_wait_us: us(&w.pause_wait),
+            harvest_us: us(&w.harvest),
+            state_us: us(&w.state),
+            copy_us: us(&w.copy),
+            resume_us: us(&w.resume),
+            send_us: us(&w.send),
+            ack_us: us(ack),
+            dirty_pages_p50: w.pages_p50,
+        }
+    }
 }
 
 fn engine_state(state: &EngineState) -> (&'static str, String) {
@@ -204,6 +245,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let source = machine.checkpoint_source().context("cannot set up checkpoints")?;
     let engine_config = EngineConfig {
         epoch_interval: Duration::from_micros(args.epoch_us.max(100)),
+        min_epoch_gap: (args.min_epoch_gap_us > 0).then(|| Duration::from_micros(args.min_epoch_gap_us.max(50))),
         ack_timeout: Duration::from_millis(args.ack_timeout_ms),
         ..EngineConfig::default()
     };
@@ -255,6 +297,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                             last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
                             lag_epochs: snap.lag_epochs(),
                             link_per_dirty_byte: snap.link_per_dirty_byte(),
+                            recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
                         },
                     );
                 }

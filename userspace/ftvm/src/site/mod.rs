@@ -68,6 +68,12 @@ pub struct UpArgs {
     /// goes on unprotected (the primary's default when not given).
     #[arg(long)]
     pub ack_timeout_ms: Option<u64>,
+    /// Host A's `--epoch-us` (longest time between checkpoints).
+    #[arg(long)]
+    pub epoch_us: Option<u64>,
+    /// Host A's `--min-epoch-gap-us` (shortest time between checkpoints when output waits).
+    #[arg(long)]
+    pub min_epoch_gap_us: Option<u64>,
     /// Have host A trace its output-commit hold to `/run/ftvm/sites/<name>/output-trace.txt` (the
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
@@ -300,6 +306,12 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
+    if let Some(us) = args.epoch_us {
+        primary_args.extend(["--epoch-us".to_string(), us.to_string()]);
+    }
+    if let Some(us) = args.min_epoch_gap_us {
+        primary_args.extend(["--min-epoch-gap-us".to_string(), us.to_string()]);
+    }
     if let Some(ms) = args.ack_timeout_ms {
         primary_args.extend(["--ack-timeout-ms".to_string(), ms.to_string()]);
     }

@@ -166,3 +166,107 @@ mod tests {
         assert_eq!(m.link_bytes, 5 * 4096);
     }
 }
+
+/// The 50th and 99th percentiles of one figure over recent epochs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+}
+
+impl Percentiles {
+    /// Of `values` (reordered in place); zero when empty.
+    pub fn of(values: &mut [Duration]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        values.sort_unstable();
+        let at = |q: usize| values[(values.len() * q / 100).min(values.len() - 1)];
+        Self { p50: at(50), p99: at(99) }
+    }
+}
+
+/// The pause and its parts over the last epochs (what status and the benchmark report).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpochWindowStats {
+    /// Epochs the figures cover.
+    pub epochs: usize,
+    /// From the pause request to running again.
+    pub pause: Percentiles,
+    /// Waiting for the vCPUs and devices to stop.
+    pub pause_wait: Percentiles,
+    /// Harvesting dirty pages.
+    pub harvest: Percentiles,
+    /// Reading the vCPUs' and devices' state.
+    pub state: Percentiles,
+    /// Copying dirty pages out.
+    pub copy: Percentiles,
+    /// Resuming.
+    pub resume: Percentiles,
+    /// Sending the epoch (after the resume).
+    pub send: Percentiles,
+    /// Median dirty pages per epoch.
+    pub pages_p50: u64,
+}
+
+/// The last epochs' metrics, for [`EpochWindowStats`].
+#[derive(Debug, Default)]
+pub struct EpochWindow {
+    recent: std::collections::VecDeque<EpochMetrics>,
+}
+
+impl EpochWindow {
+    /// Epochs kept.
+    pub const LEN: usize = 1024;
+
+    /// Adds an epoch, forgetting the oldest beyond [`EpochWindow::LEN`].
+    pub fn push(&mut self, m: EpochMetrics) {
+        if self.recent.len() == Self::LEN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(m);
+    }
+
+    /// Percentiles over the epochs kept.
+    pub fn stats(&self) -> EpochWindowStats {
+        let of = |f: &dyn Fn(&EpochMetrics) -> Duration| {
+            let mut v: Vec<Duration> = self.recent.iter().map(f).collect();
+            Percentiles::of(&mut v)
+        };
+        let mut pages: Vec<u64> = self.recent.iter().map(|m| m.pages).collect();
+        pages.sort_unstable();
+        EpochWindowStats {
+            epochs: self.recent.len(),
+            pause: of(&|m| m.pause),
+            pause_wait: of(&|m| m.pause_wait),
+            harvest: of(&|m| m.capture.harvest),
+            state: of(&|m| m.capture.vcpus + m.capture.devices),
+            copy: of(&|m| m.copy),
+            resume: of(&|m| m.resume),
+            send: of(&|m| m.send),
+            pages_p50: pages.get(pages.len() / 2).copied().unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_window() {
+        assert_eq!(Percentiles::of(&mut []), Percentiles::default());
+        let mut w = EpochWindow::default();
+        for i in 1..=2000u64 {
+            w.push(EpochMetrics { pages: i, pause: Duration::from_micros(i), ..EpochMetrics::default() });
+        }
+        let s = w.stats();
+        assert_eq!(s.epochs, EpochWindow::LEN);
+        // The window holds epochs 977..=2000.
+        assert_eq!(s.pause.p50, Duration::from_micros(977 + 512));
+        assert_eq!(s.pause.p99, Duration::from_micros(977 + 1013));
+        assert_eq!(s.pages_p50, 977 + 512);
+    }
+}

@@ -52,13 +52,13 @@ use ftvm_vmm::devices::virtio::net::{OutputHold, TxMode, TxModeError};
 use ftvm_vmm::machine::{CaptureError, CheckpointSource, MachineControlError, TrackingControlError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
-use super::context::{EpochContext, EpochMetrics};
+use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, Percentiles};
 use super::wire::{EpochBegin, MAX_CHUNK_BYTES};
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator, RecordError};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
 use crate::transport::{
     AckEvent, BeginEpochError, CheckpointTransport, CommitError, PageSource, SendDiskImageError, SendDiskWritesError,
-    SendPagesError, SendStateError,
+    SendOutputError, SendPagesError, SendStateError,
 };
 use crate::{ErrorChain, PAGE_SIZE};
 
@@ -164,6 +164,10 @@ pub struct StatusSnapshot {
     pub last_acked: Option<EpochId>,
     /// The last epoch's figures (pause and its parts, pages, bytes).
     pub last_epoch: EpochMetrics,
+    /// Percentiles of the pause and its parts over the last epochs, refreshed a few times a second.
+    pub recent: EpochWindowStats,
+    /// Percentiles of the acknowledgement round trip over the last epochs.
+    pub recent_ack: Percentiles,
     /// The last acknowledgement's round trip (commit to ack).
     pub last_ack_round_trip: Option<Duration>,
     /// Bytes on the A-Link and dirty bytes, over all incremental epochs.
@@ -207,6 +211,8 @@ impl EngineStatus {
                 last_sent: None,
                 last_acked: None,
                 last_epoch: EpochMetrics::default(),
+                recent: EpochWindowStats::default(),
+                recent_ack: Percentiles::default(),
                 last_ack_round_trip: None,
                 link_bytes: 0,
                 dirty_bytes: 0,
@@ -279,6 +285,8 @@ enum SendError {
     State(#[from] SendStateError),
     #[error(transparent)]
     DiskWrites(#[from] SendDiskWritesError),
+    #[error(transparent)]
+    Output(#[from] SendOutputError),
     #[error(transparent)]
     DiskImage(#[from] SendDiskImageError),
     #[error(transparent)]
@@ -489,8 +497,12 @@ pub struct PrimaryEngine {
     fenced: bool,
     /// Frames sealed into epochs so far (the hold's appended count beyond it is waiting output).
     frames_sealed: u64,
+    /// A copy of the frames sealed with the epoch being sent, for the backup to replay.
+    output: Vec<u8>,
+    output_frames: Vec<std::ops::Range<usize>>,
     heartbeat: IdleHeartbeat,
     epochs: Vec<EpochMetrics>,
+    window: EpochWindow,
     rate: (Instant, u64),
 }
 
@@ -549,8 +561,11 @@ impl PrimaryEngine {
             simplex: false,
             fenced: false,
             frames_sealed: 0,
+            output: Vec::new(),
+            output_frames: Vec::new(),
             heartbeat,
             epochs: Vec::new(),
+            window: EpochWindow::default(),
             rate: (Instant::now(), 0),
         })
     }
@@ -801,7 +816,9 @@ impl PrimaryEngine {
         };
         let timings = self.source.last_timings();
         // Seals cannot fail here: epoch numbers only increase (a failure is logged, not fatal).
-        let frames = self.ack.hold.seal(epoch).unwrap_or_else(|e| {
+        self.output.clear();
+        self.output_frames.clear();
+        let frames = self.ack.hold.seal_copying(epoch, &mut self.output, &mut self.output_frames).unwrap_or_else(|e| {
             tracing::error!(error = %e, "output hold seal");
             0
         });
@@ -869,6 +886,10 @@ impl PrimaryEngine {
         let mut bytes = if pages.is_empty() { 0 } else { self.transport.send_pages(pages, &self.staging)? };
         self.transport.send_state(state)?;
         bytes += state.len() as u64;
+        if !self.output_frames.is_empty() {
+            let frames: Vec<&[u8]> = self.output_frames.iter().filter_map(|r| self.output.get(r.clone())).collect();
+            bytes += self.transport.send_output(&frames)?;
+        }
         if !writes.is_empty() {
             self.transport.send_disk_writes(writes)?;
             bytes += writes.iter().map(|w| w.data.len() as u64 + 16).sum::<u64>();
@@ -881,6 +902,7 @@ impl PrimaryEngine {
         if self.epochs.len() < MAX_REPORTED_EPOCHS {
             self.epochs.push(*m);
         }
+        self.window.push(*m);
         self.rate.1 += 1;
         let since = self.rate.0.elapsed();
         let rate = (since >= Duration::from_millis(250)).then(|| {
@@ -888,12 +910,21 @@ impl PrimaryEngine {
             self.rate = (Instant::now(), 0);
             r
         });
+        // The percentiles cost a sort of the window: only when the rate is refreshed.
+        let recent = rate.map(|_| {
+            let mut acks: Vec<Duration> = lock(&self.ack.round_trips).iter().map(|(_, d)| *d).collect();
+            (self.window.stats(), Percentiles::of(&mut acks))
+        });
         self.status.update(|s| {
             s.last_epoch = *m;
             s.link_bytes += m.link_bytes;
             s.dirty_bytes += m.dirty_bytes();
             if let Some(r) = rate {
                 s.epochs_per_sec = r;
+            }
+            if let Some((w, a)) = recent {
+                s.recent = w;
+                s.recent_ack = a;
             }
         });
     }
@@ -976,7 +1007,7 @@ impl PrimaryEngine {
         let hold = &self.ack.hold;
         let last = hold.last_sealed().map_or(0, |l| l + 1).max(self.next_epoch);
         let _ = hold.seal(last);
-        if let Err(e) = hold.release_through(u64::MAX) {
+        if let Err(e) = hold.release_all() {
             tracing::trace!(error = %e, "output hold release");
         }
         if paused.is_ok() {

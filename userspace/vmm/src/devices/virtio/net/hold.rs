@@ -479,9 +479,42 @@ impl OutputHold {
     /// vCPUs and devices are paused for checkpoint `epoch`, so the batch is exactly the output
     /// of the state that checkpoint captures.
     pub fn seal(&self, epoch: u64) -> Result<u64, SealError> {
+        self.seal_inner(epoch, None)
+    }
+
+    /// Like [`OutputHold::seal`], and appends a copy of the batch's frames (headers included) to
+    /// `out`, one range of it per frame in `frames`: what the backup replays if it takes over
+    /// before this side released them.
+    pub fn seal_copying(
+        &self,
+        epoch: u64,
+        out: &mut Vec<u8>,
+        frames: &mut Vec<std::ops::Range<usize>>,
+    ) -> Result<u64, SealError> {
+        self.seal_inner(epoch, Some((out, frames)))
+    }
+
+    fn seal_inner(
+        &self,
+        epoch: u64,
+        copy: Option<(&mut Vec<u8>, &mut Vec<std::ops::Range<usize>>)>,
+    ) -> Result<u64, SealError> {
         let mut index = self.lock_index();
         if let Some(last) = index.last_sealed.filter(|&last| epoch <= last) {
             return Err(SealError::NotIncreasing { epoch, last });
+        }
+        if let Some((out, ranges)) = copy {
+            let first = index.sealed_seq;
+            let unsealed = index.frames.iter().rev().take_while(|f| f.seq >= first).count();
+            let start = index.frames.len() - unsealed;
+            for f in index.frames.range(start..) {
+                // SAFETY: an unsealed frame is held: no release can free it before it is sealed
+                // (which needs this lock), and appends never write into held frames.
+                let bytes = unsafe { self.storage.read_at(f.off, f.len) };
+                let at = out.len();
+                out.extend_from_slice(bytes);
+                ranges.push(at..out.len());
+            }
         }
         let end_seq = index.next_seq;
         let frames = end_seq - index.sealed_seq;
@@ -998,6 +1031,24 @@ mod tests {
 
     fn tags(out: &Arc<Mutex<Recorder>>) -> Vec<u32> {
         out.lock().unwrap().frames.iter().map(|f| tag(f)).collect()
+    }
+
+    #[test]
+    fn seal_copying_copies_exactly_the_sealed_batch() {
+        let hold = OutputHold::new(1 << 20).unwrap();
+        hold.append(&[1u8; 64]).unwrap();
+        hold.seal(1).unwrap();
+        hold.append(&[2u8; 70]).unwrap();
+        hold.append(&[3u8; 80]).unwrap();
+        let (mut out, mut ranges) = (Vec::new(), Vec::new());
+        assert_eq!(hold.seal_copying(2, &mut out, &mut ranges).unwrap(), 2);
+        assert_eq!(ranges, vec![0..70, 70..150]);
+        assert!(out[..70].iter().all(|&b| b == 2) && out[70..].iter().all(|&b| b == 3));
+        // An empty batch copies nothing; a refused seal copies nothing either.
+        assert_eq!(hold.seal_copying(3, &mut out, &mut ranges).unwrap(), 0);
+        assert!(hold.seal_copying(3, &mut out, &mut ranges).is_err());
+        assert_eq!((out.len(), ranges.len()), (150, 2));
+        assert_eq!(hold.held_frames(), 3);
     }
 
     #[test]
