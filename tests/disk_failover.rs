@@ -138,13 +138,7 @@ fn uncommitted_disk_writes_do_not_survive_failover_and_committed_ones_do() {
     require_root_and_kvm();
     let site = Site::up("dk", &["--ack-timeout-ms", "10000"]);
     let st = site.status();
-    assert!(
-        st.state == "protected" && st.role_a == "primary" && st.role_b == "backup",
-        "after site up: want protected, A primary, B backup; got {} / {} / {}",
-        st.state,
-        st.role_a,
-        st.role_b
-    );
+    assert!(st.is_protected(), "after site up: want protected / A primary / B backup; got {st}");
     let nonce = format!(
         "{:x}",
         SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64

@@ -433,13 +433,7 @@ fn no_guest_frame_leaves_host_a_before_the_backup_acknowledges_its_epoch() {
     let tmp = TempDir::new("oc");
     let site = Site::up("oc", &["--output-trace"]);
     let st = site.status();
-    assert!(
-        st.state == "protected" && st.role_a == "primary" && st.role_b == "backup",
-        "after site up: want protected, A primary, B backup; got {} / {} / {}",
-        st.state,
-        st.role_a,
-        st.role_b
-    );
+    assert!(st.is_protected(), "after site up: want protected / A primary / B backup; got {st}");
 
     // Only segments with data, from the backup's port: B's frames to A, not the TCP
     // acknowledgements of A's epochs.

@@ -16,9 +16,12 @@
 //!
 //! # Failover
 //! [`Machine::restore`] builds a fresh KVM VM from a memory image and a [`MachineState`]; its
-//! [`Machine::run`] resumes the guest exactly where the state was captured.
+//! [`Machine::run`] resumes the guest exactly where the state was captured. The image is copied,
+//! or, on the backup, adopted: the standby's memfd becomes the new VM's RAM
+//! ([`MemoryImage::Adopt`]), so the restore takes the same time whatever the memory size.
 
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
@@ -43,7 +46,7 @@ use crate::dirty::{
     DirtyRings, DirtyTracker, DirtyTracking, HarvestError, HarvestStats, KvmBitmap, KvmRing,
     TrackStartError, TrackStopError, TrackerKind,
 };
-use crate::memory::GuestMemory;
+use crate::memory::{adopt_guest_memory, AdoptMemoryError, GuestMemory};
 use crate::state::{ClockState, MachineState};
 use crate::vcpu::state::StateProbeError;
 use crate::vcpu::{
@@ -170,6 +173,9 @@ pub enum MachineRestoreError {
     /// Copying the memory image failed.
     #[error("cannot copy the memory image into guest memory")]
     CopyMemory(#[source] vm_memory::GuestMemoryError),
+    /// The adopted memory image cannot become guest memory.
+    #[error("cannot adopt the memory image as guest memory")]
+    AdoptMemory(#[source] AdoptMemoryError),
     /// `KVM_SET_CLOCK` failed.
     #[error("cannot set the VM clock")]
     Clock(#[source] std::io::Error),
@@ -606,26 +612,38 @@ impl CheckpointSource {
     }
 }
 
-/// A full copy of guest memory for [`Machine::restore`].
-#[derive(Clone, Copy, Debug)]
+/// A full image of guest memory for [`Machine::restore`]: copied into the new VM's RAM, or adopted
+/// as that RAM.
+#[derive(Debug)]
 pub enum MemoryImage<'a> {
-    /// Guest memory as one byte slice, address 0 first.
+    /// Guest memory as one byte slice, address 0 first (copied).
     Bytes(&'a [u8]),
-    /// Another guest memory (the backup's staging copy) of the same size.
+    /// Another guest memory of the same size (copied).
     Memory(&'a GuestMemory),
+    /// A memfd holding guest memory, address 0 at offset 0, exactly the guest's size, created
+    /// with `MFD_ALLOW_SEALING` or already sealed with `F_SEAL_SHRINK`: it becomes the new VM's
+    /// RAM through a fresh `MAP_SHARED` mapping, nothing is copied (the failover path, with the
+    /// backup's standby image; see [`crate::memory::adopt_guest_memory`]). The restore seals it
+    /// against shrinking. The caller must not write the file afterwards, and must treat any
+    /// mapping of it it still holds as guest memory that changes under it.
+    Adopt(OwnedFd),
 }
 
 impl MemoryImage<'_> {
-    fn len(&self) -> u64 {
+    /// Bytes in a copied image (0 for an adopted one: its size is the file's, checked when it
+    /// is mapped).
+    fn copy_len(&self) -> u64 {
         match self {
             Self::Bytes(b) => b.len() as u64,
             Self::Memory(m) => m.iter().map(|r| r.len()).sum(),
+            Self::Adopt(_) => 0,
         }
     }
 
     /// Copies the image into `dst`, which must be fresh (all zero): all-zero pages of the image
     /// are skipped, so guest RAM the guest never used is not faulted in (on the failover path,
-    /// faulting in fresh memory costs more than reading the image).
+    /// faulting in fresh memory costs more than reading the image). An adopted image has nothing
+    /// to copy.
     fn copy_into(&self, dst: &GuestMemory) -> Result<(), vm_memory::GuestMemoryError> {
         const PAGE: usize = crate::memory::PAGE_SIZE as usize;
         static ZERO: [u8; PAGE] = [0; PAGE];
@@ -656,6 +674,7 @@ impl MemoryImage<'_> {
                 }
                 Ok(())
             }
+            Self::Adopt(_) => Ok(()),
         }
     }
 }
@@ -785,11 +804,11 @@ impl Machine {
         })
     }
 
-    /// Builds a fresh VM from `state` and a full copy of guest memory (`image`): the failover
-    /// path. `cfg` gives the devices' host resources (TAP, disk), the console and the dirty
-    /// tracker; its memory size must be the state's; its guest ELF and boot parameters are not
-    /// used (the guest is in the image, its boot info in the state). [`Machine::run`] then
-    /// resumes the guest exactly where the state was captured.
+    /// Builds a fresh VM from `state` and a full image of guest memory (`image`, copied or
+    /// adopted): the failover path. `cfg` gives the devices' host resources (TAP, disk), the
+    /// console and the dirty tracker; its memory size must be the state's; its guest ELF and boot
+    /// parameters are not used (the guest is in the image, its boot info in the state).
+    /// [`Machine::run`] then resumes the guest exactly where the state was captured.
     pub fn restore(
         cfg: VmConfig,
         image: MemoryImage<'_>,
@@ -816,18 +835,40 @@ impl Machine {
             return Err(MachineRestoreError::VcpuCount(state.vcpus.len()));
         }
         let boot_info = state.boot_info().ok_or(MachineRestoreError::BootInfo)?;
-        if image.len() != state.mem_size {
-            return Err(MachineRestoreError::ImageSize {
-                image: image.len(),
-                mem: state.mem_size,
-            });
-        }
-        let vm = Vm::create(state.mem_size, cfg.dirty_tracking.ring_entries())?;
+        // Each phase's time, for the log line (the failover's critical path).
+        let mut lap_start = t0;
+        let mut lap = || {
+            let now = Instant::now();
+            let d = now - lap_start;
+            lap_start = now;
+            d.as_secs_f64() * 1e3
+        };
+        let ring = cfg.dirty_tracking.ring_entries();
+        let adopted = matches!(image, MemoryImage::Adopt(_));
+        let (vm, t_vm) = match image {
+            MemoryImage::Adopt(fd) => {
+                let mem = adopt_guest_memory(fd, state.mem_size)
+                    .map_err(MachineRestoreError::AdoptMemory)?;
+                (Vm::create_with_memory(mem, ring)?, lap())
+            }
+            MemoryImage::Bytes(_) | MemoryImage::Memory(_) => {
+                let len = image.copy_len();
+                if len != state.mem_size {
+                    return Err(MachineRestoreError::ImageSize {
+                        image: len,
+                        mem: state.mem_size,
+                    });
+                }
+                let vm = Vm::create(state.mem_size, ring)?;
+                let t_vm = lap();
+                image
+                    .copy_into(vm.memory())
+                    .map_err(MachineRestoreError::CopyMemory)?;
+                (vm, t_vm)
+            }
+        };
         let mem = vm.memory().clone();
-        image
-            .copy_into(&mem)
-            .map_err(MachineRestoreError::CopyMemory)?;
-        let t_mem = t0.elapsed();
+        let t_mem = lap();
         if let Some(c) = state.clock {
             if vm.fd().check_extension(Cap::AdjustClock) {
                 // Only the value: the flags read at capture (TSC_STABLE, ...) describe the
@@ -860,6 +901,7 @@ impl Machine {
         if want != got {
             return Err(MachineRestoreError::DeviceAddrs { want, got });
         }
+        let t_devices = lap();
 
         let mut fds = Vec::new();
         for (id, vs) in state.vcpus.iter().enumerate() {
@@ -878,12 +920,22 @@ impl Machine {
             }
             fds.push(fd);
         }
+        let t_vcpus = lap();
         let cpuid =
             CpuId::from_entries(&state.vcpus[0].cpuid).map_err(|_| MachineRestoreError::Vcpu {
                 id: 0,
                 source: VcpuRestoreError::Cpuid(state.vcpus[0].cpuid.len()),
             })?;
         let state_cfg = StateConfig::probe(vm.kvm(), vm.fd(), &cpuid, vm.has_irqchip())?;
+        let t_probe = lap();
+        // Here, before the vCPU threads take the fds (KVM takes vCPU state from any thread until
+        // the first KVM_RUN): a request to a vCPU thread that was just spawned waits until it is
+        // first scheduled, up to 10 ms here on a busy host.
+        for (id, (fd, vs)) in (0u32..).zip(fds.iter().zip(&state.vcpus)) {
+            crate::vcpu::state::restore_state(fd, &state_cfg, vs)
+                .map_err(|source| MachineRestoreError::Vcpu { id, source })?;
+        }
+        let t_vcpu_state = lap();
         let machine = Self::assemble(Parts {
             vm,
             devices,
@@ -900,16 +952,21 @@ impl Machine {
             AssembleError::Rings(e) => MachineRestoreError::DirtyRings(e),
             AssembleError::Start(e) => MachineRestoreError::VcpuStart(e),
         })?;
-        // Through the vCPU threads, like a checkpoint's save: the thread owns the fd.
-        {
-            let mut set = lock(&machine.shared.vcpus);
-            for (h, vs) in set.handles.iter_mut().zip(&state.vcpus) {
-                h.restore_state(vs.clone())
-                    .map_err(|source| MachineRestoreError::Vcpu { id: h.id(), source })?;
-            }
-        }
+        let t_threads = lap();
+        // vm: KVM VM and the guest memory mapping; memory: the copy (none when adopted);
+        // devices: the VM clock, the devices' state, host resources (TAP, disk) and the bus;
+        // vcpus: vCPU fds and TSC frequency; probe: which vCPU state this host restores;
+        // vcpu_state: registers, MSRs, LAPIC, ... set into the vCPUs; threads: dirty tracker
+        // and vCPU threads.
         tracing::info!(
-            memory_ms = t_mem.as_secs_f64() * 1e3,
+            adopted,
+            vm_ms = t_vm,
+            memory_ms = t_mem,
+            devices_ms = t_devices,
+            vcpus_ms = t_vcpus,
+            probe_ms = t_probe,
+            vcpu_state_ms = t_vcpu_state,
+            threads_ms = t_threads,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "machine restored"
         );

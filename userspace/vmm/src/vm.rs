@@ -195,10 +195,8 @@ pub fn check_mem_size(mem_size: u64) -> Result<(), MemSizeError> {
     Ok(())
 }
 
-/// Allocates guest RAM `[0, mem_size)` as one private anonymous mapping.
-///
-/// The mapping is built region by region so that a later change to a shared memfd (for
-/// userfaultfd-based restore, or a second process reading guest memory) only changes the builder.
+/// Allocates guest RAM `[0, mem_size)` as one private anonymous mapping (a restore may instead
+/// map an existing memfd: [`crate::memory::adopt_guest_memory`]).
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, VmCreateError> {
     check_mem_size(mem_size)?;
     let size = usize::try_from(mem_size).map_err(|_| MemSizeError::TooLarge(mem_size >> 20))?;
@@ -227,6 +225,17 @@ impl Vm {
     /// many entries per vCPU (before any vCPU exists, as KVM requires).
     pub fn create(mem_size: u64, dirty_ring_entries: Option<u32>) -> Result<Self, VmCreateError> {
         check_mem_size(mem_size)?;
+        Self::create_with_memory(create_guest_memory(mem_size)?, dirty_ring_entries)
+    }
+
+    /// Like [`Vm::create`], with guest RAM that already exists: `mem` must be one region at
+    /// address 0 of a size [`check_mem_size`] accepts, as [`create_guest_memory`] and
+    /// [`crate::memory::adopt_guest_memory`] build it.
+    pub fn create_with_memory(
+        mem: GuestMemory,
+        dirty_ring_entries: Option<u32>,
+    ) -> Result<Self, VmCreateError> {
+        check_mem_size(mem.iter().map(|r| r.len()).sum())?;
         let kvm = Kvm::new().map_err(|e| VmCreateError::OpenKvm(e.into()))?;
         let api = kvm.get_api_version();
         if api != kvm_bindings::KVM_API_VERSION as i32 {
@@ -251,30 +260,34 @@ impl Vm {
             fd.set_identity_map_address(IDENTITY_MAP_ADDR)
                 .map_err(|e| VmCreateError::SystemAddresses(e.into()))?;
         }
-        // The in-kernel LAPIC (part of the irqchip) carries vCPU state the checkpoints save. The
-        // reference guest takes no interrupts, so a kernel that refuses it only costs that state.
-        let irqchip = match fd.create_irq_chip() {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "KVM_CREATE_IRQCHIP failed; running without an in-kernel irqchip");
-                false
-            }
-        };
         let dirty_ring = match dirty_ring_entries {
             Some(entries) => Some(enable_dirty_ring(&fd, entries)?),
             None => None,
         };
-        let mem = create_guest_memory(mem_size)?;
         let mut vm = Vm {
             kvm,
             fd: Arc::new(fd),
             mem,
             slots: Vec::new(),
-            irqchip,
+            irqchip: false,
             dirty_logging: false,
             dirty_ring,
         };
-        vm.register_memory()?;
+        // KVM_CREATE_IRQCHIP (its default IRQ routing) and KVM_SET_USER_MEMORY_REGION each wait
+        // for an SRCU grace period: 2 to 8 ms each on this host, on the failover's critical
+        // path. Side by side they mostly share one wait.
+        let fd = Arc::clone(&vm.fd);
+        vm.irqchip = std::thread::scope(|s| {
+            let chip = std::thread::Builder::new()
+                .name("ftvm-irqchip".into())
+                .spawn_scoped(s, || create_irqchip(&fd));
+            let registered = vm.register_memory();
+            let irqchip = match chip {
+                Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(_) => create_irqchip(&fd),
+            };
+            registered.map(|()| irqchip)
+        })?;
         Ok(vm)
     }
 
@@ -412,6 +425,19 @@ pub unsafe fn set_dirty_logging(
         })?;
     }
     Ok(())
+}
+
+/// Creates the in-kernel irqchip; false if the kernel refuses it. The in-kernel LAPIC (part of
+/// the irqchip) carries vCPU state the checkpoints save. The reference guest takes no interrupts,
+/// so a kernel that refuses it only costs that state.
+fn create_irqchip(fd: &VmFd) -> bool {
+    match fd.create_irq_chip() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "KVM_CREATE_IRQCHIP failed; running without an in-kernel irqchip");
+            false
+        }
+    }
 }
 
 /// Enables the dirty ring with `entries` entries per vCPU; the `_ACQ_REL` flavour when offered

@@ -6,7 +6,10 @@
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::fs::File;
     use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::fs::FileExt;
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
@@ -22,10 +25,14 @@ mod tests {
         CaptureError, CheckpointSource, Machine, MachineExit, MachineRestoreError, MachineRunError,
         MemoryImage, VmConfig,
     };
+    use ftvm_vmm::memory::AdoptMemoryError;
     use ftvm_vmm::state::MachineState;
     use ftvm_vmm::vcpu::state::{self as vstate, FpuState, StateConfig, XsaveSupport};
     use ftvm_vmm::vcpu::{VcpuSaveError, VcpuState};
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{
+        Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+        MmapRegion,
+    };
 
     /// Sink for guest console output.
     #[derive(Clone, Default)]
@@ -343,6 +350,168 @@ mod tests {
             got,
             u64::from_le_bytes(COUNTER_GUEST[..8].try_into().unwrap())
         );
+    }
+
+    /// A memfd holding `image` (its all-zero pages left as holes), sealable like the backup's
+    /// standby memory; `MFD_ALLOW_SEALING` can be left out, to test the refusal.
+    fn memfd_image(image: &[u8], sealable: bool) -> File {
+        let flags = libc::MFD_CLOEXEC | if sealable { libc::MFD_ALLOW_SEALING } else { 0 };
+        // SAFETY: the name is a NUL-terminated string that outlives the call.
+        let raw = unsafe { libc::memfd_create(c"ftvm-test-image".as_ptr(), flags) };
+        assert!(
+            raw >= 0,
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+        let f = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        f.set_len(image.len() as u64).unwrap();
+        for (i, page) in image.chunks(4096).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                f.write_all_at(page, (i * 4096) as u64).unwrap();
+            }
+        }
+        f
+    }
+
+    /// Another shared mapping of `f`, as the backup's standby mapping is to the VM that adopts
+    /// its memfd.
+    fn map_shared(f: &File, len: u64) -> GuestMemoryMmap<()> {
+        let region =
+            MmapRegion::<()>::from_file(FileOffset::new(f.try_clone().unwrap(), 0), len as usize)
+                .unwrap();
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(0)).unwrap()])
+            .unwrap()
+    }
+
+    /// (e) Failover without a copy: the restore adopts a memfd holding the image as the new VM's
+    /// RAM. The restored guest carries on from the image; its writes appear in another mapping of
+    /// the memfd (the backup's standby mapping), so the memory is shared, not copied; writes by
+    /// the VMM reach the file too; dirty tracking (KVM's log, with either backend, and the VMM's
+    /// bitmap) works on adopted memory; and a memfd that does not fit, or that could be shrunk
+    /// under the guest, is refused.
+    #[test]
+    fn guest_carries_on_in_adopted_memory() {
+        const MEM: u64 = 32 << 20;
+        let mut m1 =
+            Machine::create(config("adopt1", &COUNTER_GUEST, MEM, DirtyTracking::Off)).unwrap();
+        let mut src = m1.checkpoint_source().unwrap();
+        let run1 = spawn_run(m1);
+        wait_for_counter(&src, 1000);
+        src.pause().unwrap();
+        let state = src.capture_state().unwrap();
+        let image = read_all(&src, MEM);
+        src.handle().stop();
+        assert_eq!(run1.join().unwrap().unwrap(), MachineExit::Stopped);
+        let at = COUNTER_GPA as usize;
+        let mem_counter = u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+        let rbx1 = check_counters(&state, mem_counter);
+        let cfg = |name, tracking| config(name, &[0x0f, 0x0b], MEM, tracking);
+
+        let short = memfd_image(&image[..(MEM / 2) as usize], true);
+        assert!(matches!(
+            Machine::restore(
+                cfg("adopt-short", DirtyTracking::Off),
+                MemoryImage::Adopt(short.into()),
+                &state
+            ),
+            Err(MachineRestoreError::AdoptMemory(AdoptMemoryError::Size { file, mem }))
+                if file == MEM / 2 && mem == MEM
+        ));
+        let unsealable = memfd_image(&image, false);
+        assert!(matches!(
+            Machine::restore(
+                cfg("adopt-unsealable", DirtyTracking::Off),
+                MemoryImage::Adopt(unsealable.into()),
+                &state
+            ),
+            Err(MachineRestoreError::AdoptMemory(
+                AdoptMemoryError::NotSealable(_)
+            ))
+        ));
+
+        for (name, tracking) in [
+            ("bitmap", DirtyTracking::KvmBitmap),
+            ("ring", DirtyTracking::kvm_ring()),
+        ] {
+            let file = memfd_image(&image, true);
+            let standby = map_shared(&file, MEM);
+            let t = Instant::now();
+            let mut m2 = Machine::restore(
+                cfg("adopt2", tracking),
+                MemoryImage::Adopt(file.try_clone().unwrap().into()),
+                &state,
+            )
+            .unwrap();
+            let restore = t.elapsed();
+            // The new VM's RAM holds the image, through its own mapping.
+            let gm = m2.vm().memory().clone();
+            assert_eq!(
+                gm.read_obj::<u64>(GuestAddress(COUNTER_GPA)).unwrap(),
+                mem_counter
+            );
+            assert_ne!(
+                gm.get_host_address(GuestAddress(0)).unwrap(),
+                standby.get_host_address(GuestAddress(0)).unwrap()
+            );
+            // The restore sealed the file: it can no longer shrink under the guest.
+            assert!(file.set_len(MEM / 2).is_err());
+            let mut src2 = m2.checkpoint_source().unwrap();
+            src2.start_tracking().unwrap();
+            let run2 = spawn_run(m2);
+
+            // The guest's writes appear in the standby's mapping: the same pages.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while standby.read_obj::<u64>(GuestAddress(COUNTER_GPA)).unwrap() <= rbx1 + 1000 {
+                assert!(!run2.is_finished(), "{name}: the restored guest exited");
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: the guest does not progress"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            src2.pause().unwrap();
+            let mut pages = PageRangeSet::new();
+            let later = src2.capture(&mut pages).unwrap();
+            let seen: u64 = standby.read_obj(GuestAddress(COUNTER_GPA)).unwrap();
+            assert_eq!(
+                seen,
+                src2.guest_memory()
+                    .read_obj::<u64>(GuestAddress(COUNTER_GPA))
+                    .unwrap()
+            );
+            let rbx2 = check_counters(&later, seen);
+            assert!(rbx2 > rbx1 + 1000, "{name}: carried on: {rbx1} -> {rbx2}");
+            // KVM's dirty log saw the guest's writes to the adopted memory.
+            let counter_page = COUNTER_GPA / 4096;
+            assert!(
+                pages.pages().any(|p| p == counter_page),
+                "{name}: the counter page is not in the harvest"
+            );
+
+            // The VMM's own writes reach the file, and its bitmap reports them.
+            src2.guest_memory()
+                .write_obj(0x5eed_u64, GuestAddress(VMM_GPA))
+                .unwrap();
+            let mut b = [0u8; 8];
+            file.read_exact_at(&mut b, VMM_GPA).unwrap();
+            assert_eq!(u64::from_le_bytes(b), 0x5eed);
+            src2.resume().unwrap();
+            src2.pause().unwrap();
+            let mut pages = PageRangeSet::new();
+            src2.capture(&mut pages).unwrap();
+            let got: BTreeSet<u64> = pages.pages().collect();
+            assert!(got.contains(&pfn(VMM_GPA)), "{name}: {got:x?}");
+
+            src2.handle().stop();
+            // Stopped, not GuestExit(0x100/0x200): the guest's own checks held.
+            assert_eq!(run2.join().unwrap().unwrap(), MachineExit::Stopped);
+            eprintln!(
+                "adopted ({name}): {rbx1} iterations in VM 1, {rbx2} after restore; restore of \
+                 {} MiB without a copy {restore:?}",
+                MEM >> 20
+            );
+        }
     }
 
     /// The dirtying guest: waits (PORT_WAIT, 100 µs at a time) until the GO word at 0x401000
@@ -793,7 +962,44 @@ mod tests {
             );
             d.finish();
         }
-        // Restore of a 64 MiB image (the failover's memory copy plus VM and vCPU set-up).
+        // Restore of a 64 MiB image (the failover's memory copy plus VM and vCPU set-up), copied
+        // and adopted; then of a 256 MiB image whose every page is in use (the reference VM's
+        // size; the guest is not run, so its memory need not make sense).
+        let restore_times = |mem: u64, image: &[u8], state: &MachineState| {
+            let (mut copy, mut adopt) = (Vec::new(), Vec::new());
+            let file = memfd_image(image, true);
+            for _ in 0..5 {
+                let t = Instant::now();
+                let m2 = Machine::restore(
+                    config("cost-restore2", &[0x90], mem, DirtyTracking::Off),
+                    MemoryImage::Bytes(image),
+                    state,
+                )
+                .unwrap();
+                copy.push(t.elapsed());
+                drop(m2);
+                let fd = file.try_clone().unwrap().into();
+                let t = Instant::now();
+                let m2 = Machine::restore(
+                    config("cost-restore2", &[0x90], mem, DirtyTracking::Off),
+                    MemoryImage::Adopt(fd),
+                    state,
+                )
+                .unwrap();
+                adopt.push(t.elapsed());
+                drop(m2);
+            }
+            let used = image
+                .chunks(4096)
+                .filter(|p| p.iter().any(|&b| b != 0))
+                .count();
+            eprintln!(
+                "restore ({} MiB image, {used} non-zero pages): median {:?} copied, {:?} adopted",
+                mem >> 20,
+                median(&mut copy),
+                median(&mut adopt)
+            );
+        };
         let mut m = Machine::create(config(
             "cost-restore",
             &COUNTER_GUEST,
@@ -809,26 +1015,19 @@ mod tests {
         let image = read_all(&src, MEM);
         src.handle().stop();
         run.join().unwrap().unwrap();
-        let mut times = Vec::new();
-        for _ in 0..5 {
-            let t = Instant::now();
-            let m2 = Machine::restore(
-                config("cost-restore2", &[0x90], MEM, DirtyTracking::Off),
-                MemoryImage::Bytes(&image),
-                &state,
-            )
-            .unwrap();
-            times.push(t.elapsed());
-            drop(m2);
+        restore_times(MEM, &image, &state);
+
+        const BIG: u64 = 256 << 20;
+        let mut m =
+            Machine::create(config("cost-restore-big", &[0x90], BIG, DirtyTracking::Off)).unwrap();
+        let mut src = m.checkpoint_source().unwrap();
+        src.pause().unwrap();
+        let state = src.capture_state().unwrap();
+        let mut image = read_all(&src, BIG);
+        drop(m);
+        for page in image.chunks_mut(4096).skip(4096) {
+            page[..8].copy_from_slice(&0x5a5a_5a5a_u64.to_le_bytes());
         }
-        let used = image
-            .chunks(4096)
-            .filter(|p| p.iter().any(|&b| b != 0))
-            .count();
-        eprintln!(
-            "restore ({} MiB image, {used} non-zero pages): median {:?}",
-            MEM >> 20,
-            median(&mut times)
-        );
+        restore_times(BIG, &image, &state);
     }
 }

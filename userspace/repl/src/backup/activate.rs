@@ -1,9 +1,15 @@
 //! Promotion: the backup becomes the primary.
 //!
 //! [`promote`] turns a stopped receiver's [`Standby`] into a running-ready [`Machine`]: it decodes
-//! the committed machine state, restores it into a fresh KVM VM from the standby memory image
-//! (the standby disk becomes the VM's disk), and starts announcing the guest's MAC/IP on the
-//! business network with gratuitous ARP.
+//! the committed machine state, restores it into a fresh KVM VM whose RAM is the standby memory
+//! image itself (its memfd is mapped into the new VM, not copied: see
+//! [`MemoryImage::Adopt`]), the standby disk becomes the VM's disk, and it starts announcing the
+//! guest's MAC/IP on the business network with gratuitous ARP.
+//!
+//! Adopting the memfd is safe because nothing else writes it any more: the receiver's threads,
+//! which filled it, are joined before [`crate::backup::BackupReceiver::stop`] hands the standby
+//! over, and [`promote`] consumes the standby (its own mapping of the pages is only unmapped,
+//! a second later, on a helper thread).
 //!
 //! Nothing uncommitted can leak: the VM starts from the last committed epoch, the backup never
 //! held guest output, and the restored virtio-net transmits directly (the hold belonged to the
@@ -41,6 +47,10 @@ pub const GARP_FRAME_LEN: usize = 60;
 /// intervals, because one frame can be lost and switches may be slow to relearn.
 pub const DEFAULT_ANNOUNCE_SCHEDULE: [Duration; 4] =
     [Duration::ZERO, Duration::from_millis(10), Duration::from_millis(50), Duration::from_millis(200)];
+
+/// How long after a promotion the standby's own mapping of the memory image is released (see
+/// [`promote`]).
+const STANDBY_RELEASE_DELAY: Duration = Duration::from_secs(1);
 
 /// The guest's network identity on the business network, and how to reach its TAP.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +105,9 @@ pub enum PromoteError {
         #[source]
         source: StateDecodeError,
     },
+    /// The standby's memfd could not be duplicated for the new VM.
+    #[error("cannot duplicate the standby memory's memfd")]
+    MemoryFd(#[source] std::io::Error),
     /// The restore into a fresh VM failed.
     #[error("cannot restore epoch {epoch:?} into a fresh VM")]
     Restore {
@@ -120,12 +133,16 @@ pub enum PromoteError {
 pub struct RestoreTimings {
     /// Decoding the state.
     pub decode: Duration,
-    /// `Machine::restore` (memory copy, devices, vCPUs).
+    /// `Machine::restore` (VM, adoption of the standby memory, devices, vCPUs; its log line
+    /// `machine restored` has the parts).
     pub restore: Duration,
-    /// Handing the standby's memory image to a thread that frees it.
+    /// Handing the standby (its mapping of the memory image, the state blob) to a thread that
+    /// releases it once the takeover is done.
     pub release: Duration,
     /// Taking the restored machine's checkpoint source.
     pub source: Duration,
+    /// Starting the gratuitous ARP announcer (zero without a network device).
+    pub announce: Duration,
     /// The whole of [`promote`].
     pub total: Duration,
 }
@@ -177,19 +194,16 @@ pub fn promote(standby: Standby, cfg: PromoteConfig) -> Result<Promoted, Promote
         dirty_tracking: cfg.dirty_tracking,
     };
     let t1 = Instant::now();
-    let mut machine = Machine::restore(vm_cfg, MemoryImage::Bytes(standby.memory().as_slice()), &state)
+    // The new VM's RAM is the standby's memfd (see the module documentation): no copy.
+    let memfd = standby.memory().fd().try_clone_to_owned().map_err(PromoteError::MemoryFd)?;
+    let mut machine = Machine::restore(vm_cfg, MemoryImage::Adopt(memfd), &state)
         .map_err(|source| PromoteError::Restore { epoch, source })?;
     let restore = t1.elapsed();
-    // The image is in the VM now; the standby memory can go. Unmapping and freeing it costs about
-    // 0.3 ms per MiB, so it is done off the takeover's critical path.
     let t2 = Instant::now();
-    // Should no thread start, spawn drops the closure, and with it the standby, right here.
-    let _ = std::thread::Builder::new().name("ftvm-standby-free".into()).spawn(move || drop(standby));
-    let release = t2.elapsed();
-    let t3 = Instant::now();
     let source = machine.checkpoint_source().map_err(PromoteError::Source)?;
-    let source_time = t3.elapsed();
+    let source_time = t2.elapsed();
 
+    let t3 = Instant::now();
     let announcer = match &cfg.net {
         Some(net) => {
             let fd = source.with_devices(|d| {
@@ -210,7 +224,22 @@ pub fn promote(standby: Standby, cfg: PromoteConfig) -> Result<Promoted, Promote
         }
         None => None,
     };
-    let timings = RestoreTimings { decode, restore, release, source: source_time, total: t0.elapsed() };
+    let announce = t3.elapsed();
+
+    // The pages are the VM's now; the standby's own mapping of them can go, but not yet: tearing
+    // down the page tables of a large mapping holds the process's mmap lock for milliseconds
+    // (about 18 ms for 256 MiB here, even in steps: see `StandbyMemory`'s Drop), and the threads
+    // the takeover starts next (the VM's run and device threads) must map their stacks. So a
+    // helper thread lets the takeover finish first. The pages themselves stay: the VM's mapping
+    // holds the memfd.
+    let t4 = Instant::now();
+    // Should no thread start, spawn drops the closure, and with it the standby, right here.
+    let _ = std::thread::Builder::new().name("ftvm-standby-free".into()).spawn(move || {
+        std::thread::sleep(STANDBY_RELEASE_DELAY);
+        drop(standby);
+    });
+    let release = t4.elapsed();
+    let timings = RestoreTimings { decode, restore, release, source: source_time, announce, total: t0.elapsed() };
     tracing::info!(?epoch, ?timings, "standby promoted");
     Ok(Promoted { machine, source, epoch, announcer, timings })
 }
@@ -342,7 +371,8 @@ mod tests {
         // A socket pair stands in for the TAP: each write is one datagram.
         let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let schedule = vec![Duration::ZERO, Duration::from_millis(2), Duration::from_millis(5)];
-        let ann = Announcer::start(OwnedFd::from(a), [2, 0, 0, 0, 0, 1], Ipv4Addr::new(192, 0, 2, 1), schedule).unwrap();
+        let ann =
+            Announcer::start(OwnedFd::from(a), [2, 0, 0, 0, 0, 1], Ipv4Addr::new(192, 0, 2, 1), schedule).unwrap();
         assert_eq!(ann.join(), 3);
         b.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 128];
