@@ -249,7 +249,10 @@ mod tests {
 
     fn detect_and_carry_on(death: Death) {
         init_tracing();
-        let dir = TempDir::new("promote");
+        let dir = TempDir::new(match death {
+            Death::ProcessKilled => "promote-killed",
+            Death::SilentLinkOpen => "promote-silent",
+        });
         let promote = PromoteConfig {
             net: None,
             block: true,

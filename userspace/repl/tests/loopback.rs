@@ -176,6 +176,49 @@ mod tests {
         assert_standby(&backup, &model, EpochId(4));
     }
 
+    /// The held output sent with committed epochs is in the standby a takeover gets (to replay);
+    /// the output of an epoch that never committed is not.
+    #[test]
+    fn held_output_of_committed_epochs_is_kept_for_a_takeover() {
+        init_tracing();
+        let mut rng = Rng(11);
+        let mut model = Model::new(&mut rng, 4 * MIB, MIB);
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
+        let (backup, _disk) = start_backup(&model, "output");
+        let mut t = connect(backup.local_addr(), &model);
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+        let frame = |b: u8, n: usize| vec![b; n];
+        let mut epoch_with_output = |t: &mut TcpTransport, model: &mut Model, e: u64, out: &[Vec<u8>], commit: bool| {
+            model.run(&mut rng, 3, 0, &mut disks);
+            let begin = EpochBegin {
+                epoch: EpochId(e),
+                page_count: model.dirty.page_count(),
+                state_len: model.state.len() as u64,
+                disk_write_count: 0,
+                disk_image_bytes: 0,
+                initial_sync: false,
+            };
+            t.begin_epoch(&begin).unwrap();
+            t.send_pages(&model.dirty, &FlatMemory(&model.mem)).unwrap();
+            t.send_state(&model.state).unwrap();
+            let frames: Vec<&[u8]> = out.iter().map(Vec::as_slice).collect();
+            t.send_output(&frames).unwrap();
+            model.dirty.clear();
+            commit.then(|| t.commit(EpochId(e)).unwrap())
+        };
+        let committed = [frame(1, 80), frame(2, 1500)];
+        let token = epoch_with_output(&mut t, &mut model, 1, &committed, true).unwrap();
+        assert_eq!(wait(&t, token), EpochId(1));
+        // Epoch 2 carries output but the primary dies before its commit.
+        assert!(epoch_with_output(&mut t, &mut model, 2, &[frame(3, 99)], false).is_none());
+        drop(t);
+        wait_stats(&backup, "the session to end", |s| s.connected.is_none());
+        let standby = backup.stop().unwrap();
+        assert_eq!(standby.committed(), Some(EpochId(1)));
+        assert_eq!(standby.unreleased_output(), &committed[..]);
+    }
+
     /// Only one primary at a time: a second authenticated primary is told so; the first keeps going.
     #[test]
     fn a_second_primary_is_refused_while_one_is_connected() {

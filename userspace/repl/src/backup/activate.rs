@@ -170,7 +170,7 @@ impl std::fmt::Debug for Promoted {
 /// Restores the committed standby into a fresh VM and starts the announcement. The caller runs
 /// the machine at once (the announcer's first frame goes out immediately; the guest's own traffic
 /// follows as soon as its vCPUs run).
-pub fn promote(standby: Standby, cfg: PromoteConfig) -> Result<Promoted, PromoteError> {
+pub fn promote(mut standby: Standby, cfg: PromoteConfig) -> Result<Promoted, PromoteError> {
     let t0 = Instant::now();
     let epoch = standby.committed().filter(|_| !standby.state().is_empty());
     let Some(epoch) = epoch else {
@@ -214,7 +214,8 @@ pub fn promote(standby: Standby, cfg: PromoteConfig) -> Result<Promoted, Promote
                     let tap = dup_fd(fd).map_err(PromoteError::TapFd)?;
                     let schedule =
                         if net.announce.is_empty() { DEFAULT_ANNOUNCE_SCHEDULE.to_vec() } else { net.announce.clone() };
-                    Some(Announcer::start(tap, net.mac, net.guest_ipv4, schedule).map_err(PromoteError::Announcer)?)
+                    let replay = std::mem::take(&mut standby.unreleased_output);
+                    Some(Announcer::start(tap, net.mac, net.guest_ipv4, schedule, replay).map_err(PromoteError::Announcer)?)
                 }
                 None => {
                     tracing::warn!("the restored VM has no TAP fd: no gratuitous ARP");
@@ -282,10 +283,26 @@ pub struct Announcer {
     failed: Arc<AtomicU32>,
 }
 
+/// Writes one frame (virtio-net header first) to the TAP; whether all of it went.
+fn write_frame(tap: &OwnedFd, frame: &[u8]) -> bool {
+    // SAFETY: `frame` is valid for its length; `tap` is an open fd.
+    let n = unsafe { libc::write(tap.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+    usize::try_from(n).is_ok_and(|n| n == frame.len())
+}
+
 impl Announcer {
     /// Starts sending on `tap` (an fd of a TAP with `IFF_VNET_HDR` of 12 bytes), one frame at each
     /// time of `schedule` counted from now.
-    pub fn start(tap: OwnedFd, mac: [u8; 6], ip: Ipv4Addr, schedule: Vec<Duration>) -> std::io::Result<Self> {
+    ///
+    /// `replay` (frames with their virtio-net header) goes out right after the first announcement:
+    /// the held output of the last committed epochs, which the dead primary may not have released.
+    pub fn start(
+        tap: OwnedFd,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        schedule: Vec<Duration>,
+        replay: Vec<Vec<u8>>,
+    ) -> std::io::Result<Self> {
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let sent = Arc::new(AtomicU32::new(0));
         let failed = Arc::new(AtomicU32::new(0));
@@ -295,6 +312,7 @@ impl Announcer {
             let (sent, failed) = (Arc::clone(&sent), Arc::clone(&failed));
             std::thread::Builder::new().name("ftvm-garp".into()).spawn(move || {
                 let start = Instant::now();
+                let mut replay = Some(replay);
                 for at in schedule {
                     let wait = at.saturating_sub(start.elapsed());
                     match stop_rx.recv_timeout(wait) {
@@ -302,13 +320,15 @@ impl Announcer {
                         // Stopped, or the owner is gone.
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    // SAFETY: `buf` is valid for its length; `tap` is an open fd owned here.
-                    let n = unsafe { libc::write(tap.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-                    if usize::try_from(n).is_ok_and(|n| n == buf.len()) {
+                    if write_frame(&tap, &buf) {
                         sent.fetch_add(1, Ordering::Relaxed);
                     } else {
                         failed.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(error = %std::io::Error::last_os_error(), "gratuitous ARP not sent");
+                    }
+                    if let Some(frames) = replay.take().filter(|f| !f.is_empty()) {
+                        let written = frames.iter().filter(|f| write_frame(&tap, f)).count();
+                        tracing::info!(frames = frames.len(), written, "replayed the held output of the last committed epochs");
                     }
                 }
                 tracing::info!(%ip, sent = sent.load(Ordering::Relaxed), "gratuitous ARP announcement done");
@@ -367,21 +387,29 @@ mod tests {
     }
 
     #[test]
-    fn announcer_writes_each_frame_with_a_vnet_header() {
+    fn announcer_writes_each_frame_with_a_vnet_header_and_replays_the_held_output_after_the_first() {
         // A socket pair stands in for the TAP: each write is one datagram.
         let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let schedule = vec![Duration::ZERO, Duration::from_millis(2), Duration::from_millis(5)];
-        let ann =
-            Announcer::start(OwnedFd::from(a), [2, 0, 0, 0, 0, 1], Ipv4Addr::new(192, 0, 2, 1), schedule).unwrap();
+        let replay = vec![vec![7u8; VNET_HDR_LEN + 70], vec![8u8; VNET_HDR_LEN + 90]];
+        let ann = Announcer::start(OwnedFd::from(a), [2, 0, 0, 0, 0, 1], Ipv4Addr::new(192, 0, 2, 1), schedule, replay)
+            .unwrap();
         assert_eq!(ann.join(), 3);
         b.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 128];
-        for _ in 0..3 {
+        let mut lens = Vec::new();
+        for i in 0..5 {
             let n = b.recv(&mut buf).unwrap();
+            lens.push(n);
+            if i == 1 || i == 2 {
+                assert!(buf[..n].iter().all(|&x| x == [7, 8][i - 1]), "replayed frame {i}");
+                continue;
+            }
             assert_eq!(n, VNET_HDR_LEN + GARP_FRAME_LEN);
             assert_eq!(&buf[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
             assert_eq!(&buf[VNET_HDR_LEN + 28..VNET_HDR_LEN + 32], &[192, 0, 2, 1]);
         }
+        assert_eq!(lens[1..3], [VNET_HDR_LEN + 70, VNET_HDR_LEN + 90]);
         assert!(b.recv(&mut buf).is_err());
     }
 }

@@ -576,7 +576,9 @@ impl BackupReceiver {
         drop(self);
         let inner = Arc::try_unwrap(inner).map_err(|_| StopError::StillShared)?;
         let sb = inner.standby.into_inner().unwrap_or_else(|e| e.into_inner());
+        let unreleased_output = sb.unreleased_output();
         Ok(Standby {
+            unreleased_output,
             committed: sb.committed,
             memory: sb.memory,
             state: sb.state,

@@ -135,6 +135,9 @@ pub struct Standby {
     pub(crate) state: Vec<u8>,
     pub(crate) disk: File,
     pub(crate) disk_path: PathBuf,
+    /// The guest frames of the last committed epochs (virtio-net header first), oldest first: the
+    /// primary may have died before releasing them, and the restored guest believes them sent.
+    pub(crate) unreleased_output: Vec<Vec<u8>>,
 }
 
 impl Standby {
@@ -147,6 +150,12 @@ impl Standby {
     /// The memory image.
     pub fn memory(&self) -> &StandbyMemory {
         &self.memory
+    }
+
+    /// The held output of the last committed epochs, to replay at a takeover (duplicates of frames
+    /// the primary did release are harmless: TCP drops them).
+    pub fn unreleased_output(&self) -> &[Vec<u8>] {
+        &self.unreleased_output
     }
 
     /// The machine state blob of the committed epoch.
