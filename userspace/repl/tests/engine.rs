@@ -18,8 +18,9 @@ mod tests {
     use ftvm_guest_abi::GUEST_LOAD_GPA;
     use ftvm_repl::backup::{BackupReceiver, ReceiverConfig};
     use ftvm_repl::epoch::engine::{
-        DiskSource, EngineConfig, EngineHandle, EngineReport, EngineState, PrimaryEngine, StatusSnapshot,
+        DiskSource, EngineConfig, EngineHandle, EngineReport, EngineState, EngineStatus, PrimaryEngine, StatusSnapshot,
     };
+    use ftvm_repl::ha::quorum::{FixedQuorum, NoQuorum, QuorumClient};
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
     use ftvm_vmm::boot::elf::build_test_elf;
     use ftvm_vmm::boot::BootParams;
@@ -142,6 +143,10 @@ mod tests {
     }
 
     fn start_pair_with(tag: &str, cfg: EngineConfig, tracking: DirtyTracking) -> Pair {
+        start_pair_full(tag, cfg, tracking, Box::new(NoQuorum))
+    }
+
+    fn start_pair_full(tag: &str, cfg: EngineConfig, tracking: DirtyTracking, quorum: Box<dyn QuorumClient>) -> Pair {
         init_tracing();
         let mut rng = Rng(0x5eed_0000 ^ tag.len() as u64);
         let disk = temp_file(&format!("{tag}-disk"), &rng.bytes(DISK as usize));
@@ -159,7 +164,8 @@ mod tests {
         let transport = TcpTransport::connect(receiver.local_addr(), SECRET, &opts).unwrap();
         let engine =
             PrimaryEngine::new(source, Box::new(transport), Some(DiskSource { path: disk.clone(), bytes: DISK }), cfg)
-                .unwrap();
+                .unwrap()
+                .with_quorum(quorum);
         let engine = engine.spawn().unwrap();
         Pair { machine, run, mem, engine, receiver, disk, _standby_disk: standby_disk }
     }
@@ -248,6 +254,40 @@ mod tests {
             }
             n
         })
+    }
+
+    /// A protected pair whose output hold is fed by an appender thread and drained into a
+    /// counting sink, after `epochs` acknowledged epochs.
+    struct HeldPair {
+        pair: Pair,
+        status: Arc<EngineStatus>,
+        hold: Arc<OutputHold>,
+        sink: CountSink,
+        stop_append: Arc<AtomicBool>,
+        appender: JoinHandle<u64>,
+    }
+
+    fn protected_pair_with_output(tag: &str, cfg: EngineConfig, epochs: u64) -> HeldPair {
+        protected_pair_with_output_and_quorum(tag, cfg, epochs, Box::new(NoQuorum))
+    }
+
+    fn protected_pair_with_output_and_quorum(
+        tag: &str,
+        cfg: EngineConfig,
+        epochs: u64,
+        quorum: Box<dyn QuorumClient>,
+    ) -> HeldPair {
+        let pair = start_pair_full(tag, cfg, DirtyTracking::KvmBitmap, quorum);
+        let status = pair.engine.status();
+        let hold = pair.engine.output_hold();
+        let sink = CountSink::default();
+        hold.attach_output(Box::new(sink.clone()));
+        let stop_append = Arc::new(AtomicBool::new(false));
+        let appender = spawn_appender(hold.clone(), stop_append.clone());
+        wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
+        let s = status.snapshot();
+        wait_status(&status, "epochs", Duration::from_secs(20), |x| x.epochs_committed >= s.epochs_committed + epochs);
+        HeldPair { pair, status, hold, sink, stop_append, appender }
     }
 
     #[derive(Clone, Default)]
@@ -389,17 +429,7 @@ mod tests {
     fn a_dead_backup_leaves_the_vm_running_unprotected() {
         // The socket closing is what tells the engine here; the timeout only guards a loaded machine.
         let cfg = EngineConfig { ack_timeout: Duration::from_secs(2), ..EngineConfig::default() };
-        let pair = start_pair("simplex", cfg);
-        let status = pair.engine.status();
-        let hold = pair.engine.output_hold();
-        let sink = CountSink::default();
-        hold.attach_output(Box::new(sink.clone()));
-        let stop_append = Arc::new(AtomicBool::new(false));
-        let appender = spawn_appender(hold.clone(), stop_append.clone());
-
-        wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
-        let s = status.snapshot();
-        wait_status(&status, "50 epochs", Duration::from_secs(20), |x| x.epochs_committed >= s.epochs_committed + 50);
+        let HeldPair { pair, status, hold, sink, stop_append, appender } = protected_pair_with_output("simplex", cfg, 50);
         stop_append.store(true, Ordering::Relaxed);
         let appended = appender.join().unwrap();
 
@@ -436,16 +466,7 @@ mod tests {
     #[test]
     fn a_primary_whose_backup_takes_over_is_fenced() {
         let cfg = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
-        let pair = start_pair("fenced", cfg);
-        let status = pair.engine.status();
-        let hold = pair.engine.output_hold();
-        let sink = CountSink::default();
-        hold.attach_output(Box::new(sink.clone()));
-        let stop_append = Arc::new(AtomicBool::new(false));
-        let appender = spawn_appender(hold.clone(), stop_append.clone());
-        wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
-        let s = status.snapshot();
-        wait_status(&status, "20 epochs", Duration::from_secs(20), |x| x.epochs_committed >= s.epochs_committed + 20);
+        let HeldPair { pair, status, hold, sink, stop_append, appender } = protected_pair_with_output("fenced", cfg, 20);
 
         let _standby = pair.receiver.stop_taking_over("test: the backup takes over").unwrap();
         let s = wait_status(&status, "fenced", Duration::from_secs(5), |s| matches!(s.state, EngineState::Fenced { .. }));
@@ -473,6 +494,29 @@ mod tests {
         assert!(matches!(report.status.state, EngineState::Fenced { .. }), "{:?}", report.status.state);
         pair.machine.stop();
         assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
+    }
+
+    /// The backup dies, but the quorum does not let this primary run alone (the other side holds
+    /// it): the primary fences itself instead of going simplex, and releases nothing more.
+    #[test]
+    fn a_primary_the_quorum_refuses_to_run_alone_fences_itself() {
+        let cfg = EngineConfig { ack_timeout: Duration::from_secs(2), ..EngineConfig::default() };
+        let quorum = Box::new(FixedQuorum { grant: false });
+        let HeldPair { pair, status, hold, sink, stop_append, appender } =
+            protected_pair_with_output_and_quorum("no-quorum", cfg, 20, quorum);
+        let _ = pair.receiver.stop().unwrap();
+        let s = wait_status(&status, "fenced", Duration::from_secs(5), |s| matches!(s.state, EngineState::Fenced { .. }));
+        assert!(matches!(&s.state, EngineState::Fenced { reason } if reason.contains("quorum")), "{s:?}");
+        stop_append.store(true, Ordering::Relaxed);
+        let appended = appender.join().unwrap();
+        let released = sink.0.load(Ordering::Relaxed);
+        assert!(released < appended && hold.held_frames() > 0, "held output left: {released} of {appended}");
+        let c0 = pair.mem.read_obj::<u64>(GuestAddress(COUNTER_GPA)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pair.mem.read_obj::<u64>(GuestAddress(COUNTER_GPA)).unwrap(), c0, "the fenced VM still runs");
+        pair.machine.stop();
+        assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
+        let _ = pair.engine.stop();
     }
 
     /// The machine ends first (the guest exits, or the operator stops it): the engine notices at

@@ -24,8 +24,9 @@ mod tests {
     use ftvm_repl::ha::detector::{DeadReason, DetectorConfig, Suspicion};
     use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
     use ftvm_repl::ha::heartbeat::{monotonic_us, IdleHeartbeat};
+    use ftvm_repl::ha::quorum::FixedQuorum;
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
-    use ftvm_repl::transport::{AckEvent, CheckpointTransport, FlatMemory};
+    use ftvm_repl::transport::{AckEvent, CheckpointTransport, FlatMemory, WaitAckError};
     use ftvm_repl::PAGE_SIZE;
     use ftvm_vmm::boot::elf::build_test_elf;
     use ftvm_vmm::boot::BootParams;
@@ -70,6 +71,14 @@ mod tests {
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .try_init();
+    }
+
+    /// The tests here measure detection times in milliseconds: run alone, not beside each other's
+    /// VMs on a two-core host (a starved test thread stops its own heartbeats).
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A per-test directory, removed on drop.
@@ -171,7 +180,17 @@ mod tests {
         t.send_disk_image(0, &p.disk).unwrap();
         t.send_state(&blob).unwrap();
         let token = t.commit(epoch).unwrap();
-        assert_eq!(t.wait_ack(token, Instant::now() + Duration::from_secs(20)).unwrap(), epoch);
+        // Waiting for the acknowledgement, heartbeat as the engine does: the backup must hear a
+        // live primary while it applies (a silent wait of 100 ms is a death to these detectors).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let acked = loop {
+            match t.wait_ack(token, Instant::now() + Duration::from_millis(5)) {
+                Ok(e) => break e,
+                Err(WaitAckError::TimedOut { .. }) if Instant::now() < deadline => t.heartbeat().unwrap(),
+                Err(e) => panic!("epoch {epoch:?} not acknowledged: {e}"),
+            }
+        };
+        assert_eq!(acked, epoch);
         v.regs.rbx
     }
 
@@ -249,6 +268,7 @@ mod tests {
 
     fn detect_and_carry_on(death: Death) {
         init_tracing();
+        let _serial = one_at_a_time();
         let dir = TempDir::new(match death {
             Death::ProcessKilled => "promote-killed",
             Death::SilentLinkOpen => "promote-silent",
@@ -387,6 +407,7 @@ mod tests {
     #[test]
     fn nothing_to_resume_keeps_the_backup_waiting() {
         init_tracing();
+        let _serial = one_at_a_time();
         let dir = TempDir::new("nothing");
         let promote = PromoteConfig {
             net: None,
@@ -422,6 +443,7 @@ mod tests {
     #[test]
     fn a_primary_that_says_goodbye_is_not_taken_over() {
         init_tracing();
+        let _serial = one_at_a_time();
         let dir = TempDir::new("goodbye");
         let promote = PromoteConfig {
             net: None,
@@ -453,6 +475,36 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         t.close("done");
+        assert_eq!(daemon.shutdown().role, Role::Standby);
+    }
+
+    /// The primary dies, but the quorum refuses the takeover (the primary's side holds it): the
+    /// backup stays standby and says why.
+    #[test]
+    fn a_takeover_the_quorum_refuses_does_not_happen() {
+        init_tracing();
+        let _serial = one_at_a_time();
+        let dir = TempDir::new("quorum");
+        let promote = PromoteConfig {
+            net: None,
+            block: true,
+            console: Box::new(Sink::default()),
+            dirty_tracking: DirtyTracking::Off,
+        };
+        let mut cfg = DaemonConfig::new(receiver_config(&dir), promote);
+        cfg.detector = detector();
+        cfg.quorum = Box::new(FixedQuorum { grant: false });
+        let daemon = BackupDaemon::start(cfg).unwrap();
+        let mut p = start_primary(&dir, None);
+        let mut t = connect(daemon.local_addr());
+        wait_for_counter(&p.src, 1000);
+        checkpoint(&mut p, &mut t, EpochId(0));
+        kill(p, t);
+        std::thread::sleep(Duration::from_millis(400));
+        let s = daemon.status();
+        assert_eq!(s.role, Role::Standby, "{s:?}");
+        assert!(s.restorable && s.suspicion.is_dead(), "{s:?}");
+        assert!(s.last_error.as_deref().is_some_and(|e| e.contains("quorum refused")), "{s:?}");
         assert_eq!(daemon.shutdown().role, Role::Standby);
     }
 
@@ -549,6 +601,7 @@ mod tests {
     #[test]
     fn promotion_announces_the_guest_with_gratuitous_arp() {
         init_tracing();
+        let _serial = one_at_a_time();
         let ns = Netns::new("garp");
         let dir = TempDir::new("garp");
         let mac = [0x52, 0x54, 0x00, 0xfa, 0x11, 0x0e];

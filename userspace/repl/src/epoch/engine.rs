@@ -56,6 +56,7 @@ use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, 
 use super::wire::{EpochBegin, MAX_CHUNK_BYTES};
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator, RecordError};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
+use crate::ha::quorum::{granted, Claim, NoQuorum, QuorumClient};
 use crate::transport::{
     AckEvent, BeginEpochError, CheckpointTransport, CommitError, PageSource, SendDiskImageError, SendDiskWritesError,
     SendOutputError, SendPagesError, SendStateError,
@@ -434,7 +435,7 @@ impl Staging {
         for r in pages.ranges() {
             let from = at as usize * PAGE_SIZE;
             let n = r.len as usize * PAGE_SIZE;
-            mem.read_slice(&mut self.buf[from..from + n], GuestAddress(r.start * PAGE_SIZE as u64))
+            copy_guest(mem, GuestAddress(r.start * PAGE_SIZE as u64), &mut self.buf[from..from + n])
                 .map_err(|_| r.start)?;
             self.ranges.push(*r);
             self.first.push(at);
@@ -447,6 +448,28 @@ impl Staging {
         let i = self.ranges.partition_point(|r| r.start <= pfn).checked_sub(1)?;
         let r = self.ranges[i];
         (pfn < r.start + r.len).then_some(i)
+    }
+}
+
+/// Copies guest memory at `addr` into `dst` with one `memcpy` when the range lies in one region
+/// (vm-memory's own copy goes word by word through volatile reads, several times slower, and the
+/// copy is inside the pause).
+fn copy_guest(mem: &ftvm_vmm::memory::GuestMemory, addr: GuestAddress, dst: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
+    match mem.get_slice(addr, dst.len()) {
+        Ok(src) => {
+            let guard = src.ptr_guard();
+            // SAFETY: `get_slice` checked that the host mapping covers `dst.len()` bytes from
+            // `guard.as_ptr()` and the guard keeps it mapped; `dst` is a distinct Rust buffer, so the
+            // two do not overlap. Guest memory is not a Rust object: it is shared with the guest,
+            // like any mapping another party writes. In a checkpoint the vCPUs and devices are
+            // paused, so nothing writes those pages during the copy; during the initial sync the
+            // guest may, and a page it changes meanwhile is dirty and sent again with the first
+            // checkpoint.
+            unsafe { std::ptr::copy_nonoverlapping(guard.as_ptr(), dst.as_mut_ptr(), dst.len()) };
+            Ok(())
+        }
+        // Across a region boundary: the slow, general path.
+        Err(_) => mem.read_slice(dst, addr),
     }
 }
 
@@ -501,6 +524,7 @@ pub struct PrimaryEngine {
     output: Vec<u8>,
     output_frames: Vec<std::ops::Range<usize>>,
     heartbeat: IdleHeartbeat,
+    quorum: Box<dyn QuorumClient>,
     epochs: Vec<EpochMetrics>,
     window: EpochWindow,
     rate: (Instant, u64),
@@ -564,10 +588,17 @@ impl PrimaryEngine {
             output: Vec::new(),
             output_frames: Vec::new(),
             heartbeat,
+            quorum: Box::new(NoQuorum),
             epochs: Vec::new(),
             window: EpochWindow::default(),
             rate: (Instant::now(), 0),
         })
+    }
+
+    /// Asks `quorum` before going on without the backup (the default grants every claim).
+    pub fn with_quorum(mut self, quorum: Box<dyn QuorumClient>) -> Self {
+        self.quorum = quorum;
+        self
     }
 
     /// The status, to share with whoever reports it.
@@ -968,6 +999,12 @@ impl PrimaryEngine {
     /// The backup is gone: no page or disk write is lost, every held frame leaves, the VM goes on.
     fn go_simplex(&mut self, why: &dyn std::fmt::Display) {
         if self.simplex || lock(&self.ack.superseded).is_some() {
+            return;
+        }
+        if !granted(self.quorum.as_mut(), Claim::RunAlone) {
+            // The other side holds the right to run the VM: this copy must stop, not serve.
+            let reason = format!("the quorum refused to let this primary run alone ({why})");
+            *lock(&self.ack.superseded) = Some(reason);
             return;
         }
         self.simplex = true;

@@ -30,9 +30,13 @@ use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
 
 use super::detector::{DeadReason, DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
 use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
+use super::quorum::{granted, Claim, NoQuorum, QuorumClient};
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
 use crate::ErrorChain;
+
+/// How long after a refused takeover claim the quorum is asked again.
+const QUORUM_RETRY: Duration = Duration::from_millis(100);
 
 /// Settings of a [`BackupDaemon`].
 #[derive(Debug)]
@@ -45,12 +49,20 @@ pub struct DaemonConfig {
     pub poll_interval: Duration,
     /// What the restored VM gets on this host.
     pub promote: PromoteConfig,
+    /// Asked before a takeover (the default grants every claim).
+    pub quorum: Box<dyn QuorumClient>,
 }
 
 impl DaemonConfig {
     /// Default detector timeouts, polled every millisecond.
     pub fn new(receiver: ReceiverConfig, promote: PromoteConfig) -> Self {
-        Self { receiver, detector: DetectorConfig::default(), poll_interval: Duration::from_millis(1), promote }
+        Self {
+            receiver,
+            detector: DetectorConfig::default(),
+            poll_interval: Duration::from_millis(1),
+            promote,
+            quorum: Box::new(NoQuorum),
+        }
     }
 }
 
@@ -177,6 +189,7 @@ impl BackupDaemon {
             shared: Arc::clone(&shared),
             activity: receiver.link_activity(),
             detector: TimeoutDetector::new(cfg.detector),
+            quorum: cfg.quorum,
             poll: cfg.poll_interval.clamp(Duration::from_micros(100), Duration::from_millis(100)),
         };
         let promote_cfg = cfg.promote;
@@ -255,6 +268,7 @@ struct Watch {
     shared: Arc<Shared>,
     activity: LinkActivity,
     detector: TimeoutDetector,
+    quorum: Box<dyn QuorumClient>,
     poll: Duration,
 }
 
@@ -270,6 +284,7 @@ impl Watch {
     fn run(mut self, receiver: BackupReceiver, promote_cfg: PromoteConfig) {
         let mut suspected_at: Option<Instant> = None;
         let mut reported_no_takeover = false;
+        let mut refused_at: Option<Instant> = None;
         let receiver = loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return;
@@ -332,6 +347,23 @@ impl Watch {
                             }
                             .to_string();
                             tracing::warn!("{msg}");
+                            self.set_error(None, msg);
+                        }
+                        continue;
+                    }
+                    // A refused claim is asked again only after a while: a real quorum is a remote service.
+                    let ask = refused_at.is_none_or(|t: Instant| t.elapsed() >= QUORUM_RETRY);
+                    if stats.restorable && (!ask || !granted(self.quorum.as_mut(), Claim::TakeOver)) {
+                        if ask {
+                            refused_at = Some(Instant::now());
+                        }
+                        if !reported_no_takeover {
+                            reported_no_takeover = true;
+                            let msg = format!(
+                                "the primary looks dead ({reason:?}, silent for {for_:?}) but the quorum refused the \
+                                 takeover (the primary holds it): staying standby"
+                            );
+                            tracing::error!("{msg}");
                             self.set_error(None, msg);
                         }
                         continue;

@@ -3,8 +3,10 @@
 //! * [`heartbeat`]: the link activity stamp the receiver keeps, and the primary's idle heartbeat;
 //! * [`detector`]: the [`detector::FailureDetector`] trait and a timeout detector;
 //! * [`failover`]: the [`failover::BackupDaemon`], which runs the receiver, watches the
-//!   detector and promotes the standby (see [`crate::backup::activate`]).
+//!   detector and promotes the standby (see [`crate::backup::activate`]);
+//! * [`quorum`]: the [`quorum::QuorumClient`] asked before a host runs the VM alone.
 
 pub mod detector;
 pub mod failover;
 pub mod heartbeat;
+pub mod quorum;
