@@ -255,7 +255,8 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let output_trace = match &args.output_trace {
         Some(path) => {
             let trace = FileTrace::create(path).with_context(|| format!("cannot create the output trace {}", path.display()))?;
-            engine.output_hold().set_trace(Some(trace.clone()));
+            let hold = engine.output_hold().context("the output trace needs the userspace output hold")?;
+            hold.set_trace(Some(trace.clone()));
             Some(trace)
         }
         None => None,

@@ -111,7 +111,7 @@ pub fn prepare_disk(path: &Path, size: u64) -> Result<()> {
         Ok(meta) if meta.is_file() => Ok(()),
         Ok(_) => bail!("disk {} is not a regular file", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if size == 0 || size % 512 != 0 {
+            if size == 0 || !size.is_multiple_of(512) {
                 bail!("disk size {size} is not a positive multiple of 512 bytes");
             }
             let file = OpenOptions::new()

@@ -279,7 +279,7 @@ mod tests {
     ) -> HeldPair {
         let pair = start_pair_full(tag, cfg, DirtyTracking::KvmBitmap, quorum);
         let status = pair.engine.status();
-        let hold = pair.engine.output_hold();
+        let hold = pair.engine.output_hold().expect("the default gate");
         let sink = CountSink::default();
         hold.attach_output(Box::new(sink.clone()));
         let stop_append = Arc::new(AtomicBool::new(false));
@@ -353,7 +353,7 @@ mod tests {
         let cfg = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
         let pair = start_pair_with(tag, cfg, tracking);
         let status = pair.engine.status();
-        let hold = pair.engine.output_hold();
+        let hold = pair.engine.output_hold().expect("the default gate");
         let sink = CountSink::default();
         hold.attach_output(Box::new(sink.clone()));
         let stop_append = Arc::new(AtomicBool::new(false));

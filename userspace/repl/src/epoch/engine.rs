@@ -48,10 +48,11 @@ use std::time::{Duration, Instant};
 use ftvm_proto::pages::{PageRange, PageRangeSet};
 use ftvm_proto::EpochId;
 use ftvm_vmm::devices::virtio::block::DiskWriteObserver;
-use ftvm_vmm::devices::virtio::net::{OutputHold, TxMode, TxModeError};
+use ftvm_vmm::devices::virtio::net::{OutputHold, TxModeError};
 use ftvm_vmm::machine::{CaptureError, CheckpointSource, MachineControlError, TrackingControlError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
+use super::gate::{HoldGate, OutputGate};
 use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, Percentiles};
 use super::wire::{EpochBegin, MAX_CHUNK_BYTES};
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator, RecordError};
@@ -326,7 +327,7 @@ impl DiskWriteObserver for Observer {
 /// What the acknowledgement thread and the engine share.
 #[derive(Debug)]
 struct AckSide {
-    hold: Arc<OutputHold>,
+    gate: Arc<dyn OutputGate>,
     disk: Arc<Mutex<MemoryDiskReplicator>>,
     status: Arc<EngineStatus>,
     /// Last acknowledged epoch + 1 (0: none).
@@ -351,7 +352,7 @@ impl AckSide {
                     return;
                 }
                 self.acked.store(epoch.0 + 1, Ordering::Release);
-                match self.hold.release_through(epoch.0) {
+                match self.gate.release_through(epoch.0) {
                     Ok(_) => {}
                     // No network device attached to the hold: nothing to release.
                     Err(e) => tracing::trace!(error = %e, "output hold release"),
@@ -507,6 +508,8 @@ const MAX_REPORTED_EPOCHS: usize = 100_000;
 pub struct PrimaryEngine {
     source: CheckpointSource,
     transport: Box<dyn CheckpointTransport>,
+    /// The default gate's hold (none once another gate replaced it).
+    hold: Option<Arc<OutputHold>>,
     disk_source: Option<DiskSource>,
     cfg: EngineConfig,
     status: Arc<EngineStatus>,
@@ -554,11 +557,12 @@ impl PrimaryEngine {
             return Err(EngineCreateError::NoDirtyTracking);
         }
         let hold = Arc::new(OutputHold::new(cfg.hold_capacity)?);
+        let gate: Arc<dyn OutputGate> = Arc::new(HoldGate(hold.clone()));
         let disk_bytes = disk.as_ref().map_or(0, |d| d.bytes);
         let replicator = Arc::new(Mutex::new(MemoryDiskReplicator::new(disk_bytes, cfg.disk_backlog)));
         let status = Arc::new(EngineStatus::new());
         let ack = Arc::new(AckSide {
-            hold,
+            gate,
             disk: replicator.clone(),
             status: status.clone(),
             acked: AtomicU64::new(0),
@@ -573,6 +577,7 @@ impl PrimaryEngine {
         Ok(Self {
             source,
             transport,
+            hold: Some(hold),
             disk_source: disk,
             cfg,
             status,
@@ -606,16 +611,27 @@ impl PrimaryEngine {
         self.status.clone()
     }
 
-    /// The output-commit hold guest transmit goes through once protected.
-    pub fn output_hold(&self) -> Arc<OutputHold> {
-        self.ack.hold.clone()
+    /// The default gate's hold, which guest transmit goes through once protected (none after
+    /// [`PrimaryEngine::with_output_gate`]).
+    pub fn output_hold(&self) -> Option<Arc<OutputHold>> {
+        self.hold.clone()
+    }
+
+    /// Holds the guest's output in `gate` instead of the default userspace hold.
+    pub fn with_output_gate(mut self, gate: Arc<dyn OutputGate>) -> Self {
+        // Nothing is held before the engine runs: the default gate can go.
+        if let Some(ack) = Arc::get_mut(&mut self.ack) {
+            ack.gate = gate;
+            self.hold = None;
+        }
+        self
     }
 
     /// Runs the engine on its own thread.
     pub fn spawn(self) -> std::io::Result<EngineHandle> {
         let stop = Arc::new(AtomicBool::new(false));
         let status = self.status.clone();
-        let hold = self.ack.hold.clone();
+        let hold = self.hold.clone();
         let flag = stop.clone();
         let mut engine = self;
         let thread = std::thread::Builder::new().name("ftvm-epoch".into()).spawn(move || engine.run_until(&flag))?;
@@ -716,7 +732,7 @@ impl PrimaryEngine {
 
     /// Whether guest frames wait in the hold for a checkpoint (appended since the last seal).
     fn output_waiting(&self) -> bool {
-        self.held && self.ack.hold.stats().appended > self.frames_sealed
+        self.held && self.ack.gate.frames_in() > self.frames_sealed
     }
 
     /// Streams all of guest memory and the disk image as one initial-sync epoch while the VM runs.
@@ -814,7 +830,7 @@ impl PrimaryEngine {
         if !self.held {
             // Before the first checkpoint's pause: every frame from now on belongs to an epoch
             // the backup will hold.
-            match self.source.with_devices(|d| d.set_tx_mode(TxMode::Held(self.ack.hold.clone()))) {
+            match self.source.with_devices(|d| self.ack.gate.hold(d)) {
                 Ok(()) => {}
                 Err(TxModeError::NoNetDevice) => tracing::debug!("no network device: no output to hold"),
                 Err(e) => tracing::warn!(error = %ErrorChain(&e), "cannot hold guest output; it leaves unprotected"),
@@ -849,7 +865,7 @@ impl PrimaryEngine {
         // Seals cannot fail here: epoch numbers only increase (a failure is logged, not fatal).
         self.output.clear();
         self.output_frames.clear();
-        let frames = self.ack.hold.seal_copying(epoch, &mut self.output, &mut self.output_frames).unwrap_or_else(|e| {
+        let frames = self.ack.gate.seal(epoch, &mut self.output, &mut self.output_frames).unwrap_or_else(|e| {
             tracing::error!(error = %e, "output hold seal");
             0
         });
@@ -1038,14 +1054,11 @@ impl PrimaryEngine {
         // Paused, so that no frame is appended between the last seal and the switch to direct,
         // and none goes out directly before the older held ones.
         let paused = self.source.pause();
-        if let Err(e) = self.source.with_devices(|d| d.set_tx_mode(TxMode::Direct)) {
+        if let Err(e) = self.source.with_devices(|d| self.ack.gate.pass(d)) {
             tracing::warn!(error = %ErrorChain(&e), "cannot switch guest transmit back to direct");
         }
-        let hold = &self.ack.hold;
-        let last = hold.last_sealed().map_or(0, |l| l + 1).max(self.next_epoch);
-        let _ = hold.seal(last);
-        if let Err(e) = hold.release_all() {
-            tracing::trace!(error = %e, "output hold release");
+        if let Err(e) = self.ack.gate.release_all(self.next_epoch) {
+            tracing::trace!(error = %ErrorChain(&e), "output release");
         }
         if paused.is_ok() {
             if let Err(e) = self.source.resume() {
@@ -1060,7 +1073,7 @@ impl PrimaryEngine {
 pub struct EngineHandle {
     stop: Arc<AtomicBool>,
     status: Arc<EngineStatus>,
-    hold: Arc<OutputHold>,
+    hold: Option<Arc<OutputHold>>,
     thread: JoinHandle<Result<EngineReport, EngineError>>,
 }
 
@@ -1081,8 +1094,8 @@ impl EngineHandle {
         self.status.clone()
     }
 
-    /// The output-commit hold.
-    pub fn output_hold(&self) -> Arc<OutputHold> {
+    /// The default gate's output-commit hold (none when another gate replaced it).
+    pub fn output_hold(&self) -> Option<Arc<OutputHold>> {
         self.hold.clone()
     }
 

@@ -3,4 +3,5 @@
 
 pub mod context;
 pub mod engine;
+pub mod gate;
 pub mod wire;
