@@ -25,18 +25,14 @@
 //!
 //! Needs root and /dev/kvm (fails, never skips).
 
-#[path = "ft_site/mod.rs"]
-mod ft_site;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ftvm_system_tests::site::Site;
 use ftvm_system_tests::{require_root_and_kvm, Netns, Reply, RespClient, GUEST_IP, KV_PORT};
-
-use ft_site::Site;
 
 /// How long A's guest may take to log the uncommitted write.
 const WRITE_SEEN_TIMEOUT: Duration = Duration::from_secs(3);

@@ -7,17 +7,14 @@
 //! path; its logs are copied to `/tmp/ftvm-test-logs/<site>/` first. The random kill moments
 //! come from a seed printed by each test; `FTVM_FAILOVER_SEED=<n>` replays one.
 
-#[path = "ft_site/mod.rs"]
-mod ft_site;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ftvm_system_tests::{require_root_and_kvm, Netns, Reply, RespClient};
-
-use ft_site::{enter_netns, Site};
+use ftvm_system_tests::rng::Rng;
+use ftvm_system_tests::site::Site;
+use ftvm_system_tests::{enter_netns, require_root_and_kvm, Netns, Reply, RespClient};
 
 /// Connections the client holds open across the failover.
 const CONNECTIONS: usize = 8;
@@ -48,34 +45,6 @@ const STATUS_TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// is 500 ms; this nested, shared machine is too noisy to assert that, so the figure is printed.
 const GAP_BOUND: Duration = Duration::from_secs(10);
 const GAP_TARGET: Duration = Duration::from_millis(500);
-
-// --------------------------------------------------------------------------------------------
-// Randomness.
-
-/// xorshift64*, seeded from the clock (or FTVM_FAILOVER_SEED); no crate needed.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env_or_clock(test: &str) -> Self {
-        let seed = std::env::var("FTVM_FAILOVER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-            t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
-        });
-        println!("[{test}] random seed {seed} (replay with FTVM_FAILOVER_SEED={seed})");
-        Self(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [lo, hi).
-    fn duration(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let span = (hi - lo).as_micros() as u64;
-        lo + Duration::from_micros(self.next() % span.max(1))
-    }
-}
 
 // --------------------------------------------------------------------------------------------
 // The load.

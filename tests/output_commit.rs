@@ -31,9 +31,6 @@
 //!
 //! Needs root, /dev/kvm and tcpdump (fails, never skips).
 
-#[path = "ft_site/mod.rs"]
-mod ft_site;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -41,12 +38,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ftvm_proto::frame::{FrameHeader, FrameKind, HEADER_LEN, TAG_LEN};
-use ftvm_system_tests::{require_root_and_kvm, Reply, RespClient, TempDir};
+use ftvm_system_tests::site::Site;
+use ftvm_system_tests::{enter_netns, require_root_and_kvm, Reply, RespClient, TempDir};
 use ftvm_vmm::devices::virtio::net::hold::{
     frame_hash, FileTrace, ReleaseCause, TraceEvent, TraceRecord,
 };
-
-use ft_site::{enter_netns, Site};
 
 /// The guest's MAC (the site's default).
 const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];

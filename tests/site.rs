@@ -1,15 +1,11 @@
 //! `ftvm site`: the one-machine site comes up, serves a client through the business LAN, reports
 //! its state, survives nothing it should not, and leaves nothing behind.
 
-#[path = "ft_site/mod.rs"]
-mod ft_site;
-
 use std::process::Command;
 use std::time::Duration;
 
+use ftvm_system_tests::site::{ftvm, Site};
 use ftvm_system_tests::{guest_elf, require_root_and_kvm, run_with_timeout};
-
-use ft_site::{ftvm, Site};
 
 /// How long one `ftvm` command may take.
 const FTVM_TIMEOUT: Duration = Duration::from_secs(180);

@@ -16,19 +16,18 @@
 //! The pure parts (per-connection analysis, statistics, log parsing) are unit-tested below.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
-use ftvm_system_tests::{unique_name, GUEST_IP, KV_PORT};
+use ftvm_system_tests::rng::Rng;
+use ftvm_system_tests::site::{Site, SiteEnv};
+use ftvm_system_tests::{try_enter_netns, GUEST_IP, KV_PORT};
 
 /// The product target: SIGKILL of the primary to serving on B.
 pub const TARGET_MS: f64 = 50.0;
@@ -50,12 +49,12 @@ const LOAD_HARD_LIMIT: Duration = Duration::from_secs(60);
 /// request waiting on the failover is never abandoned or resent by us (TCP retransmits it).
 const READ_POLL: Duration = Duration::from_millis(50);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const SITE_UP_TIMEOUT: Duration = Duration::from_secs(300);
-const SITE_CMD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long B may take until status says "failed over" with a takeover time.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
-const SITES_DIR: &str = "/run/ftvm/sites";
-const LOGS_DIR: &str = "/tmp/ftvm-bench-logs";
+/// Where the benchmark copies its sites' logs (`<dir>/<site>/`).
+pub const LOGS_DIR: &str = "/tmp/ftvm-bench-logs";
+/// The environment variable that replays the kill moments of a run.
+pub const SEED_VAR: &str = "FTVM_BENCH_SEED";
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -551,43 +550,16 @@ impl FailoverReport {
 // ---------------------------------------------------------------------------------------------
 // Running it.
 
-/// xorshift64*: the kill moments, reproducible from the seed in the results.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn duration(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let span = u64::try_from((hi - lo).as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        lo + Duration::from_micros(self.next() % span)
-    }
-}
-
 /// A seed from the clock (or `FTVM_BENCH_SEED`).
 pub fn seed_from_env_or_clock() -> u64 {
-    std::env::var("FTVM_BENCH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
-        })
+    ftvm_system_tests::rng::seed_from_env_or_clock(SEED_VAR)
 }
 
 /// Runs every repetition, one site at a time.
 pub fn run(cfg: &FailoverConfig) -> FailoverReport {
-    let mut rng = Rng(cfg.seed.max(1));
+    let mut rng = Rng::new(cfg.seed);
     eprintln!(
-        "[failover] seed {} (replay with FTVM_BENCH_SEED={})",
+        "[failover] seed {} (replay with {SEED_VAR}={})",
         cfg.seed, cfg.seed
     );
     let mut runs = Vec::new();
@@ -619,145 +591,6 @@ pub fn run(cfg: &FailoverConfig) -> FailoverReport {
     FailoverReport::summarize(runs, cfg.connections, cfg.seed)
 }
 
-/// A site brought up for one repetition; dropping it copies its logs and runs `ftvm site down`.
-struct SiteGuard<'a> {
-    name: String,
-    ftvm: &'a Path,
-}
-
-impl SiteGuard<'_> {
-    fn dir(&self) -> PathBuf {
-        Path::new(SITES_DIR).join(&self.name)
-    }
-
-    /// Copies the site's text files (not disk images) out of /run before `down` removes them.
-    fn save_logs(&self) -> PathBuf {
-        let to = Path::new(LOGS_DIR).join(&self.name);
-        let _ = std::fs::create_dir_all(&to);
-        if let Ok(entries) = std::fs::read_dir(self.dir()) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let small = e.metadata().is_ok_and(|m| m.len() <= 64 << 20);
-                if p.is_file() && p.extension().is_none_or(|x| x != "img") && small {
-                    let _ = std::fs::copy(&p, to.join(e.file_name()));
-                }
-            }
-        }
-        to
-    }
-}
-
-impl Drop for SiteGuard<'_> {
-    fn drop(&mut self) {
-        self.save_logs();
-        match run_bounded(
-            Command::new(self.ftvm).args(["site", "down", "--name", &self.name]),
-            SITE_CMD_TIMEOUT,
-        ) {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "[failover] ftvm site down --name {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("[failover] ftvm site down --name {}: {e:#}", self.name),
-        }
-    }
-}
-
-/// Runs a command to completion with its output captured, killing it if it runs over `timeout`.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    // Drain both pipes on threads so a chatty command cannot block on a full pipe.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} ran over {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
-}
-
-fn ftvm_json(ftvm: &Path, site: &str) -> Result<serde_json::Value> {
-    let out = run_bounded(
-        Command::new(ftvm).args(["site", "status", "--json", "--name", site]),
-        SITE_CMD_TIMEOUT,
-    )?;
-    if !out.status.success() {
-        bail!(
-            "ftvm site status failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout).context("ftvm site status --json printed no JSON")
-}
-
-/// The pids of host `host` in the site's state file (`site.json`).
-fn host_pids(site_dir: &Path, host: &str) -> Result<Vec<i32>> {
-    let path = site_dir.join("site.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("bad JSON in {}", path.display()))?;
-    let h = v["hosts"]
-        .as_array()
-        .and_then(|hs| hs.iter().find(|h| h["name"] == host))
-        .with_context(|| format!("no host {host} in {}", path.display()))?;
-    let pids: Vec<i32> = h["pids"]
-        .as_array()
-        .map(|p| {
-            p.iter()
-                .filter_map(|x| x.as_i64())
-                .filter_map(|x| i32::try_from(x).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    if pids.is_empty() || pids.iter().any(|&p| p <= 0) {
-        bail!(
-            "host {host} has no valid pids in {}: {:?}",
-            path.display(),
-            h["pids"]
-        );
-    }
-    Ok(pids)
-}
-
 fn alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
@@ -766,14 +599,10 @@ fn alive(pid: i32) -> bool {
 /// Connects `n` TCP connections to the guest from inside network namespace `netns`. The sockets
 /// stay in that namespace whichever thread uses them afterwards.
 fn connect_in_netns(netns: &str, n: usize) -> Result<Vec<TcpStream>> {
-    let path = format!("/run/netns/{netns}");
-    let ns = File::open(&path).with_context(|| format!("cannot open {path}"))?;
     std::thread::scope(|s| {
         s.spawn(|| -> Result<Vec<TcpStream>> {
-            // SAFETY: setns with a valid namespace fd; affects only this short-lived thread.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {path}: {}", std::io::Error::last_os_error());
-            }
+            // Only this short-lived thread enters the namespace.
+            try_enter_netns(netns)?;
             let addr = SocketAddrV4::new(GUEST_IP, KV_PORT);
             (0..n)
                 .map(|i| {
@@ -894,61 +723,53 @@ fn load_loop(mut stream: TcpStream, conn: usize, shared: &Shared) -> ConnTrace {
 /// One repetition: a fresh site, the load, the kill, the figures. Never panics on the site's
 /// behaviour; a failure is recorded in `error`.
 fn repetition(cfg: &FailoverConfig, kill_after: Duration) -> FailoverRun {
-    let name = unique_name("fb");
     let mut run = FailoverRun {
-        site: name.clone(),
         kill_after_load_ms: ms(kill_after),
         ..Default::default()
     };
-    {
+    let env = SiteEnv {
+        ftvm: cfg.ftvm.clone(),
+        guest: cfg.guest.clone(),
+        logs: LOGS_DIR.into(),
+    };
+    match Site::try_new(env, "fb") {
         // From here on the guard owns the site, even if `site up` fails half way.
-        let site = SiteGuard {
-            name,
-            ftvm: &cfg.ftvm,
-        };
-        if let Err(e) = measure(cfg, &site, kill_after, &mut run) {
-            run.error = Some(format!("{e:#}"));
+        Ok(mut site) => {
+            run.site.clone_from(&site.name);
+            if let Err(e) = measure(&mut site, cfg.connections, kill_after, &mut run) {
+                run.error = Some(format!("{e:#}"));
+            }
+            run.logs = Some(site.save_logs().display().to_string());
         }
-        run.logs = Some(site.save_logs().display().to_string());
+        Err(e) => run.error = Some(format!("{e:#}")),
     }
     run.ok = run.error.is_none();
     run
 }
 
 fn measure(
-    cfg: &FailoverConfig,
-    site: &SiteGuard<'_>,
+    site: &mut Site,
+    connections: usize,
     kill_after: Duration,
     run: &mut FailoverRun,
 ) -> Result<()> {
-    let up = run_bounded(
-        Command::new(&cfg.ftvm)
-            .args(["site", "up", "--name", &site.name, "--guest"])
-            .arg(&cfg.guest),
-        SITE_UP_TIMEOUT,
-    )?;
-    if !up.status.success() {
-        bail!(
-            "ftvm site up failed ({}): {}",
-            up.status,
-            String::from_utf8_lossy(&up.stderr).trim()
-        );
-    }
-    let st = ftvm_json(&cfg.ftvm, &site.name)?;
+    site.try_up(&[])?;
+    let site = &*site;
+    let st = site.try_status()?.json;
     if st["state"] != "protected" {
         bail!("after site up the state is {}, not protected", st["state"]);
     }
     let client_ns = st["client_netns"]
         .as_str()
-        .map_or_else(|| format!("{}-client", site.name), String::from);
-    let pids = host_pids(&site.dir(), "A")?;
-    let streams = connect_in_netns(&client_ns, cfg.connections)?;
+        .map_or_else(|| site.netns("client"), String::from);
+    let pids = site.host_pids("A")?;
+    let streams = connect_in_netns(&client_ns, connections)?;
 
     let shared = Shared {
         origin: Instant::now(),
         stop: AtomicBool::new(false),
         kill_at_us: AtomicU64::new(u64::MAX),
-        b_replies: (0..cfg.connections).map(|_| AtomicU64::new(0)).collect(),
+        b_replies: (0..connections).map(|_| AtomicU64::new(0)).collect(),
     };
     let mut problems = Vec::new();
     let (kill, end, traces) =
@@ -974,7 +795,7 @@ fn measure(
             if let Some(&p) = pids.iter().find(|&&p| !alive(p)) {
                 bail!("host A (pid {p}) was already dead at the kill moment");
             }
-            let st = ftvm_json(&cfg.ftvm, &site.name)?;
+            let st = site.try_status()?.json;
             if st["state"] != "protected" {
                 problems.push(format!(
                     "just before the kill the state was {}, not protected",
@@ -1004,14 +825,7 @@ fn measure(
 
             // `site kill` finishes the job (waits for A to be gone, takes its links down, records
             // it), on its own thread so that the load and A's exit are watched meanwhile.
-            let site_kill = s.spawn(|| {
-                let t = Instant::now();
-                let out = run_bounded(
-                    Command::new(&cfg.ftvm).args(["site", "kill", "--name", &site.name, "A"]),
-                    SITE_CMD_TIMEOUT,
-                );
-                (out, t.elapsed())
-            });
+            let site_kill = s.spawn(|| site.try_kill("A"));
 
             // The load goes on over the same connections, bounded.
             let after = |d: Duration| shared.origin.elapsed() >= kill + d;
@@ -1038,12 +852,8 @@ fn measure(
                 .map(|h| h.join().unwrap_or_default())
                 .collect();
             match site_kill.join() {
-                Ok((Ok(out), took)) if out.status.success() => run.site_kill_ms = Some(ms(took)),
-                Ok((Ok(out), _)) => problems.push(format!(
-                    "ftvm site kill A failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )),
-                Ok((Err(e), _)) => problems.push(format!("ftvm site kill A: {e:#}")),
+                Ok(Ok((start, end))) => run.site_kill_ms = Some(ms(end - start)),
+                Ok(Err(e)) => problems.push(format!("{e:#}")),
                 Err(_) => problems.push("the site kill thread panicked".to_string()),
             }
             Ok((kill, end, traces))
@@ -1052,7 +862,7 @@ fn measure(
     // What B says: status (polled until it has failed over), then its log line.
     let start = Instant::now();
     loop {
-        match ftvm_json(&cfg.ftvm, &site.name) {
+        match site.try_status().map(|st| st.json) {
             Ok(st) => {
                 run.status_state = st["state"].as_str().map(String::from);
                 run.takeover_ms = st["takeover_ms"].as_f64();
@@ -1361,7 +1171,7 @@ mod tests {
 
     #[test]
     fn kill_moments_stay_in_range() {
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         for _ in 0..1000 {
             let t = rng.duration(KILL_AFTER_MIN, KILL_AFTER_MAX);
             assert!((KILL_AFTER_MIN..KILL_AFTER_MAX).contains(&t));

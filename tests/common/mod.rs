@@ -3,6 +3,12 @@
 //!
 //! These tests need root and /dev/kvm. They fail (never skip) when those are missing, with a message
 //! that says what to do. Every resource they create is named uniquely and removed by a Drop guard.
+//!
+//! [`site`] drives a whole `ftvm site` (the site-level tests and the failover benchmark); [`rng`]
+//! is their reproducible randomness.
+
+pub mod rng;
+pub mod site;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -12,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 
 /// Guest address inside each test's own namespace (namespaces are isolated, so tests can share it).
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -115,19 +123,32 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered the namespace; sockets it creates live there.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let file = File::open(&path).expect("open netns");
-                // SAFETY: setns with a valid namespace fd; affects only this scoped thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                enter_netns(&self.name);
                 f()
             })
             .join()
             .expect("netns thread panicked")
         })
     }
+}
+
+/// Moves the calling thread into the named network namespace (sockets it opens live there; threads
+/// it spawns start there).
+pub fn try_enter_netns(name: &str) -> Result<()> {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+    // SAFETY: setns with a valid namespace fd; it changes only the calling thread's namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// [`try_enter_netns`], panicking if it fails.
+pub fn enter_netns(name: &str) {
+    try_enter_netns(name).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 impl Drop for Netns {
@@ -147,25 +168,47 @@ impl Drop for Netns {
     }
 }
 
-/// Runs a command to completion (bounded by `timeout`), killing it if it overruns.
-pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+/// Runs a command to completion with its output captured (bounded by `timeout`), killing it if it
+/// overruns; the error then holds what it printed.
+pub fn try_run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("cannot run {cmd:?}"))?;
+    // Drain both pipes on threads so a chatty command cannot block on a full pipe.
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
     let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("wait_with_output");
+    let (status, overran) = loop {
+        if let Some(status) = child.try_wait().with_context(|| format!("waiting for {cmd:?}"))? {
+            break (status, false);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("wait_with_output");
-            panic!(
-                "command {cmd:?} ran over {timeout:?}\nstdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            break (child.wait().with_context(|| format!("waiting for {cmd:?}"))?, true);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() };
+    if overran {
+        bail!(
+            "command {cmd:?} ran over {timeout:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    Ok(out)
+}
+
+/// [`try_run_with_timeout`], panicking if the command cannot run or overruns.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    try_run_with_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Runs a command and panics with its output unless it succeeds.

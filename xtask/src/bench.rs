@@ -9,6 +9,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use ftvm_bench::{run_redis_benchmark, RedisBenchmark, Report};
+use ftvm_system_tests::site::{Site, SiteEnv};
 use ftvm_system_tests::{Netns, TempDir, Vm, VmOptions};
 
 #[derive(Debug, clap::Args)]
@@ -47,49 +48,6 @@ fn ftvm_bin(root: &std::path::Path) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| root.join("target"), std::path::PathBuf::from);
     target.join("release/ftvm")
-}
-
-/// An FT pair brought up with `ftvm site up` for the length of the benchmark.
-struct FtSite {
-    name: String,
-    bin: std::path::PathBuf,
-}
-
-impl FtSite {
-    fn up(bin: &std::path::Path, guest: &std::path::Path) -> Result<Self> {
-        let site = Self {
-            name: format!("fb{}", std::process::id() % 100_000),
-            bin: bin.to_path_buf(),
-        };
-        let status = Command::new(&site.bin)
-            .args(["site", "up", "--name", &site.name, "--guest"])
-            .arg(guest)
-            .status()
-            .context("cannot run ftvm site up")?;
-        if !status.success() {
-            bail!("ftvm site up failed");
-        }
-        Ok(site)
-    }
-
-    fn client_netns(&self) -> String {
-        format!("{}-client", self.name)
-    }
-
-    fn status_json(&self) -> Result<serde_json::Value> {
-        let out = Command::new(&self.bin)
-            .args(["site", "status", "--json", "--name", &self.name])
-            .output()?;
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-}
-
-impl Drop for FtSite {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.bin)
-            .args(["site", "down", "--name", &self.name])
-            .status();
-    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -152,9 +110,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (Vec::new(), None)
     } else {
         eprintln!("[bench] bringing up the FT pair (ftvm site up)");
-        let site = FtSite::up(&bin, &guest)?;
-        let ft = load(&site.client_netns())?;
-        let status = site.status_json()?;
+        let env = SiteEnv {
+            ftvm: bin.clone(),
+            guest: guest.clone(),
+            logs: ftvm_bench::failover::LOGS_DIR.into(),
+        };
+        // Taken down when dropped, on every path.
+        let mut site = Site::try_new(env, "fb")?;
+        site.try_up(&[])?;
+        let ft = load(&site.netns("client"))?;
+        let status = site.try_status()?.json;
         (ft, Some(status))
     };
     let failover = if args.no_ft || args.no_failover || args.failovers == 0 {
