@@ -488,6 +488,30 @@ impl PageSource for Staging {
         let from = (self.first[i] + (start - r.start)) as usize * PAGE_SIZE;
         self.buf.get(from..from + len as usize * PAGE_SIZE)
     }
+
+    fn packed(&self, ranges: &[PageRange]) -> Option<&[u8]> {
+        // The buffer holds the epoch's ranges back to back in order: ranges (or parts of them)
+        // that follow each other there are one slice.
+        let mut start: Option<u64> = None;
+        let mut next = 0u64;
+        for r in ranges {
+            let i = self.find(r.start)?;
+            let held = self.ranges[i];
+            if r.start.checked_add(r.len)? > held.start + held.len {
+                return None;
+            }
+            let at = self.first[i] + (r.start - held.start);
+            match start {
+                None => start = Some(at),
+                Some(_) if at != next => return None,
+                Some(_) => {}
+            }
+            next = at + r.len;
+        }
+        let from = start? as usize * PAGE_SIZE;
+        let pages = next - start?;
+        self.buf.get(from..from + pages as usize * PAGE_SIZE)
+    }
 }
 
 /// How [`PrimaryEngine::run_until`] ended.
@@ -1134,6 +1158,17 @@ mod tests {
         assert_eq!(st.run(3, 2).map(|r| (r.len(), r[0], r[PAGE_SIZE])), Some((2 * PAGE_SIZE, 3, 4)));
         assert_eq!(st.run(3, 3), None, "past the end of its range");
         assert_eq!(st.run(4, u64::MAX), None);
+        // Ranges back to back in the buffer are one slice, parts of ranges included; a gap or an
+        // order other than the buffer's is not.
+        let r = |start, len| PageRange { start, len };
+        let bytes = |s: Option<&[u8]>| s.map(|b| b.chunks(PAGE_SIZE).map(|p| p[0]).collect::<Vec<u8>>());
+        assert_eq!(bytes(st.packed(&[r(2, 3), r(10, 1)])), Some(vec![2, 3, 4, 10]));
+        assert_eq!(bytes(st.packed(&[r(4, 1), r(10, 1)])), Some(vec![4, 10]));
+        assert_eq!(bytes(st.packed(&[r(3, 1)])), Some(vec![3]));
+        assert_eq!(st.packed(&[r(2, 1), r(4, 1)]), None, "page 3 lies between them");
+        assert_eq!(st.packed(&[r(10, 1), r(2, 1)]), None);
+        assert_eq!(st.packed(&[r(4, 2)]), None, "past the end of its range");
+        assert_eq!(st.packed(&[]), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod tcp;
 use std::time::{Duration, Instant};
 
 use ftvm_proto::frame::FrameKind;
-use ftvm_proto::pages::PageRangeSet;
+use ftvm_proto::pages::{PageRange, PageRangeSet};
 use ftvm_proto::EpochId;
 
 use crate::disk::DiskWrite;
@@ -41,6 +41,14 @@ pub trait PageSource {
     /// run instead of one per page.
     fn run(&self, start: u64, len: u64) -> Option<&[u8]> {
         let _ = (start, len);
+        None
+    }
+
+    /// The pages of `ranges` (ascending, disjoint), in order, as one slice, when the source keeps
+    /// them back to back (a staging buffer does); `None` otherwise. An optimisation: one slice is
+    /// hashed many chunks at a time and written as one I/O vector.
+    fn packed(&self, ranges: &[PageRange]) -> Option<&[u8]> {
+        let _ = ranges;
         None
     }
 }

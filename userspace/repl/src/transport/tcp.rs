@@ -510,13 +510,15 @@ impl CheckpointTransport for TcpTransport {
         for ranges in wire::page_frames(pages, MAX_PAGES_PER_FRAME) {
             let count = wire::encode_pages_head(&ranges, &mut self.head);
             pieces.clear();
-            for r in &ranges {
+            let packed = source.packed(&ranges).filter(|p| p.len() == count as usize * PAGE_SIZE);
+            for r in ranges.iter().filter(|_| packed.is_none()) {
                 match source.run(r.start, r.len).filter(|s| s.len() == r.len as usize * PAGE_SIZE) {
                     Some(run) => pieces.push(run),
                     // Checked above: every page is there and 4 KiB long.
                     None => pieces.extend((r.start..r.start + r.len).filter_map(|p| source.page(p))),
                 }
             }
+            pieces.extend(packed);
             match write_frame(&mut self.stream, &mut self.sealer, FrameKind::Pages, open.begin.epoch.0, &self.head, &pieces) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
