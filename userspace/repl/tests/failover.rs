@@ -181,7 +181,7 @@ mod tests {
         t.send_state(&blob).unwrap();
         let token = t.commit(epoch).unwrap();
         // Waiting for the acknowledgement, heartbeat as the engine does: the backup must hear a
-        // live primary while it applies (a silent wait of 100 ms is a death to these detectors).
+        // live primary while it applies (a silent wait of 250 ms is a death to these detectors).
         let deadline = Instant::now() + Duration::from_secs(20);
         let acked = loop {
             match t.wait_ack(token, Instant::now() + Duration::from_millis(5)) {
@@ -204,13 +204,13 @@ mod tests {
     fn detector() -> DetectorConfig {
         DetectorConfig {
             silent_after: Duration::from_millis(30),
-            dead_after: Duration::from_millis(100),
+            dead_after: Duration::from_millis(250),
             stuck_after: Duration::from_secs(1),
         }
     }
 
     /// (a) The detector through its trait, on a fake clock: the heartbeat interval keeps the peer
-    /// alive; silence makes it suspected at 30 ms and dead at 100 ms; a host that still answers
+    /// alive; silence makes it suspected at 30 ms and dead at 250 ms; a host that still answers
     /// probes is only "stuck", after the longer timeout.
     #[test]
     fn detector_verdicts_on_a_fake_clock() {
@@ -226,8 +226,12 @@ mod tests {
         let last = ms(995);
         assert!(matches!(d.suspected(last + ms(30)), Suspicion::Silent { .. }));
         assert!(matches!(
-            d.suspected(last + ms(100)),
-            Suspicion::Dead { reason: DeadReason::HostSilent, for_ } if for_ == Duration::from_millis(100)
+            d.suspected(last + ms(249)),
+            Suspicion::Silent { .. }
+        ));
+        assert!(matches!(
+            d.suspected(last + ms(250)),
+            Suspicion::Dead { reason: DeadReason::HostSilent, for_ } if for_ == Duration::from_millis(250)
         ));
         // The same silence while the host answers probes: stuck only after a second.
         d.observe(last);
@@ -338,16 +342,16 @@ mod tests {
         assert_eq!(timings.epoch, EpochId(0));
         match death {
             Death::ProcessKilled => {
-                // The closed link says it all: no need to wait for the 100 ms timeout.
+                // The closed link says it all: no need to wait for the 250 ms timeout.
                 assert!(matches!(s.suspicion, Suspicion::Dead { reason: DeadReason::LinkClosed, .. }), "{s:?}");
-                assert!(timings.last_frame_to_dead < Duration::from_millis(100), "{timings:?}");
+                assert!(timings.last_frame_to_dead < Duration::from_millis(250), "{timings:?}");
             }
             Death::SilentLinkOpen => {
                 assert!(matches!(s.suspicion, Suspicion::Dead { reason: DeadReason::HostSilent, .. }), "{s:?}");
-                // Dead at the 100 ms timeout, give or take a poll and the scheduler.
+                // Dead at the 250 ms timeout, give or take a poll and the scheduler.
                 assert!(
-                    timings.last_frame_to_dead >= Duration::from_millis(100)
-                        && timings.last_frame_to_dead < Duration::from_millis(400),
+                    timings.last_frame_to_dead >= Duration::from_millis(250)
+                        && timings.last_frame_to_dead < Duration::from_millis(1000),
                     "{timings:?}"
                 );
                 // A primary still listening hears that the backup takes over (and would stop).
@@ -421,7 +425,7 @@ mod tests {
         let mut t = connect(daemon.local_addr());
         t.heartbeat().unwrap();
         drop(t);
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(700));
         let s = daemon.status();
         assert_eq!(s.role, Role::Standby, "{s:?}");
         assert!(s.suspicion.is_dead() && !s.restorable, "{s:?}");
@@ -461,7 +465,7 @@ mod tests {
         t.close("planned shutdown");
         p.src.handle().stop();
         assert_eq!(p.run.join().unwrap().unwrap(), MachineExit::Stopped);
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(700));
         let s = daemon.status();
         assert_eq!(s.role, Role::Standby, "{s:?}");
         assert!(s.restorable && s.primary_left && s.suspicion.is_dead(), "{s:?}");
@@ -500,7 +504,7 @@ mod tests {
         wait_for_counter(&p.src, 1000);
         checkpoint(&mut p, &mut t, EpochId(0));
         kill(p, t);
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(700));
         let s = daemon.status();
         assert_eq!(s.role, Role::Standby, "{s:?}");
         assert!(s.restorable && s.suspicion.is_dead(), "{s:?}");

@@ -276,6 +276,17 @@ pub enum EngineError {
     },
 }
 
+/// When the next checkpoint is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    /// Now.
+    Now,
+    /// After this long, whatever happens.
+    After(Duration),
+    /// As soon as guest output waits, at the latest after this long.
+    OnOutputOr(Duration),
+}
+
 /// Why an epoch did not reach the backup: the link is gone.
 #[derive(Debug, thiserror::Error)]
 enum SendError {
@@ -707,9 +718,19 @@ impl PrimaryEngine {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            if let Some(wait) = last_start.and_then(|t| self.until_due(t.elapsed())) {
-                std::thread::sleep(wait);
-                continue;
+            match last_start.map_or(Due::Now, |t| self.due(t.elapsed())) {
+                Due::Now => {}
+                Due::After(wait) => {
+                    std::thread::sleep(wait);
+                    continue;
+                }
+                Due::OnOutputOr(wait) => {
+                    // Woken by the first frame the guest sends, or at the interval; looked at again
+                    // either way (and the stop flag with it).
+                    let beyond = if self.held { self.frames_sealed } else { u64::MAX };
+                    self.ack.gate.wait_for_output(beyond, wait);
+                    continue;
+                }
             }
             last_start = Some(Instant::now());
             self.collect_acks();
@@ -736,22 +757,22 @@ impl PrimaryEngine {
         Ok(())
     }
 
-    /// How long to sleep before looking again, `since` the last checkpoint began; `None`: one is
-    /// due now (see the module documentation).
-    fn until_due(&self, since: Duration) -> Option<Duration> {
+    /// When the next checkpoint is due, `since` the last one began (see the module documentation).
+    fn due(&self, since: Duration) -> Due {
         let interval = self.cfg.epoch_interval;
-        let to_interval = interval.checked_sub(since).filter(|d| !d.is_zero())?;
+        let Some(to_interval) = interval.checked_sub(since).filter(|d| !d.is_zero()) else {
+            return Due::Now;
+        };
         let Some(gap) = self.cfg.min_epoch_gap.filter(|g| *g < interval) else {
-            return Some(to_interval);
+            return Due::After(to_interval);
         };
         if let Some(to_gap) = gap.checked_sub(since).filter(|d| !d.is_zero()) {
-            return Some(to_gap);
+            return Due::After(to_gap);
         }
         if self.output_waiting() {
-            return None;
+            return Due::Now;
         }
-        // No output waiting: look again soon (a frame may come any time), or at the interval.
-        Some(to_interval.min((gap / 2).max(Duration::from_micros(50))))
+        Due::OnOutputOr(to_interval)
     }
 
     /// Whether guest frames wait in the hold for a checkpoint (appended since the last seal).

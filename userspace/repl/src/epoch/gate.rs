@@ -10,6 +10,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ftvm_vmm::devices::virtio::net::hold::{ReleaseError, SealError};
 use ftvm_vmm::devices::virtio::net::{OutputHold, TxMode, TxModeError};
@@ -49,6 +50,22 @@ pub trait OutputGate: Send + Sync + std::fmt::Debug {
     /// Frames that entered the gate so far (the engine compares it with the frames it sealed to
     /// see output waiting for a checkpoint).
     fn frames_in(&self) -> u64;
+
+    /// Waits until more than `beyond` frames entered the gate, or `timeout`; returns whether they
+    /// did. The default looks every 100 µs; a gate that can be woken should be.
+    fn wait_for_output(&self, beyond: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.frames_in() > beyond {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::sleep(left.min(Duration::from_micros(100)));
+        }
+    }
 }
 
 /// The userspace gate: an [`OutputHold`] the guest's transmit appends to.
@@ -84,6 +101,10 @@ impl OutputGate for HoldGate {
 
     fn frames_in(&self) -> u64 {
         self.0.stats().appended
+    }
+
+    fn wait_for_output(&self, beyond: u64, timeout: Duration) -> bool {
+        self.0.wait_appended(beyond, timeout)
     }
 }
 

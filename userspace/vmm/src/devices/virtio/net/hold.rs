@@ -44,7 +44,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -359,6 +359,10 @@ pub struct OutputHold {
     storage: Storage,
     index: Mutex<Index>,
     release: Mutex<Releaser>,
+    /// Signalled on an append while someone waits in [`OutputHold::wait_appended`] (the flag,
+    /// read under the index lock, spares appends a system call when nobody waits).
+    appended: Condvar,
+    appended_waiting: AtomicBool,
 }
 
 impl fmt::Debug for OutputHold {
@@ -411,7 +415,27 @@ impl OutputHold {
                 trace: None,
             }),
             release: Mutex::new(Releaser { output: None, todo: Vec::new(), done: Vec::new() }),
+            appended: Condvar::new(),
+            appended_waiting: AtomicBool::new(false),
         })
+    }
+
+    /// Waits until more than `beyond` frames were ever appended, or `timeout` passes; returns
+    /// whether they were. For one waiter (the checkpoint engine, waiting for output to commit).
+    pub fn wait_appended(&self, beyond: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut index = self.lock_index();
+        while index.stats.appended <= beyond {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            // Set under the index lock, which `append` holds when it reads it: no lost wake-up.
+            self.appended_waiting.store(true, Ordering::Relaxed);
+            index = self.appended.wait_timeout(index, left).map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            self.appended_waiting.store(false, Ordering::Relaxed);
+        }
+        true
     }
 
     fn lock_index(&self) -> MutexGuard<'_, Index> {
@@ -465,6 +489,9 @@ impl OutputHold {
         }
         index.tail = off + len;
         index.stats.appended += 1;
+        if self.appended_waiting.load(Ordering::Relaxed) {
+            self.appended.notify_one();
+        }
         if let Some(trace) = &index.trace {
             trace.record(TraceRecord {
                 wall_ns: wall_ns(SystemTime::now()),
@@ -1031,6 +1058,24 @@ mod tests {
 
     fn tags(out: &Arc<Mutex<Recorder>>) -> Vec<u32> {
         out.lock().unwrap().frames.iter().map(|f| tag(f)).collect()
+    }
+
+    #[test]
+    fn wait_appended_wakes_on_an_append_and_times_out_without_one() {
+        let hold = Arc::new(OutputHold::new(1 << 20).unwrap());
+        assert!(!hold.wait_appended(0, Duration::from_millis(5)), "nothing appended");
+        let appender = {
+            let hold = hold.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                hold.append(&[1u8; 64]).unwrap();
+            })
+        };
+        let t = Instant::now();
+        assert!(hold.wait_appended(0, Duration::from_secs(10)));
+        assert!(t.elapsed() < Duration::from_secs(5), "woken by the append, not the timeout");
+        appender.join().unwrap();
+        assert!(hold.wait_appended(0, Duration::ZERO), "already appended: no wait");
     }
 
     #[test]
