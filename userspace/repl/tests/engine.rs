@@ -20,6 +20,7 @@ mod tests {
     use ftvm_repl::epoch::engine::{
         DiskSource, EngineConfig, EngineHandle, EngineReport, EngineState, EngineStatus, PrimaryEngine, StatusSnapshot,
     };
+    use ftvm_repl::ha::heartbeat::SessionEnd;
     use ftvm_repl::ha::quorum::{FixedQuorum, NoQuorum, QuorumClient};
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
     use ftvm_vmm::boot::elf::build_test_elf;
@@ -267,6 +268,17 @@ mod tests {
         appender: JoinHandle<u64>,
     }
 
+    /// Drains the pair's hold into a counting sink and feeds it from an appender thread (stopped by
+    /// the flag; it returns how many frames it appended).
+    fn feed_output(pair: &Pair) -> (Arc<OutputHold>, CountSink, Arc<AtomicBool>, JoinHandle<u64>) {
+        let hold = pair.engine.output_hold().expect("the default gate");
+        let sink = CountSink::default();
+        hold.attach_output(Box::new(sink.clone()));
+        let stop_append = Arc::new(AtomicBool::new(false));
+        let appender = spawn_appender(hold.clone(), stop_append.clone());
+        (hold, sink, stop_append, appender)
+    }
+
     fn protected_pair_with_output(tag: &str, cfg: EngineConfig, epochs: u64) -> HeldPair {
         protected_pair_with_output_and_quorum(tag, cfg, epochs, Box::new(NoQuorum))
     }
@@ -279,11 +291,7 @@ mod tests {
     ) -> HeldPair {
         let pair = start_pair_full(tag, cfg, DirtyTracking::KvmBitmap, quorum);
         let status = pair.engine.status();
-        let hold = pair.engine.output_hold().expect("the default gate");
-        let sink = CountSink::default();
-        hold.attach_output(Box::new(sink.clone()));
-        let stop_append = Arc::new(AtomicBool::new(false));
-        let appender = spawn_appender(hold.clone(), stop_append.clone());
+        let (hold, sink, stop_append, appender) = feed_output(&pair);
         wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
         let s = status.snapshot();
         wait_status(&status, "epochs", Duration::from_secs(20), |x| x.epochs_committed >= s.epochs_committed + epochs);
@@ -353,11 +361,7 @@ mod tests {
         let cfg = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
         let pair = start_pair_with(tag, cfg, tracking);
         let status = pair.engine.status();
-        let hold = pair.engine.output_hold().expect("the default gate");
-        let sink = CountSink::default();
-        hold.attach_output(Box::new(sink.clone()));
-        let stop_append = Arc::new(AtomicBool::new(false));
-        let appender = spawn_appender(hold.clone(), stop_append.clone());
+        let (hold, sink, stop_append, appender) = feed_output(&pair);
 
         let protected =
             wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
@@ -536,6 +540,13 @@ mod tests {
         let err = pair.engine.stop().unwrap_err();
         eprintln!("[machine-ends] engine ended with: {}", ftvm_repl::ErrorChain(&err));
         assert_eq!(status.snapshot().state, EngineState::Stopped);
+        // A VM stopped on purpose is not the backup's to bring back: it was told goodbye.
+        let activity = pair.receiver.link_activity();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while activity.session_end() != SessionEnd::Goodbye {
+            assert!(Instant::now() < deadline, "no goodbye: {:?}", activity.session_end());
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let _ = pair.receiver.stop();
     }
 

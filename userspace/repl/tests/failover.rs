@@ -209,6 +209,19 @@ mod tests {
         }
     }
 
+    /// A daemon's settings for these tests: no network, a block device, the test detector.
+    fn daemon_config(dir: &TempDir) -> DaemonConfig {
+        let promote = PromoteConfig {
+            net: None,
+            block: true,
+            console: Box::new(Sink::default()),
+            dirty_tracking: DirtyTracking::Off,
+        };
+        let mut cfg = DaemonConfig::new(receiver_config(dir), promote);
+        cfg.detector = detector();
+        cfg
+    }
+
     /// (a) The detector through its trait, on a fake clock: the heartbeat interval keeps the peer
     /// alive; silence makes it suspected at 30 ms and dead at 250 ms; a host that still answers
     /// probes is only "stuck", after the longer timeout.
@@ -277,14 +290,7 @@ mod tests {
             Death::ProcessKilled => "promote-killed",
             Death::SilentLinkOpen => "promote-silent",
         });
-        let promote = PromoteConfig {
-            net: None,
-            block: true,
-            console: Box::new(Sink::default()),
-            dirty_tracking: DirtyTracking::Off,
-        };
-        let mut cfg = DaemonConfig::new(receiver_config(&dir), promote);
-        cfg.detector = detector();
+        let cfg = daemon_config(&dir);
         let daemon = BackupDaemon::start(cfg).unwrap();
         assert_eq!(daemon.status().role, Role::Standby);
         assert_eq!(daemon.status().suspicion, Suspicion::NeverSeen);
@@ -413,14 +419,7 @@ mod tests {
         init_tracing();
         let _serial = one_at_a_time();
         let dir = TempDir::new("nothing");
-        let promote = PromoteConfig {
-            net: None,
-            block: true,
-            console: Box::new(Sink::default()),
-            dirty_tracking: DirtyTracking::Off,
-        };
-        let mut cfg = DaemonConfig::new(receiver_config(&dir), promote);
-        cfg.detector = detector();
+        let cfg = daemon_config(&dir);
         let daemon = BackupDaemon::start(cfg).unwrap();
         let mut t = connect(daemon.local_addr());
         t.heartbeat().unwrap();
@@ -449,14 +448,7 @@ mod tests {
         init_tracing();
         let _serial = one_at_a_time();
         let dir = TempDir::new("goodbye");
-        let promote = PromoteConfig {
-            net: None,
-            block: true,
-            console: Box::new(Sink::default()),
-            dirty_tracking: DirtyTracking::Off,
-        };
-        let mut cfg = DaemonConfig::new(receiver_config(&dir), promote);
-        cfg.detector = detector();
+        let cfg = daemon_config(&dir);
         let daemon = BackupDaemon::start(cfg).unwrap();
         let mut p = start_primary(&dir, None);
         let mut t = connect(daemon.local_addr());
@@ -489,14 +481,7 @@ mod tests {
         init_tracing();
         let _serial = one_at_a_time();
         let dir = TempDir::new("quorum");
-        let promote = PromoteConfig {
-            net: None,
-            block: true,
-            console: Box::new(Sink::default()),
-            dirty_tracking: DirtyTracking::Off,
-        };
-        let mut cfg = DaemonConfig::new(receiver_config(&dir), promote);
-        cfg.detector = detector();
+        let mut cfg = daemon_config(&dir);
         cfg.quorum = Box::new(FixedQuorum { grant: false });
         let daemon = BackupDaemon::start(cfg).unwrap();
         let mut p = start_primary(&dir, None);

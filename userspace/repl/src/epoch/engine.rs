@@ -675,8 +675,8 @@ impl PrimaryEngine {
 
     /// Synchronises the backup, then checkpoints every interval until `stop` is set or the machine
     /// can no longer be paused. A lost backup does not end it (simplex: it waits for `stop`).
-    /// Stopping takes no final checkpoint: the backup keeps the last acknowledged epoch, as after
-    /// a crash; guest output still held is released and transmit goes back to direct.
+    /// Stopping takes no final checkpoint; guest output still held is released, transmit goes
+    /// back to direct, and the backup is told goodbye: a VM stopped on purpose is not taken over.
     pub fn run_until(&mut self, stop: &AtomicBool) -> Result<EngineReport, EngineError> {
         let ack = self.ack.clone();
         self.transport.set_ack_listener(Box::new(move |ev| ack.on_event(ev)));
@@ -685,6 +685,11 @@ impl PrimaryEngine {
         // then its copy answers for the VM, and this one's output must never leave.
         if !self.fenced {
             self.unhold();
+        }
+        if !self.fenced && !self.simplex {
+            // The VM stops here on purpose (its guest exited, or its owner stopped it): the backup
+            // must not bring it back. (A primary that dies says nothing, and is taken over.)
+            self.transport.abandon("the primary's VM stopped");
         }
         self.status.update(|s| {
             if !matches!(s.state, EngineState::Simplex { .. } | EngineState::Fenced { .. }) {

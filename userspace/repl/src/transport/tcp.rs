@@ -35,6 +35,8 @@ use crate::epoch::wire::{
 };
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 
+/// Longest wait, after a goodbye, for the backup to close its side.
+const GOODBYE_LINGER: Duration = Duration::from_millis(200);
 /// Most I/O vectors per `writev` (the kernel takes up to 1024).
 const BATCH_IOVS: usize = 256;
 /// Bytes hashed, then written, per batch: small enough to still be in cache when the kernel copies.
@@ -376,10 +378,20 @@ impl TcpTransport {
     /// A goodbye when the framing allows it (no epoch half sent, the link not failed), then the
     /// link marked down as closed by this side.
     fn say_goodbye(&mut self, reason: &str) {
-        if self.open.is_none() && self.shared.down().is_none() {
-            let _ = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes(), &[]);
-        }
+        let said = self.open.is_none()
+            && self.shared.down().is_none()
+            && write_frame(&mut self.stream, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes(), &[]).is_ok();
         self.shared.mark_down_as(format!("closed by the primary: {reason}"), true);
+        if said {
+            // The goodbye must arrive: closing a socket that has unread bytes (a late heartbeat
+            // reply) resets the connection and drops what is not sent yet. So: end our side after
+            // the goodbye, and let the acknowledgement thread read until the backup closes its own.
+            let _ = self.stream.shutdown(Shutdown::Write);
+            let deadline = Instant::now() + GOODBYE_LINGER;
+            while self.reader.as_ref().is_some_and(|r| !r.is_finished()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     fn check_up(&self) -> Result<(), LinkError> {
