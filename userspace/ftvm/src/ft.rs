@@ -281,7 +281,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                     last_state = state.to_string();
                 }
                 if let EngineState::Fenced { reason } = &snap.state {
-                    // The backup runs the VM now; this copy (already paused) must end.
+                    // The other host runs the VM now; this copy (already paused) must end.
                     *fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
                     machine_handle.stop();
                 }
@@ -316,7 +316,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         tracing::warn!(error = %e, "cannot write the end of the output trace");
     }
     if let Some(reason) = fenced.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        bail!("this VM was stopped because the backup took it over ({reason}); the backup's copy serves the guest now");
+        bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now");
     }
     run::exit_code(exit?)
 }

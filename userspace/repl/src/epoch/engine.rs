@@ -22,9 +22,10 @@
 //!    back to [`TxMode::Direct`]: the engine is simplex and the VM carries on unprotected. When
 //!    the link still works the backup is told first (a goodbye), so that it does not take over a
 //!    VM that still runs.
-//! 5. **Fenced**: the backup says it takes over (it declared this primary dead). The VM is paused
-//!    at once and nothing held is released: the backup resumes from its last committed epoch, and
-//!    two copies must never serve. The engine ends; its owner stops the machine.
+//! 5. **Fenced**: the backup says it takes over (it declared this primary dead), or the quorum
+//!    refuses to let this primary run alone. The VM is paused at once and nothing held is
+//!    released: the other copy resumes from the last committed epoch, and two copies must never
+//!    serve. The engine ends; its owner stops the machine.
 //!
 //! While the epochs in flight are at their limit (a slow backup) the engine sends nothing else,
 //! so it sends heartbeats: the backup must hear a live primary even when it is the slow one.
@@ -142,9 +143,10 @@ pub enum EngineState {
         /// Why, for status.
         reason: String,
     },
-    /// The backup took over this VM: this copy is paused, its held output dropped, and must stop.
+    /// Another copy runs this VM (the backup took over, or the quorum gave the other side the
+    /// right to run it): this copy is paused, its held output dropped, and must stop.
     Fenced {
-        /// The backup's reason.
+        /// Why.
         reason: String,
     },
     /// The engine ended (stopped, or its machine did).
@@ -555,7 +557,6 @@ pub struct PrimaryEngine {
     staging: Staging,
     held: bool,
     simplex: bool,
-    fenced: bool,
     /// Frames sealed into epochs so far (the hold's appended count beyond it is waiting output).
     frames_sealed: u64,
     /// A copy of the frames sealed with the epoch being sent, for the backup to replay.
@@ -623,7 +624,6 @@ impl PrimaryEngine {
             staging: Staging::default(),
             held: false,
             simplex: false,
-            fenced: false,
             frames_sealed: 0,
             output: Vec::new(),
             output_frames: Vec::new(),
@@ -681,15 +681,20 @@ impl PrimaryEngine {
         let ack = self.ack.clone();
         self.transport.set_ack_listener(Box::new(move |ev| ack.on_event(ev)));
         let result = self.run_inner(stop);
-        // Whatever happened, the guest's output must not stay held, unless the backup took over:
-        // then its copy answers for the VM, and this one's output must never leave.
-        if !self.fenced {
-            self.unhold();
-        }
-        if !self.fenced && !self.simplex {
-            // The VM stops here on purpose (its guest exited, or its owner stopped it): the backup
-            // must not bring it back. (A primary that dies says nothing, and is taken over.)
-            self.transport.abandon("the primary's VM stopped");
+        // Decided here, whichever way the loop ended (the notice may arrive just as it stops).
+        let superseded = lock(&self.ack.superseded).clone();
+        match superseded {
+            // The other copy answers for the VM: this one's held output must never leave.
+            Some(reason) => self.fence(reason),
+            None => {
+                // Whatever else happened, the guest's output must not stay held.
+                self.unhold();
+                if !self.simplex {
+                    // The VM stops here on purpose (its guest exited, or its owner stopped it): the
+                    // backup must not bring it back. (A primary that dies says nothing.)
+                    self.transport.abandon("the primary's VM stopped");
+                }
+            }
         }
         self.status.update(|s| {
             if !matches!(s.state, EngineState::Simplex { .. } | EngineState::Fenced { .. }) {
@@ -714,9 +719,8 @@ impl PrimaryEngine {
         let mut last_start: Option<Instant> = None;
         // Bounded by `stop`; each iteration sleeps until the next checkpoint is due.
         while !stop.load(Ordering::Relaxed) {
-            let superseded = lock(&self.ack.superseded).clone();
-            if let Some(reason) = superseded {
-                self.fence(reason);
+            if lock(&self.ack.superseded).is_some() {
+                // `run_until` fences the VM.
                 return Ok(());
             }
             if self.simplex {
@@ -1049,15 +1053,14 @@ impl PrimaryEngine {
         (waited > oldest.timeout).then(|| format!("epoch {} not acknowledged within {:?}", oldest.epoch, waited))
     }
 
-    /// The backup took over: pause this copy for good and release nothing more. The machine's
+    /// Another copy runs the VM: pause this one for good and release nothing more. The machine's
     /// owner sees [`EngineState::Fenced`] and stops it.
     fn fence(&mut self, reason: String) {
-        self.fenced = true;
         self.ack.simplex.store(true, Ordering::Release);
         if let Err(e) = self.source.pause() {
             tracing::error!(error = %ErrorChain(&e), "cannot pause the fenced VM");
         }
-        tracing::error!(%reason, held_epochs = self.in_flight.len(), "the backup took over: this VM is paused and its held output dropped (fenced)");
+        tracing::error!(%reason, held_epochs = self.in_flight.len(), "another copy runs the VM: this one is paused and its held output dropped (fenced)");
         self.in_flight.clear();
         self.status.update(|s| s.state = EngineState::Fenced { reason });
     }
