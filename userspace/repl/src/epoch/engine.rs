@@ -58,7 +58,7 @@ use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, 
 use super::wire::{EpochBegin, MAX_CHUNK_BYTES};
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator, RecordError};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
-use crate::ha::quorum::{granted, Claim, NoQuorum, QuorumClient};
+use crate::ha::quorum::{claim, Claim, NoQuorum, QuorumClient};
 use crate::transport::{
     AckEvent, BeginEpochError, CheckpointTransport, CommitError, PageSource, SendDiskImageError, SendDiskWritesError,
     SendOutputError, SendPagesError, SendStateError,
@@ -1070,9 +1070,9 @@ impl PrimaryEngine {
         if self.simplex || lock(&self.ack.superseded).is_some() {
             return;
         }
-        if !granted(self.quorum.as_mut(), Claim::RunAlone) {
+        if let Err(refusal) = claim(self.quorum.as_mut(), Claim::RunAlone, 0) {
             // The other side holds the right to run the VM: this copy must stop, not serve.
-            let reason = format!("the quorum refused to let this primary run alone ({why})");
+            let reason = format!("the quorum refused to let this primary run alone ({why}): {refusal}");
             *lock(&self.ack.superseded) = Some(reason);
             return;
         }

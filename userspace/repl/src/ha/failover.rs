@@ -30,7 +30,7 @@ use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
 
 use super::detector::{DeadReason, DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
 use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
-use super::quorum::{granted, Claim, NoQuorum, QuorumClient};
+use super::quorum::{claim, Claim, NoQuorum, QuorumClient};
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
 use crate::ErrorChain;
@@ -353,7 +353,7 @@ impl Watch {
                     }
                     // A refused claim is asked again only after a while: a real quorum is a remote service.
                     let ask = refused_at.is_none_or(|t: Instant| t.elapsed() >= QUORUM_RETRY);
-                    if stats.restorable && (!ask || !granted(self.quorum.as_mut(), Claim::TakeOver)) {
+                    if stats.restorable && (!ask || claim(self.quorum.as_mut(), Claim::TakeOver, 0).is_err()) {
                         if ask {
                             refused_at = Some(Instant::now());
                         }
