@@ -26,7 +26,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 /// Protocol major version: peers with different majors do not talk.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
-pub const PROTOCOL_MINOR: u8 = 1;
+pub const PROTOCOL_MINOR: u8 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the authentication tag.
@@ -67,6 +67,11 @@ pub enum FrameKind {
     /// The guest frames the epoch's output hold sealed (the backup replays them at a takeover: the
     /// primary may have died before it released them, and the restored guest believes them sent).
     HeldOutput = 26,
+    /// From the primary, right after the backup's `StandbyInfo` (minor 2 and later): the lease term
+    /// its copy is current for (u64). The backup stores it with its disk once its copy is
+    /// restorable, and names it when it claims the lease to take over. Also the first frame the
+    /// backup receives under the session key: only then does it count the session as started.
+    LeaseTerm = 27,
     /// Liveness probe.
     Heartbeat = 32,
     /// Liveness answer.
@@ -77,6 +82,10 @@ pub enum FrameKind {
     /// From the backup: it has declared the primary dead and resumes the VM itself; a primary that
     /// still hears this must stop its copy at once (fencing). The payload is a UTF-8 reason.
     TakingOver = 49,
+    /// To the witness: a lease request (`crate::witness::WitnessRequest`).
+    WitnessRequest = 64,
+    /// From the witness: its answer (`crate::witness::WitnessReply`).
+    WitnessReply = 65,
 }
 
 impl FrameKind {
@@ -97,10 +106,13 @@ impl FrameKind {
             24 => DiskImage,
             25 => StandbyInfo,
             26 => HeldOutput,
+            27 => LeaseTerm,
             32 => Heartbeat,
             33 => HeartbeatReply,
             48 => Goodbye,
             49 => TakingOver,
+            64 => WitnessRequest,
+            65 => WitnessReply,
             _ => return None,
         })
     }
@@ -359,6 +371,7 @@ pub struct FrameOpener {
     key: [u8; 32],
     next_seq: u64,
     last_tag: Option<[u8; TAG_LEN]>,
+    max_payload: u32,
 }
 
 impl std::fmt::Debug for FrameOpener {
@@ -384,7 +397,14 @@ fn read_full<R: Read>(input: &mut R, buf: &mut [u8], at_frame_start: bool) -> Re
 impl FrameOpener {
     /// An opener that expects sequence number 1 first.
     pub fn new(key: [u8; 32]) -> Self {
-        Self { key, next_seq: 1, last_tag: None }
+        Self { key, next_seq: 1, last_tag: None, max_payload: MAX_PAYLOAD }
+    }
+
+    /// Refuses payloads over `limit` bytes (at most [`MAX_PAYLOAD`]) before reading them: for
+    /// sessions whose frames are all small (the witness's).
+    pub fn with_max_payload(mut self, limit: u32) -> Self {
+        self.max_payload = limit.min(MAX_PAYLOAD);
+        self
     }
 
     /// Reads and checks the next frame. On any error the stream must be considered broken: the
@@ -401,15 +421,23 @@ impl FrameOpener {
         let mut header_bytes = [0u8; HEADER_LEN];
         read_full(input, &mut header_bytes, true)?;
         let header = FrameHeader::decode(&header_bytes)?;
+        if header.payload_len > self.max_payload {
+            return Err(FrameError::TooLarge(header.payload_len));
+        }
+        let len = header.payload_len as usize;
         payload.clear();
-        payload.resize(header.payload_len as usize, 0);
         // Hash each piece as soon as it is read, while it is still in cache (and while the sender
-        // may still be writing the rest), rather than in a second pass over the whole payload.
+        // may still be writing the rest), rather than in a second pass over the whole payload. The
+        // buffer grows piece by piece as bytes arrive: a header claiming a large payload, before
+        // its tag is checked, costs its sender the bytes, not this side an allocation.
         let mut h = blake3::Hasher::new_keyed(&self.key);
         h.update(&header_bytes);
-        for piece in payload.chunks_mut(READ_PIECE) {
-            read_full(input, piece, false)?;
-            h.update(piece);
+        while payload.len() < len {
+            let start = payload.len();
+            let end = (start + READ_PIECE).min(len);
+            payload.resize(end, 0);
+            read_full(input, &mut payload[start..end], false)?;
+            h.update(&payload[start..end]);
         }
         let mut got = [0u8; TAG_LEN];
         read_full(input, &mut got, false)?;

@@ -5,12 +5,14 @@
 //!   tag and sequence numbers that make a corrupted, truncated, replayed or forged frame an error;
 //! * [`handshake`]: the versioned, mutually authenticated handshake that derives a session key from
 //!   the shared secret;
+//! * [`witness`]: the requests and replies of the witness, the built-in quorum service;
 //! * [`pages`]: [`pages::PageRangeSet`], sets of guest page frame numbers kept as sorted ranges;
 //! * [`EpochId`]: the number of a checkpoint epoch.
 
 pub mod frame;
 pub mod handshake;
 pub mod pages;
+pub mod witness;
 
 /// The number of a checkpoint epoch. Epoch 0 is the initial synchronisation; each checkpoint after
 /// it takes the next number.

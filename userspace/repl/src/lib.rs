@@ -6,7 +6,9 @@
 //!   in [`transport::tcp`]);
 //! * [`backup`]: the backup's side: [`backup::BackupReceiver`] stages each epoch and applies it
 //!   atomically at its commit; [`backup::journal`] is the per-epoch disk write log;
-//! * [`disk`]: the primary's disk write capture ([`disk::DiskReplicator`]).
+//! * [`disk`]: the primary's disk write capture ([`disk::DiskReplicator`]);
+//! * [`ha`]: failure detection, the quorum lease and failover;
+//! * [`witness`]: the built-in quorum service (`ftvm witness`).
 //!
 //! The machine itself stays abstract here: pages come from a [`transport::PageSource`], the machine
 //! state is an opaque blob, disk writes are `(sector, bytes)`.
@@ -16,6 +18,7 @@ pub mod disk;
 pub mod epoch;
 pub mod ha;
 pub mod transport;
+pub mod witness;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: usize = 4096;

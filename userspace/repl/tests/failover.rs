@@ -24,6 +24,7 @@ mod tests {
     use ftvm_repl::ha::detector::{DeadReason, DetectorConfig, Suspicion};
     use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
     use ftvm_repl::ha::heartbeat::{monotonic_us, IdleHeartbeat};
+    use ftvm_repl::ha::lease::{Lease, LeaseConfig};
     use ftvm_repl::ha::quorum::FixedQuorum;
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
     use ftvm_repl::transport::{AckEvent, CheckpointTransport, FlatMemory, WaitAckError};
@@ -482,7 +483,7 @@ mod tests {
         let _serial = one_at_a_time();
         let dir = TempDir::new("quorum");
         let mut cfg = daemon_config(&dir);
-        cfg.quorum = Box::new(FixedQuorum { grant: false });
+        cfg.lease = Lease::new(Box::new(FixedQuorum { grant: false }), LeaseConfig::default(), 0);
         let daemon = BackupDaemon::start(cfg).unwrap();
         let mut p = start_primary(&dir, None);
         let mut t = connect(daemon.local_addr());

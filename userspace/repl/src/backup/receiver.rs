@@ -324,6 +324,11 @@ pub struct ReceiverStats {
     pub sync: Option<SyncProgress>,
     /// The last error that ended a session or refused a peer.
     pub last_error: Option<String>,
+    /// The lease term of the primary whose epoch made the committed standby (`LeaseTerm` frame;
+    /// none from a primary without a quorum, or of protocol 1.1).
+    pub standby_term: Option<u64>,
+    /// The lease term the connected primary announced.
+    pub primary_term: Option<u64>,
 }
 
 /// The standby, under the receiver's lock.
@@ -754,15 +759,9 @@ fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
         let _ = send_small(&stream, &mut sealer, FrameKind::Goodbye, 0, b"another primary is connected");
         return;
     }
-    {
-        let mut s = lock(&inner.stats);
-        s.sessions += 1;
-        s.connected = Some(peer);
-    }
-    tracing::info!(%peer, "primary connected");
-    // The handshake was a sign of life too, and a new session voids an earlier goodbye.
-    inner.activity.session_started(stream.try_clone().ok());
-    let mut session = Session::new(inner, &stream, sealer, session.opener);
+    // Not yet a session: only the peer's first frame sealed with the session key proves that it
+    // derived the keys from this side's fresh nonce (a recorded handshake replayed later cannot).
+    let mut session = Session::new(inner, &stream, sealer, session.opener, peer);
     let result = session.run();
     let discarded = session.discard();
     session.end(&result);
@@ -782,6 +781,7 @@ fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
     // new primary is accepted, and a new session's "connected" cannot be overwritten by this one.
     let mut s = lock(&inner.stats);
     s.connected = None;
+    s.primary_term = None;
     s.sync = None;
     if discarded.is_some() {
         s.epochs_discarded += 1;
@@ -837,13 +837,52 @@ struct Session<'a> {
     journal: DiskJournal,
     pool: Vec<Vec<u8>>,
     memory_pages: u64,
+    peer: SocketAddr,
+    /// The primary sent a frame under the session key: the session counts.
+    confirmed: bool,
+    /// The lease term the primary announced.
+    term: Option<u64>,
 }
 
 impl<'a> Session<'a> {
-    fn new(inner: &'a Inner, stream: &'a TcpStream, sealer: FrameSealer, opener: ftvm_proto::frame::FrameOpener) -> Self {
+    fn new(
+        inner: &'a Inner,
+        stream: &'a TcpStream,
+        sealer: FrameSealer,
+        opener: ftvm_proto::frame::FrameOpener,
+        peer: SocketAddr,
+    ) -> Self {
         let journal = DiskJournal::new(usize::try_from(inner.config.max_staging_bytes).unwrap_or(usize::MAX));
         let memory_pages = inner.config.memory_bytes / PAGE_SIZE as u64;
-        Self { inner, stream, sealer, opener, staging: None, journal, pool: Vec::new(), memory_pages }
+        Self {
+            inner,
+            stream,
+            sealer,
+            opener,
+            staging: None,
+            journal,
+            pool: Vec::new(),
+            memory_pages,
+            peer,
+            confirmed: false,
+            term: None,
+        }
+    }
+
+    /// The primary's first authenticated frame: from now on the session is the primary's, its
+    /// end is judged by the failure detector, and it voids an earlier goodbye.
+    fn confirm(&mut self) -> Result<(), SessionError> {
+        let link_timeout = Some(self.inner.config.link_timeout.max(Duration::from_millis(1)));
+        self.stream.set_read_timeout(link_timeout).map_err(SessionError::Send)?;
+        self.confirmed = true;
+        {
+            let mut s = lock(&self.inner.stats);
+            s.sessions += 1;
+            s.connected = Some(self.peer);
+        }
+        tracing::info!(peer = %self.peer, "primary connected");
+        self.inner.activity.session_started(self.stream.try_clone().ok());
+        Ok(())
     }
 
     /// Tells the failure detector how the session ended, and the primary what it must know: that
@@ -851,6 +890,11 @@ impl<'a> Session<'a> {
     /// this host will not take over).
     fn end(&mut self, result: &Result<(), SessionError>) {
         let activity = &self.inner.activity;
+        if !self.confirmed {
+            // Nobody proved to be a primary: nothing to judge, nobody to tell.
+            tracing::warn!(peer = %self.peer, ?result, "an A-Link session ended before its first authenticated frame (a replayed or broken handshake): ignored");
+            return;
+        }
         if self.inner.stop.load(Ordering::SeqCst) {
             if let Some(reason) = lock(&self.inner.farewell).clone() {
                 match send_small(self.stream, &mut self.sealer, FrameKind::TakingOver, 0, reason.as_bytes()) {
@@ -900,7 +944,8 @@ impl<'a> Session<'a> {
     fn run(&mut self) -> Result<(), SessionError> {
         let cfg = &self.inner.config;
         let link_timeout = Some(cfg.link_timeout.max(Duration::from_millis(1)));
-        self.stream.set_read_timeout(link_timeout).map_err(SessionError::Send)?;
+        // Until the primary's first frame proves the session, the handshake's deadline applies.
+        self.stream.set_read_timeout(Some(cfg.handshake_timeout.max(Duration::from_millis(1)))).map_err(SessionError::Send)?;
         self.stream.set_write_timeout(link_timeout).map_err(SessionError::Send)?;
         let info = self.inner.read_standby().info(cfg.disk_bytes);
         send_small(self.stream, &mut self.sealer, FrameKind::StandbyInfo, 0, &info.encode()).map_err(SessionError::Send)?;
@@ -926,6 +971,9 @@ impl<'a> Session<'a> {
                 Err(e) => return Err(SessionError::Frame(e)),
             };
             self.inner.bytes_received.fetch_add((HEADER_LEN + buf.len() + TAG_LEN) as u64, Ordering::Relaxed);
+            if !self.confirmed {
+                self.confirm()?;
+            }
             // The tag of an authenticated frame is always there after read_into succeeded.
             let tag = self.opener.last_tag().unwrap_or_default();
             match header.kind {
@@ -964,6 +1012,17 @@ impl<'a> Session<'a> {
                     self.recycle(buf);
                 }
                 FrameKind::HeldOutput => self.on_output(header.epoch, buf, &tag)?,
+                FrameKind::LeaseTerm => {
+                    let term: [u8; 8] = buf[..].try_into().map_err(|_| SessionError::Unexpected {
+                        kind: header.kind,
+                        context: "whose payload is not 8 bytes",
+                    })?;
+                    let term = u64::from_le_bytes(term);
+                    tracing::info!(term, "the primary's lease term");
+                    self.term = Some(term);
+                    lock(&self.inner.stats).primary_term = Some(term);
+                    self.recycle(buf);
+                }
                 FrameKind::EpochCommit => {
                     self.on_commit(header.epoch, &buf)?;
                     self.recycle(buf);
@@ -1231,6 +1290,7 @@ impl<'a> Session<'a> {
             let mut st = lock(&self.inner.stats);
             st.committed = Some(epoch);
             st.restorable = restorable;
+            st.standby_term = self.term;
             st.epochs_committed += 1;
             st.pages_applied += pages_applied;
             st.disk_bytes_applied += disk_bytes + staging.image_bytes;

@@ -22,8 +22,8 @@
 //!    back to [`TxMode::Direct`]: the engine is simplex and the VM carries on unprotected. When
 //!    the link still works the backup is told first (a goodbye), so that it does not take over a
 //!    VM that still runs.
-//! 5. **Fenced**: the backup says it takes over (it declared this primary dead), or the quorum
-//!    refuses to let this primary run alone. The VM is paused at once and nothing held is
+//! 5. **Fenced**: the backup says it takes over (it declared this primary dead), the quorum
+//!    refuses to let this primary run alone, or the lease is lost (another host holds it now). The VM is paused at once and nothing held is
 //!    released: the other copy resumes from the last committed epoch, and two copies must never
 //!    serve. The engine ends; its owner stops the machine.
 //!
@@ -58,7 +58,8 @@ use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, 
 use super::wire::{EpochBegin, MAX_CHUNK_BYTES};
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator, RecordError};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
-use crate::ha::quorum::{claim, Claim, NoQuorum, QuorumClient};
+use crate::ha::lease::{Lease, LeaseConfig, ACK_AUTHORITY};
+use crate::ha::quorum::{Claim, QuorumClient};
 use crate::transport::{
     AckEvent, BeginEpochError, CheckpointTransport, CommitError, PageSource, SendDiskImageError, SendDiskWritesError,
     SendOutputError, SendPagesError, SendStateError,
@@ -353,6 +354,12 @@ struct AckSide {
     simplex: AtomicBool,
     /// Set when the backup said it takes over: nothing is released any more.
     superseded: Mutex<Option<String>>,
+    /// The right to let output out: while it is valid, any acknowledged epoch's output leaves;
+    /// without it, only output whose acknowledgement came within [`ACK_AUTHORITY`] of the epoch's
+    /// send (see [`crate::ha::lease`]).
+    lease: Lease,
+    /// Last epoch whose output was released + 1 (0: none).
+    released: AtomicU64,
     /// (epoch, round trip) of recent acknowledgements, for the epoch spans.
     round_trips: Mutex<VecDeque<(u64, Duration)>>,
 }
@@ -365,10 +372,8 @@ impl AckSide {
                     return;
                 }
                 self.acked.store(epoch.0 + 1, Ordering::Release);
-                match self.gate.release_through(epoch.0) {
-                    Ok(_) => {}
-                    // No network device attached to the hold: nothing to release.
-                    Err(e) => tracing::trace!(error = %e, "output hold release"),
+                if round_trip < ACK_AUTHORITY || self.lease.is_valid(monotonic_us()) {
+                    self.release_through(epoch.0);
                 }
                 let sync = self.sync_epoch.load(Ordering::Acquire);
                 if epoch.0 > sync {
@@ -412,6 +417,29 @@ impl AckSide {
 
     fn acked(&self) -> Option<u64> {
         self.acked.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    fn release_through(&self, epoch: u64) {
+        match self.gate.release_through(epoch) {
+            Ok(_) => {}
+            // No network device attached to the hold: nothing to release.
+            Err(e) => tracing::trace!(error = %e, "output hold release"),
+        }
+        self.released.fetch_max(epoch + 1, Ordering::AcqRel);
+    }
+
+    /// Releases output acknowledged too late to leave on the acknowledgement alone, once the
+    /// lease is valid again. Under the lock the takeover notice is set with: nothing leaves after
+    /// the backup said it took over.
+    fn release_late(&self) {
+        let acked = self.acked.load(Ordering::Acquire);
+        if acked <= self.released.load(Ordering::Acquire) || !self.lease.is_valid(monotonic_us()) {
+            return;
+        }
+        let superseded = lock(&self.superseded);
+        if superseded.is_none() && !self.simplex.load(Ordering::Acquire) {
+            self.release_through(acked - 1);
+        }
     }
 }
 
@@ -563,7 +591,8 @@ pub struct PrimaryEngine {
     output: Vec<u8>,
     output_frames: Vec<std::ops::Range<usize>>,
     heartbeat: IdleHeartbeat,
-    quorum: Box<dyn QuorumClient>,
+    /// Set while a simplex VM is paused because its lease ran out.
+    lease_paused: bool,
     epochs: Vec<EpochMetrics>,
     window: EpochWindow,
     rate: (Instant, u64),
@@ -606,6 +635,8 @@ impl PrimaryEngine {
             down: Mutex::new(None),
             simplex: AtomicBool::new(false),
             superseded: Mutex::new(None),
+            lease: Lease::default(),
+            released: AtomicU64::new(0),
             round_trips: Mutex::new(VecDeque::new()),
         });
         let observer = Arc::new(Observer { disk: replicator, status: status.clone(), lost: AtomicBool::new(false) });
@@ -628,16 +659,26 @@ impl PrimaryEngine {
             output: Vec::new(),
             output_frames: Vec::new(),
             heartbeat,
-            quorum: Box::new(NoQuorum),
+            lease_paused: false,
             epochs: Vec::new(),
             window: EpochWindow::default(),
             rate: (Instant::now(), 0),
         })
     }
 
-    /// Asks `quorum` before going on without the backup (the default grants every claim).
-    pub fn with_quorum(mut self, quorum: Box<dyn QuorumClient>) -> Self {
-        self.quorum = quorum;
+    /// Asks `quorum` before going on without the backup (the default grants every claim): a
+    /// lease of its own, for tests; a host shares its [`Lease`] through [`PrimaryEngine::with_lease`].
+    pub fn with_quorum(self, quorum: Box<dyn QuorumClient>) -> Self {
+        self.with_lease(Lease::new(quorum, LeaseConfig::default(), 0))
+    }
+
+    /// Runs under `lease`: output leaves only with it (or a fresh acknowledgement), the VM goes on
+    /// alone only when it grants a new term, and its loss fences the VM.
+    pub fn with_lease(mut self, lease: Lease) -> Self {
+        // Nothing runs before the engine does: the acknowledgement side is not shared yet.
+        if let Some(ack) = Arc::get_mut(&mut self.ack) {
+            ack.lease = lease;
+        }
         self
     }
 
@@ -719,14 +760,22 @@ impl PrimaryEngine {
         let mut last_start: Option<Instant> = None;
         // Bounded by `stop`; each iteration sleeps until the next checkpoint is due.
         while !stop.load(Ordering::Relaxed) {
+            if let Some(reason) = self.ack.lease.lost() {
+                let mut s = lock(&self.ack.superseded);
+                if s.is_none() {
+                    *s = Some(reason);
+                }
+            }
             if lock(&self.ack.superseded).is_some() {
                 // `run_until` fences the VM.
                 return Ok(());
             }
             if self.simplex {
-                std::thread::sleep(Duration::from_millis(10));
+                self.police_simplex();
+                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
+            self.ack.release_late();
             match last_start.map_or(Due::Now, |t| self.due(t.elapsed())) {
                 Due::Now => {}
                 Due::After(wait) => {
@@ -1070,7 +1119,7 @@ impl PrimaryEngine {
         if self.simplex || lock(&self.ack.superseded).is_some() {
             return;
         }
-        if let Err(refusal) = claim(self.quorum.as_mut(), Claim::RunAlone, 0) {
+        if let Err(refusal) = self.ack.lease.claim(Claim::RunAlone) {
             // The other side holds the right to run the VM: this copy must stop, not serve.
             let reason = format!("the quorum refused to let this primary run alone ({why}): {refusal}");
             *lock(&self.ack.superseded) = Some(reason);
@@ -1095,6 +1144,40 @@ impl PrimaryEngine {
         let reason = why.to_string();
         tracing::warn!(%reason, remarked_pages = remark.page_count(), requeued_disk_writes = requeued, "backup lost: running unprotected (simplex)");
         self.status.update(|s| s.state = EngineState::Simplex { reason });
+    }
+
+    /// A VM running alone emits without any hold: it may run only while its lease is valid. When
+    /// the lease runs out (the quorum unreachable) it is paused, and resumed if a renewal comes
+    /// back before anyone else claimed the VM; a lost lease fences it (at the loop's next turn).
+    fn police_simplex(&mut self) {
+        let valid = self.ack.lease.is_valid(monotonic_us());
+        if !valid && !self.lease_paused {
+            if let Err(e) = self.source.pause() {
+                tracing::error!(error = %ErrorChain(&e), "cannot pause the VM whose lease ran out");
+                return;
+            }
+            self.lease_paused = true;
+            tracing::error!("the lease ran out while running alone: the VM is paused until the quorum renews it");
+            self.status.update(|s| {
+                if let EngineState::Simplex { reason } = &mut s.state {
+                    *reason = format!("paused: the lease ran out and the quorum cannot be reached ({reason})");
+                }
+            });
+        } else if valid && self.lease_paused {
+            if let Err(e) = self.source.resume() {
+                tracing::error!(error = %ErrorChain(&e), "cannot resume the VM after its lease was renewed");
+                return;
+            }
+            self.lease_paused = false;
+            tracing::warn!("the lease is valid again: the VM runs alone again");
+            self.status.update(|s| {
+                if let EngineState::Simplex { reason } = &mut s.state {
+                    if let Some(rest) = reason.strip_prefix("paused: the lease ran out and the quorum cannot be reached (") {
+                        *reason = rest.trim_end_matches(')').to_string();
+                    }
+                }
+            });
+        }
     }
 
     /// Transmit goes back to direct, and every frame still held leaves, in order.

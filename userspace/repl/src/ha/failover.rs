@@ -15,6 +15,15 @@
 //! * a primary that said goodbye left on purpose: its silence is not a death, no takeover; nor
 //!   after this side refused the session (the primary was told and goes on alone).
 //!
+//! With a quorum, a dead verdict is a suspicion until the quorum agrees: the daemon claims the
+//! VM's lease for its standby's term (the term of the primary whose epoch made it) and takes over
+//! only when granted; refused (the primary holds the lease: the A-Link broke but the primary lives,
+//! or this standby is stale), it stays standby and asks again every [`QUORUM_RETRY`]. A grant that
+//! replaced an *expired* lease waits [`TAKEOVER_QUIET`] after the receiver stopped, for output the
+//! old primary may release on a fresh acknowledgement ([`crate::ha::lease::ACK_AUTHORITY`]). After
+//! the takeover the lease is renewed; while it is not valid the restored VM is paused, and if it is
+//! lost to another host the VM is stopped (role [`Role::Fenced`]).
+//!
 //! A takeover tells a primary still connected that this host takes over
 //! ([`BackupReceiver::stop_taking_over`]): a live primary taken for dead then stops its copy
 //! instead of serving beside the restored one.
@@ -30,13 +39,18 @@ use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
 
 use super::detector::{DeadReason, DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
 use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
-use super::quorum::{claim, Claim, NoQuorum, QuorumClient};
+use super::lease::{Lease, Renewer, TAKEOVER_QUIET};
+use super::quorum::{Claim, Previous};
+use super::term::TermFile;
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
 use crate::ErrorChain;
 
-/// How long after a refused takeover claim the quorum is asked again.
-const QUORUM_RETRY: Duration = Duration::from_millis(100);
+/// How long after a refused takeover claim the quorum is asked again (a primary that died may have
+/// its lease released by its host's watchdog a moment later).
+pub const QUORUM_RETRY: Duration = Duration::from_millis(10);
+/// How often the restored VM's lease is looked at.
+const LEASE_POLL: Duration = Duration::from_millis(5);
 
 /// Settings of a [`BackupDaemon`].
 #[derive(Debug)]
@@ -49,8 +63,10 @@ pub struct DaemonConfig {
     pub poll_interval: Duration,
     /// What the restored VM gets on this host.
     pub promote: PromoteConfig,
-    /// Asked before a takeover (the default grants every claim).
-    pub quorum: Box<dyn QuorumClient>,
+    /// Claimed before a takeover, renewed after it (the default, no quorum, grants every claim).
+    pub lease: Lease,
+    /// Where the standby's term is kept with its disk.
+    pub term_file: Option<TermFile>,
 }
 
 impl DaemonConfig {
@@ -61,7 +77,8 @@ impl DaemonConfig {
             detector: DetectorConfig::default(),
             poll_interval: Duration::from_millis(1),
             promote,
-            quorum: Box::new(NoQuorum),
+            lease: Lease::default(),
+            term_file: None,
         }
     }
 }
@@ -79,6 +96,8 @@ pub enum Role {
     Ended,
     /// The promotion failed; see `last_error`.
     Failed,
+    /// After the takeover, the lease was lost to another host: the restored VM was stopped.
+    Fenced,
 }
 
 /// How the takeover went.
@@ -153,6 +172,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct BackupDaemon {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    lease: Lease,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -189,7 +209,9 @@ impl BackupDaemon {
             shared: Arc::clone(&shared),
             activity: receiver.link_activity(),
             detector: TimeoutDetector::new(cfg.detector),
-            quorum: cfg.quorum,
+            lease: cfg.lease.clone(),
+            term_file: cfg.term_file,
+            written_term: None,
             poll: cfg.poll_interval.clamp(Duration::from_micros(100), Duration::from_millis(100)),
         };
         let promote_cfg = cfg.promote;
@@ -197,7 +219,12 @@ impl BackupDaemon {
             .name("ftvm-backup-watch".into())
             .spawn(move || watch.run(receiver, promote_cfg))
             .map_err(DaemonStartError::Thread)?;
-        Ok(Self { shared, local_addr, thread: Some(thread) })
+        Ok(Self { shared, local_addr, lease: cfg.lease, thread: Some(thread) })
+    }
+
+    /// The lease this host claims to take over, and renews after.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// The A-Link address the receiver listens on.
@@ -268,7 +295,9 @@ struct Watch {
     shared: Arc<Shared>,
     activity: LinkActivity,
     detector: TimeoutDetector,
-    quorum: Box<dyn QuorumClient>,
+    lease: Lease,
+    term_file: Option<TermFile>,
+    written_term: Option<u64>,
     poll: Duration,
 }
 
@@ -279,6 +308,27 @@ impl Watch {
             s.role = r;
         }
         s.last_error = Some(msg);
+    }
+
+    /// Keeps the term file in step with the standby: 0 while a synchronisation rewrites it (not a
+    /// copy of anything yet), the primary's term once an epoch of that primary made it restorable.
+    fn keep_term_file(&mut self, stats: &crate::backup::ReceiverStats) {
+        let Some(file) = &self.term_file else { return };
+        let want = if stats.sync.is_some() || !stats.restorable {
+            0
+        } else {
+            match stats.standby_term {
+                Some(t) => t,
+                None => return,
+            }
+        };
+        if self.written_term == Some(want) {
+            return;
+        }
+        match file.write(want) {
+            Ok(()) => self.written_term = Some(want),
+            Err(e) => tracing::error!(error = %ErrorChain(&e), "cannot store the standby's term"),
+        }
     }
 
     fn run(mut self, receiver: BackupReceiver, promote_cfg: PromoteConfig) {
@@ -309,6 +359,7 @@ impl Watch {
                 verdict = Suspicion::Dead { for_, reason: DeadReason::LinkClosed };
             }
             let stats = receiver.stats();
+            self.keep_term_file(&stats);
             {
                 let mut s = lock(&self.shared.status);
                 s.committed = stats.committed;
@@ -353,26 +404,33 @@ impl Watch {
                     }
                     // A refused claim is asked again only after a while: a real quorum is a remote service.
                     let ask = refused_at.is_none_or(|t: Instant| t.elapsed() >= QUORUM_RETRY);
-                    if stats.restorable && (!ask || claim(self.quorum.as_mut(), Claim::TakeOver, 0).is_err()) {
-                        if ask {
-                            refused_at = Some(Instant::now());
-                        }
-                        if !reported_no_takeover {
-                            reported_no_takeover = true;
-                            let msg = format!(
-                                "the primary looks dead ({reason:?}, silent for {for_:?}) but the quorum refused the \
-                                 takeover (the primary holds it): staying standby"
-                            );
-                            tracing::error!("{msg}");
-                            self.set_error(None, msg);
-                        }
+                    if stats.restorable && !ask {
                         continue;
                     }
                     if stats.restorable {
-                        tracing::error!(silent_for = ?for_, ?reason, "the primary is dead: taking over");
-                        let dead_at = Instant::now();
-                        let suspected = suspected_at.unwrap_or(dead_at);
-                        break (receiver, dead_at, suspected, for_);
+                        self.lease.set_known_term(stats.standby_term.unwrap_or(0));
+                        match self.lease.claim(Claim::TakeOver) {
+                            Ok(grant) => {
+                                tracing::error!(silent_for = ?for_, ?reason, term = grant.term, "the primary is dead: taking over");
+                                let dead_at = Instant::now();
+                                let suspected = suspected_at.unwrap_or(dead_at);
+                                break (receiver, dead_at, suspected, for_, grant.previous);
+                            }
+                            Err(why) => {
+                                refused_at = Some(Instant::now());
+                                if !reported_no_takeover {
+                                    reported_no_takeover = true;
+                                    let msg = format!(
+                                        "the primary looks dead ({reason:?}, silent for {for_:?}) but the quorum ({}) \
+                                         refused the takeover: {why}; staying standby",
+                                        self.lease.backend()
+                                    );
+                                    tracing::error!("{msg}");
+                                    self.set_error(None, msg);
+                                }
+                                continue;
+                            }
+                        }
                     }
                     if !reported_no_takeover {
                         reported_no_takeover = true;
@@ -387,8 +445,22 @@ impl Watch {
                 }
             }
         };
-        let (receiver, dead_at, suspected_at, last_frame_to_dead) = receiver;
+        let (receiver, dead_at, suspected_at, last_frame_to_dead, previous) = receiver;
         lock(&self.shared.status).role = Role::Promoting;
+        if let Some(file) = &self.term_file {
+            // The standby is the current copy now, for the new term.
+            if let Err(e) = file.write(self.lease.term()) {
+                tracing::error!(error = %ErrorChain(&e), "cannot store the new term with the disk");
+            }
+        }
+        let renewer = if self.lease.has_quorum() {
+            match self.lease.spawn_renewer() {
+                Ok(r) => Some(r),
+                Err(e) => return self.set_error(Some(Role::Failed), format!("cannot start the lease renewer: {e}")),
+            }
+        } else {
+            None
+        };
 
         let t = Instant::now();
         let notice = format!("the backup declared the primary dead after {last_frame_to_dead:?} of silence");
@@ -397,6 +469,10 @@ impl Watch {
             Err(e) => return self.set_error(Some(Role::Failed), format!("cannot stop the receiver: {}", ErrorChain(&e))),
         };
         let stop_receiver = t.elapsed();
+        if previous == Previous::Expired {
+            // The old primary may still let out output it holds a fresh acknowledgement for.
+            std::thread::sleep(TAKEOVER_QUIET);
+        }
         let promoted = match promote(standby, promote_cfg) {
             Ok(p) => p,
             Err(e) => {
@@ -415,7 +491,9 @@ impl Watch {
             // The announcer must not outlive the run by much; it ends by itself within its schedule.
             drop(announcer);
             let mut s = lock(&shared.status);
-            s.role = Role::Ended;
+            if matches!(s.role, Role::Active | Role::Promoting) {
+                s.role = Role::Ended;
+            }
             match result {
                 Ok(exit) => s.exit = Some(exit),
                 Err(e) => s.last_error = Some(format!("the restored machine failed: {}", ErrorChain(&e))),
@@ -435,12 +513,52 @@ impl Watch {
             suspected_to_resumed: resumed.saturating_duration_since(suspected_at),
         };
         tracing::info!(?timings, "active: the restored guest runs");
-        let mut s = lock(&self.shared.status);
-        // The run may already have ended (a guest that exits at once): keep its verdict.
-        if s.role == Role::Promoting {
-            s.role = Role::Active;
+        {
+            let mut s = lock(&self.shared.status);
+            // The run may already have ended (a guest that exits at once): keep its verdict.
+            if s.role == Role::Promoting {
+                s.role = Role::Active;
+            }
+            s.promotion = Some(timings);
+            s.connected = false;
         }
-        s.promotion = Some(timings);
-        s.connected = false;
+        if let Some(renewer) = renewer {
+            self.police_lease(renewer);
+        }
+    }
+
+    /// While the restored VM runs: paused while the lease is not valid, stopped for good when it is
+    /// lost to another host.
+    fn police_lease(&self, _renewer: Renewer) {
+        let mut paused = false;
+        // Bounded by the stop flag and the VM's run.
+        while !self.shared.stop.load(Ordering::SeqCst) && lock(&self.shared.status).role == Role::Active {
+            std::thread::sleep(LEASE_POLL);
+            let Some(handle) = lock(&self.shared.handle).clone() else { continue };
+            if let Some(reason) = self.lease.lost() {
+                tracing::error!(%reason, "the lease was lost after the takeover: stopping the VM");
+                let _ = handle.pause();
+                handle.stop();
+                return self.set_error(Some(Role::Fenced), reason);
+            }
+            let valid = self.lease.is_valid(monotonic_us());
+            if !valid && !paused {
+                match handle.pause() {
+                    Ok(()) => {
+                        paused = true;
+                        tracing::error!("the lease ran out: the VM is paused until the quorum renews it");
+                    }
+                    Err(e) => tracing::error!(error = %ErrorChain(&e), "cannot pause the VM whose lease ran out"),
+                }
+            } else if valid && paused {
+                match handle.resume() {
+                    Ok(()) => {
+                        paused = false;
+                        tracing::warn!("the lease is valid again: the VM runs");
+                    }
+                    Err(e) => tracing::error!(error = %ErrorChain(&e), "cannot resume the VM"),
+                }
+            }
+        }
     }
 }

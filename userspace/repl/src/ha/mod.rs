@@ -4,9 +4,14 @@
 //! * [`detector`]: the [`detector::FailureDetector`] trait and a timeout detector;
 //! * [`failover`]: the [`failover::BackupDaemon`], which runs the receiver, watches the
 //!   detector and promotes the standby (see [`crate::backup::activate`]);
-//! * [`quorum`]: the [`quorum::QuorumClient`] asked before a host runs the VM alone.
+//! * [`quorum`]: the [`quorum::QuorumClient`] asked before a host runs the VM alone, its lease
+//!   rules and backends;
+//! * [`lease`]: a host's hold on the lease ([`lease::Lease`]), renewed in the background;
+//! * [`term`]: the lease term stored with a copy of the disk.
 
 pub mod detector;
 pub mod failover;
 pub mod heartbeat;
+pub mod lease;
 pub mod quorum;
+pub mod term;

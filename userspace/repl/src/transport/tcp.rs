@@ -60,6 +60,9 @@ pub struct TcpOptions {
     pub memory_bytes: Option<u64>,
     /// The guest's disk size, checked against the backup's standby disk.
     pub disk_bytes: Option<u64>,
+    /// The lease term this primary's copy is current for, told to the backup (protocol 1.2 and
+    /// later): the backup names it when it claims the lease to take over.
+    pub lease_term: Option<u64>,
 }
 
 impl Default for TcpOptions {
@@ -72,6 +75,7 @@ impl Default for TcpOptions {
             max_in_flight: 64,
             memory_bytes: None,
             disk_bytes: None,
+            lease_term: None,
         }
     }
 }
@@ -323,7 +327,7 @@ impl TcpTransport {
 
         let mut io = &stream;
         let session = handshake::initiate(&mut io, secret)?;
-        let (sealer, mut opener) = (session.sealer, session.opener);
+        let (mut sealer, mut opener) = (session.sealer, session.opener);
         let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
         let peer = match frame.header.kind {
             FrameKind::StandbyInfo => StandbyInfo::decode(&frame.payload).map_err(ConnectError::MalformedInfo)?,
@@ -335,6 +339,11 @@ impl TcpTransport {
         }
         if let Some(guest) = options.disk_bytes.filter(|&g| g != peer.disk_bytes) {
             return Err(ConnectError::DiskMismatch { backup: peer.disk_bytes, guest });
+        }
+        // The first frame under the session key, which is what makes the backup count the session
+        // as started (a backup of 1.1 counts it at the first epoch frame instead).
+        if let Some(term) = options.lease_term.filter(|_| session.minor >= 2) {
+            sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&term.to_le_bytes()]).map_err(ConnectError::Info)?;
         }
 
         // From here on the acknowledgement thread reads without a timeout (acks only come when an

@@ -19,6 +19,7 @@
 //! without the guarantee (status and logs say so).
 
 pub mod rules;
+pub mod witness;
 
 use std::time::Duration;
 
