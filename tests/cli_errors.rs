@@ -149,8 +149,15 @@ fn a_primary_with_the_wrong_secret_is_refused_and_the_backup_keeps_waiting() {
     std::fs::write(&good, "0123456789abcdef0123456789abcdef\n").unwrap();
     std::fs::write(&bad, "fedcba9876543210fedcba9876543210\n").unwrap();
     std::fs::write(&short, "tooshort\n").unwrap();
+    let loose = dir.path().join("loose");
+    std::fs::write(&loose, "0123456789abcdef0123456789abcdef\n").unwrap();
+    for f in [&good, &bad, &short] {
+        Command::new("chmod").arg("600").arg(f).status().unwrap();
+    }
+    Command::new("chmod").arg("640").arg(&loose).status().unwrap();
     let mut backup = Command::new(ftvm_bin())
         .args(["backup", "--netns", ns.name(), "--listen", "127.0.0.1:7700", "--memory", "64M", "--tap", "ftvmb0"])
+        .args(["--quorum", "none"])
         .arg("--secret-file")
         .arg(&good)
         .arg("--disk")
@@ -161,13 +168,16 @@ fn a_primary_with_the_wrong_secret_is_refused_and_the_backup_keeps_waiting() {
         .spawn()
         .unwrap();
     let primary = |secret: &Path| {
-        let args = ["--peer", "127.0.0.1:7700", "--secret-file", secret.to_str().unwrap(), "--connect-timeout", "20"];
+        let args =
+            ["--peer", "127.0.0.1:7700", "--secret-file", secret.to_str().unwrap(), "--connect-timeout", "20", "--quorum", "none"];
         run_subcommand_expecting_error("primary", &ns, dir.path(), &guest_elf(), &args, None)
     };
     let line = primary(&bad);
     assert!(line.contains("refused this primary"), "{line}");
     let line = primary(&short);
     assert!(line.contains("at least 16"), "{line}");
+    let line = primary(&loose);
+    assert!(line.contains("readable by group or others"), "{line}");
     assert!(backup.try_wait().unwrap().is_none(), "the backup must keep running");
     let _ = backup.kill();
     let _ = backup.wait();

@@ -35,6 +35,11 @@ pub enum Command {
     /// Be the backup of a fault-tolerant pair: keep the last committed checkpoint, and resume the VM
     /// from it when the primary dies.
     Backup(crate::ft::BackupArgs),
+    /// The witness: the quorum service of a two-host site, on a third machine.
+    Witness(crate::quorum::WitnessArgs),
+    /// (Started by `ftvm primary`.) Releases the primary's lease when the primary dies.
+    #[command(hide = true)]
+    LeaseWatchdog(crate::quorum::QuorumArgs),
     /// A whole site on this one machine, in network namespaces: hosts A and B, a client, a
     /// business LAN and the A-Link.
     Site {

@@ -20,6 +20,8 @@ use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
 use ftvm_repl::epoch::context::{EpochWindowStats, Percentiles};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, PrimaryEngine};
 use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
+use ftvm_repl::ha::quorum::{Claim, ReleaseReason};
+use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
 use ftvm_repl::transport::ConnectError;
 use ftvm_vmm::devices::virtio::net::hold::FileTrace;
@@ -28,6 +30,7 @@ use ftvm_vmm::machine::Machine;
 use serde::Serialize;
 
 use crate::cli::{parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
+use crate::quorum::{QuorumArgs, QuorumKind, QuorumStatus, Watchdog};
 use crate::run;
 
 /// Default A-Link port.
@@ -40,10 +43,12 @@ pub struct PrimaryArgs {
     /// The backup's A-Link address (host:port).
     #[arg(long)]
     pub peer: SocketAddr,
-    /// File holding the shared secret of the A-Link (at least 16 bytes).
+    /// File holding the shared secret of the A-Link (at least 16 bytes, mode 0600).
     #[arg(long)]
     pub secret_file: PathBuf,
-    /// Write this host's status here (JSON), several times a second.
+    #[command(flatten)]
+    pub quorum: QuorumArgs,
+    /// Write this host's status here (JSON, mode 0600), several times a second.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
     /// Longest time between checkpoints, in microseconds.
@@ -80,9 +85,11 @@ pub struct BackupArgs {
     /// Address to listen on for the primary (this host's A-Link address; never 0.0.0.0).
     #[arg(long)]
     pub listen: SocketAddr,
-    /// File holding the shared secret of the A-Link.
+    /// File holding the shared secret of the A-Link (mode 0600).
     #[arg(long)]
     pub secret_file: PathBuf,
+    #[command(flatten)]
+    pub quorum: QuorumArgs,
     /// Guest RAM (must equal the primary's).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
@@ -111,8 +118,18 @@ pub struct BackupArgs {
     pub sync_every_epoch: bool,
 }
 
-/// Reads the A-Link secret: the file's bytes without a trailing newline.
+/// Reads a secret (the A-Link's, the witness's): the file's bytes without a trailing newline. A
+/// file that group or others may read is refused: the secret is the whole of the link's security.
 pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "secret file {} is readable by group or others (mode {:o}): `chmod 600` it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
     let mut secret = std::fs::read(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
     while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         secret.pop();
@@ -128,13 +145,25 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
     Ok(secret)
 }
 
-/// Writes `value` as JSON to `path` atomically (write, then rename).
+/// Writes `value` as JSON to `path` atomically (write, then rename), readable by root only, never
+/// through a symbolic link planted at the temporary name (the rename replaces a link at `path`
+/// itself rather than following it).
 fn write_status(path: &Path, value: &impl Serialize) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let ok = serde_json::to_vec_pretty(value)
-        .ok()
-        .is_some_and(|json| std::fs::write(&tmp, json).is_ok() && std::fs::rename(&tmp, path).is_ok());
-    if !ok {
+    let _ = std::fs::remove_file(&tmp);
+    let written = serde_json::to_vec_pretty(value).ok().is_some_and(|json| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&json))
+            .is_ok()
+    });
+    if !(written && std::fs::rename(&tmp, path).is_ok()) {
         tracing::debug!(path = %path.display(), "cannot write the status file");
     }
 }
@@ -153,6 +182,8 @@ pub struct PrimaryStatus {
     pub link_per_dirty_byte: Option<f64>,
     /// Percentiles over the last epochs, in microseconds: `<part>: [p50, p99]`.
     pub recent: RecentEpochs,
+    /// The lease.
+    pub quorum: QuorumStatus,
 }
 
 /// The pause and its parts, and the acknowledgement round trip, over the last epochs: `[p50, p99]`
@@ -232,10 +263,52 @@ fn connect_backup(peer: SocketAddr, secret: &[u8], options: &TcpOptions, timeout
     }
 }
 
+/// Claims the lease to start the VM and keeps the term file and the watchdog in step with it.
+fn start_lease(args: &PrimaryArgs) -> Result<(ftvm_repl::ha::lease::Lease, Option<Watchdog>)> {
+    let term_file = TermFile::for_disk(&args.vm.disk, &args.quorum.vm_id);
+    let known = term_file.read().context("cannot read the disk's term")?;
+    let lease = args.quorum.lease(&args.secret_file, known)?;
+    if !lease.has_quorum() {
+        return Ok((lease, None));
+    }
+    // An unreachable quorum is waited for (it may be starting too); a refusal is final.
+    let started = Instant::now();
+    let grant = loop {
+        match lease.claim(Claim::Start) {
+            Ok(g) => break g,
+            Err(why) if lease.last_error().is_some() && started.elapsed() < Duration::from_secs(args.connect_timeout) => {
+                tracing::info!(%why, "waiting for the quorum");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(why) => bail!("the quorum refused to let this host start the VM: {why}"),
+        }
+    };
+    term_file.write(grant.term).context("cannot store the new term with the disk")?;
+    tracing::info!(term = grant.term, backend = lease.backend(), "lease held");
+    // A later change of term (going on alone) is stored before the VM serves under it.
+    let file = term_file.clone();
+    lease.subscribe(move |v| {
+        if v.held {
+            if let Err(e) = file.write(v.term) {
+                tracing::error!(error = %ftvm_repl::ErrorChain(&e), "cannot store the term with the disk");
+            }
+        }
+    });
+    let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease)?;
+    Ok((lease, Some(watchdog)))
+}
+
 pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let secret = read_secret(&args.secret_file)?;
     let config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
-    let options = TcpOptions { memory_bytes: Some(args.vm.memory), disk_bytes: Some(args.vm.disk_size_bytes()?), ..TcpOptions::default() };
+    let (lease, watchdog) = start_lease(&args)?;
+    let renewer = lease.spawn_renewer().context("cannot start the lease renewer")?;
+    let options = TcpOptions {
+        memory_bytes: Some(args.vm.memory),
+        disk_bytes: Some(args.vm.disk_size_bytes()?),
+        lease_term: lease.has_quorum().then(|| lease.term()),
+        ..TcpOptions::default()
+    };
     // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
     // half-started.
     let transport = connect_backup(args.peer, &secret, &options, Duration::from_secs(args.connect_timeout))?;
@@ -250,7 +323,9 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         ..EngineConfig::default()
     };
     let disk = DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? };
-    let engine = PrimaryEngine::new(source, Box::new(transport), Some(disk), engine_config).context("cannot start the epoch engine")?;
+    let engine = PrimaryEngine::new(source, Box::new(transport), Some(disk), engine_config)
+        .context("cannot start the epoch engine")?
+        .with_lease(lease.clone());
     // Before the engine runs: the hold takes its first frame at the first checkpoint.
     let output_trace = match &args.output_trace {
         Some(path) => {
@@ -271,6 +346,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         let fenced = Arc::clone(&fenced);
         let machine_handle = machine.handle();
         let path = args.status_file.clone();
+        let lease = lease.clone();
         std::thread::Builder::new().name("status".into()).spawn(move || {
             let mut last_state = String::new();
             while !done.load(Ordering::Relaxed) {
@@ -299,6 +375,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                             lag_epochs: snap.lag_epochs(),
                             link_per_dirty_byte: snap.link_per_dirty_byte(),
                             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
+                            quorum: QuorumStatus::of(&lease),
                         },
                     );
                 }
@@ -315,6 +392,12 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     if let Some(Err(e)) = output_trace.map(|t| t.flush()) {
         tracing::warn!(error = %e, "cannot write the end of the output trace");
     }
+    drop(renewer);
+    // The VM no longer runs here: the lease goes (a fenced host no longer holds it anyway).
+    lease.release(ReleaseReason::Stopped);
+    if let Some(w) = watchdog {
+        w.stop();
+    }
     if let Some(reason) = fenced.lock().unwrap_or_else(|e| e.into_inner()).take() {
         bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now");
     }
@@ -325,6 +408,8 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
 #[derive(Debug, Serialize)]
 pub struct BackupStatus {
     pub role: String,
+    /// The lease (claimed at a takeover).
+    pub quorum: QuorumStatus,
     pub committed_epoch: Option<u64>,
     pub restorable: bool,
     pub connected: bool,
@@ -354,7 +439,13 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
         console: Box::new(console),
         dirty_tracking: DirtyTracking::Off,
     };
+    let term_file = TermFile::for_disk(&args.disk, &args.quorum.vm_id);
+    let known = term_file.read().context("cannot read the standby disk's term")?;
     let mut daemon_config = DaemonConfig::new(receiver, promote);
+    daemon_config.lease = args.quorum.lease(&args.secret_file, known)?;
+    if args.quorum.quorum != QuorumKind::None {
+        daemon_config.term_file = Some(term_file);
+    }
     daemon_config.detector.dead_after = Duration::from_millis(args.dead_after_ms.max(10));
     daemon_config.detector.silent_after = daemon_config.detector.silent_after.min(daemon_config.detector.dead_after);
     let daemon = BackupDaemon::start(daemon_config).context("cannot start the backup")?;
@@ -378,6 +469,7 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
                 path,
                 &BackupStatus {
                     role: format!("{:?}", st.role).to_lowercase(),
+                    quorum: QuorumStatus::of(daemon.lease()),
                     committed_epoch: st.committed.map(|e| e.0),
                     restorable: st.restorable,
                     connected: st.connected,
@@ -389,6 +481,12 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
         }
         match st.role {
             Role::Failed => break Err(anyhow::anyhow!("takeover failed: {}", st.last_error.unwrap_or_default())),
+            Role::Fenced => {
+                break Err(anyhow::anyhow!(
+                    "this VM was stopped because another host holds its lease now: {}",
+                    st.last_error.unwrap_or_default()
+                ))
+            }
             Role::Ended => break Ok(ExitCode::SUCCESS),
             _ => {}
         }

@@ -4,6 +4,7 @@ mod cli;
 mod console;
 mod ft;
 mod netns;
+mod quorum;
 mod run;
 mod signals;
 mod site;
@@ -25,6 +26,8 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Primary(args) => ft::primary(args),
         cli::Command::Backup(args) => ft::backup(args),
+        cli::Command::Witness(args) => quorum::witness(args),
+        cli::Command::LeaseWatchdog(args) => quorum::watchdog(args),
         cli::Command::Site { command } => site::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -159,7 +159,7 @@ impl WitnessRequest {
                 2 => WitnessReleaseReason::HolderDied,
                 code => return Err(WitnessDecodeError::UnknownCode { what: "reason", code }),
             }),
-            (1 | 2 | 3, _, _) => return Err(WitnessDecodeError::Reserved),
+            (1..=3, _, _) => return Err(WitnessDecodeError::Reserved),
             (code, _, _) => return Err(WitnessDecodeError::UnknownCode { what: "operation", code }),
         };
         let term = le64(b, 4);

@@ -494,7 +494,7 @@ mod tests {
         let s = daemon.status();
         assert_eq!(s.role, Role::Standby, "{s:?}");
         assert!(s.restorable && s.suspicion.is_dead(), "{s:?}");
-        assert!(s.last_error.as_deref().is_some_and(|e| e.contains("quorum refused")), "{s:?}");
+        assert!(s.last_error.as_deref().is_some_and(|e| e.contains("refused the takeover")), "{s:?}");
         assert_eq!(daemon.shutdown().role, Role::Standby);
     }
 

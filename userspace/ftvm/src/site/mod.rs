@@ -1,11 +1,10 @@
 //! `ftvm site`: a whole site on this one machine, for trying ftvm out and for the tests.
 //!
-//! `up` builds the network ([`topology`]), starts the VM in host A's namespace and returns once it
-//! serves; the processes keep running in the background until `down`. Everything a site owns lives
-//! under `/run/ftvm/sites/<name>/`: its state file, the guest disk, the console and process logs.
-//!
-//! Until the fault-tolerant pair exists (issue 3), host A runs the VM unprotected and host B is
-//! idle; status says so.
+//! `up` builds the network ([`topology`]), starts the witness in its namespace, the backup on host
+//! B and the primary on host A, and returns once the pair is protected and the guest serves; the
+//! processes keep running in the background until `down`. Everything a site owns lives under
+//! `/run/ftvm/sites/<name>/`: its state file, the guest disks, the secrets, the witness's state, the
+//! console and process logs.
 
 pub mod topology;
 
@@ -34,7 +33,9 @@ pub enum SiteCommand {
     Up(UpArgs),
     /// Show each host's role and the site's state.
     Status(StatusArgs),
-    /// SIGKILL every process of a host and take its links down.
+    /// SIGKILL a host's ftvm process and take its business port and A-Link down (its watchdog and
+    /// management port live on, as on a host whose ftvm service crashed); `--power`: every process
+    /// of the host and all its links (the host lost power). `witness`: stop the witness.
     Kill(KillArgs),
     /// Stop everything and remove the site.
     Down(NameArg),
@@ -78,6 +79,10 @@ pub struct UpArgs {
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
     pub output_trace: bool,
+    /// The quorum: `witness` (a witness in its own namespace on the management network), or
+    /// `none` (no protection against split-brain).
+    #[arg(long, value_enum, default_value = "witness")]
+    pub quorum: crate::quorum::QuorumKind,
 }
 
 #[derive(Debug, Args)]
@@ -93,8 +98,11 @@ pub struct StatusArgs {
 pub struct KillArgs {
     #[command(flatten)]
     pub site: NameArg,
-    /// The host: A or B.
+    /// The host: A, B, or witness.
     pub host: String,
+    /// The whole host: every process in its namespace and all its links, management included.
+    #[arg(long)]
+    pub power: bool,
 }
 
 /// One host of the site, as recorded in the state file.
@@ -116,6 +124,9 @@ pub struct SiteRecord {
     pub guest_ip: String,
     pub guest_port: u16,
     pub hosts: Vec<HostRecord>,
+    /// The witness, when the site has one.
+    #[serde(default)]
+    pub witness: Option<HostRecord>,
 }
 
 /// What `status --json` prints.
@@ -132,6 +143,8 @@ struct StatusReport<'a> {
     replication_lag_epochs: Option<f64>,
     takeover_ms: Option<f64>,
     hosts: Vec<HostStatus<'a>>,
+    /// Whether the witness process runs (none: the site has no witness).
+    witness_running: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -283,9 +296,59 @@ fn write_secret(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Starts the witness in its namespace and waits until it listens.
+fn start_witness(names: &SiteNames, dir: &Path, secret: &Path) -> Result<i32> {
+    write_secret(secret)?;
+    let listen = format!("{}:{}", topology::WITNESS_IP, topology::WITNESS_PORT);
+    let s = |p: &Path| p.display().to_string();
+    let args: Vec<String> = [
+        "witness", "--netns", &names.witness, "--listen", &listen, "--secret-file", &s(secret),
+        "--state-dir", &s(&dir.join("witness-state")),
+    ]
+    .map(String::from)
+    .to_vec();
+    let pid = spawn_host(dir, "witness", &args)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = dir.join("host-witness.log");
+    // Bounded: the witness logs that it serves within milliseconds, or exits with its reason.
+    loop {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains("witness serving") {
+            return Ok(pid);
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            bail!("the witness did not start: {}", last_error_line(&log));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The quorum options of host `host` (A or B).
+fn quorum_args(args: &UpArgs, host: &str, witness_secret: &Path) -> Vec<String> {
+    match args.quorum {
+        crate::quorum::QuorumKind::None => vec!["--quorum".into(), "none".into()],
+        crate::quorum::QuorumKind::Witness => vec![
+            "--quorum".into(),
+            "witness".into(),
+            "--witness".into(),
+            format!("{}:{}", topology::WITNESS_IP, topology::WITNESS_PORT),
+            "--witness-secret-file".into(),
+            witness_secret.display().to_string(),
+            "--vm-id".into(),
+            args.site.name.clone(),
+            "--host-name".into(),
+            host.into(),
+        ],
+    }
+}
+
 fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     let secret = dir.join("alink.secret");
     write_secret(&secret)?;
+    let witness_secret = dir.join("witness.secret");
+    let witness_pid = match args.quorum {
+        crate::quorum::QuorumKind::Witness => Some(start_witness(names, dir, &witness_secret)?),
+        crate::quorum::QuorumKind::None => None,
+    };
     let s = |p: &Path| p.display().to_string();
     let guest_cidr = format!("{}/{}", topology::GUEST_IP, topology::LAN_PREFIX);
     let alink = format!("{}:{ALINK_PORT}", topology::ALINK_IPS[1]);
@@ -297,6 +360,8 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
+    let mut backup_args = backup_args;
+    backup_args.extend(quorum_args(args, "B", &witness_secret));
     let backup_pid = spawn_host(dir, "b", &backup_args)?;
     let mut primary_args: Vec<String> = [
         "primary", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP, "--guest", &s(&args.guest),
@@ -318,6 +383,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     if args.output_trace {
         primary_args.extend(["--output-trace".to_string(), s(&dir.join(OUTPUT_TRACE_FILE))]);
     }
+    primary_args.extend(quorum_args(args, "A", &witness_secret));
     let primary_pid = spawn_host(dir, "a", &primary_args)?;
     let record = SiteRecord {
         name: args.site.name.clone(),
@@ -328,6 +394,13 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
             HostRecord { name: "A".into(), netns: names.hosts[0].clone(), pids: vec![primary_pid], role: "primary".into(), killed: false },
             HostRecord { name: "B".into(), netns: names.hosts[1].clone(), pids: vec![backup_pid], role: "backup".into(), killed: false },
         ],
+        witness: witness_pid.map(|pid| HostRecord {
+            name: "witness".into(),
+            netns: names.witness.clone(),
+            pids: vec![pid],
+            role: "witness".into(),
+            killed: false,
+        }),
     };
     save(&record)?;
     if args.no_wait {
@@ -408,6 +481,11 @@ fn site_state(primary: &(bool, Option<serde_json::Value>), backup: &(bool, Optio
     let field = |v: &Option<serde_json::Value>, k: &str| v.as_ref().and_then(|v| v[k].as_str().map(String::from)).unwrap_or_default();
     let backup_role = field(&backup.1, "role");
     if backup.0 && (backup_role == "active" || backup_role == "promoting") {
+        // Both copies running is the one state that must never be: say it.
+        let primary_state = field(&primary.1, "state");
+        if primary.0 && !matches!(primary_state.as_str(), "fenced" | "stopped" | "") {
+            return "split-brain";
+        }
         return "failed over";
     }
     if !primary.0 {
@@ -462,6 +540,7 @@ fn status(args: StatusArgs) -> Result<()> {
         replication_lag_epochs: num("lag_epochs"),
         takeover_ms: views[1].1.as_ref().and_then(|v| v["takeover_ms"].as_f64()),
         hosts,
+        witness_running: record.witness.as_ref().map(|w| w.pids.iter().any(|&p| alive(p))),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -470,7 +549,15 @@ fn status(args: StatusArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "site {}: {}   guest {}:{}", report.site, report.state, report.guest_ip, report.guest_port)?;
     for h in &report.hosts {
-        writeln!(out, "  host {:<2} {:<10} {:<8} {}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
+        let quorum = h.detail.as_ref().map(|d| &d["quorum"]).filter(|q| q.is_object()).map_or(String::new(), |q| {
+            let lease = if q["lease_valid"].as_bool() == Some(true) { "lease held" } else { "no lease" };
+            let err = q["error"].as_str().map_or(String::new(), |e| format!(" ({e})"));
+            format!("  quorum {} term {} {lease}{err}", q["backend"].as_str().unwrap_or("?"), q["term"])
+        });
+        writeln!(out, "  host {:<2} {:<10} {:<8} {}{quorum}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
+    }
+    if let Some(w) = report.witness_running {
+        writeln!(out, "  witness {}", if w { "running" } else { "stopped" })?;
     }
     let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.0}{unit}"));
     writeln!(
@@ -485,20 +572,45 @@ fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// Every process in a namespace.
+fn netns_pids(ns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 fn kill(args: KillArgs) -> Result<()> {
     let mut record = load(&args.site.name)?;
+    if args.host.eq_ignore_ascii_case("witness") {
+        let w = record.witness.as_mut().with_context(|| format!("site {} has no witness", args.site.name))?;
+        kill_pids(&netns_pids(&w.netns));
+        w.killed = true;
+        save(&record)?;
+        println!("witness killed (SIGKILL)");
+        return Ok(());
+    }
     let wanted = args.host.to_ascii_uppercase();
     let host = record
         .hosts
         .iter_mut()
         .find(|h| h.name == wanted)
-        .with_context(|| format!("no host {:?} in site {} (A or B)", args.host, args.site.name))?;
-    kill_pids(&host.pids);
-    topology::isolate_host(&host.netns)?;
+        .with_context(|| format!("no host {:?} in site {} (A, B or witness)", args.host, args.site.name))?;
+    if args.power {
+        kill_pids(&netns_pids(&host.netns));
+    } else {
+        kill_pids(&host.pids);
+    }
+    topology::isolate_host(&host.netns, args.power)?;
     host.killed = true;
     let netns = host.netns.clone();
     save(&record)?;
-    println!("host {wanted} killed (SIGKILL) and its links ({netns}) taken down");
+    if args.power {
+        println!("host {wanted} powered off: every process killed (SIGKILL) and all its links ({netns}) taken down");
+    } else {
+        println!("host {wanted}: ftvm killed (SIGKILL), business port and A-Link ({netns}) taken down");
+    }
     Ok(())
 }
 
@@ -506,16 +618,13 @@ fn down(name: &str) -> Result<()> {
     check_name(name)?;
     let names = SiteNames::new(name);
     if let Ok(record) = load(name) {
-        for h in &record.hosts {
+        for h in record.hosts.iter().chain(&record.witness) {
             kill_pids(&h.pids);
         }
     }
-    // Also anything else still inside the namespaces (a process started by hand, say).
+    // Also anything else still inside the namespaces (the watchdogs, a process started by hand).
     for ns in names.all() {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-            let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
-            kill_pids(&pids);
-        }
+        kill_pids(&netns_pids(ns));
     }
     topology::teardown(&names)?;
     let dir = site_dir(name);

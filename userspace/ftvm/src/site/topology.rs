@@ -1,11 +1,15 @@
-//! The network of a one-machine site: namespaces for host A, host B and a client, a business LAN
-//! (a bridge in its own namespace), and the A-Link (a veth pair between the two hosts).
+//! The network of a one-machine site: namespaces for host A, host B, the witness and a client, a
+//! business LAN (a bridge in its own namespace), the A-Link (a veth pair between the two hosts) and
+//! a management network (a bridge in the witness's namespace, a port to each host), which is how
+//! the hosts reach the witness: never over the A-Link, whose failure the witness must outlive.
 //!
 //! ```text
 //!  <site>-client           <site>-lan                 <site>-a                       <site>-b
 //!   eth0 10.77.0.100 ─── c0 ┐                ┌ a0 ─── biz0 ─ br0 ─ ftvm0 (guest TAP)
 //!                           ├─ br0 (bridge) ─┤                       alink0 10.99.0.1 ─── alink0 10.99.0.2
 //!                           │                └ b0 ─── biz0 ─ br0 ─ ftvm0                      (B)
+//!                                                     mgmt0 10.88.0.1 ─┐       ┌─ mgmt0 10.88.0.2 (B)
+//!                                   <site>-witness    mgmt 10.88.0.10 ─ wit-a ─┴─ wit-b
 //! ```
 //! Each host bridges its business port (`biz0`) with the guest's TAP, as a real server would bridge
 //! a NIC. The guest is 10.77.0.2/24 on the business LAN.
@@ -23,6 +27,16 @@ pub const LAN_PREFIX: u8 = 24;
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 /// A-Link addresses of host A and host B.
 pub const ALINK_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::new(10, 99, 0, 2)];
+/// Management addresses of host A and host B.
+pub const MGMT_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 88, 0, 1), Ipv4Addr::new(10, 88, 0, 2)];
+/// The witness's management address.
+pub const WITNESS_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 10);
+/// The witness's port.
+pub const WITNESS_PORT: u16 = 7800;
+/// The management network's prefix length.
+pub const MGMT_PREFIX: u8 = 24;
+/// The witness side's port to each host, in the witness namespace.
+pub const MGMT_PORTS: [&str; 2] = ["wit-a", "wit-b"];
 /// Name of the guest TAP inside a host namespace.
 pub const GUEST_TAP: &str = "ftvm0";
 
@@ -32,6 +46,7 @@ pub struct SiteNames {
     pub lan: String,
     pub client: String,
     pub hosts: [String; 2],
+    pub witness: String,
 }
 
 impl SiteNames {
@@ -40,11 +55,12 @@ impl SiteNames {
             lan: format!("{site}-lan"),
             client: format!("{site}-client"),
             hosts: [format!("{site}-a"), format!("{site}-b")],
+            witness: format!("{site}-witness"),
         }
     }
 
-    pub fn all(&self) -> [&str; 4] {
-        [&self.lan, &self.client, &self.hosts[0], &self.hosts[1]]
+    pub fn all(&self) -> [&str; 5] {
+        [&self.lan, &self.client, &self.hosts[0], &self.hosts[1], &self.witness]
     }
 }
 
@@ -104,14 +120,28 @@ pub fn build(names: &SiteNames) -> Result<()> {
         ip_in(host, &["addr", "add", &format!("{addr}/30"), "dev", "alink0"])?;
         ip_in(host, &["link", "set", "alink0", "up"])?;
     }
+    // The management network.
+    ip_in(&names.witness, &["link", "add", "mgmt", "type", "bridge"])?;
+    ip_in(&names.witness, &["addr", "add", &format!("{WITNESS_IP}/{MGMT_PREFIX}"), "dev", "mgmt"])?;
+    ip_in(&names.witness, &["link", "set", "mgmt", "up"])?;
+    for ((host, addr), port) in names.hosts.iter().zip(MGMT_IPS).zip(MGMT_PORTS) {
+        ip_in(&names.witness, &["link", "add", port, "type", "veth", "peer", "name", "mgmt0", "netns", host])?;
+        ip_in(&names.witness, &["link", "set", port, "master", "mgmt", "up"])?;
+        ip_in(host, &["addr", "add", &format!("{addr}/{MGMT_PREFIX}"), "dev", "mgmt0"])?;
+        ip_in(host, &["link", "set", "mgmt0", "up"])?;
+    }
     Ok(())
 }
 
-/// Takes a host off every network: its business port and its A-Link go down, as if its cables were
-/// pulled.
-pub fn isolate_host(host_ns: &str) -> Result<()> {
+/// Takes a host's business port and A-Link down, as if those cables were pulled; with `mgmt`, its
+/// management port too (the whole host is gone).
+pub fn isolate_host(host_ns: &str, mgmt: bool) -> Result<()> {
     ip_in(host_ns, &["link", "set", "biz0", "down"])?;
-    ip_in(host_ns, &["link", "set", "alink0", "down"])
+    ip_in(host_ns, &["link", "set", "alink0", "down"])?;
+    if mgmt {
+        ip_in(host_ns, &["link", "set", "mgmt0", "down"])?;
+    }
+    Ok(())
 }
 
 /// Deletes every namespace of the site that exists (their links go with them). Carries on past

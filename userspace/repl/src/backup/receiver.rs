@@ -312,7 +312,8 @@ pub struct ReceiverStats {
     pub pages_applied: u64,
     /// Bytes written to the standby disk.
     pub disk_bytes_applied: u64,
-    /// Authenticated sessions.
+    /// Handshakes that succeeded (a session counts for the failure detector only from the
+    /// primary's first authenticated frame).
     pub sessions: u64,
     /// Connections refused (handshake failed, busy, too many pending).
     pub refused: u64,
@@ -759,6 +760,12 @@ fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
         let _ = send_small(&stream, &mut sealer, FrameKind::Goodbye, 0, b"another primary is connected");
         return;
     }
+    {
+        let mut s = lock(&inner.stats);
+        s.sessions += 1;
+        s.connected = Some(peer);
+    }
+    tracing::info!(%peer, "primary connected");
     // Not yet a session: only the peer's first frame sealed with the session key proves that it
     // derived the keys from this side's fresh nonce (a recorded handshake replayed later cannot).
     let mut session = Session::new(inner, &stream, sealer, session.opener, peer);
@@ -875,12 +882,6 @@ impl<'a> Session<'a> {
         let link_timeout = Some(self.inner.config.link_timeout.max(Duration::from_millis(1)));
         self.stream.set_read_timeout(link_timeout).map_err(SessionError::Send)?;
         self.confirmed = true;
-        {
-            let mut s = lock(&self.inner.stats);
-            s.sessions += 1;
-            s.connected = Some(self.peer);
-        }
-        tracing::info!(peer = %self.peer, "primary connected");
         self.inner.activity.session_started(self.stream.try_clone().ok());
         Ok(())
     }

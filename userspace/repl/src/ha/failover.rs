@@ -326,7 +326,10 @@ impl Watch {
             return;
         }
         match file.write(want) {
-            Ok(()) => self.written_term = Some(want),
+            Ok(()) => {
+                self.written_term = Some(want);
+                self.lease.set_known_term(want);
+            }
             Err(e) => tracing::error!(error = %ErrorChain(&e), "cannot store the standby's term"),
         }
     }

@@ -1,0 +1,260 @@
+//! The quorum options of `ftvm primary` and `ftvm backup`, `ftvm witness`, and the lease watchdog.
+//!
+//! The watchdog is a small child process of the primary (`ftvm lease-watchdog`, not for operators)
+//! that outlives it: the primary tells it the term it holds on a pipe, and when that pipe ends
+//! without a "stop" (the primary died: SIGKILL, a crash; its kernel closed the pipe), the watchdog
+//! releases the lease at the quorum with the reason "holder died", so the backup takes over in
+//! milliseconds instead of waiting for the lease to run out. A whole host that dies takes its
+//! watchdog with it: then the lease runs out.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView};
+use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
+use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
+use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
+use serde::{Deserialize, Serialize};
+
+use crate::ft::read_secret;
+
+/// Which quorum decides who may run the VM alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QuorumKind {
+    /// No quorum: a cut A-Link makes both hosts run the VM (split-brain). For trying things out.
+    None,
+    /// The built-in witness (`ftvm witness` on a third machine).
+    Witness,
+}
+
+/// The quorum options of a host.
+#[derive(Clone, Debug, Args)]
+pub struct QuorumArgs {
+    /// Who decides which host may run the VM alone: `witness` (the built-in witness, on a third
+    /// machine), or `none` (nothing protects against split-brain).
+    #[arg(long, value_enum)]
+    pub quorum: QuorumKind,
+    /// The witness's address (host:port) on the management network.
+    #[arg(long, required_if_eq("quorum", "witness"))]
+    pub witness: Option<SocketAddr>,
+    /// The witness's secret (at least 16 bytes, mode 0600); the A-Link secret file if not given.
+    #[arg(long)]
+    pub witness_secret_file: Option<PathBuf>,
+    /// The VM's id at the quorum (the same on both hosts).
+    #[arg(long, default_value = "vm")]
+    pub vm_id: String,
+    /// This host's name at the quorum (the system's host name if not given).
+    #[arg(long)]
+    pub host_name: Option<String>,
+    /// Longest time for one request to the quorum, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub quorum_timeout_ms: u64,
+}
+
+/// This host's name: the option, or the kernel's host name.
+fn host_name(args: &QuorumArgs) -> Result<String> {
+    if let Some(h) = &args.host_name {
+        return Ok(h.clone());
+    }
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("cannot read the host name; give --host-name")?;
+    Ok(name.trim().to_string())
+}
+
+impl QuorumArgs {
+    /// A client of the chosen quorum.
+    pub fn client(&self, alink_secret: &Path) -> Result<Box<dyn QuorumClient>> {
+        match self.quorum {
+            QuorumKind::None => {
+                tracing::warn!("--quorum none: nothing keeps both hosts from running the VM if the A-Link is cut (split-brain)");
+                Ok(Box::new(NoQuorum))
+            }
+            QuorumKind::Witness => {
+                let addr = self.witness.context("--quorum witness needs --witness <addr:port>")?;
+                let secret = read_secret(self.witness_secret_file.as_deref().unwrap_or(alink_secret))?;
+                let client = WitnessQuorum::new(WitnessClientConfig {
+                    addr,
+                    secret,
+                    vm: self.vm_id.clone(),
+                    host: host_name(self)?,
+                    timeout: Duration::from_millis(self.quorum_timeout_ms.max(10)),
+                })?;
+                Ok(Box::new(client))
+            }
+        }
+    }
+
+    /// The arguments that make the same client in the watchdog.
+    fn watchdog_args(&self, alink_secret: &Path) -> Result<Vec<String>> {
+        let mut a = vec!["lease-watchdog".to_string(), "--quorum".into()];
+        match self.quorum {
+            QuorumKind::None => bail!("no watchdog without a quorum"),
+            QuorumKind::Witness => {
+                a.push("witness".into());
+                a.push("--witness".into());
+                a.push(self.witness.context("--witness")?.to_string());
+            }
+        }
+        let secret = self.witness_secret_file.as_deref().unwrap_or(alink_secret);
+        a.extend(["--witness-secret-file".into(), secret.display().to_string()]);
+        a.extend(["--vm-id".into(), self.vm_id.clone(), "--host-name".into(), host_name(self)?]);
+        a.extend(["--quorum-timeout-ms".into(), self.quorum_timeout_ms.to_string()]);
+        Ok(a)
+    }
+
+    /// The lease of this host, not yet claimed, for a copy current as of `term`.
+    pub fn lease(&self, alink_secret: &Path, term: u64) -> Result<Lease> {
+        Ok(Lease::new(self.client(alink_secret)?, LeaseConfig::default(), term))
+    }
+}
+
+/// The quorum part of a host's status file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct QuorumStatus {
+    /// `none`, `witness`.
+    pub backend: String,
+    /// The term held, or the one this host's copy is current for.
+    pub term: u64,
+    /// Whether this host holds a valid lease now.
+    pub lease_valid: bool,
+    /// Milliseconds until the lease runs out unless renewed (none: not held, or for ever).
+    pub lease_left_ms: Option<u64>,
+    /// The last error talking to the quorum.
+    pub error: Option<String>,
+}
+
+impl QuorumStatus {
+    /// The status of `lease` now.
+    pub fn of(lease: &Lease) -> Self {
+        let now = ftvm_repl::ha::heartbeat::monotonic_us();
+        let until = lease.valid_until_us();
+        Self {
+            backend: lease.backend().to_string(),
+            term: lease.term(),
+            lease_valid: lease.is_valid(now),
+            lease_left_ms: (until != u64::MAX && until > now).then(|| (until - now) / 1000),
+            error: lease.last_error().or_else(|| lease.lost()),
+        }
+    }
+}
+
+/// The running watchdog of a primary.
+#[derive(Debug)]
+pub struct Watchdog {
+    child: Child,
+    stdin: Arc<Mutex<Option<ChildStdin>>>,
+}
+
+impl Watchdog {
+    /// Starts the watchdog and keeps it told of `lease`'s term.
+    pub fn start(args: &QuorumArgs, alink_secret: &Path, lease: &Lease) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
+        let mut child = Command::new(exe)
+            .args(args.watchdog_args(alink_secret)?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start the lease watchdog")?;
+        let stdin = Arc::new(Mutex::new(child.stdin.take()));
+        let pipe = Arc::clone(&stdin);
+        lease.subscribe(move |v: LeaseView| {
+            let mut guard = pipe.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(w) = guard.as_mut() {
+                let line = if v.held { format!("term {}\n", v.term) } else { "none\n".to_string() };
+                if let Err(e) = w.write_all(line.as_bytes()).and_then(|()| w.flush()) {
+                    tracing::warn!(error = %e, "the lease watchdog is gone: a death of this process will not release the lease");
+                    *guard = None;
+                }
+            }
+        });
+        Ok(Self { child, stdin })
+    }
+
+    /// This process stops on purpose: the watchdog exits without releasing anything.
+    pub fn stop(mut self) {
+        if let Some(mut w) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = w.write_all(b"stop\n");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none` and `stop` lines.
+pub fn watchdog(args: QuorumArgs) -> Result<ExitCode> {
+    // Ctrl-C at the primary's terminal reaches this process group too: this process must outlive
+    // its parent to do its work, and ends when its parent's pipe does.
+    crate::signals::block_stop_signals()?;
+    let secret = args.witness_secret_file.clone().context("--witness-secret-file")?;
+    let mut client = args.client(&secret)?;
+    let mut term = None;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        match line.trim() {
+            "stop" => return Ok(ExitCode::SUCCESS),
+            "none" => term = None,
+            other => term = other.strip_prefix("term ").and_then(|t| t.parse::<u64>().ok()).or(term),
+        }
+    }
+    // The pipe ended without "stop": the primary is gone.
+    let Some(term) = term else { return Ok(ExitCode::SUCCESS) };
+    tracing::warn!(term, "the primary died: releasing its lease so that the backup takes over at once");
+    // A few tries: the quorum may be briefly busy.
+    for attempt in 0..5 {
+        match client.release(term, ReleaseReason::HolderDied) {
+            Ok(()) => return Ok(ExitCode::SUCCESS),
+            Err(e) if attempt < 4 => {
+                tracing::warn!(error = %e, "cannot release the lease yet");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => bail!("cannot release the lease of the dead primary (it runs out by itself): {e}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ftvm witness` options.
+#[derive(Debug, Args)]
+pub struct WitnessArgs {
+    /// Address to listen on (the management address; never 0.0.0.0).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// File holding the witness secret (at least 16 bytes, mode 0600), shared with the hosts.
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    /// Where the leases are kept (made 0700).
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// Length of the leases it grants, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_TTL.as_millis() as u64)]
+    pub ttl_ms: u64,
+    /// Run inside this network namespace.
+    #[arg(long)]
+    pub netns: Option<String>,
+}
+
+/// `ftvm witness`: serves until SIGINT or SIGTERM.
+pub fn witness(args: WitnessArgs) -> Result<ExitCode> {
+    crate::run::enter_process_context(args.netns.as_deref())?;
+    let secret = read_secret(&args.secret_file)?;
+    let w = Witness::start(WitnessConfig {
+        listen: args.listen,
+        secret,
+        state_dir: args.state_dir.clone(),
+        ttl: Duration::from_millis(args.ttl_ms),
+    })
+    .context("cannot start the witness")?;
+    tracing::info!(listen = %w.local_addr(), state_dir = %args.state_dir.display(), ttl_ms = args.ttl_ms, "witness serving");
+    let (tx, rx) = std::sync::mpsc::channel();
+    crate::signals::on_stop_signal(move |_| {
+        let _ = tx.send(());
+    })?;
+    let _ = rx.recv();
+    tracing::info!("witness stopped");
+    Ok(ExitCode::SUCCESS)
+}
