@@ -7,6 +7,8 @@
 //! [`site`] drives a whole `ftvm site` (the site-level tests and the failover benchmark); [`rng`]
 //! is their reproducible randomness.
 
+pub mod capture;
+pub mod load;
 pub mod rng;
 pub mod site;
 

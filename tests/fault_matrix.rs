@@ -1,0 +1,301 @@
+//! Exactly one copy serves: a live `ftvm site` (witness quorum) under a matrix of faults.
+//!
+//! Each case: `site up`, two captures on the business LAN (the bridge ports of host A and host B,
+//! frames whose source is the guest's MAC), writers on open connections from the client namespace
+//! recording every acknowledged INCR and SET; then the fault; then, once the VM serves again:
+//! - the captures show the guest's frames leaving one host, then possibly the other, never both
+//!   at once (no frame of the first after the first frame of the second), and the host expected
+//!   to serve is the one that does;
+//! - every acknowledged write reads back, no INCR skipped or repeated on a connection;
+//! - the same connections keep working (no reconnect), each with fresh replies after the fault;
+//! - status names the roles the rules give.
+//!
+//! Faults: (a) the A-Link's TCP connection reset; (b) the A-Link down both ways; (c) the A-Link
+//! down and the witness unreachable from A; (d) the witness unreachable from B only; (e) the
+//! witness stopped, then the primary killed (no takeover until the witness is back); (f) the
+//! primary stopped 400 ms, then continued; (g) the backup stopped 2 s; (h) the primary killed.
+//!
+//! Needs root, /dev/kvm and tcpdump (fails, never skips). Cases run one at a time (two VMs each on
+//! a two-core machine); every site is removed by its guard, its logs kept under
+//! `/tmp/ftvm-test-logs/<site>/` when a case fails.
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use ftvm_system_tests::capture::{Capture, Packet};
+    use ftvm_system_tests::load::{lost_writes, ConnLog, Load};
+    use ftvm_system_tests::site::{Site, Status};
+    use ftvm_system_tests::{require_root_and_kvm, TempDir};
+
+    const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];
+    const GUEST_MAC_TEXT: &str = "02:46:54:00:00:02";
+    const CONNECTIONS: usize = 4;
+    /// A request in flight at a fault may wait for the takeover (the lease runs out in about a
+    /// second, case (e) waits for the witness to come back).
+    const READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Replies each connection must get before the fault and after it.
+    const REPLIES: u64 = 30;
+    /// How long the VM may take to serve again after a fault (the documented bound is 2 s; this
+    /// shared machine gets slack).
+    const SERVE_AGAIN: Duration = Duration::from_secs(20);
+
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    /// Which host must be serving after the fault.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Serving {
+        A,
+        B,
+    }
+
+    struct Case {
+        site: Site,
+        caps: Option<(Capture, Capture)>,
+        load: Option<Load>,
+        _dir: TempDir,
+        fault_at: Instant,
+    }
+
+    fn ftvm_in(site: &Site, args: &[&str]) {
+        let out = Command::new("ip").args(args).stdin(Stdio::null()).output().expect("ip");
+        assert!(out.status.success(), "[{}] ip {}: {}", site.name, args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn signal(pid: i32, sig: i32) {
+        // SAFETY: a signal to a process of the site this test owns.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    impl Case {
+        fn begin(tag: &str) -> Self {
+            require_root_and_kvm();
+            let site = Site::up(tag, &[]);
+            let dir = TempDir::new(tag);
+            let lan = site.netns("lan");
+            let filter = format!("ether src {GUEST_MAC_TEXT}");
+            let caps = (
+                Capture::start(&lan, "a0", &filter, dir.path(), "lan-a"),
+                Capture::start(&lan, "b0", &filter, dir.path(), "lan-b"),
+            );
+            let load = Load::start(&site.netns("client"), CONNECTIONS, READ_TIMEOUT);
+            assert!(
+                load.wait_progress(&[0; CONNECTIONS], REPLIES, Duration::from_secs(30)),
+                "[{}] the load did not start: {:?}",
+                site.name,
+                load.replies()
+            );
+            let st = site.status();
+            assert!(st.is_protected(), "[{}] not protected before the fault: {st}", site.name);
+            Self { site, caps: Some(caps), load: Some(load), _dir: dir, fault_at: Instant::now() }
+        }
+
+        fn mark_fault(&mut self) {
+            self.fault_at = Instant::now();
+        }
+
+        fn pid(&self, host: &str) -> i32 {
+            self.site.host_pids(host).expect("host pid")[0]
+        }
+
+        /// Waits until every connection got fresh replies (the VM serves again, on the same
+        /// connections), then stops the load and the captures and checks writes and frames.
+        fn finish(mut self, serving: Serving) -> Status {
+            let name = self.site.name.clone();
+            let load = self.load.take().expect("load");
+            let at_fault = load.replies();
+            let served = load.wait_progress(&at_fault, REPLIES, SERVE_AGAIN);
+            let serve_again = self.fault_at.elapsed();
+            let logs = load.stop();
+            let (cap_a, cap_b) = self.caps.take().expect("captures");
+            let (frames_a, dropped_a) = cap_a.stop();
+            let (frames_b, dropped_b) = cap_b.stop();
+            print_conns(&name, &logs);
+            assert!(served, "[{name}] the VM did not serve every connection again within {SERVE_AGAIN:?}");
+            println!("[{name}] every connection served again {:.0} ms after the fault", serve_again.as_secs_f64() * 1e3);
+            for l in &logs {
+                assert!(l.failure.is_none(), "[{name}] connection {} failed: {:?}", l.conn, l.failure);
+                assert!(l.anomalies.is_empty(), "[{name}] connection {}: {:?}", l.conn, l.anomalies);
+            }
+            let lost = lost_writes(&self.site.netns("client"), &logs);
+            assert!(lost.is_empty(), "[{name}] {} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(10)]);
+            assert_eq!((dropped_a, dropped_b), (0, 0), "[{name}] the captures dropped frames");
+            one_host_at_a_time(&name, &frames_a, &frames_b, serving);
+            self.site.status()
+        }
+    }
+
+    fn print_conns(name: &str, logs: &[ConnLog]) {
+        for l in logs {
+            println!(
+                "[{name}] conn {}: {} counters, {} sets, longest gap {:.0} ms, failure {:?}",
+                l.conn,
+                l.counters.len(),
+                l.sets.len(),
+                l.longest_gap.as_secs_f64() * 1e3,
+                l.failure
+            );
+        }
+    }
+
+    /// The guest's frames leave A, then possibly B, never both at once; `serving` is the host that
+    /// emits last.
+    fn one_host_at_a_time(name: &str, a: &[Packet], b: &[Packet], serving: Serving) {
+        let guest = |p: &&Packet| p.src_mac() == Some(GUEST_MAC);
+        let a: Vec<u64> = a.iter().filter(guest).map(|p| p.t_ns).collect();
+        let b: Vec<u64> = b.iter().filter(guest).map(|p| p.t_ns).collect();
+        println!("[{name}] guest frames on the LAN: {} from A, {} from B", a.len(), b.len());
+        assert!(!a.is_empty(), "[{name}] no guest frame from A at all: the capture is broken");
+        match serving {
+            Serving::A => assert!(b.is_empty(), "[{name}] B emitted {} guest frames while A serves", b.len()),
+            Serving::B => {
+                let first_b = *b.first().unwrap_or_else(|| panic!("[{name}] B never emitted: it does not serve"));
+                let late_a: Vec<_> = a.iter().filter(|&&t| t >= first_b).collect();
+                assert!(
+                    late_a.is_empty(),
+                    "[{name}] {} guest frames left A after B's first ({} ns after)",
+                    late_a.len(),
+                    late_a.last().map_or(0, |&&t| t - first_b)
+                );
+                println!("[{name}] last frame from A {:.1} ms before B's first", (first_b - a[a.len() - 1]) as f64 / 1e6);
+            }
+        }
+    }
+
+    fn host_detail<'a>(st: &'a Status, host: &str, key: &str) -> String {
+        st.detail(host).and_then(|d| d.get(key)).map(|v| v.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_reset_alink_connection_leaves_one_primary() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fma");
+        c.mark_fault();
+        ftvm_in(&c.site, &["netns", "exec", &c.site.netns("b"), "ss", "-K", "sport = :7700"]);
+        let st = c.finish(Serving::A);
+        assert_eq!((st.role_a.as_str(), st.role_b.as_str()), ("primary", "backup"), "{st}");
+        assert_eq!(st.state, "simplex", "{st}");
+    }
+
+    #[test]
+    fn a_cut_alink_leaves_the_primary_serving_alone() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fmb");
+        c.mark_fault();
+        for h in ["a", "b"] {
+            ftvm_in(&c.site, &["-n", &c.site.netns(h), "link", "set", "alink0", "down"]);
+        }
+        let st = c.finish(Serving::A);
+        assert_eq!(st.state, "simplex", "{st}");
+        assert!(host_detail(&st, "B", "last_error").contains("refused the takeover"), "{st}: {:?}", st.detail("B"));
+    }
+
+    #[test]
+    fn a_cut_alink_and_a_primary_cut_off_from_the_witness_moves_the_vm_to_b() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fmc");
+        c.mark_fault();
+        ftvm_in(&c.site, &["-n", &c.site.netns("witness"), "link", "set", "wit-a", "down"]);
+        for h in ["a", "b"] {
+            ftvm_in(&c.site, &["-n", &c.site.netns(h), "link", "set", "alink0", "down"]);
+        }
+        let st = c.finish(Serving::B);
+        assert_eq!(st.role_b, "primary", "{st}");
+        assert_ne!(st.role_a, "primary", "{st}");
+        assert_eq!(st.state, "failed over", "{st}");
+    }
+
+    #[test]
+    fn a_witness_unreachable_from_the_backup_changes_nothing() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fmd");
+        c.mark_fault();
+        ftvm_in(&c.site, &["-n", &c.site.netns("witness"), "link", "set", "wit-b", "down"]);
+        std::thread::sleep(Duration::from_secs(2));
+        let st = c.finish(Serving::A);
+        assert!(st.is_protected(), "{st}");
+    }
+
+    #[test]
+    fn with_the_witness_down_the_pair_stays_protected_and_a_dead_primary_waits_for_it() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fme");
+        c.site.kill("witness");
+        // Longer than a lease: the pair goes on, protected, on the backup's acknowledgements.
+        let before = c.load.as_ref().unwrap().replies();
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(c.load.as_ref().unwrap().wait_progress(&before, REPLIES, Duration::from_secs(10)), "writes stalled without the witness");
+        let st = c.site.status();
+        assert!(st.is_protected(), "[{}] without the witness: {st}", c.site.name);
+        // The primary dies: the backup may not take over without the quorum, and says why.
+        c.mark_fault();
+        c.site.kill("A");
+        std::thread::sleep(Duration::from_secs(2));
+        let st = c.site.status();
+        assert_eq!(st.role_b, "backup", "[{}] took over without the quorum: {st}", c.site.name);
+        let why = host_detail(&st, "B", "last_error");
+        assert!(why.contains("refused the takeover") && why.contains("unreachable"), "[{}] {why}", c.site.name);
+        // The witness comes back: the lease of the dead primary runs out, B takes over.
+        let dir = c.site.dir();
+        let s = |p: &str| dir.join(p).display().to_string();
+        let log = std::fs::File::create(dir.join("host-witness-2.log")).unwrap();
+        let _w = Command::new(ftvm_system_tests::ftvm_bin())
+            .args(["witness", "--netns", &c.site.netns("witness"), "--listen", "10.88.0.10:7800"])
+            .args(["--secret-file", &s("witness.secret"), "--state-dir", &s("witness-state")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("restart the witness");
+        let st = c.finish(Serving::B);
+        assert_eq!(st.role_b, "primary", "{st}");
+    }
+
+    #[test]
+    fn a_primary_stalled_400_ms_carries_on_and_nothing_else_serves() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fmf");
+        let pid = c.pid("A");
+        c.mark_fault();
+        signal(pid, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(400));
+        signal(pid, libc::SIGCONT);
+        let st = c.finish(Serving::A);
+        assert_eq!(st.role_a, "primary", "{st}");
+        assert_eq!(st.role_b, "backup", "{st}");
+    }
+
+    #[test]
+    fn a_backup_stalled_2_s_leaves_the_primary_serving() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fmg");
+        let pid = c.pid("B");
+        c.mark_fault();
+        signal(pid, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(2));
+        signal(pid, libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(500));
+        let st = c.finish(Serving::A);
+        assert_eq!(st.role_a, "primary", "{st}");
+        assert_ne!(st.role_b, "primary", "{st}");
+    }
+
+    #[test]
+    fn a_killed_primary_is_taken_over_at_once() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fmh");
+        c.mark_fault();
+        let (killed, _) = c.site.kill("A");
+        let (st, active) = c.site.wait_status(Duration::from_secs(20), |s| s.role_b == "primary");
+        let seen = killed.elapsed();
+        assert!(active, "[{}] B did not take over: {st}", c.site.name);
+        let takeover_ms = st.json["takeover_ms"].as_f64().unwrap_or(f64::NAN);
+        println!("[{}] B serving {:.0} ms after the kill was sent (seen by polling); takeover {takeover_ms:.1} ms", c.site.name, seen.as_secs_f64() * 1e3);
+        // The watchdog released the lease: no wait for it to run out (1 s).
+        assert!(takeover_ms < 1000.0, "[{}] takeover {takeover_ms} ms: the lease was waited out", c.site.name);
+        let st = c.finish(Serving::B);
+        assert_eq!(st.state, "failed over", "{st}");
+    }
+}
