@@ -102,7 +102,7 @@ mod tests {
 
         /// Waits until every connection got fresh replies (the VM serves again, on the same
         /// connections), then stops the load and the captures and checks writes and frames.
-        fn finish(mut self, serving: Serving) -> Status {
+        fn finish(&mut self, serving: Serving) -> Status {
             let name = self.site.name.clone();
             let load = self.load.take().expect("load");
             let at_fault = load.replies();

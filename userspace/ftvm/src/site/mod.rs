@@ -515,7 +515,10 @@ fn status(args: StatusArgs) -> Result<()> {
             } else if !running {
                 "stopped".to_string()
             } else {
+                let state = field_str(st, "state");
                 match reported.as_deref() {
+                    // A primary that another host superseded runs nothing any more.
+                    Some("primary") if matches!(state.as_deref(), Some("fenced" | "stopped")) => state.unwrap_or_default(),
                     // The backup's daemon reports its own view; "active" means it now runs the VM.
                     Some("active") | Some("promoting") => "primary".to_string(),
                     Some("standby") => "backup".to_string(),
