@@ -475,6 +475,77 @@ mod tests {
         assert_eq!(daemon.shutdown().role, Role::Standby);
     }
 
+    /// Forwards one connection to `to`, recording what the client sent; returns the address to
+    /// connect to and the recording (complete once the client closed).
+    fn recording_proxy(to: SocketAddr) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut up = std::net::TcpStream::connect(to).unwrap();
+            let mut down = up.try_clone().unwrap();
+            let mut back = c.try_clone().unwrap();
+            // Backup to primary, on its own thread; ends when either side closes.
+            let pump = std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = down.read(&mut buf) {
+                    if n == 0 || back.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut sent = Vec::new();
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 || up.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                sent.extend_from_slice(&buf[..n]);
+            }
+            let _ = up.shutdown(std::net::Shutdown::Both);
+            let _ = pump.join();
+            sent
+        });
+        (addr, t)
+    }
+
+    /// (i) After the primary said goodbye, the bytes of its session (handshake and frames)
+    /// replayed to the backup on a new connection cause nothing: they are sealed with the old
+    /// session's keys, so no session is ever confirmed, the goodbye stands, no takeover.
+    #[test]
+    fn a_recorded_session_replayed_after_a_goodbye_causes_no_takeover() {
+        use std::io::Write;
+        init_tracing();
+        let _serial = one_at_a_time();
+        let dir = TempDir::new("replay");
+        let daemon = BackupDaemon::start(daemon_config(&dir)).unwrap();
+        let mut p = start_primary(&dir, None);
+        let (proxy, recording) = recording_proxy(daemon.local_addr());
+        let mut t = connect(proxy);
+        wait_for_counter(&p.src, 1000);
+        checkpoint(&mut p, &mut t, EpochId(0));
+        t.close("planned shutdown");
+        p.src.handle().stop();
+        assert_eq!(p.run.join().unwrap().unwrap(), MachineExit::Stopped);
+        let recorded = recording.join().unwrap();
+        assert!(recorded.len() > 1000, "recorded {} bytes", recorded.len());
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(daemon.status().primary_left, "{:?}", daemon.status());
+        // The whole session, then just its handshake, replayed and cut off.
+        for bytes in [&recorded[..], &recorded[..100]] {
+            let mut s = std::net::TcpStream::connect(daemon.local_addr()).unwrap();
+            let _ = s.write_all(bytes);
+            std::thread::sleep(Duration::from_millis(100));
+            drop(s);
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        let s = daemon.status();
+        assert_eq!(s.role, Role::Standby, "a replay caused a takeover: {s:?}");
+        assert!(s.primary_left, "a replay voided the goodbye: {s:?}");
+        assert_eq!(daemon.shutdown().role, Role::Standby);
+    }
+
     /// The primary dies, but the quorum refuses the takeover (the primary's side holds it): the
     /// backup stays standby and says why.
     #[test]
