@@ -235,6 +235,7 @@ fn engine_state(state: &EngineState) -> (&'static str, String) {
         EngineState::Protected => ("protected", String::new()),
         EngineState::Simplex { reason } => ("simplex", reason.clone()),
         EngineState::Fenced { reason } => ("fenced", reason.clone()),
+        EngineState::Failed { reason } => ("failed", reason.clone()),
         EngineState::Stopped => ("stopped", String::new()),
     }
 }
@@ -341,9 +342,11 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
 
     let done = Arc::new(AtomicBool::new(false));
     let fenced = Arc::new(std::sync::Mutex::new(None::<String>));
+    let failed = Arc::new(std::sync::Mutex::new(None::<String>));
     let reporter = {
         let done = Arc::clone(&done);
         let fenced = Arc::clone(&fenced);
+        let failed = Arc::clone(&failed);
         let machine_handle = machine.handle();
         let path = args.status_file.clone();
         let lease = lease.clone();
@@ -359,6 +362,12 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                 if let EngineState::Fenced { reason } = &snap.state {
                     // The other host runs the VM now; this copy (already paused) must end.
                     *fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+                    machine_handle.stop();
+                }
+                if let EngineState::Failed { reason } = &snap.state {
+                    // This copy can no longer be protected, and its output stays held: it ends,
+                    // and the backup resumes the VM from the last committed epoch.
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
                     machine_handle.stop();
                 }
                 if let Some(path) = &path {
@@ -393,10 +402,15 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         tracing::warn!(error = %e, "cannot write the end of the output trace");
     }
     drop(renewer);
-    // The VM no longer runs here: the lease goes (a fenced host no longer holds it anyway).
-    lease.release(ReleaseReason::Stopped);
+    let failed = failed.lock().unwrap_or_else(|e| e.into_inner()).take();
+    // The VM no longer runs here: the lease goes (a fenced host no longer holds it anyway). After
+    // a failure the backup must take over at once, as if this process had died.
+    lease.release(if failed.is_some() { ReleaseReason::HolderDied } else { ReleaseReason::Stopped });
     if let Some(w) = watchdog {
         w.stop();
+    }
+    if let Some(reason) = failed {
+        bail!("{reason}: this VM was stopped without a goodbye, so that the backup resumes it from the last committed epoch");
     }
     if let Some(reason) = fenced.lock().unwrap_or_else(|e| e.into_inner()).take() {
         bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now");

@@ -150,6 +150,13 @@ pub enum EngineState {
         /// Why.
         reason: String,
     },
+    /// The engine failed (it could not capture, copy or resume the machine, or it panicked): the
+    /// VM is paused and must stop, nothing unacknowledged is released and the backup is not told
+    /// goodbye, so that it resumes the VM from the last committed epoch.
+    Failed {
+        /// Why.
+        reason: String,
+    },
     /// The engine ended (stopped, or its machine did).
     Stopped,
 }
@@ -277,6 +284,21 @@ pub enum EngineError {
         /// The page.
         pfn: u64,
     },
+    /// The engine's thread panicked (a bug); its status says `Failed`.
+    #[error("The epoch engine panicked")]
+    Panicked,
+}
+
+impl EngineError {
+    /// Whether the error only says that the machine ended (its guest exited or its owner stopped
+    /// it, and a vCPU no longer answers): the VM stopped, the engine did not fail.
+    pub fn machine_ended(&self) -> bool {
+        use ftvm_vmm::vcpu::VcpuControlError as V;
+        match self {
+            Self::Pause(e) | Self::Resume(e) => matches!(e.source, V::Gone(_) | V::Exited(_) | V::Unexpected { .. }),
+            _ => false,
+        }
+    }
 }
 
 /// When the next checkpoint is due.
@@ -710,7 +732,15 @@ impl PrimaryEngine {
         let hold = self.hold.clone();
         let flag = stop.clone();
         let mut engine = self;
-        let thread = std::thread::Builder::new().name("ftvm-epoch".into()).spawn(move || engine.run_until(&flag))?;
+        let panic_status = status.clone();
+        let thread = std::thread::Builder::new().name("ftvm-epoch".into()).spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run_until(&flag)));
+            result.unwrap_or_else(|_| {
+                // Nothing more is released (the hold stays shut); the owner stops the VM.
+                panic_status.update(|s| s.state = EngineState::Failed { reason: "the epoch engine panicked".into() });
+                Err(EngineError::Panicked)
+            })
+        })?;
         Ok(EngineHandle { stop, status, hold, thread })
     }
 
@@ -724,10 +754,16 @@ impl PrimaryEngine {
         let result = self.run_inner(stop);
         // Decided here, whichever way the loop ended (the notice may arrive just as it stops).
         let superseded = lock(&self.ack.superseded).clone();
-        match superseded {
+        let failed = match &result {
+            Err(e) if !e.machine_ended() => Some(format!("the epoch engine failed: {}", ErrorChain(e))),
+            _ => None,
+        };
+        match (superseded, failed) {
             // The other copy answers for the VM: this one's held output must never leave.
-            Some(reason) => self.fence(reason),
-            None => {
+            (Some(reason), _) => self.fence(reason),
+            // This copy cannot be checkpointed any more: the backup's is the VM now.
+            (None, Some(reason)) => self.fail(reason),
+            (None, None) => {
                 // Whatever else happened, the guest's output must not stay held.
                 self.unhold();
                 if !self.simplex {
@@ -738,7 +774,7 @@ impl PrimaryEngine {
             }
         }
         self.status.update(|s| {
-            if !matches!(s.state, EngineState::Simplex { .. } | EngineState::Fenced { .. }) {
+            if !matches!(s.state, EngineState::Simplex { .. } | EngineState::Fenced { .. } | EngineState::Failed { .. }) {
                 s.state = EngineState::Stopped;
             }
         });
@@ -1105,13 +1141,24 @@ impl PrimaryEngine {
     /// Another copy runs the VM: pause this one for good and release nothing more. The machine's
     /// owner sees [`EngineState::Fenced`] and stops it.
     fn fence(&mut self, reason: String) {
+        tracing::error!(%reason, held_epochs = self.in_flight.len(), "another copy runs the VM: this one is paused and its held output dropped (fenced)");
+        self.stop_for_good(EngineState::Fenced { reason });
+    }
+
+    /// The engine cannot go on: pause the VM for good and release nothing unacknowledged, without
+    /// a goodbye (the backup takes over). The machine's owner sees [`EngineState::Failed`].
+    fn fail(&mut self, reason: String) {
+        tracing::error!(%reason, held_epochs = self.in_flight.len(), "the engine failed: the VM is paused and its unacknowledged output dropped");
+        self.stop_for_good(EngineState::Failed { reason });
+    }
+
+    fn stop_for_good(&mut self, state: EngineState) {
         self.ack.simplex.store(true, Ordering::Release);
         if let Err(e) = self.source.pause() {
-            tracing::error!(error = %ErrorChain(&e), "cannot pause the fenced VM");
+            tracing::error!(error = %ErrorChain(&e), "cannot pause the VM");
         }
-        tracing::error!(%reason, held_epochs = self.in_flight.len(), "another copy runs the VM: this one is paused and its held output dropped (fenced)");
         self.in_flight.clear();
-        self.status.update(|s| s.state = EngineState::Fenced { reason });
+        self.status.update(|s| s.state = state);
     }
 
     /// The backup is gone: no page or disk write is lost, every held frame leaves, the VM goes on.
