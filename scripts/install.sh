@@ -17,6 +17,7 @@ packages=(
     redis-tools                                      # redis-cli, redis-benchmark: the real clients
     iproute2 iputils-ping tcpdump                    # namespaces, veth, TAP, captures
     build-essential pkg-config                       # C for -sys crates
+    etcd-server                                      # the quorum's etcd backend is tested against a real etcd
 )
 missing=()
 for p in "${packages[@]}"; do

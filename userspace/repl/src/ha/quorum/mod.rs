@@ -18,6 +18,7 @@
 //! [`NoQuorum`] grants every claim, forever: two hosts and no third party, today's behaviour
 //! without the guarantee (status and logs say so).
 
+pub mod etcd;
 pub mod rules;
 pub mod witness;
 
