@@ -13,7 +13,9 @@
 //! Faults: (a) the A-Link's TCP connection reset; (b) the A-Link down both ways; (c) the A-Link
 //! down and the witness unreachable from A; (d) the witness unreachable from B only; (e) the
 //! witness stopped, then the primary killed (no takeover until the witness is back); (f) the
-//! primary stopped 400 ms, then continued; (g) the backup stopped 2 s; (h) the primary killed.
+//! primary stopped 400 ms, then continued; (g) the backup stopped 2 s; (h) the primary killed;
+//! (j) (b), (c) and (h) with a real etcd (Debian's etcd-server, started by `site up --quorum etcd`)
+//! as the quorum.
 //!
 //! Needs root, /dev/kvm and tcpdump (fails, never skips). Cases run one at a time (two VMs each on
 //! a two-core machine); every site is removed by its guard, its logs kept under
@@ -71,8 +73,13 @@ mod tests {
 
     impl Case {
         fn begin(tag: &str) -> Self {
+            Self::begin_with(tag, &[])
+        }
+
+        /// With `site up <extra>` (e.g. `--quorum etcd`).
+        fn begin_with(tag: &str, extra: &[&str]) -> Self {
             require_root_and_kvm();
-            let site = Site::up(tag, &[]);
+            let site = Site::up(tag, extra);
             let dir = TempDir::new(tag);
             let lan = site.netns("lan");
             let filter = format!("ether src {GUEST_MAC_TEXT}");
@@ -181,8 +188,28 @@ mod tests {
 
     #[test]
     fn a_cut_alink_leaves_the_primary_serving_alone() {
+        cut_alink("fmb", &[]);
+    }
+
+    /// (j) The same three faults with etcd as the quorum.
+    #[test]
+    fn with_etcd_a_cut_alink_leaves_the_primary_serving_alone() {
+        cut_alink("fjb", &["--quorum", "etcd"]);
+    }
+
+    #[test]
+    fn with_etcd_a_cut_alink_and_a_primary_cut_off_from_etcd_moves_the_vm_to_b() {
+        cut_alink_and_quorum_from_a("fjc", &["--quorum", "etcd"]);
+    }
+
+    #[test]
+    fn with_etcd_a_killed_primary_is_taken_over_at_once() {
+        kill_primary("fjh", &["--quorum", "etcd"]);
+    }
+
+    fn cut_alink(tag: &str, extra: &[&str]) {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let mut c = Case::begin("fmb");
+        let mut c = Case::begin_with(tag, extra);
         c.mark_fault();
         for h in ["a", "b"] {
             ftvm_in(&c.site, &["-n", &c.site.netns(h), "link", "set", "alink0", "down"]);
@@ -194,8 +221,12 @@ mod tests {
 
     #[test]
     fn a_cut_alink_and_a_primary_cut_off_from_the_witness_moves_the_vm_to_b() {
+        cut_alink_and_quorum_from_a("fmc", &[]);
+    }
+
+    fn cut_alink_and_quorum_from_a(tag: &str, extra: &[&str]) {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let mut c = Case::begin("fmc");
+        let mut c = Case::begin_with(tag, extra);
         c.mark_fault();
         ftvm_in(&c.site, &["-n", &c.site.netns("witness"), "link", "set", "wit-a", "down"]);
         for h in ["a", "b"] {
@@ -284,8 +315,12 @@ mod tests {
 
     #[test]
     fn a_killed_primary_is_taken_over_at_once() {
+        kill_primary("fmh", &[]);
+    }
+
+    fn kill_primary(tag: &str, extra: &[&str]) {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let mut c = Case::begin("fmh");
+        let mut c = Case::begin_with(tag, extra);
         c.mark_fault();
         let (killed, _) = c.site.kill("A");
         let (st, active) = c.site.wait_status(Duration::from_secs(20), |s| s.role_b == "primary");

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView};
+use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
 use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
 use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
@@ -31,13 +32,15 @@ pub enum QuorumKind {
     None,
     /// The built-in witness (`ftvm witness` on a third machine).
     Witness,
+    /// An etcd cluster the site already has (etcd v3 over plain HTTP: a trusted management network).
+    Etcd,
 }
 
 /// The quorum options of a host.
 #[derive(Clone, Debug, Args)]
 pub struct QuorumArgs {
     /// Who decides which host may run the VM alone: `witness` (the built-in witness, on a third
-    /// machine), or `none` (nothing protects against split-brain).
+    /// machine), `etcd` (an etcd cluster), or `none` (nothing protects against split-brain).
     #[arg(long, value_enum)]
     pub quorum: QuorumKind,
     /// The witness's address (host:port) on the management network.
@@ -46,6 +49,13 @@ pub struct QuorumArgs {
     /// The witness's secret (at least 16 bytes, mode 0600); the A-Link secret file if not given.
     #[arg(long)]
     pub witness_secret_file: Option<PathBuf>,
+    /// etcd's client URLs (`http://addr:port`, comma separated) for `--quorum etcd`.
+    #[arg(long, value_delimiter = ',', required_if_eq("quorum", "etcd"))]
+    pub etcd_endpoints: Vec<String>,
+    /// The lease's length with `--quorum etcd`, in milliseconds (etcd rounds it up to whole
+    /// seconds, and to its own minimum); the witness sets its own.
+    #[arg(long, default_value_t = 1000)]
+    pub lease_ttl_ms: u64,
     /// The VM's id at the quorum (the same on both hosts).
     #[arg(long, default_value = "vm")]
     pub vm_id: String,
@@ -86,6 +96,16 @@ impl QuorumArgs {
                 })?;
                 Ok(Box::new(client))
             }
+            QuorumKind::Etcd => {
+                let mut cfg = EtcdConfig::new(
+                    self.etcd_endpoints.clone(),
+                    self.vm_id.clone(),
+                    host_name(self)?,
+                    Duration::from_millis(self.lease_ttl_ms),
+                );
+                cfg.request_timeout = Duration::from_millis(self.quorum_timeout_ms.max(10));
+                Ok(Box::new(EtcdQuorum::new(cfg)?))
+            }
         }
     }
 
@@ -98,6 +118,11 @@ impl QuorumArgs {
                 a.push("witness".into());
                 a.push("--witness".into());
                 a.push(self.witness.context("--witness")?.to_string());
+            }
+            QuorumKind::Etcd => {
+                a.push("etcd".into());
+                a.push("--etcd-endpoints".into());
+                a.push(self.etcd_endpoints.join(","));
             }
         }
         let secret = self.witness_secret_file.as_deref().unwrap_or(alink_secret);
@@ -189,7 +214,7 @@ pub fn watchdog(args: QuorumArgs) -> Result<ExitCode> {
     // Ctrl-C at the primary's terminal reaches this process group too: this process must outlive
     // its parent to do its work, and ends when its parent's pipe does.
     crate::signals::block_stop_signals()?;
-    let secret = args.witness_secret_file.clone().context("--witness-secret-file")?;
+    let secret = args.witness_secret_file.clone().unwrap_or_default();
     let mut client = args.client(&secret)?;
     let mut term = None;
     let stdin = std::io::stdin();

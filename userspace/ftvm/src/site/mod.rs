@@ -79,8 +79,8 @@ pub struct UpArgs {
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
     pub output_trace: bool,
-    /// The quorum: `witness` (a witness in its own namespace on the management network), or
-    /// `none` (no protection against split-brain).
+    /// The quorum: `witness` (a witness in its own namespace on the management network), `etcd`
+    /// (a one-member etcd there instead), or `none` (no protection against split-brain).
     #[arg(long, value_enum, default_value = "witness")]
     pub quorum: crate::quorum::QuorumKind,
 }
@@ -322,6 +322,43 @@ fn start_witness(names: &SiteNames, dir: &Path, secret: &Path) -> Result<i32> {
     }
 }
 
+/// etcd's client port on the management network (`site up --quorum etcd`).
+const ETCD_PORT: u16 = 2379;
+
+/// Starts a one-member etcd in the witness namespace (`site up --quorum etcd`) and waits until it
+/// serves. Short election timeouts keep etcd's minimum lease at one second.
+fn start_etcd(names: &SiteNames, dir: &Path) -> Result<i32> {
+    let client = format!("http://{}:{ETCD_PORT}", topology::WITNESS_IP);
+    let peer = "http://127.0.0.1:2380";
+    let data = dir.join("etcd-data");
+    let log = dir.join("host-witness.log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &names.witness, "etcd", "--name", "site"])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+        .args(["--initial-cluster", &format!("site={peer}"), "--heartbeat-interval", "50", "--election-timeout", "500"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).with_context(|| format!("cannot create {}", log.display()))?)
+        .process_group(0)
+        .spawn()
+        .context("cannot start etcd (install etcd-server)")?;
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Bounded: etcd says it serves within a second or two, or exits with its reason.
+    loop {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains("ready to serve client requests") {
+            return Ok(pid);
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            bail!("etcd did not start: {}", last_error_line(&log));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The quorum options of host `host` (A or B).
 fn quorum_args(args: &UpArgs, host: &str, witness_secret: &Path) -> Vec<String> {
     match args.quorum {
@@ -338,6 +375,16 @@ fn quorum_args(args: &UpArgs, host: &str, witness_secret: &Path) -> Vec<String> 
             "--host-name".into(),
             host.into(),
         ],
+        crate::quorum::QuorumKind::Etcd => vec![
+            "--quorum".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            format!("http://{}:{ETCD_PORT}", topology::WITNESS_IP),
+            "--vm-id".into(),
+            args.site.name.clone(),
+            "--host-name".into(),
+            host.into(),
+        ],
     }
 }
 
@@ -347,6 +394,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     let witness_secret = dir.join("witness.secret");
     let witness_pid = match args.quorum {
         crate::quorum::QuorumKind::Witness => Some(start_witness(names, dir, &witness_secret)?),
+        crate::quorum::QuorumKind::Etcd => Some(start_etcd(names, dir)?),
         crate::quorum::QuorumKind::None => None,
     };
     let s = |p: &Path| p.display().to_string();
