@@ -23,7 +23,6 @@ use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
 use ftvm_repl::ha::quorum::{Claim, ReleaseReason};
 use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
-use ftvm_repl::transport::ConnectError;
 use ftvm_vmm::devices::virtio::net::hold::FileTrace;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
@@ -249,14 +248,14 @@ fn connect_backup(peer: SocketAddr, secret: &[u8], options: &TcpOptions, timeout
             Ok(t) => return Ok(t),
             // Only "nobody answers yet" is worth waiting for; a wrong secret, another protocol
             // version or a size mismatch will not fix itself.
-            Err(e @ ConnectError::Connect { .. }) if start.elapsed() < timeout => {
+            Err(e) if e.is_transient() && start.elapsed() < timeout => {
                 if last_report.elapsed() >= Duration::from_secs(3) {
                     tracing::info!(%peer, error = %ftvm_repl::ErrorChain(&e), "waiting for the backup");
                     last_report = Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e @ ConnectError::Connect { .. }) => {
+            Err(e) if e.is_transient() => {
                 return Err(e).with_context(|| format!("cannot reach the backup at {peer} within {} s", timeout.as_secs()))
             }
             Err(e) => return Err(e).with_context(|| format!("the backup at {peer} refused this primary")),

@@ -67,10 +67,11 @@ pub enum FrameKind {
     /// The guest frames the epoch's output hold sealed (the backup replays them at a takeover: the
     /// primary may have died before it released them, and the restored guest believes them sent).
     HeldOutput = 26,
-    /// From the primary, right after the backup's `StandbyInfo` (minor 2 and later): the lease term
-    /// its copy is current for (u64). The backup stores it with its disk once its copy is
-    /// restorable, and names it when it claims the lease to take over. Also the first frame the
-    /// backup receives under the session key: only then does it count the session as started.
+    /// From the primary, its first frame after the handshake (minor 2 and later; the backup's
+    /// `StandbyInfo` answers it): the lease term its copy is current for (u64; 0 without a
+    /// quorum). The backup stores it with its disk once its copy is restorable, and names it when
+    /// it claims the lease to take over. Being the first frame under the session key, it is what
+    /// makes the backup count the session as started.
     LeaseTerm = 27,
     /// Liveness probe.
     Heartbeat = 32,

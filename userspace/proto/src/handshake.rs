@@ -9,7 +9,9 @@
 //!       K_r→i = KDF(secret ‖ nonce_i ‖ nonce_r, "responder to initiator")
 //! ```
 //! The Hello frames are tagged with a key derived from the secret alone, so a peer without the
-//! secret fails at its first frame. Every later frame is tagged with a per-session, per-direction
+//! secret fails at its first frame. A refusal answers a Hello: its reason carries a tag keyed with
+//! the secret and the initiator's fresh nonce, so a refusal recorded earlier and replayed to a
+//! starting initiator reads as forged ([`HandshakeError::ForgedRefusal`]), not as a refusal. Every later frame is tagged with a per-session, per-direction
 //! key derived from both fresh nonces, so frames recorded from an earlier session cannot be
 //! replayed into a new one, and frames cannot be reflected back to their sender.
 
@@ -43,6 +45,10 @@ pub enum HandshakeError {
     /// The peer refused us.
     #[error("Peer refused the handshake: {0}")]
     Refused(String),
+    /// A refusal that does not answer this side's Hello (replayed, or from an older peer): not to
+    /// be believed; the caller may try again.
+    #[error("A refusal that does not answer this Hello (replayed?): {0}")]
+    ForgedRefusal(String),
     /// A peer of another major protocol version.
     #[error("Peer speaks protocol {major}.{minor}, this side speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")]
     Version {
@@ -68,6 +74,20 @@ fn hello_key(secret: &[u8]) -> [u8; 32] {
     blake3::derive_key("ftvm a-link 2026 hello key", secret)
 }
 
+fn refusal_key(secret: &[u8], nonce_i: &[u8]) -> [u8; 32] {
+    let mut material = Vec::with_capacity(secret.len() + NONCE_LEN);
+    material.extend_from_slice(secret);
+    material.extend_from_slice(nonce_i);
+    blake3::derive_key("ftvm a-link 2026 refusal key", &material)
+}
+
+/// A refusal's payload: the reason, then a tag binding it to the initiator's nonce.
+fn refusal_payload(secret: &[u8], nonce_i: &[u8], reason: &str) -> Vec<u8> {
+    let mut p = reason.as_bytes().to_vec();
+    p.extend_from_slice(blake3::keyed_hash(&refusal_key(secret, nonce_i), reason.as_bytes()).as_bytes());
+    p
+}
+
 fn session_key(secret: &[u8], nonce_i: &[u8], nonce_r: &[u8], direction: &str) -> [u8; 32] {
     let context = format!("ftvm a-link 2026 session key {direction}");
     let mut material = Vec::with_capacity(secret.len() + 2 * NONCE_LEN);
@@ -91,26 +111,43 @@ fn hello_payload(nonce: &[u8; NONCE_LEN]) -> [u8; HELLO_LEN] {
     p
 }
 
-/// Reads the peer's Hello and returns (minor, nonce).
-fn read_hello<S: Read>(stream: &mut S, opener: &mut FrameOpener) -> Result<(u8, [u8; NONCE_LEN]), HandshakeError> {
+/// A peer's Hello.
+#[derive(Debug)]
+struct Hello {
+    major: u8,
+    minor: u8,
+    nonce: [u8; NONCE_LEN],
+}
+
+/// Reads the peer's Hello, of any version. A refusal is believed only when it answers
+/// `own_nonce` (the initiator's side).
+fn read_hello<S: Read>(
+    stream: &mut S,
+    opener: &mut FrameOpener,
+    secret: &[u8],
+    own_nonce: Option<&[u8; NONCE_LEN]>,
+) -> Result<Hello, HandshakeError> {
     let frame = opener.read(stream)?;
     match frame.header.kind {
         FrameKind::Hello => {}
         FrameKind::Refused => {
-            return Err(HandshakeError::Refused(String::from_utf8_lossy(&frame.payload).into_owned()))
+            let p = &frame.payload;
+            let (reason, tag) = p.split_at(p.len().saturating_sub(32));
+            let text = String::from_utf8_lossy(reason).into_owned();
+            let genuine = own_nonce.is_some_and(|n| {
+                tag.len() == 32 && blake3::Hash::from(*blake3::keyed_hash(&refusal_key(secret, n), reason).as_bytes())
+                    == blake3::Hash::from(<[u8; 32]>::try_from(tag).unwrap_or([0; 32]))
+            });
+            return Err(if genuine { HandshakeError::Refused(text) } else { HandshakeError::ForgedRefusal(text) });
         }
         other => return Err(HandshakeError::Unexpected(other)),
     }
     if frame.payload.len() != HELLO_LEN {
         return Err(HandshakeError::MalformedHello);
     }
-    let (major, minor) = (frame.payload[0], frame.payload[1]);
-    if major != PROTOCOL_MAJOR {
-        return Err(HandshakeError::Version { major, minor });
-    }
-    let mut n = [0u8; NONCE_LEN];
-    n.copy_from_slice(&frame.payload[2..]);
-    Ok((minor, n))
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&frame.payload[2..]);
+    Ok(Hello { major: frame.payload[0], minor: frame.payload[1], nonce })
 }
 
 /// Both sides use the lower of the two minors.
@@ -158,8 +195,11 @@ pub fn initiate_with_version<S: Read + Write>(
     hello[1] = minor;
     FrameSealer::new(key).write(stream, FrameKind::Hello, 0, 0, &[&hello])?;
     stream.flush().map_err(FrameError::Io)?;
-    let (minor, nonce_r) = read_hello(stream, &mut FrameOpener::new(key))?;
-    Ok(session(secret, &nonce_i, &nonce_r, true, negotiated_minor(minor)))
+    let peer = read_hello(stream, &mut FrameOpener::new(key), secret, Some(&nonce_i))?;
+    if peer.major != PROTOCOL_MAJOR {
+        return Err(HandshakeError::Version { major: peer.major, minor: peer.minor });
+    }
+    Ok(session(secret, &nonce_i, &peer.nonce, true, negotiated_minor(peer.minor)))
 }
 
 /// Runs the responder's side (the backup accepting the primary). A peer of another major version
@@ -167,30 +207,33 @@ pub fn initiate_with_version<S: Read + Write>(
 pub fn respond<S: Read + Write>(stream: &mut S, secret: &[u8]) -> Result<Session, HandshakeError> {
     check_secret(secret)?;
     let key = hello_key(secret);
-    let mut sealer = FrameSealer::new(key);
-    let (minor, nonce_i) = match read_hello(stream, &mut FrameOpener::new(key)) {
-        Ok(hello) => hello,
-        Err(HandshakeError::Version { major, minor }) => {
-            let reason = format!("this side speaks protocol {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}");
-            let _ = sealer.write(stream, FrameKind::Refused, 0, 0, &[reason.as_bytes()]);
-            return Err(HandshakeError::Version { major, minor });
-        }
-        Err(e) => return Err(e),
-    };
+    let hello = read_hello(stream, &mut FrameOpener::new(key), secret, None)?;
+    if hello.major != PROTOCOL_MAJOR {
+        let reason = format!("this side speaks protocol {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}");
+        let _ = refuse_hello(stream, secret, &hello.nonce, &reason);
+        return Err(HandshakeError::Version { major: hello.major, minor: hello.minor });
+    }
     let nonce_r = nonce()?;
-    sealer.write(stream, FrameKind::Hello, 0, 0, &[&hello_payload(&nonce_r)])?;
+    FrameSealer::new(key).write(stream, FrameKind::Hello, 0, 0, &[&hello_payload(&nonce_r)])?;
     stream.flush().map_err(FrameError::Io)?;
-    Ok(session(secret, &nonce_i, &nonce_r, false, negotiated_minor(minor)))
+    Ok(session(secret, &hello.nonce, &nonce_r, false, negotiated_minor(hello.minor)))
 }
 
-/// Refuses an initiator without reading its Hello (for example: the responder is busy with
-/// another peer), with a reason the initiator's [`initiate`] returns as [`HandshakeError::Refused`].
-/// Only a peer with the secret can read the refusal as authentic.
-pub fn refuse<S: Write>(stream: &mut S, secret: &[u8], reason: &str) -> Result<(), HandshakeError> {
-    check_secret(secret)?;
-    FrameSealer::new(hello_key(secret)).write(stream, FrameKind::Refused, 0, 0, &[reason.as_bytes()])?;
+/// Answers an initiator's Hello (nonce `nonce_i`) with a refusal its [`initiate`] returns as
+/// [`HandshakeError::Refused`].
+fn refuse_hello<S: Write>(stream: &mut S, secret: &[u8], nonce_i: &[u8], reason: &str) -> Result<(), HandshakeError> {
+    let payload = refusal_payload(secret, nonce_i, reason);
+    FrameSealer::new(hello_key(secret)).write(stream, FrameKind::Refused, 0, 0, &[&payload])?;
     stream.flush().map_err(FrameError::Io)?;
     Ok(())
+}
+
+/// Refuses an initiator (for example: the responder is busy with another peer): reads its Hello,
+/// then answers it with `reason`, which only that Hello's sender can take for a refusal.
+pub fn refuse<S: Read + Write>(stream: &mut S, secret: &[u8], reason: &str) -> Result<(), HandshakeError> {
+    check_secret(secret)?;
+    let hello = read_hello(stream, &mut FrameOpener::new(hello_key(secret)), secret, None)?;
+    refuse_hello(stream, secret, &hello.nonce, reason)
 }
 
 #[cfg(test)]
@@ -245,7 +288,7 @@ mod tests {
         hello[0] = PROTOCOL_MAJOR + 1;
         FrameSealer::new(hello_key(SECRET)).write(&mut a, FrameKind::Hello, 0, 0, &[&hello]).unwrap();
         assert!(matches!(t.join().unwrap(), Err(HandshakeError::Version { .. })));
-        let err = read_hello(&mut a, &mut FrameOpener::new(hello_key(SECRET))).unwrap_err();
+        let err = read_hello(&mut a, &mut FrameOpener::new(hello_key(SECRET)), SECRET, Some(&[1; NONCE_LEN])).unwrap_err();
         assert!(matches!(err, HandshakeError::Refused(ref r) if r.contains("protocol")), "{err}");
     }
 
@@ -258,9 +301,60 @@ mod tests {
         assert!(matches!(t.join().unwrap(), Err(HandshakeError::Version { .. })));
 
         let (mut a, mut b) = UnixStream::pair().unwrap();
-        refuse(&mut b, SECRET, "busy").unwrap();
+        let t = std::thread::spawn(move || {
+            refuse(&mut b, SECRET, "busy").unwrap();
+            b
+        });
         let err = initiate(&mut a, SECRET).unwrap_err();
         assert!(matches!(err, HandshakeError::Refused(ref r) if r == "busy"), "{err}");
+        drop(t.join().unwrap());
+    }
+
+    /// A refusal recorded from one handshake and replayed to the next initiator is not believed.
+    #[test]
+    fn a_replayed_refusal_is_forged() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut recorded = Vec::new();
+            let mut both = Tee { inner: &mut b, out: &mut recorded };
+            refuse(&mut both, SECRET, "busy").unwrap();
+            recorded
+        });
+        assert!(matches!(initiate(&mut a, SECRET), Err(HandshakeError::Refused(_))));
+        let recorded = t.join().unwrap();
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            // The attacker reads the new Hello and answers with the recording.
+            let mut hello = [0u8; 32 + HELLO_LEN + 32];
+            b.read_exact(&mut hello).unwrap();
+            b.write_all(&recorded).unwrap();
+        });
+        let err = initiate(&mut a, SECRET).unwrap_err();
+        assert!(matches!(err, HandshakeError::ForgedRefusal(ref r) if r == "busy"), "{err}");
+        t.join().unwrap();
+    }
+
+    /// Writes go to the stream and to a recording.
+    struct Tee<'a, S> {
+        inner: &'a mut S,
+        out: &'a mut Vec<u8>,
+    }
+
+    impl<S: Read> Read for Tee<'_, S> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+
+    impl<S: Write> Write for Tee<'_, S> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.inner.write(buf)?;
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
     }
 
     #[test]

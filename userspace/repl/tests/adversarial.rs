@@ -73,7 +73,7 @@ mod tests {
         /// Waits until the receiver has dropped the bad session, and checks why.
         fn expect_dropped(&self, before: &ReceiverStats, reason: &str) {
             // The bad session started after `before` was taken, and has ended.
-            let s = wait_stats(&self.backup, "the bad session to be dropped", |s| s.sessions > before.sessions && s.connected.is_none());
+            let s = wait_stats(&self.backup, "the bad session to be dropped", |s| s.sessions_ended > before.sessions_ended && s.connected.is_none());
             let err = s.last_error.unwrap_or_default();
             assert!(err.contains(reason), "dropped for {err:?}, expected {reason:?}");
             assert_eq!(s.committed, Some(GOOD));

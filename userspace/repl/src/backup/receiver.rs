@@ -44,6 +44,7 @@ use crate::epoch::wire::{
     StandbyInfo,
 };
 use crate::ha::heartbeat::{LinkActivity, SessionEnd, StampingReader};
+use crate::transport::deadline::DeadlineStream;
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 
 /// Whether applied disk writes are made durable before the acknowledgement.
@@ -276,6 +277,9 @@ pub enum SessionError {
     /// The receiver is stopping.
     #[error("Receiver is stopping")]
     Stopping,
+    /// Another primary's session holds the receiver.
+    #[error("Another primary is connected")]
+    Busy,
 }
 
 /// Progress of an initial synchronisation.
@@ -315,6 +319,8 @@ pub struct ReceiverStats {
     /// Handshakes that succeeded (a session counts for the failure detector only from the
     /// primary's first authenticated frame).
     pub sessions: u64,
+    /// Of those, the ones that ended.
+    pub sessions_ended: u64,
     /// Connections refused (handshake failed, busy, too many pending).
     pub refused: u64,
     /// Time to apply the last epoch (disk writes, sync, page copy).
@@ -739,36 +745,24 @@ fn send_small(stream: &TcpStream, sealer: &mut FrameSealer, kind: FrameKind, epo
 fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
     let mut pending = PendingGuard(&inner.pending_handshakes, false);
     let cfg = &inner.config;
-    let hs_timeout = Some(cfg.handshake_timeout.max(Duration::from_millis(1)));
-    let setup = stream
-        .set_nonblocking(false)
-        .and_then(|()| stream.set_nodelay(true))
-        .and_then(|()| stream.set_read_timeout(hs_timeout))
-        .and_then(|()| stream.set_write_timeout(hs_timeout));
+    let setup = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true));
     if let Err(e) = setup {
         return inner.refused(peer, format!("cannot configure the socket: {e}"));
     }
-    let mut io = &stream;
-    let session = match handshake::respond(&mut io, &cfg.secret) {
+    // One deadline for the whole handshake: a peer cannot hold a slot by dribbling bytes.
+    let deadline = Instant::now() + cfg.handshake_timeout.max(Duration::from_millis(1));
+    let session = match handshake::respond(&mut DeadlineStream::new(&stream, deadline), &cfg.secret) {
         Ok(s) => s,
         Err(e) => return inner.refused(peer, format!("handshake failed: {}", ErrorChain(&e))),
     };
     pending.done();
-    let mut sealer = session.sealer;
-    if inner.session_active.swap(true, Ordering::SeqCst) {
-        inner.refused(peer, "another primary is connected".into());
-        let _ = send_small(&stream, &mut sealer, FrameKind::Goodbye, 0, b"another primary is connected");
-        return;
-    }
-    {
-        let mut s = lock(&inner.stats);
-        s.sessions += 1;
-        s.connected = Some(peer);
-    }
-    tracing::info!(%peer, "primary connected");
+    lock(&inner.stats).sessions += 1;
+    let session_minor = session.minor;
     // Not yet a session: only the peer's first frame sealed with the session key proves that it
-    // derived the keys from this side's fresh nonce (a recorded handshake replayed later cannot).
-    let mut session = Session::new(inner, &stream, sealer, session.opener, peer);
+    // derived the keys from this side's fresh nonce (a recorded handshake replayed later cannot);
+    // until then it holds no slot and can end nothing.
+    let mut session = Session::new(inner, &stream, session.sealer, session.opener, peer);
+    session.minor = session_minor;
     let result = session.run();
     let discarded = session.discard();
     session.end(&result);
@@ -787,16 +781,19 @@ fn connection(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
     // The slot is released under the stats lock, so that "not connected" in the counters means a
     // new primary is accepted, and a new session's "connected" cannot be overwritten by this one.
     let mut s = lock(&inner.stats);
-    s.connected = None;
-    s.primary_term = None;
-    s.sync = None;
+    s.sessions_ended += 1;
     if discarded.is_some() {
         s.epochs_discarded += 1;
     }
     if let Err(e) = &result {
         s.last_error = Some(ErrorChain(e).to_string());
     }
-    inner.session_active.store(false, Ordering::SeqCst);
+    if session.confirmed {
+        s.connected = None;
+        s.primary_term = None;
+        s.sync = None;
+        inner.session_active.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Pages of one Pages frame, staged: the frame's payload is kept as it arrived.
@@ -849,6 +846,9 @@ struct Session<'a> {
     confirmed: bool,
     /// The lease term the primary announced.
     term: Option<u64>,
+    /// The protocol minor both sides use: from 2 on, the primary speaks first (its `LeaseTerm`),
+    /// and the standby information answers it.
+    minor: u8,
 }
 
 impl<'a> Session<'a> {
@@ -873,15 +873,28 @@ impl<'a> Session<'a> {
             peer,
             confirmed: false,
             term: None,
+            minor: ftvm_proto::frame::PROTOCOL_MINOR,
         }
+    }
+
+    fn send_standby_info(&mut self) -> Result<(), SessionError> {
+        let info = self.inner.read_standby().info(self.inner.config.disk_bytes);
+        send_small(self.stream, &mut self.sealer, FrameKind::StandbyInfo, 0, &info.encode()).map_err(SessionError::Send)
     }
 
     /// The primary's first authenticated frame: from now on the session is the primary's, its
     /// end is judged by the failure detector, and it voids an earlier goodbye.
     fn confirm(&mut self) -> Result<(), SessionError> {
+        if self.inner.session_active.swap(true, Ordering::SeqCst) {
+            self.inner.refused(self.peer, "another primary is connected".into());
+            let _ = send_small(self.stream, &mut self.sealer, FrameKind::Goodbye, 0, b"another primary is connected");
+            return Err(SessionError::Busy);
+        }
         let link_timeout = Some(self.inner.config.link_timeout.max(Duration::from_millis(1)));
         self.stream.set_read_timeout(link_timeout).map_err(SessionError::Send)?;
         self.confirmed = true;
+        lock(&self.inner.stats).connected = Some(self.peer);
+        tracing::info!(peer = %self.peer, "primary connected");
         self.inner.activity.session_started(self.stream.try_clone().ok());
         Ok(())
     }
@@ -945,11 +958,15 @@ impl<'a> Session<'a> {
     fn run(&mut self) -> Result<(), SessionError> {
         let cfg = &self.inner.config;
         let link_timeout = Some(cfg.link_timeout.max(Duration::from_millis(1)));
-        // Until the primary's first frame proves the session, the handshake's deadline applies.
-        self.stream.set_read_timeout(Some(cfg.handshake_timeout.max(Duration::from_millis(1)))).map_err(SessionError::Send)?;
         self.stream.set_write_timeout(link_timeout).map_err(SessionError::Send)?;
-        let info = self.inner.read_standby().info(cfg.disk_bytes);
-        send_small(self.stream, &mut self.sealer, FrameKind::StandbyInfo, 0, &info.encode()).map_err(SessionError::Send)?;
+        // Until the primary's first frame proves the session, one deadline for all of it.
+        let confirm_by = Instant::now() + cfg.handshake_timeout.max(Duration::from_millis(1));
+        // From 1.2 the primary's first frame (its lease term) comes first and the standby
+        // information answers it, once the session holds the slot; a 1.1 primary waits for it.
+        let mut info_sent = self.minor < 2;
+        if info_sent {
+            self.send_standby_info()?;
+        }
 
         // Small: it saves system calls on headers and small frames, while the payload of a large
         // frame is read straight into its buffer (a large read bypasses an empty BufReader) instead
@@ -961,7 +978,13 @@ impl<'a> Session<'a> {
                 return Err(SessionError::Stopping);
             }
             let mut buf = self.pool.pop().unwrap_or_default();
-            let header = match self.opener.read_into(&mut input, &mut buf) {
+            let read = if self.confirmed {
+                self.opener.read_into(&mut input, &mut buf)
+            } else {
+                // Nothing was read through `input` yet, so it holds nothing buffered.
+                self.opener.read_into(&mut DeadlineStream::new(self.stream, confirm_by), &mut buf)
+            };
+            let header = match read {
                 Ok(h) => h,
                 Err(FrameError::Closed) => {
                     return match &self.staging {
@@ -974,6 +997,13 @@ impl<'a> Session<'a> {
             self.inner.bytes_received.fetch_add((HEADER_LEN + buf.len() + TAG_LEN) as u64, Ordering::Relaxed);
             if !self.confirmed {
                 self.confirm()?;
+            }
+            if !info_sent {
+                if header.kind != FrameKind::LeaseTerm {
+                    return Err(SessionError::Unexpected { kind: header.kind, context: "before the lease term" });
+                }
+                self.send_standby_info()?;
+                info_sent = true;
             }
             // The tag of an authenticated frame is always there after read_into succeeded.
             let tag = self.opener.last_tag().unwrap_or_default();

@@ -11,6 +11,7 @@
 //! engine then re-marks the pages of every unacknowledged epoch dirty, requeues their disk writes,
 //! and goes on unprotected (simplex) until a backup is connected again.
 
+pub mod deadline;
 pub mod tcp;
 
 use std::time::{Duration, Instant};
@@ -172,6 +173,22 @@ pub enum ConnectError {
     /// The acknowledgement thread could not be started.
     #[error("Cannot start the acknowledgement thread")]
     Thread(#[source] std::io::Error),
+}
+
+impl ConnectError {
+    /// Whether trying again may succeed: nobody answers yet, the connection timed out, or a
+    /// refusal that does not answer this side's Hello (replayed by someone on the path).
+    pub fn is_transient(&self) -> bool {
+        use ftvm_proto::handshake::HandshakeError as H;
+        match self {
+            Self::Connect { .. } => true,
+            Self::Handshake(H::ForgedRefusal(_)) => true,
+            Self::Handshake(H::Frame(ftvm_proto::frame::FrameError::Io(e))) => {
+                matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Why an epoch could not begin.

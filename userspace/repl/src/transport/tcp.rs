@@ -61,7 +61,7 @@ pub struct TcpOptions {
     /// The guest's disk size, checked against the backup's standby disk.
     pub disk_bytes: Option<u64>,
     /// The lease term this primary's copy is current for, told to the backup (protocol 1.2 and
-    /// later): the backup names it when it claims the lease to take over.
+    /// later; none: 0, no quorum): the backup names it when it claims the lease to take over.
     pub lease_term: Option<u64>,
 }
 
@@ -325,9 +325,18 @@ impl TcpTransport {
         stream.set_write_timeout(Some(options.write_timeout.max(Duration::from_millis(1)))).map_err(ConnectError::Socket)?;
         stream.set_read_timeout(Some(options.handshake_timeout.max(Duration::from_millis(1)))).map_err(ConnectError::Socket)?;
 
-        let mut io = &stream;
+        // One deadline for the handshake and the standby information together.
+        let deadline = Instant::now() + options.handshake_timeout.max(Duration::from_millis(1));
+        let mut io = super::deadline::DeadlineStream::new(&stream, deadline);
         let session = handshake::initiate(&mut io, secret)?;
         let (mut sealer, mut opener) = (session.sealer, session.opener);
+        // From 1.2 this side speaks first: its lease term (0: no quorum) is the first frame under
+        // the session key, which is what makes the backup count the session, and the standby
+        // information (or a refusal) answers it. A 1.1 backup sends its information at once.
+        if session.minor >= 2 {
+            let term = options.lease_term.unwrap_or(0);
+            sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&term.to_le_bytes()]).map_err(ConnectError::Info)?;
+        }
         let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
         let peer = match frame.header.kind {
             FrameKind::StandbyInfo => StandbyInfo::decode(&frame.payload).map_err(ConnectError::MalformedInfo)?,
@@ -340,15 +349,11 @@ impl TcpTransport {
         if let Some(guest) = options.disk_bytes.filter(|&g| g != peer.disk_bytes) {
             return Err(ConnectError::DiskMismatch { backup: peer.disk_bytes, guest });
         }
-        // The first frame under the session key, which is what makes the backup count the session
-        // as started (a backup of 1.1 counts it at the first epoch frame instead).
-        if let Some(term) = options.lease_term.filter(|_| session.minor >= 2) {
-            sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&term.to_le_bytes()]).map_err(ConnectError::Info)?;
-        }
 
         // From here on the acknowledgement thread reads without a timeout (acks only come when an
         // epoch is in flight); wait_ack's deadline bounds every wait, and shutdown ends the thread.
         stream.set_read_timeout(None).map_err(ConnectError::Socket)?;
+        stream.set_write_timeout(Some(options.write_timeout.max(Duration::from_millis(1)))).map_err(ConnectError::Socket)?;
         let read_half = stream.try_clone().map_err(ConnectError::Socket)?;
         let shared = Arc::new(AckShared { state: Mutex::default(), cv: Condvar::new(), listener: Mutex::new(None) });
         let reader = {

@@ -29,6 +29,7 @@ use ftvm_proto::witness::{
 use crate::ha::heartbeat::monotonic_us;
 use crate::ha::quorum::rules::{Change, LeaseBook};
 use crate::ha::quorum::{ClaimOutcome, Previous, Refusal, ReleaseReason};
+use crate::transport::deadline::DeadlineStream;
 use crate::ErrorChain;
 use store::{StateStore, StoreError};
 
@@ -222,17 +223,14 @@ fn serve(shared: &Shared, stream: TcpStream) -> Result<(), ServeError> {
     let started = Instant::now();
     stream.set_nonblocking(false).map_err(ServeError::Socket)?;
     stream.set_nodelay(true).map_err(ServeError::Socket)?;
-    // The handshake reads one frame: its read timeout is the whole deadline.
-    stream.set_read_timeout(Some(HANDSHAKE_DEADLINE)).map_err(ServeError::Socket)?;
-    stream.set_write_timeout(Some(HANDSHAKE_DEADLINE)).map_err(ServeError::Socket)?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(ServeError::Socket)?);
-    let mut writer = BufWriter::new(stream.try_clone().map_err(ServeError::Socket)?);
-    let mut duplex = Duplex { r: &mut reader, w: &mut writer };
-    let session = handshake::respond(&mut duplex, &shared.secret);
+    let session = handshake::respond(&mut DeadlineStream::new(&stream, started + HANDSHAKE_DEADLINE), &shared.secret);
     if started.elapsed() > HANDSHAKE_DEADLINE {
         return Err(ServeError::HandshakeDeadline);
     }
     let session = session?;
+    stream.set_write_timeout(Some(HANDSHAKE_DEADLINE)).map_err(ServeError::Socket)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(ServeError::Socket)?);
+    let mut writer = BufWriter::new(stream.try_clone().map_err(ServeError::Socket)?);
     let mut opener = session.opener.with_max_payload(MAX_REQUEST_LEN as u32);
     let mut sealer = session.sealer;
     stream.set_read_timeout(Some(IDLE_TIMEOUT)).map_err(ServeError::Socket)?;
@@ -254,27 +252,6 @@ fn serve(shared: &Shared, stream: TcpStream) -> Result<(), ServeError> {
         writer.flush().map_err(FrameError::Io)?;
     }
     Ok(())
-}
-
-/// A reader and a writer as one stream, for the handshake.
-struct Duplex<'a, R, W> {
-    r: &'a mut R,
-    w: &'a mut W,
-}
-
-impl<R: std::io::Read, W> std::io::Read for Duplex<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.r.read(buf)
-    }
-}
-
-impl<R, W: Write> Write for Duplex<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.w.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.w.flush()
-    }
 }
 
 fn answer(shared: &Shared, req: &WitnessRequest, peer: Option<SocketAddr>) -> WitnessReply {

@@ -308,7 +308,9 @@ impl RawPrimary {
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut io = &stream;
         let s = handshake::initiate(&mut io, SECRET).unwrap();
-        let (sealer, mut opener) = (s.sealer, s.opener);
+        let (mut sealer, mut opener) = (s.sealer, s.opener);
+        // Protocol 1.2: the primary's lease term first, answered by the standby information.
+        sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&0u64.to_le_bytes()]).unwrap();
         let f = opener.read(&mut io).unwrap();
         assert_eq!(f.header.kind, FrameKind::StandbyInfo);
         let info = StandbyInfo::decode(&f.payload).unwrap();

@@ -2,7 +2,7 @@
 //! and made anew after any error, one request and one reply at a time, every request within
 //! [`WitnessClientConfig::timeout`] from connect to reply.
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use ftvm_proto::witness::{
 };
 
 use super::rules::is_valid_name;
+use crate::transport::deadline::DeadlineStream;
 use super::{Claim, ClaimOutcome, LeaseGrant, Previous, QuorumClient, QuorumError, Refusal, ReleaseReason};
 
 /// Settings of a [`WitnessQuorum`].
@@ -42,8 +43,7 @@ impl std::fmt::Debug for WitnessClientConfig {
 }
 
 struct Connection {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    stream: TcpStream,
     sealer: FrameSealer,
     opener: FrameOpener,
 }
@@ -86,13 +86,10 @@ impl WitnessQuorum {
         let err = |what: &str, e: &dyn std::fmt::Display| QuorumError(format!("witness {addr}: {what}: {e}"));
         let stream = TcpStream::connect_timeout(&addr, Self::remaining(deadline)?).map_err(|e| err("cannot connect", &e))?;
         stream.set_nodelay(true).map_err(|e| err("socket", &e))?;
-        let t = Self::remaining(deadline)?;
-        stream.set_read_timeout(Some(t)).and_then(|()| stream.set_write_timeout(Some(t))).map_err(|e| err("socket", &e))?;
-        let mut hs = stream.try_clone().map_err(|e| err("socket", &e))?;
-        let session = handshake::initiate(&mut hs, &self.cfg.secret).map_err(|e| err("handshake refused", &crate::ErrorChain(&e)))?;
+        let session = handshake::initiate(&mut DeadlineStream::new(&stream, deadline), &self.cfg.secret)
+            .map_err(|e| err("handshake refused", &crate::ErrorChain(&e)))?;
         Ok(Connection {
-            reader: BufReader::new(stream.try_clone().map_err(|e| err("socket", &e))?),
-            writer: stream,
+            stream,
             sealer: session.sealer,
             opener: session.opener.with_max_payload(MAX_REPLY_LEN as u32),
         })
@@ -126,12 +123,12 @@ impl WitnessQuorum {
     }
 
     fn round_trip(conn: &mut Connection, payload: &[u8], deadline: Instant) -> Result<WitnessReply, QuorumError> {
-        let t = Self::remaining(deadline)?;
         let io = |e: &dyn std::fmt::Display| QuorumError(format!("witness: {e}"));
-        conn.writer.set_read_timeout(Some(t)).and_then(|()| conn.writer.set_write_timeout(Some(t))).map_err(|e| io(&e))?;
-        conn.sealer.write(&mut conn.writer, FrameKind::WitnessRequest, 0, 0, &[payload]).map_err(|e| io(&e))?;
-        conn.writer.flush().map_err(|e| io(&e))?;
-        let frame = conn.opener.read(&mut conn.reader).map_err(|e| io(&e))?;
+        // The request in one write; the reply read through the deadline.
+        let mut out = Vec::with_capacity(payload.len() + 64);
+        conn.sealer.write(&mut out, FrameKind::WitnessRequest, 0, 0, &[payload]).map_err(|e| io(&e))?;
+        DeadlineStream::new(&conn.stream, deadline).write_all(&out).map_err(|e| io(&e))?;
+        let frame = conn.opener.read(&mut DeadlineStream::new(&conn.stream, deadline)).map_err(|e| io(&e))?;
         if frame.header.kind != FrameKind::WitnessReply {
             return Err(QuorumError(format!("witness: unexpected frame {:?}", frame.header.kind)));
         }
