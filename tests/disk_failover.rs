@@ -233,3 +233,49 @@ fn uncommitted_disk_writes_do_not_survive_failover_and_committed_ones_do() {
         "the committed write is not on B's disk after the failover"
     );
 }
+
+/// A guest disk write that cannot be recorded for the backup (its backlog is full) never leaves a
+/// pair that says "protected" with a backup lacking the write: host A goes on alone (the quorum
+/// grants it a new term, which the backup's copy can no longer match), its status says why, every
+/// write acknowledged before and after is on A, and when A then dies, B — whose copy lacks the
+/// write — does not resume the VM.
+///
+/// `--disk-backlog-kib 256` and a 600 KiB value: the value's log record alone is larger than the
+/// backlog, so it cannot be recorded however fast the backup acknowledges (and the guest's own
+/// writes while it starts stay far below it).
+#[test]
+fn a_full_disk_backlog_unprotects_the_pair_instead_of_losing_a_write() {
+    require_root_and_kvm();
+    let site = Site::up("bk", &["--disk-backlog-kib", "256"]);
+    let st = site.status();
+    assert!(st.is_protected(), "after site up: want protected / A primary / B backup; got {st}");
+    let nonce = format!("{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let big: String = (0..600 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let client_ns = Netns::existing(&site.netns("client"));
+    let mut c = client_ns.run(|| RespClient::try_connect(Duration::from_secs(10)).expect("connect"));
+    let ok = Reply::Status("OK".into());
+    assert_eq!(c.try_cmd(&["SET", &format!("small-{nonce}"), "before"]).expect("SET small"), ok);
+    assert_eq!(c.try_cmd(&["SET", &format!("big-{nonce}"), &big]).expect("SET big"), ok);
+
+    let (st, ok_state) = site.wait_status(Duration::from_secs(10), |s| s.state != "protected" && s.role_a == "primary");
+    assert!(ok_state, "a write the backup cannot get must end protection; status: {st}");
+    let a = st.detail("A").expect("A's status");
+    let reason = a.to_string();
+    assert!(reason.contains("backlog"), "A's status must say the disk backlog is full: {a}");
+    assert_ne!(st.role_b, "primary", "B must not serve: {st}");
+    assert_eq!(a["disk_replication_lost"], serde_json::Value::Bool(true), "A's status: {a}");
+
+    // A serves alone, every write intact, and takes new ones.
+    assert_eq!(c.try_cmd(&["SET", &format!("after-{nonce}"), "after"]).expect("SET after"), ok);
+    assert_eq!(c.try_cmd(&["GET", &format!("big-{nonce}")]).expect("GET big"), Reply::Bulk(Some(big.into_bytes())));
+    assert_eq!(
+        c.try_cmd(&["GET", &format!("small-{nonce}")]).expect("GET small"),
+        Reply::Bulk(Some(b"before".to_vec()))
+    );
+
+    // A dies: B's copy lacks the big write, so B must not resume the VM.
+    site.kill("A");
+    let (st, became_primary) = site.wait_status(Duration::from_secs(3), |s| s.role_b == "primary");
+    assert!(!became_primary, "B resumed a copy that lacks an acknowledged write: {st}");
+    println!("[{}] after A's death: {st}", site.name);
+}

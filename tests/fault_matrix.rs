@@ -171,7 +171,7 @@ mod tests {
         }
     }
 
-    fn host_detail<'a>(st: &'a Status, host: &str, key: &str) -> String {
+    fn host_detail(st: &Status, host: &str, key: &str) -> String {
         st.detail(host).and_then(|d| d.get(key)).map(|v| v.to_string()).unwrap_or_default()
     }
 
@@ -272,16 +272,26 @@ mod tests {
         let dir = c.site.dir();
         let s = |p: &str| dir.join(p).display().to_string();
         let log = std::fs::File::create(dir.join("host-witness-2.log")).unwrap();
-        let _w = Command::new(ftvm_system_tests::ftvm_bin())
+        let _w = Reaped(Command::new(ftvm_system_tests::ftvm_bin())
             .args(["witness", "--netns", &c.site.netns("witness"), "--listen", "10.88.0.10:7800"])
             .args(["--secret-file", &s("witness.secret"), "--state-dir", &s("witness-state")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("restart the witness");
+            .expect("restart the witness"));
         let st = c.finish(Serving::B);
         assert_eq!(st.role_b, "primary", "{st}");
+    }
+
+    /// A child process killed and waited for on every exit path.
+    struct Reaped(std::process::Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 
     #[test]

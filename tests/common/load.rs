@@ -128,11 +128,14 @@ fn run_conn(conn: usize, ns: &str, stop: &AtomicBool, count: &AtomicU64, read_ti
     log
 }
 
+/// A key and what its value must satisfy.
+type Expectation = (String, Box<dyn Fn(&Reply) -> bool + Send>);
+
 /// Checks every acknowledged write through a fresh connection from `client_ns`; returns the
 /// problems found (empty: nothing acknowledged was lost).
 pub fn lost_writes(client_ns: &str, logs: &[ConnLog]) -> Vec<String> {
     let ns = client_ns.to_string();
-    let wanted: Vec<(String, Box<dyn Fn(&Reply) -> bool + Send>)> = logs
+    let wanted: Vec<Expectation> = logs
         .iter()
         .flat_map(|l| {
             let counters = l.counters.iter().map(|(k, &v)| {

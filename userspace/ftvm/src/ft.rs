@@ -67,6 +67,12 @@ pub struct PrimaryArgs {
     /// see output of epochs the new primary never had.
     #[arg(long, default_value_t = default_ack_timeout_ms(), value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_timeout_ms: u64,
+    /// Most guest disk bytes written and not yet acknowledged by the backup, in KiB. A write beyond
+    /// it cannot reach the backup: the pair is declared unprotected (the primary goes on alone if
+    /// the quorum lets it, and the backup can no longer take over) rather than keep a backup that
+    /// lacks a write.
+    #[arg(long, default_value_t = default_disk_backlog_kib(), value_parser = clap::value_parser!(u64).range(4..))]
+    pub disk_backlog_kib: u64,
     /// Write a trace of the output-commit hold to this file (for tests): one line per frame held,
     /// epoch sealed, release and frame sent, stamped with the real-time clock in nanoseconds (the
     /// clock of packet captures). Format: `ftvm_vmm::devices::virtio::net::hold::TraceRecord`.
@@ -77,6 +83,11 @@ pub struct PrimaryArgs {
 /// The engine's own default, so that the CLI and the library cannot drift apart.
 fn default_ack_timeout_ms() -> u64 {
     u64::try_from(EngineConfig::default().ack_timeout.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The engine's own default, in KiB.
+fn default_disk_backlog_kib() -> u64 {
+    EngineConfig::default().disk_backlog >> 10
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +190,9 @@ pub struct PrimaryStatus {
     pub last_ack_us: Option<u64>,
     pub lag_epochs: u64,
     pub link_per_dirty_byte: Option<f64>,
+    /// A guest disk write could not be recorded for the backup (its backlog was full): the backup
+    /// lacks it, so the pair is not protected until a new synchronisation.
+    pub disk_replication_lost: bool,
     /// Percentiles over the last epochs, in microseconds: `<part>: [p50, p99]`.
     pub recent: RecentEpochs,
     /// The lease.
@@ -320,6 +334,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         epoch_interval: Duration::from_micros(args.epoch_us.max(100)),
         min_epoch_gap: (args.min_epoch_gap_us > 0).then(|| Duration::from_micros(args.min_epoch_gap_us.max(50))),
         ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        disk_backlog: args.disk_backlog_kib.saturating_mul(1024),
         ..EngineConfig::default()
     };
     let disk = DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? };
@@ -382,6 +397,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                             last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
                             lag_epochs: snap.lag_epochs(),
                             link_per_dirty_byte: snap.link_per_dirty_byte(),
+                            disk_replication_lost: snap.disk_replication_lost,
                             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
                             quorum: QuorumStatus::of(&lease),
                         },

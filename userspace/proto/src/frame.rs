@@ -32,7 +32,7 @@ pub const HEADER_LEN: usize = 32;
 /// Size of the authentication tag.
 pub const TAG_LEN: usize = 32;
 /// Largest payload a receiver accepts (a whole epoch of pages is sent as several frames).
-pub const MAX_PAYLOAD: u32 = 64 << 20;
+pub const MAX_PAYLOAD: u32 = crate::limits::MAX_FRAME_PAYLOAD;
 
 /// What a frame carries.
 #[repr(u16)]

@@ -5,12 +5,17 @@
 //!   tag and sequence numbers that make a corrupted, truncated, replayed or forged frame an error;
 //! * [`handshake`]: the versioned, mutually authenticated handshake that derives a session key from
 //!   the shared secret;
+//! * [`epoch`]: the payloads of the epoch frames (begin, pages, machine state, disk writes, disk
+//!   image, held output, commit, acknowledgement, standby info);
+//! * [`limits`]: every size limit the hosts, the guest's devices and the wire share;
 //! * [`witness`]: the requests and replies of the witness, the built-in quorum service;
 //! * [`pages`]: [`pages::PageRangeSet`], sets of guest page frame numbers kept as sorted ranges;
 //! * [`EpochId`]: the number of a checkpoint epoch.
 
+pub mod epoch;
 pub mod frame;
 pub mod handshake;
+pub mod limits;
 pub mod pages;
 pub mod witness;
 

@@ -1,7 +1,7 @@
 //! ftvm-repl: everything about keeping a backup in step with the primary.
 //!
-//! * [`epoch::wire`]: the payloads of the epoch frames (begin, pages, machine state, disk writes,
-//!   disk image, commit, ack, standby info);
+//! * [`epoch`]: the primary's checkpoint engine (the epochs' wire format is
+//!   [`ftvm_proto::epoch`]);
 //! * [`transport`]: the primary's side of the A-Link ([`transport::CheckpointTransport`], over TCP
 //!   in [`transport::tcp`]);
 //! * [`backup`]: the backup's side: [`backup::BackupReceiver`] stages each epoch and applies it
@@ -20,10 +20,7 @@ pub mod ha;
 pub mod transport;
 pub mod witness;
 
-/// Size of a guest page.
-pub const PAGE_SIZE: usize = 4096;
-/// Size of a disk sector, the unit of disk write addresses.
-pub const SECTOR_SIZE: u64 = 512;
+pub use ftvm_proto::limits::{PAGE_SIZE, SECTOR_SIZE};
 
 /// Formats an error with its chain of sources, `a: b: c`, for logs and status.
 #[derive(Debug)]

@@ -18,7 +18,7 @@ mod tests {
     use ftvm_repl::ha::heartbeat::SessionEnd;
     use ftvm_repl::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
     use ftvm_proto::pages::PageRange;
-    use ftvm_repl::epoch::wire::{self, EpochBegin};
+    use ftvm_proto::epoch::{self as wire, EpochBegin};
     use ftvm_repl::PAGE_SIZE;
     use ftvm_repl::transport::tcp::TcpTransport;
     use ftvm_repl::transport::{CheckpointTransport, ConnectError};

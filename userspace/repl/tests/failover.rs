@@ -20,7 +20,7 @@ mod tests {
     use ftvm_proto::EpochId;
     use ftvm_repl::backup::activate::{promote, PromoteConfig, PromoteNet, GARP_FRAME_LEN};
     use ftvm_repl::backup::{BackupReceiver, ReceiverConfig};
-    use ftvm_repl::epoch::wire::EpochBegin;
+    use ftvm_proto::epoch::EpochBegin;
     use ftvm_repl::ha::detector::{DeadReason, DetectorConfig, Suspicion};
     use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
     use ftvm_repl::ha::heartbeat::{monotonic_us, IdleHeartbeat};

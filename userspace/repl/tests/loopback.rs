@@ -13,7 +13,7 @@ mod tests {
     use ftvm_proto::EpochId;
     use ftvm_repl::backup::{BackupReceiver, BindError, DiskSync, ReceiverConfig};
     use ftvm_repl::disk::{DiskReplicator, MemoryDiskReplicator};
-    use ftvm_repl::epoch::wire::EpochBegin;
+    use ftvm_proto::epoch::EpochBegin;
     use ftvm_repl::transport::tcp::TcpTransport;
     use ftvm_repl::transport::{
         AckEvent, BeginEpochError, CheckpointTransport, CommitError, ConnectError, FlatMemory, LinkError, SendPagesError, WaitAckError,
@@ -217,6 +217,48 @@ mod tests {
         let standby = backup.stop().unwrap();
         assert_eq!(standby.committed(), Some(EpochId(1)));
         assert_eq!(standby.unreleased_output(), &committed[..]);
+    }
+
+    /// Every frame size the guest's virtio-net device accepts (from a bare header to a VLAN-tagged
+    /// 64 KiB frame) replicates byte for byte; one byte more is refused before anything is sent,
+    /// and the epoch still commits. The device, the hold and the wire share one limit.
+    #[test]
+    fn every_guest_frame_size_the_device_accepts_replicates() {
+        use ftvm_proto::limits::{MAX_GUEST_FRAME, MIN_GUEST_FRAME};
+        use ftvm_repl::transport::SendOutputError;
+        assert_eq!(ftvm_vmm::devices::virtio::net::handler::MAX_FRAME_LEN, MAX_GUEST_FRAME);
+        init_tracing();
+        let mut rng = Rng(12);
+        let mut model = Model::new(&mut rng, 4 * MIB, MIB);
+        let (backup, _disk) = start_backup(&model, "frame-sizes");
+        let mut t = connect(backup.local_addr(), &model);
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+        let sizes = [MIN_GUEST_FRAME, MIN_GUEST_FRAME + 60, MIN_GUEST_FRAME + 1514, MAX_GUEST_FRAME - 1, MAX_GUEST_FRAME];
+        let frames: Vec<Vec<u8>> =
+            sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|b| (b as u8).wrapping_mul(31) ^ i as u8).collect()).collect();
+        let begin = EpochBegin {
+            epoch: EpochId(1),
+            page_count: 0,
+            state_len: model.state.len() as u64,
+            disk_write_count: 0,
+            disk_image_bytes: 0,
+            initial_sync: false,
+        };
+        t.begin_epoch(&begin).unwrap();
+        t.send_state(&model.state).unwrap();
+        let too_big = vec![0u8; MAX_GUEST_FRAME + 1];
+        let err = t.send_output(&[&too_big]).unwrap_err();
+        assert!(matches!(err, SendOutputError::BadFrame(n) if n == MAX_GUEST_FRAME + 1), "{err}");
+        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        t.send_output(&refs).unwrap();
+        let token = t.commit(EpochId(1)).unwrap();
+        assert_eq!(wait(&t, token), EpochId(1));
+        drop(t);
+        wait_stats(&backup, "the session to end", |s| s.connected.is_none());
+        let standby = backup.stop().unwrap();
+        assert_eq!(standby.committed(), Some(EpochId(1)));
+        assert_eq!(standby.unreleased_output(), &frames[..]);
     }
 
     /// Only one primary at a time: a second authenticated primary is told so; the first keeps going.

@@ -21,8 +21,8 @@ use crate::vm::{check_mem_size, MemSizeError};
 /// Guest memory as every part of the VMM sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
-/// The guest page size used by the dirty bitmaps.
-pub const PAGE_SIZE: u64 = 4096;
+/// The guest page size used by the dirty bitmaps (the wire's, as a `u64` for address arithmetic).
+pub const PAGE_SIZE: u64 = ftvm_proto::limits::PAGE_SIZE as u64;
 
 /// Records that the VMM wrote `len` bytes at `addr` by a path that bypasses vm-memory's accessors.
 pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {

@@ -72,6 +72,10 @@ pub struct UpArgs {
     /// Host A's `--epoch-us` (longest time between checkpoints).
     #[arg(long)]
     pub epoch_us: Option<u64>,
+    /// Host A's `--disk-backlog-kib` (guest disk bytes written and not yet acknowledged beyond
+    /// which the pair is declared unprotected).
+    #[arg(long)]
+    pub disk_backlog_kib: Option<u64>,
     /// Host A's `--min-epoch-gap-us` (shortest time between checkpoints when output waits).
     #[arg(long)]
     pub min_epoch_gap_us: Option<u64>,
@@ -427,6 +431,9 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     }
     if let Some(ms) = args.ack_timeout_ms {
         primary_args.extend(["--ack-timeout-ms".to_string(), ms.to_string()]);
+    }
+    if let Some(kib) = args.disk_backlog_kib {
+        primary_args.extend(["--disk-backlog-kib".to_string(), kib.to_string()]);
     }
     if args.output_trace {
         primary_args.extend(["--output-trace".to_string(), s(&dir.join(OUTPUT_TRACE_FILE))]);

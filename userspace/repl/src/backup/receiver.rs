@@ -39,7 +39,7 @@ use ftvm_proto::EpochId;
 
 use super::journal::{AppendError, ApplyError, DiskJournal};
 use super::standby::{Standby, StandbyMemory};
-use crate::epoch::wire::{
+use ftvm_proto::epoch::{
     decode_output, DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView,
     StandbyInfo,
 };

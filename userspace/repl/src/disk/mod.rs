@@ -6,29 +6,12 @@
 //! write that the guest was told is done.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use ftvm_proto::EpochId;
 
-use crate::epoch::wire::MAX_DISK_WRITE_BYTES;
-use crate::SECTOR_SIZE;
+use ftvm_proto::limits::{MAX_DISK_WRITE_BYTES, SECTOR_SIZE};
 
-/// One guest disk write: whole sectors starting at `sector`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskWrite {
-    /// First sector (512 bytes each).
-    pub sector: u64,
-    /// The bytes, a whole number of sectors. Shared, so that an epoch's writes can be kept until
-    /// the backup acknowledges it without copying them again.
-    pub data: Arc<[u8]>,
-}
-
-impl DiskWrite {
-    /// A write of `data` at `sector`.
-    pub fn new(sector: u64, data: impl Into<Arc<[u8]>>) -> Self {
-        Self { sector, data: data.into() }
-    }
-}
+pub use ftvm_proto::epoch::DiskWrite;
 
 /// Why a write could not be recorded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

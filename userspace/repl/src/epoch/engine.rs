@@ -55,8 +55,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion 
 
 use super::gate::{HoldGate, OutputGate};
 use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, Percentiles};
-use super::wire::{EpochBegin, MAX_CHUNK_BYTES};
-use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator, RecordError};
+use ftvm_proto::epoch::EpochBegin;
+use ftvm_proto::limits::MAX_CHUNK_BYTES;
+use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
 use crate::ha::lease::{Lease, LeaseConfig, ACK_AUTHORITY};
 use crate::ha::quorum::{Claim, QuorumClient};
@@ -338,19 +339,24 @@ enum SendError {
 /// Feeds guest disk writes to the replicator (the device's submission path calls it).
 #[derive(Debug)]
 struct Observer {
-    disk: Arc<Mutex<MemoryDiskReplicator>>,
-    status: Arc<EngineStatus>,
-    /// A write could not be recorded: the backup lacks it, it needs a full resynchronisation.
-    lost: AtomicBool,
+    ack: Arc<AckSide>,
 }
 
 impl DiskWriteObserver for Observer {
     fn record(&self, sector: u64, data: &[u8]) {
-        if let Err(e) = lock(&self.disk).record(sector, data) {
-            if !self.lost.swap(true, Ordering::Relaxed) {
-                let e: &RecordError = &e;
-                tracing::warn!(error = %e, "disk write not replicated; the backup needs a full resynchronisation");
-                self.status.update(|s| s.disk_replication_lost = true);
+        let Err(e) = lock(&self.ack.disk).record(sector, data) else {
+            return;
+        };
+        // Before the write completes to the guest, so before any output that could depend on it
+        // is even held: from now on no acknowledgement releases output (the backup lacks this
+        // write), and the engine leaves the backup at its next step.
+        if !self.ack.disk_lost.swap(true, Ordering::SeqCst) {
+            let reason = format!("{e}: the backup lacks a guest disk write, the pair is not protected any more");
+            tracing::error!(%reason, "disk write not replicated");
+            self.ack.status.update(|s| s.disk_replication_lost = true);
+            let mut d = lock(&self.ack.down);
+            if d.is_none() {
+                *d = Some(reason);
             }
         }
     }
@@ -372,6 +378,9 @@ struct AckSide {
     sync_epoch: AtomicU64,
     /// Set when the link went down; the engine goes simplex at its next step.
     down: Mutex<Option<String>>,
+    /// A guest disk write could not be recorded for the backup: no acknowledgement may release
+    /// output any more (it could depend on that write), only the switch to simplex does.
+    disk_lost: AtomicBool,
     /// After the switch to simplex, late acknowledgements change nothing.
     simplex: AtomicBool,
     /// Set when the backup said it takes over: nothing is released any more.
@@ -394,7 +403,8 @@ impl AckSide {
                     return;
                 }
                 self.acked.store(epoch.0 + 1, Ordering::Release);
-                if round_trip < ACK_AUTHORITY || self.lease.is_valid(monotonic_us()) {
+                let authority = round_trip < ACK_AUTHORITY || self.lease.is_valid(monotonic_us());
+                if authority && !self.disk_lost.load(Ordering::SeqCst) {
                     self.release_through(epoch.0);
                 }
                 let sync = self.sync_epoch.load(Ordering::Acquire);
@@ -455,7 +465,10 @@ impl AckSide {
     /// the backup said it took over.
     fn release_late(&self) {
         let acked = self.acked.load(Ordering::Acquire);
-        if acked <= self.released.load(Ordering::Acquire) || !self.lease.is_valid(monotonic_us()) {
+        if acked <= self.released.load(Ordering::Acquire)
+            || !self.lease.is_valid(monotonic_us())
+            || self.disk_lost.load(Ordering::SeqCst)
+        {
             return;
         }
         let superseded = lock(&self.superseded);
@@ -601,7 +614,6 @@ pub struct PrimaryEngine {
     cfg: EngineConfig,
     status: Arc<EngineStatus>,
     ack: Arc<AckSide>,
-    observer: Arc<Observer>,
     next_epoch: u64,
     in_flight: VecDeque<InFlight>,
     staging: Staging,
@@ -650,18 +662,18 @@ impl PrimaryEngine {
         let status = Arc::new(EngineStatus::new());
         let ack = Arc::new(AckSide {
             gate,
-            disk: replicator.clone(),
+            disk: replicator,
             status: status.clone(),
             acked: AtomicU64::new(0),
             sync_epoch: AtomicU64::new(0),
             down: Mutex::new(None),
+            disk_lost: AtomicBool::new(false),
             simplex: AtomicBool::new(false),
             superseded: Mutex::new(None),
             lease: Lease::default(),
             released: AtomicU64::new(0),
             round_trips: Mutex::new(VecDeque::new()),
         });
-        let observer = Arc::new(Observer { disk: replicator, status: status.clone(), lost: AtomicBool::new(false) });
         let heartbeat = IdleHeartbeat::new(cfg.heartbeat_interval);
         Ok(Self {
             source,
@@ -671,7 +683,6 @@ impl PrimaryEngine {
             cfg,
             status,
             ack,
-            observer,
             next_epoch: 0,
             in_flight: VecDeque::new(),
             staging: Staging::default(),
@@ -698,9 +709,8 @@ impl PrimaryEngine {
     /// alone only when it grants a new term, and its loss fences the VM.
     pub fn with_lease(mut self, lease: Lease) -> Self {
         // Nothing runs before the engine does: the acknowledgement side is not shared yet.
-        if let Some(ack) = Arc::get_mut(&mut self.ack) {
-            ack.lease = lease;
-        }
+        let owned = Arc::get_mut(&mut self.ack).map(|ack| ack.lease = lease).is_some();
+        debug_assert!(owned, "the acknowledgement side is shared before the engine runs: the lease would be lost");
         self
     }
 
@@ -718,8 +728,9 @@ impl PrimaryEngine {
     /// Holds the guest's output in `gate` instead of the default userspace hold.
     pub fn with_output_gate(mut self, gate: Arc<dyn OutputGate>) -> Self {
         // Nothing is held before the engine runs: the default gate can go.
-        if let Some(ack) = Arc::get_mut(&mut self.ack) {
-            ack.gate = gate;
+        let owned = Arc::get_mut(&mut self.ack).map(|ack| ack.gate = gate).is_some();
+        debug_assert!(owned, "the acknowledgement side is shared before the engine runs: the gate would be lost");
+        if owned {
             self.hold = None;
         }
         self
@@ -786,7 +797,9 @@ impl PrimaryEngine {
     }
 
     fn run_inner(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
-        let obs: Arc<dyn DiskWriteObserver> = self.observer.clone();
+        // Made here, not in `new`: until the engine runs, the builder methods own the
+        // acknowledgement side alone (they set its lease and gate).
+        let obs: Arc<dyn DiskWriteObserver> = Arc::new(Observer { ack: self.ack.clone() });
         // Before tracking and the image read: no write of the guest can fall between.
         self.source.with_devices(|d| d.set_disk_write_observer(Some(obs)));
         self.source.start_tracking().map_err(EngineError::Tracking)?;

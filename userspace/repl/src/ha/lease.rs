@@ -193,10 +193,14 @@ impl Lease {
     /// Claims the lease for this host's copy (current as of [`Lease::term`]); granted, the new term
     /// is held and subscribers are told before this returns. Refused or unreachable: why.
     pub fn claim(&self, claim: Claim) -> Result<LeaseGrant, String> {
+        // The client's lock is held from reading the term to storing the new one: a renewal
+        // cannot read the old term, wait for this claim, and then renew a term the quorum just
+        // retired (which it would refuse as stale, and this host would count its lease lost).
+        let mut client = lock(&self.0.client);
         let known = self.term();
         let sent = monotonic_us();
-        let answer = lock(&self.0.client).acquire(claim, known);
-        match answer {
+        let answer = client.acquire(claim, known);
+        let granted = match answer {
             Ok(ClaimOutcome::Granted(g)) => {
                 *lock(&self.0.last_error) = None;
                 *lock(&self.0.lost) = None;
@@ -204,19 +208,21 @@ impl Lease {
                 self.0.held.store(true, Ordering::SeqCst);
                 self.0.valid_until_us.store(Self::until(sent, &g, self.0.cfg.margin), Ordering::SeqCst);
                 tracing::info!(backend = self.0.backend, claim = claim.as_str(), term = g.term, previous = ?g.previous, "lease granted");
-                self.notify();
-                Ok(g)
+                g
             }
             Ok(ClaimOutcome::Refused(r)) => {
                 *lock(&self.0.last_error) = None;
-                Err(r.to_string())
+                return Err(r.to_string());
             }
             Err(e) => {
                 let msg = ErrorChain(&e).to_string();
                 *lock(&self.0.last_error) = Some(msg.clone());
-                Err(msg)
+                return Err(msg);
             }
-        }
+        };
+        drop(client);
+        self.notify();
+        Ok(granted)
     }
 
     /// Renews once (the renewer's step; tests call it directly).
@@ -224,9 +230,12 @@ impl Lease {
         if !self.0.held.load(Ordering::SeqCst) {
             return;
         }
+        // Under the client's lock, as in `claim`: the term renewed is the latest one granted.
+        let mut client = lock(&self.0.client);
         let term = self.term();
         let sent = monotonic_us();
-        let answer = lock(&self.0.client).renew(term);
+        let answer = client.renew(term);
+        drop(client);
         match answer {
             Ok(ClaimOutcome::Granted(g)) => {
                 *lock(&self.0.last_error) = None;
@@ -237,6 +246,11 @@ impl Lease {
                     tracing::info!(term, "lease valid again");
                 }
                 self.notify();
+            }
+            // A claim granted a newer term since this renewal was answered: the refusal is about
+            // a term this host no longer holds.
+            Ok(ClaimOutcome::Refused(r)) if self.term() != term => {
+                tracing::debug!(term, refusal = %r, "renewal of a superseded term refused");
             }
             Ok(ClaimOutcome::Refused(r)) => {
                 let reason = format!("the quorum refused to renew the lease of term {term}: {r}");
@@ -262,10 +276,12 @@ impl Lease {
             return;
         }
         self.0.valid_until_us.store(0, Ordering::SeqCst);
+        let mut client = lock(&self.0.client);
         let term = self.term();
-        if let Err(e) = lock(&self.0.client).release(term, reason) {
+        if let Err(e) = client.release(term, reason) {
             tracing::warn!(error = %ErrorChain(&e), term, "cannot release the lease: it runs out by itself");
         }
+        drop(client);
         self.notify();
     }
 
@@ -337,6 +353,49 @@ mod tests {
             lock(&self.book).release("vm", self.host, term, reason, monotonic_us());
             Ok(())
         }
+    }
+
+    /// A quorum whose claims take a while to answer, so that a renewal can start during one.
+    #[derive(Debug)]
+    struct SlowClaims(BookQuorum, Duration);
+
+    impl QuorumClient for SlowClaims {
+        fn backend(&self) -> &'static str {
+            "slow"
+        }
+        fn acquire(&mut self, claim: Claim, known: u64) -> Result<ClaimOutcome, QuorumError> {
+            std::thread::sleep(self.1);
+            self.0.acquire(claim, known)
+        }
+        fn renew(&mut self, term: u64) -> Result<ClaimOutcome, QuorumError> {
+            self.0.renew(term)
+        }
+        fn release(&mut self, term: u64, reason: ReleaseReason) -> Result<(), QuorumError> {
+            self.0.release(term, reason)
+        }
+    }
+
+    /// A renewal that starts while a claim moves the term renews the new term: the lease is not
+    /// lost (it once was, when the renewal had read the old term before the claim answered).
+    #[test]
+    fn a_renewal_during_a_claim_renews_the_new_term() {
+        let book = Arc::new(Mutex::new(LeaseBook::new(Duration::from_secs(5))));
+        let down = Arc::new(AtomicBool::new(false));
+        let cfg = LeaseConfig { renew_every: Duration::from_millis(10), margin: Duration::from_millis(10) };
+        let quorum = SlowClaims(BookQuorum { book, host: "a", down }, Duration::from_millis(100));
+        let a = Lease::new(Box::new(quorum), cfg, 0);
+        let first = a.claim(Claim::Start).unwrap().term;
+        let claimer = {
+            let a = a.clone();
+            std::thread::spawn(move || a.claim(Claim::RunAlone))
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        a.renew_once();
+        let second = claimer.join().unwrap().unwrap().term;
+        assert!(second > first);
+        assert_eq!(a.lost(), None);
+        assert_eq!(a.term(), second);
+        assert!(a.is_valid(monotonic_us()));
     }
 
     fn pair(ttl_ms: u64) -> (Lease, Lease, Arc<AtomicBool>) {

@@ -29,10 +29,8 @@ use super::{
     PageSource, SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
 };
 use crate::disk::DiskWrite;
-use crate::epoch::wire::{
-    self, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo, MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES,
-    MAX_PAGES_PER_FRAME,
-};
+use ftvm_proto::epoch::{self, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
+use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES, MAX_PAGES_PER_FRAME};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 
 /// Longest wait, after a goodbye, for the backup to close its side.
@@ -533,8 +531,8 @@ impl CheckpointTransport for TcpTransport {
         let mut sent = 0u64;
         let mut pieces: Vec<&[u8]> = Vec::with_capacity(MAX_PAGES_PER_FRAME as usize + 1);
         let mut failure = None;
-        for ranges in wire::page_frames(pages, MAX_PAGES_PER_FRAME) {
-            let count = wire::encode_pages_head(&ranges, &mut self.head);
+        for ranges in epoch::page_frames(pages, MAX_PAGES_PER_FRAME) {
+            let count = epoch::encode_pages_head(&ranges, &mut self.head);
             pieces.clear();
             let packed = source.packed(&ranges).filter(|p| p.len() == count as usize * PAGE_SIZE);
             for r in ranges.iter().filter(|_| packed.is_none()) {
@@ -549,7 +547,7 @@ impl CheckpointTransport for TcpTransport {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.pages += count;
-                    let bytes = wire::pages_payload_len(&ranges) as u64 + 64;
+                    let bytes = epoch::pages_payload_len(&ranges) as u64 + 64;
                     open.bytes += bytes;
                     sent += bytes;
                 }
@@ -590,7 +588,7 @@ impl CheckpointTransport for TcpTransport {
 
     fn send_output(&mut self, frames: &[&[u8]]) -> Result<u64, SendOutputError> {
         let open = self.open.as_mut().ok_or(SendOutputError::NoEpoch)?;
-        if let Some(f) = frames.iter().find(|f| f.is_empty() || f.len() > wire::MAX_OUTPUT_FRAME) {
+        if let Some(f) = frames.iter().find(|f| f.is_empty() || f.len() > ftvm_proto::limits::MAX_GUEST_FRAME) {
             return Err(SendOutputError::BadFrame(f.len()));
         }
         if let Some(reason) = self.shared.down() {
@@ -605,7 +603,7 @@ impl CheckpointTransport for TcpTransport {
             // Whole frames per A-Link frame, up to the chunk size (one frame always fits).
             let mut n = 0;
             while n < rest.len() && (n == 0 || payload.len() + 4 + rest[n].len() <= MAX_CHUNK_BYTES) {
-                wire::encode_output_frame(rest[n], &mut payload);
+                epoch::encode_output_frame(rest[n], &mut payload);
                 n += 1;
             }
             rest = &rest[n..];
@@ -646,15 +644,15 @@ impl CheckpointTransport for TcpTransport {
         }
         let mut pieces: Vec<&[u8]> = Vec::new();
         let mut failure = None;
-        for group in wire::disk_write_frames(writes, MAX_CHUNK_BYTES) {
-            wire::encode_disk_writes_head(group, &mut self.head);
+        for group in epoch::disk_write_frames(writes, MAX_CHUNK_BYTES) {
+            epoch::encode_disk_writes_head(group, &mut self.head);
             pieces.clear();
             pieces.extend(group.iter().map(|w| &w.data[..]));
             match write_frame(&mut self.stream, &mut self.sealer, FrameKind::DiskWrites, open.begin.epoch.0, &self.head, &pieces) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.writes += group.len() as u64;
-                    open.bytes += wire::disk_writes_payload_len(group) as u64 + 64;
+                    open.bytes += epoch::disk_writes_payload_len(group) as u64 + 64;
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -687,7 +685,7 @@ impl CheckpointTransport for TcpTransport {
         }
         // MAX_CHUNK_BYTES is a whole number of sectors, so every chunk stays aligned.
         for (i, chunk) in data.chunks(MAX_CHUNK_BYTES).enumerate() {
-            let head = wire::encode_disk_image_head(offset + (i * MAX_CHUNK_BYTES) as u64);
+            let head = epoch::encode_disk_image_head(offset + (i * MAX_CHUNK_BYTES) as u64);
             match write_frame(&mut self.stream, &mut self.sealer, FrameKind::DiskImage, open.begin.epoch.0, &head, &[chunk]) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);

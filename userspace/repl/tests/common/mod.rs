@@ -14,7 +14,7 @@ use ftvm_proto::pages::PageRangeSet;
 use ftvm_proto::EpochId;
 use ftvm_repl::backup::{BackupReceiver, ReceiverConfig, ReceiverStats};
 use ftvm_repl::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
-use ftvm_repl::epoch::wire::{self, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
+use ftvm_proto::epoch::{self as wire, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
 use ftvm_repl::transport::{AckToken, CheckpointTransport, FlatMemory};
 use ftvm_repl::PAGE_SIZE;

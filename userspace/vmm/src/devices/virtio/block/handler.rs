@@ -17,7 +17,7 @@ use crate::devices::virtio::{collect_chain, Desc, QueueError};
 use crate::memory::GuestMemory;
 
 /// Bytes per sector (capacity and request offsets count in these).
-pub const SECTOR_SIZE: u64 = 512;
+pub use ftvm_proto::limits::SECTOR_SIZE;
 /// Length of the GET_ID answer.
 pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// Request header: type u32, reserved u32, sector u64.

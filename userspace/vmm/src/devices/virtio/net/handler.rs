@@ -22,8 +22,11 @@ pub const VNET_HDR_LEN: usize = size_of::<virtio_net_hdr_v1>();
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// Largest frame moved in either direction, header included: a 64 KiB payload behind an
-/// Ethernet and a VLAN header. Nothing larger exists without GSO, which is not offered.
-pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 18 + 65_535;
+/// Ethernet and a VLAN header. Nothing larger exists without GSO, which is not offered. The same
+/// limit bounds the output hold and the A-Link's HeldOutput payloads, so it is defined once, with
+/// the wire format.
+pub const MAX_FRAME_LEN: usize = ftvm_proto::limits::MAX_GUEST_FRAME;
+const _: () = assert!(VNET_HDR_LEN == ftvm_proto::limits::VIRTIO_NET_HDR_LEN);
 /// Frames delivered per [`RxState::process`] call before the I/O thread looks at its other
 /// events.
 pub const RX_BUDGET: usize = 256;

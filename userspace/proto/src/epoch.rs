@@ -1,5 +1,5 @@
 //! The payloads of the epoch frames. The frame header (kind, epoch, sequence, tag) is
-//! [`ftvm_proto::frame`]'s; this module defines what follows it. All integers are little-endian;
+//! [`crate::frame`]'s; this module defines what follows it. All integers are little-endian;
 //! every decoder checks lengths exactly and never panics, whatever the input.
 //!
 //! One epoch on the wire, primary → backup:
@@ -34,7 +34,7 @@
 //! MachineState: the VMM's opaque, self-versioned blob, in chunks, concatenated in order.
 //!
 //! HeldOutput: guest frames sealed with the epoch, as the output hold keeps them (virtio-net
-//! header first), each as `u32 length, bytes`; at least one, each 1..=MAX_OUTPUT_FRAME bytes.
+//! header first), each as `u32 length, bytes`; at least one, each 1..=MAX_GUEST_FRAME bytes.
 //!
 //! StandbyInfo (32 bytes)
 //!   0  4 flags (1 = holds a committed epoch, 2 = it is restorable)
@@ -57,22 +57,32 @@
 //! keyed BLAKE3 of its frame's header and payload, so the digest commits to every byte of the epoch
 //! without a second pass over the pages.
 
-use ftvm_proto::frame::HEADER_LEN;
-use ftvm_proto::pages::{PageRange, PageRangeSet};
-use ftvm_proto::EpochId;
+use std::sync::Arc;
 
-use crate::disk::DiskWrite;
-use crate::{PAGE_SIZE, SECTOR_SIZE};
+use crate::frame::HEADER_LEN;
+use crate::limits::{MAX_DISK_WRITE_BYTES, MAX_GUEST_FRAME};
+use crate::limits::{PAGE_SIZE, SECTOR_SIZE};
+use crate::pages::{PageRange, PageRangeSet};
+use crate::EpochId;
 
-/// Most pages in one Pages frame (1 MiB): big enough to amortise a frame, small enough that the
-/// backup checks one frame while the next is on the wire.
-pub const MAX_PAGES_PER_FRAME: u64 = 256;
+/// One guest disk write: whole sectors starting at `sector`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskWrite {
+    /// First sector (512 bytes each).
+    pub sector: u64,
+    /// The bytes, a whole number of sectors. Shared, so that an epoch's writes can be kept until
+    /// the backup acknowledges it without copying them again.
+    pub data: Arc<[u8]>,
+}
+
+impl DiskWrite {
+    /// A write of `data` at `sector`.
+    pub fn new(sector: u64, data: impl Into<Arc<[u8]>>) -> Self {
+        Self { sector, data: data.into() }
+    }
+}
 /// Page bytes start at a frame offset that is a multiple of this (BLAKE3's chunk size).
 pub const PAGE_DATA_ALIGN: usize = 1024;
-/// Most bytes of machine state, disk writes or disk image in one frame.
-pub const MAX_CHUNK_BYTES: usize = 4 << 20;
-/// Largest single disk write entry; larger guest writes are recorded as several entries.
-pub const MAX_DISK_WRITE_BYTES: usize = 1 << 20;
 /// EpochBegin flag: the epoch is an initial synchronisation (all memory, the whole disk).
 pub const BEGIN_FLAG_INITIAL_SYNC: u32 = 1;
 
@@ -588,9 +598,6 @@ fn on_disk(offset: u64, len: u64, disk_bytes: u64) -> Result<(), DecodeError> {
     }
 }
 
-/// Largest guest frame in a HeldOutput payload (virtio-net header and a 64 KiB frame).
-pub const MAX_OUTPUT_FRAME: usize = 12 + 65_550;
-
 /// Appends one guest frame to a HeldOutput payload being built.
 pub fn encode_output_frame(frame: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
@@ -603,7 +610,7 @@ pub fn decode_output(payload: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
     let mut frames = Vec::new();
     while !r.b.is_empty() {
         let len = r.u32()? as usize;
-        if len == 0 || len > MAX_OUTPUT_FRAME {
+        if len == 0 || len > MAX_GUEST_FRAME {
             return Err(DecodeError::BadOutputFrame(len));
         }
         frames.push(r.take(len)?);
@@ -1021,8 +1028,8 @@ mod tests {
         assert!(matches!(decode_output(&[]), Err(DecodeError::Empty)));
         assert!(matches!(decode_output(&p[..p.len() - 1]), Err(DecodeError::Short)));
         assert!(matches!(decode_output(&0u32.to_le_bytes()), Err(DecodeError::BadOutputFrame(0))));
-        let mut huge = ((MAX_OUTPUT_FRAME + 1) as u32).to_le_bytes().to_vec();
-        huge.resize(MAX_OUTPUT_FRAME + 5, 0);
+        let mut huge = ((MAX_GUEST_FRAME + 1) as u32).to_le_bytes().to_vec();
+        huge.resize(MAX_GUEST_FRAME + 5, 0);
         assert!(matches!(decode_output(&huge), Err(DecodeError::BadOutputFrame(_))));
         assert!(matches!(decode_output(&[1, 0]), Err(DecodeError::Short)));
     }
