@@ -14,6 +14,7 @@
 //! down and the witness unreachable from A; (d) the witness unreachable from B only; (e) the
 //! witness stopped, then the primary killed (no takeover until the witness is back); (f) the
 //! primary stopped 400 ms, then continued; (g) the backup stopped 2 s; (h) the primary killed;
+//! (k) the primary stopped 3 s, longer than its lease, then continued;
 //! (j) (b), (c) and (h) with a real etcd (Debian's etcd-server, started by `site up --quorum etcd`)
 //! as the quorum.
 //!
@@ -306,6 +307,29 @@ mod tests {
         let st = c.finish(Serving::A);
         assert_eq!(st.role_a, "primary", "{st}");
         assert_eq!(st.role_b, "backup", "{st}");
+    }
+
+    /// (k) The primary stopped longer than its lease (3 s): B takes over once A's lease ran out,
+    /// and A, continued, releases nothing it held (the captures show no frame of A after B's
+    /// first) and stops its copy.
+    #[test]
+    fn a_primary_stalled_past_its_lease_is_taken_over_and_releases_nothing_after() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Case::begin("fmk");
+        let pid = c.pid("A");
+        c.mark_fault();
+        signal(pid, libc::SIGSTOP);
+        let (st, took_over) = c.site.wait_status(Duration::from_secs(10), |s| s.role_b == "primary");
+        let stalled = c.fault_at.elapsed();
+        std::thread::sleep(Duration::from_secs(3).saturating_sub(stalled));
+        signal(pid, libc::SIGCONT);
+        assert!(took_over, "[{}] B did not take over from a stopped primary: {st}", c.site.name);
+        println!("[{}] B serving {:.0} ms after A was stopped", c.site.name, stalled.as_secs_f64() * 1e3);
+        // A, continued, learns that its lease is gone and stops its copy.
+        let (st, fenced) = c.site.wait_status(Duration::from_secs(10), |s| s.role_a != "primary");
+        assert!(fenced, "[{}] A still says primary after it was continued: {st}", c.site.name);
+        let st = c.finish(Serving::B);
+        assert_eq!(st.role_b, "primary", "{st}");
     }
 
     #[test]
