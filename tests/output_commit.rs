@@ -39,7 +39,7 @@ use ftvm_proto::frame::{FrameHeader, FrameKind, HEADER_LEN, TAG_LEN};
 use ftvm_system_tests::capture::{Capture, Packet};
 use ftvm_system_tests::site::Site;
 use ftvm_system_tests::{enter_netns, require_root_and_kvm, Reply, RespClient, TempDir};
-use ftvm_vmm::devices::virtio::net::hold::{
+use ftvm_repl::output::trace::{
     frame_hash, FileTrace, ReleaseCause, TraceEvent, TraceRecord,
 };
 

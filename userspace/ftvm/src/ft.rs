@@ -23,7 +23,7 @@ use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
 use ftvm_repl::ha::quorum::{Claim, ReleaseReason};
 use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
-use ftvm_vmm::devices::virtio::net::hold::FileTrace;
+use ftvm_repl::output::trace::FileTrace;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 use serde::Serialize;
@@ -75,7 +75,7 @@ pub struct PrimaryArgs {
     pub disk_backlog_kib: u64,
     /// Write a trace of the output-commit hold to this file (for tests): one line per frame held,
     /// epoch sealed, release and frame sent, stamped with the real-time clock in nanoseconds (the
-    /// clock of packet captures). Format: `ftvm_vmm::devices::virtio::net::hold::TraceRecord`.
+    /// clock of packet captures). Format: `ftvm_repl::output::trace::TraceRecord`.
     #[arg(long)]
     pub output_trace: Option<PathBuf>,
 }

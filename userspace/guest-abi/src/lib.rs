@@ -203,8 +203,8 @@ mod tests {
     #[test]
     fn layout_constants_do_not_overlap() {
         // Page tables: PML4 + PDPT + 4 PDs = 6 pages.
-        assert!(PAGE_TABLES_GPA + 6 * 0x1000 <= BOOT_INFO_GPA);
-        assert!(BOOT_INFO_GPA + 0x1000 <= GUEST_LOAD_GPA);
+        const { assert!(PAGE_TABLES_GPA + 6 * 0x1000 <= BOOT_INFO_GPA) };
+        const { assert!(BOOT_INFO_GPA + 0x1000 <= GUEST_LOAD_GPA) };
         assert_eq!(GUEST_LOAD_GPA % (2 << 20), 0);
     }
 

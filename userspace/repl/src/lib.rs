@@ -7,6 +7,7 @@
 //! * [`backup`]: the backup's side: [`backup::BackupReceiver`] stages each epoch and applies it
 //!   atomically at its commit; [`backup::journal`] is the per-epoch disk write log;
 //! * [`disk`]: the primary's disk write capture ([`disk::DiskReplicator`]);
+//! * [`output`]: output commit (the hold the guest's transmit goes to, released per epoch);
 //! * [`ha`]: failure detection, the quorum lease and failover;
 //! * [`witness`]: the built-in quorum service (`ftvm witness`).
 //!
@@ -17,10 +18,18 @@ pub mod backup;
 pub mod disk;
 pub mod epoch;
 pub mod ha;
+pub mod output;
 pub mod transport;
 pub mod witness;
 
 pub use ftvm_proto::limits::{PAGE_SIZE, SECTOR_SIZE};
+
+/// Locks a mutex. A thread that panicked while holding one left plain data behind (every critical
+/// section in this crate leaves its data consistent before anything that could panic), so the data
+/// is still usable: a poisoned lock is not a reason to stop replicating.
+pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Formats an error with its chain of sources, `a: b: c`, for logs and status.
 #[derive(Debug)]

@@ -25,8 +25,8 @@ mod tests {
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
     use ftvm_vmm::boot::elf::build_test_elf;
     use ftvm_vmm::boot::BootParams;
-    use ftvm_vmm::devices::virtio::net::hold::HoldEvent;
-    use ftvm_vmm::devices::virtio::net::{FrameSink, OutputHold};
+    use ftvm_repl::output::hold::{HoldEvent, OutputHold};
+    use ftvm_vmm::devices::virtio::net::handler::FrameSink;
     use ftvm_vmm::devices::{BlockConfig, DeviceConfig};
     use ftvm_vmm::dirty::DirtyTracking;
     use ftvm_vmm::machine::{Machine, MachineExit, MachineHandle, MachineRunError, MemoryImage, VmConfig};

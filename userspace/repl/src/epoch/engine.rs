@@ -42,18 +42,19 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ftvm_proto::pages::{PageRange, PageRangeSet};
 use ftvm_proto::EpochId;
 use ftvm_vmm::devices::virtio::block::DiskWriteObserver;
-use ftvm_vmm::devices::virtio::net::{OutputHold, TxModeError};
+use ftvm_vmm::devices::virtio::net::TxModeError;
 use ftvm_vmm::machine::{CaptureError, CheckpointSource, MachineControlError, TrackingControlError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
-use super::gate::{HoldGate, OutputGate};
+use crate::output::gate::{HoldGate, OutputGate};
+use crate::output::hold::OutputHold;
 use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, Percentiles};
 use ftvm_proto::epoch::EpochBegin;
 use ftvm_proto::limits::MAX_CHUNK_BYTES;
@@ -66,6 +67,7 @@ use crate::transport::{
     SendOutputError, SendPagesError, SendStateError,
 };
 use crate::{ErrorChain, PAGE_SIZE};
+use crate::lock;
 
 /// Pages copied and sent per step of the initial synchronisation (4 MiB).
 const SYNC_CHUNK_PAGES: u64 = 1024;
@@ -103,7 +105,7 @@ impl Default for EngineConfig {
             min_epoch_gap: Some(Duration::from_micros(200)),
             ack_timeout: Duration::from_millis(500),
             sync_ack_timeout: Duration::from_secs(30),
-            hold_capacity: ftvm_vmm::devices::virtio::net::hold::DEFAULT_HOLD_CAPACITY,
+            hold_capacity: crate::output::hold::DEFAULT_HOLD_CAPACITY,
             disk_backlog: 256 << 20,
             max_in_flight: 32,
             heartbeat_interval: Duration::from_millis(5),
@@ -244,17 +246,12 @@ impl EngineStatus {
     }
 }
 
-/// Locks a mutex; a panicked holder left plain data behind, still usable.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineCreateError {
     /// The output hold could not be made.
     #[error("Cannot create the output hold")]
-    Hold(#[from] ftvm_vmm::devices::virtio::net::HoldConfigError),
+    Hold(#[from] crate::output::hold::HoldConfigError),
     /// The machine has no dirty tracking.
     #[error("The machine was created without dirty tracking")]
     NoDirtyTracking,

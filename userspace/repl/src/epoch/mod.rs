@@ -3,4 +3,3 @@
 
 pub mod context;
 pub mod engine;
-pub mod gate;

@@ -30,7 +30,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,7 @@ use super::term::TermFile;
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
 use crate::ErrorChain;
+use crate::lock;
 
 /// How long after a refused takeover claim the quorum is asked again (a primary that died may have
 /// its lease released by its host's watchdog a moment later).
@@ -162,10 +163,6 @@ struct Shared {
     source: Mutex<Option<CheckpointSource>>,
     handle: Mutex<Option<MachineHandle>>,
     run: Mutex<Option<JoinHandle<()>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The backup host's daemon for one VM. See the module documentation.

@@ -14,13 +14,14 @@
 //! watchdog that releases the lease when this process dies, the kernel gate's map.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::heartbeat::monotonic_us;
 use super::quorum::{Claim, ClaimOutcome, LeaseGrant, NoQuorum, QuorumClient, ReleaseReason};
 use crate::ErrorChain;
+use crate::lock;
 
 /// How long after an epoch was sent its acknowledgement alone lets the primary release the
 /// epoch's output, when the lease is not valid (the quorum cannot be reached, and the pair stays
@@ -86,10 +87,6 @@ impl std::fmt::Debug for Lease {
             .field("valid_until_us", &self.valid_until_us())
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Default for Lease {

@@ -15,7 +15,7 @@ use std::io::{self, BufReader, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use crate::disk::DiskWrite;
 use ftvm_proto::epoch::{self, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
 use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES, MAX_PAGES_PER_FRAME};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
+use crate::lock;
 
 /// Longest wait, after a goodbye, for the backup to close its side.
 const GOODBYE_LINGER: Duration = Duration::from_millis(200);
@@ -104,11 +105,6 @@ impl std::fmt::Debug for AckShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AckShared").field("state", &self.state).finish_non_exhaustive()
     }
-}
-
-/// Locks a mutex; a thread that panicked while holding it left plain data behind, still usable.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl AckShared {

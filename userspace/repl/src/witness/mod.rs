@@ -32,6 +32,7 @@ use crate::ha::quorum::{ClaimOutcome, Previous, Refusal, ReleaseReason};
 use crate::transport::deadline::DeadlineStream;
 use crate::ErrorChain;
 use store::{StateStore, StoreError};
+use crate::lock;
 
 /// Connections served at once; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -113,10 +114,6 @@ impl std::fmt::Debug for Witness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Witness").field("local_addr", &self.local_addr).finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Witness {

@@ -18,9 +18,9 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::{
-    process_tx_to, DirectTx, FrameSink, FrameSource, HeldTx, NetStats, RxPoll, RxState,
+    process_tx_to, DirectTx, FrameSink, FrameSource, NetStats, RxPoll, RxState,
 };
-use super::hold::OutputHold;
+use super::held::{FrameHold, HeldTx};
 use super::tap::Tap;
 use crate::devices::virtio::{
     ring_err, ActivateError, Desc, QueueContext, QueueError, VirtioDevice, WarnOnce,
@@ -67,8 +67,8 @@ pub enum TxMode {
     /// Straight to the backend (unprotected VMs; the backup after failover).
     #[default]
     Direct,
-    /// Into the output-commit hold; the replication layer releases them per epoch.
-    Held(Arc<OutputHold>),
+    /// Into a hold the replication layer owns and releases (per epoch, on acknowledgement).
+    Held(Arc<dyn FrameHold>),
 }
 
 /// Why the transmit mode could not be set.
@@ -220,7 +220,7 @@ impl Net {
                 q,
                 TX_QUEUE,
                 ctx.mem,
-                &mut HeldTx(hold),
+                &mut HeldTx(hold.as_ref()),
                 &mut self.tx_buf,
                 &mut self.descs,
                 &mut self.stats,

@@ -6,12 +6,12 @@
 use std::io;
 use std::mem::size_of;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use super::hold::{AppendError, OutputHold};
 use crate::devices::virtio::{
     collect_chain, pop_chain, ring_err, suppress_notifications, Desc, QueueError,
 };
@@ -101,18 +101,10 @@ impl<S: FrameSink + ?Sized> TxSink for DirectTx<'_, S> {
     }
 }
 
-/// Frames into the output-commit hold.
-#[derive(Debug)]
-pub struct HeldTx<'a>(pub &'a OutputHold);
-
-impl TxSink for HeldTx<'_> {
-    fn transmit(&mut self, frame: &[u8]) -> TxVerdict {
-        match self.0.append(frame) {
-            Ok(()) => TxVerdict::Sent,
-            Err(AppendError::Full) => TxVerdict::Full,
-            // read_tx_frame only passes frames of a valid length; anything else is dropped.
-            Err(AppendError::BadLength { .. }) => TxVerdict::Dropped,
-        }
+/// Writes released frames to a [`FrameSink`] shared with someone else (tests, a TAP).
+impl<T: FrameSink + Send + ?Sized> FrameSink for Arc<Mutex<T>> {
+    fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).send_frame(frame)
     }
 }
 

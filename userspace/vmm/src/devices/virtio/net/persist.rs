@@ -94,7 +94,7 @@ impl Persist for Net {
 #[cfg(test)]
 mod tests {
     use super::super::handler::{RxPoll, VNET_HDR_LEN};
-    use super::super::hold::OutputHold;
+    use super::super::held::testing::TestHold;
     use super::super::TxMode;
     use super::*;
     use crate::devices::persist::VirtioDeviceState;
@@ -248,7 +248,7 @@ mod tests {
     #[test]
     fn held_transmit_waits_for_release_and_stalls_instead_of_dropping() {
         let mut rig = NetRig::new_running();
-        let hold = Arc::new(OutputHold::new(super::super::handler::MAX_FRAME_LEN).unwrap());
+        let hold = TestHold::new(super::super::handler::MAX_FRAME_LEN);
         rig.t.device_mut().set_tx_mode(TxMode::Held(hold.clone())).unwrap();
         // Two frames of 30 000 bytes fill the hold; the third waits in the avail ring.
         let big = vec![0xabu8; 30_000];
@@ -264,16 +264,14 @@ mod tests {
         assert_eq!(rig.t.device().stats().tx_dropped, 0);
         assert!(rig.backend.from_guest.lock().unwrap().is_empty(), "nothing leaves unreleased");
 
-        hold.seal(1).unwrap();
-        hold.release_through(1).unwrap();
+        assert_eq!(hold.release(), 2);
         assert_eq!(rig.backend.from_guest.lock().unwrap().len(), 2);
         // The release woke the I/O thread's transmit retry.
         assert_eq!(rig.tx_kick.read().unwrap(), 1);
         rig.t.process(|n, ctx| n.retry_tx(ctx)).unwrap();
         assert_eq!(rig.txq.next_used(), Some((2, 0)));
         assert!(!rig.t.device().tx_stalled());
-        hold.seal(2).unwrap();
-        hold.release_through(2).unwrap();
+        assert_eq!(hold.release(), 1);
         let out = rig.backend.from_guest.lock().unwrap();
         assert_eq!(out.iter().map(|f| f[VNET_HDR_LEN]).collect::<Vec<_>>(), [0, 1, 2]);
     }
@@ -281,7 +279,7 @@ mod tests {
     #[test]
     fn a_stalled_transmit_is_sent_once_by_the_restored_device() {
         let mut rig = NetRig::new_running();
-        let hold = Arc::new(OutputHold::new(super::super::handler::MAX_FRAME_LEN).unwrap());
+        let hold = TestHold::new(super::super::handler::MAX_FRAME_LEN);
         rig.t.device_mut().set_tx_mode(TxMode::Held(hold.clone())).unwrap();
         for i in 0..3u8 {
             rig.transmit(&[i; 30_000]);
@@ -307,7 +305,7 @@ mod tests {
         assert_eq!(b.backend.from_guest.lock().unwrap().len(), 1, "exactly once");
         // The primary's held frames never reached any backend.
         assert!(rig.backend.from_guest.lock().unwrap().is_empty());
-        assert_eq!(hold.discard_unreleased(), 2);
+        assert_eq!(hold.held(), 2);
     }
 
     #[test]

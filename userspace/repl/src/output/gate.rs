@@ -12,8 +12,9 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ftvm_vmm::devices::virtio::net::hold::{ReleaseError, SealError};
-use ftvm_vmm::devices::virtio::net::{OutputHold, TxMode, TxModeError};
+use ftvm_vmm::devices::virtio::net::{TxMode, TxModeError};
+
+use super::hold::{OutputHold, ReleaseError, SealError};
 use ftvm_vmm::devices::DeviceManager;
 
 /// Why a gate operation failed.
