@@ -36,38 +36,53 @@
 //! while paused is the simplest correct way to have both; it costs one `memcpy` of the dirty bytes
 //! inside the pause (about 0.3 µs per page here). Copy-on-write write protection would take it out
 //! of the pause; not done yet.
+//!
+//! # Where each part lives
+//! This file: configuration, errors, the loop and one checkpoint. [`sync`]: the initial
+//! synchronisation. [`staging`]: the staging copy. [`ack`]: the acknowledgement side and the disk
+//! write observer. [`simplex`]: leaving protection (simplex, fenced, failed) and the lease's
+//! policing of a VM running alone. [`status`]: what the engine reports. [`handle`]: the engine on
+//! its own thread.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ftvm_proto::pages::{PageRange, PageRangeSet};
+use ftvm_proto::pages::PageRangeSet;
 use ftvm_proto::EpochId;
 use ftvm_vmm::devices::virtio::block::DiskWriteObserver;
 use ftvm_vmm::devices::virtio::net::TxModeError;
 use ftvm_vmm::machine::{CaptureError, CheckpointSource, MachineControlError, TrackingControlError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use crate::output::gate::{HoldGate, OutputGate};
 use crate::output::hold::OutputHold;
-use super::context::{EpochContext, EpochMetrics, EpochWindow, EpochWindowStats, Percentiles};
+use super::context::{EpochContext, EpochMetrics, EpochWindow, Percentiles};
 use ftvm_proto::epoch::EpochBegin;
-use ftvm_proto::limits::MAX_CHUNK_BYTES;
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
-use crate::ha::lease::{Lease, LeaseConfig, ACK_AUTHORITY};
-use crate::ha::quorum::{Claim, QuorumClient};
+use crate::ha::lease::{Lease, LeaseConfig};
+use crate::ha::quorum::QuorumClient;
 use crate::transport::{
-    AckEvent, BeginEpochError, CheckpointTransport, CommitError, PageSource, SendDiskImageError, SendDiskWritesError,
+    BeginEpochError, CheckpointTransport, CommitError, SendDiskImageError, SendDiskWritesError,
     SendOutputError, SendPagesError, SendStateError,
 };
-use crate::{ErrorChain, PAGE_SIZE};
+use crate::ErrorChain;
 use crate::lock;
+
+mod ack;
+mod handle;
+mod simplex;
+mod staging;
+mod status;
+mod sync;
+
+pub use handle::{EngineHandle, EngineStopError};
+pub use status::{EngineState, EngineStatus, StatusSnapshot, SyncProgress};
+
+use ack::{AckSide, InFlight, Observer};
+use staging::Staging;
 
 /// Pages copied and sent per step of the initial synchronisation (4 MiB).
 const SYNC_CHUNK_PAGES: u64 = 1024;
@@ -120,130 +135,6 @@ pub struct DiskSource {
     pub path: PathBuf,
     /// Its size in bytes (a multiple of 512).
     pub bytes: u64,
-}
-
-/// How far the initial synchronisation is.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyncProgress {
-    /// Pages sent.
-    pub pages_sent: u64,
-    /// Pages of guest memory.
-    pub pages_total: u64,
-    /// Disk image bytes sent.
-    pub disk_bytes_sent: u64,
-    /// Disk bytes.
-    pub disk_bytes_total: u64,
-}
-
-/// Whether the VM is protected.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EngineState {
-    /// The initial synchronisation (and the first checkpoint) are under way.
-    Syncing(SyncProgress),
-    /// The backup holds a restorable checkpoint and receives epochs.
-    Protected,
-    /// No backup: the VM runs unprotected.
-    Simplex {
-        /// Why, for status.
-        reason: String,
-    },
-    /// Another copy runs this VM (the backup took over, or the quorum gave the other side the
-    /// right to run it): this copy is paused, its held output dropped, and must stop.
-    Fenced {
-        /// Why.
-        reason: String,
-    },
-    /// The engine failed (it could not capture, copy or resume the machine, or it panicked): the
-    /// VM is paused and must stop, nothing unacknowledged is released and the backup is not told
-    /// goodbye, so that it resumes the VM from the last committed epoch.
-    Failed {
-        /// Why.
-        reason: String,
-    },
-    /// The engine ended (stopped, or its machine did).
-    Stopped,
-}
-
-/// A copy of the engine's status.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StatusSnapshot {
-    /// Protected or not.
-    pub state: EngineState,
-    /// Epochs the backup acknowledged (the initial synchronisation not counted).
-    pub epochs_committed: u64,
-    /// Epochs sent per second, over the last quarter second or so.
-    pub epochs_per_sec: f64,
-    /// The last epoch sent.
-    pub last_sent: Option<EpochId>,
-    /// The last epoch the backup acknowledged.
-    pub last_acked: Option<EpochId>,
-    /// The last epoch's figures (pause and its parts, pages, bytes).
-    pub last_epoch: EpochMetrics,
-    /// Percentiles of the pause and its parts over the last epochs, refreshed a few times a second.
-    pub recent: EpochWindowStats,
-    /// Percentiles of the acknowledgement round trip over the last epochs.
-    pub recent_ack: Percentiles,
-    /// The last acknowledgement's round trip (commit to ack).
-    pub last_ack_round_trip: Option<Duration>,
-    /// Bytes on the A-Link and dirty bytes, over all incremental epochs.
-    pub link_bytes: u64,
-    /// Dirty guest memory bytes over all incremental epochs.
-    pub dirty_bytes: u64,
-    /// A guest disk write could not be recorded (backlog full): the backup's disk lacks it, and
-    /// only a new initial synchronisation makes it whole again.
-    pub disk_replication_lost: bool,
-}
-
-impl StatusSnapshot {
-    /// Epochs sent and not acknowledged.
-    pub fn lag_epochs(&self) -> u64 {
-        match (self.last_sent, self.last_acked) {
-            (Some(s), Some(a)) => s.0.saturating_sub(a.0),
-            (Some(s), None) => s.0 + 1,
-            _ => 0,
-        }
-    }
-
-    /// A-Link bytes per dirty byte (framing, state and disk writes make it > 1).
-    pub fn link_per_dirty_byte(&self) -> Option<f64> {
-        (self.dirty_bytes > 0).then(|| self.link_bytes as f64 / self.dirty_bytes as f64)
-    }
-}
-
-/// The engine's status, shared with whoever reports it. Reading costs one short lock.
-#[derive(Debug)]
-pub struct EngineStatus {
-    inner: Mutex<StatusSnapshot>,
-}
-
-impl EngineStatus {
-    fn new() -> Self {
-        Self {
-            inner: Mutex::new(StatusSnapshot {
-                state: EngineState::Syncing(SyncProgress::default()),
-                epochs_committed: 0,
-                epochs_per_sec: 0.0,
-                last_sent: None,
-                last_acked: None,
-                last_epoch: EpochMetrics::default(),
-                recent: EpochWindowStats::default(),
-                recent_ack: Percentiles::default(),
-                last_ack_round_trip: None,
-                link_bytes: 0,
-                dirty_bytes: 0,
-                disk_replication_lost: false,
-            }),
-        }
-    }
-
-    /// A copy of the current status.
-    pub fn snapshot(&self) -> StatusSnapshot {
-        lock(&self.inner).clone()
-    }
-
-    fn update<R>(&self, f: impl FnOnce(&mut StatusSnapshot) -> R) -> R {
-        f(&mut lock(&self.inner))
-    }
 }
 
 /// Why the engine could not be built.
@@ -331,260 +222,6 @@ enum SendError {
     DiskRead(#[source] std::io::Error),
     #[error("Cannot read page {0} of guest memory")]
     MemoryRead(u64),
-}
-
-/// Feeds guest disk writes to the replicator (the device's submission path calls it).
-#[derive(Debug)]
-struct Observer {
-    ack: Arc<AckSide>,
-}
-
-impl DiskWriteObserver for Observer {
-    fn record(&self, sector: u64, data: &[u8]) {
-        let Err(e) = lock(&self.ack.disk).record(sector, data) else {
-            return;
-        };
-        // Before the write completes to the guest, so before any output that could depend on it
-        // is even held: from now on no acknowledgement releases output (the backup lacks this
-        // write), and the engine leaves the backup at its next step.
-        if !self.ack.disk_lost.swap(true, Ordering::SeqCst) {
-            let reason = format!("{e}: the backup lacks a guest disk write, the pair is not protected any more");
-            tracing::error!(%reason, "disk write not replicated");
-            self.ack.status.update(|s| s.disk_replication_lost = true);
-            let mut d = lock(&self.ack.down);
-            if d.is_none() {
-                *d = Some(reason);
-            }
-        }
-    }
-
-    fn flush(&self) {
-        // Durability on the backup follows the epoch commit; nothing to do at submission.
-    }
-}
-
-/// What the acknowledgement thread and the engine share.
-#[derive(Debug)]
-struct AckSide {
-    gate: Arc<dyn OutputGate>,
-    disk: Arc<Mutex<MemoryDiskReplicator>>,
-    status: Arc<EngineStatus>,
-    /// Last acknowledged epoch + 1 (0: none).
-    acked: AtomicU64,
-    /// The initial-sync epoch (its acknowledgement commits no disk writes).
-    sync_epoch: AtomicU64,
-    /// Set when the link went down; the engine goes simplex at its next step.
-    down: Mutex<Option<String>>,
-    /// A guest disk write could not be recorded for the backup: no acknowledgement may release
-    /// output any more (it could depend on that write), only the switch to simplex does.
-    disk_lost: AtomicBool,
-    /// After the switch to simplex, late acknowledgements change nothing.
-    simplex: AtomicBool,
-    /// Set when the backup said it takes over: nothing is released any more.
-    superseded: Mutex<Option<String>>,
-    /// The right to let output out: while it is valid, any acknowledged epoch's output leaves;
-    /// without it, only output whose acknowledgement came within [`ACK_AUTHORITY`] of the epoch's
-    /// send (see [`crate::ha::lease`]).
-    lease: Lease,
-    /// Last epoch whose output was released + 1 (0: none).
-    released: AtomicU64,
-    /// (epoch, round trip) of recent acknowledgements, for the epoch spans.
-    round_trips: Mutex<VecDeque<(u64, Duration)>>,
-}
-
-impl AckSide {
-    fn on_event(&self, ev: AckEvent) {
-        match ev {
-            AckEvent::Acked { epoch, round_trip } => {
-                if self.simplex.load(Ordering::Acquire) || lock(&self.superseded).is_some() {
-                    return;
-                }
-                self.acked.store(epoch.0 + 1, Ordering::Release);
-                let authority = round_trip < ACK_AUTHORITY || self.lease.is_valid(monotonic_us());
-                if authority && !self.disk_lost.load(Ordering::SeqCst) {
-                    self.release_through(epoch.0);
-                }
-                let sync = self.sync_epoch.load(Ordering::Acquire);
-                if epoch.0 > sync {
-                    if let Err(e) = lock(&self.disk).commit(epoch) {
-                        tracing::debug!(error = %e, "disk commit");
-                    }
-                }
-                {
-                    let mut q = lock(&self.round_trips);
-                    if q.len() >= 256 {
-                        q.pop_front();
-                    }
-                    q.push_back((epoch.0, round_trip));
-                }
-                self.status.update(|s| {
-                    s.last_acked = Some(epoch);
-                    s.last_ack_round_trip = Some(round_trip);
-                    if epoch.0 > sync {
-                        s.epochs_committed = epoch.0 - sync;
-                        if matches!(s.state, EngineState::Syncing(_)) {
-                            s.state = EngineState::Protected;
-                        }
-                    }
-                });
-            }
-            AckEvent::LinkDown { reason } => {
-                let mut d = lock(&self.down);
-                if d.is_none() {
-                    *d = Some(reason);
-                }
-            }
-            AckEvent::Superseded { reason } => {
-                // Under the same lock the Acked arm checks: no release can follow this.
-                let mut s = lock(&self.superseded);
-                if s.is_none() {
-                    *s = Some(reason);
-                }
-            }
-        }
-    }
-
-    fn acked(&self) -> Option<u64> {
-        self.acked.load(Ordering::Acquire).checked_sub(1)
-    }
-
-    fn release_through(&self, epoch: u64) {
-        match self.gate.release_through(epoch) {
-            Ok(_) => {}
-            // No network device attached to the hold: nothing to release.
-            Err(e) => tracing::trace!(error = %e, "output hold release"),
-        }
-        self.released.fetch_max(epoch + 1, Ordering::AcqRel);
-    }
-
-    /// Releases output acknowledged too late to leave on the acknowledgement alone, once the
-    /// lease is valid again. Under the lock the takeover notice is set with: nothing leaves after
-    /// the backup said it took over.
-    fn release_late(&self) {
-        let acked = self.acked.load(Ordering::Acquire);
-        if acked <= self.released.load(Ordering::Acquire)
-            || !self.lease.is_valid(monotonic_us())
-            || self.disk_lost.load(Ordering::SeqCst)
-        {
-            return;
-        }
-        let superseded = lock(&self.superseded);
-        if superseded.is_none() && !self.simplex.load(Ordering::Acquire) {
-            self.release_through(acked - 1);
-        }
-    }
-}
-
-/// An epoch on the wire, waiting for its acknowledgement.
-#[derive(Debug)]
-struct InFlight {
-    epoch: u64,
-    pages: PageRangeSet,
-    committed_at: Instant,
-    /// Longest wait for its acknowledgement.
-    timeout: Duration,
-    span: tracing::Span,
-}
-
-/// Dirty pages copied out of guest memory, in the order of their ranges.
-#[derive(Debug, Default)]
-struct Staging {
-    buf: Vec<u8>,
-    ranges: Vec<PageRange>,
-    /// Page index in `buf` of each range's first page.
-    first: Vec<u64>,
-}
-
-impl Staging {
-    /// Copies `pages` out of `mem`.
-    fn fill(&mut self, pages: &PageRangeSet, mem: &ftvm_vmm::memory::GuestMemory) -> Result<(), u64> {
-        self.ranges.clear();
-        self.first.clear();
-        let bytes = pages.page_count() as usize * PAGE_SIZE;
-        // Grows to the largest epoch seen and stays: no allocation in the pause after warm-up.
-        if self.buf.len() < bytes {
-            self.buf.resize(bytes, 0);
-        }
-        let mut at = 0u64;
-        for r in pages.ranges() {
-            let from = at as usize * PAGE_SIZE;
-            let n = r.len as usize * PAGE_SIZE;
-            copy_guest(mem, GuestAddress(r.start * PAGE_SIZE as u64), &mut self.buf[from..from + n])
-                .map_err(|_| r.start)?;
-            self.ranges.push(*r);
-            self.first.push(at);
-            at += r.len;
-        }
-        Ok(())
-    }
-
-    fn find(&self, pfn: u64) -> Option<usize> {
-        let i = self.ranges.partition_point(|r| r.start <= pfn).checked_sub(1)?;
-        let r = self.ranges[i];
-        (pfn < r.start + r.len).then_some(i)
-    }
-}
-
-/// Copies guest memory at `addr` into `dst` with one `memcpy` when the range lies in one region
-/// (vm-memory's own copy goes word by word through volatile reads, several times slower, and the
-/// copy is inside the pause).
-fn copy_guest(mem: &ftvm_vmm::memory::GuestMemory, addr: GuestAddress, dst: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
-    match mem.get_slice(addr, dst.len()) {
-        Ok(src) => {
-            let guard = src.ptr_guard();
-            // SAFETY: `get_slice` checked that the host mapping covers `dst.len()` bytes from
-            // `guard.as_ptr()` and the guard keeps it mapped; `dst` is a distinct Rust buffer, so the
-            // two do not overlap. Guest memory is not a Rust object: it is shared with the guest,
-            // like any mapping another party writes. In a checkpoint the vCPUs and devices are
-            // paused, so nothing writes those pages during the copy; during the initial sync the
-            // guest may, and a page it changes meanwhile is dirty and sent again with the first
-            // checkpoint.
-            unsafe { std::ptr::copy_nonoverlapping(guard.as_ptr(), dst.as_mut_ptr(), dst.len()) };
-            Ok(())
-        }
-        // Across a region boundary: the slow, general path.
-        Err(_) => mem.read_slice(dst, addr),
-    }
-}
-
-impl PageSource for Staging {
-    fn page(&self, pfn: u64) -> Option<&[u8]> {
-        self.run(pfn, 1)
-    }
-
-    fn run(&self, start: u64, len: u64) -> Option<&[u8]> {
-        let i = self.find(start)?;
-        let r = self.ranges[i];
-        if start.checked_add(len)? > r.start + r.len {
-            return None;
-        }
-        let from = (self.first[i] + (start - r.start)) as usize * PAGE_SIZE;
-        self.buf.get(from..from + len as usize * PAGE_SIZE)
-    }
-
-    fn packed(&self, ranges: &[PageRange]) -> Option<&[u8]> {
-        // The buffer holds the epoch's ranges back to back in order: ranges (or parts of them)
-        // that follow each other there are one slice.
-        let mut start: Option<u64> = None;
-        let mut next = 0u64;
-        for r in ranges {
-            let i = self.find(r.start)?;
-            let held = self.ranges[i];
-            if r.start.checked_add(r.len)? > held.start + held.len {
-                return None;
-            }
-            let at = self.first[i] + (r.start - held.start);
-            match start {
-                None => start = Some(at),
-                Some(_) if at != next => return None,
-                Some(_) => {}
-            }
-            next = at + r.len;
-        }
-        let from = start? as usize * PAGE_SIZE;
-        let pages = next - start?;
-        self.buf.get(from..from + pages as usize * PAGE_SIZE)
-    }
 }
 
 /// How [`PrimaryEngine::run_until`] ended.
@@ -884,94 +521,6 @@ impl PrimaryEngine {
         self.held && self.ack.gate.frames_in() > self.frames_sealed
     }
 
-    /// Streams all of guest memory and the disk image as one initial-sync epoch while the VM runs.
-    fn initial_sync(&mut self, stop: &AtomicBool) -> Result<(), SendError> {
-        let epoch = self.transport.peer_standby().committed.map_or(0, |c| c.0 + 1);
-        let mem = self.source.guest_memory();
-        let regions: Vec<(u64, u64)> =
-            mem.iter().map(|r| (r.start_addr().0 / PAGE_SIZE as u64, r.len() / PAGE_SIZE as u64)).collect();
-        let pages_total: u64 = regions.iter().map(|r| r.1).sum();
-        let disk_total = self.disk_source.as_ref().map_or(0, |d| d.bytes);
-        let mut progress = SyncProgress { pages_total, disk_bytes_total: disk_total, ..SyncProgress::default() };
-        self.status.update(|s| s.state = EngineState::Syncing(progress));
-        self.ack.sync_epoch.store(epoch, Ordering::Release);
-        let span = tracing::info_span!("initial_sync", epoch, pages = pages_total, disk_bytes = disk_total);
-        let _e = span.enter();
-        tracing::info!("initial synchronisation started");
-        let t0 = Instant::now();
-        self.transport.begin_epoch(&EpochBegin {
-            epoch: EpochId(epoch),
-            page_count: pages_total,
-            state_len: 0,
-            disk_write_count: 0,
-            disk_image_bytes: disk_total,
-            initial_sync: true,
-        })?;
-        let mut last_log = Instant::now();
-        let mut chunk = PageRangeSet::new();
-        for (start, len) in regions {
-            let mut pfn = start;
-            while pfn < start + len {
-                if stop.load(Ordering::Relaxed) {
-                    // Leave the epoch open: the link is dropped with the engine.
-                    return Ok(());
-                }
-                let n = SYNC_CHUNK_PAGES.min(start + len - pfn);
-                chunk.clear();
-                chunk.insert(pfn, n);
-                // A copy, not the live pages: the guest runs, and the transport hashes a page
-                // before the kernel copies it; a change in between would fail the frame's tag.
-                // The staging buffer is reused chunk after chunk: the TCP transport is done with
-                // the bytes when send_pages returns (a zero-copy transport would need a buffer
-                // per chunk until commit; not handled yet).
-                self.staging.fill(&chunk, &mem).map_err(SendError::MemoryRead)?;
-                self.transport.send_pages(&chunk, &self.staging)?;
-                pfn += n;
-                progress.pages_sent += n;
-                self.status.update(|s| s.state = EngineState::Syncing(progress));
-                if last_log.elapsed() >= Duration::from_secs(1) {
-                    last_log = Instant::now();
-                    tracing::info!(pages_sent = progress.pages_sent, pages_total, "initial synchronisation: memory");
-                }
-            }
-        }
-        if let Some(d) = self.disk_source.clone() {
-            let file = File::open(&d.path).map_err(SendError::DiskRead)?;
-            let mut buf = vec![0u8; MAX_CHUNK_BYTES.min(d.bytes as usize).max(512)];
-            let mut off = 0u64;
-            while off < d.bytes {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let n = (d.bytes - off).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], off).map_err(SendError::DiskRead)?;
-                self.transport.send_disk_image(off, &buf[..n])?;
-                off += n as u64;
-                progress.disk_bytes_sent = off;
-                self.status.update(|s| s.state = EngineState::Syncing(progress));
-                if last_log.elapsed() >= Duration::from_secs(1) {
-                    last_log = Instant::now();
-                    tracing::info!(disk_bytes_sent = off, disk_total, "initial synchronisation: disk");
-                }
-            }
-        }
-        self.transport.commit(EpochId(epoch))?;
-        self.in_flight.push_back(InFlight {
-            epoch,
-            // Nothing to re-mark if the sync is lost: a new backup needs a new sync anyway.
-            pages: PageRangeSet::new(),
-            committed_at: Instant::now(),
-            timeout: self.cfg.sync_ack_timeout,
-            span: tracing::Span::none(),
-        });
-        self.next_epoch = epoch + 1;
-        self.status.update(|s| s.last_sent = Some(EpochId(epoch)));
-        // The epoch rate counts checkpoints, not the sync.
-        self.rate = (Instant::now(), 0);
-        tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "initial synchronisation sent");
-        Ok(())
-    }
-
     /// One checkpoint. The outer error stops the engine (the machine is gone); the inner one is a
     /// lost backup.
     fn checkpoint(&mut self) -> Result<Result<(), SendError>, EngineError> {
@@ -1146,210 +695,5 @@ impl PrimaryEngine {
         let oldest = self.in_flight.front()?;
         let waited = oldest.committed_at.elapsed();
         (waited > oldest.timeout).then(|| format!("epoch {} not acknowledged within {:?}", oldest.epoch, waited))
-    }
-
-    /// Another copy runs the VM: pause this one for good and release nothing more. The machine's
-    /// owner sees [`EngineState::Fenced`] and stops it.
-    fn fence(&mut self, reason: String) {
-        tracing::error!(%reason, held_epochs = self.in_flight.len(), "another copy runs the VM: this one is paused and its held output dropped (fenced)");
-        self.stop_for_good(EngineState::Fenced { reason });
-    }
-
-    /// The engine cannot go on: pause the VM for good and release nothing unacknowledged, without
-    /// a goodbye (the backup takes over). The machine's owner sees [`EngineState::Failed`].
-    fn fail(&mut self, reason: String) {
-        tracing::error!(%reason, held_epochs = self.in_flight.len(), "the engine failed: the VM is paused and its unacknowledged output dropped");
-        self.stop_for_good(EngineState::Failed { reason });
-    }
-
-    fn stop_for_good(&mut self, state: EngineState) {
-        self.ack.simplex.store(true, Ordering::Release);
-        if let Err(e) = self.source.pause() {
-            tracing::error!(error = %ErrorChain(&e), "cannot pause the VM");
-        }
-        self.in_flight.clear();
-        self.status.update(|s| s.state = state);
-    }
-
-    /// The backup is gone: no page or disk write is lost, every held frame leaves, the VM goes on.
-    fn go_simplex(&mut self, why: &dyn std::fmt::Display) {
-        if self.simplex || lock(&self.ack.superseded).is_some() {
-            return;
-        }
-        if let Err(refusal) = self.ack.lease.claim(Claim::RunAlone) {
-            // The other side holds the right to run the VM: this copy must stop, not serve.
-            let reason = format!("the quorum refused to let this primary run alone ({why}): {refusal}");
-            *lock(&self.ack.superseded) = Some(reason);
-            return;
-        }
-        self.simplex = true;
-        self.ack.simplex.store(true, Ordering::Release);
-        // Before anything held leaves: a backup that still hears us must not take over.
-        self.transport.abandon(&why.to_string());
-        let acked = self.ack.acked();
-        let mut remark = PageRangeSet::new();
-        for f in self.in_flight.drain(..) {
-            if acked.is_none_or(|a| f.epoch > a) {
-                remark.union_with(&f.pages);
-            }
-        }
-        if let Err(e) = self.source.remark(&remark) {
-            tracing::error!(error = %ErrorChain(&e), "cannot re-mark the pages of the lost epochs");
-        }
-        let requeued = lock(&self.ack.disk).requeue_unacked();
-        self.unhold();
-        let reason = why.to_string();
-        tracing::warn!(%reason, remarked_pages = remark.page_count(), requeued_disk_writes = requeued, "backup lost: running unprotected (simplex)");
-        self.status.update(|s| s.state = EngineState::Simplex { reason });
-    }
-
-    /// A VM running alone emits without any hold: it may run only while its lease is valid. When
-    /// the lease runs out (the quorum unreachable) it is paused, and resumed if a renewal comes
-    /// back before anyone else claimed the VM; a lost lease fences it (at the loop's next turn).
-    fn police_simplex(&mut self) {
-        let valid = self.ack.lease.is_valid(monotonic_us());
-        if !valid && !self.lease_paused {
-            if let Err(e) = self.source.pause() {
-                tracing::error!(error = %ErrorChain(&e), "cannot pause the VM whose lease ran out");
-                return;
-            }
-            self.lease_paused = true;
-            tracing::error!("the lease ran out while running alone: the VM is paused until the quorum renews it");
-            self.status.update(|s| {
-                if let EngineState::Simplex { reason } = &mut s.state {
-                    *reason = format!("paused: the lease ran out and the quorum cannot be reached ({reason})");
-                }
-            });
-        } else if valid && self.lease_paused {
-            if let Err(e) = self.source.resume() {
-                tracing::error!(error = %ErrorChain(&e), "cannot resume the VM after its lease was renewed");
-                return;
-            }
-            self.lease_paused = false;
-            tracing::warn!("the lease is valid again: the VM runs alone again");
-            self.status.update(|s| {
-                if let EngineState::Simplex { reason } = &mut s.state {
-                    if let Some(rest) = reason.strip_prefix("paused: the lease ran out and the quorum cannot be reached (") {
-                        *reason = rest.trim_end_matches(')').to_string();
-                    }
-                }
-            });
-        }
-    }
-
-    /// Transmit goes back to direct, and every frame still held leaves, in order.
-    fn unhold(&mut self) {
-        if !self.held {
-            return;
-        }
-        self.held = false;
-        self.ack.simplex.store(true, Ordering::Release);
-        // Paused, so that no frame is appended between the last seal and the switch to direct,
-        // and none goes out directly before the older held ones.
-        let paused = self.source.pause();
-        if let Err(e) = self.source.with_devices(|d| self.ack.gate.pass(d)) {
-            tracing::warn!(error = %ErrorChain(&e), "cannot switch guest transmit back to direct");
-        }
-        if let Err(e) = self.ack.gate.release_all(self.next_epoch) {
-            tracing::trace!(error = %ErrorChain(&e), "output release");
-        }
-        if paused.is_ok() {
-            if let Err(e) = self.source.resume() {
-                tracing::error!(error = %ErrorChain(&e), "cannot resume the machine after releasing its output");
-            }
-        }
-    }
-}
-
-/// A [`PrimaryEngine`] running on its own thread.
-#[derive(Debug)]
-pub struct EngineHandle {
-    stop: Arc<AtomicBool>,
-    status: Arc<EngineStatus>,
-    hold: Option<Arc<OutputHold>>,
-    thread: JoinHandle<Result<EngineReport, EngineError>>,
-}
-
-/// Why [`EngineHandle::stop`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineStopError {
-    /// The engine ended with an error.
-    #[error("The epoch engine failed")]
-    Engine(#[from] EngineError),
-    /// The engine thread panicked.
-    #[error("The epoch engine thread panicked")]
-    Panicked,
-}
-
-impl EngineHandle {
-    /// The engine's status.
-    pub fn status(&self) -> Arc<EngineStatus> {
-        self.status.clone()
-    }
-
-    /// The default gate's output-commit hold (none when another gate replaced it).
-    pub fn output_hold(&self) -> Option<Arc<OutputHold>> {
-        self.hold.clone()
-    }
-
-    /// Whether the engine thread has ended.
-    pub fn is_finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
-    /// Stops the engine (no final checkpoint) and waits for it.
-    pub fn stop(self) -> Result<EngineReport, EngineStopError> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().map_err(|_| EngineStopError::Panicked)?.map_err(EngineStopError::Engine)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn staged_pages_are_found_by_page_and_by_run() {
-        let mut st = Staging::default();
-        let mut pages = PageRangeSet::new();
-        pages.insert(2, 3);
-        pages.insert(10, 1);
-        // A fake memory: each page holds its own number.
-        st.ranges = pages.ranges().to_vec();
-        st.first = vec![0, 3];
-        st.buf = [2u8, 3, 4, 10].iter().flat_map(|&p| std::iter::repeat_n(p, PAGE_SIZE)).collect();
-        for pfn in [2, 3, 4, 10] {
-            assert_eq!(st.page(pfn).map(|p| (p.len(), p[0])), Some((PAGE_SIZE, pfn as u8)));
-        }
-        for pfn in [0, 1, 5, 9, 11, u64::MAX] {
-            assert_eq!(st.page(pfn), None, "page {pfn}");
-        }
-        assert_eq!(st.run(3, 2).map(|r| (r.len(), r[0], r[PAGE_SIZE])), Some((2 * PAGE_SIZE, 3, 4)));
-        assert_eq!(st.run(3, 3), None, "past the end of its range");
-        assert_eq!(st.run(4, u64::MAX), None);
-        // Ranges back to back in the buffer are one slice, parts of ranges included; a gap or an
-        // order other than the buffer's is not.
-        let r = |start, len| PageRange { start, len };
-        let bytes = |s: Option<&[u8]>| s.map(|b| b.chunks(PAGE_SIZE).map(|p| p[0]).collect::<Vec<u8>>());
-        assert_eq!(bytes(st.packed(&[r(2, 3), r(10, 1)])), Some(vec![2, 3, 4, 10]));
-        assert_eq!(bytes(st.packed(&[r(4, 1), r(10, 1)])), Some(vec![4, 10]));
-        assert_eq!(bytes(st.packed(&[r(3, 1)])), Some(vec![3]));
-        assert_eq!(st.packed(&[r(2, 1), r(4, 1)]), None, "page 3 lies between them");
-        assert_eq!(st.packed(&[r(10, 1), r(2, 1)]), None);
-        assert_eq!(st.packed(&[r(4, 2)]), None, "past the end of its range");
-        assert_eq!(st.packed(&[]), None);
-    }
-
-    #[test]
-    fn lag_and_link_ratio() {
-        let mut s = EngineStatus::new().snapshot();
-        assert_eq!(s.lag_epochs(), 0);
-        assert_eq!(s.link_per_dirty_byte(), None);
-        s.last_sent = Some(EpochId(9));
-        s.last_acked = Some(EpochId(6));
-        s.link_bytes = 150;
-        s.dirty_bytes = 100;
-        assert_eq!(s.lag_epochs(), 3);
-        assert_eq!(s.link_per_dirty_byte(), Some(1.5));
     }
 }

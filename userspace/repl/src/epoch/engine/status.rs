@@ -1,0 +1,151 @@
+//! What the engine tells its owner: the state of protection and the figures of the last epochs.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ftvm_proto::EpochId;
+
+use super::super::context::{EpochMetrics, EpochWindowStats, Percentiles};
+use crate::lock;
+
+/// How far the initial synchronisation is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// Pages sent.
+    pub pages_sent: u64,
+    /// Pages of guest memory.
+    pub pages_total: u64,
+    /// Disk image bytes sent.
+    pub disk_bytes_sent: u64,
+    /// Disk bytes.
+    pub disk_bytes_total: u64,
+}
+
+/// Whether the VM is protected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineState {
+    /// The initial synchronisation (and the first checkpoint) are under way.
+    Syncing(SyncProgress),
+    /// The backup holds a restorable checkpoint and receives epochs.
+    Protected,
+    /// No backup: the VM runs unprotected.
+    Simplex {
+        /// Why, for status.
+        reason: String,
+    },
+    /// Another copy runs this VM (the backup took over, or the quorum gave the other side the
+    /// right to run it): this copy is paused, its held output dropped, and must stop.
+    Fenced {
+        /// Why.
+        reason: String,
+    },
+    /// The engine failed (it could not capture, copy or resume the machine, or it panicked): the
+    /// VM is paused and must stop, nothing unacknowledged is released and the backup is not told
+    /// goodbye, so that it resumes the VM from the last committed epoch.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The engine ended (stopped, or its machine did).
+    Stopped,
+}
+
+/// A copy of the engine's status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusSnapshot {
+    /// Protected or not.
+    pub state: EngineState,
+    /// Epochs the backup acknowledged (the initial synchronisation not counted).
+    pub epochs_committed: u64,
+    /// Epochs sent per second, over the last quarter second or so.
+    pub epochs_per_sec: f64,
+    /// The last epoch sent.
+    pub last_sent: Option<EpochId>,
+    /// The last epoch the backup acknowledged.
+    pub last_acked: Option<EpochId>,
+    /// The last epoch's figures (pause and its parts, pages, bytes).
+    pub last_epoch: EpochMetrics,
+    /// Percentiles of the pause and its parts over the last epochs, refreshed a few times a second.
+    pub recent: EpochWindowStats,
+    /// Percentiles of the acknowledgement round trip over the last epochs.
+    pub recent_ack: Percentiles,
+    /// The last acknowledgement's round trip (commit to ack).
+    pub last_ack_round_trip: Option<Duration>,
+    /// Bytes on the A-Link and dirty bytes, over all incremental epochs.
+    pub link_bytes: u64,
+    /// Dirty guest memory bytes over all incremental epochs.
+    pub dirty_bytes: u64,
+    /// A guest disk write could not be recorded (backlog full): the backup's disk lacks it, and
+    /// only a new initial synchronisation makes it whole again.
+    pub disk_replication_lost: bool,
+}
+
+impl StatusSnapshot {
+    /// Epochs sent and not acknowledged.
+    pub fn lag_epochs(&self) -> u64 {
+        match (self.last_sent, self.last_acked) {
+            (Some(s), Some(a)) => s.0.saturating_sub(a.0),
+            (Some(s), None) => s.0 + 1,
+            _ => 0,
+        }
+    }
+
+    /// A-Link bytes per dirty byte (framing, state and disk writes make it > 1).
+    pub fn link_per_dirty_byte(&self) -> Option<f64> {
+        (self.dirty_bytes > 0).then(|| self.link_bytes as f64 / self.dirty_bytes as f64)
+    }
+}
+
+/// The engine's status, shared with whoever reports it. Reading costs one short lock.
+#[derive(Debug)]
+pub struct EngineStatus {
+    inner: Mutex<StatusSnapshot>,
+}
+
+impl EngineStatus {
+    pub(super) fn new() -> Self {
+        Self {
+            inner: Mutex::new(StatusSnapshot {
+                state: EngineState::Syncing(SyncProgress::default()),
+                epochs_committed: 0,
+                epochs_per_sec: 0.0,
+                last_sent: None,
+                last_acked: None,
+                last_epoch: EpochMetrics::default(),
+                recent: EpochWindowStats::default(),
+                recent_ack: Percentiles::default(),
+                last_ack_round_trip: None,
+                link_bytes: 0,
+                dirty_bytes: 0,
+                disk_replication_lost: false,
+            }),
+        }
+    }
+
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> StatusSnapshot {
+        lock(&self.inner).clone()
+    }
+
+    pub(super) fn update<R>(&self, f: impl FnOnce(&mut StatusSnapshot) -> R) -> R {
+        f(&mut lock(&self.inner))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_and_link_ratio() {
+        let mut s = EngineStatus::new().snapshot();
+        assert_eq!(s.lag_epochs(), 0);
+        assert_eq!(s.link_per_dirty_byte(), None);
+        s.last_sent = Some(EpochId(9));
+        s.last_acked = Some(EpochId(6));
+        s.link_bytes = 150;
+        s.dirty_bytes = 100;
+        assert_eq!(s.lag_epochs(), 3);
+        assert_eq!(s.link_per_dirty_byte(), Some(1.5));
+    }
+}
