@@ -83,7 +83,7 @@ pub struct ReceiverConfig {
     pub max_staging_bytes: u64,
     /// Most connections in their handshake at once; more are closed at once.
     pub max_pending_handshakes: usize,
-    /// Allow listening on 0.0.0.0 or [::] (off: the A-Link is a private link, and the receiver
+    /// Allow listening on `0.0.0.0` or `[::]` (off: the A-Link is a private link, and the receiver
     /// should not be reachable from the business network).
     pub allow_unspecified: bool,
 }
@@ -132,7 +132,7 @@ impl ReceiverConfig {
 /// Why the receiver could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    /// 0.0.0.0 or [::] without `allow_unspecified`.
+    /// `0.0.0.0` or `[::]` without `allow_unspecified`.
     #[error("Refusing to listen on the unspecified address {0}; give the A-Link address")]
     Unspecified(SocketAddr),
     /// The secret is too short.

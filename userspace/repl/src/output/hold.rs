@@ -438,7 +438,7 @@ impl OutputHold {
 
     /// Sends a [`TraceRecord`] of every append, seal, release and written frame to `sink` from
     /// now on (`None`: stop). The sink is called with the hold's locks held, on the transmit and
-    /// release paths: it must only buffer (as [`FileTrace`] does).
+    /// release paths: it must only buffer (as [`FileTrace`](super::trace::FileTrace) does).
     pub fn set_trace(&self, sink: Option<Arc<dyn OutputTraceSink>>) {
         self.lock_index().trace = sink;
     }

@@ -32,9 +32,9 @@ pub fn frame_hash(eth: &[u8]) -> u64 {
 /// Why a release happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReleaseCause {
-    /// [`OutputHold::release_through`] an acknowledged epoch.
+    /// [`OutputHold::release_through`](super::hold::OutputHold::release_through) an acknowledged epoch.
     Ack,
-    /// [`OutputHold::release_all`]: the engine stopped holding without an acknowledgement.
+    /// [`OutputHold::release_all`](super::hold::OutputHold::release_all): the engine stopped holding without an acknowledgement.
     Unhold,
 }
 
@@ -61,7 +61,7 @@ pub enum TraceEvent {
     },
     /// A release of the sealed epochs ≤ `through` started.
     Release {
-        /// The acknowledged epoch ([`RELEASE_ALL`] for an unhold).
+        /// The acknowledged epoch ([`RELEASE_ALL`](super::hold::RELEASE_ALL) for an unhold).
         through: u64,
         /// Why.
         cause: ReleaseCause,
@@ -79,7 +79,7 @@ pub enum TraceEvent {
         /// Whether the output took it.
         ok: bool,
     },
-    /// [`OutputHold::discard_unreleased`] dropped `frames` frames.
+    /// [`OutputHold::discard_unreleased`](super::hold::OutputHold::discard_unreleased) dropped `frames` frames.
     Discard {
         /// How many.
         frames: u64,
@@ -194,7 +194,7 @@ impl FromStr for TraceRecord {
     }
 }
 
-/// Where an [`OutputHold`] reports its [`TraceRecord`]s ([`OutputHold::set_trace`]).
+/// Where an [`OutputHold`](super::hold::OutputHold) reports its [`TraceRecord`]s ([`OutputHold::set_trace`](super::hold::OutputHold::set_trace)).
 pub trait OutputTraceSink: Send + Sync + fmt::Debug {
     /// Takes one record. Called on the transmit and release paths with the hold's locks held:
     /// buffer it, never wait for I/O.

@@ -398,7 +398,7 @@ pub trait CheckpointTransport: Send {
     fn begin_epoch(&mut self, begin: &EpochBegin) -> Result<(), BeginEpochError>;
 
     /// Sends the pages of `pages`, read from `source`, in frames of at most
-    /// [`ftvm_proto::epoch::MAX_PAGES_PER_FRAME`] pages. Returns the bytes put on the link.
+    /// [`ftvm_proto::limits::MAX_PAGES_PER_FRAME`] pages. Returns the bytes put on the link.
     ///
     /// **Zero-copy invariant:** the bytes that `source` returns for these pages must not change
     /// until [`commit`](Self::commit) returns for this epoch (see [`PageSource`]).

@@ -8,7 +8,7 @@ use super::status::EngineStatus;
 use super::{EngineError, EngineReport};
 use crate::output::hold::OutputHold;
 
-/// A [`PrimaryEngine`] running on its own thread.
+/// A [`PrimaryEngine`](super::PrimaryEngine) running on its own thread.
 #[derive(Debug)]
 pub struct EngineHandle {
     pub(super) stop: Arc<AtomicBool>,

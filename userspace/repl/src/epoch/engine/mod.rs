@@ -6,7 +6,7 @@
 //!    tracking starts, then every page of guest memory and the whole disk image stream to the backup
 //!    as one initial-sync epoch. Pages and disk sectors the guest changes meanwhile are caught by
 //!    the tracker and the observer and go with the first checkpoint.
-//! 2. **First checkpoint**: guest transmit switches to [`TxMode::Held`], then the first incremental
+//! 2. **First checkpoint**: guest transmit switches to [`TxMode::Held`](ftvm_vmm::devices::virtio::net::TxMode::Held), then the first incremental
 //!    epoch carries the pages dirtied during the sync, the machine state and the disk writes; its
 //!    acknowledgement makes the backup restorable.
 //! 3. **Epoch loop**: a checkpoint starts when guest output waits in the hold and
@@ -19,7 +19,7 @@
 //!    and forgets the disk writes of N. Epoch N+1 may start before N is acknowledged.
 //! 4. **Failure** (a send, commit or ack timeout): the pages of every unacknowledged epoch are
 //!    re-marked dirty, their disk writes requeued, every held frame released and transmit goes
-//!    back to [`TxMode::Direct`]: the engine is simplex and the VM carries on unprotected. When
+//!    back to [`TxMode::Direct`](ftvm_vmm::devices::virtio::net::TxMode::Direct): the engine is simplex and the VM carries on unprotected. When
 //!    the link still works the backup is told first (a goodbye), so that it does not take over a
 //!    VM that still runs.
 //! 5. **Fenced**: the backup says it takes over (it declared this primary dead), the quorum
@@ -32,16 +32,16 @@
 //!
 //! # Why a staging copy
 //! The transport may read the pages until `commit` returns (the zero-copy invariant of
-//! [`PageSource`]), and the VM should run while the epoch is on the wire. Copying the dirty pages
+//! [`PageSource`](crate::transport::PageSource)), and the VM should run while the epoch is on the wire. Copying the dirty pages
 //! while paused is the simplest correct way to have both; it costs one `memcpy` of the dirty bytes
 //! inside the pause (about 0.3 µs per page here). Copy-on-write write protection would take it out
 //! of the pause; not done yet.
 //!
 //! # Where each part lives
-//! This file: configuration, errors, the loop and one checkpoint. [`sync`]: the initial
-//! synchronisation. [`staging`]: the staging copy. [`ack`]: the acknowledgement side and the disk
-//! write observer. [`simplex`]: leaving protection (simplex, fenced, failed) and the lease's
-//! policing of a VM running alone. [`status`]: what the engine reports. [`handle`]: the engine on
+//! This file: configuration, errors, the loop and one checkpoint. `sync`: the initial
+//! synchronisation. `staging`: the staging copy. `ack`: the acknowledgement side and the disk
+//! write observer. `simplex`: leaving protection (simplex, fenced, failed) and the lease's
+//! policing of a VM running alone. `status`: what the engine reports. `handle`: the engine on
 //! its own thread.
 
 use std::collections::VecDeque;
