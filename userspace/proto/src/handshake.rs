@@ -74,6 +74,14 @@ fn hello_key(secret: &[u8]) -> [u8; 32] {
     blake3::derive_key("ftvm a-link 2026 hello key", secret)
 }
 
+/// The key of the handshake frames, so that the fuzz targets (fuzz/) can seal a peer's Hello and
+/// reach what lies behind its tag. Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn fuzzing_hello_key(secret: &[u8]) -> [u8; 32] {
+    hello_key(secret)
+}
+
 fn refusal_key(secret: &[u8], nonce_i: &[u8]) -> [u8; 32] {
     let mut material = Vec::with_capacity(secret.len() + NONCE_LEN);
     material.extend_from_slice(secret);

@@ -978,6 +978,26 @@ fn decode_chunked(mut b: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
+/// The decoders of etcd's replies, for the fuzz targets (fuzz/). Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// [`super::parse_response`]: an HTTP/1.1 reply, `Ok(None)` while incomplete.
+    pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, String> {
+        super::parse_response(buf, eof)
+    }
+
+    /// Standard padded base64.
+    pub fn b64_encode(data: &[u8]) -> String {
+        super::b64::encode(data)
+    }
+
+    /// `None` unless `text` is canonical padded base64.
+    pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
+        super::b64::decode(text)
+    }
+}
+
 /// Standard base64 with padding, as etcd's gateway sends bytes.
 mod b64 {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
