@@ -39,5 +39,14 @@ else
     log "bpf-linker present: $(bpf-linker --version 2>/dev/null || echo unknown version)"
 fi
 
+# cargo-fuzz, for `cargo xtask fuzz` (libFuzzer itself is built from the libfuzzer-sys crate; the
+# targets build with the stable toolchain, see xtask/src/fuzz.rs).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    log "cargo install cargo-fuzz"
+    cargo install cargo-fuzz --locked
+else
+    log "cargo-fuzz present: $(cargo fuzz --version)"
+fi
+
 [ -c /dev/kvm ] || { echo "install.sh: /dev/kvm is missing: ftvm needs KVM" >&2; exit 1; }
 log "done"

@@ -2,6 +2,7 @@
 
 mod bench;
 mod ebpf;
+mod fuzz;
 mod guest;
 mod kernel;
 mod test;
@@ -29,6 +30,8 @@ enum Task {
     FetchTestKernel,
     /// Run the benchmarks and write bench/results/<name>.json.
     Bench(bench::BenchArgs),
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a while; fails on any crash.
+    Fuzz(fuzz::FuzzArgs),
     /// Build every artefact the tests need, then run the whole test suite (as root, with KVM).
     #[command(alias = "ci")]
     Test {
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build().map(|p| println!("{}", p.display())),
         Task::FetchTestKernel => kernel::fetch().map(|p| println!("{}", p.display())),
         Task::Bench(args) => bench::run(args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Test { extra } => test::run(&extra),
     }
 }

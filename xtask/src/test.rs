@@ -2,7 +2,8 @@
 //!
 //! The system tests need artefacts that cargo does not build by itself (the guest ELF, the eBPF
 //! object, the `ftvm` binary, a real bzImage for the Linux loader's test), so they are built first;
-//! then the whole workspace's tests run, KVM and root tests included.
+//! then the whole workspace's tests run, KVM and root tests included, and last every fuzz target
+//! runs briefly (its regression inputs first), so a decoder change that breaks one shows here.
 
 use std::process::Command;
 
@@ -33,5 +34,11 @@ pub fn run(extra: &[String]) -> Result<()> {
     step("build the binaries", build)?;
     let mut test = cargo();
     test.args(["test", "--workspace"]).args(extra);
-    step("run the tests", test)
+    step("run the tests", test)?;
+    eprintln!("[xtask test] fuzzing each target for {FUZZ_SECONDS} s");
+    crate::fuzz::run(&crate::fuzz::FuzzArgs { seconds: FUZZ_SECONDS, target: None, seed: false, asan: false })
 }
+
+/// Seconds each fuzz target runs in the test suite: enough to replay its corpus and regressions
+/// and explore a little; the long runs are `cargo xtask fuzz --seconds N`.
+const FUZZ_SECONDS: u64 = 8;
