@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod gate;
+mod heartbeat;
 mod net;
 mod probe_count;
 

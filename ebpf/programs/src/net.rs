@@ -10,6 +10,7 @@ use aya_ebpf::programs::XdpContext;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_UDP: u8 = 17;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 #[repr(C)]
@@ -57,6 +58,19 @@ impl Ipv4Hdr {
     }
 }
 
+/// A UDP header.
+#[repr(C)]
+pub struct UdpHdr {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+impl UdpHdr {
+    pub const LEN: usize = mem::size_of::<UdpHdr>();
+}
+
 /// The first bytes of an ICMP header (the rest depends on the type).
 #[repr(C)]
 pub struct IcmpHdr {
@@ -86,4 +100,16 @@ pub fn header_at<T>(ctx: &XdpContext, offset: usize) -> Option<&T> {
     // which stays mapped and unchanged by us for the whole program run; `T` is one of the
     // alignment-1, all-bit-patterns-valid header structs of this module.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { &*p })
+}
+
+/// A mutable reference to a `T` at `offset` bytes into the frame, or `None` if the frame is too
+/// short. Only for the byte-array header structs above (alignment 1); callers take references to
+/// disjoint byte ranges only.
+#[inline(always)]
+pub fn header_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<&mut T> {
+    const { assert!(mem::align_of::<T>() == 1) };
+    // SAFETY: `ptr_at` checked that `offset .. offset + size_of::<T>()` lies inside the frame,
+    // which the XDP program may write; `T` has alignment 1 and accepts every bit pattern; the
+    // callers never hold two references to overlapping ranges.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { &mut *(p as *mut T) })
 }

@@ -39,7 +39,7 @@ pub enum Command {
     Witness(crate::quorum::WitnessArgs),
     /// (Started by `ftvm primary`.) Releases the primary's lease when the primary dies.
     #[command(hide = true)]
-    LeaseWatchdog(crate::quorum::QuorumArgs),
+    LeaseWatchdog(crate::quorum::WatchdogArgs),
     /// A whole site on this one machine, in network namespaces: hosts A and B, a client, a
     /// business LAN and the A-Link.
     Site {

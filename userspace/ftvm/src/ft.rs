@@ -29,6 +29,7 @@ use ftvm_vmm::machine::Machine;
 use serde::Serialize;
 
 use crate::cli::{parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
+use crate::ebpf::{EbpfArgs, EbpfStatus, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, QuorumStatus, Watchdog};
 use crate::run;
 
@@ -78,6 +79,8 @@ pub struct PrimaryArgs {
     /// clock of packet captures). Format: `ftvm_repl::output::trace::TraceRecord`.
     #[arg(long)]
     pub output_trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
 }
 
 /// The engine's own default, so that the CLI and the library cannot drift apart.
@@ -126,6 +129,8 @@ pub struct BackupArgs {
     /// the guest's replies); a background flush every second keeps the page cache from growing.
     #[arg(long)]
     pub sync_every_epoch: bool,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
 }
 
 /// Reads a secret (the A-Link's, the witness's): the file's bytes without a trailing newline. A
@@ -197,6 +202,8 @@ pub struct PrimaryStatus {
     pub recent: RecentEpochs,
     /// The lease.
     pub quorum: QuorumStatus,
+    /// The fencing gate and the heartbeat responder.
+    pub ebpf: EbpfStatus,
 }
 
 /// The pause and its parts, and the acknowledgement round trip, over the last epochs: `[p50, p99]`
@@ -278,7 +285,10 @@ fn connect_backup(peer: SocketAddr, secret: &[u8], options: &TcpOptions, timeout
 }
 
 /// Claims the lease to start the VM and keeps the term file and the watchdog in step with it.
-fn start_lease(args: &PrimaryArgs) -> Result<(ftvm_repl::ha::lease::Lease, Option<Watchdog>)> {
+fn start_lease(
+    args: &PrimaryArgs,
+    responder: Option<ftvm_ebpf_host::ResponderHandoff>,
+) -> Result<(ftvm_repl::ha::lease::Lease, Option<Watchdog>)> {
     let term_file = TermFile::for_disk(&args.vm.disk, &args.quorum.vm_id);
     let known = term_file.read().context("cannot read the disk's term")?;
     let lease = args.quorum.lease(&args.secret_file, known)?;
@@ -308,14 +318,22 @@ fn start_lease(args: &PrimaryArgs) -> Result<(ftvm_repl::ha::lease::Lease, Optio
             }
         }
     });
-    let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease)?;
+    let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, responder)?;
     Ok((lease, Some(watchdog)))
 }
 
 pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let secret = read_secret(&args.secret_file)?;
     let config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
-    let (lease, watchdog) = start_lease(&args)?;
+    // In the host's namespace (prepare_vm entered it), before the lease and the VM: the guest is
+    // fenced until the lease says otherwise, and the watchdog inherits the responder.
+    let mut host_ebpf = HostEbpf::attach(&args.ebpf, args.vm.net.mac)?;
+    let (lease, watchdog) = start_lease(&args, host_ebpf.handoff())?;
+    if lease.has_quorum() {
+        host_ebpf.follow_lease(&lease);
+    } else {
+        host_ebpf.activate_for_ever();
+    }
     let renewer = lease.spawn_renewer().context("cannot start the lease renewer")?;
     let options = TcpOptions {
         memory_bytes: Some(args.vm.memory),
@@ -341,6 +359,11 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let engine = PrimaryEngine::new(source, Box::new(transport), Some(disk), engine_config)
         .context("cannot start the epoch engine")?
         .with_lease(lease.clone());
+    // Without a quorum the gate is open for ever: no acknowledgement needs to extend it.
+    let engine = match host_ebpf.ack_authority_hook().filter(|_| lease.has_quorum()) {
+        Some(hook) => engine.with_ack_authority_hook(hook),
+        None => engine,
+    };
     // Before the engine runs: the hold takes its first frame at the first checkpoint.
     let output_trace = match &args.output_trace {
         Some(path) => {
@@ -352,6 +375,19 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         None => None,
     };
     let status = engine.status();
+    {
+        let (status, lease) = (status.clone(), lease.clone());
+        host_ebpf.spawn_publisher(move || {
+            let s = status.snapshot();
+            // Progress: epochs leaving; a simplex VM has no epochs, its daemon's loop is the progress.
+            let marker = match s.state {
+                EngineState::Simplex { .. } => None,
+                _ => Some(s.last_sent.map_or(0, |e| e.0 + 1)),
+            };
+            (lease.term(), s.last_acked.map_or(0, |e| e.0), marker)
+        })?;
+    }
+    let host_ebpf = Arc::new(host_ebpf);
     let handle = engine.spawn().context("cannot start the epoch engine thread")?;
 
     let done = Arc::new(AtomicBool::new(false));
@@ -364,6 +400,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         let machine_handle = machine.handle();
         let path = args.status_file.clone();
         let lease = lease.clone();
+        let host_ebpf = Arc::clone(&host_ebpf);
         std::thread::Builder::new().name("status".into()).spawn(move || {
             let mut last_state = String::new();
             while !done.load(Ordering::Relaxed) {
@@ -375,12 +412,14 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                 }
                 if let EngineState::Fenced { reason } = &snap.state {
                     // The other host runs the VM now; this copy (already paused) must end.
+                    host_ebpf.fence();
                     *fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
                     machine_handle.stop();
                 }
                 if let EngineState::Failed { reason } = &snap.state {
                     // This copy can no longer be protected, and its output stays held: it ends,
                     // and the backup resumes the VM from the last committed epoch.
+                    host_ebpf.fence();
                     *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
                     machine_handle.stop();
                 }
@@ -400,6 +439,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
                             disk_replication_lost: snap.disk_replication_lost,
                             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
                             quorum: QuorumStatus::of(&lease),
+                            ebpf: host_ebpf.status(),
                         },
                     );
                 }
@@ -445,12 +485,16 @@ pub struct BackupStatus {
     pub last_frame_age_ms: Option<f64>,
     pub takeover_ms: Option<f64>,
     pub last_error: Option<String>,
+    /// The fencing gate, the heartbeat responder, and the last probe of the primary's host.
+    pub ebpf: EbpfStatus,
 }
 
 pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     run::enter_process_context(args.net.netns.as_deref())?;
     let secret = read_secret(&args.secret_file)?;
     run::prepare_disk(&args.disk, args.disk_size)?;
+    // The guest is fenced here until this host takes over with a lease.
+    let host_ebpf = HostEbpf::attach(&args.ebpf, args.net.mac)?;
     let console = run::open_console(args.net.console_log.as_deref())?;
     let mut receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
     if !args.sync_every_epoch {
@@ -472,6 +516,9 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     let known = term_file.read().context("cannot read the standby disk's term")?;
     let mut daemon_config = DaemonConfig::new(receiver, promote);
     daemon_config.lease = args.quorum.lease(&args.secret_file, known)?;
+    // The claim at a takeover tells the gate before it returns, so before the VM resumes.
+    host_ebpf.follow_lease(&daemon_config.lease);
+    daemon_config.host_probe = host_ebpf.host_probe(args.listen.ip());
     if args.quorum.quorum != QuorumKind::None {
         daemon_config.term_file = Some(term_file);
     }
@@ -493,6 +540,10 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
             tracing::info!(role = ?st.role, committed = ?st.committed, "backup role");
             last_role = Some(st.role);
         }
+        host_ebpf.publish_progress(daemon.lease().term(), st.committed.map_or(0, |e| e.0));
+        if matches!(st.role, Role::Fenced | Role::Failed) {
+            host_ebpf.fence();
+        }
         if let Some(path) = &args.status_file {
             write_status(
                 path,
@@ -505,6 +556,7 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
                     last_frame_age_ms: st.last_frame_age.map(|d| d.as_secs_f64() * 1e3),
                     takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
                     last_error: st.last_error.clone(),
+                    ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..host_ebpf.status() },
                 },
             );
         }

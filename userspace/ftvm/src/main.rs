@@ -2,6 +2,7 @@
 
 mod cli;
 mod console;
+mod ebpf;
 mod ft;
 mod netns;
 mod quorum;

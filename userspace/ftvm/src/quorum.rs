@@ -6,6 +6,11 @@
 //! releases the lease at the quorum with the reason "holder died", so the backup takes over in
 //! milliseconds instead of waiting for the lease to run out. A whole host that dies takes its
 //! watchdog with it: then the lease runs out.
+//!
+//! With a heartbeat responder on the A-Link, the watchdog also inherits it (its link and maps,
+//! see `ftvm_ebpf_host::ResponderHandoff`): when the primary dies, the watchdog first writes
+//! "daemon dead" into the replies (the backup's probes then know at once), then releases the
+//! lease, and keeps the responder answering a moment longer.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -16,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use ftvm_ebpf_host::{DaemonState, InheritedResponder, ResponderHandoff};
 use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView};
 use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
@@ -176,15 +182,18 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the watchdog and keeps it told of `lease`'s term.
-    pub fn start(args: &QuorumArgs, alink_secret: &Path, lease: &Lease) -> Result<Self> {
+    /// Starts the watchdog and keeps it told of `lease`'s term; it inherits `responder`, if any.
+    pub fn start(args: &QuorumArgs, alink_secret: &Path, lease: &Lease, responder: Option<ResponderHandoff>) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
-        let mut child = Command::new(exe)
-            .args(args.watchdog_args(alink_secret)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("cannot start the lease watchdog")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args.watchdog_args(alink_secret)?).stdin(Stdio::piped()).stdout(Stdio::null());
+        let spawned = match &responder {
+            Some(handoff) => handoff.spawn(&mut cmd, "--responder-fds"),
+            None => cmd.spawn(),
+        };
+        // This process's duplicates are not needed once the child has its own.
+        drop(responder);
+        let mut child = spawned.context("cannot start the lease watchdog")?;
         let stdin = Arc::new(Mutex::new(child.stdin.take()));
         let pipe = Arc::clone(&stdin);
         lease.subscribe(move |v: LeaseView| {
@@ -209,11 +218,31 @@ impl Watchdog {
     }
 }
 
+/// How long the watchdog keeps the responder answering "daemon dead" after the primary died.
+const DEAD_ANSWER_LINGER: Duration = Duration::from_millis(300);
+
+/// `ftvm lease-watchdog` options.
+#[derive(Clone, Debug, Args)]
+pub struct WatchdogArgs {
+    #[command(flatten)]
+    pub quorum: QuorumArgs,
+    /// The heartbeat responder's descriptors, inherited from the primary.
+    #[arg(long)]
+    pub responder_fds: Option<String>,
+}
+
 /// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none` and `stop` lines.
-pub fn watchdog(args: QuorumArgs) -> Result<ExitCode> {
+pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
     // Ctrl-C at the primary's terminal reaches this process group too: this process must outlive
     // its parent to do its work, and ends when its parent's pipe does.
     crate::signals::block_stop_signals()?;
+    let responder = match &args.responder_fds {
+        // SAFETY: the primary started this process through `ResponderHandoff::spawn` with this
+        // argument, and nothing else in this process touches those descriptors; taken once.
+        Some(spec) => Some(unsafe { InheritedResponder::from_inherited(spec) }.context("cannot take the heartbeat responder")?),
+        None => None,
+    };
+    let args = args.quorum;
     let secret = args.witness_secret_file.clone().unwrap_or_default();
     let mut client = args.client(&secret)?;
     let mut term = None;
@@ -226,13 +255,31 @@ pub fn watchdog(args: QuorumArgs) -> Result<ExitCode> {
             other => term = other.strip_prefix("term ").and_then(|t| t.parse::<u64>().ok()).or(term),
         }
     }
-    // The pipe ended without "stop": the primary is gone.
-    let Some(term) = term else { return Ok(ExitCode::SUCCESS) };
+    // The pipe ended without "stop": the primary is gone. Said first in the heartbeat replies:
+    // that needs no network round trip.
+    if let Some(r) = &responder {
+        match r.control().set_daemon_state(DaemonState::Dead) {
+            Ok(()) => tracing::warn!("the primary died: its heartbeat responder says so"),
+            Err(e) => tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot mark the daemon dead in the heartbeat responder"),
+        }
+    }
+    let linger = || {
+        if responder.is_some() {
+            std::thread::sleep(DEAD_ANSWER_LINGER);
+        }
+    };
+    let Some(term) = term else {
+        linger();
+        return Ok(ExitCode::SUCCESS);
+    };
     tracing::warn!(term, "the primary died: releasing its lease so that the backup takes over at once");
     // A few tries: the quorum may be briefly busy.
     for attempt in 0..5 {
         match client.release(term, ReleaseReason::HolderDied) {
-            Ok(()) => return Ok(ExitCode::SUCCESS),
+            Ok(()) => {
+                linger();
+                return Ok(ExitCode::SUCCESS);
+            }
             Err(e) if attempt < 4 => {
                 tracing::warn!(error = %e, "cannot release the lease yet");
                 std::thread::sleep(Duration::from_millis(20));

@@ -264,6 +264,10 @@ fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
+/// Each host's fencing gate goes on its business port, its heartbeat responder on its A-Link end
+/// (the eBPF object is the one next to the binary: `cargo xtask build-ebpf`).
+const EBPF_PORTS: [&str; 4] = ["--business-port", "biz0", "--alink-port", "alink0"];
+
 /// The A-Link port the backup listens on.
 const ALINK_PORT: u16 = crate::ft::DEFAULT_ALINK_PORT;
 
@@ -414,6 +418,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     .to_vec();
     let mut backup_args = backup_args;
     backup_args.extend(quorum_args(args, "B", &witness_secret));
+    backup_args.extend(EBPF_PORTS.map(String::from));
     let backup_pid = spawn_host(dir, "b", &backup_args)?;
     let mut primary_args: Vec<String> = [
         "primary", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP, "--guest", &s(&args.guest),
@@ -439,6 +444,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
         primary_args.extend(["--output-trace".to_string(), s(&dir.join(OUTPUT_TRACE_FILE))]);
     }
     primary_args.extend(quorum_args(args, "A", &witness_secret));
+    primary_args.extend(EBPF_PORTS.map(String::from));
     let primary_pid = spawn_host(dir, "a", &primary_args)?;
     let record = SiteRecord {
         name: args.site.name.clone(),
@@ -613,6 +619,9 @@ fn status(args: StatusArgs) -> Result<()> {
             format!("  quorum {} term {} {lease}{err}", q["backend"].as_str().unwrap_or("?"), q["term"])
         });
         writeln!(out, "  host {:<2} {:<10} {:<8} {}{quorum}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
+        if let Some(ebpf) = h.detail.as_ref().map(|d| &d["ebpf"]).filter(|e| e.is_object()) {
+            writeln!(out, "           {}", ebpf_line(ebpf))?;
+        }
     }
     if let Some(w) = report.witness_running {
         writeln!(out, "  witness {}", if w { "running" } else { "stopped" })?;
@@ -628,6 +637,33 @@ fn status(args: StatusArgs) -> Result<()> {
     )?;
     writeln!(out, "  connect: {}", report.connect)?;
     Ok(())
+}
+
+/// One line about a host's fencing gate, heartbeat responder and last probe.
+fn ebpf_line(e: &serde_json::Value) -> String {
+    if e["enabled"].as_bool() != Some(true) {
+        return format!("eBPF {}", e["detail"].as_str().unwrap_or("off"));
+    }
+    let g = &e["gate"];
+    let gate = if g.is_object() {
+        let n = |k: &str| g[k].as_u64().unwrap_or(0);
+        let open = match (g["active"].as_bool(), g["expiry_left_ms"].as_u64()) {
+            (Some(true), Some(ms)) => format!("open {ms} ms"),
+            (Some(true), None) => "open".to_string(),
+            _ => "closed".to_string(),
+        };
+        format!(
+            "gate {open}: out {} passed, {} dropped (inactive), {} dropped (expired); in {} dropped",
+            n("egress_passed"),
+            n("egress_dropped_inactive"),
+            n("egress_dropped_expired"),
+            n("ingress_dropped")
+        )
+    } else {
+        "no gate".to_string()
+    };
+    let probe = e["last_probe"].as_str().map_or(String::new(), |p| format!("; last probe: {p}"));
+    format!("{gate}{probe}")
 }
 
 /// Every process in a namespace.

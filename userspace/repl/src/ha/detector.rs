@@ -48,6 +48,8 @@ pub enum DeadReason {
     /// The primary's end of the A-Link closed or reset without a goodbye: its kernel closed the
     /// socket of a process that is gone. Decided by the daemon, not by a timeout.
     LinkClosed,
+    /// The primary's host answered a probe saying its daemon died (see [`super::probe`]).
+    DaemonDead,
 }
 
 /// The detector's verdict.

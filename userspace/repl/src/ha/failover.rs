@@ -24,6 +24,13 @@
 //! the takeover the lease is renewed; while it is not valid the restored VM is paused, and if it is
 //! lost to another host the VM is stopped (role [`Role::Fenced`]).
 //!
+//! When the primary falls silent or its end of the link closes, and a [`HostProbe`] is configured,
+//! the daemon asks the primary's host (its XDP responder) before it believes the verdict: a
+//! daemon that still makes progress is not dead (a busy primary, or a broken connection: the
+//! quorum decides if it goes on alone), one the host reports dead or stuck is, and a host that
+//! answered before but no longer does is dead at once (see [`super::probe`]). Without a probe, or
+//! before the responder ever answered, the timeouts alone decide.
+//!
 //! A takeover tells a primary still connected that this host takes over
 //! ([`BackupReceiver::stop_taking_over`]): a live primary taken for dead then stops its copy
 //! instead of serving beside the restored one.
@@ -40,6 +47,7 @@ use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
 use super::detector::{DeadReason, DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
 use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
 use super::lease::{Lease, Renewer, TAKEOVER_QUIET};
+use super::probe::{HostProbe, ProbeOutcome};
 use super::quorum::{Claim, Previous};
 use super::term::TermFile;
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
@@ -52,6 +60,12 @@ use crate::lock;
 pub const QUORUM_RETRY: Duration = Duration::from_millis(10);
 /// How often the restored VM's lease is looked at.
 const LEASE_POLL: Duration = Duration::from_millis(5);
+/// While the primary is suspected, its host is probed at most this often (a probe outcome is
+/// reused until then: the link may be the problem, and must not be flooded).
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// Probes sent before "no reply" is believed (each waits for the [`HostProbe`]'s own timeout, a
+/// few milliseconds): one lost datagram must not make a host dead.
+const PROBE_TRIES: usize = 3;
 
 /// Settings of a [`BackupDaemon`].
 #[derive(Debug)]
@@ -68,6 +82,8 @@ pub struct DaemonConfig {
     pub lease: Lease,
     /// Where the standby's term is kept with its disk.
     pub term_file: Option<TermFile>,
+    /// Asks the primary's host whether its daemon lives, when the daemon falls silent.
+    pub host_probe: Option<Box<dyn HostProbe>>,
 }
 
 impl DaemonConfig {
@@ -80,6 +96,7 @@ impl DaemonConfig {
             promote,
             lease: Lease::default(),
             term_file: None,
+            host_probe: None,
         }
     }
 }
@@ -144,6 +161,8 @@ pub struct DaemonStatus {
     pub exit: Option<MachineExit>,
     /// The last error (promotion failure, "nothing to resume", the machine's run error).
     pub last_error: Option<String>,
+    /// What the last probe of the primary's host showed (none sent yet: `None`).
+    pub last_probe: Option<ProbeOutcome>,
 }
 
 /// Why [`BackupDaemon::start`] failed.
@@ -196,6 +215,7 @@ impl BackupDaemon {
                 promotion: None,
                 exit: None,
                 last_error: None,
+                last_probe: None,
             }),
             stop: AtomicBool::new(false),
             source: Mutex::new(None),
@@ -210,6 +230,9 @@ impl BackupDaemon {
             term_file: cfg.term_file,
             written_term: None,
             poll: cfg.poll_interval.clamp(Duration::from_micros(100), Duration::from_millis(100)),
+            probe: cfg.host_probe,
+            answered_before: false,
+            last_probe: None,
         };
         let promote_cfg = cfg.promote;
         let thread = std::thread::Builder::new()
@@ -296,6 +319,10 @@ struct Watch {
     term_file: Option<TermFile>,
     written_term: Option<u64>,
     poll: Duration,
+    probe: Option<Box<dyn HostProbe>>,
+    /// The primary's host responder answered at least once: its silence now means something.
+    answered_before: bool,
+    last_probe: Option<(Instant, ProbeOutcome)>,
 }
 
 impl Watch {
@@ -331,6 +358,57 @@ impl Watch {
         }
     }
 
+    /// The verdict once the primary's host was asked (see the module documentation).
+    fn consult_host(&mut self, verdict: Suspicion, now_us: u64) -> Suspicion {
+        let (Some(probe), Some(peer)) = (self.probe.as_mut(), self.activity.peer_ip()) else { return verdict };
+        let stuck_after = self.detector.config().stuck_after;
+        let outcome = match self.last_probe {
+            Some((at, outcome)) if at.elapsed() < PROBE_EVERY => outcome,
+            previous => {
+                let mut outcome = ProbeOutcome::NoReply { answered_before: self.answered_before };
+                for _ in 0..PROBE_TRIES {
+                    match probe.probe(peer) {
+                        Ok(Some(reply)) => {
+                            outcome = ProbeOutcome::of(Some(reply), stuck_after, true);
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, "cannot probe the primary's host");
+                            outcome = ProbeOutcome::Error;
+                            break;
+                        }
+                    }
+                }
+                if !matches!(outcome, ProbeOutcome::NoReply { .. } | ProbeOutcome::Error) {
+                    self.answered_before = true;
+                }
+                let kind = |o: &ProbeOutcome| std::mem::discriminant(o);
+                if previous.is_none_or(|(_, p)| kind(&p) != kind(&outcome)) {
+                    tracing::warn!(%peer, outcome = %outcome.describe(), "probed the primary's host");
+                }
+                self.last_probe = Some((Instant::now(), outcome));
+                outcome
+            }
+        };
+        let for_ = match verdict {
+            Suspicion::Silent { for_ } | Suspicion::Dead { for_, .. } => for_,
+            Suspicion::NeverSeen | Suspicion::Alive => return verdict,
+        };
+        match outcome {
+            ProbeOutcome::Alive(_) => {
+                self.detector.observe_probe(now_us);
+                Suspicion::Silent { for_ }
+            }
+            ProbeOutcome::DaemonDead(_) => Suspicion::Dead { for_, reason: DeadReason::DaemonDead },
+            ProbeOutcome::Stuck(_) => Suspicion::Dead { for_, reason: DeadReason::DaemonStuck },
+            ProbeOutcome::NoReply { answered_before: true } if !verdict.is_dead() => {
+                Suspicion::Dead { for_, reason: DeadReason::HostSilent }
+            }
+            ProbeOutcome::NoReply { .. } | ProbeOutcome::Error => verdict,
+        }
+    }
+
     fn run(mut self, receiver: BackupReceiver, promote_cfg: PromoteConfig) {
         let mut suspected_at: Option<Instant> = None;
         let mut reported_no_takeover = false;
@@ -358,6 +436,11 @@ impl Watch {
                 let for_ = self.activity.age(now).unwrap_or_default();
                 verdict = Suspicion::Dead { for_, reason: DeadReason::LinkClosed };
             }
+            if !matches!(verdict, Suspicion::NeverSeen | Suspicion::Alive)
+                && !matches!(end, SessionEnd::Goodbye | SessionEnd::Refused)
+            {
+                verdict = self.consult_host(verdict, now);
+            }
             let stats = receiver.stats();
             self.keep_term_file(&stats);
             {
@@ -368,6 +451,7 @@ impl Watch {
                 s.primary_left = matches!(end, SessionEnd::Goodbye | SessionEnd::Refused);
                 s.last_frame_age = self.activity.age(now);
                 s.suspicion = verdict;
+                s.last_probe = self.last_probe.map(|(_, o)| o);
             }
             match verdict {
                 Suspicion::NeverSeen | Suspicion::Alive => {

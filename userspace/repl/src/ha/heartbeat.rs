@@ -61,6 +61,8 @@ struct Activity {
     last_us: AtomicU64,
     end: AtomicU8,
     socket: Mutex<Option<TcpStream>>,
+    /// The last session's peer address (kept after it ended: the host to probe).
+    peer: Mutex<Option<std::net::IpAddr>>,
 }
 
 impl LinkActivity {
@@ -82,9 +84,17 @@ impl LinkActivity {
     /// A primary authenticated on `socket` (a clone of the session's stream): a sign of life, and
     /// any earlier ending is void.
     pub fn session_started(&self, socket: Option<TcpStream>) {
+        if let Some(peer) = socket.as_ref().and_then(|s| s.peer_addr().ok()) {
+            *self.0.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.ip());
+        }
         *self.0.socket.lock().unwrap_or_else(|e| e.into_inner()) = socket;
         self.0.end.store(SessionEnd::Open as u8, Ordering::SeqCst);
         self.touch();
+    }
+
+    /// The address of the last session's peer (the primary's A-Link address), if any session ran.
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        *self.0.peer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The session ended as `end` (the first ending recorded after a start counts).

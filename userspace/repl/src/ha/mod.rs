@@ -7,11 +7,13 @@
 //! * [`quorum`]: the [`quorum::QuorumClient`] asked before a host runs the VM alone, its lease
 //!   rules and backends;
 //! * [`lease`]: a host's hold on the lease ([`lease::Lease`]), renewed in the background;
-//! * [`term`]: the lease term stored with a copy of the disk.
+//! * [`term`]: the lease term stored with a copy of the disk;
+//! * [`probe`]: asking the primary's host (its XDP responder) whether its daemon lives.
 
 pub mod detector;
 pub mod failover;
 pub mod heartbeat;
 pub mod lease;
+pub mod probe;
 pub mod quorum;
 pub mod term;

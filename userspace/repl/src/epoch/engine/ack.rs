@@ -48,6 +48,20 @@ impl DiskWriteObserver for Observer {
     }
 }
 
+/// Told, before output leaves on a fresh acknowledgement alone (no valid lease), the
+/// [`monotonic_us`] time until which that acknowledgement lets output out: the epoch's send plus
+/// [`ACK_AUTHORITY`]. A kernel gate that otherwise follows the lease lets the output through until
+/// then (see [`super::PrimaryEngine::with_ack_authority_hook`]).
+pub type AckAuthorityHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+pub(super) struct AuthorityHook(pub(super) Option<AckAuthorityHook>);
+
+impl std::fmt::Debug for AuthorityHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(hook)" } else { "None" })
+    }
+}
+
 /// What the acknowledgement thread and the engine share.
 #[derive(Debug)]
 pub(super) struct AckSide {
@@ -71,6 +85,8 @@ pub(super) struct AckSide {
     /// without it, only output whose acknowledgement came within [`ACK_AUTHORITY`] of the epoch's
     /// send (see [`crate::ha::lease`]).
     pub(super) lease: Lease,
+    /// Told before output leaves on an acknowledgement alone.
+    pub(super) authority: AuthorityHook,
     /// Last epoch whose output was released + 1 (0: none).
     pub(super) released: AtomicU64,
     /// (epoch, round trip) of recent acknowledgements, for the epoch spans.
@@ -85,8 +101,14 @@ impl AckSide {
                     return;
                 }
                 self.acked.store(epoch.0 + 1, Ordering::Release);
-                let authority = round_trip < ACK_AUTHORITY || self.lease.is_valid(monotonic_us());
+                let now = monotonic_us();
+                let lease_valid = self.lease.is_valid(now);
+                let authority = round_trip < ACK_AUTHORITY || lease_valid;
                 if authority && !self.disk_lost.load(Ordering::SeqCst) {
+                    if let (false, Some(hook)) = (lease_valid, &self.authority.0) {
+                        let sent = now.saturating_sub(u64::try_from(round_trip.as_micros()).unwrap_or(u64::MAX));
+                        hook(sent.saturating_add(ACK_AUTHORITY.as_micros() as u64));
+                    }
                     self.release_through(epoch.0);
                 }
                 let sync = self.sync_epoch.load(Ordering::Acquire);

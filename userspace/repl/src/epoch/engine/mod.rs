@@ -78,6 +78,7 @@ mod staging;
 mod status;
 mod sync;
 
+pub use ack::AckAuthorityHook;
 pub use handle::{EngineHandle, EngineStopError};
 pub use status::{EngineState, EngineStatus, StatusSnapshot, SyncProgress};
 
@@ -305,6 +306,7 @@ impl PrimaryEngine {
             simplex: AtomicBool::new(false),
             superseded: Mutex::new(None),
             lease: Lease::default(),
+            authority: ack::AuthorityHook(None),
             released: AtomicU64::new(0),
             round_trips: Mutex::new(VecDeque::new()),
         });
@@ -345,6 +347,15 @@ impl PrimaryEngine {
         // Nothing runs before the engine does: the acknowledgement side is not shared yet.
         let owned = Arc::get_mut(&mut self.ack).map(|ack| ack.lease = lease).is_some();
         debug_assert!(owned, "the acknowledgement side is shared before the engine runs: the lease would be lost");
+        self
+    }
+
+    /// Tells `hook`, before output leaves on a fresh acknowledgement alone (the lease not valid),
+    /// until when that acknowledgement lets output out (see [`AckAuthorityHook`]).
+    pub fn with_ack_authority_hook(mut self, hook: AckAuthorityHook) -> Self {
+        // Nothing runs before the engine does: the acknowledgement side is not shared yet.
+        let owned = Arc::get_mut(&mut self.ack).map(|ack| ack.authority = ack::AuthorityHook(Some(hook))).is_some();
+        debug_assert!(owned, "the acknowledgement side is shared before the engine runs: the hook would be lost");
         self
     }
 
