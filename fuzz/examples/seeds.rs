@@ -14,13 +14,13 @@ use ftvm_proto::witness::{
     WitnessClaim, WitnessOp, WitnessPrevious, WitnessReleaseReason, WitnessReply, WitnessRequest,
 };
 use ftvm_proto::EpochId;
-use ftvm_repl::disk::DiskWrite;
-use ftvm_repl::epoch::wire::{
+use ftvm_proto::epoch::DiskWrite;
+use ftvm_proto::epoch::{
     encode_disk_image_head, encode_disk_writes_head, encode_output_frame, encode_pages_head, EpochAck, EpochBegin,
     EpochCommit, StandbyInfo,
 };
 use ftvm_repl::ha::quorum::etcd::fuzzing::b64_encode;
-use ftvm_repl::PAGE_SIZE;
+use ftvm_proto::limits::PAGE_SIZE;
 use ftvm_vmm::devices::persist::{DevicesState, VirtioDeviceState};
 use ftvm_vmm::devices::virtio::block::{BlockState, InflightRequestState, RequestType, SegmentState};
 use ftvm_vmm::devices::virtio::net::persist::NetState;

@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 
 use ftvm_fuzz::Input;
 use ftvm_proto::pages::{PageRange, PageRangeSet};
-use ftvm_repl::epoch::wire::{encode_pages_head, page_frames, PagesView};
-use ftvm_repl::PAGE_SIZE;
+use ftvm_proto::epoch::{encode_pages_head, page_frames, PagesView};
+use ftvm_proto::limits::PAGE_SIZE;
 use libfuzzer_sys::fuzz_target;
 
 /// The window of page numbers a run uses: offsets below this.
