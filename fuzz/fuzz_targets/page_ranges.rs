@@ -1,8 +1,8 @@
 //! Page-range sets (userspace/proto/src/pages.rs) against a plain set of page numbers, and their
 //! way over the wire: split into Pages frames (`page_frames`), encoded, decoded by `PagesView`.
 //!
-//! Input: `base u8 | max_pages u8 (% 16) | op*`, op % 6: insert `off u16, len u8`; add_bitmap `off u16,
-//! words u8 (% 5), u64 × words`; union with a set of `off u16, len u8`; drain into another set;
+//! Input: `base u8 | max_pages u8 (% 16) | op*`, op % 6: insert `off u16, len u8 (% 64)`; add_bitmap
+//! `off u16, words u8 (% 5), u64 × words`; union with a set of `off u16, len u8 (% 64)`; drain into another set;
 //! contains `off u16`; clear. Page numbers are `base + off` with base 0, 2^40 or 2^64 - 2^17, so
 //! the top of the page-number space is covered too (a set's ranges never pass 2^64: callers
 //! hand it ranges of guest memory).
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
     while !input.is_empty() {
         match input.u8() % 6 {
             0 => {
-                let (start, len) = (base + u64::from(input.u16()), u64::from(input.u8()));
+                let (start, len) = (base + u64::from(input.u16()), u64::from(input.u8() % 64));
                 set.insert(start, len);
                 reference.extend(start..start + len);
             }
@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
             }
             2 => {
                 let mut other = PageRangeSet::new();
-                let (start, len) = (base + u64::from(input.u16()), u64::from(input.u8()));
+                let (start, len) = (base + u64::from(input.u16()), u64::from(input.u8() % 64));
                 other.insert(start, len);
                 reference.extend(start..start + len);
                 set.union_with(&other);

@@ -41,4 +41,4 @@ pub fn run(extra: &[String]) -> Result<()> {
 
 /// Seconds each fuzz target runs in the test suite: enough to replay its corpus and regressions
 /// and explore a little; the long runs are `cargo xtask fuzz --seconds N`.
-const FUZZ_SECONDS: u64 = 8;
+const FUZZ_SECONDS: u64 = 5;

@@ -88,7 +88,8 @@ impl PageRangeSet {
         }
     }
 
-    /// Adds `[start, start + len)`.
+    /// Adds `[start, start + len)`. The range must end at or below 2^64 (a set holds guest page
+    /// frame numbers, which come from a dirty bitmap or a checked frame, never wrap).
     pub fn insert(&mut self, start: u64, len: u64) {
         if len == 0 {
             return;

@@ -871,11 +871,11 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, Strin
         let head = std::str::from_utf8(&rest[..head_len]).map_err(|_| "the reply's headers are not UTF-8".to_string())?;
         let mut lines = head.split("\r\n");
         let status_line = lines.next().unwrap_or("");
-        let status = parse_status(status_line).ok_or_else(|| format!("not an HTTP/1.x status line: {:?}", &status_line[..status_line.len().min(100)]))?;
+        let status = parse_status(status_line).ok_or_else(|| format!("not an HTTP/1.x status line: {:?}", clip(status_line, 100)))?;
         let mut length = None;
         let mut chunked = false;
         for line in lines {
-            let (name, value) = line.split_once(':').ok_or_else(|| format!("malformed header line {:?}", &line[..line.len().min(100)]))?;
+            let (name, value) = line.split_once(':').ok_or_else(|| format!("malformed header line {:?}", clip(line, 100)))?;
             let value = value.trim();
             if name.eq_ignore_ascii_case("content-length") {
                 let n: usize = value.parse().map_err(|_| format!("malformed Content-Length {value:?}"))?;
@@ -917,6 +917,16 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, Strin
     }
 }
 
+/// At most `max` bytes of `s`, for an error message: cut at a character boundary, since a reply's
+/// text (valid UTF-8, but anything) may have a multi-byte character across `max`.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn parse_status(line: &str) -> Option<u16> {
     let mut parts = line.splitn(3, ' ');
     let version = parts.next()?;
@@ -948,7 +958,7 @@ fn decode_chunked(mut b: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
         let line = std::str::from_utf8(&b[..line_end]).map_err(|_| "malformed chunk size line".to_string())?;
         let size_text = line.split(';').next().unwrap_or("").trim();
         if size_text.is_empty() || size_text.len() > 8 || !size_text.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!("malformed chunk size {:?}", &line[..line.len().min(40)]));
+            return Err(format!("malformed chunk size {:?}", clip(line, 40)));
         }
         let size = usize::from_str_radix(size_text, 16).map_err(|_| format!("malformed chunk size {size_text:?}"))?;
         b = &b[line_end + 2..];
@@ -1190,6 +1200,24 @@ mod tests {
             assert!(parse_response(bad, false).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert!(parse_response(&vec![b'x'; MAX_HEAD_BYTES + 1], false).is_err(), "endless headers");
+    }
+
+    /// Found by the fuzz target etcd_response (fuzz/regressions/etcd_response/): a status line with
+    /// a 4-byte character across byte 100 made the error message's excerpt panic.
+    #[test]
+    fn a_multibyte_character_at_the_excerpt_limit_is_an_error_not_a_panic() {
+        const CRASH: &[u8] = b"HTTP/2.1.1 200 O\x01\0\0.1 200 OO/jsn\rP/1.1 100 ' 2E00\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\00 OK\x10\nT: \xf3\x9c\x97\x94 '\r\n\r\nHTTP/!.1 200 MK\r\nTransfer-Encoding: chunked\r\n\r\n00;e=ng\r\n\r\n00ex\nContent-Length: 000000 \r\n\r\nHT\0~\r\n";
+        for eof in [false, true] {
+            assert!(parse_response(CRASH, eof).unwrap_err().starts_with("not an HTTP/1.x status line"));
+        }
+        // Each excerpt: a character across the limit is left out whole.
+        let line = format!("{}\u{dc5d4}", "x".repeat(97));
+        assert!(parse_status(&line).is_none());
+        assert_eq!(clip(&line, 100), "x".repeat(97));
+        let head = format!("HTTP/1.1 200 OK\r\n{}\u{e9}\r\n\r\n", "y".repeat(99));
+        assert!(parse_response(head.as_bytes(), false).unwrap_err().starts_with("malformed header line"));
+        let chunk = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{}\u{e9}\r\n", "z".repeat(39));
+        assert!(parse_response(chunk.as_bytes(), false).unwrap_err().starts_with("malformed chunk size"));
     }
 
     #[test]
