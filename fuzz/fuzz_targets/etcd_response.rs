@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     } else {
-        if let Some(text) = std::str::from_utf8(b).ok() {
+        if let Ok(text) = std::str::from_utf8(b) {
             if let Some(bytes) = b64_decode(text) {
                 assert_eq!(b64_encode(&bytes), text);
             }
