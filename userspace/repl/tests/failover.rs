@@ -11,6 +11,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
@@ -475,10 +476,19 @@ mod tests {
         assert_eq!(daemon.shutdown().role, Role::Standby);
     }
 
+    /// How a test proxy ends the connection to the backup once the client closed.
+    enum ProxyEnd {
+        /// Shuts it down in order.
+        Close,
+        /// Once the flag is set, keeps what the client sends; at the client's close, delivers all
+        /// of it at once and resets the connection.
+        HoldThenReset(Arc<AtomicBool>),
+    }
+
     /// Forwards one connection to `to`, recording what the client sent; returns the address to
     /// connect to and the recording (complete once the client closed).
-    fn recording_proxy(to: SocketAddr) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
-        use std::io::{Read, Write};
+    fn proxy(to: SocketAddr, end: ProxyEnd) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+        use std::io::Read;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
@@ -486,28 +496,91 @@ mod tests {
             let mut up = std::net::TcpStream::connect(to).unwrap();
             let mut down = up.try_clone().unwrap();
             let mut back = c.try_clone().unwrap();
-            // Backup to primary, on its own thread; ends when either side closes.
-            let pump = std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while let Ok(n) = down.read(&mut buf) {
-                    if n == 0 || back.write_all(&buf[..n]).is_err() {
-                        break;
+            down.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+            // Backup to primary, on its own thread; ends when either side closes or at `stop`.
+            let stop = Arc::new(AtomicBool::new(false));
+            let pump = {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while !stop.load(Ordering::SeqCst) {
+                        match down.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) if back.write_all(&buf[..n]).is_err() => break,
+                            Ok(_) => {}
+                            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                            Err(_) => break,
+                        }
                     }
-                }
-            });
-            let mut sent = Vec::new();
+                })
+            };
+            let (mut sent, mut held) = (Vec::new(), Vec::new());
             let mut buf = [0u8; 65536];
             while let Ok(n) = c.read(&mut buf) {
-                if n == 0 || up.write_all(&buf[..n]).is_err() {
+                if n == 0 {
                     break;
                 }
                 sent.extend_from_slice(&buf[..n]);
+                match &end {
+                    ProxyEnd::HoldThenReset(hold) if hold.load(Ordering::SeqCst) => held.extend_from_slice(&buf[..n]),
+                    _ if up.write_all(&buf[..n]).is_err() => break,
+                    _ => {}
+                }
             }
-            let _ = up.shutdown(std::net::Shutdown::Both);
+            stop.store(true, Ordering::SeqCst);
             let _ = pump.join();
+            match end {
+                ProxyEnd::Close => {
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                }
+                ProxyEnd::HoldThenReset(_) => {
+                    up.write_all(&held).unwrap();
+                    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                    // SAFETY: a valid option value for a socket this thread owns (its clone closed
+                    // with the pump), so that dropping it sends a reset.
+                    let rc = unsafe {
+                        libc::setsockopt(
+                            up.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&raw const linger).cast(),
+                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                        )
+                    };
+                    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+                }
+            }
             sent
         });
         (addr, t)
+    }
+
+    /// A primary's heartbeat and goodbye arrive together and the connection is reset at once: the
+    /// backup's answer to the heartbeat fails, yet the goodbye it had already received stands, and
+    /// it does not take over.
+    #[test]
+    fn a_goodbye_followed_by_a_reset_is_still_a_goodbye() {
+        init_tracing();
+        let _serial = one_at_a_time();
+        let dir = TempDir::new("goodbye-reset");
+        let daemon = BackupDaemon::start(daemon_config(&dir)).unwrap();
+        let mut p = start_primary(&dir, None);
+        let hold = Arc::new(AtomicBool::new(false));
+        let (proxy, proxied) = proxy(daemon.local_addr(), ProxyEnd::HoldThenReset(Arc::clone(&hold)));
+        let mut t = connect(proxy);
+        wait_for_counter(&p.src, 1000);
+        checkpoint(&mut p, &mut t, EpochId(0));
+        hold.store(true, Ordering::SeqCst);
+        t.heartbeat().unwrap();
+        t.close("planned shutdown");
+        proxied.join().unwrap();
+        p.src.handle().stop();
+        assert_eq!(p.run.join().unwrap().unwrap(), MachineExit::Stopped);
+        std::thread::sleep(Duration::from_millis(700));
+        let s = daemon.status();
+        assert_eq!(s.role, Role::Standby, "a goodbye then a reset caused a takeover: {s:?}");
+        assert!(s.restorable && s.primary_left, "{s:?}");
+        assert_eq!(daemon.shutdown().role, Role::Standby);
     }
 
     /// (i) After the primary said goodbye, the bytes of its session (handshake and frames)
@@ -521,7 +594,7 @@ mod tests {
         let dir = TempDir::new("replay");
         let daemon = BackupDaemon::start(daemon_config(&dir)).unwrap();
         let mut p = start_primary(&dir, None);
-        let (proxy, recording) = recording_proxy(daemon.local_addr());
+        let (proxy, recording) = proxy(daemon.local_addr(), ProxyEnd::Close);
         let mut t = connect(proxy);
         wait_for_counter(&p.src, 1000);
         checkpoint(&mut p, &mut t, EpochId(0));

@@ -828,6 +828,13 @@ const RECENT_OUTPUT_BYTES: usize = 32 << 20;
 const FAREWELL_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Largest buffer kept between frames.
 const POOL_BUFFER_MAX: usize = 8 << 20;
+/// After a failed answer, how long to wait for each frame that may carry the primary's goodbye.
+const PENDING_GOODBYE_WAIT: Duration = Duration::from_millis(20);
+/// After a failed answer, most frames read in search of the primary's goodbye.
+const PENDING_GOODBYE_FRAMES: usize = 64;
+
+/// What a session reads its frames through: buffered, stamping the link's activity.
+type SessionInput<'a> = BufReader<StampingReader<&'a TcpStream>>;
 
 struct Session<'a> {
     inner: &'a Inner,
@@ -969,14 +976,50 @@ impl<'a> Session<'a> {
         // frame is read straight into its buffer (a large read bypasses an empty BufReader) instead
         // of being copied through this one.
         let mut input = BufReader::with_capacity(16 << 10, StampingReader::new(self.stream, self.inner.activity.clone()));
-        // Ends when the primary leaves, a frame is refused, the link times out, or the receiver stops.
+        let result = self.receive(&mut input, confirm_by, &mut info_sent);
+        if let Err(SessionError::Send(e)) = &result {
+            // A primary that says goodbye and closes at once can make an answer fail before its
+            // goodbye is read: look for it among what already arrived before calling this a loss.
+            if self.confirmed && self.pending_goodbye(&mut input) {
+                tracing::info!(error = %e, "answering the primary failed after its goodbye had arrived");
+                return Ok(());
+            }
+        }
+        result
+    }
+
+    /// Whether a goodbye from the primary is among the bytes that already arrived (read with a
+    /// short deadline and a bound on frames; everything else is passed over, as the session is
+    /// over and nothing it would commit could be acknowledged anyway).
+    fn pending_goodbye(&mut self, input: &mut SessionInput<'_>) -> bool {
+        if self.stream.set_read_timeout(Some(PENDING_GOODBYE_WAIT)).is_err() {
+            return false;
+        }
+        let mut buf = Vec::new();
+        for _ in 0..PENDING_GOODBYE_FRAMES {
+            match self.opener.read_into(input, &mut buf) {
+                Ok(h) if h.kind == FrameKind::Goodbye => {
+                    tracing::info!(reason = %String::from_utf8_lossy(&buf), "primary said goodbye");
+                    self.inner.activity.goodbye();
+                    return true;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    /// Receives frames until the primary leaves, a frame is refused, the link times out, or the
+    /// receiver stops.
+    fn receive(&mut self, input: &mut SessionInput<'_>, confirm_by: Instant, info_sent: &mut bool) -> Result<(), SessionError> {
         loop {
             if self.inner.stop.load(Ordering::SeqCst) {
                 return Err(SessionError::Stopping);
             }
             let mut buf = self.pool.pop().unwrap_or_default();
             let read = if self.confirmed {
-                self.opener.read_into(&mut input, &mut buf)
+                self.opener.read_into(input, &mut buf)
             } else {
                 // Nothing was read through `input` yet, so it holds nothing buffered.
                 self.opener.read_into(&mut DeadlineStream::new(self.stream, confirm_by), &mut buf)
@@ -995,12 +1038,12 @@ impl<'a> Session<'a> {
             if !self.confirmed {
                 self.confirm()?;
             }
-            if !info_sent {
+            if !*info_sent {
                 if header.kind != FrameKind::LeaseTerm {
                     return Err(SessionError::Unexpected { kind: header.kind, context: "before the lease term" });
                 }
                 self.send_standby_info()?;
-                info_sent = true;
+                *info_sent = true;
             }
             // The tag of an authenticated frame is always there after read_into succeeded.
             let tag = self.opener.last_tag().unwrap_or_default();

@@ -1206,7 +1206,7 @@ mod tests {
     /// a 4-byte character across byte 100 made the error message's excerpt panic.
     #[test]
     fn a_multibyte_character_at_the_excerpt_limit_is_an_error_not_a_panic() {
-        const CRASH: &[u8] = b"HTTP/2.1.1 200 O\x01\0\0.1 200 OO/jsn\rP/1.1 100 ' 2E00\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\00 OK\x10\nT: \xf3\x9c\x97\x94 '\r\n\r\nHTTP/!.1 200 MK\r\nTransfer-Encoding: chunked\r\n\r\n00;e=ng\r\n\r\n00ex\nContent-Length: 000000 \r\n\r\nHT\0~\r\n";
+        const CRASH: &[u8] = b"HTTP/2.1.1 200 O\x01\0\0.1 200 OO/jsn\rP/1.1 100 ' 2E00\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x000 OK\x10\nT: \xf3\x9c\x97\x94 '\r\n\r\nHTTP/!.1 200 MK\r\nTransfer-Encoding: chunked\r\n\r\n00;e=ng\r\n\r\n00ex\nContent-Length: 000000 \r\n\r\nHT\0~\r\n";
         for eof in [false, true] {
             assert!(parse_response(CRASH, eof).unwrap_err().starts_with("not an HTTP/1.x status line"));
         }
