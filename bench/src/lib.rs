@@ -1,9 +1,11 @@
 //! End-to-end benchmarks: the reference guest under `redis-benchmark`, on this machine, with
 //! results written as JSON. Every later protection level is reported as a ratio against the
 //! unprotected figures measured in the same run. [`failover`] measures the takeover itself: SIGKILL
-//! of the primary to the first reply served by the backup.
+//! of the primary to the first reply served by the backup; [`heartbeat`] the A-Link heartbeat's
+//! round trip through the XDP responder against a userspace one.
 
 pub mod failover;
+pub mod heartbeat;
 
 use std::path::Path;
 use std::process::Command;
@@ -171,6 +173,8 @@ pub struct Report {
     pub ratios: Vec<Ratio>,
     /// SIGKILL of the primary to serving on the backup, over fresh sites; `None` when skipped.
     pub failover: Option<failover::FailoverReport>,
+    /// The heartbeat's round trip, XDP against userspace; `None` when skipped.
+    pub heartbeat: Option<heartbeat::HeartbeatReport>,
 }
 
 impl Report {
@@ -211,6 +215,9 @@ impl Report {
         }
         if let Some(f) = &self.failover {
             s += &f.table();
+        }
+        if let Some(h) = &self.heartbeat {
+            s += &h.table();
         }
         s
     }

@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: the unprotected VM and the FT pair under redis-benchmark, then failovers
-//! (SIGKILL of the primary of a fresh site, repeated); writes bench/results/<name>.json.
+//! (SIGKILL of the primary of a fresh site, repeated), then the A-Link heartbeat's round trip (XDP
+//! responder against userspace); writes bench/results/<name>.json.
 //!
 //! Needs root and /dev/kvm (it builds network namespaces and boots the reference guest). The ftvm
 //! binary is `$FTVM_BIN` if set (used as it is, not built), else a release build made here in
@@ -38,6 +39,9 @@ pub struct BenchArgs {
     /// Only the failover measurement (no redis-benchmark runs).
     #[arg(long, conflicts_with = "no_ft")]
     pub failover_only: bool,
+    /// Heartbeat probes per responder (XDP and userspace); 0 skips the heartbeat measurement.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_probes: usize,
 }
 
 /// The release ftvm the benchmark runs: `$FTVM_BIN`, else `<target dir>/release/ftvm`.
@@ -139,6 +143,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             },
         ))
     };
+    let heartbeat = if args.heartbeat_probes == 0 || args.failover_only {
+        None
+    } else {
+        eprintln!("[bench] heartbeat round trip: {} probes per responder", args.heartbeat_probes);
+        let object = crate::ebpf::build()?;
+        Some(ftvm_bench::heartbeat::run(&object, args.heartbeat_probes)?)
+    };
     let ratios = ftvm_bench::ratios(&unprotected, &ft);
     let report = Report {
         name: args.name,
@@ -154,6 +165,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ft_status,
         ratios,
         failover,
+        heartbeat,
     };
     let path = report.write(&root.join("bench/results"))?;
     print!("{}", report.table());

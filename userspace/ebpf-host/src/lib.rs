@@ -24,7 +24,7 @@ mod responder;
 mod xdp_link;
 
 pub use clock::{instant_to_monotonic_ns, monotonic_ns};
-pub use ftvm_ebpf_common::heartbeat::{DaemonState, PeerProbe, ProbeFrame, PORT as HEARTBEAT_PORT};
+pub use ftvm_ebpf_common::heartbeat::{DaemonState, PeerProbe, ProbeFrame, KIND_REPLY as HEARTBEAT_REPLY_KIND, PORT as HEARTBEAT_PORT};
 pub use gate::{FenceGate, GateControl, GateCounters, GateError};
 pub use handoff::{InheritedResponder, ResponderHandoff};
 pub use mac::{format_mac, parse_mac, Mac};
