@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{parse_size, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
 use crate::status::{self, EbpfStatus, HostReport, ProtectionState, StatusFile};
-use ftvm_repl::ha::failover::Role;
 use topology::SiteNames;
 
 /// Where sites keep their state.

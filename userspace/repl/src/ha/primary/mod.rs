@@ -3,7 +3,7 @@
 //! [`BackupDaemon`](super::failover::BackupDaemon).
 //!
 //! # Life of a primary host
-//! 1. **Before the VM exists** ([`start`]): [`claim_start`] claims the lease for a start and keeps
+//! 1. **Before the VM exists** (`start.rs`): [`claim_start`] claims the lease for a start and keeps
 //!    the disk's term file in step with it; [`connect_backup`] reaches the backup. Either failing
 //!    stops the host with nothing half-started.
 //! 2. **[`PrimaryHost::new`]** builds the epoch engine over the created machine: the machine's
@@ -11,7 +11,7 @@
 //!    and the optional output trace and acknowledgement-authority hook.
 //! 3. **[`PrimaryHost::run`]** starts the engine, then runs the machine on the caller's thread
 //!    while a supervisor thread looks at the engine every [`PrimaryHostConfig::supervise_every`]
-//!    (see [`supervise`]): a fenced or failed engine, or one whose thread ended, never leaves the
+//!    (see `supervise.rs`): a fenced or failed engine, or one whose thread ended, never leaves the
 //!    VM running. Each look is handed to the caller's report (its status file).
 //! 4. **After the machine's run**: the engine stops, the output trace is flushed, the lease
 //!    renewer stops and the lease is released: with [`ReleaseReason::HolderDied`] after a failure
