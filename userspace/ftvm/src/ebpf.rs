@@ -25,9 +25,11 @@ use ftvm_ebpf_host::{
     format_mac, monotonic_ns, DaemonState, FenceGate, GateControl, HeartbeatResponder, Mac, Prober, ResponderControl,
     ResponderHandoff,
 };
+use ftvm_repl::ha::fence::{Fence, NoFence};
 use ftvm_repl::ha::lease::{Lease, LeaseView};
 use ftvm_repl::ha::probe::{HostProbe, HostReply};
-use serde::Serialize;
+
+use crate::status::{EbpfStatus, GateStatus, ResponderStatus};
 
 /// How long the backup waits for one reply of the primary's responder (it answers in tens of
 /// microseconds; the backup sends a few probes before it believes a silence).
@@ -132,6 +134,12 @@ impl GateFollower {
     }
 }
 
+impl Fence for GateFollower {
+    fn fence(&self) {
+        self.change(|w| w.fenced = true);
+    }
+}
+
 /// `ftvm_repl::ha::heartbeat::monotonic_us` (µs + 1; `u64::MAX`: for ever) as
 /// `CLOCK_MONOTONIC` ns. Rounds down: the gate never outlasts the lease.
 fn us_to_ns(us: u64) -> u64 {
@@ -211,10 +219,12 @@ impl HostEbpf {
         Some(Arc::new(move |until_us| f.on_ack_authority(until_us)))
     }
 
-    /// This copy must never emit again (fenced by another host, or failed).
-    pub fn fence(&self) {
-        if let Some((_, f)) = &self.gate {
-            f.change(|w| w.fenced = true);
+    /// How the host types close this copy off for good (fenced by another host, or failed): the
+    /// gate's entry for the guest stays inactive from then on. Without a gate, nothing to close.
+    pub fn fence_hook(&self) -> Arc<dyn Fence> {
+        match &self.gate {
+            Some((_, f)) => Arc::clone(f) as Arc<dyn Fence>,
+            None => Arc::new(NoFence),
         }
     }
 
@@ -326,41 +336,6 @@ impl Drop for HostEbpf {
             let _ = t.join();
         }
     }
-}
-
-/// The eBPF part of a host's status file.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct EbpfStatus {
-    pub enabled: bool,
-    pub detail: String,
-    pub gate: Option<GateStatus>,
-    pub responder: Option<ResponderStatus>,
-    /// The backup's last probe of the primary's host.
-    pub last_probe: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct GateStatus {
-    pub port: String,
-    pub guest_mac: String,
-    /// Whether the guest's frames may leave (until the expiry).
-    pub active: bool,
-    /// Milliseconds until the gate closes by itself (none: never).
-    pub expiry_left_ms: Option<u64>,
-    pub egress_passed: u64,
-    pub egress_dropped_inactive: u64,
-    pub egress_dropped_expired: u64,
-    pub ingress_dropped: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ResponderStatus {
-    pub port: String,
-    pub generation: u64,
-    pub committed_epoch: u64,
-    pub daemon_state: String,
-    /// Probes from the peer answered so far.
-    pub peer_probes_answered: u64,
 }
 
 /// [`HostProbe`] over the primary's XDP responder.

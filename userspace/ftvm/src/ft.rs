@@ -4,10 +4,15 @@
 //! network output until the backup acknowledges the epoch that produced it. The backup keeps the
 //! last committed checkpoint and, when the primary falls silent, resumes the VM from it and
 //! announces the guest's address. Each writes its status as JSON to `--status-file` several times a
-//! second (`ftvm site status` reads them).
+//! second ([`crate::status`]; `ftvm site status` reads them).
+//!
+//! The hosts' lifecycles are library types: [`ftvm_repl::ha::primary::PrimaryHost`] and
+//! [`ftvm_repl::ha::failover::BackupDaemon`]. This module parses their options, builds their
+//! configurations, wires in what the library does not know (the eBPF gate and responder, the lease
+//! watchdog process, signals, the status file) and turns their outcomes into exit codes.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,21 +22,22 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
 use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
-use ftvm_repl::epoch::context::{EpochWindowStats, Percentiles};
-use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, PrimaryEngine};
-use ftvm_repl::ha::failover::{BackupDaemon, DaemonConfig, Role};
-use ftvm_repl::ha::quorum::{Claim, ReleaseReason};
+use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState};
+use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig};
+use ftvm_repl::ha::lease::Lease;
+use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHost, PrimaryHostConfig};
 use ftvm_repl::ha::term::TermFile;
-use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
 use ftvm_repl::output::trace::FileTrace;
+use ftvm_repl::transport::tcp::TcpOptions;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
-use serde::Serialize;
 
 use crate::cli::{parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
-use crate::ebpf::{EbpfArgs, EbpfStatus, HostEbpf};
-use crate::quorum::{QuorumArgs, QuorumKind, QuorumStatus, Watchdog};
+use crate::ebpf::{EbpfArgs, HostEbpf};
+use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
+use crate::secret::read_secret;
+use crate::status::{self, BackupStatus, PrimaryStatus, ProtectionState};
 
 /// Default A-Link port.
 pub const DEFAULT_ALINK_PORT: u16 = 7700;
@@ -133,191 +139,30 @@ pub struct BackupArgs {
     pub ebpf: EbpfArgs,
 }
 
-/// Reads a secret (the A-Link's, the witness's): the file's bytes without a trailing newline. A
-/// file that group or others may read is refused: the secret is the whole of the link's security.
-pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        bail!(
-            "secret file {} is readable by group or others (mode {:o}): `chmod 600` it",
-            path.display(),
-            meta.permissions().mode() & 0o777
-        );
-    }
-    let mut secret = std::fs::read(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
-    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        secret.pop();
-    }
-    if secret.len() < ftvm_proto::handshake::MIN_SECRET_LEN {
-        bail!(
-            "secret file {} holds {} bytes; the A-Link needs at least {}",
-            path.display(),
-            secret.len(),
-            ftvm_proto::handshake::MIN_SECRET_LEN
-        );
-    }
-    Ok(secret)
-}
+/// How often the backup's daemon is looked at (and its status written).
+const BACKUP_LOOK_EVERY: Duration = Duration::from_millis(50);
 
-/// Writes `value` as JSON to `path` atomically (write, then rename), readable by root only, never
-/// through a symbolic link planted at the temporary name (the rename replaces a link at `path`
-/// itself rather than following it).
-fn write_status(path: &Path, value: &impl Serialize) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let written = serde_json::to_vec_pretty(value).ok().is_some_and(|json| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&json))
-            .is_ok()
-    });
-    if !(written && std::fs::rename(&tmp, path).is_ok()) {
-        tracing::debug!(path = %path.display(), "cannot write the status file");
+/// The epoch engine's settings from the options.
+fn engine_config(args: &PrimaryArgs) -> EngineConfig {
+    EngineConfig {
+        epoch_interval: Duration::from_micros(args.epoch_us.max(100)),
+        min_epoch_gap: (args.min_epoch_gap_us > 0).then(|| Duration::from_micros(args.min_epoch_gap_us.max(50))),
+        ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        disk_backlog: args.disk_backlog_kib.saturating_mul(1024),
+        ..EngineConfig::default()
     }
 }
 
-/// The primary's status file.
-#[derive(Debug, Serialize)]
-pub struct PrimaryStatus {
-    pub role: &'static str,
-    pub state: String,
-    pub detail: String,
-    pub epochs_committed: u64,
-    pub epochs_per_sec: f64,
-    pub last_pause_us: u64,
-    pub last_ack_us: Option<u64>,
-    pub lag_epochs: u64,
-    pub link_per_dirty_byte: Option<f64>,
-    /// A guest disk write could not be recorded for the backup (its backlog was full): the backup
-    /// lacks it, so the pair is not protected until a new synchronisation.
-    pub disk_replication_lost: bool,
-    /// Percentiles over the last epochs, in microseconds: `<part>: [p50, p99]`.
-    pub recent: RecentEpochs,
-    /// The lease.
-    pub quorum: QuorumStatus,
-    /// The fencing gate and the heartbeat responder.
-    pub ebpf: EbpfStatus,
-}
-
-/// The pause and its parts, and the acknowledgement round trip, over the last epochs: `[p50, p99]`
-/// in microseconds.
-#[derive(Debug, Serialize)]
-pub struct RecentEpochs {
-    pub epochs: usize,
-    pub pause_us: [u64; 2],
-    pub pause_wait_us: [u64; 2],
-    pub harvest_us: [u64; 2],
-    pub state_us: [u64; 2],
-    pub copy_us: [u64; 2],
-    pub resume_us: [u64; 2],
-    pub send_us: [u64; 2],
-    pub ack_us: [u64; 2],
-    pub dirty_pages_p50: u64,
-}
-
-impl RecentEpochs {
-    fn of(w: &EpochWindowStats, ack: &Percentiles) -> Self {
-        let us = |p: &Percentiles| [p.p50.as_micros() as u64, p.p99.as_micros() as u64];
-        Self {
-            epochs: w.epochs,
-            pause_us: us(&w.pause),
-            pause_wait_us: us(&w.pause_wait),
-            harvest_us: us(&w.harvest),
-            state_us: us(&w.state),
-            copy_us: us(&w.copy),
-            resume_us: us(&w.resume),
-            send_us: us(&w.send),
-            ack_us: us(ack),
-            dirty_pages_p50: w.pages_p50,
-        }
-    }
-}
-
-fn engine_state(state: &EngineState) -> (&'static str, String) {
-    match state {
-        EngineState::Syncing(p) => (
-            "syncing",
-            format!(
-                "memory {}/{} pages, disk {}/{} MiB",
-                p.pages_sent,
-                p.pages_total,
-                p.disk_bytes_sent >> 20,
-                p.disk_bytes_total >> 20
-            ),
-        ),
-        EngineState::Protected => ("protected", String::new()),
-        EngineState::Simplex { reason } => ("simplex", reason.clone()),
-        EngineState::Fenced { reason } => ("fenced", reason.clone()),
-        EngineState::Failed { reason } => ("failed", reason.clone()),
-        EngineState::Stopped => ("stopped", String::new()),
-    }
-}
-
-/// Connects to the backup, retrying (with a line of progress every few seconds) until `timeout`.
-fn connect_backup(peer: SocketAddr, secret: &[u8], options: &TcpOptions, timeout: Duration) -> Result<TcpTransport> {
-    let start = Instant::now();
-    let mut last_report = start;
-    loop {
-        match TcpTransport::connect(peer, secret, options) {
-            Ok(t) => return Ok(t),
-            // Only "nobody answers yet" is worth waiting for; a wrong secret, another protocol
-            // version or a size mismatch will not fix itself.
-            Err(e) if e.is_transient() && start.elapsed() < timeout => {
-                if last_report.elapsed() >= Duration::from_secs(3) {
-                    tracing::info!(%peer, error = %ftvm_repl::ErrorChain(&e), "waiting for the backup");
-                    last_report = Instant::now();
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) if e.is_transient() => {
-                return Err(e).with_context(|| format!("cannot reach the backup at {peer} within {} s", timeout.as_secs()))
-            }
-            Err(e) => return Err(e).with_context(|| format!("the backup at {peer} refused this primary")),
-        }
-    }
-}
-
-/// Claims the lease to start the VM and keeps the term file and the watchdog in step with it.
-fn start_lease(
-    args: &PrimaryArgs,
-    responder: Option<ftvm_ebpf_host::ResponderHandoff>,
-) -> Result<(ftvm_repl::ha::lease::Lease, Option<Watchdog>)> {
+/// Claims the lease to start the VM (keeping the disk's term file in step with it) and starts the
+/// watchdog that releases it if this process dies; it inherits `responder`. Without a quorum:
+/// nothing to claim, no watchdog.
+fn start_lease(args: &PrimaryArgs, responder: Option<ftvm_ebpf_host::ResponderHandoff>) -> Result<(Lease, Option<Watchdog>)> {
     let term_file = TermFile::for_disk(&args.vm.disk, &args.quorum.vm_id);
     let known = term_file.read().context("cannot read the disk's term")?;
     let lease = args.quorum.lease(&args.secret_file, known)?;
-    if !lease.has_quorum() {
+    if claim_start(&lease, &term_file, Duration::from_secs(args.connect_timeout))?.is_none() {
         return Ok((lease, None));
     }
-    // An unreachable quorum is waited for (it may be starting too); a refusal is final.
-    let started = Instant::now();
-    let grant = loop {
-        match lease.claim(Claim::Start) {
-            Ok(g) => break g,
-            Err(why) if lease.last_error().is_some() && started.elapsed() < Duration::from_secs(args.connect_timeout) => {
-                tracing::info!(%why, "waiting for the quorum");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(why) => bail!("the quorum refused to let this host start the VM: {why}"),
-        }
-    };
-    term_file.write(grant.term).context("cannot store the new term with the disk")?;
-    tracing::info!(term = grant.term, backend = lease.backend(), "lease held");
-    // A later change of term (going on alone) is stored before the VM serves under it.
-    let file = term_file.clone();
-    lease.subscribe(move |v| {
-        if v.held {
-            if let Err(e) = file.write(v.term) {
-                tracing::error!(error = %ftvm_repl::ErrorChain(&e), "cannot store the term with the disk");
-            }
-        }
-    });
     let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, responder)?;
     Ok((lease, Some(watchdog)))
 }
@@ -345,40 +190,24 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     // half-started.
     let transport = connect_backup(args.peer, &secret, &options, Duration::from_secs(args.connect_timeout))?;
     tracing::info!(peer = %args.peer, "A-Link up");
-    let mut machine = Machine::create(config)?;
+    let machine = Machine::create(config)?;
     run::stop_on_signal(machine.handle())?;
-    let source = machine.checkpoint_source().context("cannot set up checkpoints")?;
-    let engine_config = EngineConfig {
-        epoch_interval: Duration::from_micros(args.epoch_us.max(100)),
-        min_epoch_gap: (args.min_epoch_gap_us > 0).then(|| Duration::from_micros(args.min_epoch_gap_us.max(50))),
-        ack_timeout: Duration::from_millis(args.ack_timeout_ms),
-        disk_backlog: args.disk_backlog_kib.saturating_mul(1024),
-        ..EngineConfig::default()
-    };
-    let disk = DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? };
-    let engine = PrimaryEngine::new(source, Box::new(transport), Some(disk), engine_config)
-        .context("cannot start the epoch engine")?
-        .with_lease(lease.clone());
+    let mut host = PrimaryHostConfig::new(machine, Box::new(transport), lease.clone(), host_ebpf.fence_hook());
+    host.engine = engine_config(&args);
+    host.disk = Some(DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? });
+    host.renewer = Some(renewer);
     // Without a quorum the gate is open for ever: no acknowledgement needs to extend it.
-    let engine = match host_ebpf.ack_authority_hook().filter(|_| lease.has_quorum()) {
-        Some(hook) => engine.with_ack_authority_hook(hook),
-        None => engine,
-    };
-    // Before the engine runs: the hold takes its first frame at the first checkpoint.
-    let output_trace = match &args.output_trace {
-        Some(path) => {
-            let trace = FileTrace::create(path).with_context(|| format!("cannot create the output trace {}", path.display()))?;
-            let hold = engine.output_hold().context("the output trace needs the userspace output hold")?;
-            hold.set_trace(Some(trace.clone()));
-            Some(trace)
-        }
+    host.ack_authority_hook = host_ebpf.ack_authority_hook().filter(|_| lease.has_quorum());
+    host.output_trace = match &args.output_trace {
+        Some(path) => Some(FileTrace::create(path).with_context(|| format!("cannot create the output trace {}", path.display()))?),
         None => None,
     };
-    let status = engine.status();
+    let host = PrimaryHost::new(host)?;
+    let engine_status = host.engine_status();
     {
-        let (status, lease) = (status.clone(), lease.clone());
+        let lease = lease.clone();
         host_ebpf.spawn_publisher(move || {
-            let s = status.snapshot();
+            let s = engine_status.snapshot();
             // Progress: epochs leaving; a simplex VM has no epochs, its daemon's loop is the progress.
             let marker = match s.state {
                 EngineState::Simplex { .. } => None,
@@ -387,106 +216,29 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
             (lease.term(), s.last_acked.map_or(0, |e| e.0), marker)
         })?;
     }
-    let host_ebpf = Arc::new(host_ebpf);
-    let handle = engine.spawn().context("cannot start the epoch engine thread")?;
-
-    let done = Arc::new(AtomicBool::new(false));
-    let fenced = Arc::new(std::sync::Mutex::new(None::<String>));
-    let failed = Arc::new(std::sync::Mutex::new(None::<String>));
-    let reporter = {
-        let done = Arc::clone(&done);
-        let fenced = Arc::clone(&fenced);
-        let failed = Arc::clone(&failed);
-        let machine_handle = machine.handle();
-        let path = args.status_file.clone();
-        let lease = lease.clone();
-        let host_ebpf = Arc::clone(&host_ebpf);
-        std::thread::Builder::new().name("status".into()).spawn(move || {
-            let mut last_state = String::new();
-            while !done.load(Ordering::Relaxed) {
-                let snap = status.snapshot();
-                let (state, detail) = engine_state(&snap.state);
-                if state != last_state {
-                    tracing::info!(state, %detail, "protection");
-                    last_state = state.to_string();
-                }
-                if let EngineState::Fenced { reason } = &snap.state {
-                    // The other host runs the VM now; this copy (already paused) must end.
-                    host_ebpf.fence();
-                    *fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
-                    machine_handle.stop();
-                }
-                if let EngineState::Failed { reason } = &snap.state {
-                    // This copy can no longer be protected, and its output stays held: it ends,
-                    // and the backup resumes the VM from the last committed epoch.
-                    host_ebpf.fence();
-                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
-                    machine_handle.stop();
-                }
-                if let Some(path) = &path {
-                    write_status(
-                        path,
-                        &PrimaryStatus {
-                            role: "primary",
-                            state: state.to_string(),
-                            detail,
-                            epochs_committed: snap.epochs_committed,
-                            epochs_per_sec: snap.epochs_per_sec,
-                            last_pause_us: snap.last_epoch.pause.as_micros() as u64,
-                            last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
-                            lag_epochs: snap.lag_epochs(),
-                            link_per_dirty_byte: snap.link_per_dirty_byte(),
-                            disk_replication_lost: snap.disk_replication_lost,
-                            recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
-                            quorum: QuorumStatus::of(&lease),
-                            ebpf: host_ebpf.status(),
-                        },
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })?
-    };
-    let exit = machine.run();
-    done.store(true, Ordering::Relaxed);
-    let _ = reporter.join();
-    if let Err(e) = handle.stop() {
-        tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "epoch engine ended with an error");
-    }
-    if let Some(Err(e)) = output_trace.map(|t| t.flush()) {
-        tracing::warn!(error = %e, "cannot write the end of the output trace");
-    }
-    drop(renewer);
-    let failed = failed.lock().unwrap_or_else(|e| e.into_inner()).take();
-    // The VM no longer runs here: the lease goes (a fenced host no longer holds it anyway). After
-    // a failure the backup must take over at once, as if this process had died.
-    lease.release(if failed.is_some() { ReleaseReason::HolderDied } else { ReleaseReason::Stopped });
+    let mut last_state = None;
+    let exit = host.run(|snap| {
+        let (state, detail) = ProtectionState::of(&snap.state);
+        if last_state != Some(state) {
+            tracing::info!(state = state.name(), %detail, "protection");
+            last_state = Some(state);
+        }
+        if let Some(path) = &args.status_file {
+            status::write(path, &PrimaryStatus::of(snap, &lease, host_ebpf.status()));
+        }
+    });
     if let Some(w) = watchdog {
         w.stop();
     }
-    if let Some(reason) = failed {
-        bail!("{reason}: this VM was stopped without a goodbye, so that the backup resumes it from the last committed epoch");
+    match exit? {
+        PrimaryExit::Stopped(exit) => run::exit_code(exit),
+        PrimaryExit::Failed { reason } => bail!(
+            "{reason}: this VM was stopped without a goodbye, so that the backup resumes it from the last committed epoch"
+        ),
+        PrimaryExit::Fenced { reason } => {
+            bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now")
+        }
     }
-    if let Some(reason) = fenced.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now");
-    }
-    run::exit_code(exit?)
-}
-
-/// The backup's status file.
-#[derive(Debug, Serialize)]
-pub struct BackupStatus {
-    pub role: String,
-    /// The lease (claimed at a takeover).
-    pub quorum: QuorumStatus,
-    pub committed_epoch: Option<u64>,
-    pub restorable: bool,
-    pub connected: bool,
-    pub last_frame_age_ms: Option<f64>,
-    pub takeover_ms: Option<f64>,
-    pub last_error: Option<String>,
-    /// The fencing gate, the heartbeat responder, and the last probe of the primary's host.
-    pub ebpf: EbpfStatus,
 }
 
 pub fn backup(args: BackupArgs) -> Result<ExitCode> {
@@ -533,56 +285,23 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
         crate::signals::on_stop_signal(move |_| stop.store(true, Ordering::Relaxed))?;
     }
     let flusher = (!args.sync_every_epoch).then(|| spawn_disk_flusher(args.disk.clone(), Arc::clone(&stop)));
-    let mut last_role = None;
-    let result = loop {
-        let st = daemon.status();
-        if last_role != Some(st.role) {
-            tracing::info!(role = ?st.role, committed = ?st.committed, "backup role");
-            last_role = Some(st.role);
-        }
+    let exit = daemon.supervise(&stop, &*host_ebpf.fence_hook(), BACKUP_LOOK_EVERY, |st| {
         host_ebpf.publish_progress(daemon.lease().term(), st.committed.map_or(0, |e| e.0));
-        if matches!(st.role, Role::Fenced | Role::Failed) {
-            host_ebpf.fence();
-        }
         if let Some(path) = &args.status_file {
-            write_status(
-                path,
-                &BackupStatus {
-                    role: format!("{:?}", st.role).to_lowercase(),
-                    quorum: QuorumStatus::of(daemon.lease()),
-                    committed_epoch: st.committed.map(|e| e.0),
-                    restorable: st.restorable,
-                    connected: st.connected,
-                    last_frame_age_ms: st.last_frame_age.map(|d| d.as_secs_f64() * 1e3),
-                    takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
-                    last_error: st.last_error.clone(),
-                    ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..host_ebpf.status() },
-                },
-            );
+            status::write(path, &BackupStatus::of(st, daemon.lease(), host_ebpf.status()));
         }
-        match st.role {
-            Role::Failed => break Err(anyhow::anyhow!("takeover failed: {}", st.last_error.unwrap_or_default())),
-            Role::Fenced => {
-                break Err(anyhow::anyhow!(
-                    "this VM was stopped because another host holds its lease now: {}",
-                    st.last_error.unwrap_or_default()
-                ))
-            }
-            Role::Ended => break Ok(ExitCode::SUCCESS),
-            _ => {}
-        }
-        if stop.load(Ordering::Relaxed) {
-            break Ok(ExitCode::SUCCESS);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     stop.store(true, Ordering::Relaxed);
     let final_status = daemon.shutdown();
     if let Some(Ok(t)) = flusher {
         let _ = t.join();
     }
     tracing::info!(role = ?final_status.role, "backup stopped");
-    result
+    match exit {
+        BackupExit::Stopped | BackupExit::Ended => Ok(ExitCode::SUCCESS),
+        BackupExit::Failed { reason } => bail!("takeover failed: {reason}"),
+        BackupExit::Fenced { reason } => bail!("this VM was stopped because another host holds its lease now: {reason}"),
+    }
 }
 
 /// Flushes the standby disk to stable storage every second until `stop`, so that the writes

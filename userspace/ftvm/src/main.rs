@@ -7,8 +7,10 @@ mod ft;
 mod netns;
 mod quorum;
 mod run;
+mod secret;
 mod signals;
 mod site;
+mod status;
 
 use std::process::ExitCode;
 

@@ -27,9 +27,8 @@ use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
 use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
 use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
-use serde::{Deserialize, Serialize};
 
-use crate::ft::read_secret;
+use crate::secret::read_secret;
 
 /// Which quorum decides who may run the VM alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -141,36 +140,6 @@ impl QuorumArgs {
     /// The lease of this host, not yet claimed, for a copy current as of `term`.
     pub fn lease(&self, alink_secret: &Path, term: u64) -> Result<Lease> {
         Ok(Lease::new(self.client(alink_secret)?, LeaseConfig::default(), term))
-    }
-}
-
-/// The quorum part of a host's status file.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct QuorumStatus {
-    /// `none`, `witness`.
-    pub backend: String,
-    /// The term held, or the one this host's copy is current for.
-    pub term: u64,
-    /// Whether this host holds a valid lease now.
-    pub lease_valid: bool,
-    /// Milliseconds until the lease runs out unless renewed (none: not held, or for ever).
-    pub lease_left_ms: Option<u64>,
-    /// The last error talking to the quorum.
-    pub error: Option<String>,
-}
-
-impl QuorumStatus {
-    /// The status of `lease` now.
-    pub fn of(lease: &Lease) -> Self {
-        let now = ftvm_repl::ha::heartbeat::monotonic_us();
-        let until = lease.valid_until_us();
-        Self {
-            backend: lease.backend().to_string(),
-            term: lease.term(),
-            lease_valid: lease.is_valid(now),
-            lease_left_ms: (until != u64::MAX && until > now).then(|| (until - now) / 1000),
-            error: lease.last_error().or_else(|| lease.lost()),
-        }
     }
 }
 

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{parse_size, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
+use crate::status::{self, EbpfStatus, HostReport, ProtectionState, StatusFile};
 use topology::SiteNames;
 
 /// Where sites keep their state.
@@ -158,7 +160,10 @@ struct HostStatus<'a> {
     role: String,
     running: bool,
     /// The host's own status report, as it wrote it.
-    detail: Option<serde_json::Value>,
+    detail: Option<&'a HostReport>,
+    /// Why the host's status file could not be read (it runs, but its report is not known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreadable_status: Option<&'a str>,
 }
 
 fn site_dir(name: &str) -> PathBuf {
@@ -466,21 +471,30 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     save(&record)?;
     if args.no_wait {
         // The primary reports "syncing" once it reached the backup and its engine runs.
-        return wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &["syncing", "protected"]);
+        let wanted = [ProtectionState::Syncing, ProtectionState::Protected];
+        return wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &wanted);
     }
-    wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &["protected"])?;
+    wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &[ProtectionState::Protected])?;
     check_from_client(names)
 }
 
 /// Waits until the primary reports one of the `wanted` states, printing progress once a second.
-fn wait_state(primary: i32, backup: i32, dir: &Path, timeout: Duration, wanted: &[&str]) -> Result<()> {
+fn wait_state(primary: i32, backup: i32, dir: &Path, timeout: Duration, wanted: &[ProtectionState]) -> Result<()> {
     let start = Instant::now();
     let mut last_report = start;
     loop {
-        let status = read_json(&dir.join("host-a.status.json"));
-        let state = status.as_ref().and_then(|v| v["state"].as_str().map(String::from)).unwrap_or_default();
-        if wanted.contains(&state.as_str()) {
-            eprintln!("site: {state} after {:.1} s", start.elapsed().as_secs_f64());
+        // Not written yet, or unreadable: no state yet.
+        let report = match status::read(&dir.join("host-a.status.json")) {
+            StatusFile::Report(r) => match *r {
+                HostReport::Primary(p) => Some(p),
+                HostReport::Backup(_) => None,
+            },
+            StatusFile::Missing | StatusFile::Unreadable(_) => None,
+        };
+        let state = report.as_ref().map(|p| p.state);
+        let name = state.map_or("", ProtectionState::name);
+        if state.is_some_and(|s| wanted.contains(&s)) {
+            eprintln!("site: {name} after {:.1} s", start.elapsed().as_secs_f64());
             return Ok(());
         }
         for (pid, host) in [(primary, "a"), (backup, "b")] {
@@ -488,23 +502,20 @@ fn wait_state(primary: i32, backup: i32, dir: &Path, timeout: Duration, wanted: 
                 bail!("host {} exited before the pair was protected: {}", host.to_uppercase(), last_error_line(&dir.join(format!("host-{host}.log"))));
             }
         }
-        if state == "simplex" {
+        if state == Some(ProtectionState::Simplex) {
             bail!("the primary lost its backup during the initial sync: {}", last_error_line(&dir.join("host-a.log")));
         }
         if start.elapsed() > timeout {
-            bail!("the pair was not {} within {} s (state: {state:?}; logs in {})", wanted.join(" or "), timeout.as_secs(), dir.display());
+            let wanted: Vec<_> = wanted.iter().map(|s| s.name()).collect();
+            bail!("the pair was not {} within {} s (state: {name:?}; logs in {})", wanted.join(" or "), timeout.as_secs(), dir.display());
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
-            let detail = status.as_ref().and_then(|v| v["detail"].as_str().map(String::from)).unwrap_or_default();
-            eprintln!("site: {} {detail} ({} s)", if state.is_empty() { "starting" } else { &state }, start.elapsed().as_secs());
+            let detail = report.as_ref().map_or("", |p| p.detail.as_str());
+            eprintln!("site: {} {detail} ({} s)", if name.is_empty() { "starting" } else { name }, start.elapsed().as_secs());
             last_report = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn read_json(path: &Path) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 /// The last line of a host log that names an error, for one-line failure reports.
@@ -529,32 +540,87 @@ fn check_from_client(names: &SiteNames) -> Result<()> {
     Ok(())
 }
 
-/// What one host says about itself: its status file if its process runs.
-fn host_view(record: &SiteRecord, dir: &Path, h: &HostRecord) -> (bool, Option<serde_json::Value>) {
-    let running = h.pids.iter().any(|&p| alive(p));
-    let status = running.then(|| read_json(&dir.join(format!("host-{}.status.json", h.name.to_ascii_lowercase())))).flatten();
-    let _ = record;
-    (running, status)
+/// What one host says about itself.
+#[derive(Debug)]
+struct HostView {
+    /// Whether one of its processes runs.
+    running: bool,
+    /// Its status file, read while it runs ([`StatusFile::Missing`] once it stopped).
+    file: StatusFile,
+}
+
+impl HostView {
+    /// Host `h`'s view: its status file if its process runs.
+    fn of(dir: &Path, h: &HostRecord) -> Self {
+        let running = h.pids.iter().any(|&p| alive(p));
+        let path = dir.join(format!("host-{}.status.json", h.name.to_ascii_lowercase()));
+        Self { running, file: if running { status::read(&path) } else { StatusFile::Missing } }
+    }
+
+    fn report(&self) -> Option<&HostReport> {
+        match &self.file {
+            StatusFile::Report(r) => Some(r),
+            StatusFile::Missing | StatusFile::Unreadable(_) => None,
+        }
+    }
+
+    fn unreadable(&self) -> Option<&str> {
+        match &self.file {
+            StatusFile::Unreadable(why) => Some(why),
+            StatusFile::Missing | StatusFile::Report(_) => None,
+        }
+    }
+
+    /// The primary's protection state, if the host reports as a primary.
+    fn state(&self) -> Option<ProtectionState> {
+        match self.report()? {
+            HostReport::Primary(p) => Some(p.state),
+            HostReport::Backup(_) => None,
+        }
+    }
+
+    /// The backup daemon's role, if the host reports as a backup.
+    fn backup_role(&self) -> Option<Role> {
+        match self.report()? {
+            HostReport::Backup(b) => Some(b.role),
+            HostReport::Primary(_) => None,
+        }
+    }
+
+    /// The host's role for the site: what it runs now, from its own report (`fallback`, its role
+    /// at `up`, when it has none).
+    fn role(&self, fallback: &str) -> String {
+        let role = match self.report() {
+            // A primary that another host superseded runs nothing any more.
+            Some(HostReport::Primary(p)) if matches!(p.state, ProtectionState::Fenced | ProtectionState::Stopped) => p.state.name(),
+            Some(HostReport::Primary(_)) => "primary",
+            // The backup's daemon reports its own view; "active" means it now runs the VM.
+            Some(HostReport::Backup(b)) => match b.role {
+                Role::Active | Role::Promoting => "primary",
+                Role::Standby => "backup",
+                other => other.name(),
+            },
+            None => fallback,
+        };
+        role.to_string()
+    }
 }
 
 /// The site's state from the two hosts' own reports.
-fn site_state(primary: &(bool, Option<serde_json::Value>), backup: &(bool, Option<serde_json::Value>)) -> &'static str {
-    let field = |v: &Option<serde_json::Value>, k: &str| v.as_ref().and_then(|v| v[k].as_str().map(String::from)).unwrap_or_default();
-    let backup_role = field(&backup.1, "role");
-    if backup.0 && (backup_role == "active" || backup_role == "promoting") {
+fn site_state(primary: &HostView, backup: &HostView) -> &'static str {
+    if backup.running && matches!(backup.backup_role(), Some(Role::Active | Role::Promoting)) {
         // Both copies running is the one state that must never be: say it.
-        let primary_state = field(&primary.1, "state");
-        if primary.0 && !matches!(primary_state.as_str(), "fenced" | "stopped" | "") {
+        if primary.running && !matches!(primary.state(), Some(ProtectionState::Fenced | ProtectionState::Stopped) | None) {
             return "split-brain";
         }
         return "failed over";
     }
-    if !primary.0 {
+    if !primary.running {
         return "failed";
     }
-    match field(&primary.1, "state").as_str() {
-        "protected" if backup.0 => "protected",
-        "syncing" if backup.0 => "syncing",
+    match primary.state() {
+        Some(ProtectionState::Protected) if backup.running => "protected",
+        Some(ProtectionState::Syncing) if backup.running => "syncing",
         _ => "simplex",
     }
 }
@@ -562,36 +628,38 @@ fn site_state(primary: &(bool, Option<serde_json::Value>), backup: &(bool, Optio
 fn status(args: StatusArgs) -> Result<()> {
     let record = load(&args.site.name)?;
     let dir = site_dir(&record.name);
-    let views: Vec<_> = record.hosts.iter().map(|h| host_view(&record, &dir, h)).collect();
+    let views: Vec<_> = record.hosts.iter().map(|h| HostView::of(&dir, h)).collect();
     let state = site_state(&views[0], &views[1]);
-    let field_str = |v: &Option<serde_json::Value>, k: &str| v.as_ref().and_then(|v| v[k].as_str().map(String::from));
     let hosts: Vec<_> = record
         .hosts
         .iter()
         .zip(&views)
-        .map(|(h, (running, st))| {
-            let reported = field_str(st, "role");
+        .map(|(h, view)| {
             let role = if h.killed {
                 "killed".to_string()
-            } else if !running {
+            } else if !view.running {
                 "stopped".to_string()
             } else {
-                let state = field_str(st, "state");
-                match reported.as_deref() {
-                    // A primary that another host superseded runs nothing any more.
-                    Some("primary") if matches!(state.as_deref(), Some("fenced" | "stopped")) => state.unwrap_or_default(),
-                    // The backup's daemon reports its own view; "active" means it now runs the VM.
-                    Some("active") | Some("promoting") => "primary".to_string(),
-                    Some("standby") => "backup".to_string(),
-                    Some(other) => other.to_string(),
-                    None => h.role.clone(),
-                }
+                view.role(&h.role)
             };
-            HostStatus { name: &h.name, netns: &h.netns, role, running: *running, detail: st.clone() }
+            HostStatus {
+                name: &h.name,
+                netns: &h.netns,
+                role,
+                running: view.running,
+                detail: view.report(),
+                unreadable_status: view.unreadable(),
+            }
         })
         .collect();
-    let primary = views[0].1.as_ref();
-    let num = |k: &str| primary.and_then(|v| v[k].as_f64());
+    let primary = match views[0].report() {
+        Some(HostReport::Primary(p)) => Some(p),
+        _ => None,
+    };
+    let takeover_ms = match views[1].report() {
+        Some(HostReport::Backup(b)) => b.takeover_ms,
+        _ => None,
+    };
     let report = StatusReport {
         site: &record.name,
         state,
@@ -599,10 +667,10 @@ fn status(args: StatusArgs) -> Result<()> {
         guest_ip: &record.guest_ip,
         guest_port: record.guest_port,
         connect: format!("ip netns exec {} redis-cli -h {} -p {}", record.client_netns, record.guest_ip, record.guest_port),
-        epochs_per_sec: num("epochs_per_sec"),
-        last_pause_us: num("last_pause_us"),
-        replication_lag_epochs: num("lag_epochs"),
-        takeover_ms: views[1].1.as_ref().and_then(|v| v["takeover_ms"].as_f64()),
+        epochs_per_sec: primary.map(|p| p.epochs_per_sec),
+        last_pause_us: primary.map(|p| p.last_pause_us as f64),
+        replication_lag_epochs: primary.map(|p| p.lag_epochs as f64),
+        takeover_ms,
         hosts,
         witness_running: record.witness.as_ref().map(|w| w.pids.iter().any(|&p| alive(p))),
     };
@@ -613,14 +681,18 @@ fn status(args: StatusArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "site {}: {}   guest {}:{}", report.site, report.state, report.guest_ip, report.guest_port)?;
     for h in &report.hosts {
-        let quorum = h.detail.as_ref().map(|d| &d["quorum"]).filter(|q| q.is_object()).map_or(String::new(), |q| {
-            let lease = if q["lease_valid"].as_bool() == Some(true) { "lease held" } else { "no lease" };
-            let err = q["error"].as_str().map_or(String::new(), |e| format!(" ({e})"));
-            format!("  quorum {} term {} {lease}{err}", q["backend"].as_str().unwrap_or("?"), q["term"])
+        let quorum = h.detail.map_or(String::new(), |d| {
+            let q = d.quorum();
+            let lease = if q.lease_valid { "lease held" } else { "no lease" };
+            let err = q.error.as_ref().map_or(String::new(), |e| format!(" ({e})"));
+            format!("  quorum {} term {} {lease}{err}", q.backend, q.term)
         });
         writeln!(out, "  host {:<2} {:<10} {:<8} {}{quorum}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
-        if let Some(ebpf) = h.detail.as_ref().map(|d| &d["ebpf"]).filter(|e| e.is_object()) {
-            writeln!(out, "           {}", ebpf_line(ebpf))?;
+        if let Some(d) = h.detail {
+            writeln!(out, "           {}", ebpf_line(d.ebpf()))?;
+        }
+        if let Some(why) = h.unreadable_status {
+            writeln!(out, "           unreadable status: {why}")?;
         }
     }
     if let Some(w) = report.witness_running {
@@ -640,29 +712,25 @@ fn status(args: StatusArgs) -> Result<()> {
 }
 
 /// One line about a host's fencing gate, heartbeat responder and last probe.
-fn ebpf_line(e: &serde_json::Value) -> String {
-    if e["enabled"].as_bool() != Some(true) {
-        return format!("eBPF {}", e["detail"].as_str().unwrap_or("off"));
+fn ebpf_line(e: &EbpfStatus) -> String {
+    if !e.enabled {
+        return format!("eBPF {}", e.detail);
     }
-    let g = &e["gate"];
-    let gate = if g.is_object() {
-        let n = |k: &str| g[k].as_u64().unwrap_or(0);
-        let open = match (g["active"].as_bool(), g["expiry_left_ms"].as_u64()) {
-            (Some(true), Some(ms)) => format!("open {ms} ms"),
-            (Some(true), None) => "open".to_string(),
-            _ => "closed".to_string(),
-        };
-        format!(
-            "gate {open}: out {} passed, {} dropped (inactive), {} dropped (expired); in {} dropped",
-            n("egress_passed"),
-            n("egress_dropped_inactive"),
-            n("egress_dropped_expired"),
-            n("ingress_dropped")
-        )
-    } else {
-        "no gate".to_string()
+    let gate = match &e.gate {
+        Some(g) => {
+            let open = match (g.active, g.expiry_left_ms) {
+                (true, Some(ms)) => format!("open {ms} ms"),
+                (true, None) => "open".to_string(),
+                (false, _) => "closed".to_string(),
+            };
+            format!(
+                "gate {open}: out {} passed, {} dropped (inactive), {} dropped (expired); in {} dropped",
+                g.egress_passed, g.egress_dropped_inactive, g.egress_dropped_expired, g.ingress_dropped
+            )
+        }
+        None => "no gate".to_string(),
     };
-    let probe = e["last_probe"].as_str().map_or(String::new(), |p| format!("; last probe: {p}"));
+    let probe = e.last_probe.as_ref().map_or(String::new(), |p| format!("; last probe: {p}"));
     format!("{gate}{probe}")
 }
 

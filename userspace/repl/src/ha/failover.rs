@@ -45,6 +45,7 @@ use ftvm_proto::EpochId;
 use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
 
 use super::detector::{DeadReason, DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
+use super::fence::Fence;
 use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
 use super::lease::{Lease, Renewer, TAKEOVER_QUIET};
 use super::probe::{HostProbe, ProbeOutcome};
@@ -101,8 +102,10 @@ impl DaemonConfig {
     }
 }
 
-/// What this host is for the VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What this host is for the VM. Its serde form, the lowercase name ([`Role::name`]), is the
+/// `role` of the backup's status file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Receiving checkpoints from a primary (or waiting for one).
     Standby,
@@ -116,6 +119,53 @@ pub enum Role {
     Failed,
     /// After the takeover, the lease was lost to another host: the restored VM was stopped.
     Fenced,
+}
+
+impl Role {
+    /// The role's name in status and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Standby => "standby",
+            Self::Promoting => "promoting",
+            Self::Active => "active",
+            Self::Ended => "ended",
+            Self::Failed => "failed",
+            Self::Fenced => "fenced",
+        }
+    }
+}
+
+/// How a backup host's run ended ([`BackupDaemon::supervise`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackupExit {
+    /// Its owner asked it to stop.
+    Stopped,
+    /// The restored VM's run ended (stopped, or the guest exited).
+    Ended,
+    /// The takeover failed; this host's copy was fenced.
+    Failed {
+        /// The daemon's last error.
+        reason: String,
+    },
+    /// After the takeover, another host got the lease: the restored VM was stopped and this
+    /// host's copy fenced.
+    Fenced {
+        /// The daemon's last error.
+        reason: String,
+    },
+}
+
+impl BackupExit {
+    /// How a daemon in `status` has ended, if it has.
+    fn of(status: &DaemonStatus) -> Option<Self> {
+        let reason = || status.last_error.clone().unwrap_or_default();
+        match status.role {
+            Role::Failed => Some(Self::Failed { reason: reason() }),
+            Role::Fenced => Some(Self::Fenced { reason: reason() }),
+            Role::Ended => Some(Self::Ended),
+            Role::Standby | Role::Promoting | Role::Active => None,
+        }
+    }
 }
 
 /// How the takeover went.
@@ -165,6 +215,25 @@ pub struct DaemonStatus {
     pub last_probe: Option<ProbeOutcome>,
 }
 
+impl DaemonStatus {
+    /// A daemon that has just started: standby, nothing heard yet.
+    fn standby() -> Self {
+        Self {
+            role: Role::Standby,
+            committed: None,
+            restorable: false,
+            connected: false,
+            primary_left: false,
+            last_frame_age: None,
+            suspicion: Suspicion::NeverSeen,
+            promotion: None,
+            exit: None,
+            last_error: None,
+            last_probe: None,
+        }
+    }
+}
+
 /// Why [`BackupDaemon::start`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonStartError {
@@ -204,19 +273,7 @@ impl BackupDaemon {
         let receiver = BackupReceiver::bind(cfg.receiver)?;
         let local_addr = receiver.local_addr();
         let shared = Arc::new(Shared {
-            status: Mutex::new(DaemonStatus {
-                role: Role::Standby,
-                committed: None,
-                restorable: false,
-                connected: false,
-                primary_left: false,
-                last_frame_age: None,
-                suspicion: Suspicion::NeverSeen,
-                promotion: None,
-                exit: None,
-                last_error: None,
-                last_probe: None,
-            }),
+            status: Mutex::new(DaemonStatus::standby()),
             stop: AtomicBool::new(false),
             source: Mutex::new(None),
             handle: Mutex::new(None),
@@ -280,6 +337,41 @@ impl BackupDaemon {
     /// A handle on the restored machine, once active.
     pub fn machine_handle(&self) -> Option<MachineHandle> {
         lock(&self.shared.handle).clone()
+    }
+
+    /// Looks at the daemon every `every` until its run ends or `stop` is set, and says how it
+    /// ended. Each change of role is logged. A daemon that failed its takeover or lost the lease
+    /// after it must never emit again: `fence` closes this host's copy off the network (at every
+    /// look from then on, before `tick`). `tick` gets each look's status (the owner's status
+    /// file, its heartbeat responder); the daemon goes on running: [`BackupDaemon::shutdown`]
+    /// stops it.
+    pub fn supervise(
+        &self,
+        stop: &AtomicBool,
+        fence: &dyn Fence,
+        every: Duration,
+        mut tick: impl FnMut(&DaemonStatus),
+    ) -> BackupExit {
+        let mut last_role = None;
+        // Bounded by `stop` and by the daemon's own end; one look per period.
+        loop {
+            let status = self.status();
+            if last_role != Some(status.role) {
+                tracing::info!(role = ?status.role, committed = ?status.committed, "backup role");
+                last_role = Some(status.role);
+            }
+            if matches!(status.role, Role::Fenced | Role::Failed) {
+                fence.fence();
+            }
+            tick(&status);
+            if let Some(exit) = BackupExit::of(&status) {
+                return exit;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return BackupExit::Stopped;
+            }
+            std::thread::sleep(every);
+        }
     }
 
     /// Stops everything: the watch, the receiver, and the restored machine if one runs. Returns
@@ -644,5 +736,42 @@ impl Watch {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLES: [Role; 6] = [Role::Standby, Role::Promoting, Role::Active, Role::Ended, Role::Failed, Role::Fenced];
+
+    #[test]
+    fn a_role_is_written_by_its_name() {
+        for role in ROLES {
+            let json = serde_json::to_string(&role).unwrap();
+            assert_eq!(json, format!("\"{}\"", role.name()));
+            assert_eq!(serde_json::from_str::<Role>(&json).unwrap(), role);
+        }
+    }
+
+    #[test]
+    fn only_an_ended_failed_or_fenced_daemon_has_exited() {
+        let mut status = DaemonStatus { last_error: Some("the quorum refused the takeover".into()), ..DaemonStatus::standby() };
+        let exits = ROLES.map(|role| {
+            status.role = role;
+            BackupExit::of(&status)
+        });
+        let reason = "the quorum refused the takeover".to_string();
+        assert_eq!(
+            exits,
+            [
+                None,
+                None,
+                None,
+                Some(BackupExit::Ended),
+                Some(BackupExit::Failed { reason: reason.clone() }),
+                Some(BackupExit::Fenced { reason }),
+            ]
+        );
     }
 }

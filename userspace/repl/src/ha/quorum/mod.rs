@@ -209,6 +209,28 @@ impl QuorumClient for FixedQuorum {
     }
 }
 
+/// A quorum nobody can reach (every request fails: "no witness"), for tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnreachableQuorum;
+
+impl QuorumClient for UnreachableQuorum {
+    fn backend(&self) -> &'static str {
+        "unreachable"
+    }
+
+    fn acquire(&mut self, _claim: Claim, _known_term: u64) -> Result<ClaimOutcome, QuorumError> {
+        Err(QuorumError("no witness".into()))
+    }
+
+    fn renew(&mut self, _term: u64) -> Result<ClaimOutcome, QuorumError> {
+        Err(QuorumError("no witness".into()))
+    }
+
+    fn release(&mut self, _term: u64, _reason: ReleaseReason) -> Result<(), QuorumError> {
+        Err(QuorumError("no witness".into()))
+    }
+}
+
 /// `client`'s grant of `claim` for `known_term`, or why not (an error counts as a refusal, logged).
 pub fn claim(client: &mut dyn QuorumClient, claim: Claim, known_term: u64) -> Result<LeaseGrant, String> {
     match client.acquire(claim, known_term) {
@@ -225,30 +247,12 @@ pub fn claim(client: &mut dyn QuorumClient, claim: Claim, known_term: u64) -> Re
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
-    struct Unreachable;
-
-    impl QuorumClient for Unreachable {
-        fn backend(&self) -> &'static str {
-            "unreachable"
-        }
-        fn acquire(&mut self, _claim: Claim, _known: u64) -> Result<ClaimOutcome, QuorumError> {
-            Err(QuorumError("no witness".into()))
-        }
-        fn renew(&mut self, _term: u64) -> Result<ClaimOutcome, QuorumError> {
-            Err(QuorumError("no witness".into()))
-        }
-        fn release(&mut self, _term: u64, _reason: ReleaseReason) -> Result<(), QuorumError> {
-            Err(QuorumError("no witness".into()))
-        }
-    }
-
     #[test]
     fn no_quorum_grants_for_ever_and_errors_refuse() {
         let g = claim(&mut NoQuorum, Claim::TakeOver, 7).expect("granted");
         assert_eq!((g.term, g.ttl), (7, None));
         assert!(claim(&mut NoQuorum, Claim::RunAlone, 0).is_ok());
         assert!(claim(&mut FixedQuorum { grant: false }, Claim::TakeOver, 1).unwrap_err().contains("holds the lease"));
-        assert!(claim(&mut Unreachable, Claim::RunAlone, 1).unwrap_err().contains("no witness"));
+        assert!(claim(&mut UnreachableQuorum, Claim::RunAlone, 1).unwrap_err().contains("no witness"));
     }
 }

@@ -1,0 +1,433 @@
+//! A host's status file: the types `ftvm primary` and `ftvm backup` write to `--status-file`
+//! several times a second, and `ftvm site` reads back through the same types.
+//!
+//! They live here, in the binary, rather than in `ftvm-repl`: the file is the binary's product
+//! (its option, its readers), and it joins the replication library's state (the engine, the
+//! backup daemon, the lease) with the eBPF programs' (the gate, the responder), which the library
+//! does not know about. The types themselves are plain serde data with no clap or aya type in
+//! them, so any part of the binary may read them.
+//!
+//! The JSON is an interface (`ftvm site status --json` shows it, scripts and the system tests read
+//! it): field names and meanings do not change; new fields may be added. A file that does not
+//! parse (another version's, a damaged one) is [`StatusFile::Unreadable`], never a panic.
+
+use std::path::Path;
+
+use ftvm_repl::epoch::context::{EpochWindowStats, Percentiles};
+use ftvm_repl::epoch::engine::{EngineState, StatusSnapshot};
+use ftvm_repl::ha::failover::{DaemonStatus, Role};
+use ftvm_repl::ha::lease::Lease;
+use serde::{Deserialize, Serialize};
+
+/// Writes `value` as JSON to `path` atomically (write, then rename), readable by root only, never
+/// through a symbolic link planted at the temporary name (the rename replaces a link at `path`
+/// itself rather than following it). A failure is logged at debug level: status is best effort.
+pub fn write(path: &Path, value: &impl Serialize) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let written = serde_json::to_vec_pretty(value).ok().is_some_and(|json| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&json))
+            .is_ok()
+    });
+    if !(written && std::fs::rename(&tmp, path).is_ok()) {
+        tracing::debug!(path = %path.display(), "cannot write the status file");
+    }
+}
+
+/// What a host's status file holds, as read back.
+#[derive(Debug)]
+pub enum StatusFile {
+    /// No file (the host has not written one yet).
+    Missing,
+    /// The host's report (boxed: it is large beside the other cases).
+    Report(Box<HostReport>),
+    /// A file that cannot be read or does not parse: why.
+    Unreadable(String),
+}
+
+/// Reads the status file at `path`.
+pub fn read(path: &Path) -> StatusFile {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match HostReport::from_json(&text) {
+            Ok(report) => StatusFile::Report(Box::new(report)),
+            Err(e) => StatusFile::Unreadable(e.to_string()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => StatusFile::Missing,
+        Err(e) => StatusFile::Unreadable(e.to_string()),
+    }
+}
+
+/// One host's report: the primary's and the backup's differ. Written as the report itself (no
+/// wrapper), as the host wrote it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum HostReport {
+    Primary(PrimaryStatus),
+    Backup(BackupStatus),
+}
+
+impl HostReport {
+    /// Parses a status file's text; its `role` says which report it is.
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        /// Just the role, to pick the type (its errors then name the field at fault).
+        #[derive(Deserialize)]
+        struct RoleOnly {
+            role: String,
+        }
+        let RoleOnly { role } = serde_json::from_str(text)?;
+        if role == PrimaryRole::Primary.name() {
+            serde_json::from_str(text).map(Self::Primary)
+        } else {
+            serde_json::from_str(text).map(Self::Backup)
+        }
+    }
+
+    /// The lease part, which both reports have.
+    pub fn quorum(&self) -> &QuorumStatus {
+        match self {
+            Self::Primary(p) => &p.quorum,
+            Self::Backup(b) => &b.quorum,
+        }
+    }
+
+    /// The eBPF part, which both reports have.
+    pub fn ebpf(&self) -> &EbpfStatus {
+        match self {
+            Self::Primary(p) => &p.ebpf,
+            Self::Backup(b) => &b.ebpf,
+        }
+    }
+}
+
+/// The primary's `role`: always `primary` (the backup's daemon reports its own [`Role`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrimaryRole {
+    Primary,
+}
+
+impl PrimaryRole {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+        }
+    }
+}
+
+/// Whether the primary's VM is protected: the engine's state without its details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtectionState {
+    Syncing,
+    Protected,
+    Simplex,
+    Fenced,
+    Failed,
+    Stopped,
+}
+
+impl ProtectionState {
+    /// The state of `state`, and its detail for status (the sync's progress, the reason).
+    pub fn of(state: &EngineState) -> (Self, String) {
+        match state {
+            EngineState::Syncing(p) => (
+                Self::Syncing,
+                format!(
+                    "memory {}/{} pages, disk {}/{} MiB",
+                    p.pages_sent,
+                    p.pages_total,
+                    p.disk_bytes_sent >> 20,
+                    p.disk_bytes_total >> 20
+                ),
+            ),
+            EngineState::Protected => (Self::Protected, String::new()),
+            EngineState::Simplex { reason } => (Self::Simplex, reason.clone()),
+            EngineState::Fenced { reason } => (Self::Fenced, reason.clone()),
+            EngineState::Failed { reason } => (Self::Failed, reason.clone()),
+            EngineState::Stopped => (Self::Stopped, String::new()),
+        }
+    }
+
+    /// The state's name in status and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Syncing => "syncing",
+            Self::Protected => "protected",
+            Self::Simplex => "simplex",
+            Self::Fenced => "fenced",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// The primary's status file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrimaryStatus {
+    pub role: PrimaryRole,
+    pub state: ProtectionState,
+    pub detail: String,
+    pub epochs_committed: u64,
+    pub epochs_per_sec: f64,
+    pub last_pause_us: u64,
+    pub last_ack_us: Option<u64>,
+    pub lag_epochs: u64,
+    pub link_per_dirty_byte: Option<f64>,
+    /// A guest disk write could not be recorded for the backup (its backlog was full): the backup
+    /// lacks it, so the pair is not protected until a new synchronisation.
+    pub disk_replication_lost: bool,
+    /// Percentiles over the last epochs, in microseconds: `<part>: [p50, p99]`.
+    pub recent: RecentEpochs,
+    /// The lease.
+    pub quorum: QuorumStatus,
+    /// The fencing gate and the heartbeat responder.
+    pub ebpf: EbpfStatus,
+}
+
+impl PrimaryStatus {
+    /// The status of an engine at `snap`, under `lease`, with the host's `ebpf`.
+    pub fn of(snap: &StatusSnapshot, lease: &Lease, ebpf: EbpfStatus) -> Self {
+        let (state, detail) = ProtectionState::of(&snap.state);
+        Self {
+            role: PrimaryRole::Primary,
+            state,
+            detail,
+            epochs_committed: snap.epochs_committed,
+            epochs_per_sec: snap.epochs_per_sec,
+            last_pause_us: snap.last_epoch.pause.as_micros() as u64,
+            last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
+            lag_epochs: snap.lag_epochs(),
+            link_per_dirty_byte: snap.link_per_dirty_byte(),
+            disk_replication_lost: snap.disk_replication_lost,
+            recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
+            quorum: QuorumStatus::of(lease),
+            ebpf,
+        }
+    }
+}
+
+/// The pause and its parts, and the acknowledgement round trip, over the last epochs: `[p50, p99]`
+/// in microseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentEpochs {
+    pub epochs: usize,
+    pub pause_us: [u64; 2],
+    pub pause_wait_us: [u64; 2],
+    pub harvest_us: [u64; 2],
+    pub state_us: [u64; 2],
+    pub copy_us: [u64; 2],
+    pub resume_us: [u64; 2],
+    pub send_us: [u64; 2],
+    pub ack_us: [u64; 2],
+    pub dirty_pages_p50: u64,
+}
+
+impl RecentEpochs {
+    fn of(w: &EpochWindowStats, ack: &Percentiles) -> Self {
+        let us = |p: &Percentiles| [p.p50.as_micros() as u64, p.p99.as_micros() as u64];
+        Self {
+            epochs: w.epochs,
+            pause_us: us(&w.pause),
+            pause_wait_us: us(&w.pause_wait),
+            harvest_us: us(&w.harvest),
+            state_us: us(&w.state),
+            copy_us: us(&w.copy),
+            resume_us: us(&w.resume),
+            send_us: us(&w.send),
+            ack_us: us(ack),
+            dirty_pages_p50: w.pages_p50,
+        }
+    }
+}
+
+/// The backup's status file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    pub role: Role,
+    /// The lease (claimed at a takeover).
+    pub quorum: QuorumStatus,
+    pub committed_epoch: Option<u64>,
+    pub restorable: bool,
+    pub connected: bool,
+    pub last_frame_age_ms: Option<f64>,
+    pub takeover_ms: Option<f64>,
+    pub last_error: Option<String>,
+    /// The fencing gate, the heartbeat responder, and the last probe of the primary's host.
+    pub ebpf: EbpfStatus,
+}
+
+impl BackupStatus {
+    /// The status of a daemon at `st`, under `lease`, with the host's `ebpf` (the last probe of
+    /// the primary's host is the daemon's).
+    pub fn of(st: &DaemonStatus, lease: &Lease, ebpf: EbpfStatus) -> Self {
+        Self {
+            role: st.role,
+            quorum: QuorumStatus::of(lease),
+            committed_epoch: st.committed.map(|e| e.0),
+            restorable: st.restorable,
+            connected: st.connected,
+            last_frame_age_ms: st.last_frame_age.map(|d| d.as_secs_f64() * 1e3),
+            takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
+            last_error: st.last_error.clone(),
+            ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..ebpf },
+        }
+    }
+}
+
+/// The quorum part of a host's status file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumStatus {
+    /// `none`, `witness`.
+    pub backend: String,
+    /// The term held, or the one this host's copy is current for.
+    pub term: u64,
+    /// Whether this host holds a valid lease now.
+    pub lease_valid: bool,
+    /// Milliseconds until the lease runs out unless renewed (none: not held, or for ever).
+    pub lease_left_ms: Option<u64>,
+    /// The last error talking to the quorum.
+    pub error: Option<String>,
+}
+
+impl QuorumStatus {
+    /// The status of `lease` now.
+    pub fn of(lease: &Lease) -> Self {
+        let now = ftvm_repl::ha::heartbeat::monotonic_us();
+        let until = lease.valid_until_us();
+        Self {
+            backend: lease.backend().to_string(),
+            term: lease.term(),
+            lease_valid: lease.is_valid(now),
+            lease_left_ms: (until != u64::MAX && until > now).then(|| (until - now) / 1000),
+            error: lease.last_error().or_else(|| lease.lost()),
+        }
+    }
+}
+
+/// The eBPF part of a host's status file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EbpfStatus {
+    pub enabled: bool,
+    pub detail: String,
+    pub gate: Option<GateStatus>,
+    pub responder: Option<ResponderStatus>,
+    /// The backup's last probe of the primary's host.
+    pub last_probe: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateStatus {
+    pub port: String,
+    pub guest_mac: String,
+    /// Whether the guest's frames may leave (until the expiry).
+    pub active: bool,
+    /// Milliseconds until the gate closes by itself (none: never).
+    pub expiry_left_ms: Option<u64>,
+    pub egress_passed: u64,
+    pub egress_dropped_inactive: u64,
+    pub egress_dropped_expired: u64,
+    pub ingress_dropped: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponderStatus {
+    pub port: String,
+    pub generation: u64,
+    pub committed_epoch: u64,
+    pub daemon_state: String,
+    /// Probes from the peer answered so far.
+    pub peer_probes_answered: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A primary's status file as this version writes it (the keys the site and the tests read).
+    const PRIMARY: &str = r#"{
+      "role": "primary", "state": "protected", "detail": "", "epochs_committed": 1200,
+      "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
+      "link_per_dirty_byte": 1.02, "disk_replication_lost": false,
+      "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
+        "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "resume_us": [5, 9],
+        "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12 },
+      "quorum": { "backend": "witness", "term": 3, "lease_valid": true, "lease_left_ms": 700, "error": null },
+      "ebpf": { "enabled": true, "detail": "gate biz0, responder alink0",
+        "gate": { "port": "biz0", "guest_mac": "02:00:00:00:00:01", "active": true, "expiry_left_ms": 650,
+          "egress_passed": 10, "egress_dropped_inactive": 0, "egress_dropped_expired": 0, "ingress_dropped": 2 },
+        "responder": { "port": "alink0", "generation": 3, "committed_epoch": 1200, "daemon_state": "running",
+          "peer_probes_answered": 4 },
+        "last_probe": null }
+    }"#;
+
+    const BACKUP: &str = r#"{
+      "role": "active",
+      "quorum": { "backend": "witness", "term": 4, "lease_valid": true, "lease_left_ms": null, "error": null },
+      "committed_epoch": 1199, "restorable": true, "connected": false, "last_frame_age_ms": 812.25,
+      "takeover_ms": 95.5, "last_error": null,
+      "ebpf": { "enabled": false, "detail": "off (no --business-port / --alink-port)", "gate": null,
+        "responder": null, "last_probe": "daemon dead" }
+    }"#;
+
+    #[test]
+    fn reports_are_read_back_as_written() {
+        for text in [PRIMARY, BACKUP] {
+            let report = HostReport::from_json(text).unwrap();
+            let written = serde_json::to_string(&report).unwrap();
+            assert_eq!(HostReport::from_json(&written).unwrap(), report);
+            // Field for field, the same JSON (names and values).
+            let before: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(serde_json::to_value(&report).unwrap(), before);
+        }
+        let HostReport::Primary(p) = HostReport::from_json(PRIMARY).unwrap() else { panic!("not the primary's") };
+        assert_eq!((p.state, p.quorum.term, p.ebpf.gate.map(|g| g.ingress_dropped)), (ProtectionState::Protected, 3, Some(2)));
+        let HostReport::Backup(b) = HostReport::from_json(BACKUP).unwrap() else { panic!("not the backup's") };
+        assert_eq!((b.role, b.takeover_ms, b.ebpf.last_probe.as_deref()), (Role::Active, Some(95.5), Some("daemon dead")));
+    }
+
+    #[test]
+    fn states_are_written_by_their_names() {
+        use ProtectionState as P;
+        for state in [P::Syncing, P::Protected, P::Simplex, P::Fenced, P::Failed, P::Stopped] {
+            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{}\"", state.name()));
+        }
+        assert_eq!(serde_json::to_string(&PrimaryRole::Primary).unwrap(), format!("\"{}\"", PrimaryRole::Primary.name()));
+        let (state, detail) = ProtectionState::of(&EngineState::Simplex { reason: "the backup is gone".into() });
+        assert_eq!((state, detail.as_str()), (P::Simplex, "the backup is gone"));
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_unreadable_not_a_panic() {
+        let dir = std::env::temp_dir().join(format!("ftvm-status-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("host.status.json");
+        assert!(matches!(read(&path), StatusFile::Missing));
+        let cut = &PRIMARY[..PRIMARY.len() / 2];
+        let no_role = r#"{"state": "protected"}"#;
+        let unknown_state = PRIMARY.replace("\"protected\"", "\"dancing\"");
+        let unknown_role = BACKUP.replace("\"active\"", "\"dancing\"");
+        for text in ["", "null", "[]", cut, no_role, &unknown_state, &unknown_role] {
+            std::fs::write(&path, text).unwrap();
+            match read(&path) {
+                StatusFile::Unreadable(why) => assert!(!why.is_empty(), "{text:?}"),
+                other => panic!("{text:?} read as {other:?}"),
+            }
+        }
+        // Fields of a later version are left aside.
+        std::fs::write(&path, BACKUP.replace("\"restorable\"", "\"from_the_future\": 1, \"restorable\"")).unwrap();
+        assert!(matches!(read(&path), StatusFile::Report(r) if matches!(*r, HostReport::Backup(_))));
+        // What `write` wrote, `read` reads.
+        let report = HostReport::from_json(PRIMARY).unwrap();
+        write(&path, &report);
+        assert!(matches!(read(&path), StatusFile::Report(r) if *r == report));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
