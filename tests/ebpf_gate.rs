@@ -25,7 +25,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +37,7 @@ use ftvm_ebpf_host::{
     monotonic_ns, DaemonState, FenceGate, GateCounters, HeartbeatResponder, Mac, ProbeFrame, Prober,
     HEARTBEAT_PORT,
 };
-use ftvm_system_tests::{enter_netns, run_ok, workspace_root, Netns};
+use ftvm_system_tests::{enter_netns, packet_socket, run_ok, workspace_root, Netns};
 
 const GUEST_MAC: Mac = [0x52, 0x54, 0x00, 0x5e, 0x1a, 0x01];
 const OTHER_MAC: Mac = [0x02, 0x00, 0x5e, 0x1a, 0x00, 0x02];
@@ -534,26 +534,8 @@ struct RawSock(OwnedFd);
 
 impl RawSock {
     fn open(ifname: &str) -> Self {
-        let proto = ETHERTYPE.to_be();
-        // SAFETY: plain socket(2); the result is checked before use.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a new descriptor nobody else owns.
-        let sock = RawSock(unsafe { OwnedFd::from_raw_fd(fd) });
-        let name = std::ffi::CString::new(ifname).expect("interface name");
-        // SAFETY: `name` is a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(ifindex != 0, "no interface {ifname}");
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-        let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
-        let rc = unsafe {
-            libc::bind(fd, (&addr as *const libc::sockaddr_ll).cast(), mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        assert_eq!(rc, 0, "bind AF_PACKET to {ifname}: {}", std::io::Error::last_os_error());
+        let sock = RawSock(packet_socket(ifname, ETHERTYPE));
+        let fd = sock.0.as_raw_fd();
         let timeout = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
         // SAFETY: `timeout` is a valid timeval of the size passed.
         let rc = unsafe {

@@ -14,8 +14,7 @@
 
 #[cfg(test)]
 mod tests {
-    use std::mem;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,7 +22,7 @@ mod tests {
     use ftvm_system_tests::capture::Capture;
     use ftvm_system_tests::load::Load;
     use ftvm_system_tests::site::Site;
-    use ftvm_system_tests::{enter_netns, require_root_and_kvm, TempDir};
+    use ftvm_system_tests::{enter_netns, packet_socket, require_root_and_kvm, TempDir};
 
     const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];
     const GUEST_MAC_TEXT: &str = "02:46:54:00:00:02";
@@ -58,7 +57,7 @@ mod tests {
             let (flag, ns, ifname) = (Arc::clone(&stop), netns.to_string(), ifname.to_string());
             let thread = std::thread::spawn(move || {
                 enter_netns(&ns);
-                let fd = raw_socket(&ifname);
+                let fd = packet_socket(&ifname, ETHERTYPE);
                 let mut sent = 0u64;
                 // Bounded by the stop flag, which the guard sets.
                 while !flag.load(Ordering::Relaxed) {
@@ -93,31 +92,6 @@ mod tests {
                 let _ = t.join();
             }
         }
-    }
-
-    /// An AF_PACKET socket bound to `ifname` in the calling thread's namespace.
-    fn raw_socket(ifname: &str) -> OwnedFd {
-        let proto = ETHERTYPE.to_be();
-        // SAFETY: plain socket(2); checked below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        // SAFETY: a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let name = std::ffi::CString::new(ifname).expect("interface name");
-        // SAFETY: `name` is a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(ifindex != 0, "no interface {ifname}");
-        // SAFETY: all-zero is a valid sockaddr_ll; the fields that matter are set below.
-        let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
-        let rc = unsafe {
-            libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        assert_eq!(rc, 0, "bind to {ifname}: {}", std::io::Error::last_os_error());
-        fd
     }
 
     #[test]
