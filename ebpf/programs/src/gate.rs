@@ -63,7 +63,7 @@ pub fn ftvm_gate_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn ftvm_gate_ingress(ctx: XdpContext) -> u32 {
     let Some(eth) = net::header_at::<EthHdr>(&ctx, 0) else {
         return xdp_action::XDP_PASS;

@@ -17,9 +17,13 @@
 //! (SIGSTOP) still answers: the peer tells "host dead" (no reply) from "daemon stuck" (replies
 //! whose progress stops) and "daemon dead" (replies saying so).
 //!
-//! On veth, a frame sent with `XDP_TX` is delivered to the peer end only if that end has an XDP
-//! program attached too (otherwise the kernel drops it); both hosts attach this responder to
-//! their A-Link ends, which covers that.
+//! On veth, a frame sent with `XDP_TX` in driver mode is delivered to the peer end only if that
+//! end has an XDP program attached too (otherwise the kernel drops it); both hosts attach this
+//! responder to their A-Link ends, which covers that (userspace attaches in generic mode on veth;
+//! see `ftvm-ebpf-host`'s `xdp_link`).
+//!
+//! Declared `frags` (multi-buffer): the A-Link's 64 KiB TCP segments then reach it in page-sized
+//! pieces; a probe is small and always whole in the first piece, and anything else passes.
 
 use core::{mem::offset_of, ptr};
 
@@ -54,7 +58,7 @@ const VERSION_IHL: u8 = 0x45;
 const FRAGMENT_MASK: u16 = 0x3fff;
 const REPLY_TTL: u8 = 64;
 
-#[xdp]
+#[xdp(frags)]
 pub fn ftvm_heartbeat(ctx: XdpContext) -> u32 {
     match answer(&ctx) {
         Some(()) => xdp_action::XDP_TX,

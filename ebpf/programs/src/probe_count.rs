@@ -11,7 +11,7 @@ use crate::net::{self, EthHdr, IcmpHdr, Ipv4Hdr};
 #[map]
 static PROBE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LEN, 0);
 
-#[xdp]
+#[xdp(frags)]
 pub fn ftvm_probe_count(ctx: XdpContext) -> u32 {
     match try_ftvm_probe_count(&ctx) {
         Ok(action) => action,

@@ -124,7 +124,7 @@ impl FenceGate {
         }
 
         let ingress: &mut Xdp = object::load_program(&mut ebpf, gate::INGRESS_PROGRAM)?;
-        let (ingress_link, ingress_mode) = xdp_link::attach(ingress, ifindex).map_err(|e| GateError::Attach {
+        let (ingress_link, ingress_mode) = xdp_link::attach(ingress, ifname, ifindex).map_err(|e| GateError::Attach {
             program: gate::INGRESS_PROGRAM,
             ifname: ifname.to_string(),
             source: Box::new(e),

@@ -101,7 +101,7 @@ impl HeartbeatResponder {
             object::take_map(&mut ebpf, heartbeat::PEER_MAP)?,
         )?;
         let program: &mut Xdp = object::load_program(&mut ebpf, heartbeat::PROGRAM)?;
-        let (link, mode) = xdp_link::attach(program, ifindex)
+        let (link, mode) = xdp_link::attach(program, ifname, ifindex)
             .map_err(|source| ResponderError::Attach { ifname: ifname.to_string(), source })?;
         Ok(HeartbeatResponder {
             control,

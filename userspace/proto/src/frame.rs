@@ -179,13 +179,13 @@ impl FrameHeader {
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// The stream ended cleanly between frames.
-    #[error("Peer closed the A-Link")]
+    #[error("Peer closed the connection")]
     Closed,
     /// The stream ended inside a frame.
     #[error("Frame truncated")]
     Truncated,
     /// Reading or writing the stream failed.
-    #[error("A-Link I/O failed")]
+    #[error("Frame I/O failed")]
     Io(#[source] io::Error),
     /// Not an A-Link frame.
     #[error("Bad frame magic {0:#010x}")]

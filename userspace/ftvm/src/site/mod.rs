@@ -170,6 +170,30 @@ fn site_dir(name: &str) -> PathBuf {
     Path::new(SITES_DIR).join(name)
 }
 
+/// Where the logs of a site that failed to come up are kept (`<this>/<name>`, replaced by the
+/// next failure of the same name).
+const FAILED_SITES_DIR: &str = "/run/ftvm/failed-sites";
+
+/// Copies the site's `*.log` files to `FAILED_SITES_DIR/<name>` (root-only) and returns that
+/// directory.
+fn keep_logs(dir: &Path, name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let kept = Path::new(FAILED_SITES_DIR).join(name);
+    let _ = std::fs::remove_dir_all(&kept);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&kept)
+        .with_context(|| format!("cannot create {}", kept.display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        if let Some(file) = path.file_name().filter(|_| path.extension().is_some_and(|e| e == "log")) {
+            std::fs::copy(&path, kept.join(file)).with_context(|| format!("cannot copy {}", path.display()))?;
+        }
+    }
+    Ok(kept)
+}
+
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 16
@@ -250,14 +274,16 @@ fn up(args: UpArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(e);
     }
-    match start_vm(&args, &names, &dir) {
-        Ok(()) => {}
-        Err(e) => {
-            let _ = down(name);
-            let _ = topology::teardown(&names);
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
+    if let Err(e) = start_vm(&args, &names, &dir) {
+        // The logs say why; the site's directory goes with the site, so they are kept apart.
+        let kept = keep_logs(&dir, name);
+        let _ = down(name);
+        let _ = topology::teardown(&names);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(match kept {
+            Ok(logs) => e.context(format!("site {name} did not come up (its logs are kept in {})", logs.display())),
+            Err(keep) => e.context(format!("site {name} did not come up (its logs could not be kept: {keep:#})")),
+        });
     }
     if args.no_wait {
         println!("site {name} is starting: primary on host A, synchronising host B (`ftvm site status --name {name}` says when it is protected)");

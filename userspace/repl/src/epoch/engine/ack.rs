@@ -192,3 +192,39 @@ pub(super) struct InFlight {
     pub(super) timeout: Duration,
     pub(super) span: tracing::Span,
 }
+
+impl InFlight {
+    /// How long this epoch, the oldest in flight, has waited beyond reason, if it has: the wait
+    /// counts from its commit or from `oldest_since` (when its predecessor was acknowledged),
+    /// whichever is later, since the backup acknowledges in order. Epochs committed while the
+    /// backup still applies the initial synchronisation (seconds for a large disk) are not late.
+    pub(super) fn overdue(&self, oldest_since: Instant, now: Instant) -> Option<Duration> {
+        let waited = now.saturating_duration_since(self.committed_at.max(oldest_since));
+        (waited > self.timeout).then_some(waited)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_flight(committed_at: Instant, timeout: Duration) -> InFlight {
+        InFlight { epoch: 1, pages: PageRangeSet::default(), committed_at, timeout, span: tracing::Span::none() }
+    }
+
+    #[test]
+    fn an_epoch_waits_from_its_commit_or_its_predecessors_acknowledgement() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Committed at t0 behind a long initial sync acknowledged at t0 + 2 s.
+        let epoch = in_flight(t0, ms(500));
+        assert_eq!(epoch.overdue(t0, t0 + ms(400)), None);
+        assert_eq!(epoch.overdue(t0, t0 + ms(600)), Some(ms(600)), "late counting from its commit");
+        assert_eq!(epoch.overdue(t0 + ms(2000), t0 + ms(2400)), None, "its clock starts at the sync's ack");
+        assert_eq!(epoch.overdue(t0 + ms(2000), t0 + ms(2600)), Some(ms(600)));
+        // Committed after its predecessor's acknowledgement: its own commit counts.
+        let later = in_flight(t0 + ms(100), ms(500));
+        assert_eq!(later.overdue(t0, t0 + ms(550)), None);
+        assert_eq!(later.overdue(t0, t0 + ms(700)), Some(ms(600)));
+    }
+}

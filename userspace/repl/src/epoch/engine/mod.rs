@@ -251,6 +251,9 @@ pub struct PrimaryEngine {
     ack: Arc<AckSide>,
     next_epoch: u64,
     in_flight: VecDeque<InFlight>,
+    /// When the oldest epoch in flight became the oldest (its predecessor was acknowledged): the
+    /// backup acknowledges in order, so an epoch's wait cannot start before that.
+    oldest_since: Instant,
     staging: Staging,
     held: bool,
     simplex: bool,
@@ -321,6 +324,7 @@ impl PrimaryEngine {
             ack,
             next_epoch: 0,
             in_flight: VecDeque::new(),
+            oldest_since: Instant::now(),
             staging: Staging::default(),
             held: false,
             simplex: false,
@@ -690,6 +694,7 @@ impl PrimaryEngine {
         let Some(acked) = self.ack.acked() else { return };
         while self.in_flight.front().is_some_and(|f| f.epoch <= acked) {
             if let Some(f) = self.in_flight.pop_front() {
+                self.oldest_since = Instant::now();
                 let rtt = lock(&self.ack.round_trips).iter().find(|(e, _)| *e == f.epoch).map(|(_, d)| *d);
                 if let Some(d) = rtt {
                     f.span.record("ack_us", d.as_micros() as u64);
@@ -698,13 +703,14 @@ impl PrimaryEngine {
         }
     }
 
-    /// Why the backup is to be considered gone, if it is.
+    /// Why the backup is to be considered gone, if it is: its link failed, or the oldest epoch in
+    /// flight is overdue.
     fn link_failure(&self) -> Option<String> {
         if let Some(r) = lock(&self.ack.down).clone() {
             return Some(r);
         }
         let oldest = self.in_flight.front()?;
-        let waited = oldest.committed_at.elapsed();
-        (waited > oldest.timeout).then(|| format!("epoch {} not acknowledged within {:?}", oldest.epoch, waited))
+        let waited = oldest.overdue(self.oldest_since, Instant::now())?;
+        Some(format!("epoch {} not acknowledged within {waited:?}", oldest.epoch))
     }
 }

@@ -66,7 +66,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::rules::is_valid_name;
+use super::rules::{self, is_valid_name};
 use super::{Claim, ClaimOutcome, LeaseGrant, Previous, QuorumClient, QuorumError, Refusal, ReleaseReason};
 
 /// The default key prefix.
@@ -560,6 +560,10 @@ fn decide_acquire(q: &EtcdQuorum, snap: &Snapshot, claim: Claim, known: u64) -> 
         let record = TermRecord { term, owner: q.host.clone(), released: None };
         return Decision::Write { record: Some(record), term, previous: Previous::None };
     };
+    if rules::won_before(r.term, &r.owner, r.released.is_some(), &q.host, known) {
+        // Granted again with the same term: a fresh etcd lease, the record unchanged.
+        return Decision::Write { record: None, term: r.term, previous: Previous::Expired };
+    }
     if known != r.term {
         return Decision::Answer(ClaimOutcome::Refused(Refusal::Stale { known, current: r.term, owner: Some(r.owner.clone()) }));
     }

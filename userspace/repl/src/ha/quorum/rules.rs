@@ -5,6 +5,9 @@
 //! * **acquire** (start, run alone, take over) for a copy current as of `known`:
 //!   - no record: only a start is granted (term `known + 1`); a takeover or a run-alone claim
 //!     for a VM the book does not know is refused, since the book cannot know who else runs it;
+//!   - the caller already holds the term that a claim for `known` made (`known + 1`, unreleased):
+//!     a retry whose first answer was lost, granted again with the same term (see
+//!     [`won_before`]);
 //!   - `known` older than the term: refused, stale (that copy must never serve);
 //!   - `known` newer than the term: refused too (the book lost state or was rolled back; the
 //!     operator must look), reported as stale from the book's side;
@@ -58,6 +61,20 @@ pub struct LeaseBook {
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_NAME_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Whether a claim by `host` for its copy current as of `known` is a retry of the claim that made
+/// the current `term`, held by `owner` and not `released`: the quorum granted it, and its answer
+/// was lost on the way (a timeout, a reset). Granting it again with the same term is safe: nobody
+/// else took the lease since (the owner is still the caller), and the caller's copy is the one
+/// the term was made for (a holder stores a new term with its disk before it serves under it, so
+/// a copy still at `known` never served under `term`). Refusing it as stale would stop the only
+/// host that may run the VM.
+///
+/// How the previous holder's lease ended is not kept; its answer is [`Previous::Expired`], the
+/// cautious one (a taker then waits out anything the old holder may still let out).
+pub fn won_before(term: u64, owner: &str, released: bool, host: &str, known: u64) -> bool {
+    owner == host && !released && known.checked_add(1) == Some(term)
 }
 
 /// Whether `s` is acceptable as a VM id or host name: 1 to [`MAX_NAME_LEN`] of `[A-Za-z0-9._-]`.
@@ -114,6 +131,11 @@ impl LeaseBook {
             self.vms.insert(vm.to_string(), LeaseRecord { term, owner: host.to_string(), expires_us, released: None });
             return (self.grant(term, Previous::None), Change::Durable);
         };
+        if won_before(r.term, &r.owner, r.released.is_some(), host, known) {
+            r.expires_us = expires_us;
+            let term = r.term;
+            return (self.grant(term, Previous::Expired), Change::None);
+        }
         if known != r.term {
             let refusal = Refusal::Stale { known, current: r.term, owner: Some(r.owner.clone()) };
             return (ClaimOutcome::Refused(refusal), Change::None);
@@ -245,6 +267,28 @@ mod tests {
         assert!(granted(&b.renew("vm", "a", 1, 12 * MS)).is_none(), "a released lease is not renewed");
         let g = granted(&b.acquire("vm", "b", false, 1, 12 * MS).0).expect("granted at once");
         assert_eq!((g.term, g.previous), (2, Previous::Released(ReleaseReason::HolderDied)));
+    }
+
+    #[test]
+    fn a_claim_retried_after_its_answer_was_lost_is_granted_the_same_term() {
+        let mut b = LeaseBook::new(TTL);
+        // A's start was granted (term 1) but A never heard it; A asks again for its term-0 copy.
+        b.acquire("vm", "a", true, 0, 0);
+        let (o, c) = b.acquire("vm", "a", true, 0, 300 * MS);
+        let g = granted(&o).expect("the retry of a won start");
+        assert_eq!((g.term, g.previous, c), (1, Previous::Expired, Change::None));
+        let held = b.acquire("vm", "b", false, 1, 1200 * MS).0;
+        assert!(matches!(held, ClaimOutcome::Refused(Refusal::Held { .. })), "the retry renewed the lease");
+        // The same for a takeover: B won term 2 and asks again as of term 1, even after expiry.
+        let g = granted(&b.acquire("vm", "b", false, 1, 1300 * MS).0).expect("takeover after expiry");
+        assert_eq!(g.term, 2);
+        let g = granted(&b.acquire("vm", "b", false, 1, 9000 * MS).0).expect("the retry of a won takeover");
+        assert_eq!((g.term, g.previous), (2, Previous::Expired));
+        // Never for another host, a copy two terms behind, or a lease its holder gave up.
+        assert!(matches!(b.acquire("vm", "a", false, 1, 9100 * MS).0, ClaimOutcome::Refused(Refusal::Stale { .. })));
+        assert!(matches!(b.acquire("vm", "b", false, 0, 9100 * MS).0, ClaimOutcome::Refused(Refusal::Stale { .. })));
+        b.release("vm", "b", 2, ReleaseReason::Stopped, 9200 * MS);
+        assert!(matches!(b.acquire("vm", "b", false, 1, 9300 * MS).0, ClaimOutcome::Refused(Refusal::Stale { .. })));
     }
 
     #[test]

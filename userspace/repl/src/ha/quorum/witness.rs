@@ -123,7 +123,7 @@ impl WitnessQuorum {
     }
 
     fn round_trip(conn: &mut Connection, payload: &[u8], deadline: Instant) -> Result<WitnessReply, QuorumError> {
-        let io = |e: &dyn std::fmt::Display| QuorumError(format!("witness: {e}"));
+        let io = |e: &(dyn std::error::Error + 'static)| QuorumError(format!("witness: {}", crate::ErrorChain(e)));
         // The request in one write; the reply read through the deadline.
         let mut out = Vec::with_capacity(payload.len() + 64);
         conn.sealer.write(&mut out, FrameKind::WitnessRequest, 0, 0, &[payload]).map_err(|e| io(&e))?;
