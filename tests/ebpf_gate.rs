@@ -15,8 +15,9 @@
 //! AF_PACKET sockets, so the source MAC is whatever the test says and no ARP or IP is involved.
 //!
 //! Responder topology: namespaces `a` and `b` joined by a veth pair `alink0` (10.77.9.1/30 and
-//! .2/30); a responder on both ends (on veth, XDP_TX frames need an XDP program on the receiving
-//! end), probes from `b` to `a`. The processes that hold `a`'s responder (so that a test can
+//! .2/30); a responder on `a`'s end only (generic mode on veth: its XDP_TX replies reach `b` as
+//! ordinary frames, as on a site, whose backup runs no program on its A-Link end), probes from
+//! `b` to `a`. The processes that hold `a`'s responder (so that a test can
 //! SIGSTOP or SIGKILL them) are `ftvm-ebpf-holder` (tests/bin/ebpf_holder.rs).
 //!
 //! Every namespace is uniquely named and deleted (with the processes inside) by a Drop guard;
@@ -168,7 +169,6 @@ fn frames_to_the_guest_are_dropped_while_inactive() {
 fn responder_answers_with_the_published_state_even_while_its_holder_is_stopped() {
     require_root();
     let pair = ALinkPair::create();
-    let _b_responder = pair.attach_b_responder();
     let mut holder = Holder::spawn("responder", &pair.a, 7, 1234, 555_000);
     holder.wait_line("ready");
     let mut prober = pair.prober();
@@ -195,7 +195,6 @@ fn responder_answers_with_the_published_state_even_while_its_holder_is_stopped()
 fn a_watchdog_reports_the_dead_daemon_and_keeps_the_responder_answering() {
     require_root();
     let pair = ALinkPair::create();
-    let _b_responder = pair.attach_b_responder();
     let mut holder = Holder::spawn("responder-with-watchdog", &pair.a, 9, 42, 1_000);
     let watchdog: i32 = holder
         .wait_line("watchdog ")
@@ -235,7 +234,6 @@ fn a_watchdog_reports_the_dead_daemon_and_keeps_the_responder_answering() {
 fn only_probes_are_answered_everything_else_passes() {
     require_root();
     let pair = ALinkPair::create();
-    let _b_responder = pair.attach_b_responder();
     let a_responder = pair.a.run(|| HeartbeatResponder::attach(&object_path(), "alink0").expect("attach in a"));
     a_responder.control().publish(3, 4, 5).expect("publish");
     let listener = pair.a.run(|| {
@@ -301,7 +299,6 @@ fn only_probes_are_answered_everything_else_passes() {
 fn heartbeat_round_trip_time_is_printed() {
     require_root();
     let pair = ALinkPair::create();
-    let _b_responder = pair.attach_b_responder();
     let a_responder = pair.a.run(|| HeartbeatResponder::attach(&object_path(), "alink0").expect("attach in a"));
     // Driver mode on a veth would turn off its peer's segmentation offload (the A-Link's epochs
     // then go out in MSS-sized pieces): on veth the responder runs in generic mode.
@@ -590,14 +587,9 @@ impl ALinkPair {
         pair
     }
 
-    /// `b`'s own responder: on veth, `a`'s XDP_TX replies reach `b` only if `b`'s end has an XDP
-    /// program; it passes the replies up to the prober.
-    fn attach_b_responder(&self) -> HeartbeatResponder {
-        let object = object_path();
-        self.b.run(|| HeartbeatResponder::attach(&object, "alink0").expect("attaching b's responder"))
-    }
-
-    /// A prober in `b` aimed at `a`'s responder.
+    /// A prober in `b` aimed at `a`'s responder. `b`'s end runs no XDP program, as on a site's
+    /// backup: `a`'s program runs in generic mode on the veth, so its replies arrive as ordinary
+    /// frames.
     fn prober(&self) -> Prober {
         self.b.run(|| Prober::bind(SocketAddrV4::new(B_IP, 0), A_IP).expect("prober in b"))
     }

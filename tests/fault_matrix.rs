@@ -373,5 +373,8 @@ mod tests {
         assert!(takeover_ms < 1000.0, "[{}] takeover {takeover_ms} ms: the lease was waited out", c.site.name);
         let st = c.finish(Serving::B);
         assert_eq!(st.state, "failed over", "{st}");
+        // B is the primary now: its heartbeat responder answers probes (a backup has none).
+        let responder = &st.json["hosts"][1]["detail"]["ebpf"]["responder"];
+        assert_eq!(responder["daemon_state"], "running", "[{}] no heartbeat responder on B after the takeover: {responder}", c.site.name);
     }
 }

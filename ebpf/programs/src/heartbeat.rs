@@ -18,9 +18,10 @@
 //! whose progress stops) and "daemon dead" (replies saying so).
 //!
 //! On veth, a frame sent with `XDP_TX` in driver mode is delivered to the peer end only if that
-//! end has an XDP program attached too (otherwise the kernel drops it); both hosts attach this
-//! responder to their A-Link ends, which covers that (userspace attaches in generic mode on veth;
-//! see `ftvm-ebpf-host`'s `xdp_link`).
+//! end has an XDP program attached too (otherwise the kernel drops it). Userspace attaches in
+//! generic mode on veth (see `ftvm-ebpf-host`'s `xdp_link`), where replies leave as ordinary
+//! frames, so the prober's end (the backup's, which gets its own responder only when it takes
+//! over) needs no program.
 //!
 //! Declared `frags` (multi-buffer): the A-Link's 64 KiB TCP segments then reach it in page-sized
 //! pieces; a probe is small and always whole in the first piece, and anything else passes.

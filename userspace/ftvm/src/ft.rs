@@ -23,7 +23,7 @@ use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
 use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState};
-use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig};
+use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, Role};
 use ftvm_repl::ha::lease::Lease;
 use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHost, PrimaryHostConfig};
 use ftvm_repl::ha::term::TermFile;
@@ -245,8 +245,9 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     run::enter_process_context(args.net.netns.as_deref())?;
     let secret = read_secret(&args.secret_file)?;
     run::prepare_disk(&args.disk, args.disk_size)?;
-    // The guest is fenced here until this host takes over with a lease.
-    let host_ebpf = HostEbpf::attach(&args.ebpf, args.net.mac)?;
+    // The guest is fenced here until this host takes over with a lease; the heartbeat responder
+    // comes with the takeover.
+    let host_ebpf = HostEbpf::attach_standby(&args.ebpf, args.net.mac)?;
     let console = run::open_console(args.net.console_log.as_deref())?;
     let mut receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
     if !args.sync_every_epoch {
@@ -285,7 +286,16 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
         crate::signals::on_stop_signal(move |_| stop.store(true, Ordering::Relaxed))?;
     }
     let flusher = (!args.sync_every_epoch).then(|| spawn_disk_flusher(args.disk.clone(), Arc::clone(&stop)));
+    let mut responder_wanted = true;
     let exit = daemon.supervise(&stop, &*host_ebpf.fence_hook(), BACKUP_LOOK_EVERY, |st| {
+        // Once the restored VM runs (not before: the takeover must not wait for it), this host
+        // is the primary and answers probes; one try, its failure said once.
+        if responder_wanted && st.role == Role::Active {
+            responder_wanted = false;
+            if let Err(e) = host_ebpf.attach_responder() {
+                tracing::error!(error = %format_args!("{e:#}"), "no heartbeat responder on the new primary");
+            }
+        }
         host_ebpf.publish_progress(daemon.lease().term(), st.committed.map_or(0, |e| e.0));
         if let Some(path) = &args.status_file {
             status::write(path, &BackupStatus::of(st, daemon.lease(), host_ebpf.status()));
