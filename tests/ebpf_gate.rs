@@ -17,8 +17,8 @@
 //! Responder topology: namespaces `a` and `b` joined by a veth pair `alink0` (10.77.9.1/30 and
 //! .2/30); a responder on `a`'s end only (generic mode on veth: its XDP_TX replies reach `b` as
 //! ordinary frames, as on a site, whose backup runs no program on its A-Link end), probes from
-//! `b` to `a`. The processes that hold `a`'s responder (so that a test can
-//! SIGSTOP or SIGKILL them) are `ftvm-ebpf-holder` (tests/bin/ebpf_holder.rs).
+//! `b` to `a`. The processes that hold `a`'s responder, or a gate with its watchdog (so that a
+//! test can SIGSTOP or SIGKILL them), are `ftvm-ebpf-holder` (tests/bin/ebpf_holder.rs).
 //!
 //! Every namespace is uniquely named and deleted (with the processes inside) by a Drop guard;
 //! every wait is bounded.
@@ -34,6 +34,10 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
+use aya::programs::tc::TcAttachType;
+use aya::programs::SchedClassifier;
+use ftvm_ebpf_common::gate;
 use ftvm_ebpf_host::{
     monotonic_ns, DaemonState, FenceGate, GateCounters, HeartbeatResponder, Mac, ProbeFrame, Prober,
     HEARTBEAT_PORT,
@@ -162,6 +166,65 @@ fn frames_to_the_guest_are_dropped_while_inactive() {
     assert_eq!(site.lan_to_guest(GUEST_MAC, BURST), 0, "expired gate: frames to the guest must not come in");
 }
 
+#[test]
+fn the_gate_goes_first_on_its_port() {
+    require_root();
+    let site = GateSite::create();
+    // Another classifier already on biz0's egress (the gate's own program, loaded separately).
+    let mut other = aya::Ebpf::load(&std::fs::read(object_path()).expect("reading the object")).expect("loading the object");
+    let program: &mut SchedClassifier =
+        other.program_mut(gate::EGRESS_PROGRAM).expect("the egress program").try_into().expect("a classifier");
+    program.load().expect("loading the classifier");
+    site.host.run(|| program.attach("biz0", TcAttachType::Egress).expect("attaching the other classifier"));
+    let _gate = site.attach_gate(&[]);
+
+    let ids: Vec<u32> = site.host.run(|| {
+        let (_, programs) = SchedClassifier::query_tcx("biz0", TcAttachType::Egress).expect("querying biz0's tcx egress");
+        programs.iter().map(|p| p.id()).collect()
+    });
+    // Program ids grow with each load: the gate's, loaded last, is the larger.
+    assert!(ids.len() == 2 && ids[0] > ids[1], "the gate is not first on biz0's egress: {ids:?}");
+}
+
+/// The primary's death must not detach its gate (the detach holds the rtnl lock for milliseconds,
+/// just when the backup takes over and opens its TAP): its watchdog holds the gate's links,
+/// closes the gate, and the gate goes only with the watchdog.
+#[test]
+fn a_watchdog_keeps_the_dead_holders_gate_attached_and_closed() {
+    require_root();
+    let site = GateSite::create();
+    let mut holder = Holder::start("gate-with-watchdog", &site.host, "biz0", &[fmt_mac(GUEST_MAC)]);
+    let watchdog = holder.watchdog_pid();
+    holder.wait_line("ready");
+    assert_eq!(site.guest_to_lan(GUEST_MAC, BURST), BURST, "the holder's gate is active: every guest frame must pass");
+    let before = site.attached_gate_counters().expect("no gate on biz0");
+    assert!(before.egress_passed >= BURST, "the holder's gate did not count the guest's frames: {before:?}");
+
+    // The holder dies; its watchdog (which holds duplicates of the links and the map) notices the
+    // end of its stdin pipe and closes the gate.
+    holder.signal(libc::SIGKILL);
+    assert_eq!(holder.wait_line("gate-closed "), "gate-closed 1", "the watchdog must close the one entry");
+    assert_eq!(site.guest_to_lan(GUEST_MAC, BURST), 0, "the dead holder's gate is closed: no guest frame may leave");
+    assert_eq!(site.lan_to_guest(GUEST_MAC, BURST), 0, "the dead holder's gate is closed: no frame to the guest may come in");
+    assert_eq!(site.guest_to_lan(OTHER_MAC, BURST), BURST, "frames from an unprotected MAC must still pass");
+    let after = site
+        .attached_gate_counters()
+        .expect("the gate was detached when its holder died: the watchdog must keep it attached");
+    assert!(
+        after.egress_dropped_inactive >= before.egress_dropped_inactive + BURST && after.ingress_dropped >= before.ingress_dropped + BURST,
+        "the attached gate did not drop the guest's frames both ways: {before:?} → {after:?}"
+    );
+
+    // Once the last holder of the links is gone, so is the gate.
+    kill_and_wait(watchdog);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while site.attached_gate_counters().is_some() {
+        assert!(Instant::now() < deadline, "the gate is still attached after every holder of its links died");
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(site.guest_to_lan(GUEST_MAC, BURST), BURST, "the gate is gone: guest frames must pass again");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The heartbeat responder
 
@@ -196,12 +259,7 @@ fn a_watchdog_reports_the_dead_daemon_and_keeps_the_responder_answering() {
     require_root();
     let pair = ALinkPair::create();
     let mut holder = Holder::spawn("responder-with-watchdog", &pair.a, 9, 42, 1_000);
-    let watchdog: i32 = holder
-        .wait_line("watchdog ")
-        .trim_start_matches("watchdog ")
-        .parse()
-        .expect("watchdog pid");
-    holder.extra_pids.push(watchdog);
+    let watchdog = holder.watchdog_pid();
     holder.wait_line("ready");
     let mut prober = pair.prober();
 
@@ -217,9 +275,7 @@ fn a_watchdog_reports_the_dead_daemon_and_keeps_the_responder_answering() {
     assert_eq!((reply.generation, reply.committed_epoch), (9, 42), "the last published values stay");
 
     // Once the last holder of the link is gone, nobody answers.
-    // SAFETY: kill has no memory-safety preconditions; the pid is the watchdog this test started.
-    unsafe { libc::kill(watchdog, libc::SIGKILL) };
-    wait_gone(watchdog, Duration::from_secs(5));
+    kill_and_wait(watchdog);
     let mut gone = false;
     for _ in 0..20 {
         if prober.probe(Duration::from_millis(50)).expect("probe").is_none() {
@@ -386,6 +442,29 @@ impl GateSite {
     fn attach_gate(&self, initial: &[(Mac, bool, u64)]) -> FenceGate {
         let object = object_path();
         self.host.run(|| FenceGate::attach_with(&object, "biz0", initial).expect("attaching the gate to biz0"))
+    }
+
+    /// The counters of the gate attached to biz0, whoever attached it (this process has no
+    /// handle on a gate that another process attached): found through the tcx egress program,
+    /// the only one on biz0, and the counter map it uses. `None` when no program is attached.
+    fn attached_gate_counters(&self) -> Option<GateCounters> {
+        self.host.run(|| {
+            let (_, programs) = SchedClassifier::query_tcx("biz0", TcAttachType::Egress).expect("querying biz0's tcx egress");
+            let map_ids = programs.first()?.map_ids().expect("the program's maps").expect("map ids (Linux ≥ 4.15)");
+            let id = map_ids
+                .into_iter()
+                .find(|&id| MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some(gate::COUNTERS)))
+                .expect("the gate program uses no counter map");
+            let data = MapData::from_id(id).expect("opening the counter map");
+            let counters: PerCpuArray<MapData, u64> = Map::PerCpuArray(data).try_into().expect("the counter map's type");
+            let read = |index: u32| counters.get(&index, 0).expect("a counter").iter().sum::<u64>();
+            Some(GateCounters {
+                egress_passed: read(gate::EGRESS_PASSED),
+                egress_dropped_inactive: read(gate::EGRESS_DROPPED_INACTIVE),
+                egress_dropped_expired: read(gate::EGRESS_DROPPED_EXPIRED),
+                ingress_dropped: read(gate::INGRESS_DROPPED),
+            })
+        })
     }
 
     /// Frames from `src` (sent on the guest's eth0) to the LAN peer: how many arrived.
@@ -604,14 +683,20 @@ struct Holder {
 }
 
 impl Holder {
+    /// A responder holder on `alink0` in `ns`, publishing the values given.
     fn spawn(mode: &str, ns: &Netns, generation: u64, epoch: u64, progress_ns: u64) -> Self {
+        Self::start(mode, ns, "alink0", &[generation.to_string(), epoch.to_string(), progress_ns.to_string()])
+    }
+
+    /// `ftvm-ebpf-holder <mode> <ns> <ifname> <object> <rest...>`.
+    fn start(mode: &str, ns: &Netns, ifname: &str, rest: &[String]) -> Self {
         let object = object_path();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ftvm-ebpf-holder"))
             .arg(mode)
             .arg(ns.name())
-            .arg("alink0")
+            .arg(ifname)
             .arg(&object)
-            .args([generation.to_string(), epoch.to_string(), progress_ns.to_string()])
+            .args(rest)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -641,6 +726,15 @@ impl Holder {
                 Err(e) => panic!("ftvm-ebpf-holder did not print {prefix:?} ({e}); exit: {:?}", self.child.try_wait()),
             }
         }
+    }
+
+    /// The pid of the watchdog the holder started (its `watchdog <pid>` line); killed with the
+    /// holder on drop.
+    fn watchdog_pid(&mut self) -> i32 {
+        let line = self.wait_line("watchdog ");
+        let pid = line.trim_start_matches("watchdog ").parse().unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        self.extra_pids.push(pid);
+        pid
     }
 
     fn signal(&self, sig: i32) {
@@ -675,6 +769,14 @@ impl Drop for Holder {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// SIGKILLs process `pid` (one this test started) and waits (bounded) until it is gone: its
+/// descriptors are closed then.
+fn kill_and_wait(pid: i32) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is a process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid, Duration::from_secs(5));
 }
 
 /// Waits (bounded) until process `pid` is gone or a zombie.

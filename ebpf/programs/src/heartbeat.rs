@@ -19,7 +19,7 @@
 //!
 //! On veth, a frame sent with `XDP_TX` in driver mode is delivered to the peer end only if that
 //! end has an XDP program attached too (otherwise the kernel drops it). Userspace attaches in
-//! generic mode on veth (see `ftvm-ebpf-host`'s `xdp_link`), where replies leave as ordinary
+//! generic mode on veth (see `ftvm-ebpf-host`'s `link`), where replies leave as ordinary
 //! frames, so the prober's end (the backup's, which gets its own responder only when it takes
 //! over) needs no program.
 //!

@@ -2,30 +2,33 @@
 //!
 //! The egress half is a tc classifier attached through **tcx** (`BPF_TCX_EGRESS`, a BPF link),
 //! which this kernel has (Linux ≥ 6.6; the development machines run 6.18). Chosen over a classic
-//! `clsact` qdisc + `cls_bpf` filter because a tcx link belongs to its file descriptor: the gate
-//! goes away with the process that owns it (no filter left behind on the port by a crashed
-//! daemon, whose VM is gone with it anyway), it needs no qdisc set-up, and tcx's ordering puts the
-//! gate *first* on the port, before any other program that could redirect guest frames past it.
-//! The ingress half is XDP (driver mode where the interface has it).
+//! `clsact` qdisc + `cls_bpf` filter because a tcx link belongs to its file descriptors: the gate
+//! goes away with the last process that holds them (no filter left behind on the port by a
+//! crashed daemon and its watchdog, whose VM is gone with them anyway), it needs no qdisc set-up,
+//! and tcx's ordering puts the gate *first* on the port, before any other program that could
+//! redirect guest frames past it. The ingress half is XDP (driver mode where the interface has
+//! it). Both links are created by us (`crate::link`), so that a [`GateHandoff`] can pass them to
+//! the lease watchdog, which keeps the gate attached (and closes it) once the daemon died; see
+//! `crate::handoff` for why.
 //!
 //! Until [`GateControl::set`] names a guest MAC, the gate lets that MAC's frames through (it knows
 //! nothing about it); [`FenceGate::attach_with`] writes the initial entries before the programs
 //! are attached, so that no frame slips through in between.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
-use aya::programs::links::LinkOrder;
-use aya::programs::tc::{TcAttachOptions, TcAttachType};
-use aya::programs::{ProgramError, SchedClassifier, Xdp};
+use aya::programs::{SchedClassifier, Xdp};
 use aya::Ebpf;
 use ftvm_ebpf_common::gate::{self, GateState, MacKey};
 
+use crate::handoff::GateHandoff;
+use crate::link::{self, XdpMode};
 use crate::mac::{format_mac, Mac};
 use crate::object::{self, ObjectError};
-use crate::xdp_link::{self, XdpMode};
 
-/// Why the gate could not be attached or changed.
+/// Why the gate could not be attached, changed or handed off.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
     #[error(transparent)]
@@ -41,7 +44,7 @@ pub enum GateError {
         program: &'static str,
         ifname: String,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: std::io::Error,
     },
     #[error("Cannot update the gate entry of {mac}")]
     Update {
@@ -51,6 +54,12 @@ pub enum GateError {
     },
     #[error("Cannot read the gate counters")]
     Counters(#[source] MapError),
+    #[error("Cannot list the gate's entries")]
+    Entries(#[source] MapError),
+    #[error("Cannot duplicate the gate's file descriptors for a child process")]
+    Duplicate(#[source] std::io::Error),
+    #[error("Inherited gate descriptors {spec:?} are not usable: {reason}")]
+    Inherited { spec: String, reason: String },
 }
 
 /// The gate's per-CPU counters, summed over CPUs (see `ftvm_ebpf_common::gate`).
@@ -66,15 +75,19 @@ pub struct GateCounters {
     pub ingress_dropped: u64,
 }
 
-/// The fencing gate, attached to one port. Dropping it detaches both programs.
+/// The fencing gate, attached to one port. Dropping it detaches both programs, unless a watchdog
+/// still holds a [`GateHandoff`] of it.
 #[derive(Debug)]
 pub struct FenceGate {
     control: GateControl,
     ifname: String,
     ingress_mode: XdpMode,
-    // Declared last: dropped after the fields above. Holds the programs and the tcx link; the
-    // XDP link is `_ingress_link`.
-    _ingress_link: std::os::fd::OwnedFd,
+    ingress_link: OwnedFd,
+    egress_link: OwnedFd,
+    /// Our own duplicate of the gate map's fd (aya's typed maps do not hand theirs out), from
+    /// which hand-offs are duplicated.
+    gate_map: OwnedFd,
+    // Declared last: dropped after the links. Holds the programs.
     _ebpf: Ebpf,
 }
 
@@ -110,36 +123,42 @@ impl FenceGate {
         ifname: &str,
         initial: &[(Mac, bool, u64)],
     ) -> Result<FenceGate, GateError> {
-        let ifindex = xdp_link::ifindex(ifname)
+        let ifindex = link::ifindex(ifname)
             .map_err(|source| GateError::Interface { ifname: ifname.to_string(), source })?;
         let mut ebpf = object::load(object_path)?;
+        let map: HashMap<MapData, MacKey, GateState> = object::take_map(&mut ebpf, gate::MAP)?;
+        let gate_map = object::dup_map_fd(&map, gate::MAP)?;
         let control = GateControl {
-            inner: Arc::new(Mutex::new(ControlMaps {
-                gate: object::take_map(&mut ebpf, gate::MAP)?,
-                counters: object::take_map(&mut ebpf, gate::COUNTERS)?,
-            })),
+            inner: Arc::new(Mutex::new(ControlMaps { gate: map, counters: object::take_map(&mut ebpf, gate::COUNTERS)? })),
         };
         for &(mac, active, expiry_ns) in initial {
             control.set(mac, active, expiry_ns)?;
         }
+        let attach_error = |program: &'static str| {
+            move |source| GateError::Attach { program, ifname: ifname.to_string(), source }
+        };
 
         let ingress: &mut Xdp = object::load_program(&mut ebpf, gate::INGRESS_PROGRAM)?;
-        let (ingress_link, ingress_mode) = xdp_link::attach(ingress, ifname, ifindex).map_err(|e| GateError::Attach {
-            program: gate::INGRESS_PROGRAM,
-            ifname: ifname.to_string(),
-            source: Box::new(e),
-        })?;
-
+        let (ingress_link, ingress_mode) =
+            link::attach_xdp(ingress, ifname, ifindex).map_err(attach_error(gate::INGRESS_PROGRAM))?;
         let egress: &mut SchedClassifier = object::load_program(&mut ebpf, gate::EGRESS_PROGRAM)?;
-        egress
-            .attach_with_options(ifname, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(|e: ProgramError| GateError::Attach {
-                program: gate::EGRESS_PROGRAM,
-                ifname: ifname.to_string(),
-                source: Box::new(e),
-            })?;
+        let egress_link = link::attach_tcx_egress_first(egress, ifindex).map_err(attach_error(gate::EGRESS_PROGRAM))?;
 
-        Ok(FenceGate { control, ifname: ifname.to_string(), ingress_mode, _ingress_link: ingress_link, _ebpf: ebpf })
+        Ok(FenceGate {
+            control,
+            ifname: ifname.to_string(),
+            ingress_mode,
+            ingress_link,
+            egress_link,
+            gate_map,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Duplicates of the gate's map and links, for a watchdog child process (see
+    /// [`GateHandoff`]).
+    pub fn handoff(&self) -> Result<GateHandoff, GateError> {
+        GateHandoff::duplicate(&self.gate_map, &self.ingress_link, &self.egress_link)
     }
 
     /// A handle to change the gate's entries and read its counters.

@@ -5,9 +5,11 @@
 //!   [`GateControl`] that says, per protected guest MAC, whether this host may emit the guest's
 //!   frames and until when ([`monotonic_ns`] time).
 //! - [`HeartbeatResponder`] attaches the XDP heartbeat responder to the A-Link port; its
-//!   [`ResponderControl`] publishes what replies carry. A [`ResponderHandoff`] passes the
-//!   responder to a watchdog child process, which keeps it answering (and says "daemon dead")
-//!   once the daemon died.
+//!   [`ResponderControl`] publishes what replies carry.
+//! - A [`ResponderHandoff`] and a [`GateHandoff`] pass the responder and the gate to a watchdog
+//!   child process ([`spawn_inheriting`]), which keeps both attached once the daemon died: it
+//!   closes the gate ([`InheritedGate`]) and says "daemon dead" in the replies
+//!   ([`InheritedResponder`]).
 //! - [`Prober`] probes a peer's responder over UDP and returns its replies with the round-trip
 //!   time.
 //!
@@ -17,18 +19,18 @@
 mod clock;
 mod gate;
 mod handoff;
+mod link;
 mod mac;
 mod object;
 mod prober;
 mod responder;
-mod xdp_link;
 
 pub use clock::{instant_to_monotonic_ns, monotonic_ns};
 pub use ftvm_ebpf_common::heartbeat::{DaemonState, PeerProbe, ProbeFrame, KIND_REPLY as HEARTBEAT_REPLY_KIND, PORT as HEARTBEAT_PORT};
 pub use gate::{FenceGate, GateControl, GateCounters, GateError};
-pub use handoff::{InheritedResponder, ResponderHandoff};
+pub use handoff::{spawn_inheriting, GateHandoff, Handoff, InheritedGate, InheritedResponder, ResponderHandoff};
 pub use mac::{format_mac, parse_mac, Mac};
 pub use object::ObjectError;
 pub use prober::{ProbeError, ProbeReply, Prober};
 pub use responder::{HeartbeatResponder, ResponderControl, ResponderError};
-pub use xdp_link::XdpMode;
+pub use link::XdpMode;

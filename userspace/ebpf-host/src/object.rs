@@ -1,10 +1,11 @@
 //! Loading `target/ebpf/ftvm-ebpf` and taking typed programs and maps out of it.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Map, MapError};
+use aya::maps::{IterableMap, Map, MapError};
 use aya::programs::{Program, ProgramError};
-use aya::{Ebpf, EbpfError};
+use aya::{Ebpf, EbpfError, Pod};
 
 /// Why the eBPF object or one of its parts could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +38,6 @@ pub enum ObjectError {
     },
     #[error("The eBPF object has no map {0} (an older object? rebuild it)")]
     MissingMap(&'static str),
-    #[error("The eBPF object's map {0} is not an array")]
-    NotAnArray(&'static str),
     #[error("Cannot duplicate the fd of map {name}")]
     MapFd {
         name: &'static str,
@@ -80,18 +79,10 @@ where
     M::try_from(map).map_err(|source| ObjectError::MapType { name, source })
 }
 
-/// A duplicate (close-on-exec) of the fd of map `name`, which must be an array map.
-pub(crate) fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, ObjectError> {
-    use std::os::fd::AsFd;
-    match ebpf.map(name) {
-        Some(Map::Array(data)) => data
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| ObjectError::MapFd { name, source }),
-        Some(_) => Err(ObjectError::NotAnArray(name)),
-        None => Err(ObjectError::MissingMap(name)),
-    }
+/// A duplicate (close-on-exec) of the fd of `map` (map `name` of the object), to hand to a child
+/// process.
+pub(crate) fn dup_map_fd<K: Pod, V>(map: &impl IterableMap<K, V>, name: &'static str) -> Result<OwnedFd, ObjectError> {
+    map.map().fd().as_fd().try_clone_to_owned().map_err(|source| ObjectError::MapFd { name, source })
 }
 
 /// The program types we load (aya gives each its own `load`).

@@ -19,7 +19,7 @@ use ftvm_ebpf_common::heartbeat::{self, DaemonState, PeerProbe, ResponderState};
 
 use crate::handoff::ResponderHandoff;
 use crate::object::{self, ObjectError};
-use crate::xdp_link::{self, XdpMode};
+use crate::link::{self, XdpMode};
 
 /// Why the responder could not be attached, published to, or handed off.
 #[derive(Debug, thiserror::Error)]
@@ -91,17 +91,16 @@ impl HeartbeatResponder {
     /// thread's network namespace). Replies say [`DaemonState::Unknown`] until the daemon sets
     /// its state.
     pub fn attach(object_path: &std::path::Path, ifname: &str) -> Result<HeartbeatResponder, ResponderError> {
-        let ifindex = xdp_link::ifindex(ifname)
+        let ifindex = link::ifindex(ifname)
             .map_err(|source| ResponderError::Interface { ifname: ifname.to_string(), source })?;
         let mut ebpf = object::load(object_path)?;
-        let responder_map = object::dup_map_fd(&ebpf, heartbeat::RESPONDER_MAP)?;
-        let peer_map = object::dup_map_fd(&ebpf, heartbeat::PEER_MAP)?;
-        let control = ResponderControl::new(
-            object::take_map(&mut ebpf, heartbeat::RESPONDER_MAP)?,
-            object::take_map(&mut ebpf, heartbeat::PEER_MAP)?,
-        )?;
+        let responder: Array<MapData, ResponderState> = object::take_map(&mut ebpf, heartbeat::RESPONDER_MAP)?;
+        let peer: Array<MapData, PeerProbe> = object::take_map(&mut ebpf, heartbeat::PEER_MAP)?;
+        let responder_map = object::dup_map_fd(&responder, heartbeat::RESPONDER_MAP)?;
+        let peer_map = object::dup_map_fd(&peer, heartbeat::PEER_MAP)?;
+        let control = ResponderControl::new(responder, peer)?;
         let program: &mut Xdp = object::load_program(&mut ebpf, heartbeat::PROGRAM)?;
-        let (link, mode) = xdp_link::attach(program, ifname, ifindex)
+        let (link, mode) = link::attach_xdp(program, ifname, ifindex)
             .map_err(|source| ResponderError::Attach { ifname: ifname.to_string(), source })?;
         Ok(HeartbeatResponder {
             control,

@@ -30,8 +30,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_ebpf_host::{
-    format_mac, monotonic_ns, DaemonState, FenceGate, GateControl, HeartbeatResponder, Mac, Prober, ResponderControl,
-    ResponderHandoff,
+    format_mac, monotonic_ns, DaemonState, FenceGate, GateControl, GateHandoff, HeartbeatResponder, Mac, Prober,
+    ResponderControl, ResponderHandoff,
 };
 use ftvm_repl::ha::fence::{Fence, NoFence};
 use ftvm_repl::ha::lease::{Lease, LeaseView};
@@ -158,6 +158,13 @@ fn us_to_ns(us: u64) -> u64 {
     }
 }
 
+/// What the lease watchdog inherits from the primary: each part that is attached.
+#[derive(Debug, Default)]
+pub struct EbpfHandoff {
+    pub responder: Option<ResponderHandoff>,
+    pub gate: Option<GateHandoff>,
+}
+
 /// What a host attached, and the handles to keep it current.
 #[derive(Debug, Default)]
 pub struct HostEbpf {
@@ -267,13 +274,19 @@ impl HostEbpf {
         self.responder.get().map(HeartbeatResponder::control)
     }
 
-    /// Duplicates of the responder for the lease watchdog, which marks the daemon dead when this
-    /// process dies (and keeps the responder answering meanwhile).
-    pub fn handoff(&self) -> Option<ResponderHandoff> {
-        let r = self.responder.get()?;
-        r.handoff()
-            .map_err(|e| tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot hand the responder to the watchdog"))
-            .ok()
+    /// Duplicates of the responder and the gate for the lease watchdog, which holds both when this
+    /// process dies: it closes the gate (whose detach would otherwise stall the backup's
+    /// takeover, see `ftvm_ebpf_host`'s `handoff` module) and marks the daemon dead in the
+    /// responder, which keeps answering. What cannot be handed over just goes with this process.
+    pub fn handoff(&self) -> EbpfHandoff {
+        fn or_warn<T, E: std::error::Error + 'static>(what: &str, r: Result<T, E>) -> Option<T> {
+            r.map_err(|e| tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot hand the {what} to the lease watchdog"))
+                .ok()
+        }
+        EbpfHandoff {
+            responder: self.responder.get().and_then(|r| or_warn("heartbeat responder", r.handoff())),
+            gate: self.gate.as_ref().and_then(|(g, _)| or_warn("fencing gate", g.handoff())),
+        }
     }
 
     /// Publishes `progress()` (generation, committed epoch, progress marker) every few

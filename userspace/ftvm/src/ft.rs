@@ -33,7 +33,7 @@ use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 
 use crate::cli::{parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
-use crate::ebpf::{EbpfArgs, HostEbpf};
+use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
 use crate::secret::read_secret;
@@ -154,16 +154,16 @@ fn engine_config(args: &PrimaryArgs) -> EngineConfig {
 }
 
 /// Claims the lease to start the VM (keeping the disk's term file in step with it) and starts the
-/// watchdog that releases it if this process dies; it inherits `responder`. Without a quorum:
+/// watchdog that releases it if this process dies; it inherits `handoff`. Without a quorum:
 /// nothing to claim, no watchdog.
-fn start_lease(args: &PrimaryArgs, responder: Option<ftvm_ebpf_host::ResponderHandoff>) -> Result<(Lease, Option<Watchdog>)> {
+fn start_lease(args: &PrimaryArgs, handoff: EbpfHandoff) -> Result<(Lease, Option<Watchdog>)> {
     let term_file = TermFile::for_disk(&args.vm.disk, &args.quorum.vm_id);
     let known = term_file.read().context("cannot read the disk's term")?;
     let lease = args.quorum.lease(&args.secret_file, known)?;
     if claim_start(&lease, &term_file, Duration::from_secs(args.connect_timeout))?.is_none() {
         return Ok((lease, None));
     }
-    let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, responder)?;
+    let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, handoff)?;
     Ok((lease, Some(watchdog)))
 }
 
@@ -171,7 +171,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let secret = read_secret(&args.secret_file)?;
     let config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
     // In the host's namespace (prepare_vm entered it), before the lease and the VM: the guest is
-    // fenced until the lease says otherwise, and the watchdog inherits the responder.
+    // fenced until the lease says otherwise, and the watchdog inherits the responder and the gate.
     let mut host_ebpf = HostEbpf::attach(&args.ebpf, args.vm.net.mac)?;
     let (lease, watchdog) = start_lease(&args, host_ebpf.handoff())?;
     if lease.has_quorum() {

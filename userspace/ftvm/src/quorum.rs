@@ -7,10 +7,13 @@
 //! milliseconds instead of waiting for the lease to run out. A whole host that dies takes its
 //! watchdog with it: then the lease runs out.
 //!
-//! With a heartbeat responder on the A-Link, the watchdog also inherits it (its link and maps,
-//! see `ftvm_ebpf_host::ResponderHandoff`): when the primary dies, the watchdog first writes
-//! "daemon dead" into the replies (the backup's probes then know at once), then releases the
-//! lease, and keeps the responder answering a moment longer.
+//! The watchdog also inherits the primary's eBPF programs (their links and maps, see
+//! `ftvm_ebpf_host::spawn_inheriting`): the fencing gate on the business port and the heartbeat
+//! responder on the A-Link, each if attached. When the primary dies, the watchdog first closes the
+//! gate (none of the guest's frames pass this host any more), then writes "daemon dead" into the
+//! responder's replies (the backup's probes then know at once), then releases the lease, and
+//! keeps both attached a moment longer: the kernel detaches them when the watchdog exits, after
+//! the backup's takeover, which the detach (under the rtnl lock) would otherwise stall.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -21,13 +24,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use ftvm_ebpf_host::{DaemonState, InheritedResponder, ResponderHandoff};
+use ftvm_ebpf_host::{spawn_inheriting, DaemonState, Handoff, InheritedGate, InheritedResponder};
 use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView};
 use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
 use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
 use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
 
+use crate::ebpf::EbpfHandoff;
 use crate::secret::read_secret;
 
 /// Which quorum decides who may run the VM alone.
@@ -151,17 +155,22 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the watchdog and keeps it told of `lease`'s term; it inherits `responder`, if any.
-    pub fn start(args: &QuorumArgs, alink_secret: &Path, lease: &Lease, responder: Option<ResponderHandoff>) -> Result<Self> {
+    /// Starts the watchdog and keeps it told of `lease`'s term; it inherits what `handoff` holds.
+    pub fn start(args: &QuorumArgs, alink_secret: &Path, lease: &Lease, handoff: EbpfHandoff) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(args.watchdog_args(alink_secret)?).stdin(Stdio::piped()).stdout(Stdio::null());
-        let spawned = match &responder {
-            Some(handoff) => handoff.spawn(&mut cmd, "--responder-fds"),
-            None => cmd.spawn(),
-        };
+        // The flags of `WatchdogArgs`.
+        let mut inherit: Vec<(&str, &dyn Handoff)> = Vec::new();
+        if let Some(r) = &handoff.responder {
+            inherit.push(("--responder-fds", r));
+        }
+        if let Some(g) = &handoff.gate {
+            inherit.push(("--gate-fds", g));
+        }
+        let spawned = spawn_inheriting(&mut cmd, &inherit);
         // This process's duplicates are not needed once the child has its own.
-        drop(responder);
+        drop(handoff);
         let mut child = spawned.context("cannot start the lease watchdog")?;
         let stdin = Arc::new(Mutex::new(child.stdin.take()));
         let pipe = Arc::clone(&stdin);
@@ -187,7 +196,8 @@ impl Watchdog {
     }
 }
 
-/// How long the watchdog keeps the responder answering "daemon dead" after the primary died.
+/// How long the watchdog keeps the responder answering "daemon dead", and the closed gate
+/// attached, after the primary died (the backup takes over within milliseconds of the release).
 const DEAD_ANSWER_LINGER: Duration = Duration::from_millis(300);
 
 /// `ftvm lease-watchdog` options.
@@ -198,6 +208,9 @@ pub struct WatchdogArgs {
     /// The heartbeat responder's descriptors, inherited from the primary.
     #[arg(long)]
     pub responder_fds: Option<String>,
+    /// The fencing gate's descriptors, inherited from the primary.
+    #[arg(long)]
+    pub gate_fds: Option<String>,
 }
 
 /// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none` and `stop` lines.
@@ -206,9 +219,15 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
     // its parent to do its work, and ends when its parent's pipe does.
     crate::signals::block_stop_signals()?;
     let responder = match &args.responder_fds {
-        // SAFETY: the primary started this process through `ResponderHandoff::spawn` with this
-        // argument, and nothing else in this process touches those descriptors; taken once.
+        // SAFETY: the primary started this process through `spawn_inheriting` with this argument
+        // for its responder, and nothing else in this process touches those descriptors; taken
+        // once.
         Some(spec) => Some(unsafe { InheritedResponder::from_inherited(spec) }.context("cannot take the heartbeat responder")?),
+        None => None,
+    };
+    let mut gate = match &args.gate_fds {
+        // SAFETY: as for the responder, with the argument for its gate.
+        Some(spec) => Some(unsafe { InheritedGate::from_inherited(spec) }.context("cannot take the fencing gate")?),
         None => None,
     };
     let args = args.quorum;
@@ -224,8 +243,15 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
             other => term = other.strip_prefix("term ").and_then(|t| t.parse::<u64>().ok()).or(term),
         }
     }
-    // The pipe ended without "stop": the primary is gone. Said first in the heartbeat replies:
-    // that needs no network round trip.
+    // The pipe ended without "stop": the primary is gone. Its guest is gone with it: the gate
+    // lets nothing of it pass any more (and stays attached, see the module documentation).
+    if let Some(g) = &mut gate {
+        match g.close() {
+            Ok(entries) => tracing::warn!(entries, "the primary died: its fencing gate is closed"),
+            Err(e) => tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot close the dead primary's fencing gate (its entries expire with the lease)"),
+        }
+    }
+    // Then said in the heartbeat replies: that needs no network round trip.
     if let Some(r) = &responder {
         match r.control().set_daemon_state(DaemonState::Dead) {
             Ok(()) => tracing::warn!("the primary died: its heartbeat responder says so"),
@@ -233,7 +259,7 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
         }
     }
     let linger = || {
-        if responder.is_some() {
+        if responder.is_some() || gate.is_some() {
             std::thread::sleep(DEAD_ANSWER_LINGER);
         }
     };

@@ -1,19 +1,27 @@
-//! Attaching an XDP program with a BPF link whose file descriptor we own.
+//! Attaching programs with BPF links whose file descriptors we own: XDP (the gate's ingress half
+//! and the heartbeat responder) and tcx egress (the gate's egress half).
 //!
-//! aya 0.13 keeps the link fd of an XDP attachment private. The heartbeat responder needs the fd
-//! itself: a duplicate handed to the watchdog process keeps the program attached after the daemon
-//! died (the link lives as long as any fd to it), so we create the link with `BPF_LINK_CREATE`
-//! directly. The program itself is still loaded (and verified) by aya.
+//! aya 0.13 keeps the link fds of its attachments private. We need the fds themselves: a
+//! duplicate handed to the lease watchdog process keeps a program attached after the daemon died
+//! (a link lives as long as any fd to it). That matters twice: the responder must keep answering
+//! "daemon dead", and the gate must not be detached by the daemon's death, because that detach
+//! runs under the kernel's rtnl lock for milliseconds (RCU synchronisation) exactly when the
+//! backup takes over and opens its TAP, which needs the same lock. So we create the links with
+//! `BPF_LINK_CREATE` directly. The programs themselves are still loaded (and verified) by aya.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use aya::programs::Xdp;
+use aya::programs::{ProgramError, ProgramFd, SchedClassifier, Xdp};
 
 /// `BPF_LINK_CREATE` from `enum bpf_cmd` (include/uapi/linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
-/// `BPF_XDP` from `enum bpf_attach_type`.
+/// `BPF_XDP` and `BPF_TCX_EGRESS` from `enum bpf_attach_type`.
 const BPF_XDP: u32 = 37;
+const BPF_TCX_EGRESS: u32 = 47;
+/// `BPF_F_BEFORE` (include/uapi/linux/bpf.h): with no relative fd or id, "before every program
+/// attached there", i.e. first (what aya's `LinkOrder::first()` sends).
+const BPF_F_BEFORE: u32 = 1 << 3;
 /// `XDP_FLAGS_SKB_MODE` / `XDP_FLAGS_DRV_MODE` (include/uapi/linux/if_link.h).
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
@@ -27,15 +35,21 @@ pub enum XdpMode {
     Generic,
 }
 
-/// The `link_create` member of `union bpf_attr`, for an XDP target, followed by zeroes up to the
-/// size the kernel checks (it refuses non-zero bytes it does not know).
+/// The `link_create` member of `union bpf_attr` for a network device target, with its `tcx`
+/// member (zero for XDP), followed by zeroes up to the size the kernel checks (it refuses
+/// non-zero bytes it does not know).
 #[repr(C)]
 struct LinkCreateAttr {
     prog_fd: u32,
     target_ifindex: u32,
     attach_type: u32,
     flags: u32,
-    _rest: [u64; 8],
+    /// `tcx.relative_fd` (a union with `tcx.relative_id`).
+    relative_fd: u32,
+    _pad: u32,
+    /// `tcx.expected_revision`: 0 attaches whatever the revision.
+    expected_revision: u64,
+    _rest: [u64; 6],
 }
 
 /// Attaches `program` (loaded) to interface `ifname` (index `ifindex`): in driver mode if the
@@ -51,17 +65,29 @@ struct LinkCreateAttr {
 /// pieces for a program that declares multi-buffer support (ours are all `#[xdp(frags)]`), into
 /// one linear buffer (an order-5 atomic allocation, which can fail and drop the segment) for one
 /// that does not.
-pub(crate) fn attach(program: &Xdp, ifname: &str, ifindex: u32) -> io::Result<(OwnedFd, XdpMode)> {
-    let prog_fd = program.fd().map_err(io::Error::other)?;
-    let prog_fd = u32::try_from(prog_fd.as_fd().as_raw_fd()).map_err(io::Error::other)?;
-    let generic = || link_create(prog_fd, ifindex, XDP_FLAGS_SKB_MODE).map(|fd| (fd, XdpMode::Generic));
+pub(crate) fn attach_xdp(program: &Xdp, ifname: &str, ifindex: u32) -> io::Result<(OwnedFd, XdpMode)> {
+    let prog_fd = raw_prog_fd(program.fd())?;
+    let xdp = |flags| link_create(prog_fd, ifindex, BPF_XDP, flags);
+    let generic = || xdp(XDP_FLAGS_SKB_MODE).map(|fd| (fd, XdpMode::Generic));
     if driver_name(ifname).is_ok_and(|d| d == "veth") {
         return generic();
     }
-    match link_create(prog_fd, ifindex, XDP_FLAGS_DRV_MODE) {
+    match xdp(XDP_FLAGS_DRV_MODE) {
         Ok(fd) => Ok((fd, XdpMode::Driver)),
         Err(drv) => generic().map_err(|skb| io::Error::new(skb.kind(), format!("driver mode: {drv}; generic mode: {skb}"))),
     }
+}
+
+/// Attaches `program` (loaded) to the egress of interface `ifindex` through tcx, before every
+/// program already there. The program stays attached while the returned fd (or a duplicate of
+/// it, in any process) is open.
+pub(crate) fn attach_tcx_egress_first(program: &SchedClassifier, ifindex: u32) -> io::Result<OwnedFd> {
+    link_create(raw_prog_fd(program.fd())?, ifindex, BPF_TCX_EGRESS, BPF_F_BEFORE)
+}
+
+fn raw_prog_fd(fd: Result<&ProgramFd, ProgramError>) -> io::Result<u32> {
+    let fd = fd.map_err(io::Error::other)?;
+    u32::try_from(fd.as_fd().as_raw_fd()).map_err(io::Error::other)
 }
 
 /// `SIOCETHTOOL` and `ETHTOOL_GDRVINFO` (include/uapi/linux/sockios.h, ethtool.h).
@@ -119,8 +145,19 @@ pub(crate) fn driver_name(name: &str) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
-fn link_create(prog_fd: u32, ifindex: u32, flags: u32) -> io::Result<OwnedFd> {
-    let attr = LinkCreateAttr { prog_fd, target_ifindex: ifindex, attach_type: BPF_XDP, flags, _rest: [0; 8] };
+/// `BPF_LINK_CREATE` of program `prog_fd` on interface `ifindex`. For tcx, `flags` place the
+/// program relative to no particular program (`relative_fd` 0).
+fn link_create(prog_fd: u32, ifindex: u32, attach_type: u32, flags: u32) -> io::Result<OwnedFd> {
+    let attr = LinkCreateAttr {
+        prog_fd,
+        target_ifindex: ifindex,
+        attach_type,
+        flags,
+        relative_fd: 0,
+        _pad: 0,
+        expected_revision: 0,
+        _rest: [0; 6],
+    };
     // SAFETY: `attr` is a valid, fully initialised `bpf_attr` prefix of the size passed; the
     // kernel only reads it.
     let rc = unsafe {
@@ -149,6 +186,15 @@ pub(crate) fn ifindex(name: &str) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_create_attribute_has_the_kernels_layout() {
+        // Offsets of `union bpf_attr`'s `link_create` members (include/uapi/linux/bpf.h).
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, attach_type), 8);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, relative_fd), 16);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, expected_revision), 24);
+        assert_eq!(std::mem::size_of::<LinkCreateAttr>(), 80);
+    }
 
     #[test]
     fn the_driver_of_a_missing_or_overlong_interface_is_an_error() {
