@@ -1,6 +1,8 @@
-//! The append-only log on the block device.
+//! The append-only log on the block device: its format, replay, and the group-committing writer
+//! of one log region. [`crate::rewrite`] puts them together: the header, the active region and
+//! the background rewrite described below.
 //!
-//! # On-disk format (all integers little-endian)
+//! # On-disk format, version 2 (all integers little-endian)
 //!
 //! Sector 0 (512 bytes) is the header:
 //!
@@ -8,11 +10,19 @@
 //! |---|---|
 //! | 0..8 | magic `FTVMAOF\0` |
 //! | 8..12 | format version, [`VERSION`] |
-//! | 12..16 | boot generation: bumped (and made durable) at every boot before anything is appended |
-//! | 16..20 | CRC-32 of bytes 0..16 |
-//! | 20..512 | zero |
+//! | 12..16 | generation: no record on the disk carries a higher one (see below) |
+//! | 16..20 | base generation: no record of the active region carries a lower one |
+//! | 20..28 | active region: first byte (a multiple of 512, at least 512) |
+//! | 28..36 | active region: length in bytes (a multiple of 512; the region ends inside the disk) |
+//! | 36..40 | CRC-32 of bytes 0..36 |
+//! | 40..512 | zero |
 //!
-//! Records follow from byte 512, back to back (not sector aligned):
+//! The header names the **active region**: the one log that replay reads. The rest of the disk
+//! is free space for the next rewrite. A fresh disk is laid out as two halves after the header
+//! ([`crate::rewrite::standard_regions`]), the first one active; each completed rewrite makes the
+//! other one active.
+//!
+//! Records follow one another from the region's first byte (not sector aligned):
 //!
 //! | bytes | field |
 //! |---|---|
@@ -23,20 +33,87 @@
 //! A payload is the write's effect as a command: `SET key value`, `DEL key...`, `MSET k v...` or
 //! `FLUSHALL` (an `INCR` is logged as the `SET` of its result), so replay is deterministic.
 //!
+//! ## Version 1
+//! A version-1 header is bytes 0..16 as above (version 1) with the CRC-32 of bytes 0..16 at
+//! 16..20, and its log is the whole disk after sector 0. Such a disk is still read: it replays as
+//! one region `[512, end of disk)` with base generation 0, and the header written at boot is
+//! already a version-2 one naming that same region, so nothing moves. Its first rewrite moves the
+//! data to the two-region layout: if the old log ends in the first three quarters of the first
+//! half, that half becomes its region (the header that starts the rewrite shrinks it) and the
+//! rewrite goes to the second half; otherwise the rewrite goes to the free space behind the old
+//! log (the last half of it; the old log may grow into the first half meanwhile), and the rewrite
+//! after that goes to the first half.
+//!
 //! # Replay
-//! Records are applied from byte 512 until the first one that is short (runs past the end of the
-//! disk or of what was written), has a bad CRC, an impossible length or payload, or a generation
-//! that is lower than its predecessor's or higher than the header's. Appending then resumes at the
-//! end of the last good record, overwriting the torn tail. The generation check is what makes that
-//! overwrite safe: a new record may be shorter than the garbage it replaces, and whole records of
-//! an older boot that survive behind it are rejected because their generation is lower.
+//! Records are applied from the active region's first byte until the first one that is short
+//! (runs past the region's end or past what was written), has a bad CRC, an impossible length or
+//! payload, or a generation that is lower than its predecessor's (or than the base generation)
+//! or higher than the header's. Appending then resumes at the end of the last good record,
+//! overwriting the torn tail. The generation check is what makes that overwrite safe: a new
+//! record may be shorter than the garbage it replaces, and whole records of an older writer that
+//! survive behind it are rejected because their generation is lower.
+//!
+//! # Generations
+//! A generation is made durable in the header before any record carries it: every boot writes the
+//! header with the generation bumped before it appends anything, and so does every rewrite
+//! before it writes its first record. So each writer of a region (a boot appending to it, or a
+//! rewrite filling it) uses a generation no earlier writer of that region used, higher than all
+//! of theirs; and the header that makes a region active sets the base generation to the
+//! rewrite's, so nothing left in the region from an older use (stale records behind the new
+//! log's end, or at its very start if the first write were torn) can be taken for part of it.
 //!
 //! # Group commit
 //! [`LogWriter`] collects the records appended while a write is in flight and sends them in the
 //! next single write request, starting at the sector that holds the end of the log: the partial
 //! last sector is kept in memory and rewritten with the new records after it (so the design relies
 //! on single-sector writes being atomic, as databases commonly do). A flush follows each write
-//! when the device supports it; only then is the write's sequence number durable.
+//! when the device supports it; only then is the write's sequence number durable. Every write
+//! command is one record with the next sequence number; a client's reply is released once its
+//! sequence number is durable (see [`crate::conn`]).
+//!
+//! # Rewrite ([`crate::rewrite::Aof`])
+//! Like Redis's `BGREWRITEAOF`, but without fork: the guest is single-threaded and polls, so the
+//! rewrite is a state machine that the main loop advances a bounded amount per turn while it
+//! serves. It starts when the active log fills half of its region and the live data (estimated
+//! from the store's size) is at most half the log (or the log fills three quarters and the
+//! rewrite frees an eighth of the region), or on `BGREWRITEAOF`.
+//!
+//! 1. **Start.** The header is written with the generation bumped (the rewrite's generation G)
+//!    and, for a version-1 layout, the active region shrunk; then flushed. Nothing else changes:
+//!    a crash now replays the old log as before.
+//! 2. **Copy.** A second writer appends to the other region, with generation G. A key cursor
+//!    walks the store (a B-tree: each turn resumes at the first key after the last one visited)
+//!    and appends `SET key value` for each key, up to [`crate::rewrite::STEP_BYTES`] per turn and
+//!    while less than [`crate::rewrite::MAX_BACKLOG`] bytes wait for the disk. Every write meanwhile
+//!    goes to the old log as before (and is acknowledged when durable there), and also to the new
+//!    one, in the same order relative to the copied records. Because records are state effects,
+//!    the new log replays to the current state once the cursor has visited every key: a key
+//!    written before its visit is copied with the value that includes the write; a key written
+//!    after its visit gets the write's record after its copy; a deleted or flushed key is not
+//!    visited, or is removed by the `DEL`/`FLUSHALL` record that follows its copy.
+//! 3. **Drain.** Once every key is copied, writes go to the new log only, and are acknowledged
+//!    only when the switch below is durable (replay may still pick the old log until then). The
+//!    old log finishes what it had (acknowledging the writes before this point).
+//! 4. **Switch.** When the new log is durable up to the end it had when the copy finished, the
+//!    header naming the new region (generation and base generation G) is written, then flushed:
+//!    that single-sector write is the atomic switch. Then the writes held in step 3 are
+//!    acknowledged as the new log makes them durable, the old writer is dropped once its last
+//!    request has come back, and the old region is free for the next rewrite.
+//!
+//! Crash safety, at every point: before the switch's header write reaches the disk, replay reads
+//! the old log, which holds every acknowledged write (nothing is acknowledged from the new log
+//! before the switch is durable, and the old log got every write up to the drain). After it,
+//! replay reads the new log, which was durable up to the drain before the header was written, and
+//! whose later records are acknowledged only when durable. While the header write is in flight,
+//! either may be picked, and both hold every acknowledged write.
+//!
+//! A rewrite does not start when the live data would take more than seven eighths of the new
+//! region. If the new region fills up before the copy is done (writes during the copy filled the
+//! rest), the rewrite is abandoned (`aof_last_bgrewrite_status:err`) and the old log carries on;
+//! the next automatic attempt waits until the log has grown by another sixteenth of its region.
+//! If the active region fills, writes get `ERR disk log full` as before; the threshold above
+//! leaves the other half of the region for writes while the copy runs. A steady write load thus
+//! runs for as long as the live data fits in half the disk.
 
 use alloc::vec::Vec;
 
@@ -46,9 +123,11 @@ use crate::crc32::{crc32, Crc32};
 pub const SECTOR: usize = 512;
 /// Magic at the start of the header sector.
 pub const MAGIC: [u8; 8] = *b"FTVMAOF\0";
-/// Format version in the header.
-pub const VERSION: u32 = 1;
-/// Byte offset of the first record.
+/// Format version this code writes.
+pub const VERSION: u32 = 2;
+/// The first format version (one log over the whole disk), still read.
+pub const VERSION_1: u32 = 1;
+/// Byte offset of the first record of a version-1 disk, and of the first region.
 pub const FIRST_RECORD: u64 = SECTOR as u64;
 /// Bytes before a record's payload (`len` and CRC).
 pub const RECORD_HEADER: usize = 8;
@@ -58,36 +137,79 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// The header sector's contents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// Boot generation of the log's owner.
+    /// Format version it was read as ([`VERSION`] or [`VERSION_1`]); always written as
+    /// [`VERSION`].
+    pub version: u32,
+    /// No record on the disk carries a higher generation.
     pub generation: u32,
+    /// No record of the active region carries a lower generation.
+    pub base_generation: u32,
+    /// First byte of the active region.
+    pub start: u64,
+    /// Length of the active region in bytes.
+    pub len: u64,
 }
 
 impl Header {
-    /// The header sector's bytes.
+    /// End of the active region (exclusive).
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// The header sector's bytes (always version 2).
     pub fn encode(&self) -> [u8; SECTOR] {
         let mut s = [0u8; SECTOR];
         s[0..8].copy_from_slice(&MAGIC);
         s[8..12].copy_from_slice(&VERSION.to_le_bytes());
         s[12..16].copy_from_slice(&self.generation.to_le_bytes());
-        let crc = crc32(&s[0..16]);
-        s[16..20].copy_from_slice(&crc.to_le_bytes());
+        s[16..20].copy_from_slice(&self.base_generation.to_le_bytes());
+        s[20..28].copy_from_slice(&self.start.to_le_bytes());
+        s[28..36].copy_from_slice(&self.len.to_le_bytes());
+        let crc = crc32(&s[0..36]);
+        s[36..40].copy_from_slice(&crc.to_le_bytes());
         s
     }
 
-    /// Decodes a header sector; `None` if it is not one of ours (a fresh disk, or garbage).
-    pub fn decode(sector: &[u8]) -> Option<Self> {
-        if sector.len() < 20 || sector[0..8] != MAGIC {
+    /// Decodes a header sector of a disk `disk_bytes` long; `None` if it is not one of ours (a
+    /// fresh disk, or garbage). A version-1 header's region is the whole disk after sector 0. The
+    /// region of a version-2 header is not checked against the disk here (see
+    /// [`Header::fits`]).
+    pub fn decode(sector: &[u8], disk_bytes: u64) -> Option<Self> {
+        if sector.len() < 40 || sector[0..8] != MAGIC {
             return None;
         }
-        if u32::from_le_bytes(sector[16..20].try_into().ok()?) != crc32(&sector[0..16]) {
-            return None;
+        let version = read_u32(sector, 8)?;
+        let generation = read_u32(sector, 12)?;
+        match version {
+            VERSION_1 if read_u32(sector, 16)? == crc32(&sector[0..16]) => Some(Self {
+                version,
+                generation,
+                base_generation: 0,
+                start: FIRST_RECORD,
+                len: disk_bytes.saturating_sub(FIRST_RECORD) / SECTOR as u64 * SECTOR as u64,
+            }),
+            VERSION if read_u32(sector, 36)? == crc32(&sector[0..36]) => Some(Self {
+                version,
+                generation,
+                base_generation: read_u32(sector, 16)?,
+                start: read_u64(sector, 20)?,
+                len: read_u64(sector, 28)?,
+            }),
+            _ => None,
         }
-        if u32::from_le_bytes(sector[8..12].try_into().ok()?) != VERSION {
-            return None;
-        }
-        Some(Self {
-            generation: u32::from_le_bytes(sector[12..16].try_into().ok()?),
-        })
+    }
+
+    /// True when the active region is sector aligned, after the header and inside a disk of
+    /// `disk_bytes` bytes.
+    pub fn fits(&self, disk_bytes: u64) -> bool {
+        let s = SECTOR as u64;
+        self.start >= FIRST_RECORD
+            && self.start.is_multiple_of(s)
+            && self.len.is_multiple_of(s)
+            && self
+                .start
+                .checked_add(self.len)
+                .is_some_and(|end| end <= disk_bytes)
     }
 }
 
@@ -117,6 +239,10 @@ pub fn encode_record(generation: u32, args: &[&[u8]], out: &mut Vec<u8>) {
 
 fn read_u32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn read_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
 /// Decodes a payload into its generation and arguments; `None` if it is inconsistent.
@@ -151,13 +277,15 @@ pub enum ReplayStop {
     Corrupt,
 }
 
-/// Streaming replay: feed the log's bytes from [`FIRST_RECORD`] on, in order, in any chunks.
+/// Streaming replay of one region: feed its bytes from its first byte on, in order, in any chunks.
 #[derive(Debug)]
 pub struct Replay {
     buf: Vec<u8>,
+    /// First byte of the region.
+    start: u64,
     /// Log offset of `buf[0]`.
     offset: u64,
-    /// End of the device, in bytes.
+    /// End of the region, in bytes.
     limit: u64,
     max_generation: u32,
     last_generation: u32,
@@ -166,14 +294,16 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Replay of a device `limit` bytes long whose header carries `max_generation`.
-    pub fn new(limit: u64, max_generation: u32) -> Self {
+    /// Replay of the region `[start, limit)` whose records carry generations from
+    /// `min_generation` to `max_generation` (the header's base generation and generation).
+    pub fn new(start: u64, limit: u64, min_generation: u32, max_generation: u32) -> Self {
         Self {
             buf: Vec::new(),
-            offset: FIRST_RECORD,
+            start,
+            offset: start,
             limit,
             max_generation,
-            last_generation: 0,
+            last_generation: min_generation,
             records: 0,
             stop: None,
         }
@@ -191,7 +321,7 @@ impl Replay {
 
     /// Bytes of good records (headers included).
     pub fn bytes(&self) -> u64 {
-        self.offset - FIRST_RECORD
+        self.offset - self.start
     }
 
     /// Why replay stopped, once it has.
@@ -297,16 +427,15 @@ pub enum DiskOp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogFull;
 
-#[derive(Clone, Copy, Debug)]
-struct InflightWrite {
-    /// Last sequence number the write carries.
+/// A point in one log: the last sequence number at or before it, and the log offset.
+#[derive(Clone, Copy, Debug, Default)]
+struct Mark {
     seq: u64,
-    /// Log offset just after its data (before padding).
     end: u64,
 }
 
-/// Appends records and turns them into group-committed disk requests; tracks which sequence
-/// numbers are durable.
+/// Appends records to one log region and turns them into group-committed disk requests; tracks
+/// which sequence numbers (and log offsets) are durable.
 #[derive(Debug)]
 pub struct LogWriter {
     enabled: bool,
@@ -317,12 +446,15 @@ pub struct LogWriter {
     /// Log bytes from `tail_start` to the end of everything appended.
     tail: Vec<u8>,
     last_seq: u64,
-    submitted_seq: u64,
-    written_seq: u64,
-    durable_seq: u64,
+    /// Log offset up to which data has been handed to the device.
+    submitted_end: u64,
+    /// What completed writes cover.
+    written: Mark,
+    /// What completed flushes cover (completed writes, without flush support).
+    durable: Mark,
     flush_supported: bool,
-    write: Option<InflightWrite>,
-    flush: Option<u64>,
+    write: Option<Mark>,
+    flush: Option<Mark>,
     spare: Vec<u8>,
     write_failures: u64,
 }
@@ -335,9 +467,9 @@ impl LogWriter {
         w
     }
 
-    /// A writer that appends at log offset `end` on a device of `capacity` bytes. `tail` holds
-    /// the bytes from the start of `end`'s sector up to `end` (as read back during replay);
-    /// `generation` goes into every record.
+    /// A writer that appends at log offset `end` of a region that ends at `capacity` (a device
+    /// offset). `tail` holds the bytes from the start of `end`'s sector up to `end` (as read back
+    /// during replay); `generation` goes into every record.
     pub fn new(
         generation: u32,
         capacity: u64,
@@ -348,6 +480,7 @@ impl LogWriter {
         let tail_start = end / SECTOR as u64 * SECTOR as u64;
         let mut tail = tail;
         tail.resize((end - tail_start) as usize, 0);
+        let at = Mark { seq: 0, end };
         Self {
             enabled: true,
             generation,
@@ -355,15 +488,24 @@ impl LogWriter {
             tail_start,
             tail,
             last_seq: 0,
-            submitted_seq: 0,
-            written_seq: 0,
-            durable_seq: 0,
+            submitted_end: end,
+            written: at,
+            durable: at,
             flush_supported,
             write: None,
             flush: None,
             spare: Vec::new(),
             write_failures: 0,
         }
+    }
+
+    /// The same writer, numbering its next record `seq + 1` (a rewrite's new log continues the
+    /// sequence of the old one).
+    pub fn at_seq(mut self, seq: u64) -> Self {
+        self.last_seq = seq;
+        self.written.seq = seq;
+        self.durable.seq = seq;
+        self
     }
 
     /// True when records go to a device.
@@ -376,9 +518,14 @@ impl LogWriter {
         self.tail_start + self.tail.len() as u64
     }
 
-    /// Bytes left on the device.
+    /// Bytes left in the region.
     pub fn room(&self) -> u64 {
         self.capacity.saturating_sub(self.end())
+    }
+
+    /// Moves the region's end (never below what is appended).
+    pub fn set_capacity(&mut self, capacity: u64) {
+        self.capacity = capacity.max(self.end());
     }
 
     /// Sequence number of the last appended record (0 before the first).
@@ -388,7 +535,17 @@ impl LogWriter {
 
     /// Every record up to this sequence number is durable.
     pub fn durable_seq(&self) -> u64 {
-        self.durable_seq
+        self.durable.seq
+    }
+
+    /// Every byte of the log before this offset is durable.
+    pub fn durable_end(&self) -> u64 {
+        self.durable.end
+    }
+
+    /// Bytes appended and not written yet.
+    pub fn backlog(&self) -> u64 {
+        self.end() - self.written.end
     }
 
     /// Failed writes so far (each was retried).
@@ -410,14 +567,31 @@ impl LogWriter {
         if self.enabled {
             encode_record(self.generation, args, &mut self.tail);
         } else {
-            self.durable_seq = self.last_seq;
+            self.durable.seq = self.last_seq;
         }
         Ok(self.last_seq)
     }
 
+    /// Appends a record that is not a write of its own (a rewrite's copy of a key): it takes no
+    /// sequence number.
+    pub fn append_copy(&mut self, args: &[&[u8]]) -> Result<(), LogFull> {
+        if !self.fits(args) {
+            return Err(LogFull);
+        }
+        if self.enabled {
+            encode_record(self.generation, args, &mut self.tail);
+        }
+        Ok(())
+    }
+
     /// True when nothing is waiting to be written or made durable.
     pub fn idle(&self) -> bool {
-        self.durable_seq == self.last_seq && self.write.is_none() && self.flush.is_none()
+        self.durable.end == self.end() && self.durable.seq == self.last_seq && !self.busy()
+    }
+
+    /// True while a request is in flight.
+    pub fn busy(&self) -> bool {
+        self.write.is_some() || self.flush.is_some()
     }
 
     /// The next request to send to the device, if any. Call until it returns `None`: at most one
@@ -426,21 +600,21 @@ impl LogWriter {
         if !self.enabled {
             return None;
         }
-        if self.flush_supported && self.flush.is_none() && self.written_seq > self.durable_seq {
-            self.flush = Some(self.written_seq);
+        if self.flush_supported && self.flush.is_none() && self.written.end > self.durable.end {
+            self.flush = Some(self.written);
             return Some(DiskOp::Flush);
         }
-        if self.write.is_none() && self.last_seq > self.submitted_seq {
+        if self.write.is_none() && self.end() > self.submitted_end {
             let mut data = core::mem::take(&mut self.spare);
             data.clear();
             data.extend_from_slice(&self.tail);
             let padded = data.len().div_ceil(SECTOR) * SECTOR;
             data.resize(padded, 0);
-            self.write = Some(InflightWrite {
+            self.submitted_end = self.end();
+            self.write = Some(Mark {
                 seq: self.last_seq,
-                end: self.end(),
+                end: self.submitted_end,
             });
-            self.submitted_seq = self.last_seq;
             return Some(DiskOp::Write {
                 sector: self.tail_start / SECTOR as u64,
                 data,
@@ -457,9 +631,9 @@ impl LogWriter {
         let drop = (new_start - self.tail_start) as usize;
         self.tail.drain(..drop);
         self.tail_start = new_start;
-        self.written_seq = w.seq;
+        self.written = w;
         if !self.flush_supported {
-            self.durable_seq = w.seq;
+            self.durable = w;
         }
     }
 
@@ -468,7 +642,7 @@ impl LogWriter {
         self.spare = data;
         self.write_failures += 1;
         if self.write.take().is_some() {
-            self.submitted_seq = self.written_seq;
+            self.submitted_end = self.written.end;
         }
     }
 
@@ -477,16 +651,27 @@ impl LogWriter {
     pub fn flush_done(&mut self, ok: bool) {
         if let Some(target) = self.flush.take() {
             if ok {
-                self.durable_seq = self.durable_seq.max(target);
+                if target.end > self.durable.end {
+                    self.durable = target;
+                }
             } else {
                 self.write_failures += 1;
             }
         }
     }
+
+    /// Hands a completed (`ok`) or failed request from [`LogWriter::next_op`] back.
+    pub fn done(&mut self, op: DiskOp, ok: bool) {
+        match (op, ok) {
+            (DiskOp::Write { data, .. }, true) => self.write_done(data),
+            (DiskOp::Write { data, .. }, false) => self.write_failed(data),
+            (DiskOp::Flush, ok) => self.flush_done(ok),
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use alloc::vec;
     use std::format;
@@ -518,7 +703,7 @@ mod tests {
         }
 
         fn replay(&self, generation: u32) -> (Vec<Vec<Vec<u8>>>, Replay) {
-            let mut r = Replay::new(self.bytes.len() as u64, generation);
+            let mut r = Replay::new(FIRST_RECORD, self.bytes.len() as u64, 0, generation);
             let mut got = Vec::new();
             for chunk in self.bytes[FIRST_RECORD as usize..].chunks(777) {
                 if !r.feed(chunk, &mut |args| {
@@ -555,13 +740,95 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_rejection() {
-        let h = Header { generation: 7 };
+        let h = Header {
+            version: VERSION,
+            generation: 7,
+            base_generation: 5,
+            start: 1 << 20,
+            len: 3 << 20,
+        };
         let s = h.encode();
-        assert_eq!(Header::decode(&s), Some(h));
-        assert_eq!(Header::decode(&[0u8; SECTOR]), None);
-        let mut bad = s;
-        bad[13] ^= 1;
-        assert_eq!(Header::decode(&bad), None);
+        assert_eq!(Header::decode(&s, 8 << 20), Some(h));
+        assert!(h.fits(4 << 20));
+        assert!(!h.fits((4 << 20) - 512));
+        assert_eq!(Header::decode(&[0u8; SECTOR], 8 << 20), None);
+        for byte in [9, 13, 17, 21, 30, 37] {
+            let mut bad = s;
+            bad[byte] ^= 1;
+            assert_eq!(Header::decode(&bad, 8 << 20), None, "byte {byte}");
+        }
+        let unaligned = Header { start: 1000, ..h };
+        assert!(!unaligned.fits(8 << 20));
+        let over_the_header = Header { start: 0, ..h };
+        assert!(!over_the_header.fits(8 << 20));
+    }
+
+    /// The version-1 header, as the first format wrote it.
+    pub(crate) fn v1_header(generation: u32) -> [u8; SECTOR] {
+        let mut s = [0u8; SECTOR];
+        s[0..8].copy_from_slice(&MAGIC);
+        s[8..12].copy_from_slice(&VERSION_1.to_le_bytes());
+        s[12..16].copy_from_slice(&generation.to_le_bytes());
+        let crc = crc32(&s[0..16]);
+        s[16..20].copy_from_slice(&crc.to_le_bytes());
+        s
+    }
+
+    #[test]
+    fn a_version_1_header_names_the_whole_disk() {
+        let h = Header::decode(&v1_header(9), 64 << 10).unwrap();
+        assert_eq!(
+            h,
+            Header {
+                version: VERSION_1,
+                generation: 9,
+                base_generation: 0,
+                start: FIRST_RECORD,
+                len: (64 << 10) - 512,
+            }
+        );
+        assert!(h.fits(64 << 10));
+        let mut bad = v1_header(9);
+        bad[12] ^= 1;
+        assert_eq!(Header::decode(&bad, 64 << 10), None);
+    }
+
+    #[test]
+    fn copies_take_no_sequence_number_and_a_rewrite_log_continues_the_sequence() {
+        let mut disk = Disk::new(64);
+        let mut w =
+            LogWriter::new(3, disk.bytes.len() as u64, FIRST_RECORD, Vec::new(), true).at_seq(41);
+        w.append_copy(&args(&["SET", "a", "1"])).unwrap();
+        assert_eq!(w.last_seq(), 41);
+        assert!(!w.idle(), "the copy is not on the disk yet");
+        assert_eq!(w.backlog(), record_len(&args(&["SET", "a", "1"])) as u64);
+        disk.run(&mut w);
+        assert!(w.idle());
+        assert_eq!((w.durable_seq(), w.durable_end()), (41, w.end()));
+        assert_eq!(w.append(&args(&["SET", "b", "2"])), Ok(42));
+        disk.run(&mut w);
+        let (got, r) = disk.replay(3);
+        assert_eq!((w.durable_seq(), r.records()), (42, 2));
+        assert_eq!(got[0], owned(&["SET", "a", "1"]), "the copy comes first");
+        w.set_capacity(0);
+        assert_eq!(w.room(), 0, "never below what is appended");
+        assert_eq!(w.append_copy(&args(&["DEL", "a"])), Err(LogFull));
+    }
+
+    #[test]
+    fn replay_of_a_region_checks_the_base_generation() {
+        let mut bytes = Vec::new();
+        encode_record(4, &args(&["SET", "old", "1"]), &mut bytes);
+        let mut r = Replay::new(4096, 1 << 20, 5, 9);
+        r.feed(&bytes, &mut |_| {
+            panic!("a record older than the region's base")
+        });
+        assert_eq!(r.stopped(), Some(ReplayStop::Corrupt));
+        assert_eq!((r.end(), r.bytes()), (4096, 0));
+        let mut r = Replay::new(4096, 1 << 20, 4, 9);
+        let mut n = 0;
+        r.feed(&bytes, &mut |_| n += 1);
+        assert_eq!((n, r.bytes()), (1, bytes.len() as u64));
     }
 
     #[test]
@@ -732,7 +999,7 @@ mod tests {
     fn bad_crc_in_the_middle_stops_there() {
         let mut disk = Disk::new(64);
         write_records(&mut disk, 1, 10, None);
-        let mut r = Replay::new(disk.bytes.len() as u64, 1);
+        let mut r = Replay::new(FIRST_RECORD, disk.bytes.len() as u64, 0, 1);
         let mut n = 0;
         // Find the 4th record and flip one payload bit.
         let mut off = FIRST_RECORD as usize;
@@ -779,7 +1046,7 @@ mod tests {
         let good = bytes.len() as u64;
         encode_record(1, &args(&["SET", "stale", "x"]), &mut bytes);
         encode_record(2, &args(&["SET", "c", "3"]), &mut bytes);
-        let mut r = Replay::new(1 << 20, 2);
+        let mut r = Replay::new(FIRST_RECORD, 1 << 20, 0, 2);
         let mut got = Vec::new();
         r.feed(&bytes, &mut |a| got.push(a[1].to_vec()));
         assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
@@ -791,12 +1058,12 @@ mod tests {
     fn record_running_past_the_device_is_torn() {
         let mut out = Vec::new();
         encode_record(1, &args(&["SET", "k", "v"]), &mut out);
-        let mut r = Replay::new(FIRST_RECORD + out.len() as u64 - 1, 1);
+        let mut r = Replay::new(FIRST_RECORD, FIRST_RECORD + out.len() as u64 - 1, 0, 1);
         assert!(!r.feed(&out, &mut |_| panic!("must not apply")));
         assert_eq!(r.stopped(), Some(ReplayStop::Torn));
         assert_eq!(r.end(), FIRST_RECORD);
 
-        let mut r = Replay::new(1 << 20, 1);
+        let mut r = Replay::new(FIRST_RECORD, 1 << 20, 0, 1);
         assert!(r.feed(&out[..out.len() - 3], &mut |_| panic!("must not apply")));
         r.finish();
         assert_eq!(r.stopped(), Some(ReplayStop::Torn));
@@ -806,7 +1073,7 @@ mod tests {
     fn future_generation_is_corrupt() {
         let mut out = Vec::new();
         encode_record(5, &args(&["SET", "k", "v"]), &mut out);
-        let mut r = Replay::new(1 << 20, 4);
+        let mut r = Replay::new(FIRST_RECORD, 1 << 20, 0, 4);
         r.feed(&out, &mut |_| panic!("must not apply"));
         assert_eq!(r.stopped(), Some(ReplayStop::Corrupt));
     }

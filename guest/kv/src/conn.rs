@@ -154,20 +154,18 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aof::{DiskOp, LogWriter, FIRST_RECORD};
+    use crate::aof::DiskOp;
+    use crate::rewrite::Aof;
     use alloc::vec;
 
     fn logged_engine() -> Engine {
-        Engine::new(LogWriter::new(1, 1 << 20, FIRST_RECORD, Vec::new(), true))
+        Engine::new(Aof::blank(1 << 20, true))
     }
 
     /// Completes every pending disk request.
     fn commit(e: &mut Engine) {
-        while let Some(op) = e.log.next_op() {
-            match op {
-                DiskOp::Write { data, .. } => e.log.write_done(data),
-                DiskOp::Flush => e.log.flush_done(true),
-            }
+        while let Some((tag, op)) = e.log.next_op() {
+            e.log.op_done(tag, op, true);
         }
     }
 
@@ -190,13 +188,15 @@ mod tests {
         );
         assert!(c.waiting_for_log());
         // The write is submitted: still not durable.
-        let Some(DiskOp::Write { data, .. }) = e.log.next_op() else {
+        let Some((tag, op @ DiskOp::Write { .. })) = e.log.next_op() else {
             panic!()
         };
-        e.log.write_done(data);
+        e.log.op_done(tag, op, true);
         assert!(!c.release(e.durable()));
-        assert_eq!(e.log.next_op(), Some(DiskOp::Flush));
-        e.log.flush_done(true);
+        let Some((tag, DiskOp::Flush)) = e.log.next_op() else {
+            panic!()
+        };
+        e.log.op_done(tag, DiskOp::Flush, true);
         assert!(c.release(e.durable()));
         assert_eq!(drain(&mut c), b"+OK\r\n$1\r\nv\r\n");
         assert!(!c.waiting_for_log());
@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn output_high_water_mark_pauses_execution() {
-        let mut e = Engine::new(LogWriter::disabled());
+        let mut e = Engine::new(Aof::disabled());
         let mut c = Conn::new();
         let value = vec![b'x'; 100_000];
         let mut set = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\n".to_vec();

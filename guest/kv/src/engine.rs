@@ -5,8 +5,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
 
-use crate::aof::LogWriter;
 use crate::resp::{self, parse_i64};
+use crate::rewrite::{Aof, RewriteStart};
 use crate::store::Store;
 
 /// `-ERR syntax error`.
@@ -58,6 +58,7 @@ enum Cmd {
     Select,
     Quit,
     Client,
+    BgRewriteAof,
     FtvmLoad,
 }
 
@@ -84,6 +85,7 @@ const COMMANDS: &[(&str, i32, bool, Cmd)] = &[
     ("select", 2, false, Cmd::Select),
     ("quit", -1, false, Cmd::Quit),
     ("client", -2, false, Cmd::Client),
+    ("bgrewriteaof", 1, false, Cmd::BgRewriteAof),
     ("ftvm.load", 2, false, Cmd::FtvmLoad),
 ];
 
@@ -196,7 +198,7 @@ pub struct Stats {
 pub struct Engine {
     store: Store,
     /// The append-only log the writes go to.
-    pub log: LogWriter,
+    pub log: Aof,
     /// Estimated store bytes beyond which growing writes are refused (0: no limit).
     pub maxmemory: usize,
     /// The memory-dirtying benchmark load, pages per millisecond (`FTVM.LOAD` sets it).
@@ -207,7 +209,7 @@ pub struct Engine {
 
 impl Engine {
     /// An empty store writing to `log`.
-    pub fn new(log: LogWriter) -> Self {
+    pub fn new(log: Aof) -> Self {
         Self {
             store: Store::new(),
             log,
@@ -230,6 +232,11 @@ impl Engine {
     /// Log sequence number up to which everything is durable.
     pub fn durable(&self) -> u64 {
         self.log.durable_seq()
+    }
+
+    /// Advances the log's background rewrite (see [`Aof::step`]); true if it did anything.
+    pub fn step_log(&mut self) -> bool {
+        self.log.step(&self.store)
     }
 
     /// Applies one replayed log record (see [`crate::aof`]); false if it is not one this engine
@@ -411,6 +418,15 @@ impl Engine {
                     unknown_subcommand(out, sub, "CLIENT");
                 }
             }
+            Cmd::BgRewriteAof => match self.log.request_rewrite(&self.store) {
+                Ok(RewriteStart::Started) => {
+                    resp::simple(out, "Background append only file rewriting started")
+                }
+                Ok(RewriteStart::Scheduled) => {
+                    resp::simple(out, "Background append only file rewriting scheduled")
+                }
+                Err(msg) => resp::error(out, msg),
+            },
             Cmd::FtvmLoad => match parse_i64(&args[1]) {
                 Some(n) if (0..=u32::MAX as i64).contains(&n) => {
                     self.dirty_pages_per_ms = n as u32;
@@ -541,13 +557,17 @@ impl Engine {
     fn info(&self, out: &mut Vec<u8>) {
         let mut s = String::new();
         let l = &self.log;
+        let r = l.stats();
         // Writing to a String cannot fail.
         let _ = write!(
             s,
             "# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\nftvm_guest:1\r\n\r\n\
              # Clients\r\nconnected_clients:{}\r\n\r\n\
              # Memory\r\nused_memory_dataset:{}\r\nmaxmemory:{}\r\n\r\n\
-             # Persistence\r\naof_enabled:{}\r\naof_current_size:{}\r\naof_last_seq:{}\r\n\
+             # Persistence\r\naof_enabled:{}\r\naof_rewrite_in_progress:{}\r\n\
+             aof_rewrite_scheduled:{}\r\naof_rewrites:{}\r\naof_rewrites_abandoned:{}\r\n\
+             aof_last_bgrewrite_status:{}\r\naof_last_rewrite_bytes:{}\r\naof_current_size:{}\r\n\
+             aof_base_size:{}\r\naof_region_size:{}\r\naof_generation:{}\r\naof_last_seq:{}\r\n\
              aof_durable_seq:{}\r\naof_write_failures:{}\r\naof_replayed_records:{}\r\n\r\n\
              # Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
              ftvm_dirty_pages_per_ms:{}\r\nftvm_net_rx_frames:{}\r\nftvm_net_tx_frames:{}\r\n\
@@ -557,7 +577,16 @@ impl Engine {
             self.store.used_bytes(),
             self.maxmemory,
             l.enabled() as u8,
-            l.end(),
+            l.rewrite_in_progress() as u8,
+            l.rewrite_scheduled() as u8,
+            r.rewrites,
+            r.abandoned,
+            if r.last_failed { "err" } else { "ok" },
+            r.last_bytes,
+            l.current_size(),
+            r.base_size,
+            l.region_size(),
+            l.header().generation,
             l.last_seq(),
             l.durable_seq(),
             l.write_failures(),
@@ -587,7 +616,7 @@ fn unknown_subcommand(out: &mut Vec<u8>, sub: &[u8], cmd: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::aof::{DiskOp, Replay, FIRST_RECORD};
     use alloc::vec;
@@ -595,10 +624,11 @@ mod tests {
     use std::string::ToString;
 
     fn engine() -> Engine {
-        Engine::new(LogWriter::disabled())
+        Engine::new(Aof::disabled())
     }
 
-    fn run(e: &mut Engine, args: &[&str]) -> String {
+    /// Executes one command; its reply as text.
+    pub(crate) fn run(e: &mut Engine, args: &[&str]) -> String {
         let mut out = Vec::new();
         e.execute(
             args.iter().map(|a| a.as_bytes().to_vec()).collect(),
@@ -849,7 +879,7 @@ mod tests {
 
     #[test]
     fn writes_are_logged_as_effects_and_replay_rebuilds_the_store() {
-        let mut e = Engine::new(LogWriter::new(1, 1 << 20, FIRST_RECORD, Vec::new(), true));
+        let mut e = Engine::new(Aof::blank(1 << 20, true));
         for cmd in [
             &["SET", "a", "1"][..],
             &["INCR", "a"],
@@ -868,18 +898,15 @@ mod tests {
         // Failed (INCR of "flush") and no-op writes are not logged: 8 records.
         assert_eq!(e.log.last_seq(), 8);
         let mut disk = vec![0u8; 1 << 20];
-        while let Some(op) = e.log.next_op() {
-            match op {
-                DiskOp::Write { sector, data } => {
-                    let at = sector as usize * 512;
-                    disk[at..at + data.len()].copy_from_slice(&data);
-                    e.log.write_done(data);
-                }
-                DiskOp::Flush => e.log.flush_done(true),
+        while let Some((tag, op)) = e.log.next_op() {
+            if let DiskOp::Write { sector, data } = &op {
+                let at = *sector as usize * 512;
+                disk[at..at + data.len()].copy_from_slice(data);
             }
+            e.log.op_done(tag, op, true);
         }
         let mut e2 = engine();
-        let mut r = Replay::new(disk.len() as u64, 1);
+        let mut r = Replay::new(FIRST_RECORD, disk.len() as u64, 1, 1);
         let mut ok = true;
         r.feed(&disk[512..], &mut |args| ok &= e2.apply_record(args));
         assert!(ok);
@@ -890,7 +917,7 @@ mod tests {
 
     #[test]
     fn a_full_log_refuses_writes_and_reads_keep_working() {
-        let mut e = Engine::new(LogWriter::new(1, 1024, FIRST_RECORD, Vec::new(), true));
+        let mut e = Engine::new(Aof::blank(1024, true));
         let v = "x".repeat(300);
         assert_eq!(run(&mut e, &["SET", "a", &v]), "+OK\r\n");
         assert_eq!(run(&mut e, &["SET", "b", &v]), "-ERR disk log full\r\n");
@@ -913,7 +940,7 @@ mod tests {
 
     #[test]
     fn tags_follow_the_log() {
-        let mut e = Engine::new(LogWriter::new(1, 1 << 20, FIRST_RECORD, Vec::new(), true));
+        let mut e = Engine::new(Aof::blank(1 << 20, true));
         assert_eq!(e.tag(), 0);
         run(&mut e, &["GET", "x"]);
         assert_eq!(e.tag(), 0);

@@ -8,7 +8,10 @@
 //!   error texts;
 //! * [`aof`]: the append-only log on the block device: header, record format, group commit
 //!   (one write per batch, the partial last sector kept and rewritten) and replay that stops
-//!   cleanly at a torn or corrupt tail;
+//!   cleanly at a torn or corrupt tail; its module docs describe the two-region layout and the
+//!   crash-safe background rewrite;
+//! * [`rewrite`]: the log as a whole: opening it at boot, and the background rewrite that the
+//!   main loop advances a step at a time;
 //! * [`conn`]: one client connection: input parsing, command execution, and replies that are
 //!   released only once the log records they depend on are durable;
 //! * [`load`]: the memory-dirtying benchmark load's pacing and the idle wait's timeout.
@@ -25,4 +28,5 @@ pub mod crc32;
 pub mod engine;
 pub mod load;
 pub mod resp;
+pub mod rewrite;
 pub mod store;

@@ -3,6 +3,7 @@
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
+use core::ops::Bound;
 
 /// Bytes charged per entry on top of its key and value (map node share and two vectors).
 pub const ENTRY_OVERHEAD: usize = 64;
@@ -75,6 +76,18 @@ impl Store {
         }
     }
 
+    /// The entries in key order, from the first key after `after` (from the first key if
+    /// `None`): a cursor that survives changes to the store between calls.
+    pub fn iter_after<'a>(
+        &'a self,
+        after: Option<&[u8]>,
+    ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.map
+            .range::<[u8], _>((from, Bound::Unbounded))
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
     /// Removes every key.
     pub fn clear(&mut self) {
         self.map.clear();
@@ -104,5 +117,24 @@ mod tests {
         assert_eq!(s.used_bytes(), 5 + 10 + ENTRY_OVERHEAD);
         s.clear();
         assert_eq!((s.len(), s.used_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn iteration_resumes_after_a_key() {
+        let mut s = Store::new();
+        for k in ["b", "d", "a", "c"] {
+            s.set(k.as_bytes(), k.as_bytes().to_vec());
+        }
+        let keys = |after: Option<&[u8]>| -> Vec<Vec<u8>> {
+            s.iter_after(after).map(|(k, _)| k.to_vec()).collect()
+        };
+        assert_eq!(keys(None), [b"a", b"b", b"c", b"d"]);
+        assert_eq!(keys(Some(b"b")), [b"c", b"d"]);
+        assert_eq!(
+            keys(Some(b"bb")),
+            [b"c", b"d"],
+            "the cursor key need not exist"
+        );
+        assert!(keys(Some(b"d")).is_empty());
     }
 }

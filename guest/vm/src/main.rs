@@ -17,10 +17,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use ftvm_guest_abi::{BootInfo, GuestStatus, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, WAIT_FOREVER};
-use ftvm_guest_kv::aof::{DiskOp, Header, LogWriter, Replay, ReplayStop, FIRST_RECORD, SECTOR};
+use ftvm_guest_kv::aof::{DiskOp, ReplayStop, SECTOR, VERSION_1};
 use ftvm_guest_kv::conn::{Conn, IN_HIGH_WATER};
 use ftvm_guest_kv::engine::Engine;
 use ftvm_guest_kv::load::{wait_timeout, Clock, DirtyPacer, PageCursor};
+use ftvm_guest_kv::rewrite::{self, Aof, Event, OpTag};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -40,8 +41,6 @@ const SOCKET_TX: usize = 32 * 1024;
 const MIN_HEAP: u64 = 16 << 20;
 /// Region the dirtying load uses when the boot info names none.
 const DEFAULT_DIRTY_PAGES: usize = 4096;
-/// Bytes read per request while replaying the log.
-const REPLAY_CHUNK: usize = 256 * 1024;
 /// Consecutive failed disk requests after which the guest gives up.
 const MAX_DISK_FAILURES: u64 = 10;
 
@@ -92,76 +91,84 @@ pub extern "C" fn guest_main(boot_info_addr: u64) -> ! {
     rt::exit(0)
 }
 
-/// Opens the log: reads the header, replays the records into `engine`, bumps the generation
-/// (durably), and returns the writer that appends after the last good record.
-fn open_log(blk: &mut Blk, engine: &mut Engine) -> Result<LogWriter, &'static str> {
+/// Opens the log: reads the header, replays the active region into `engine`, writes the header
+/// with the generation bumped (durably), and returns the log, appending after the last good
+/// record.
+fn open_log(blk: &mut Blk, engine: &mut Engine) -> Result<Aof, &'static str> {
     let cap = blk.capacity.saturating_mul(SECTOR as u64);
-    if blk.capacity < 2 {
-        return Err("block device too small for the log");
-    }
-    let mut sector = vec![0u8; SECTOR];
-    blk.run(Kind::Read, 0, &mut sector)?;
-    let (old_gen, mut end) = (Header::decode(&sector).map(|h| h.generation), FIRST_RECORD);
-    let (mut records, mut bytes) = (0, 0);
-    match old_gen {
+    let opened = {
+        let mut read = |sector: u64, buf: &mut [u8]| blk.run(Kind::Read, sector, buf);
+        let mut apply = |args: &[&[u8]]| {
+            engine.apply_record(args);
+        };
+        rewrite::open(cap, &mut read, &mut apply)?
+    };
+    let h = opened.header;
+    match opened.found {
         None => println!("ftvm-guest: no log header on the disk: starting a new log"),
-        Some(generation) => {
-            let mut replay = Replay::new(cap, generation);
-            let mut chunk = vec![0u8; REPLAY_CHUNK];
-            let mut off = FIRST_RECORD;
-            loop {
-                if off >= cap {
-                    replay.finish();
-                    break;
-                }
-                let n = (REPLAY_CHUNK as u64).min(cap - off) as usize / SECTOR * SECTOR;
-                if n == 0 {
-                    replay.finish();
-                    break;
-                }
-                blk.run(Kind::Read, off / SECTOR as u64, &mut chunk[..n])?;
-                off += n as u64;
-                if !replay.feed(&chunk[..n], &mut |args| {
-                    engine.apply_record(args);
-                }) {
-                    break;
-                }
-            }
-            end = replay.end();
-            records = replay.records();
-            bytes = replay.bytes();
-            if matches!(
-                replay.stopped(),
-                Some(ReplayStop::Torn | ReplayStop::Corrupt)
-            ) {
-                println!("ftvm-guest: the log ends in a torn or corrupt record at byte {}: appending from there", end);
-            }
-        }
+        Some(found) if found.version == VERSION_1 => println!(
+            "ftvm-guest: a version-1 log (the whole disk): its first rewrite moves it to two regions"
+        ),
+        Some(_) => {}
     }
-    engine.stats.replayed_records = records;
-    println!("ftvm-guest: replayed {} records ({} bytes)", records, bytes);
-    let mut tail = Vec::new();
-    if end % SECTOR as u64 != 0 {
-        blk.run(Kind::Read, end / SECTOR as u64, &mut sector)?;
-        tail.extend_from_slice(&sector[..(end % SECTOR as u64) as usize]);
+    if matches!(opened.stop, Some(ReplayStop::Torn | ReplayStop::Corrupt)) {
+        println!(
+            "ftvm-guest: the log ends in a torn or corrupt record at byte {}: appending from there",
+            opened.end
+        );
     }
+    engine.stats.replayed_records = opened.records;
+    println!(
+        "ftvm-guest: replayed {} records ({} bytes) from the log region at {} KiB ({} KiB)",
+        opened.records,
+        opened.bytes(),
+        h.start >> 10,
+        h.len >> 10
+    );
     if blk.read_only {
         println!("ftvm-guest: the block device is read-only: writes will not be persisted");
-        return Ok(LogWriter::disabled());
+        return Ok(Aof::disabled());
     }
-    let generation = old_gen.unwrap_or(0).wrapping_add(1).max(1);
-    sector.copy_from_slice(&Header { generation }.encode());
+    let mut sector = h.encode().to_vec();
     blk.run(Kind::Write, 0, &mut sector)?;
     if blk.flush {
         blk.run(Kind::Flush, 0, &mut [])?;
     }
-    Ok(LogWriter::new(generation, cap, end, tail, blk.flush))
+    Ok(Aof::new(&opened, blk.flush))
+}
+
+/// Tells the console what the log's rewrite did.
+fn report(events: Vec<Event>) {
+    for e in events {
+        match e {
+            Event::Started {
+                from,
+                log_bytes,
+                to,
+                live_bytes,
+            } => println!(
+                "ftvm-guest: log rewrite started: {} bytes in the region at {} KiB ({} KiB), about {} bytes live, into the region at {} KiB ({} KiB)",
+                log_bytes,
+                from.start >> 10,
+                from.len >> 10,
+                live_bytes,
+                to.start >> 10,
+                to.len >> 10
+            ),
+            Event::Finished { region, bytes } => println!(
+                "ftvm-guest: log rewrite done: the log is now {} bytes in the region at {} KiB",
+                bytes,
+                region.start >> 10
+            ),
+            Event::Abandoned(why) => println!("ftvm-guest: log rewrite abandoned: {}", why),
+        }
+    }
 }
 
 /// The log's requests in flight, by block request slot.
 struct Disk {
     blk: Blk,
-    inflight: Vec<Option<DiskOp>>,
+    inflight: Vec<Option<(OpTag, DiskOp)>>,
     failures: u64,
 }
 
@@ -171,7 +178,7 @@ impl Disk {
         let mut progress = false;
         while let Some((slot, ok)) = self.blk.poll() {
             progress = true;
-            let Some(op) = self.inflight.get_mut(slot).and_then(Option::take) else {
+            let Some((tag, op)) = self.inflight.get_mut(slot).and_then(Option::take) else {
                 continue;
             };
             if ok {
@@ -186,14 +193,10 @@ impl Disk {
                     return Err("the log device keeps failing");
                 }
             }
-            match (op, ok) {
-                (DiskOp::Write { data, .. }, true) => engine.log.write_done(data),
-                (DiskOp::Write { data, .. }, false) => engine.log.write_failed(data),
-                (DiskOp::Flush, ok) => engine.log.flush_done(ok),
-            }
+            engine.log.op_done(tag, op, ok);
         }
         let mut submitted = false;
-        while let Some(mut op) = engine.log.next_op() {
+        while let Some((tag, mut op)) = engine.log.next_op() {
             let (kind, sector, ptr, len) = match &mut op {
                 DiskOp::Write { sector, data } => {
                     (Kind::Write, *sector, data.as_mut_ptr(), data.len())
@@ -203,14 +206,15 @@ impl Disk {
             // SAFETY: the buffer is the Vec inside `op`, kept in `inflight` (its heap storage does
             // not move) until this slot completes.
             let Some(slot) = (unsafe { self.blk.submit(kind, sector, ptr, len) }) else {
-                // The log keeps at most one write and one flush in flight, and there are more
-                // slots than that.
+                // Each log writer (the active one and a rewrite's) keeps at most one write and
+                // one flush in flight, the header one request, and there are more slots than
+                // that.
                 return Err("no free block request slot");
             };
             if slot >= self.inflight.len() {
                 self.inflight.resize_with(slot + 1, || None);
             }
-            self.inflight[slot] = Some(op);
+            self.inflight[slot] = Some((tag, op));
             submitted = true;
         }
         if submitted {
@@ -381,7 +385,7 @@ fn run(bi: &BootInfo) -> Result<(), &'static str> {
     }
 
     // ---- disk and log ----
-    let mut engine = Engine::new(LogWriter::disabled());
+    let mut engine = Engine::new(Aof::disabled());
     let mut disk = if bi.virtio_blk_base != 0 {
         let mut blk = Blk::new(bi.virtio_blk_base)?;
         println!(
@@ -495,8 +499,11 @@ fn run(bi: &BootInfo) -> Result<(), &'static str> {
         }
         net.syn_budget = Some((port, listening));
         engine.stats.net = net.stats();
-        // Send this iteration's records at once (group commit).
+        // The log's rewrite copies a bounded number of keys per turn; then this iteration's
+        // records (and the copy) go to the disk at once (group commit).
         if let Some(d) = disk.as_mut() {
+            progress |= engine.step_log();
+            report(engine.log.take_events());
             progress |= d.pump(&mut engine)?;
         }
         let now_us = clock.micros(rt::rdtsc());
