@@ -14,7 +14,8 @@
 //! down and the witness unreachable from A; (d) the witness unreachable from B only; (e) the
 //! witness stopped, then the primary killed (no takeover until the witness is back); (f) the
 //! primary stopped 400 ms, then continued; (g) the backup stopped 2 s; (h) the primary killed;
-//! (k) the primary stopped 3 s, longer than its lease, then continued;
+//! (k) the primary stopped 3 s, longer than its lease, then continued; (l) the primary killed in
+//! the middle of a rewrite of the guest's log (the standby's disk holds a half-written region);
 //! (j) (b), (c) and (h) with a real etcd (Debian's etcd-server, started by `site up --quorum etcd`)
 //! as the quorum.
 //!
@@ -30,8 +31,9 @@ mod tests {
 
     use ftvm_system_tests::capture::{Capture, Packet};
     use ftvm_system_tests::load::{lost_writes, ConnLog, Load};
+    use ftvm_system_tests::rng::Rng;
     use ftvm_system_tests::site::{Site, Status};
-    use ftvm_system_tests::{require_root_and_kvm, TempDir};
+    use ftvm_system_tests::{require_root_and_kvm, run_with_timeout, TempDir, GUEST_IP};
 
     const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];
     const GUEST_MAC_TEXT: &str = "02:46:54:00:00:02";
@@ -352,6 +354,66 @@ mod tests {
         let st = c.finish(Serving::A);
         assert_eq!(st.role_a, "primary", "{st}");
         assert_ne!(st.role_b, "primary", "{st}");
+    }
+
+    /// `redis-cli <args>` from the site's client namespace; its output.
+    fn client_cli(site: &Site, args: &[&str]) -> String {
+        let ip = GUEST_IP.to_string();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &site.netns("client"), "redis-cli", "-h", &ip]).args(args);
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+        assert!(out.status.success(), "[{}] redis-cli {args:?}: {}", site.name, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// One numeric field of the guest's `INFO`.
+    fn info_field(site: &Site, name: &str) -> Option<u64> {
+        let info = client_cli(site, &["INFO"]);
+        info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+    }
+
+    #[test]
+    fn a_primary_killed_mid_rewrite_of_the_guest_log_loses_nothing() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rng = Rng::from_env_or_clock("a_primary_killed_mid_rewrite");
+        let mut c = Case::begin("fml");
+        let name = c.site.name.clone();
+        // About 10 MB of live data, so that a rewrite (a bounded step per guest loop turn) lasts.
+        let ip = GUEST_IP.to_string();
+        let mut preload = Command::new("ip");
+        preload.args(["netns", "exec", &c.site.netns("client"), "redis-benchmark", "-h", &ip, "-q"]);
+        preload.args(["-t", "set", "-d", "2048", "-r", "5000", "-n", "10000", "-c", "20", "-P", "8"]);
+        let out = run_with_timeout(&mut preload, Duration::from_secs(120));
+        assert!(out.status.success(), "[{name}] preload: {}", String::from_utf8_lossy(&out.stderr));
+        let before = info_field(&c.site, "aof_rewrites").expect("INFO aof_rewrites");
+        let started = client_cli(&c.site, &["BGREWRITEAOF"]);
+        assert!(started.contains("rewriting started"), "[{name}] BGREWRITEAOF: {started}");
+        std::thread::sleep(rng.duration(Duration::from_millis(1), Duration::from_millis(40)));
+        // Still running as the kill is sent (the reply left after an epoch that has it running
+        // was committed, so B's copy is at or after that point).
+        assert_eq!(info_field(&c.site, "aof_rewrite_in_progress"), Some(1), "[{name}] the rewrite ended before the kill (preload more data)");
+        c.mark_fault();
+        let (killed, _) = c.site.kill("A");
+        let (st, active) = c.site.wait_status(Duration::from_secs(20), |s| s.role_b == "primary");
+        assert!(active, "[{name}] B did not take over: {st}");
+        println!("[{name}] B serving {:.0} ms after the kill", killed.elapsed().as_secs_f64() * 1e3);
+        // Every write acknowledged by A, on the same connections, and one host at a time.
+        let st = c.finish(Serving::B);
+        assert_eq!(st.state, "failed over", "{st}");
+        // The restored guest carries the rewrite on, on B's copy of the disk, and ends it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let done = loop {
+            let (running, count) = (info_field(&c.site, "aof_rewrite_in_progress"), info_field(&c.site, "aof_rewrites"));
+            if running == Some(0) && count.is_some_and(|n| n > before) {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(done, "[{name}] the rewrite begun on A did not end on B");
+        assert_eq!(client_cli(&c.site, &["DBSIZE"]).trim_start_matches("(integer) ").parse::<u64>().ok().map(|n| n >= 5000), Some(true), "[{name}] keys lost");
     }
 
     #[test]
