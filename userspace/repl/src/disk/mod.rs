@@ -5,6 +5,8 @@
 //! A write's completion reaches the guest only through output commit, so the backup never lacks a
 //! write that the guest was told is done.
 
+pub mod intent;
+
 use std::collections::VecDeque;
 
 use ftvm_proto::EpochId;

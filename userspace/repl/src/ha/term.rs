@@ -13,9 +13,7 @@
 //! Written atomically (temporary file, sync, rename, sync the directory), 0600, never through a
 //! symbolic link.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 const HEADER: &str = "ftvm-term 1";
@@ -97,27 +95,10 @@ impl TermFile {
 
     /// Stores `term` durably.
     pub fn write(&self, term: u64) -> Result<(), TermFileError> {
-        let io = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TermFileError::Io { what, path, source }
-        };
-        let mut tmp_name = self.path.as_os_str().to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(format!("{HEADER}\n{} {term}\n", self.vm).as_bytes()).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io("replace", &self.path))?;
-        let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io("sync", dir))
+        crate::durable::replace_file(&self.path, format!("{HEADER}\n{} {term}\n", self.vm).as_bytes())
+            .map_err(|e| TermFileError::Io { what: e.what, path: e.path, source: e.source })
     }
+
 }
 
 #[cfg(test)]
