@@ -7,9 +7,8 @@
 //! <vm> <term> <owner> <-|stopped|holder-died>
 //! ```
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::ha::quorum::rules::{is_valid_name, LeaseRecord};
@@ -24,7 +23,7 @@ const MAX_STATE_BYTES: u64 = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// File system trouble.
-    #[error("{what} {path}")]
+    #[error("Cannot {what} {path}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -59,10 +58,10 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 impl StateStore {
     /// Creates the directory (0700) if needed; refuses one that others can read.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("cannot create", dir))?;
-        let meta = fs::metadata(dir).map_err(io("cannot read", dir))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("create", dir))?;
+        let meta = fs::metadata(dir).map_err(io("read", dir))?;
         if meta.permissions().mode() & 0o077 != 0 {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("cannot restrict", dir))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict", dir))?;
         }
         Ok(Self { dir: dir.to_path_buf() })
     }
@@ -77,13 +76,13 @@ impl StateStore {
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io("cannot open", &path)(e)),
+            Err(e) => return Err(io("open", &path)(e)),
         };
-        let len = file.metadata().map_err(io("cannot read", &path))?.len();
+        let len = file.metadata().map_err(io("read", &path))?.len();
         if len > MAX_STATE_BYTES {
             return Err(StoreError::Corrupt { path, line: 0, why: format!("{len} bytes is too large") });
         }
-        let text = fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+        let text = fs::read_to_string(&path).map_err(io("read", &path))?;
         parse(&text).map_err(|(line, why)| StoreError::Corrupt { path, line, why })
     }
 
@@ -98,20 +97,8 @@ impl StateStore {
             };
             text.push_str(&format!("{vm} {} {} {released}\n", r.term, r.owner));
         }
-        let path = self.path();
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("cannot create", &tmp))?;
-        f.write_all(text.as_bytes()).map_err(io("cannot write", &tmp))?;
-        f.sync_all().map_err(io("cannot sync", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io("cannot replace", &path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &self.dir))
+        crate::durable::replace_file(&self.path(), text.as_bytes())
+            .map_err(|e| StoreError::Io { what: e.what, path: e.path, source: e.source })
     }
 }
 
