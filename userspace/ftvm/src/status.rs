@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use ftvm_repl::epoch::context::{EpochWindowStats, Percentiles};
-use ftvm_repl::epoch::engine::{EngineState, StatusSnapshot};
+use ftvm_repl::epoch::engine::{EngineState, StatusSnapshot, SyncProgress};
 use ftvm_repl::ha::failover::{DaemonStatus, Role};
 use ftvm_repl::ha::lease::Lease;
 use serde::{Deserialize, Serialize};
@@ -138,16 +138,21 @@ impl ProtectionState {
     /// The state of `state`, and its detail for status (the sync's progress, the reason).
     pub fn of(state: &EngineState) -> (Self, String) {
         match state {
-            EngineState::Syncing(p) => (
-                Self::Syncing,
-                format!(
-                    "memory {}/{} pages, disk {}/{} MiB",
+            EngineState::Syncing(p) => {
+                let rate = p.rate().map_or(String::new(), |r| format!(" at {} MiB/s", r >> 20));
+                let eta = p.eta().map_or(String::new(), |d| format!(", about {} s left", d.as_secs_f64().ceil()));
+                let detail = format!(
+                    "{}% ({}/{} MiB){rate}{eta}: memory {}/{} pages, disk {}/{} MiB",
+                    p.percent(),
+                    p.bytes_sent() >> 20,
+                    p.bytes_total() >> 20,
                     p.pages_sent,
                     p.pages_total,
                     p.disk_bytes_sent >> 20,
                     p.disk_bytes_total >> 20
-                ),
-            ),
+                );
+                (Self::Syncing, detail)
+            }
             EngineState::Protected => (Self::Protected, String::new()),
             EngineState::Simplex { reason } => (Self::Simplex, reason.clone()),
             EngineState::Fenced { reason } => (Self::Fenced, reason.clone()),
@@ -175,6 +180,9 @@ pub struct PrimaryStatus {
     pub role: PrimaryRole,
     pub state: ProtectionState,
     pub detail: String,
+    /// The initial synchronisation's figures while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
     pub epochs_committed: u64,
     pub epochs_per_sec: f64,
     pub last_pause_us: u64,
@@ -196,10 +204,15 @@ impl PrimaryStatus {
     /// The status of an engine at `snap`, under `lease`, with the host's `ebpf`.
     pub fn of(snap: &StatusSnapshot, lease: &Lease, ebpf: EbpfStatus) -> Self {
         let (state, detail) = ProtectionState::of(&snap.state);
+        let sync = match &snap.state {
+            EngineState::Syncing(p) => Some(SyncStatus::of(p)),
+            _ => None,
+        };
         Self {
             role: PrimaryRole::Primary,
             state,
             detail,
+            sync,
             epochs_committed: snap.epochs_committed,
             epochs_per_sec: snap.epochs_per_sec,
             last_pause_us: snap.last_epoch.pause.as_micros() as u64,
@@ -210,6 +223,30 @@ impl PrimaryStatus {
             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
             quorum: QuorumStatus::of(lease),
             ebpf,
+        }
+    }
+}
+
+/// How far the initial synchronisation is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub percent: u8,
+    pub bytes_sent: u64,
+    pub bytes_total: u64,
+    /// Bytes per second so far (none in the first tenth of a second).
+    pub rate_bytes_per_s: Option<u64>,
+    /// Seconds left at that rate.
+    pub eta_s: Option<u64>,
+}
+
+impl SyncStatus {
+    fn of(p: &SyncProgress) -> Self {
+        Self {
+            percent: p.percent(),
+            bytes_sent: p.bytes_sent(),
+            bytes_total: p.bytes_total(),
+            rate_bytes_per_s: p.rate(),
+            eta_s: p.eta().map(|d| d.as_secs_f64().ceil() as u64),
         }
     }
 }

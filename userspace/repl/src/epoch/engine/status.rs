@@ -6,7 +6,7 @@ use std::time::Duration;
 use ftvm_proto::EpochId;
 
 use super::super::context::{EpochMetrics, EpochWindowStats, Percentiles};
-use crate::lock;
+use crate::{lock, PAGE_SIZE};
 
 /// How far the initial synchronisation is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -19,6 +19,39 @@ pub struct SyncProgress {
     pub disk_bytes_sent: u64,
     /// Disk bytes.
     pub disk_bytes_total: u64,
+    /// Since the synchronisation began.
+    pub elapsed: Duration,
+}
+
+impl SyncProgress {
+    /// Memory and disk bytes sent.
+    pub fn bytes_sent(&self) -> u64 {
+        self.pages_sent.saturating_mul(PAGE_SIZE as u64).saturating_add(self.disk_bytes_sent)
+    }
+
+    /// Memory and disk bytes to send in all.
+    pub fn bytes_total(&self) -> u64 {
+        self.pages_total.saturating_mul(PAGE_SIZE as u64).saturating_add(self.disk_bytes_total)
+    }
+
+    /// Percent sent (0 to 100).
+    pub fn percent(&self) -> u8 {
+        match self.bytes_total() {
+            0 => 100,
+            total => (u128::from(self.bytes_sent()) * 100 / u128::from(total)).min(100) as u8,
+        }
+    }
+
+    /// Bytes per second so far; `None` before a tenth of a second has passed (too early to say).
+    pub fn rate(&self) -> Option<u64> {
+        (self.elapsed >= Duration::from_millis(100)).then(|| (self.bytes_sent() as f64 / self.elapsed.as_secs_f64()) as u64)
+    }
+
+    /// Time left at the rate so far; `None` while the rate is unknown or zero.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate().filter(|&r| r > 0)?;
+        Some(Duration::from_secs_f64(self.bytes_total().saturating_sub(self.bytes_sent()) as f64 / rate as f64))
+    }
 }
 
 /// Whether the VM is protected.
@@ -135,6 +168,19 @@ impl EngineStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sync_progress_gives_percent_rate_and_time_left() {
+        let mut p = SyncProgress { pages_total: 256, disk_bytes_total: 1 << 20, ..SyncProgress::default() };
+        assert_eq!((p.bytes_total(), p.percent(), p.rate(), p.eta()), (2 << 20, 0, None, None));
+        p.pages_sent = 256;
+        p.elapsed = Duration::from_secs(2);
+        assert_eq!((p.bytes_sent(), p.percent(), p.rate()), (1 << 20, 50, Some(1 << 19)));
+        assert_eq!(p.eta(), Some(Duration::from_secs(2)));
+        p.disk_bytes_sent = 1 << 20;
+        assert_eq!((p.percent(), p.eta()), (100, Some(Duration::ZERO)));
+        assert_eq!(SyncProgress::default().percent(), 100, "nothing to send");
+    }
 
     #[test]
     fn lag_and_link_ratio() {

@@ -62,10 +62,11 @@ impl PrimaryEngine {
                 self.transport.send_pages(&chunk, &self.staging)?;
                 pfn += n;
                 progress.pages_sent += n;
+                progress.elapsed = t0.elapsed();
                 self.status.update(|s| s.state = EngineState::Syncing(progress));
                 if last_log.elapsed() >= Duration::from_secs(1) {
                     last_log = Instant::now();
-                    tracing::info!(pages_sent = progress.pages_sent, pages_total, "initial synchronisation: memory");
+                    log_progress(&progress);
                 }
             }
         }
@@ -82,10 +83,11 @@ impl PrimaryEngine {
                 self.transport.send_disk_image(off, &buf[..n])?;
                 off += n as u64;
                 progress.disk_bytes_sent = off;
+                progress.elapsed = t0.elapsed();
                 self.status.update(|s| s.state = EngineState::Syncing(progress));
                 if last_log.elapsed() >= Duration::from_secs(1) {
                     last_log = Instant::now();
-                    tracing::info!(disk_bytes_sent = off, disk_total, "initial synchronisation: disk");
+                    log_progress(&progress);
                 }
             }
         }
@@ -102,7 +104,23 @@ impl PrimaryEngine {
         self.status.update(|s| s.last_sent = Some(EpochId(epoch)));
         // The epoch rate counts checkpoints, not the sync.
         self.rate = (Instant::now(), 0);
-        tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "initial synchronisation sent");
+        let elapsed = t0.elapsed();
+        let mib_per_s = progress.bytes_total() as f64 / (1 << 20) as f64 / elapsed.as_secs_f64().max(1e-6);
+        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, bytes = progress.bytes_total(), mib_per_s = mib_per_s.round(), "initial synchronisation sent");
         Ok(())
     }
+}
+
+/// The once-a-second line of a synchronisation under way.
+fn log_progress(p: &SyncProgress) {
+    tracing::info!(
+        percent = p.percent(),
+        pages_sent = p.pages_sent,
+        pages_total = p.pages_total,
+        disk_bytes_sent = p.disk_bytes_sent,
+        disk_bytes_total = p.disk_bytes_total,
+        mib_per_s = p.rate().map_or(0, |r| r >> 20),
+        eta_s = p.eta().map_or(0, |d| d.as_secs()),
+        "initial synchronisation under way"
+    );
 }
