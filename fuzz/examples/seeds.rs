@@ -14,6 +14,7 @@ use ftvm_proto::witness::{
     WitnessClaim, WitnessOp, WitnessPrevious, WitnessReleaseReason, WitnessReply, WitnessRequest,
 };
 use ftvm_proto::EpochId;
+use ftvm_proto::cpu::{CpuidReg, CpuidWord, HostCpuCaps};
 use ftvm_proto::epoch::DiskWrite;
 use ftvm_proto::epoch::{
     encode_disk_image_head, encode_disk_writes_head, encode_output_frame, encode_pages_head, EpochAck, EpochBegin,
@@ -125,6 +126,13 @@ fn main() {
     encode_output_frame(&[0x11; 60], &mut held);
     encode_output_frame(&[0x22; 14], &mut held);
     s.put("epoch_payloads", "held-output", &[[7].as_slice(), &held].concat());
+    let cpu = HostCpuCaps {
+        words: vec![(CpuidWord::new(1, 0, CpuidReg::Edx), 0x078b_fbff), (CpuidWord::new(7, 0, CpuidReg::Ebx), 0x20)],
+        xcr0: 7,
+        xsave_bytes: 832,
+        msrs: vec![0x10, 0x174, 0xc000_0103],
+    };
+    s.put("epoch_payloads", "host-cpu", &[[8].as_slice(), &cpu.encode()].concat());
 
     // page_ranges: base, frame size, then ops (insert, bitmap, union, drain, contains, clear).
     s.put("page_ranges", "inserts", &[0, 4, 0, 10, 0, 5, 0, 20, 0, 5, 2, 15, 0, 5, 4, 12, 0]);

@@ -1,8 +1,8 @@
 //! Every epoch payload decoder (userspace/proto/src/epoch.rs).
 //!
 //! Input: `kind u8 | [size u64, for Pages (memory pages), DiskWrites and DiskImage (disk
-//! bytes)] | payload`. kind % 8: EpochBegin, EpochCommit, EpochAck, StandbyInfo, Pages,
-//! DiskWrites, DiskImage, HeldOutput. What decodes must re-encode to the same bytes: every one of
+//! bytes)] | payload`. kind % 9: EpochBegin, EpochCommit, EpochAck, StandbyInfo, Pages,
+//! DiskWrites, DiskImage, HeldOutput, HostCpu (userspace/proto/src/cpu.rs). What decodes must re-encode to the same bytes: every one of
 //! these formats is canonical (reserved fields zero, exact lengths).
 #![no_main]
 
@@ -12,12 +12,13 @@ use ftvm_proto::epoch::{
     encode_pages_head, pages_payload_len, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, PagesView,
     DiskWrite, StandbyInfo,
 };
+use ftvm_proto::cpu::HostCpuCaps;
 use ftvm_proto::limits::{PAGE_SIZE, SECTOR_SIZE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    match input.u8() % 8 {
+    match input.u8() % 9 {
         0 => fixed(input.rest(), EpochBegin::decode, |v| v.encode().to_vec()),
         1 => fixed(input.rest(), EpochCommit::decode, |v| v.encode().to_vec()),
         2 => fixed(input.rest(), EpochAck::decode, |v| v.encode().to_vec()),
@@ -25,7 +26,8 @@ fuzz_target!(|data: &[u8]| {
         4 => pages(input.u64(), input.rest()),
         5 => disk_writes(input.u64(), input.rest()),
         6 => disk_image(input.u64(), input.rest()),
-        _ => held_output(input.rest()),
+        7 => held_output(input.rest()),
+        _ => fixed(input.rest(), HostCpuCaps::decode, HostCpuCaps::encode),
     }
 });
 

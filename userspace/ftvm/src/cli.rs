@@ -130,6 +130,21 @@ pub fn parse_ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
 }
 
 /// Parses `02:46:54:00:00:02`; refuses multicast addresses, which no NIC may own.
+/// Parses a CPUID bit `<leaf>:<subleaf>:<reg>:<bit>`, numbers decimal or `0x` hex, e.g.
+/// `1:0:edx:26` (SSE2) or `0x80000001:0:edx:27` (RDTSCP).
+pub fn parse_cpuid_bit(s: &str) -> Result<(ftvm_proto::cpu::CpuidWord, u8), String> {
+    let bad = || format!("invalid CPUID bit {s:?} (use <leaf>:<subleaf>:<reg>:<bit>, e.g. 1:0:edx:26)");
+    let num = |t: &str| match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => t.parse().ok(),
+    };
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    let [leaf, subleaf, reg, bit] = parts[..] else { return Err(bad()) };
+    let reg = ftvm_proto::cpu::CpuidReg::parse(reg).ok_or_else(bad)?;
+    let bit = num(bit).filter(|&b| b < 32).ok_or_else(bad)? as u8;
+    Ok((ftvm_proto::cpu::CpuidWord::new(num(leaf).ok_or_else(bad)?, num(subleaf).ok_or_else(bad)?, reg), bit))
+}
+
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
@@ -152,6 +167,16 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpuid_bits() {
+        use ftvm_proto::cpu::{CpuidReg, CpuidWord};
+        assert_eq!(parse_cpuid_bit("1:0:edx:26"), Ok((CpuidWord::new(1, 0, CpuidReg::Edx), 26)));
+        assert_eq!(parse_cpuid_bit("0x80000001:0:EDX:0x1b"), Ok((CpuidWord::new(0x8000_0001, 0, CpuidReg::Edx), 27)));
+        for bad in ["", "1:0:edx", "1:0:edx:32", "1:0:esi:1", "x:0:eax:1", "1:0:eax:1:2"] {
+            assert!(parse_cpuid_bit(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes() {

@@ -29,10 +29,11 @@ use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHo
 use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::output::trace::FileTrace;
 use ftvm_repl::transport::tcp::TcpOptions;
+use ftvm_proto::cpu::CpuidWord;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 
-use crate::cli::{parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
+use crate::cli::{parse_cpuid_bit, parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
 use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
@@ -135,6 +136,11 @@ pub struct BackupArgs {
     /// the guest's replies); a background flush every second keeps the page cache from growing.
     #[arg(long)]
     pub sync_every_epoch: bool,
+    /// For tests only: announce this host's CPU capabilities to the primary without one CPUID
+    /// feature bit, `<leaf>:<subleaf>:<reg>:<bit>` (e.g. `1:0:edx:26`, SSE2; may be repeated), so
+    /// that a primary whose guest sees it refuses this backup as unable to resume it.
+    #[arg(long, hide = true, value_parser = parse_cpuid_bit)]
+    pub test_mask_cpuid: Vec<(CpuidWord, u8)>,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
 }
@@ -184,6 +190,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
         memory_bytes: Some(args.vm.memory),
         disk_bytes: Some(args.vm.disk_size_bytes()?),
         lease_term: lease.has_quorum().then(|| lease.term()),
+        cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
         ..TcpOptions::default()
     };
     // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
@@ -252,6 +259,14 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     let mut receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
     if !args.sync_every_epoch {
         receiver.disk_sync = DiskSync::NoSync;
+    }
+    if !args.test_mask_cpuid.is_empty() {
+        let mut caps = ftvm_vmm::compat::host_cpu_caps().context("cannot read this host's CPU capabilities")?;
+        for &(word, bit) in &args.test_mask_cpuid {
+            caps.mask_bit(word, bit);
+            tracing::warn!(%word, bit, "test knob: this backup announces its CPU without this feature bit");
+        }
+        receiver.cpu_caps = Some(caps);
     }
     let promote = PromoteConfig {
         net: Some(PromoteNet {

@@ -10,6 +10,8 @@
 //!                                   backup → primary: EpochAck
 //! ```
 //! Right after the handshake the backup sends `StandbyInfo` (what it holds) or `Goodbye` (refused).
+//! From protocol 1.3 a `HostCpu` frame follows the `StandbyInfo` ([`crate::cpu`]): what the backup's
+//! KVM can restore, which the primary checks against its guest before it counts the backup.
 //!
 //! ```text
 //! EpochBegin (48 bytes)            EpochCommit (72 bytes)         EpochAck (8 bytes)

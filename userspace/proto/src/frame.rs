@@ -26,7 +26,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 /// Protocol major version: peers with different majors do not talk.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
-pub const PROTOCOL_MINOR: u8 = 2;
+pub const PROTOCOL_MINOR: u8 = 3;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the authentication tag.
@@ -73,6 +73,10 @@ pub enum FrameKind {
     /// it claims the lease to take over. Being the first frame under the session key, it is what
     /// makes the backup count the session as started.
     LeaseTerm = 27,
+    /// From the backup, right after its `StandbyInfo` (minor 3 and later): what its KVM can
+    /// restore (`crate::cpu::HostCpuCaps`), so that the primary can refuse a backup that could not
+    /// resume this guest.
+    HostCpu = 28,
     /// Liveness probe.
     Heartbeat = 32,
     /// Liveness answer.
@@ -108,6 +112,7 @@ impl FrameKind {
             25 => StandbyInfo,
             26 => HeldOutput,
             27 => LeaseTerm,
+            28 => HostCpu,
             32 => Heartbeat,
             33 => HeartbeatReply,
             48 => Goodbye,

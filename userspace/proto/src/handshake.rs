@@ -207,12 +207,19 @@ pub fn initiate_with_version<S: Read + Write>(
     if peer.major != PROTOCOL_MAJOR {
         return Err(HandshakeError::Version { major: peer.major, minor: peer.minor });
     }
-    Ok(session(secret, &nonce_i, &peer.nonce, true, negotiated_minor(peer.minor)))
+    Ok(session(secret, &nonce_i, &peer.nonce, true, negotiated_minor(peer.minor).min(minor)))
 }
 
 /// Runs the responder's side (the backup accepting the primary). A peer of another major version
 /// is told so (a `Refused` frame) before the error is returned.
 pub fn respond<S: Read + Write>(stream: &mut S, secret: &[u8]) -> Result<Session, HandshakeError> {
+    respond_with_minor(stream, secret, PROTOCOL_MINOR)
+}
+
+/// The responder's side, announcing minor `minor` (at most this build's) in its Hello. Only tests
+/// need another minor than this build's (to play an older backup).
+pub fn respond_with_minor<S: Read + Write>(stream: &mut S, secret: &[u8], minor: u8) -> Result<Session, HandshakeError> {
+    let minor = minor.min(PROTOCOL_MINOR);
     check_secret(secret)?;
     let key = hello_key(secret);
     let hello = read_hello(stream, &mut FrameOpener::new(key), secret, None)?;
@@ -222,9 +229,11 @@ pub fn respond<S: Read + Write>(stream: &mut S, secret: &[u8]) -> Result<Session
         return Err(HandshakeError::Version { major: hello.major, minor: hello.minor });
     }
     let nonce_r = nonce()?;
-    FrameSealer::new(key).write(stream, FrameKind::Hello, 0, 0, &[&hello_payload(&nonce_r)])?;
+    let mut payload = hello_payload(&nonce_r);
+    payload[1] = minor;
+    FrameSealer::new(key).write(stream, FrameKind::Hello, 0, 0, &[&payload])?;
     stream.flush().map_err(FrameError::Io)?;
-    Ok(session(secret, &hello.nonce, &nonce_r, false, negotiated_minor(hello.minor)))
+    Ok(session(secret, &hello.nonce, &nonce_r, false, negotiated_minor(hello.minor).min(minor)))
 }
 
 /// Answers an initiator's Hello (nonce `nonce_i`) with a refusal its [`initiate`] returns as
@@ -273,6 +282,23 @@ mod tests {
         let ack = s.opener.read(&mut a).unwrap();
         assert_eq!((ack.header.kind, ack.header.epoch), (FrameKind::EpochAck, 5));
         assert_eq!(t.join().unwrap(), b"hello");
+    }
+
+    /// An older peer on either side (minor 2 here) makes both sides use its minor.
+    #[test]
+    fn the_lower_minor_wins_on_both_sides() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || respond_with_minor(&mut b, SECRET, 2).unwrap().minor);
+        assert_eq!(initiate(&mut a, SECRET).unwrap().minor, 2);
+        assert_eq!(t.join().unwrap(), 2);
+
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || respond(&mut b, SECRET).unwrap().minor);
+        assert_eq!(initiate_with_version(&mut a, SECRET, PROTOCOL_MAJOR, 2).unwrap().minor, 2);
+        assert_eq!(t.join().unwrap(), 2);
+
+        let (a, b) = pair(SECRET, SECRET);
+        assert_eq!((a.unwrap().minor, b.unwrap().minor), (PROTOCOL_MINOR, PROTOCOL_MINOR));
     }
 
     #[test]

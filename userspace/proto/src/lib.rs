@@ -12,6 +12,7 @@
 //! * [`pages`]: [`pages::PageRangeSet`], sets of guest page frame numbers kept as sorted ranges;
 //! * [`EpochId`]: the number of a checkpoint epoch.
 
+pub mod cpu;
 pub mod epoch;
 pub mod frame;
 pub mod handshake;

@@ -41,3 +41,8 @@ const _: () = assert!(MAX_DISK_WRITE_BYTES + 24 <= MAX_CHUNK_BYTES);
 const _: () = assert!(MAX_CHUNK_BYTES + 1024 <= MAX_FRAME_PAYLOAD as usize);
 const _: () = assert!((MAX_PAGES_PER_FRAME as usize) * PAGE_SIZE + 4096 <= MAX_FRAME_PAYLOAD as usize);
 const _: () = assert!(MAX_DISK_WRITE_BYTES.is_multiple_of(SECTOR_SIZE as usize));
+
+/// Most CPUID feature words in a HostCpu payload (the comparison uses a dozen).
+pub const MAX_CPU_WORDS: usize = 64;
+/// Most MSR indices in a HostCpu payload (KVM's save list holds a few dozen to a few hundred).
+pub const MAX_HOST_MSRS: usize = 1024;

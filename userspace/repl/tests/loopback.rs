@@ -340,6 +340,89 @@ mod tests {
         assert!(matches!(err, ConnectError::DiskMismatch { .. }), "{err}");
     }
 
+    /// A backup whose KVM lacks a CPU feature the guest sees (here: SSE2 masked off this host's
+    /// capabilities, the test knob of `ftvm backup`) cannot resume the guest: it is refused at
+    /// connect with the reason, for good; the same backup without the mask pairs.
+    #[test]
+    fn a_backup_lacking_a_cpu_feature_is_refused_at_connect() {
+        use ftvm_proto::cpu::{CpuidReg, CpuidWord, Incompatibility};
+        init_tracing();
+        let mut rng = Rng(16);
+        let mut model = Model::new(&mut rng, MIB, 256 << 10);
+        let needs = ftvm_vmm::compat::guest_cpu_needs().unwrap();
+        let mut opts = options(&model);
+        opts.cpu_needs = Some(needs);
+
+        let sse2 = CpuidWord::new(1, 0, CpuidReg::Edx);
+        let disk = TempPath::new("cpu-masked");
+        let mut cfg = receiver_config(&model, &disk);
+        let mut caps = ftvm_vmm::compat::host_cpu_caps().unwrap();
+        caps.mask_bit(sse2, 26);
+        cfg.cpu_caps = Some(caps);
+        let backup = BackupReceiver::bind(cfg).unwrap();
+        let err = TcpTransport::connect(backup.local_addr(), SECRET, &opts).unwrap_err();
+        assert!(
+            matches!(err, ConnectError::CpuIncompatible(Incompatibility::CpuidBit { word, bit: 26 }) if word == sse2),
+            "{err:?}"
+        );
+        assert!(!err.is_transient(), "retrying will not help");
+        let text = ftvm_repl::ErrorChain(&err).to_string();
+        assert!(text.contains("CPUID.01H:EDX bit 26 (sse2) is not offered by the backup's KVM"), "{text}");
+        drop(backup);
+
+        // The same host unmasked: compatible, it pairs and takes epochs.
+        let (backup, _disk) = start_backup(&model, "cpu-whole");
+        let mut t = TcpTransport::connect(backup.local_addr(), SECRET, &opts).unwrap();
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        assert_eq!(wait(&t, token), EpochId(0));
+    }
+
+    /// A 1.2 backup sends no CPU capabilities: the primary cannot check, warns, and pairs; a 1.2
+    /// primary gets the standby information alone from this build's backup.
+    #[test]
+    fn a_protocol_1_2_peer_still_pairs() {
+        use ftvm_proto::epoch::StandbyInfo;
+        use ftvm_proto::frame::FrameKind;
+        use ftvm_proto::handshake;
+        init_tracing();
+        let mut rng = Rng(17);
+        let model = Model::new(&mut rng, MIB, 256 << 10);
+        let mut opts = options(&model);
+        opts.cpu_needs = Some(ftvm_vmm::compat::guest_cpu_needs().unwrap());
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let info = StandbyInfo { committed: None, restorable: false, memory_bytes: model.mem.len() as u64, disk_bytes: model.disk.len() as u64 };
+        let old_backup = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut io = &stream;
+            let mut s = handshake::respond_with_minor(&mut io, SECRET, 2).unwrap();
+            assert_eq!(s.minor, 2);
+            let f = s.opener.read(&mut io).unwrap();
+            assert_eq!(f.header.kind, FrameKind::LeaseTerm);
+            s.sealer.write(&mut io, FrameKind::StandbyInfo, 0, 0, &[&info.encode()]).unwrap();
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut io, &mut sink);
+        });
+        let t = TcpTransport::connect(addr, SECRET, &opts).unwrap();
+        assert_eq!(t.peer_standby(), info);
+        drop(t);
+        old_backup.join().unwrap();
+
+        // This build's backup answers a 1.2 primary with its standby information, then waits for
+        // epochs (no HostCpu frame, which a 1.2 primary would not know).
+        let (backup, _disk) = start_backup(&model, "old-primary");
+        let stream = std::net::TcpStream::connect(backup.local_addr()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut io = &stream;
+        let s = handshake::initiate_with_version(&mut io, SECRET, ftvm_proto::frame::PROTOCOL_MAJOR, 2).unwrap();
+        assert_eq!(s.minor, 2);
+        let (mut sealer, mut opener) = (s.sealer, s.opener);
+        sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&0u64.to_le_bytes()]).unwrap();
+        assert_eq!(opener.read(&mut io).unwrap().header.kind, FrameKind::StandbyInfo);
+        assert!(opener.read(&mut io).is_err(), "nothing follows the standby information in 1.2");
+    }
+
     #[test]
     fn the_receiver_does_not_listen_everywhere_by_default() {
         let disk = TempPath::new("unspecified");

@@ -8,6 +8,7 @@
 //! which the checkpoint engine uses through [`machine::CheckpointSource`].
 
 pub mod boot;
+pub mod compat;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;

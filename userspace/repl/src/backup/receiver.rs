@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use ftvm_proto::cpu::HostCpuCaps;
 use ftvm_proto::frame::{FrameError, FrameKind, FrameSealer, HEADER_LEN, TAG_LEN};
 use ftvm_proto::handshake::{self, MIN_SECRET_LEN};
 use ftvm_proto::pages::PageRange;
@@ -86,6 +87,10 @@ pub struct ReceiverConfig {
     /// Allow listening on `0.0.0.0` or `[::]` (off: the A-Link is a private link, and the receiver
     /// should not be reachable from the business network).
     pub allow_unspecified: bool,
+    /// The CPU capabilities announced to the primary (protocol 1.3 and later), so that it can
+    /// refuse a backup that could not resume its guest. `None`: read from this host's KVM at
+    /// [`BackupReceiver::bind`]. Tests set it (a feature masked) to play an incompatible backup.
+    pub cpu_caps: Option<HostCpuCaps>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -100,6 +105,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("link_timeout", &self.link_timeout)
             .field("max_staging_bytes", &self.max_staging_bytes)
+            .field("cpu_caps", &self.cpu_caps)
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +131,7 @@ impl ReceiverConfig {
             max_staging_bytes: 1 << 30,
             max_pending_handshakes: 4,
             allow_unspecified: false,
+            cpu_caps: None,
         }
     }
 }
@@ -144,6 +151,9 @@ pub enum BindError {
     /// Disk size not whole sectors.
     #[error("Disk size {0} is not a multiple of 512")]
     DiskSize(u64),
+    /// This host's CPU capabilities could not be read from KVM.
+    #[error("Cannot read this host's CPU capabilities")]
+    CpuCaps(#[source] ftvm_vmm::compat::CpuCompatError),
     /// The standby memory could not be created.
     #[error("Cannot create the standby memory")]
     Memory(#[source] io::Error),
@@ -496,6 +506,13 @@ impl BackupReceiver {
             .ok_or(BindError::MemorySize(config.memory_bytes))?;
         if !config.disk_bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(BindError::DiskSize(config.disk_bytes));
+        }
+        let mut config = config;
+        if config.cpu_caps.is_none() {
+            config.cpu_caps = Some(ftvm_vmm::compat::host_cpu_caps().map_err(BindError::CpuCaps)?);
+        }
+        if let Some(caps) = &mut config.cpu_caps {
+            caps.normalize();
         }
         let memory = StandbyMemory::new(memory_len).map_err(BindError::Memory)?;
         let disk_err = |source| BindError::Disk { path: config.disk_path.clone(), source };
@@ -883,7 +900,13 @@ impl<'a> Session<'a> {
 
     fn send_standby_info(&mut self) -> Result<(), SessionError> {
         let info = self.inner.read_standby().info(self.inner.config.disk_bytes);
-        send_small(self.stream, &mut self.sealer, FrameKind::StandbyInfo, 0, &info.encode()).map_err(SessionError::Send)
+        send_small(self.stream, &mut self.sealer, FrameKind::StandbyInfo, 0, &info.encode()).map_err(SessionError::Send)?;
+        // From 1.3 what this host's KVM can restore follows, for the primary to judge.
+        if self.minor >= 3 {
+            let caps = self.inner.config.cpu_caps.as_ref().map(HostCpuCaps::encode).unwrap_or_else(|| HostCpuCaps::default().encode());
+            send_small(self.stream, &mut self.sealer, FrameKind::HostCpu, 0, &caps).map_err(SessionError::Send)?;
+        }
+        Ok(())
     }
 
     /// The primary's first authenticated frame: from now on the session is the primary's, its

@@ -170,6 +170,13 @@ pub enum ConnectError {
         /// Guest disk.
         guest: u64,
     },
+    /// The backup's CPU capabilities (protocol 1.3) are malformed.
+    #[error("Malformed CPU capabilities from the backup")]
+    MalformedCpu(#[source] ftvm_proto::cpu::HostCpuDecodeError),
+    /// The backup's KVM could not restore this guest's CPU state: it cannot take over, so it is
+    /// no place to protect the VM (retrying will not help).
+    #[error("Backup cannot resume this guest")]
+    CpuIncompatible(#[source] ftvm_proto::cpu::Incompatibility),
     /// The acknowledgement thread could not be started.
     #[error("Cannot start the acknowledgement thread")]
     Thread(#[source] std::io::Error),

@@ -29,6 +29,7 @@ use super::{
     PageSource, SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
 };
 use crate::disk::DiskWrite;
+use ftvm_proto::cpu::{check_restorable, GuestCpuNeeds, HostCpuCaps};
 use ftvm_proto::epoch::{self, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
 use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES, MAX_PAGES_PER_FRAME};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
@@ -62,6 +63,10 @@ pub struct TcpOptions {
     /// The lease term this primary's copy is current for, told to the backup (protocol 1.2 and
     /// later; none: 0, no quorum): the backup names it when it claims the lease to take over.
     pub lease_term: Option<u64>,
+    /// What the guest's CPU state needs from the host that restores it, checked against the
+    /// backup's capabilities (protocol 1.3 and later; an older backup is not checked, with a
+    /// warning). `None`: not checked.
+    pub cpu_needs: Option<GuestCpuNeeds>,
 }
 
 impl Default for TcpOptions {
@@ -75,6 +80,7 @@ impl Default for TcpOptions {
             memory_bytes: None,
             disk_bytes: None,
             lease_term: None,
+            cpu_needs: None,
         }
     }
 }
@@ -342,6 +348,21 @@ impl TcpTransport {
         }
         if let Some(guest) = options.disk_bytes.filter(|&g| g != peer.disk_bytes) {
             return Err(ConnectError::DiskMismatch { backup: peer.disk_bytes, guest });
+        }
+        // From 1.3 the backup's CPU capabilities follow: a backup whose KVM could not restore this
+        // guest is no place it can resume, so it is refused here rather than reported protected.
+        if session.minor >= 3 {
+            let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
+            let caps = match frame.header.kind {
+                FrameKind::HostCpu => HostCpuCaps::decode(&frame.payload).map_err(ConnectError::MalformedCpu)?,
+                FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
+                other => return Err(ConnectError::Unexpected(other)),
+            };
+            if let Some(needs) = &options.cpu_needs {
+                check_restorable(needs, &caps).map_err(ConnectError::CpuIncompatible)?;
+            }
+        } else if options.cpu_needs.is_some() {
+            tracing::warn!(%addr, minor = session.minor, "the backup speaks protocol 1.{} and sends no CPU capabilities: whether it can resume this guest's CPU state could not be checked", session.minor);
         }
 
         // From here on the acknowledgement thread reads without a timeout (acks only come when an

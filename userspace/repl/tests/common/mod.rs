@@ -147,6 +147,10 @@ impl FakeBackup {
             let mut io = &stream;
             let mut s = handshake::respond(&mut io, SECRET).unwrap();
             s.sealer.write(&mut io, FrameKind::StandbyInfo, 0, 0, &[&info.encode()]).unwrap();
+            if s.minor >= 3 {
+                let caps = ftvm_proto::cpu::HostCpuCaps::default().encode();
+                s.sealer.write(&mut io, FrameKind::HostCpu, 0, 0, &[&caps]).unwrap();
+            }
             let drain = read.then(|| {
                 let mut rd = stream.try_clone().unwrap();
                 std::thread::spawn(move || {
@@ -308,12 +312,19 @@ impl RawPrimary {
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut io = &stream;
         let s = handshake::initiate(&mut io, SECRET).unwrap();
+        let minor = s.minor;
         let (mut sealer, mut opener) = (s.sealer, s.opener);
         // Protocol 1.2: the primary's lease term first, answered by the standby information.
         sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&0u64.to_le_bytes()]).unwrap();
         let f = opener.read(&mut io).unwrap();
         assert_eq!(f.header.kind, FrameKind::StandbyInfo);
         let info = StandbyInfo::decode(&f.payload).unwrap();
+        // Protocol 1.3: the backup's CPU capabilities follow.
+        if minor >= 3 {
+            let f = opener.read(&mut io).unwrap();
+            assert_eq!(f.header.kind, FrameKind::HostCpu);
+            ftvm_proto::cpu::HostCpuCaps::decode(&f.payload).unwrap();
+        }
         Self { stream, sealer, opener, info }
     }
 

@@ -84,6 +84,16 @@ pub enum BackupConnectError {
         #[source]
         source: ConnectError,
     },
+    /// The backup answered, and its KVM could not restore this guest's CPU state: it is no place
+    /// the VM can resume, so this primary refuses it (trying again would not help).
+    #[error("refusing the backup at {peer}")]
+    Incompatible {
+        /// The backup's A-Link address.
+        peer: SocketAddr,
+        /// What it lacks.
+        #[source]
+        source: ConnectError,
+    },
     /// The backup answered and refused (a wrong secret, another protocol version, a size
     /// mismatch, another primary connected): trying again would not help.
     #[error("the backup at {peer} refused this primary")]
@@ -120,6 +130,7 @@ pub fn connect_backup(
                 std::thread::sleep(CONNECT_RETRY);
             }
             Err(source) if source.is_transient() => return Err(BackupConnectError::Unreachable { peer, wait, source }),
+            Err(source @ ConnectError::CpuIncompatible(_)) => return Err(BackupConnectError::Incompatible { peer, source }),
             Err(source) => return Err(BackupConnectError::Refused { peer, source }),
         }
     }
@@ -192,5 +203,34 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, BackupConnectError::Unreachable { .. }), "{e:?}");
         assert_eq!(e.to_string(), format!("cannot reach the backup at {peer} within 0 s"));
+    }
+
+    #[test]
+    fn a_backup_that_cannot_restore_the_guest_is_refused_at_once_with_its_reason() {
+        use crate::backup::receiver::{BackupReceiver, ReceiverConfig};
+        use ftvm_proto::cpu::{CpuidReg, CpuidWord, GuestCpuNeeds, HostCpuCaps};
+        const SECRET: &[u8] = b"a-link test secret, long enough";
+        let dir = std::env::temp_dir().join(format!("ftvm-start-cpu-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cfg = ReceiverConfig::new("127.0.0.1:0".parse().unwrap(), SECRET, 1 << 20, dir.join("disk"), 4096);
+        let word = CpuidWord::new(7, 0, CpuidReg::Ebx);
+        cfg.cpu_caps = Some(HostCpuCaps { words: vec![(word, 0x1f)], ..HostCpuCaps::default() });
+        let backup = BackupReceiver::bind(cfg).unwrap();
+        let needs = GuestCpuNeeds { words: vec![(word, 1 << 5)], ..GuestCpuNeeds::default() };
+        let options = TcpOptions { cpu_needs: Some(needs), ..TcpOptions::default() };
+        let started = Instant::now();
+        let e = connect_backup(backup.local_addr(), SECRET, &options, Duration::from_secs(30)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "not retried");
+        assert!(matches!(e, BackupConnectError::Incompatible { .. }), "{e:?}");
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            format!(
+                "refusing the backup at {}: Backup cannot resume this guest: CPUID.07H:EBX bit 5 (avx2) is not offered by the backup's KVM",
+                backup.local_addr()
+            )
+        );
+        drop(backup);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
