@@ -62,3 +62,21 @@ fn site_names_are_checked() {
     let (ok, _, err) = ftvm(&["site", "up", "--name", "bad/name"], FTVM_TIMEOUT);
     assert!(!ok && err.contains("invalid site name"), "{err}");
 }
+
+/// A backup that cannot resume the guest (here its KVM is made to hide SSE2, which the guest's
+/// CPUID has) is refused when pairing: `site up` fails at once, naming what is missing, the site
+/// is removed and its logs kept, and B never ran the VM.
+#[test]
+fn an_incompatible_backup_is_refused_with_its_reason() {
+    require_root_and_kvm();
+    let mut site = Site::try_new(ftvm_system_tests::site::SiteEnv::tests(), "si").expect("site guard");
+    let started = std::time::Instant::now();
+    let err = site.try_up(&["--test-mask-cpuid-b", "1:0:edx:26"]).expect_err("an incompatible backup was accepted");
+    let err = format!("{err:#}");
+    assert!(err.contains("CPUID.01H:EDX bit 26 (sse2) is not offered by the backup's KVM"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "the refusal was not at once: {:?}", started.elapsed());
+    let kept = std::path::Path::new("/run/ftvm/failed-sites").join(&site.name).join("host-a.log");
+    let log = std::fs::read_to_string(&kept).unwrap_or_else(|e| panic!("{}: {e}", kept.display()));
+    assert!(log.contains("Backup cannot resume this guest"), "host A's kept log does not say why");
+    assert!(!netns_list().contains(&format!("{}-a", site.name)), "the site's namespaces are left behind");
+}

@@ -36,8 +36,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            // One line: the operator sees the whole chain of causes, joined by ": ".
-            eprintln!("ftvm: error: {err:#}");
+            // One line: the operator sees the whole chain of causes, joined by ": ". Formatted
+            // first and written at once: stderr is unbuffered, and a host's log file is shared
+            // with its watchdog, whose lines must not land inside this one.
+            let line = format!("ftvm: error: {err:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitCode::FAILURE
         }
     }

@@ -85,6 +85,10 @@ pub struct UpArgs {
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
     pub output_trace: bool,
+    /// Host B's `--test-mask-cpuid` (hidden; for tests): B's KVM pretends not to offer this CPUID
+    /// bit, so that pairing refuses it.
+    #[arg(long, hide = true)]
+    pub test_mask_cpuid_b: Option<String>,
     /// The quorum: `witness` (a witness in its own namespace on the management network), `etcd`
     /// (a one-member etcd there instead), or `none` (no protection against split-brain).
     #[arg(long, value_enum, default_value = "witness")]
@@ -225,9 +229,20 @@ fn save(record: &SiteRecord) -> Result<()> {
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Whether process `pid` runs. A child of this process that exited stays a zombie until reaped,
+/// and signal 0 still finds a zombie: `site up` starts the hosts and must see one that exited at
+/// once (a refused pairing, a bad option), so a zombie counts as gone.
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    if pid <= 0 || unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    // /proc/<pid>/stat: "pid (comm) S ...", the state after the last ')'.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
+        .is_some_and(|state| state == 'Z' || state == 'X');
+    !zombie
 }
 
 /// SIGKILLs the processes and waits (at most 5 s) until they are gone.
@@ -450,6 +465,9 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     let mut backup_args = backup_args;
     backup_args.extend(quorum_args(args, "B", &witness_secret));
     backup_args.extend(EBPF_PORTS.map(String::from));
+    if let Some(mask) = &args.test_mask_cpuid_b {
+        backup_args.extend(["--test-mask-cpuid".to_string(), mask.clone()]);
+    }
     let backup_pid = spawn_host(dir, "b", &backup_args)?;
     let mut primary_args: Vec<String> = [
         "primary", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP, "--guest", &s(&args.guest),
