@@ -44,8 +44,9 @@ fn site_up_status_kill_down() {
         Duration::from_secs(60),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v", "after failover");
-    let st = site.status();
-    assert!(st.state == "failed over" && (st.role_a == "killed" || st.role_b == "killed"), "{:#}", st.json);
+    // B's status file follows within its 50 ms period: the reply may come before it.
+    let (st, over) = site.wait_status(Duration::from_secs(10), |s| s.state == "failed over");
+    assert!(over && (st.role_a == "killed" || st.role_b == "killed"), "{:#}", st.json);
 
     let (ok, _, err) = ftvm(&["site", "down", "--name", &name], FTVM_TIMEOUT);
     assert!(ok, "{err}");
