@@ -426,7 +426,9 @@ mod tests {
         let mut c = Case::begin_with(tag, extra);
         c.mark_fault();
         let (killed, _) = c.site.kill("A");
-        let (st, active) = c.site.wait_status(Duration::from_secs(20), |s| s.role_b == "primary");
+        // "primary" already while B promotes; its takeover time comes once the VM runs.
+        let (st, active) =
+            c.site.wait_status(Duration::from_secs(20), |s| s.role_b == "primary" && s.json["takeover_ms"].is_number());
         let seen = killed.elapsed();
         assert!(active, "[{}] B did not take over: {st}", c.site.name);
         let takeover_ms = st.json["takeover_ms"].as_f64().unwrap_or(f64::NAN);
