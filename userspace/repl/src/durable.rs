@@ -5,25 +5,32 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// A step of [`replace_file`] that failed.
-#[derive(Debug)]
-pub(crate) struct ReplaceError {
+/// File system trouble with one of these files: what was being done, to which file, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot {what} {path}")]
+pub struct FileError {
     /// What was being done.
     pub what: &'static str,
     /// To which file.
     pub path: PathBuf,
     /// Why.
+    #[source]
     pub source: std::io::Error,
+}
+
+impl FileError {
+    /// The error of doing `what` to `path`, for `map_err`.
+    pub(crate) fn at(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FileError {
+        let path = path.to_path_buf();
+        move |source| FileError { what, path, source }
+    }
 }
 
 /// Replaces `path` with `contents`: a temporary file beside it (0600, never through a symbolic
 /// link), synced, renamed over it, and the directory synced, so that after a crash the file is
 /// either the old one or the new one, whole.
-pub(crate) fn replace_file(path: &Path, contents: &[u8]) -> Result<(), ReplaceError> {
-    let fail = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ReplaceError { what, path, source }
-    };
+pub(crate) fn replace_file(path: &Path, contents: &[u8]) -> Result<(), FileError> {
+    let fail = FileError::at;
     let mut tmp_name = path.as_os_str().to_os_string();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);

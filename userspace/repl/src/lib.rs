@@ -16,7 +16,7 @@
 
 pub mod backup;
 pub mod disk;
-mod durable;
+pub mod durable;
 pub mod epoch;
 pub mod ha;
 pub mod output;

@@ -33,6 +33,8 @@ use std::fs;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::durable::FileError;
+
 const HEADER: &str = "ftvm-intent 1";
 
 /// Bytes per region by default: a sequential writer marks (and syncs the record) once per MiB.
@@ -42,16 +44,8 @@ pub const DEFAULT_REGION_BYTES: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum IntentError {
     /// File system trouble.
-    #[error("Cannot {what} {path}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// A region size that is zero or not a power of two, or a write outside the disk.
     #[error("Invalid write-intent request: {0}")]
     Invalid(String),
@@ -137,7 +131,7 @@ impl WriteIntent {
                 None => tracing::warn!(path = %intent.path.display(), "the write-intent record does not match this disk: the next rejoin copies it all"),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(IntentError::Io { what: "read", path: intent.path.clone(), source }),
+            Err(e) => return Err(FileError::at("read", &intent.path)(e).into()),
         }
         if !intent.complete {
             intent.store()?;
@@ -294,7 +288,7 @@ impl WriteIntent {
         let state = if self.complete { "complete" } else { "incomplete" };
         let text = format!("{HEADER}\n{} {} {} {state}\n{hex}\n", self.vm, self.region_bytes, self.disk_bytes);
         crate::durable::replace_file(&self.path, text.as_bytes())
-            .map_err(|e| IntentError::Io { what: e.what, path: e.path, source: e.source })?;
+            .map_err(IntentError::Io)?;
         self.clears_pending = false;
         Ok(())
     }

@@ -16,22 +16,16 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::durable::FileError;
+
 const HEADER: &str = "ftvm-term 1";
 
 /// Why the term file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum TermFileError {
     /// File system trouble.
-    #[error("Cannot {what} {path}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// Not a term file.
     #[error("{path} is not a term file: {why}")]
     Corrupt {
@@ -77,7 +71,7 @@ impl TermFile {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => return Err(TermFileError::Io { what: "read", path: self.path.clone(), source }),
+            Err(e) => return Err(FileError::at("read", &self.path)(e).into()),
         };
         let corrupt = |why: &str| TermFileError::Corrupt { path: self.path.clone(), why: why.to_string() };
         let mut lines = text.lines();
@@ -96,7 +90,7 @@ impl TermFile {
     /// Stores `term` durably.
     pub fn write(&self, term: u64) -> Result<(), TermFileError> {
         crate::durable::replace_file(&self.path, format!("{HEADER}\n{} {term}\n", self.vm).as_bytes())
-            .map_err(|e| TermFileError::Io { what: e.what, path: e.path, source: e.source })
+            .map_err(TermFileError::Io)
     }
 
 }

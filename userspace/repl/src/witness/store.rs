@@ -11,6 +11,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::durable::FileError;
 use crate::ha::quorum::rules::{is_valid_name, LeaseRecord};
 use crate::ha::quorum::ReleaseReason;
 
@@ -23,16 +24,8 @@ const MAX_STATE_BYTES: u64 = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// File system trouble.
-    #[error("Cannot {what} {path}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// The file is not one this version wrote.
     #[error("{path} is not a witness state file (line {line}): {why}")]
     Corrupt {
@@ -51,8 +44,9 @@ pub struct StateStore {
     dir: PathBuf,
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { what, path: path.to_path_buf(), source }
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let at = FileError::at(what, path);
+    move |source| StoreError::Io(at(source))
 }
 
 impl StateStore {
@@ -98,7 +92,7 @@ impl StateStore {
             text.push_str(&format!("{vm} {} {} {released}\n", r.term, r.owner));
         }
         crate::durable::replace_file(&self.path(), text.as_bytes())
-            .map_err(|e| StoreError::Io { what: e.what, path: e.path, source: e.source })
+            .map_err(StoreError::Io)
     }
 }
 
