@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use ftvm_system_tests::rng::Rng;
 use ftvm_system_tests::{
-    enter_netns, require_root_and_kvm, run_with_timeout, Netns, Reply, RespClient, TempDir, Vm, VmOptions, GUEST_IP,
+    enter_netns, guest_info, parse_info, require_root_and_kvm, run_with_timeout, Netns, Reply, RespClient, TempDir, Vm,
+    VmOptions, GUEST_IP,
 };
 
 /// Commands each writer keeps in flight.
@@ -159,20 +160,7 @@ fn check_keys(ns: &Netns, keys: &mut HashMap<String, KeyLog>) -> Vec<String> {
 /// The `INFO` field `name` as a number.
 fn info_field(c: &mut RespClient, name: &str) -> Option<u64> {
     let Ok(Reply::Bulk(Some(info))) = c.try_cmd(&["INFO", "persistence"]) else { return None };
-    let info = String::from_utf8_lossy(&info).into_owned();
-    info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).and_then(|v| v.trim().parse().ok())
-}
-
-fn info(ns: &Netns) -> HashMap<String, String> {
-    ns.run(|| {
-        let mut c = RespClient::connect();
-        let Reply::Bulk(Some(info)) = c.cmd(&["INFO"]) else { panic!("INFO is not a bulk string") };
-        String::from_utf8_lossy(&info)
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-            .collect()
-    })
+    parse_info(&info).get(name)?.parse().ok()
 }
 
 fn num(info: &HashMap<String, String>, field: &str) -> u64 {
@@ -217,7 +205,7 @@ fn a_write_load_several_times_the_disk_size_keeps_succeeding() {
     assert!(errors.is_empty(), "writers: {errors:?}");
     assert!(acked > 1000, "the writers got {acked} writes through");
 
-    let i = info(&ns);
+    let i = guest_info(&ns);
     println!(
         "rewrites {}, log {} of a {}-byte region, last rewrite {} bytes, {} writes",
         i["aof_rewrites"], i["aof_current_size"], i["aof_region_size"], i["aof_last_rewrite_bytes"], i["aof_last_seq"]
@@ -242,7 +230,7 @@ fn a_write_load_several_times_the_disk_size_keeps_succeeding() {
     assert!(problems.is_empty(), "after the restart: {problems:#?}\n{}", vm.console());
     assert!(keys.values().all(|k| k.acked.is_some()));
     assert_eq!(dbsize(&ns), size);
-    let i = info(&ns);
+    let i = guest_info(&ns);
     assert!(num(&i, "aof_replayed_records") > 0 && num(&i, "aof_current_size") < num(&i, "aof_region_size"), "{i:?}");
 }
 
@@ -293,7 +281,7 @@ fn a_power_cut_mid_rewrite_keeps_every_acknowledged_write() {
     let vm = Vm::start(&ns, dir.path(), &opts);
     let problems = check_keys(&ns, &mut keys);
     assert!(problems.is_empty(), "after the last kill: {problems:#?}\n{}", vm.console());
-    let i = info(&ns);
+    let i = guest_info(&ns);
     println!(
         "{ITERATIONS} kills, {mid_rewrite} seen mid-rewrite, {writes} acknowledged writes; log {} of {} bytes",
         i["aof_current_size"], i["aof_region_size"]

@@ -439,6 +439,23 @@ impl RespClient {
     }
 }
 
+/// The fields of an `INFO` reply (`name:value` lines; sections and blank lines left out).
+pub fn parse_info(info: &[u8]) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(info)
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The guest's `INFO`, asked from inside `ns`; panics if the guest does not answer.
+pub fn guest_info(ns: &Netns) -> std::collections::HashMap<String, String> {
+    ns.run(|| {
+        let Reply::Bulk(Some(info)) = RespClient::connect().cmd(&["INFO"]) else { panic!("INFO is not a bulk string") };
+        parse_info(&info)
+    })
+}
+
 /// Runs `redis-cli -h <guest> <args>` inside the namespace and returns its stdout (trimmed).
 pub fn redis_cli(ns: &Netns, args: &[&str]) -> String {
     let ip = GUEST_IP.to_string();
