@@ -255,7 +255,8 @@ fn kill_pids(pids: &[i32]) {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
-        // Reap our own children (a zombie still answers kill(pid, 0)).
+        // Reap those that are our own children (`site up` failing): `alive` already counts a
+        // zombie as gone, but none should be left behind.
         // SAFETY: waitpid with WNOHANG on any child has no preconditions.
         unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
         std::thread::sleep(Duration::from_millis(10));
