@@ -138,6 +138,8 @@ impl ProtectionState {
     /// The state of `state`, and its detail for status (the sync's progress, the reason).
     pub fn of(state: &EngineState) -> (Self, String) {
         match state {
+            // The engine says "syncing" from its start; the sizes come once the sync begins.
+            EngineState::Syncing(p) if p.bytes_total() == 0 => (Self::Syncing, "preparing the initial synchronisation".into()),
             EngineState::Syncing(p) => {
                 let rate = p.rate().map_or(String::new(), |r| format!(" at {} MiB/s", r >> 20));
                 let eta = p.eta().map_or(String::new(), |d| format!(", about {} s left", d.as_secs_f64().ceil()));
@@ -205,7 +207,7 @@ impl PrimaryStatus {
     pub fn of(snap: &StatusSnapshot, lease: &Lease, ebpf: EbpfStatus) -> Self {
         let (state, detail) = ProtectionState::of(&snap.state);
         let sync = match &snap.state {
-            EngineState::Syncing(p) => Some(SyncStatus::of(p)),
+            EngineState::Syncing(p) if p.bytes_total() > 0 => Some(SyncStatus::of(p)),
             _ => None,
         };
         Self {
@@ -387,6 +389,23 @@ pub struct ResponderStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_not_begun_shows_no_figures_and_one_under_way_shows_them() {
+        let (state, detail) = ProtectionState::of(&EngineState::Syncing(SyncProgress::default()));
+        assert_eq!((state, detail.as_str()), (ProtectionState::Syncing, "preparing the initial synchronisation"));
+        let p = SyncProgress {
+            pages_sent: 256,
+            pages_total: 512,
+            disk_bytes_total: 2 << 20,
+            elapsed: std::time::Duration::from_secs(1),
+            ..SyncProgress::default()
+        };
+        let (_, detail) = ProtectionState::of(&EngineState::Syncing(p));
+        assert_eq!(detail, "25% (1/4 MiB) at 1 MiB/s, about 3 s left: memory 256/512 pages, disk 0/2 MiB");
+        let sync = SyncStatus::of(&p);
+        assert_eq!((sync.percent, sync.bytes_sent, sync.bytes_total, sync.eta_s), (25, 1 << 20, 4 << 20, Some(3)));
+    }
 
     /// A primary's status file as this version writes it (the keys the site and the tests read).
     const PRIMARY: &str = r#"{
