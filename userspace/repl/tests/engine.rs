@@ -21,7 +21,8 @@ mod tests {
         DiskSource, EngineConfig, EngineHandle, EngineReport, EngineState, EngineStatus, PrimaryEngine, StatusSnapshot,
     };
     use ftvm_repl::ha::heartbeat::SessionEnd;
-    use ftvm_repl::ha::quorum::{FixedQuorum, NoQuorum, QuorumClient};
+    use ftvm_repl::ha::lease::{Lease, LeaseConfig};
+    use ftvm_repl::ha::quorum::{Claim, FixedQuorum, NoQuorum, QuorumClient};
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
     use ftvm_vmm::boot::elf::build_test_elf;
     use ftvm_vmm::boot::BootParams;
@@ -157,18 +158,33 @@ mod tests {
         let machine = m.handle();
         let run = spawn_run(m);
 
+        let (receiver, standby_disk, transport) = new_backup(tag);
+        let engine =
+            PrimaryEngine::new(source, Box::new(transport), Some(DiskSource { path: disk.clone(), bytes: DISK }), cfg)
+                .unwrap()
+                .with_lease(started_lease(quorum));
+        let engine = engine.spawn().unwrap();
+        Pair { machine, run, mem, engine, receiver, disk, _standby_disk: standby_disk }
+    }
+
+    /// The lease a primary starts its VM under, as `claim_start` leaves it (a quorum that refuses
+    /// every claim leaves it not held). Without one, output would leave only on acknowledgements
+    /// faster than `ACK_AUTHORITY`, which a loaded test machine does not always give.
+    fn started_lease(quorum: Box<dyn QuorumClient>) -> Lease {
+        let lease = Lease::new(quorum, LeaseConfig::default(), 0);
+        let _ = lease.claim(Claim::Start);
+        lease
+    }
+
+    /// A backup receiver with a blank standby disk, and the primary's link to it.
+    fn new_backup(tag: &str) -> (BackupReceiver, TempPath, TcpTransport) {
         let standby_disk = TempPath::new(tag);
         let mut rcfg = ReceiverConfig::new("127.0.0.1:0".parse().unwrap(), SECRET, MEM, standby_disk.0.clone(), DISK);
         rcfg.link_timeout = Duration::from_secs(3);
         let receiver = BackupReceiver::bind(rcfg).unwrap();
         let opts = TcpOptions { memory_bytes: Some(MEM), disk_bytes: Some(DISK), ..TcpOptions::default() };
         let transport = TcpTransport::connect(receiver.local_addr(), SECRET, &opts).unwrap();
-        let engine =
-            PrimaryEngine::new(source, Box::new(transport), Some(DiskSource { path: disk.clone(), bytes: DISK }), cfg)
-                .unwrap()
-                .with_quorum(quorum);
-        let engine = engine.spawn().unwrap();
-        Pair { machine, run, mem, engine, receiver, disk, _standby_disk: standby_disk }
+        (receiver, standby_disk, transport)
     }
 
     /// Waits until `f` holds for the status, or fails the test after `limit`.
@@ -388,9 +404,16 @@ mod tests {
         assert!(after_ack > 0, "some frames were released by acknowledgements");
         assert_eq!(after_ack + unprotected, appended);
 
-        // The standby disk is the primary's (the guest does not write it: the initial sync's image).
-        assert_eq!(std::fs::read(standby.disk_path()).unwrap(), std::fs::read(&pair.disk).unwrap());
+        resume_standby(tag, &standby, &pair.disk);
+    }
 
+    /// Checks a committed standby as a takeover would find it: its disk is the primary's `disk`
+    /// (the test guest never writes its disk: the synchronisation's image), its memory and state
+    /// are one consistent image of the guest, and restored into a fresh VM the guest carries on
+    /// from there, its own checks passing.
+    fn resume_standby(tag: &str, standby: &ftvm_repl::backup::Standby, disk: &std::path::Path) {
+        let committed = standby.committed().expect("the backup committed an epoch");
+        assert_eq!(std::fs::read(standby.disk_path()).unwrap(), std::fs::read(disk).unwrap());
         let state = MachineState::from_bytes(standby.state()).unwrap();
         let image = standby.memory().as_slice();
         let committed_rbx = check_image(image, &state);
@@ -462,6 +485,109 @@ mod tests {
         assert!(matches!(report.status.state, EngineState::Simplex { .. }));
         pair.machine.stop();
         assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
+    }
+
+    /// The backup dies, the VM runs alone, then a new backup (a blank disk) joins while the VM
+    /// runs: the engine synchronises it in full and the pair is protected again, its standby one
+    /// consistent image from which the guest carries on; output is held again meanwhile.
+    #[test]
+    fn a_backup_that_joins_later_protects_the_vm_again() {
+        let cfg = EngineConfig { ack_timeout: Duration::from_secs(2), ..EngineConfig::default() };
+        let HeldPair { pair, status, hold, sink, stop_append, appender } = protected_pair_with_output("rejoin", cfg, 20);
+        let _ = pair.receiver.stop().unwrap();
+        let simplex = wait_status(&status, "simplex", Duration::from_secs(5), |s| matches!(s.state, EngineState::Simplex { .. }));
+        let last_epoch = simplex.last_sent.expect("epochs were sent").0;
+
+        let (receiver, _disk, link) = new_backup("rejoin-2");
+        pair.engine.attacher().attach(Box::new(link));
+        let synced = wait_status(&status, "protection again", Duration::from_secs(20), |s| {
+            s.state == EngineState::Protected && s.epochs_committed >= 30
+        });
+        assert!(
+            synced.last_acked.is_some_and(|e| e.0 > last_epoch),
+            "epoch numbers go on after the lost backup's ({last_epoch}): {synced:?}"
+        );
+        // Output is held again: a frame appended now waits for an acknowledgement.
+        let released_before = hold.stats().released;
+        stop_append.store(true, Ordering::Relaxed);
+        let appended = appender.join().unwrap();
+        assert!(hold.stats().released >= released_before && sink.0.load(Ordering::Relaxed) <= appended);
+
+        let report = pair.engine.stop().unwrap();
+        pair.machine.stop();
+        assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
+        assert_eq!(report.status.state, EngineState::Stopped);
+        let standby = receiver.stop().unwrap();
+        let committed = standby.committed().expect("the new backup committed");
+        // After the simplex release (through every epoch), frames leave again only through the
+        // new backup's acknowledgements: of epochs it committed, sealed before them.
+        let events = hold.debug_events();
+        let release_all = |e: &HoldEvent| matches!(e, HoldEvent::ReleaseRequested { through: u64::MAX, .. });
+        let simplex_at = events.iter().position(release_all).expect("the simplex release is in the debug ring");
+        // From the first seal for the new backup (frames appended while alone went out directly)
+        // to the engine's stop, which releases everything once more.
+        let held_again = simplex_at
+            + events[simplex_at..]
+                .iter()
+                .position(|e| matches!(e, HoldEvent::Sealed { epoch, .. } if *epoch > last_epoch))
+                .expect("no seal for the new backup");
+        let stopped_at = events.iter().rposition(release_all).unwrap();
+        let rejoined = &events[held_again..stopped_at];
+        let acked: Vec<u64> = rejoined
+            .iter()
+            .filter_map(|e| match e {
+                HoldEvent::ReleaseRequested { through, .. } => Some(*through),
+                _ => None,
+            })
+            .collect();
+        assert!(!acked.is_empty(), "no release on the new backup's acknowledgements");
+        assert!(acked.iter().all(|&t| t > last_epoch && t <= committed.0), "releases {acked:?}, committed {committed:?}");
+        let (after_ack, _) = check_output_commit(rejoined, committed.0);
+        assert!(after_ack > 0, "no frame was released by the new backup's acknowledgements");
+        resume_standby("rejoin", &standby, &pair.disk);
+    }
+
+    /// A host that took over runs its VM alone from the start: an engine built `alone` checkpoints
+    /// nothing until a backup joins, then protects the VM like any other.
+    #[test]
+    fn an_engine_started_alone_protects_the_vm_once_a_backup_joins() {
+        init_tracing();
+        let tag = "alone";
+        let disk = temp_file(&format!("{tag}-disk"), &Rng(0x5eed_a10e).bytes(DISK as usize));
+        let mut m = Machine::create(config(tag, disk.clone(), DirtyTracking::KvmBitmap)).unwrap();
+        let source = m.checkpoint_source().unwrap();
+        let machine = m.handle();
+        let run = spawn_run(m);
+        // The lease the takeover claimed.
+        let lease = Lease::new(Box::new(NoQuorum), LeaseConfig::default(), 0);
+        lease.claim(Claim::TakeOver).unwrap();
+        let engine = PrimaryEngine::alone(
+            source,
+            Some(DiskSource { path: disk.clone(), bytes: DISK }),
+            EngineConfig { ack_timeout: Duration::from_secs(2), ..EngineConfig::default() },
+            "took over".into(),
+        )
+        .unwrap()
+        .numbering_after(ftvm_proto::EpochId(1000))
+        .with_lease(lease)
+        .spawn()
+        .unwrap();
+        let status = engine.status();
+        std::thread::sleep(Duration::from_millis(100));
+        let alone = status.snapshot();
+        assert_eq!(alone.state, EngineState::Simplex { reason: "took over".into() });
+        assert_eq!(alone.last_sent, None, "an engine alone sent an epoch");
+
+        let (receiver, _standby_disk, link) = new_backup(&format!("{tag}-b"));
+        engine.attacher().attach(Box::new(link));
+        let s = wait_status(&status, "protection", Duration::from_secs(20), |s| {
+            s.state == EngineState::Protected && s.epochs_committed >= 30
+        });
+        assert!(s.last_acked.is_some_and(|e| e.0 > 1000), "numbering goes on after the restored epoch: {s:?}");
+        engine.stop().unwrap();
+        machine.stop();
+        assert_eq!(run.join().unwrap().unwrap(), MachineExit::Stopped);
+        resume_standby(tag, &receiver.stop().unwrap(), &disk);
     }
 
     /// The backup takes over while this primary still runs (it took it for dead): the primary

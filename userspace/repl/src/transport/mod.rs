@@ -12,6 +12,7 @@
 //! and goes on unprotected (simplex) until a backup is connected again.
 
 pub mod deadline;
+pub mod detached;
 pub mod tcp;
 
 use std::time::{Duration, Instant};

@@ -290,7 +290,7 @@ impl DeviceManager {
         };
         let block = match block {
             Some(mut t) => {
-                t.device_mut().set_write_observer(hooks.disk_write_observer);
+                t.device_mut().set_write_observer(hooks.disk_write_observer, &mem);
                 pause_flags.push(t.pause_flag());
                 Some(Arc::new(Mutex::new(t)))
             }
@@ -509,7 +509,7 @@ impl DeviceManager {
     /// Sets (or removes) the observer of guest disk writes; nothing happens without a disk.
     pub fn set_disk_write_observer(&self, observer: Option<Arc<dyn DiskWriteObserver>>) {
         if let Some(t) = &self.block {
-            lock(t).device_mut().set_write_observer(observer);
+            lock(t).device_mut().set_write_observer(observer, &self.mem);
         }
     }
 

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_proto::pages::PageRangeSet;
 use ftvm_vmm::devices::virtio::block::DiskWriteObserver;
 
 use super::status::{EngineState, EngineStatus};
@@ -186,7 +185,6 @@ impl AckSide {
 #[derive(Debug)]
 pub(super) struct InFlight {
     pub(super) epoch: u64,
-    pub(super) pages: PageRangeSet,
     pub(super) committed_at: Instant,
     /// Longest wait for its acknowledgement.
     pub(super) timeout: Duration,
@@ -209,7 +207,7 @@ mod tests {
     use super::*;
 
     fn in_flight(committed_at: Instant, timeout: Duration) -> InFlight {
-        InFlight { epoch: 1, pages: PageRangeSet::default(), committed_at, timeout, span: tracing::Span::none() }
+        InFlight { epoch: 1, committed_at, timeout, span: tracing::Span::none() }
     }
 
     #[test]

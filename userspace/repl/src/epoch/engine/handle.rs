@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::attach::BackupAttacher;
 use super::status::EngineStatus;
 use super::{EngineError, EngineReport};
 use crate::output::hold::OutputHold;
@@ -14,6 +15,7 @@ pub struct EngineHandle {
     pub(super) stop: Arc<AtomicBool>,
     pub(super) status: Arc<EngineStatus>,
     pub(super) hold: Option<Arc<OutputHold>>,
+    pub(super) attacher: BackupAttacher,
     pub(super) thread: JoinHandle<Result<EngineReport, EngineError>>,
 }
 
@@ -37,6 +39,11 @@ impl EngineHandle {
     /// The default gate's output-commit hold (none when another gate replaced it).
     pub fn output_hold(&self) -> Option<Arc<OutputHold>> {
         self.hold.clone()
+    }
+
+    /// Hands a new backup's link to the engine while the VM runs alone (see [`BackupAttacher`]).
+    pub fn attacher(&self) -> BackupAttacher {
+        self.attacher.clone()
     }
 
     /// Whether the engine thread has ended.

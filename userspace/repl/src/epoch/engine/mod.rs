@@ -17,11 +17,14 @@
 //!    seal the output hold and the disk writes as epoch N, copy the dirty pages into a staging
 //!    buffer, resume, then send and commit. The acknowledgement thread releases the held frames
 //!    and forgets the disk writes of N. Epoch N+1 may start before N is acknowledged.
-//! 4. **Failure** (a send, commit or ack timeout): the pages of every unacknowledged epoch are
-//!    re-marked dirty, their disk writes requeued, every held frame released and transmit goes
-//!    back to [`TxMode::Direct`](ftvm_vmm::devices::virtio::net::TxMode::Direct): the engine is simplex and the VM carries on unprotected. When
-//!    the link still works the backup is told first (a goodbye), so that it does not take over a
-//!    VM that still runs.
+//! 4. **Failure** (a send, commit or ack timeout): every held frame is released and transmit goes
+//!    back to [`TxMode::Direct`](ftvm_vmm::devices::virtio::net::TxMode::Direct): the engine is
+//!    simplex and the VM carries on unprotected, paying nothing for replication (no disk write
+//!    recorded, no page tracked). When the link still works the backup is told first (a goodbye),
+//!    so that it does not take over a VM that still runs.
+//! 4b. **A backup joins** ([`BackupAttacher`]; or an engine built [`PrimaryEngine::alone`], on a
+//!    host that took over): its link replaces the lost one and the engine starts again at step 1
+//!    with the next epoch number, while the VM runs.
 //! 5. **Fenced**: the backup says it takes over (it declared this primary dead), the quorum
 //!    refuses to let this primary run alone, or the lease is lost (another host holds it now). The VM is paused at once and nothing held is
 //!    released: the other copy resumes from the last committed epoch, and two copies must never
@@ -72,6 +75,7 @@ use crate::ErrorChain;
 use crate::lock;
 
 mod ack;
+mod attach;
 mod handle;
 mod simplex;
 mod staging;
@@ -79,10 +83,12 @@ mod status;
 mod sync;
 
 pub use ack::AckAuthorityHook;
+pub use attach::BackupAttacher;
 pub use handle::{EngineHandle, EngineStopError};
 pub use status::{EngineState, EngineStatus, StatusSnapshot, SyncProgress};
 
 use ack::{AckSide, InFlight, Observer};
+use attach::BackupSlot;
 use staging::Staging;
 
 /// Pages copied and sent per step of the initial synchronisation (4 MiB).
@@ -265,6 +271,8 @@ pub struct PrimaryEngine {
     heartbeat: IdleHeartbeat,
     /// Set while a simplex VM is paused because its lease ran out.
     lease_paused: bool,
+    /// A new backup's link, handed over while the VM runs alone (see [`BackupAttacher`]).
+    attach: Arc<BackupSlot>,
     epochs: Vec<EpochMetrics>,
     window: EpochWindow,
     rate: (Instant, u64),
@@ -333,10 +341,39 @@ impl PrimaryEngine {
             output_frames: Vec::new(),
             heartbeat,
             lease_paused: false,
+            attach: Arc::new(BackupSlot::default()),
             epochs: Vec::new(),
             window: EpochWindow::default(),
             rate: (Instant::now(), 0),
         })
+    }
+
+    /// An engine for a VM that runs alone from the start (`why`, for status): a host that took
+    /// over has no backup until one joins. It checkpoints nothing until a backup's link is handed
+    /// to it through [`PrimaryEngine::attacher`]; then it synchronises that backup and protects
+    /// the VM as if the link had been there from the start.
+    pub fn alone(
+        source: CheckpointSource,
+        disk: Option<DiskSource>,
+        cfg: EngineConfig,
+        why: String,
+    ) -> Result<Self, EngineCreateError> {
+        let engine = Self::new(source, Box::new(crate::transport::detached::Detached), disk, cfg)?;
+        engine.ack.simplex.store(true, Ordering::Release);
+        engine.status.update(|s| s.state = EngineState::Simplex { reason: why });
+        Ok(Self { simplex: true, ..engine })
+    }
+
+    /// Starts epoch numbers after `epoch` (a VM restored from a backup's epoch goes on counting
+    /// from it, so that its logs and its next backup's read as one history).
+    pub fn numbering_after(mut self, epoch: EpochId) -> Self {
+        self.next_epoch = self.next_epoch.max(epoch.0.saturating_add(1));
+        self
+    }
+
+    /// Hands a new backup's link to this engine while it runs alone (see [`BackupAttacher`]).
+    pub fn attacher(&self) -> BackupAttacher {
+        BackupAttacher(self.attach.clone())
     }
 
     /// Asks `quorum` before going on without the backup (the default grants every claim): a
@@ -390,6 +427,7 @@ impl PrimaryEngine {
         let stop = Arc::new(AtomicBool::new(false));
         let status = self.status.clone();
         let hold = self.hold.clone();
+        let self_attach = self.attach.clone();
         let flag = stop.clone();
         let mut engine = self;
         let panic_status = status.clone();
@@ -401,7 +439,7 @@ impl PrimaryEngine {
                 Err(EngineError::Panicked)
             })
         })?;
-        Ok(EngineHandle { stop, status, hold, thread })
+        Ok(EngineHandle { stop, status, hold, attacher: BackupAttacher(self_attach), thread })
     }
 
     /// Synchronises the backup, then checkpoints every interval until `stop` is set or the machine
@@ -446,14 +484,8 @@ impl PrimaryEngine {
     }
 
     fn run_inner(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
-        // Made here, not in `new`: until the engine runs, the builder methods own the
-        // acknowledgement side alone (they set its lease and gate).
-        let obs: Arc<dyn DiskWriteObserver> = Arc::new(Observer { ack: self.ack.clone() });
-        // Before tracking and the image read: no write of the guest can fall between.
-        self.source.with_devices(|d| d.set_disk_write_observer(Some(obs)));
-        self.source.start_tracking().map_err(EngineError::Tracking)?;
-        if let Err(e) = self.initial_sync(stop) {
-            self.go_simplex(&e);
+        if !self.simplex {
+            self.protect(stop)?;
         }
         let mut last_start: Option<Instant> = None;
         // Bounded by `stop`; each iteration sleeps until the next checkpoint is due.
@@ -470,6 +502,12 @@ impl PrimaryEngine {
             }
             if self.simplex {
                 self.police_simplex();
+                // A VM paused for want of a lease is not protected again until the quorum is back.
+                if let Some(link) = self.attach.take().filter(|_| !self.lease_paused) {
+                    self.reprotect(link, stop);
+                    last_start = None;
+                    continue;
+                }
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
@@ -511,6 +549,53 @@ impl PrimaryEngine {
             }
         }
         Ok(())
+    }
+
+    /// Starts protecting the VM over `self.transport`: guest disk writes are recorded and memory
+    /// tracked from now on, then the backup gets all of memory and the disk (a failed
+    /// synchronisation leaves the VM running alone).
+    fn protect(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
+        // Made here, not in `new`: until the engine runs, the builder methods own the
+        // acknowledgement side alone (they set its lease and gate).
+        let obs: Arc<dyn DiskWriteObserver> = Arc::new(Observer { ack: self.ack.clone() });
+        // Before tracking and the image read: no write of the guest can fall between (writes
+        // still in flight are shown to the observer as it is installed).
+        self.source.with_devices(|d| d.set_disk_write_observer(Some(obs)));
+        // A clean log: the synchronisation copies every page from here on.
+        self.source.start_tracking().map_err(EngineError::Tracking)?;
+        if let Err(e) = self.initial_sync(stop) {
+            self.go_simplex(&e);
+        }
+        Ok(())
+    }
+
+    /// A backup joined a VM that runs alone: its link replaces the dead one, everything the
+    /// engine kept about the old backup goes, and the new one is synchronised in full while the
+    /// VM runs (see `sync`); the first acknowledged checkpoint makes the pair protected again.
+    fn reprotect(&mut self, mut link: Box<dyn CheckpointTransport>, stop: &AtomicBool) {
+        let ack = self.ack.clone();
+        link.set_ack_listener(Box::new(move |ev| ack.on_event(ev)));
+        // Dropping the old link joins its acknowledgement thread: none of its late events can
+        // reach the state reset below.
+        drop(std::mem::replace(&mut self.transport, link));
+        lock(&self.ack.disk).discard_all();
+        *lock(&self.ack.down) = None;
+        self.ack.disk_lost.store(false, Ordering::SeqCst);
+        // Everything the lost backup acknowledged left when the VM went on alone: nothing of it is
+        // late to release.
+        self.ack.released.fetch_max(self.ack.acked.load(Ordering::Acquire), Ordering::AcqRel);
+        self.in_flight.clear();
+        self.oldest_since = Instant::now();
+        self.simplex = false;
+        self.ack.simplex.store(false, Ordering::Release);
+        self.status.update(|s| {
+            s.disk_replication_lost = false;
+            s.epochs_committed = 0;
+        });
+        tracing::info!(next_epoch = self.next_epoch, "a backup joined: synchronising it to protect the VM again");
+        if let Err(e) = self.protect(stop) {
+            self.go_simplex(&format_args!("cannot protect the VM again: {}", ErrorChain(&e)));
+        }
     }
 
     /// When the next checkpoint is due, `since` the last one began (see the module documentation).
@@ -610,7 +695,6 @@ impl PrimaryEngine {
         span.record("pages", pages.page_count());
         span.record("pause_us", pause_us);
         let sent = self.send_epoch(epoch, &pages, &state, &writes);
-        // Sent or not, its pages are accounted for: re-marked if it never gets acknowledged.
         drop(entered);
         let committed_at = Instant::now();
         let result = match sent {
@@ -622,7 +706,7 @@ impl PrimaryEngine {
             }
             Err(e) => Err(e),
         };
-        self.in_flight.push_back(InFlight { epoch, pages, committed_at, timeout: self.cfg.ack_timeout, span });
+        self.in_flight.push_back(InFlight { epoch, committed_at, timeout: self.cfg.ack_timeout, span });
         self.next_epoch = epoch + 1;
         self.status.update(|s| s.last_sent = Some(EpochId(epoch)));
         Ok(result)

@@ -4,8 +4,6 @@
 
 use std::sync::atomic::Ordering;
 
-use ftvm_proto::pages::PageRangeSet;
-
 use super::status::EngineState;
 use super::PrimaryEngine;
 use crate::ha::heartbeat::monotonic_us;
@@ -52,20 +50,24 @@ impl PrimaryEngine {
         self.ack.simplex.store(true, Ordering::Release);
         // Before anything held leaves: a backup that still hears us must not take over.
         self.transport.abandon(&why.to_string());
-        let acked = self.ack.acked();
-        let mut remark = PageRangeSet::new();
-        for f in self.in_flight.drain(..) {
-            if acked.is_none_or(|a| f.epoch > a) {
-                remark.union_with(&f.pages);
-            }
+        // A backup that joins later gets all of memory and the disk again (see `reprotect`): what
+        // the lost one lacked need not be kept, and a VM running alone pays nothing for
+        // replication (no write recorded, no page tracked).
+        let lost_epochs = self.in_flight.len();
+        self.in_flight.clear();
+        self.source.with_devices(|d| d.set_disk_write_observer(None));
+        let dropped_disk_bytes = {
+            let mut disk = lock(&self.ack.disk);
+            let bytes = disk.backlog_bytes();
+            disk.discard_all();
+            bytes
+        };
+        if let Err(e) = self.source.stop_tracking() {
+            tracing::warn!(error = %ErrorChain(&e), "cannot stop dirty tracking");
         }
-        if let Err(e) = self.source.remark(&remark) {
-            tracing::error!(error = %ErrorChain(&e), "cannot re-mark the pages of the lost epochs");
-        }
-        let requeued = lock(&self.ack.disk).requeue_unacked();
         self.unhold();
         let reason = why.to_string();
-        tracing::warn!(%reason, remarked_pages = remark.page_count(), requeued_disk_writes = requeued, "backup lost: running unprotected (simplex)");
+        tracing::warn!(%reason, lost_epochs, dropped_disk_bytes, "backup lost: running unprotected (simplex)");
         self.status.update(|s| s.state = EngineState::Simplex { reason });
     }
 

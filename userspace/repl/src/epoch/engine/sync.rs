@@ -20,7 +20,9 @@ use crate::PAGE_SIZE;
 impl PrimaryEngine {
     /// Streams all of guest memory and the disk image as one initial-sync epoch while the VM runs.
     pub(super) fn initial_sync(&mut self, stop: &AtomicBool) -> Result<(), SendError> {
-        let epoch = self.transport.peer_standby().committed.map_or(0, |c| c.0 + 1);
+        // After everything this engine numbered before (a backup that joins later gets the next
+        // number, so that the output hold's epochs only increase).
+        let epoch = self.transport.peer_standby().committed.map_or(0, |c| c.0 + 1).max(self.next_epoch);
         let mem = self.source.guest_memory();
         let regions: Vec<(u64, u64)> =
             mem.iter().map(|r| (r.start_addr().0 / PAGE_SIZE as u64, r.len() / PAGE_SIZE as u64)).collect();
@@ -94,8 +96,6 @@ impl PrimaryEngine {
         self.transport.commit(EpochId(epoch))?;
         self.in_flight.push_back(InFlight {
             epoch,
-            // Nothing to re-mark if the sync is lost: a new backup needs a new sync anyway.
-            pages: PageRangeSet::new(),
             committed_at: Instant::now(),
             timeout: self.cfg.sync_ack_timeout,
             span: tracing::Span::none(),

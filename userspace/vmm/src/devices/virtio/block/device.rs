@@ -160,9 +160,21 @@ impl Block {
         })
     }
 
-    /// Sets (or removes) the observer of guest writes.
-    pub fn set_write_observer(&mut self, observer: Option<Arc<dyn DiskWriteObserver>>) {
+    /// Sets (or removes) the observer of guest writes. A new observer is first shown the writes
+    /// already handed to io_uring and not completed, in submission order: their data may reach the
+    /// file after whoever installs the observer has read that part of it (a backup synchronised
+    /// while the guest runs), so it must see them as if they were submitted now.
+    pub fn set_write_observer(&mut self, observer: Option<Arc<dyn DiskWriteObserver>>, mem: &GuestMemory) {
         self.observer = observer.map(Observer);
+        let Some(obs) = self.observer.clone() else { return };
+        let writes: Vec<Request> =
+            self.engine.inflight().in_submission_order().into_iter().filter(|r| r.request_type == RequestType::Out).cloned().collect();
+        for req in &writes {
+            // The buffers were inside guest memory at submission, and guest memory does not shrink.
+            if gather(mem, req, &mut self.observed) {
+                obs.0.record(req.sector, &self.observed);
+            }
+        }
     }
 
     /// Hands `req` (IN, OUT or FLUSH) to io_uring and, once it is queued, shows writes and
@@ -790,7 +802,7 @@ mod tests {
         let mem = test_memory();
         let (mut r, _) = rig(&mem, "observer", true);
         let journal = Arc::new(Journal::default());
-        r.t.device_mut().set_write_observer(Some(journal.clone()));
+        r.t.device_mut().set_write_observer(Some(journal.clone()), &mem);
         let first: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
         mem.write_slice(&first[..512], GuestAddress(0x9_0000)).unwrap();
         mem.write_slice(&first[512..], GuestAddress(0xa_0000)).unwrap();
@@ -846,6 +858,33 @@ mod tests {
         f.read_exact(&mut disk).unwrap();
         assert_eq!(&disk[9 * 512..10 * 512], &[0x31; 512][..]);
         assert_eq!(&disk[4 * 512..5 * 512], &[0x32; 512][..]);
+    }
+
+    #[test]
+    fn an_observer_installed_late_is_shown_the_writes_still_in_flight() {
+        let mem = test_memory();
+        let (mut r, _) = rig(&mem, "late-observer", true);
+        mem.write_slice(&[0x41; 512], GuestAddress(0x9_0000)).unwrap();
+        // Submitted unobserved, not completed yet: its data may reach the file after a reader of
+        // the disk (a backup's synchronisation) passed its sector.
+        r.submit(&mem, VIRTIO_BLK_T_OUT, 5, &[(HDR, 16, false), (0x9_0000, 512, false), (STATUS, 1, true)]);
+        r.submit(&mem, VIRTIO_BLK_T_IN, 1, &[(HDR, 16, false), (0xb_0000, 512, true), (STATUS, 1, true)]);
+        let journal = Arc::new(Journal::default());
+        r.t.device_mut().set_write_observer(Some(journal.clone()), &mem);
+        assert_eq!(*journal.0.lock().unwrap(), [(5, vec![0x41; 512])], "the write in flight, and not the read");
+        // Once completed, a write is in the file: a later observer is not shown it again.
+        let mut used = 0;
+        while used < 2 {
+            r.complete();
+            used += 1;
+            while r.q.next_used().is_some() {
+                used += 1;
+            }
+        }
+        assert!(r.t.device().inflight().is_empty());
+        let later = Arc::new(Journal::default());
+        r.t.device_mut().set_write_observer(Some(later.clone()), &mem);
+        assert!(later.0.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl Persist for Block {
                 disk: block.capacity(),
             });
         }
-        block.set_write_observer(args.observer);
+        block.set_write_observer(args.observer, &args.mem);
         let requests = state
             .inflight
             .iter()
