@@ -22,10 +22,10 @@
 //!    simplex and the VM carries on unprotected, paying nothing for replication (no disk write
 //!    recorded, no page tracked). When the link still works the backup is told first (a goodbye),
 //!    so that it does not take over a VM that still runs.
-//! 4b. **A backup joins** ([`BackupAttacher`]; or an engine built [`PrimaryEngine::alone`], on a
+//! 5. **A backup joins** ([`BackupAttacher`]; or an engine built [`PrimaryEngine::alone`], on a
 //!    host that took over): its link replaces the lost one and the engine starts again at step 1
 //!    with the next epoch number, while the VM runs.
-//! 5. **Fenced**: the backup says it takes over (it declared this primary dead), the quorum
+//! 6. **Fenced**: the backup says it takes over (it declared this primary dead), the quorum
 //!    refuses to let this primary run alone, or the lease is lost (another host holds it now). The VM is paused at once and nothing held is
 //!    released: the other copy resumes from the last committed epoch, and two copies must never
 //!    serve. The engine ends; its owner stops the machine.
