@@ -36,8 +36,7 @@ mod tests {
     use ftvm_system_tests::site::{Site, Status};
     use ftvm_system_tests::{guest_info, redis_cli, require_root_and_kvm, run_with_timeout, Netns, TempDir, GUEST_IP};
 
-    const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];
-    const GUEST_MAC_TEXT: &str = "02:46:54:00:00:02";
+    use ftvm_system_tests::{SITE_GUEST_MAC as GUEST_MAC, SITE_GUEST_MAC_TEXT as GUEST_MAC_TEXT};
     const CONNECTIONS: usize = 4;
     /// A request in flight at a fault may wait for the takeover (the lease runs out in about a
     /// second, case (e) waits for the witness to come back).

@@ -24,8 +24,7 @@ mod tests {
     use ftvm_system_tests::site::Site;
     use ftvm_system_tests::{enter_netns, packet_socket, require_root_and_kvm, TempDir};
 
-    const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];
-    const GUEST_MAC_TEXT: &str = "02:46:54:00:00:02";
+    use ftvm_system_tests::{SITE_GUEST_MAC as GUEST_MAC, SITE_GUEST_MAC_TEXT as GUEST_MAC_TEXT};
     /// The witness's lease (ftvm_repl::witness::DEFAULT_TTL). A's gate closes at its view of the
     /// lease's end, which is earlier (its grants count from the request, less a margin): every
     /// frame that passed A's gate after the stop passed within this of it.

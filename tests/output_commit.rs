@@ -44,7 +44,7 @@ use ftvm_repl::output::trace::{
 };
 
 /// The guest's MAC (the site's default).
-const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];
+use ftvm_system_tests::SITE_GUEST_MAC as GUEST_MAC;
 /// The backup's A-Link port (the site's default).
 const ALINK_PORT: u16 = 7700;
 /// Client connections and how long they write.

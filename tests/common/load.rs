@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ const MAX_OPS: u64 = 200_000;
 const HARD_LIMIT: Duration = Duration::from_secs(120);
 
 /// What one connection saw.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ConnLog {
     pub conn: usize,
     /// Last acknowledged value of each counter.
@@ -35,26 +35,51 @@ pub struct ConnLog {
     pub longest_gap: Duration,
 }
 
+impl ConnLog {
+    /// The same log without its first `checked` acknowledged SETs (already checked); the
+    /// counters are few and always kept.
+    pub fn sets_after(&self, checked: usize) -> Self {
+        Self { sets: self.sets.get(checked..).unwrap_or_default().to_vec(), ..self.clone() }
+    }
+}
+
 /// The running load.
 #[derive(Debug)]
 pub struct Load {
     stop: Arc<AtomicBool>,
     replies: Vec<Arc<AtomicU64>>,
-    threads: Vec<JoinHandle<ConnLog>>,
+    logs: Vec<Arc<Mutex<ConnLog>>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Load {
-    /// Starts `conns` connections from `client_ns`, each answering within `read_timeout`.
+    /// Starts `conns` connections from `client_ns`, each answering within `read_timeout`, as fast
+    /// as the guest answers.
     pub fn start(client_ns: &str, conns: usize, read_timeout: Duration) -> Self {
+        Self::start_paced(client_ns, conns, read_timeout, Duration::ZERO, HARD_LIMIT)
+    }
+
+    /// The same, each connection sleeping `pace` between requests (a long test keeps its record
+    /// of writes small enough to check) and stopping by itself after `limit`.
+    pub fn start_paced(client_ns: &str, conns: usize, read_timeout: Duration, pace: Duration, limit: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let mut replies = Vec::new();
+        let mut logs = Vec::new();
         let mut threads = Vec::new();
         for conn in 0..conns {
             let (stop, count, ns) = (stop.clone(), Arc::new(AtomicU64::new(0)), client_ns.to_string());
+            let log = Arc::new(Mutex::new(ConnLog { conn, ..ConnLog::default() }));
             replies.push(count.clone());
-            threads.push(std::thread::spawn(move || run_conn(conn, &ns, &stop, &count, read_timeout)));
+            logs.push(log.clone());
+            let pacing = Pacing { pace, limit, read_timeout };
+            threads.push(std::thread::spawn(move || run_conn(&ns, &stop, &count, &log, pacing)));
         }
-        Self { stop, replies, threads }
+        Self { stop, replies, logs, threads }
+    }
+
+    /// What each connection saw so far (it goes on).
+    pub fn logs(&self) -> Vec<ConnLog> {
+        self.logs.iter().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect()
     }
 
     /// Replies so far on each connection.
@@ -78,25 +103,40 @@ impl Load {
     /// Stops the load and returns what each connection saw.
     pub fn stop(self) -> Vec<ConnLog> {
         self.stop.store(true, Ordering::SeqCst);
-        self.threads.into_iter().map(|t| t.join().expect("load thread panicked")).collect()
+        for t in self.threads {
+            t.join().expect("load thread panicked");
+        }
+        self.logs.iter().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect()
     }
 }
 
-fn run_conn(conn: usize, ns: &str, stop: &AtomicBool, count: &AtomicU64, read_timeout: Duration) -> ConnLog {
+/// How a connection paces itself.
+#[derive(Clone, Copy, Debug)]
+struct Pacing {
+    pace: Duration,
+    limit: Duration,
+    read_timeout: Duration,
+}
+
+fn run_conn(ns: &str, stop: &AtomicBool, count: &AtomicU64, shared: &Mutex<ConnLog>, pacing: Pacing) {
     enter_netns(ns);
-    let mut log = ConnLog { conn, ..ConnLog::default() };
-    let mut client = match RespClient::try_connect(read_timeout) {
+    let record = |f: &mut dyn FnMut(&mut ConnLog)| f(&mut shared.lock().unwrap_or_else(|e| e.into_inner()));
+    let conn = shared.lock().unwrap_or_else(|e| e.into_inner()).conn;
+    let mut client = match RespClient::try_connect(pacing.read_timeout) {
         Ok(c) => c,
         Err(e) => {
-            log.failure = Some(format!("connect: {e}"));
-            return log;
+            record(&mut |log| log.failure = Some(format!("connect: {e}")));
+            return;
         }
     };
     let started = Instant::now();
     let mut last = Instant::now();
     for n in 0..MAX_OPS {
-        if stop.load(Ordering::SeqCst) || started.elapsed() > HARD_LIMIT {
+        if stop.load(Ordering::SeqCst) || started.elapsed() > pacing.limit {
             break;
+        }
+        if !pacing.pace.is_zero() {
+            std::thread::sleep(pacing.pace);
         }
         let (key, reply) = if n % 2 == 0 {
             let key = format!("c{conn}:{}", (n / 2) % COUNTERS);
@@ -107,25 +147,33 @@ fn run_conn(conn: usize, ns: &str, stop: &AtomicBool, count: &AtomicU64, read_ti
             let r = client.try_cmd(&["SET", &key, &n.to_string()]);
             (key, r)
         };
-        match reply {
-            Ok(Reply::Integer(v)) => {
-                let prev = log.counters.insert(key.clone(), v);
-                if prev.is_some_and(|p| v != p + 1) || (prev.is_none() && v != 1) {
-                    log.anomalies.push(format!("{key}: {prev:?} then {v}"));
+        let mut failed = false;
+        record(&mut |log| {
+            match &reply {
+                Ok(Reply::Integer(v)) => {
+                    let v = *v;
+                    let prev = log.counters.insert(key.clone(), v);
+                    if prev.is_some_and(|p| v != p + 1) || (prev.is_none() && v != 1) {
+                        log.anomalies.push(format!("{key}: {prev:?} then {v}"));
+                    }
+                }
+                Ok(Reply::Status(s)) if s == "OK" => log.sets.push(n),
+                Ok(other) => log.anomalies.push(format!("{key}: unexpected reply {other:?}")),
+                Err(e) => {
+                    log.failure = Some(format!("{key}: {e}"));
+                    failed = true;
+                    return;
                 }
             }
-            Ok(Reply::Status(s)) if s == "OK" => log.sets.push(n),
-            Ok(other) => log.anomalies.push(format!("{key}: unexpected reply {other:?}")),
-            Err(e) => {
-                log.failure = Some(format!("{key}: {e}"));
-                break;
-            }
+            // The gap counts the pacing sleep out: it is the client's, not the VM's.
+            log.longest_gap = log.longest_gap.max(last.elapsed().saturating_sub(pacing.pace));
+        });
+        if failed {
+            break;
         }
         count.fetch_add(1, Ordering::SeqCst);
-        log.longest_gap = log.longest_gap.max(last.elapsed());
         last = Instant::now();
     }
-    log
 }
 
 /// A key and what its value must satisfy.

@@ -25,6 +25,10 @@ use anyhow::{bail, Context, Result};
 
 /// Guest address inside each test's own namespace (namespaces are isolated, so tests can share it).
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The guest's MAC in a site (`ftvm site up`'s default), as it appears in captures.
+pub const SITE_GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x54, 0x00, 0x00, 0x02];
+/// The same, as tcpdump's filters write it.
+pub const SITE_GUEST_MAC_TEXT: &str = "02:46:54:00:00:02";
 /// Host side of the TAP inside the test namespace.
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// The guest's key-value port.

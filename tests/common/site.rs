@@ -23,6 +23,8 @@ pub const SITES_DIR: &str = "/run/ftvm/sites";
 const UP_TIMEOUT: Duration = Duration::from_secs(300);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 const KILL_TIMEOUT: Duration = Duration::from_secs(60);
+/// `site repair` waits up to 300 s for protection itself; this bounds the command.
+const REPAIR_TIMEOUT: Duration = Duration::from_secs(330);
 const DOWN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Log files larger than this are not copied.
 const BIG_LOG: u64 = 64 << 20;
@@ -92,6 +94,14 @@ impl Status {
     /// Whether the pair is protected: A primary, B backup.
     pub fn is_protected(&self) -> bool {
         self.state == "protected" && self.role_a == "primary" && self.role_b == "backup"
+    }
+
+    /// Host `name`'s role (`A`, `B`).
+    pub fn role(&self, name: &str) -> &str {
+        match name {
+            "A" => &self.role_a,
+            _ => &self.role_b,
+        }
     }
 }
 
@@ -206,6 +216,16 @@ impl Site {
         let end = Instant::now();
         checked(&args, out?)?;
         Ok((start, end))
+    }
+
+    /// `ftvm site repair --name <site> <host>`: returns once the pair is protected again, with
+    /// how long that took. Panics if it fails.
+    pub fn repair(&self, host: &str) -> Duration {
+        let args = ["site", "repair", "--name", &self.name, host];
+        let start = Instant::now();
+        let out = self.ftvm(&args, REPAIR_TIMEOUT).unwrap_or_else(|e| panic!("{e:#}"));
+        checked(&args, out).unwrap_or_else(|e| panic!("{e:#}"));
+        start.elapsed()
     }
 
     /// The pids of host `host` (`A`, `B`) in the site's state file (`site.json`).

@@ -23,9 +23,10 @@ use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
 use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState};
-use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, Role};
+use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, ProtectAgain, Role};
 use ftvm_repl::ha::lease::Lease;
 use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHost, PrimaryHostConfig};
+use ftvm_repl::ha::rejoin::RejoinConfig;
 use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::output::trace::FileTrace;
 use ftvm_repl::transport::tcp::TcpOptions;
@@ -58,6 +59,24 @@ pub struct PrimaryArgs {
     /// Write this host's status here (JSON, mode 0600), several times a second.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// How long to keep trying to reach the backup at start, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout: u64,
+    /// Write a trace of the output-commit hold to this file (for tests): one line per frame held,
+    /// epoch sealed, release and frame sent, stamped with the real-time clock in nanoseconds (the
+    /// clock of packet captures). Format: `ftvm_repl::output::trace::TraceRecord`.
+    #[arg(long)]
+    pub output_trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+}
+
+/// The epoch engine's options: the primary's, and the backup's for the VM it runs after a
+/// takeover (protected again once the other host is back).
+#[derive(Debug, Args)]
+pub struct EngineArgs {
     /// Longest time between checkpoints, in microseconds.
     #[arg(long, default_value_t = 1000)]
     pub epoch_us: u64,
@@ -65,9 +84,6 @@ pub struct PrimaryArgs {
     /// output is latency the clients see); 0 checkpoints only every `--epoch-us`.
     #[arg(long, default_value_t = 200)]
     pub min_epoch_gap_us: u64,
-    /// How long to keep trying to reach the backup at start, in seconds.
-    #[arg(long, default_value_t = 30)]
-    pub connect_timeout: u64,
     /// Milliseconds to wait for an epoch's acknowledgement before declaring the backup lost and
     /// running unprotected (simplex), which releases the held output. Keep it well above the
     /// backup's `--dead-after-ms` (250 by default): when the A-Link fails, the backup must give up
@@ -81,13 +97,6 @@ pub struct PrimaryArgs {
     /// lacks a write.
     #[arg(long, default_value_t = default_disk_backlog_kib(), value_parser = clap::value_parser!(u64).range(4..))]
     pub disk_backlog_kib: u64,
-    /// Write a trace of the output-commit hold to this file (for tests): one line per frame held,
-    /// epoch sealed, release and frame sent, stamped with the real-time clock in nanoseconds (the
-    /// clock of packet captures). Format: `ftvm_repl::output::trace::TraceRecord`.
-    #[arg(long)]
-    pub output_trace: Option<PathBuf>,
-    #[command(flatten)]
-    pub ebpf: EbpfArgs,
 }
 
 /// The engine's own default, so that the CLI and the library cannot drift apart.
@@ -105,6 +114,14 @@ pub struct BackupArgs {
     /// Address to listen on for the primary (this host's A-Link address; never 0.0.0.0).
     #[arg(long)]
     pub listen: SocketAddr,
+    /// The other host's A-Link address: after a takeover, the VM is protected again as soon as a
+    /// backup listens there (the other host's service, restarted after a repair). Without it the
+    /// VM runs alone after a takeover until it ends.
+    #[arg(long)]
+    pub peer: Option<SocketAddr>,
+    /// The epoch engine of the VM this host runs after a takeover (with `--peer`).
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// File holding the shared secret of the A-Link (mode 0600).
     #[arg(long)]
     pub secret_file: PathBuf,
@@ -149,7 +166,7 @@ pub struct BackupArgs {
 const BACKUP_LOOK_EVERY: Duration = Duration::from_millis(50);
 
 /// The epoch engine's settings from the options.
-fn engine_config(args: &PrimaryArgs) -> EngineConfig {
+fn engine_config(args: &EngineArgs) -> EngineConfig {
     EngineConfig {
         epoch_interval: Duration::from_micros(args.epoch_us.max(100)),
         min_epoch_gap: (args.min_epoch_gap_us > 0).then(|| Duration::from_micros(args.min_epoch_gap_us.max(50))),
@@ -200,9 +217,12 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     let machine = Machine::create(config)?;
     run::stop_on_signal(machine.handle())?;
     let mut host = PrimaryHostConfig::new(machine, Box::new(transport), lease.clone(), host_ebpf.fence_hook());
-    host.engine = engine_config(&args);
+    host.engine = engine_config(&args.engine);
     host.disk = Some(DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? });
     host.renewer = Some(renewer);
+    // Whenever the backup is lost, its host is looked for again: its service, restarted, becomes
+    // the backup by itself.
+    host.rejoin = Some(RejoinConfig::new(args.peer, secret.clone(), options.clone()));
     // Without a quorum the gate is open for ever: no acknowledgement needs to extend it.
     host.ack_authority_hook = host_ebpf.ack_authority_hook().filter(|_| lease.has_quorum());
     host.output_trace = match &args.output_trace {
@@ -256,7 +276,7 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     // comes with the takeover.
     let host_ebpf = HostEbpf::attach_standby(&args.ebpf, args.net.mac)?;
     let console = run::open_console(args.net.console_log.as_deref())?;
-    let mut receiver = ReceiverConfig::new(args.listen, secret, args.memory, args.disk.clone(), args.disk_size);
+    let mut receiver = ReceiverConfig::new(args.listen, secret.clone(), args.memory, args.disk.clone(), args.disk_size);
     if !args.sync_every_epoch {
         receiver.disk_sync = DiskSync::NoSync;
     }
@@ -290,6 +310,21 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     if args.quorum.quorum != QuorumKind::None {
         daemon_config.term_file = Some(term_file);
     }
+    if let Some(peer) = args.peer {
+        // The restored VM tracks its pages from the start: a backup may join at any time.
+        daemon_config.promote.dirty_tracking = DirtyTracking::KvmBitmap;
+        let options = TcpOptions {
+            memory_bytes: Some(args.memory),
+            disk_bytes: Some(args.disk_size),
+            cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
+            ..TcpOptions::default()
+        };
+        daemon_config.protect_again = Some(ProtectAgain {
+            rejoin: RejoinConfig::new(peer, secret.clone(), options),
+            engine: engine_config(&args.engine),
+            ack_authority_hook: host_ebpf.ack_authority_hook().filter(|_| daemon_config.lease.has_quorum()),
+        });
+    }
     daemon_config.detector.dead_after = Duration::from_millis(args.dead_after_ms.max(10));
     daemon_config.detector.silent_after = daemon_config.detector.silent_after.min(daemon_config.detector.dead_after);
     let daemon = BackupDaemon::start(daemon_config).context("cannot start the backup")?;
@@ -302,22 +337,35 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     }
     let flusher = (!args.sync_every_epoch).then(|| spawn_disk_flusher(args.disk.clone(), Arc::clone(&stop)));
     let mut responder_wanted = true;
+    let mut watchdog = None;
     let exit = daemon.supervise(&stop, &*host_ebpf.fence_hook(), BACKUP_LOOK_EVERY, |st| {
         // Once the restored VM runs (not before: the takeover must not wait for it), this host
-        // is the primary and answers probes; one try, its failure said once.
+        // is the primary: it answers probes, and its death releases the lease at once, as the
+        // primary's does (the other host, once back, takes over without waiting for the lease
+        // to run out). One try each, a failure said once.
         if responder_wanted && st.role == Role::Active {
             responder_wanted = false;
             if let Err(e) = host_ebpf.attach_responder() {
                 tracing::error!(error = %format_args!("{e:#}"), "no heartbeat responder on the new primary");
             }
+            if args.quorum.quorum != QuorumKind::None {
+                match Watchdog::start(&args.quorum, &args.secret_file, daemon.lease(), host_ebpf.handoff()) {
+                    Ok(w) => watchdog = Some(w),
+                    Err(e) => tracing::error!(error = %format_args!("{e:#}"), "no lease watchdog: a death of this host will hold the lease until it runs out"),
+                }
+            }
         }
         host_ebpf.publish_progress(daemon.lease().term(), st.committed.map_or(0, |e| e.0));
         if let Some(path) = &args.status_file {
-            status::write(path, &BackupStatus::of(st, daemon.lease(), host_ebpf.status()));
+            let serving = daemon.engine_status().map(|s| s.snapshot());
+            status::write(path, &BackupStatus::of(st, daemon.lease(), host_ebpf.status(), serving.as_ref()));
         }
     });
     stop.store(true, Ordering::Relaxed);
     let final_status = daemon.shutdown();
+    if let Some(w) = watchdog {
+        w.stop();
+    }
     if let Some(Ok(t)) = flusher {
         let _ = t.join();
     }

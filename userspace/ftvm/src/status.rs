@@ -180,16 +180,9 @@ impl ProtectionState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrimaryStatus {
     pub role: PrimaryRole,
-    pub state: ProtectionState,
-    pub detail: String,
-    /// The initial synchronisation's figures while it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sync: Option<SyncStatus>,
-    pub epochs_committed: u64,
-    pub epochs_per_sec: f64,
-    pub last_pause_us: u64,
+    #[serde(flatten)]
+    pub protection: ProtectionStatus,
     pub last_ack_us: Option<u64>,
-    pub lag_epochs: u64,
     pub link_per_dirty_byte: Option<f64>,
     /// A guest disk write could not be recorded for the backup (its backlog was full): the backup
     /// lacks it, so the pair is not protected until a new synchronisation.
@@ -205,21 +198,10 @@ pub struct PrimaryStatus {
 impl PrimaryStatus {
     /// The status of an engine at `snap`, under `lease`, with the host's `ebpf`.
     pub fn of(snap: &StatusSnapshot, lease: &Lease, ebpf: EbpfStatus) -> Self {
-        let (state, detail) = ProtectionState::of(&snap.state);
-        let sync = match &snap.state {
-            EngineState::Syncing(p) if p.bytes_total() > 0 => Some(SyncStatus::of(p)),
-            _ => None,
-        };
         Self {
             role: PrimaryRole::Primary,
-            state,
-            detail,
-            sync,
-            epochs_committed: snap.epochs_committed,
-            epochs_per_sec: snap.epochs_per_sec,
-            last_pause_us: snap.last_epoch.pause.as_micros() as u64,
+            protection: ProtectionStatus::of(snap),
             last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
-            lag_epochs: snap.lag_epochs(),
             link_per_dirty_byte: snap.link_per_dirty_byte(),
             disk_replication_lost: snap.disk_replication_lost,
             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
@@ -242,6 +224,14 @@ pub struct SyncStatus {
 }
 
 impl SyncStatus {
+    /// The figures of a synchronisation under way in `state` (none before its sizes are known).
+    fn during(state: &EngineState) -> Option<Self> {
+        match state {
+            EngineState::Syncing(p) if p.bytes_total() > 0 => Some(Self::of(p)),
+            _ => None,
+        }
+    }
+
     fn of(p: &SyncProgress) -> Self {
         Self {
             percent: p.percent(),
@@ -301,12 +291,59 @@ pub struct BackupStatus {
     pub last_error: Option<String>,
     /// The fencing gate, the heartbeat responder, and the last probe of the primary's host.
     pub ebpf: EbpfStatus,
+    /// After a takeover, the protection of the VM this host runs now (none before, or when the
+    /// host was started without a peer to protect it with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ProtectionStatus>,
+}
+
+/// Whether the VM a host runs is protected: the primary's, and the VM a host runs after its
+/// takeover (protected again once a backup joins).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProtectionStatus {
+    pub state: ProtectionState,
+    pub detail: String,
+    /// The initial synchronisation's figures while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
+    pub epochs_committed: u64,
+    pub epochs_per_sec: f64,
+    pub last_pause_us: u64,
+    pub lag_epochs: u64,
+}
+
+impl ProtectionStatus {
+    /// A VM that runs alone, for `reason`, with no figures yet.
+    pub fn alone(reason: &str) -> Self {
+        Self {
+            state: ProtectionState::Simplex,
+            detail: reason.to_string(),
+            sync: None,
+            epochs_committed: 0,
+            epochs_per_sec: 0.0,
+            last_pause_us: 0,
+            lag_epochs: 0,
+        }
+    }
+
+    fn of(snap: &StatusSnapshot) -> Self {
+        let (state, detail) = ProtectionState::of(&snap.state);
+        Self {
+            state,
+            detail,
+            sync: SyncStatus::during(&snap.state),
+            epochs_committed: snap.epochs_committed,
+            epochs_per_sec: snap.epochs_per_sec,
+            last_pause_us: snap.last_epoch.pause.as_micros() as u64,
+            lag_epochs: snap.lag_epochs(),
+        }
+    }
 }
 
 impl BackupStatus {
     /// The status of a daemon at `st`, under `lease`, with the host's `ebpf` (the last probe of
     /// the primary's host is the daemon's).
-    pub fn of(st: &DaemonStatus, lease: &Lease, ebpf: EbpfStatus) -> Self {
+    pub fn of(st: &DaemonStatus, lease: &Lease, ebpf: EbpfStatus, serving: Option<&StatusSnapshot>) -> Self {
         Self {
             role: st.role,
             quorum: QuorumStatus::of(lease),
@@ -317,6 +354,7 @@ impl BackupStatus {
             takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
             last_error: st.last_error.clone(),
             ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..ebpf },
+            serving: serving.map(ProtectionStatus::of),
         }
     }
 }
@@ -444,7 +482,7 @@ mod tests {
             assert_eq!(serde_json::to_value(&report).unwrap(), before);
         }
         let HostReport::Primary(p) = HostReport::from_json(PRIMARY).unwrap() else { panic!("not the primary's") };
-        assert_eq!((p.state, p.quorum.term, p.ebpf.gate.map(|g| g.ingress_dropped)), (ProtectionState::Protected, 3, Some(2)));
+        assert_eq!((p.protection.state, p.quorum.term, p.ebpf.gate.map(|g| g.ingress_dropped)), (ProtectionState::Protected, 3, Some(2)));
         let HostReport::Backup(b) = HostReport::from_json(BACKUP).unwrap() else { panic!("not the backup's") };
         assert_eq!((b.role, b.takeover_ms, b.ebpf.last_probe.as_deref()), (Role::Active, Some(95.5), Some("daemon dead")));
     }

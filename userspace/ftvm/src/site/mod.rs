@@ -21,7 +21,7 @@ use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{parse_size, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
-use crate::status::{self, EbpfStatus, HostReport, ProtectionState, StatusFile};
+use crate::status::{self, EbpfStatus, HostReport, ProtectionState, ProtectionStatus, StatusFile};
 use topology::SiteNames;
 
 /// Where sites keep their state.
@@ -39,6 +39,9 @@ pub enum SiteCommand {
     /// management port live on, as on a host whose ftvm service crashed); `--power`: every process
     /// of the host and all its links (the host lost power). `witness`: stop the witness.
     Kill(KillArgs),
+    /// Start a killed host's service again: it becomes the backup of the VM where it runs now,
+    /// receives memory and disk while the VM serves, and the pair is protected again.
+    Repair(RepairArgs),
     /// Stop everything and remove the site.
     Down(NameArg),
 }
@@ -115,6 +118,20 @@ pub struct KillArgs {
     pub power: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    #[command(flatten)]
+    pub site: NameArg,
+    /// The host: A or B.
+    pub host: String,
+    /// Return once the host's service runs, without waiting for the pair to be protected again.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Seconds to wait for the pair to be protected again.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
 /// One host of the site, as recorded in the state file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostRecord {
@@ -124,6 +141,10 @@ pub struct HostRecord {
     pub pids: Vec<i32>,
     pub role: String,
     pub killed: bool,
+    /// What `site repair` starts on this host: its service as a standby that becomes the backup
+    /// of the VM wherever it runs (empty for the witness).
+    #[serde(default)]
+    pub service_args: Vec<String>,
 }
 
 /// The state file of a site (`/run/ftvm/sites/<name>/site.json`).
@@ -268,6 +289,7 @@ pub fn run(cmd: SiteCommand) -> Result<()> {
         SiteCommand::Up(args) => up(args),
         SiteCommand::Status(args) => status(args),
         SiteCommand::Kill(args) => kill(args),
+        SiteCommand::Repair(args) => repair(args),
         SiteCommand::Down(args) => down(&args.name),
     }
 }
@@ -322,11 +344,13 @@ const ALINK_PORT: u16 = crate::ft::DEFAULT_ALINK_PORT;
 fn spawn_host(dir: &Path, host: &str, args: &[String]) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
     let log = dir.join(format!("host-{host}.log"));
+    // Appended to: a repaired host's log keeps what its earlier life said.
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
     let child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(&log).with_context(|| format!("cannot create {}", log.display()))?)
+        .stderr(log_file.with_context(|| format!("cannot create {}", log.display()))?)
         // Its own process group: a Ctrl-C typed at `site up` must not reach the VM.
         .process_group(0)
         .spawn()
@@ -456,16 +480,23 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     let guest_cidr = format!("{}/{}", topology::GUEST_IP, topology::LAN_PREFIX);
     let alink = format!("{}:{ALINK_PORT}", topology::ALINK_IPS[1]);
     let memory = args.memory.to_string();
-    let backup_args: Vec<String> = [
-        "backup", "--netns", &names.hosts[1], "--listen", &alink, "--secret-file", &s(&secret), "--memory", &memory,
-        "--disk", &s(&dir.join("disk-b.img")), "--tap", topology::GUEST_TAP, "--ip", &guest_cidr,
-        "--console-log", &s(&dir.join("host-b.console.log")), "--status-file", &s(&dir.join("host-b.status.json")),
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut backup_args = backup_args;
-    backup_args.extend(quorum_args(args, "B", &witness_secret));
-    backup_args.extend(EBPF_PORTS.map(String::from));
+    let service_args = |i: usize| -> Vec<String> {
+        let host = ["a", "b"][i];
+        let mut v: Vec<String> = [
+            "backup", "--netns", &names.hosts[i], "--listen", &format!("{}:{ALINK_PORT}", topology::ALINK_IPS[i]),
+            "--peer", &format!("{}:{ALINK_PORT}", topology::ALINK_IPS[1 - i]), "--secret-file", &s(&secret),
+            "--memory", &memory, "--disk", &s(&dir.join(format!("disk-{host}.img"))), "--tap", topology::GUEST_TAP,
+            "--ip", &guest_cidr, "--console-log", &s(&dir.join(format!("host-{host}.console.log"))),
+            "--status-file", &s(&dir.join(format!("host-{host}.status.json"))),
+        ]
+        .map(String::from)
+        .to_vec();
+        v.extend(engine_args(args));
+        v.extend(quorum_args(args, &host.to_ascii_uppercase(), &witness_secret));
+        v.extend(EBPF_PORTS.map(String::from));
+        v
+    };
+    let mut backup_args = service_args(1);
     if let Some(mask) = &args.test_mask_cpuid_b {
         backup_args.extend(["--test-mask-cpuid".to_string(), mask.clone()]);
     }
@@ -478,18 +509,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
-    if let Some(us) = args.epoch_us {
-        primary_args.extend(["--epoch-us".to_string(), us.to_string()]);
-    }
-    if let Some(us) = args.min_epoch_gap_us {
-        primary_args.extend(["--min-epoch-gap-us".to_string(), us.to_string()]);
-    }
-    if let Some(ms) = args.ack_timeout_ms {
-        primary_args.extend(["--ack-timeout-ms".to_string(), ms.to_string()]);
-    }
-    if let Some(kib) = args.disk_backlog_kib {
-        primary_args.extend(["--disk-backlog-kib".to_string(), kib.to_string()]);
-    }
+    primary_args.extend(engine_args(args));
     if args.output_trace {
         primary_args.extend(["--output-trace".to_string(), s(&dir.join(OUTPUT_TRACE_FILE))]);
     }
@@ -502,8 +522,22 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
         guest_ip: topology::GUEST_IP.to_string(),
         guest_port: DEFAULT_KV_PORT,
         hosts: vec![
-            HostRecord { name: "A".into(), netns: names.hosts[0].clone(), pids: vec![primary_pid], role: "primary".into(), killed: false },
-            HostRecord { name: "B".into(), netns: names.hosts[1].clone(), pids: vec![backup_pid], role: "backup".into(), killed: false },
+            HostRecord {
+                name: "A".into(),
+                netns: names.hosts[0].clone(),
+                pids: vec![primary_pid],
+                role: "primary".into(),
+                killed: false,
+                service_args: service_args(0),
+            },
+            HostRecord {
+                name: "B".into(),
+                netns: names.hosts[1].clone(),
+                pids: vec![backup_pid],
+                role: "backup".into(),
+                killed: false,
+                service_args: service_args(1),
+            },
         ],
         witness: witness_pid.map(|pid| HostRecord {
             name: "witness".into(),
@@ -511,6 +545,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
             pids: vec![pid],
             role: "witness".into(),
             killed: false,
+            service_args: Vec::new(),
         }),
     };
     save(&record)?;
@@ -521,6 +556,23 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     }
     wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &[ProtectionState::Protected])?;
     check_from_client(names)
+}
+
+/// The epoch engine's options given to `up`, for whichever host runs the VM.
+fn engine_args(args: &UpArgs) -> Vec<String> {
+    let mut v = Vec::new();
+    let options = [
+        ("--epoch-us", args.epoch_us),
+        ("--min-epoch-gap-us", args.min_epoch_gap_us),
+        ("--ack-timeout-ms", args.ack_timeout_ms),
+        ("--disk-backlog-kib", args.disk_backlog_kib),
+    ];
+    for (name, value) in options {
+        if let Some(value) = value {
+            v.extend([name.to_string(), value.to_string()]);
+        }
+    }
+    v
 }
 
 /// Waits until the primary reports one of the `wanted` states, printing progress once a second.
@@ -536,7 +588,7 @@ fn wait_state(primary: i32, backup: i32, dir: &Path, timeout: Duration, wanted: 
             },
             StatusFile::Missing | StatusFile::Unreadable(_) => None,
         };
-        let state = report.as_ref().map(|p| p.state);
+        let state = report.as_ref().map(|p| p.protection.state);
         let name = state.map_or("", ProtectionState::name);
         if state.is_some_and(|s| wanted.contains(&s)) {
             eprintln!("site: {name} after {:.1} s", start.elapsed().as_secs_f64());
@@ -555,7 +607,7 @@ fn wait_state(primary: i32, backup: i32, dir: &Path, timeout: Duration, wanted: 
             bail!("the pair was not {} within {} s (state: {name:?}; logs in {})", wanted.join(" or "), timeout.as_secs(), dir.display());
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
-            let detail = report.as_ref().map_or("", |p| p.detail.as_str());
+            let detail = report.as_ref().map_or("", |p| p.protection.detail.as_str());
             eprintln!("site: {} {detail} ({} s)", if name.is_empty() { "starting" } else { name }, start.elapsed().as_secs());
             last_report = Instant::now();
         }
@@ -616,19 +668,22 @@ impl HostView {
         }
     }
 
-    /// The primary's protection state, if the host reports as a primary.
-    fn state(&self) -> Option<ProtectionState> {
-        match self.report()? {
-            HostReport::Primary(p) => Some(p.state),
-            HostReport::Backup(_) => None,
+    /// Whether the host runs the VM now, and then how well it is protected: a primary that was
+    /// not fenced or stopped, or a standby that took over (alone until a backup joins it).
+    fn serving(&self) -> Option<Serving> {
+        if !self.running {
+            return None;
         }
-    }
-
-    /// The backup daemon's role, if the host reports as a backup.
-    fn backup_role(&self) -> Option<Role> {
         match self.report()? {
-            HostReport::Backup(b) => Some(b.role),
-            HostReport::Primary(_) => None,
+            HostReport::Primary(p) => match p.protection.state {
+                ProtectionState::Fenced | ProtectionState::Stopped | ProtectionState::Failed => None,
+                _ => Some(Serving { protection: p.protection.clone(), took_over: false }),
+            },
+            HostReport::Backup(b) if matches!(b.role, Role::Active | Role::Promoting) => Some(Serving {
+                protection: b.serving.clone().unwrap_or_else(|| ProtectionStatus::alone("took over")),
+                took_over: true,
+            }),
+            HostReport::Backup(_) => None,
         }
     }
 
@@ -637,7 +692,9 @@ impl HostView {
     fn role(&self, fallback: &str) -> String {
         let role = match self.report() {
             // A primary that another host superseded runs nothing any more.
-            Some(HostReport::Primary(p)) if matches!(p.state, ProtectionState::Fenced | ProtectionState::Stopped) => p.state.name(),
+            Some(HostReport::Primary(p)) if matches!(p.protection.state, ProtectionState::Fenced | ProtectionState::Stopped) => {
+                p.protection.state.name()
+            }
             Some(HostReport::Primary(_)) => "primary",
             // The backup's daemon reports its own view; "active" means it now runs the VM.
             Some(HostReport::Backup(b)) => match b.role {
@@ -651,22 +708,31 @@ impl HostView {
     }
 }
 
-/// The site's state from the two hosts' own reports.
-fn site_state(primary: &HostView, backup: &HostView) -> &'static str {
-    if backup.running && matches!(backup.backup_role(), Some(Role::Active | Role::Promoting)) {
+/// The host that runs the VM: how it says its VM is protected.
+#[derive(Debug, Clone)]
+struct Serving {
+    protection: ProtectionStatus,
+    /// It runs the VM since a takeover (its service started as the standby).
+    took_over: bool,
+}
+
+/// The site's state from the hosts' own reports: which one runs the VM, and whether the other
+/// holds it.
+fn site_state(views: &[HostView]) -> &'static str {
+    let serving: Vec<(usize, Serving)> = views.iter().enumerate().filter_map(|(i, v)| v.serving().map(|s| (i, s))).collect();
+    match serving.as_slice() {
         // Both copies running is the one state that must never be: say it.
-        if primary.running && !matches!(primary.state(), Some(ProtectionState::Fenced | ProtectionState::Stopped) | None) {
-            return "split-brain";
+        [_, _, ..] => "split-brain",
+        [] => "failed",
+        [(i, s)] => {
+            let other_runs = views.iter().enumerate().any(|(j, v)| j != *i && v.running);
+            match s.protection.state {
+                ProtectionState::Protected if other_runs => "protected",
+                ProtectionState::Syncing if other_runs => "syncing",
+                _ if s.took_over => "failed over",
+                _ => "simplex",
+            }
         }
-        return "failed over";
-    }
-    if !primary.running {
-        return "failed";
-    }
-    match primary.state() {
-        Some(ProtectionState::Protected) if backup.running => "protected",
-        Some(ProtectionState::Syncing) if backup.running => "syncing",
-        _ => "simplex",
     }
 }
 
@@ -674,7 +740,7 @@ fn status(args: StatusArgs) -> Result<()> {
     let record = load(&args.site.name)?;
     let dir = site_dir(&record.name);
     let views: Vec<_> = record.hosts.iter().map(|h| HostView::of(&dir, h)).collect();
-    let state = site_state(&views[0], &views[1]);
+    let state = site_state(&views);
     let hosts: Vec<_> = record
         .hosts
         .iter()
@@ -697,14 +763,16 @@ fn status(args: StatusArgs) -> Result<()> {
             }
         })
         .collect();
-    let primary = match views[0].report() {
-        Some(HostReport::Primary(p)) => Some(p),
-        _ => None,
-    };
-    let takeover_ms = match views[1].report() {
-        Some(HostReport::Backup(b)) => b.takeover_ms,
-        _ => None,
-    };
+    let serving = views.iter().find_map(HostView::serving).map(|s| s.protection);
+    // The last takeover's: the host that runs the VM since one, else any that took over.
+    let takeover_ms = views
+        .iter()
+        .filter_map(|v| match v.report() {
+            Some(HostReport::Backup(b)) if v.running => b.takeover_ms.map(|t| (v.serving().is_some(), t)),
+            _ => None,
+        })
+        .max_by_key(|(serves, _)| *serves)
+        .map(|(_, t)| t);
     let report = StatusReport {
         site: &record.name,
         state,
@@ -712,9 +780,9 @@ fn status(args: StatusArgs) -> Result<()> {
         guest_ip: &record.guest_ip,
         guest_port: record.guest_port,
         connect: format!("ip netns exec {} redis-cli -h {} -p {}", record.client_netns, record.guest_ip, record.guest_port),
-        epochs_per_sec: primary.map(|p| p.epochs_per_sec),
-        last_pause_us: primary.map(|p| p.last_pause_us as f64),
-        replication_lag_epochs: primary.map(|p| p.lag_epochs as f64),
+        epochs_per_sec: serving.as_ref().map(|s| s.epochs_per_sec),
+        last_pause_us: serving.as_ref().map(|s| s.last_pause_us as f64),
+        replication_lag_epochs: serving.as_ref().map(|s| s.lag_epochs as f64),
         takeover_ms,
         hosts,
         witness_running: record.witness.as_ref().map(|w| w.pids.iter().any(|&p| alive(p))),
@@ -819,6 +887,76 @@ fn kill(args: KillArgs) -> Result<()> {
         println!("host {wanted}: ftvm killed (SIGKILL), business port and A-Link ({netns}) taken down");
     }
     Ok(())
+}
+
+fn repair(args: RepairArgs) -> Result<()> {
+    let mut record = load(&args.site.name)?;
+    let wanted = args.host.to_ascii_uppercase();
+    let i = record
+        .hosts
+        .iter()
+        .position(|h| h.name == wanted)
+        .with_context(|| format!("no host {:?} in site {} (A or B)", args.host, args.site.name))?;
+    let host = &record.hosts[i];
+    if host.pids.iter().any(|&p| alive(p)) {
+        bail!("host {wanted}'s service runs: there is nothing to repair (`ftvm site kill` stops it)");
+    }
+    if host.service_args.is_empty() {
+        bail!("site {} was made by an older ftvm: it cannot repair its hosts (`site down`, then `site up`)", args.site.name);
+    }
+    let dir = site_dir(&record.name);
+    // As a host's reboot would: whatever still runs there goes (the dead service's lease
+    // watchdog), its cables go back, and its service starts afresh as a standby.
+    kill_pids(&netns_pids(&host.netns));
+    topology::reconnect_host(&host.netns)?;
+    let lower = wanted.to_ascii_lowercase();
+    // The dead service's report must not be read as the new one's.
+    let _ = std::fs::remove_file(dir.join(format!("host-{lower}.status.json")));
+    let pid = spawn_host(&dir, &lower, &host.service_args)?;
+    let host = &mut record.hosts[i];
+    host.pids = vec![pid];
+    host.killed = false;
+    host.role = "backup".into();
+    save(&record)?;
+    println!("host {wanted}: service started (pid {pid}); it joins the VM as its backup");
+    if args.no_wait {
+        return Ok(());
+    }
+    wait_protected(&record, i, Duration::from_secs(args.timeout))
+}
+
+/// Waits until the host `joining` holds the VM again (the site protected), printing the
+/// synchronisation's progress once a second.
+fn wait_protected(record: &SiteRecord, joining: usize, timeout: Duration) -> Result<()> {
+    let dir = site_dir(&record.name);
+    let start = Instant::now();
+    let mut last_report = start;
+    let name = &record.hosts[joining].name;
+    let log = dir.join(format!("host-{}.log", name.to_ascii_lowercase()));
+    // Bounded by `timeout`; one look every 50 ms.
+    loop {
+        let views: Vec<_> = record.hosts.iter().map(|h| HostView::of(&dir, h)).collect();
+        let state = site_state(&views);
+        if state == "protected" {
+            eprintln!("site: protected again after {:.1} s", start.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if !views[joining].running {
+            bail!("host {name}'s service exited: {}", last_error_line(&log));
+        }
+        if state == "failed" || state == "split-brain" {
+            bail!("the site is {state}: no host runs the VM for {name} to join (logs in {})", dir.display());
+        }
+        if start.elapsed() > timeout {
+            bail!("host {name} did not protect the VM within {} s (site {state}; logs in {})", timeout.as_secs(), dir.display());
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            let detail = views.iter().find_map(HostView::serving).map(|s| s.protection.detail);
+            eprintln!("site: {state} {} ({} s)", detail.unwrap_or_default(), start.elapsed().as_secs());
+            last_report = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn down(name: &str) -> Result<()> {

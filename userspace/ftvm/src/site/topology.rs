@@ -144,6 +144,14 @@ pub fn isolate_host(host_ns: &str, mgmt: bool) -> Result<()> {
     Ok(())
 }
 
+/// Puts a host's cables back: business port, A-Link and management port up (see [`isolate_host`]).
+pub fn reconnect_host(host_ns: &str) -> Result<()> {
+    for port in ["biz0", "alink0", "mgmt0"] {
+        ip_in(host_ns, &["link", "set", port, "up"])?;
+    }
+    Ok(())
+}
+
 /// Deletes every namespace of the site that exists (their links go with them). Carries on past
 /// errors so that one stuck piece does not leave the rest behind; reports the first.
 pub fn teardown(names: &SiteNames) -> Result<()> {

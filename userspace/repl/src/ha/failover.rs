@@ -50,9 +50,11 @@ use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
 use super::lease::{Lease, Renewer, TAKEOVER_QUIET};
 use super::probe::{HostProbe, ProbeOutcome};
 use super::quorum::{Claim, Previous};
+use super::rejoin::{RejoinConfig, Rejoiner};
 use super::term::TermFile;
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
+use crate::epoch::engine::{AckAuthorityHook, DiskSource, EngineConfig, EngineHandle, EngineState, EngineStatus, PrimaryEngine};
 use crate::ErrorChain;
 use crate::lock;
 
@@ -89,6 +91,27 @@ pub struct DaemonConfig {
     pub term_file: Option<TermFile>,
     /// Asks the primary's host whether its daemon lives, when the daemon falls silent.
     pub host_probe: Option<Box<dyn HostProbe>>,
+    /// After a takeover, protect the restored VM again once a backup can be reached (none: it
+    /// runs alone until it ends). [`PromoteConfig::dirty_tracking`] must then track.
+    pub protect_again: Option<ProtectAgain>,
+}
+
+/// How a host that took over protects its VM again: the restored VM runs under an epoch engine
+/// built [`PrimaryEngine::alone`], and a [`Rejoiner`] looks for the peer host (the old primary's,
+/// once repaired, listens as a standby) and hands its link to the engine.
+pub struct ProtectAgain {
+    /// Where the backup is to be found.
+    pub rejoin: RejoinConfig,
+    /// The epoch engine's settings.
+    pub engine: EngineConfig,
+    /// Told before output leaves on a fresh acknowledgement alone (the host's gate follows it).
+    pub ack_authority_hook: Option<AckAuthorityHook>,
+}
+
+impl std::fmt::Debug for ProtectAgain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProtectAgain").field("rejoin", &self.rejoin).field("engine", &self.engine).finish_non_exhaustive()
+    }
 }
 
 impl DaemonConfig {
@@ -102,6 +125,7 @@ impl DaemonConfig {
             lease: Lease::default(),
             term_file: None,
             host_probe: None,
+            protect_again: None,
         }
     }
 }
@@ -255,6 +279,9 @@ struct Shared {
     source: Mutex<Option<CheckpointSource>>,
     handle: Mutex<Option<MachineHandle>>,
     run: Mutex<Option<JoinHandle<()>>>,
+    /// The restored VM's engine, when it is to be protected again.
+    engine: Mutex<Option<EngineHandle>>,
+    engine_status: Mutex<Option<Arc<EngineStatus>>>,
 }
 
 /// The backup host's daemon for one VM. See the module documentation.
@@ -274,6 +301,8 @@ impl std::fmt::Debug for BackupDaemon {
 impl BackupDaemon {
     /// Starts the receiver and the watch.
     pub fn start(cfg: DaemonConfig) -> Result<Self, DaemonStartError> {
+        // The standby disk is the restored VM's, and so the one a later backup is synchronised from.
+        let standby_disk = DiskSource { path: cfg.receiver.disk_path.clone(), bytes: cfg.receiver.disk_bytes };
         let receiver = BackupReceiver::bind(cfg.receiver)?;
         let local_addr = receiver.local_addr();
         let shared = Arc::new(Shared {
@@ -282,6 +311,8 @@ impl BackupDaemon {
             source: Mutex::new(None),
             handle: Mutex::new(None),
             run: Mutex::new(None),
+            engine: Mutex::new(None),
+            engine_status: Mutex::new(None),
         });
         let watch = Watch {
             shared: Arc::clone(&shared),
@@ -296,9 +327,10 @@ impl BackupDaemon {
             last_probe: None,
         };
         let promote_cfg = cfg.promote;
+        let again = cfg.protect_again.map(|p| (p, promote_cfg.block.then_some(standby_disk)));
         let thread = std::thread::Builder::new()
             .name("ftvm-backup-watch".into())
-            .spawn(move || watch.run(receiver, promote_cfg))
+            .spawn(move || watch.run(receiver, promote_cfg, again))
             .map_err(DaemonStartError::Thread)?;
         Ok(Self { shared, local_addr, lease: cfg.lease, thread: Some(thread) })
     }
@@ -336,6 +368,11 @@ impl BackupDaemon {
     /// Runs `f` on the restored machine's checkpoint source, once active.
     pub fn with_source<R>(&self, f: impl FnOnce(&mut CheckpointSource) -> R) -> Option<R> {
         lock(&self.shared.source).as_mut().map(f)
+    }
+
+    /// The restored VM's protection, once active under an engine ([`DaemonConfig::protect_again`]).
+    pub fn engine_status(&self) -> Option<Arc<EngineStatus>> {
+        lock(&self.shared.engine_status).clone()
     }
 
     /// A handle on the restored machine, once active.
@@ -396,6 +433,11 @@ impl BackupDaemon {
         let run = lock(&self.shared.run).take();
         if let Some(t) = run {
             let _ = t.join();
+        }
+        // After the machine: a VM stopped on purpose tells its backup goodbye (no takeover).
+        let engine = lock(&self.shared.engine).take();
+        if let Some(Err(e)) = engine.map(EngineHandle::stop) {
+            tracing::warn!(error = %ErrorChain(&e), "the restored VM's epoch engine ended with an error");
         }
         lock(&self.shared.source).take();
     }
@@ -505,7 +547,7 @@ impl Watch {
         }
     }
 
-    fn run(mut self, receiver: BackupReceiver, promote_cfg: PromoteConfig) {
+    fn run(mut self, receiver: BackupReceiver, promote_cfg: PromoteConfig, again: Option<(ProtectAgain, Option<DiskSource>)>) {
         let mut suspected_at: Option<Instant> = None;
         let mut reported_no_takeover = false;
         let mut refused_at: Option<Instant> = None;
@@ -663,8 +705,31 @@ impl Watch {
         };
         let mut machine = promoted.machine;
         *lock(&self.shared.handle) = Some(machine.handle());
-        *lock(&self.shared.source) = Some(promoted.source);
         let announcer = promoted.announcer;
+        // Built before the VM runs, started after: the engine must not hold up the resume.
+        let engine = match again {
+            None => {
+                *lock(&self.shared.source) = Some(promoted.source);
+                None
+            }
+            Some((again, disk)) => {
+                let why = format!("took over from the dead primary at epoch {}; looking for a backup", promoted.epoch.0);
+                match PrimaryEngine::alone(promoted.source, disk, again.engine.clone(), why) {
+                    Ok(e) => {
+                        let mut e = e.numbering_after(promoted.epoch).with_lease(self.lease.clone());
+                        if let Some(hook) = again.ack_authority_hook.clone() {
+                            e = e.with_ack_authority_hook(hook);
+                        }
+                        Some((e, again.rejoin))
+                    }
+                    Err(e) => {
+                        // The VM runs all the same: unprotected for good is better than stopped.
+                        tracing::error!(error = %ErrorChain(&e), "cannot build the epoch engine: the restored VM will not be protected again");
+                        None
+                    }
+                }
+            }
+        };
         let shared = Arc::clone(&self.shared);
         let resumed = Instant::now();
         let run = std::thread::Builder::new().name("ftvm-vm-run".into()).spawn(move || {
@@ -703,8 +768,47 @@ impl Watch {
             s.promotion = Some(timings);
             s.connected = false;
         }
-        if let Some(renewer) = renewer {
-            self.police_lease(renewer);
+        match engine {
+            Some((engine, rejoin)) => self.run_engine(engine, rejoin, renewer),
+            None => {
+                if let Some(renewer) = renewer {
+                    self.police_lease(renewer);
+                }
+            }
+        }
+    }
+
+    /// The restored VM runs under `engine` (alone until `rejoin` finds a backup): the engine
+    /// polices the lease itself (paused while it is not valid, fenced when it is lost), and this
+    /// loop ends the VM when the engine says it must.
+    fn run_engine(&self, engine: PrimaryEngine, rejoin: RejoinConfig, _renewer: Option<Renewer>) {
+        let status = engine.status();
+        let handle = match engine.spawn() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the epoch engine: the restored VM will not be protected again");
+                return;
+            }
+        };
+        let _rejoiner = Rejoiner::spawn(rejoin, self.lease.clone(), status.clone(), handle.attacher())
+            .map_err(|e| tracing::error!(error = %e, "cannot start looking for a backup: the restored VM will not be protected again"))
+            .ok();
+        *lock(&self.shared.engine_status) = Some(status.clone());
+        *lock(&self.shared.engine) = Some(handle);
+        // Bounded by the stop flag and the VM's run.
+        while !self.shared.stop.load(Ordering::SeqCst) && lock(&self.shared.status).role == Role::Active {
+            std::thread::sleep(LEASE_POLL);
+            let (role, reason) = match status.snapshot().state {
+                EngineState::Fenced { reason } => (Role::Fenced, reason),
+                EngineState::Failed { reason } => (Role::Failed, reason),
+                _ => continue,
+            };
+            tracing::error!(%reason, "the restored VM's engine ended it: stopping the VM");
+            if let Some(h) = lock(&self.shared.handle).clone() {
+                let _ = h.pause();
+                h.stop();
+            }
+            return self.set_error(Some(role), reason);
         }
     }
 

@@ -12,7 +12,8 @@
 //!   rules and backends;
 //! * [`lease`]: a host's hold on the lease ([`lease::Lease`]), renewed in the background;
 //! * [`term`]: the lease term stored with a copy of the disk;
-//! * [`probe`]: asking the primary's host (its XDP responder) whether its daemon lives.
+//! * [`probe`]: asking the primary's host (its XDP responder) whether its daemon lives;
+//! * [`rejoin`]: a VM running alone looking for its backup again ([`rejoin::Rejoiner`]).
 
 pub mod detector;
 pub mod failover;
@@ -22,4 +23,5 @@ pub mod lease;
 pub mod primary;
 pub mod probe;
 pub mod quorum;
+pub mod rejoin;
 pub mod term;

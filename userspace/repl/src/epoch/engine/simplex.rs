@@ -84,6 +84,7 @@ impl PrimaryEngine {
             self.lease_paused = true;
             tracing::error!("the lease ran out while running alone: the VM is paused until the quorum renews it");
             self.status.update(|s| {
+                s.paused_for_lease = true;
                 if let EngineState::Simplex { reason } = &mut s.state {
                     *reason = format!("paused: the lease ran out and the quorum cannot be reached ({reason})");
                 }
@@ -96,6 +97,7 @@ impl PrimaryEngine {
             self.lease_paused = false;
             tracing::warn!("the lease is valid again: the VM runs alone again");
             self.status.update(|s| {
+                s.paused_for_lease = false;
                 if let EngineState::Simplex { reason } = &mut s.state {
                     if let Some(rest) = reason.strip_prefix("paused: the lease ran out and the quorum cannot be reached (") {
                         *reason = rest.trim_end_matches(')').to_string();

@@ -111,6 +111,8 @@ pub struct StatusSnapshot {
     /// A guest disk write could not be recorded (backlog full): the backup's disk lacks it, and
     /// only a new initial synchronisation makes it whole again.
     pub disk_replication_lost: bool,
+    /// The VM runs alone and is paused because its lease ran out (the quorum cannot be reached).
+    pub paused_for_lease: bool,
 }
 
 impl StatusSnapshot {
@@ -136,7 +138,7 @@ pub struct EngineStatus {
 }
 
 impl EngineStatus {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             inner: Mutex::new(StatusSnapshot {
                 state: EngineState::Syncing(SyncProgress::default()),
@@ -151,6 +153,7 @@ impl EngineStatus {
                 link_bytes: 0,
                 dirty_bytes: 0,
                 disk_replication_lost: false,
+                paused_for_lease: false,
             }),
         }
     }
@@ -160,7 +163,7 @@ impl EngineStatus {
         lock(&self.inner).clone()
     }
 
-    pub(super) fn update<R>(&self, f: impl FnOnce(&mut StatusSnapshot) -> R) -> R {
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut StatusSnapshot) -> R) -> R {
         f(&mut lock(&self.inner))
     }
 }

@@ -37,6 +37,7 @@ use crate::epoch::engine::{
 };
 use crate::ha::fence::Fence;
 use crate::ha::lease::{Lease, Renewer};
+use crate::ha::rejoin::{RejoinConfig, Rejoiner};
 use crate::ha::quorum::ReleaseReason;
 use crate::output::trace::FileTrace;
 use crate::transport::CheckpointTransport;
@@ -70,6 +71,8 @@ pub struct PrimaryHostConfig {
     pub fence: Arc<dyn Fence>,
     /// How often the supervisor looks at the engine.
     pub supervise_every: Duration,
+    /// Where to look for a backup again whenever the VM runs alone (none: it stays alone).
+    pub rejoin: Option<RejoinConfig>,
 }
 
 impl PrimaryHostConfig {
@@ -87,6 +90,7 @@ impl PrimaryHostConfig {
             output_trace: None,
             fence,
             supervise_every: SUPERVISE_EVERY,
+            rejoin: None,
         }
     }
 }
@@ -161,6 +165,7 @@ pub struct PrimaryHost {
     output_trace: Option<Arc<FileTrace>>,
     fence: Arc<dyn Fence>,
     supervise_every: Duration,
+    rejoin: Option<RejoinConfig>,
 }
 
 impl std::fmt::Debug for PrimaryHost {
@@ -187,6 +192,7 @@ impl PrimaryHost {
             output_trace,
             fence,
             supervise_every,
+            rejoin,
         } = cfg;
         let source = machine.checkpoint_source().map_err(PrimaryHostCreateError::Checkpoints)?;
         let mut engine =
@@ -199,7 +205,7 @@ impl PrimaryHost {
             let hold = engine.output_hold().ok_or(PrimaryHostCreateError::NoOutputHold)?;
             hold.set_trace(Some(trace.clone()));
         }
-        Ok(Self { machine, engine, lease, renewer, output_trace, fence, supervise_every })
+        Ok(Self { machine, engine, lease, renewer, output_trace, fence, supervise_every, rejoin })
     }
 
     /// The engine's status, to share with whoever publishes progress (it lives as long as the
@@ -221,7 +227,7 @@ impl PrimaryHost {
     /// Runs the VM to its end under supervision (see the module documentation); `report` gets the
     /// engine's status at each look of the supervisor, after it acted on it.
     pub fn run(self, mut report: impl FnMut(&StatusSnapshot) + Send) -> Result<PrimaryExit, PrimaryHostRunError> {
-        let Self { mut machine, engine, lease, renewer, output_trace, fence, supervise_every } = self;
+        let Self { mut machine, engine, lease, renewer, output_trace, fence, supervise_every, rejoin } = self;
         let status = engine.status();
         let engine = match engine.spawn() {
             Ok(e) => e,
@@ -232,6 +238,13 @@ impl PrimaryHost {
                 return Err(PrimaryHostRunError::EngineThread(e));
             }
         };
+        // A rejoin thread that does not start leaves the VM protected as long as this backup
+        // lasts: said, not fatal.
+        let rejoiner = rejoin.and_then(|cfg| {
+            Rejoiner::spawn(cfg, lease.clone(), status.clone(), engine.attacher())
+                .map_err(|e| tracing::error!(error = %e, "cannot start looking for a backup: the VM will not be protected again after a failure"))
+                .ok()
+        });
         let machine_handle = machine.handle();
         let done = AtomicBool::new(false);
         let ending = Mutex::new(None);
@@ -263,6 +276,7 @@ impl PrimaryHost {
                 return Err(PrimaryHostRunError::SupervisorThread(e));
             }
         };
+        drop(rejoiner);
         if let Err(e) = engine.stop() {
             tracing::warn!(error = %ErrorChain(&e), "epoch engine ended with an error");
         }
