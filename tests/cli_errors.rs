@@ -182,3 +182,45 @@ fn a_primary_with_the_wrong_secret_is_refused_and_the_backup_keeps_waiting() {
     let _ = backup.kill();
     let _ = backup.wait();
 }
+
+/// `ftvm host` with a configuration it cannot use: one line naming the file and the fault, before
+/// anything starts; and its sample configuration is one it accepts up to the missing files.
+#[test]
+fn a_bad_host_configuration_is_named() {
+    let dir = TempDir::new("hostcfg");
+    let host_error = |text: &str| -> String {
+        let path = dir.path().join("host.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = run_with_timeout(
+            Command::new(ftvm_bin()).args(["host", "--config"]).arg(&path).env("RUST_LOG", "error"),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "ftvm host accepted:\n{text}\n{stderr}");
+        assert!(!stderr.contains("panicked"), "ftvm panicked:\n{stderr}");
+        let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("ftvm: error: ")).collect();
+        assert_eq!(errors.len(), 1, "expected exactly one error line:\n{stderr}");
+        assert!(errors[0].contains(&path.display().to_string()), "the file is not named: {}", errors[0]);
+        errors[0].to_string()
+    };
+    let base = "listen = \"10.99.0.1:7700\"\npeer = \"10.99.0.2:7700\"\nsecret-file = \"/nonexistent/alink.secret\"\ndisk = \"/nonexistent/vm.img\"\n";
+    let line = host_error(&format!("{base}quorum = \"witness\"\nwitnes = \"10.88.0.10:7800\"\n"));
+    assert!(line.contains("unknown key `witnes`"), "{line}");
+    let line = host_error(&format!("{base}quorum = \"none\"\n"));
+    assert!(line.contains("start-as"), "a start without a quorum must say who starts: {line}");
+    let line = host_error(&format!("{base}quorum = \"witness\"\nwitness = \"not an address\"\n"));
+    assert!(line.contains("not an address"), "{line}");
+    let missing = dir.path().join("missing.toml");
+    let out = run_with_timeout(Command::new(ftvm_bin()).args(["host", "--config"]).arg(&missing), Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot read the host configuration"), "{stderr}");
+    // The sample parses; it fails only on what the machine lacks (its secret file here).
+    let out = run_with_timeout(Command::new(ftvm_bin()).args(["host", "--sample-config"]), Duration::from_secs(30));
+    assert!(out.status.success());
+    let path = dir.path().join("sample.toml");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let out = run_with_timeout(Command::new(ftvm_bin()).args(["host", "--config"]).arg(&path), Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot read secret file /etc/ftvm/alink.secret"), "the sample is refused for another reason: {stderr}");
+}

@@ -228,6 +228,14 @@ impl Site {
         start.elapsed()
     }
 
+    /// `ftvm site repair --no-wait --name <site> <host>`: returns once the host's service runs.
+    /// Panics if it fails.
+    pub fn start_service(&self, host: &str) {
+        let args = ["site", "repair", "--no-wait", "--name", &self.name, host];
+        let out = self.ftvm(&args, KILL_TIMEOUT).unwrap_or_else(|e| panic!("{e:#}"));
+        checked(&args, out).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
     /// The pids of host `host` (`A`, `B`) in the site's state file (`site.json`).
     pub fn host_pids(&self, host: &str) -> Result<Vec<i32>> {
         let path = self.dir().join("site.json");

@@ -35,6 +35,9 @@ pub enum Command {
     /// Be the backup of a fault-tolerant pair: keep the last committed checkpoint, and resume the VM
     /// from it when the primary dies.
     Backup(crate::ft::BackupArgs),
+    /// This server's service for a fault-tolerant VM (`--config /etc/ftvm/host.toml`): the primary
+    /// if the quorum lets it start the VM, the backup of the running primary otherwise.
+    Host(crate::host::HostArgs),
     /// The witness: the quorum service of a two-host site, on a third machine.
     Witness(crate::quorum::WitnessArgs),
     /// (Started by `ftvm primary`.) Releases the primary's lease when the primary dies.

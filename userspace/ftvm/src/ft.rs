@@ -25,7 +25,8 @@ use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState};
 use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, ProtectAgain, Role};
 use ftvm_repl::ha::lease::Lease;
-use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHost, PrimaryHostConfig};
+use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHost, PrimaryHostConfig, StartClaimError};
+use ftvm_repl::transport::CheckpointTransport;
 use ftvm_repl::ha::rejoin::RejoinConfig;
 use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::output::trace::FileTrace;
@@ -64,6 +65,10 @@ pub struct PrimaryArgs {
     /// How long to keep trying to reach the backup at start, in seconds.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// When the backup does not answer within `--connect-timeout`, start the VM alone instead of
+    /// failing: it is protected once the backup's service answers (`ftvm host` does this).
+    #[arg(long)]
+    pub alone_if_no_backup: bool,
     /// Write a trace of the output-commit hold to this file (for tests): one line per frame held,
     /// epoch sealed, release and frame sent, stamped with the real-time clock in nanoseconds (the
     /// clock of packet captures). Format: `ftvm_repl::output::trace::TraceRecord`.
@@ -178,25 +183,51 @@ fn engine_config(args: &EngineArgs) -> EngineConfig {
 
 /// Claims the lease to start the VM (keeping the disk's term file in step with it) and starts the
 /// watchdog that releases it if this process dies; it inherits `handoff`. Without a quorum:
-/// nothing to claim, no watchdog.
-fn start_lease(args: &PrimaryArgs, handoff: EbpfHandoff) -> Result<(Lease, Option<Watchdog>)> {
+/// nothing to claim, no watchdog. The inner error is the quorum's answer that this host may not
+/// start the VM (another host runs it, or this disk is older); the outer one, anything else (the
+/// quorum not reached within the wait among them).
+fn start_lease(args: &PrimaryArgs, handoff: EbpfHandoff) -> Result<Result<(Lease, Option<Watchdog>), StartClaimError>> {
     let term_file = TermFile::for_disk(&args.vm.disk, &args.quorum.vm_id);
     let known = term_file.read().context("cannot read the disk's term")?;
     let lease = args.quorum.lease(&args.secret_file, known)?;
-    if claim_start(&lease, &term_file, Duration::from_secs(args.connect_timeout))?.is_none() {
-        return Ok((lease, None));
+    match claim_start(&lease, &term_file, Duration::from_secs(args.connect_timeout)) {
+        Ok(None) => Ok(Ok((lease, None))),
+        Ok(Some(_)) => {
+            let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, handoff)?;
+            Ok(Ok((lease, Some(watchdog))))
+        }
+        Err(refusal @ StartClaimError::Refused(_)) if lease.last_error().is_none() => Ok(Err(refusal)),
+        Err(e) => Err(e.into()),
     }
-    let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, handoff)?;
-    Ok((lease, Some(watchdog)))
+}
+
+/// How a start as the primary went.
+pub enum PrimaryStart {
+    /// The VM ran here, and ended with this code.
+    Ran(ExitCode),
+    /// The quorum answered that this host may not start the VM: another host runs it, or this
+    /// host's disk is older than the VM's current copy. Nothing was started.
+    NotCurrent(StartClaimError),
 }
 
 pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
+    match start_primary(args)? {
+        PrimaryStart::Ran(code) => Ok(code),
+        PrimaryStart::NotCurrent(refusal) => Err(refusal.into()),
+    }
+}
+
+/// Runs the VM as the primary if the quorum lets this host start it (see [`PrimaryStart`]).
+pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     let secret = read_secret(&args.secret_file)?;
     let config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
     // In the host's namespace (prepare_vm entered it), before the lease and the VM: the guest is
     // fenced until the lease says otherwise, and the watchdog inherits the responder and the gate.
     let mut host_ebpf = HostEbpf::attach(&args.ebpf, args.vm.net.mac)?;
-    let (lease, watchdog) = start_lease(&args, host_ebpf.handoff())?;
+    let (lease, watchdog) = match start_lease(&args, host_ebpf.handoff())? {
+        Ok(started) => started,
+        Err(refusal) => return Ok(PrimaryStart::NotCurrent(refusal)),
+    };
     if lease.has_quorum() {
         host_ebpf.follow_lease(&lease);
     } else {
@@ -212,11 +243,22 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     };
     // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
     // half-started.
-    let transport = connect_backup(args.peer, &secret, &options, Duration::from_secs(args.connect_timeout))?;
-    tracing::info!(peer = %args.peer, "A-Link up");
+    let transport: Result<Box<dyn CheckpointTransport>, String> =
+        match connect_backup(args.peer, &secret, &options, Duration::from_secs(args.connect_timeout)) {
+            Ok(link) => {
+                tracing::info!(peer = %args.peer, "A-Link up");
+                Ok(Box::new(link))
+            }
+            Err(e) if args.alone_if_no_backup => {
+                let why = format!("{:#}", anyhow::Error::from(e));
+                tracing::warn!(error = %why, "no backup: the VM starts alone, and is protected once its backup answers");
+                Err(format!("no backup at start ({why}); looking for it"))
+            }
+            Err(e) => return Err(e.into()),
+        };
     let machine = Machine::create(config)?;
     run::stop_on_signal(machine.handle())?;
-    let mut host = PrimaryHostConfig::new(machine, Box::new(transport), lease.clone(), host_ebpf.fence_hook());
+    let mut host = PrimaryHostConfig::new(machine, transport, lease.clone(), host_ebpf.fence_hook());
     host.engine = engine_config(&args.engine);
     host.disk = Some(DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? });
     host.renewer = Some(renewer);
@@ -257,15 +299,16 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     if let Some(w) = watchdog {
         w.stop();
     }
-    match exit? {
-        PrimaryExit::Stopped(exit) => run::exit_code(exit),
+    let code = match exit? {
+        PrimaryExit::Stopped(exit) => run::exit_code(exit)?,
         PrimaryExit::Failed { reason } => bail!(
             "{reason}: this VM was stopped without a goodbye, so that the backup resumes it from the last committed epoch"
         ),
         PrimaryExit::Fenced { reason } => {
             bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now")
         }
-    }
+    };
+    Ok(PrimaryStart::Ran(code))
 }
 
 pub fn backup(args: BackupArgs) -> Result<ExitCode> {

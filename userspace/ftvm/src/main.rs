@@ -4,6 +4,7 @@ mod cli;
 mod console;
 mod ebpf;
 mod ft;
+mod host;
 mod netns;
 mod quorum;
 mod run;
@@ -29,12 +30,15 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Primary(args) => ft::primary(args),
         cli::Command::Backup(args) => ft::backup(args),
+        cli::Command::Host(args) => host::host(args),
         cli::Command::Witness(args) => quorum::witness(args),
         cli::Command::LeaseWatchdog(args) => quorum::watchdog(args),
         cli::Command::Site { command } => site::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
+        // A reader that went away (`ftvm site status | head`) is no error of ours.
+        Err(err) if err.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => ExitCode::FAILURE,
         Err(err) => {
             // One line: the operator sees the whole chain of causes, joined by ": ". Formatted
             // first and written at once: stderr is unbuffered, and a host's log file is shared

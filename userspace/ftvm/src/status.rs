@@ -98,11 +98,89 @@ impl HostReport {
         }
     }
 
+    /// What the host is for its VM (for files of older versions, from their other fields).
+    pub fn host_role(&self) -> HostRole {
+        match self {
+            Self::Primary(p) => p.host_role.unwrap_or(HostRole::running(p.protection.state)),
+            Self::Backup(b) => b.host_role.unwrap_or_else(|| {
+                HostRole::standing_by(b.role, b.restorable, b.connected, b.serving.as_ref().map(|s| s.state))
+            }),
+        }
+    }
+
     /// The eBPF part, which both reports have.
     pub fn ebpf(&self) -> &EbpfStatus {
         match self {
             Self::Primary(p) => &p.ebpf,
             Self::Backup(b) => &b.ebpf,
+        }
+    }
+}
+
+/// What a host is for its VM now, whichever process type reports it: the one typed answer that
+/// status reads (and a management API will), written as `host_role` in both status files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostRole {
+    /// Waiting for the running primary, or receiving its copy: cannot take over yet.
+    Standby,
+    /// Holds a restorable copy and receives every epoch: takes over if the primary dies.
+    Backup,
+    /// The primary died: restoring the copy.
+    Promoting,
+    /// Runs the VM while a backup receives its copy.
+    SyncingPrimary,
+    /// Runs the VM, and the backup holds it.
+    ProtectedPrimary,
+    /// Runs the VM alone (no backup, or none yet).
+    SimplexPrimary,
+    /// Another host runs the VM: this copy was stopped and never emits again.
+    Fenced,
+    /// This host's part failed; its status says why.
+    Failed,
+    /// The VM ended here (stopped, or its guest exited).
+    Stopped,
+}
+
+impl HostRole {
+    /// The role's name in status (its serde form).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Standby => "standby",
+            Self::Backup => "backup",
+            Self::Promoting => "promoting",
+            Self::SyncingPrimary => "syncing-primary",
+            Self::ProtectedPrimary => "protected-primary",
+            Self::SimplexPrimary => "simplex-primary",
+            Self::Fenced => "fenced",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// The role of a host whose VM's protection is `state`.
+    fn running(state: ProtectionState) -> Self {
+        match state {
+            ProtectionState::Syncing => Self::SyncingPrimary,
+            ProtectionState::Protected => Self::ProtectedPrimary,
+            ProtectionState::Simplex => Self::SimplexPrimary,
+            ProtectionState::Fenced => Self::Fenced,
+            ProtectionState::Failed => Self::Failed,
+            ProtectionState::Stopped => Self::Stopped,
+        }
+    }
+
+    /// The role of a standby daemon in `role`, holding a `restorable` copy from a `connected`
+    /// primary, with its VM's protection once it took over.
+    fn standing_by(role: Role, restorable: bool, connected: bool, serving: Option<ProtectionState>) -> Self {
+        match role {
+            Role::Standby if restorable && connected => Self::Backup,
+            Role::Standby => Self::Standby,
+            Role::Promoting => Self::Promoting,
+            Role::Active => Self::running(serving.unwrap_or(ProtectionState::Simplex)),
+            Role::Ended => Self::Stopped,
+            Role::Failed => Self::Failed,
+            Role::Fenced => Self::Fenced,
         }
     }
 }
@@ -180,6 +258,9 @@ impl ProtectionState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrimaryStatus {
     pub role: PrimaryRole,
+    /// What this host is for its VM (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_role: Option<HostRole>,
     #[serde(flatten)]
     pub protection: ProtectionStatus,
     pub last_ack_us: Option<u64>,
@@ -198,9 +279,11 @@ pub struct PrimaryStatus {
 impl PrimaryStatus {
     /// The status of an engine at `snap`, under `lease`, with the host's `ebpf`.
     pub fn of(snap: &StatusSnapshot, lease: &Lease, ebpf: EbpfStatus) -> Self {
+        let protection = ProtectionStatus::of(snap);
         Self {
             role: PrimaryRole::Primary,
-            protection: ProtectionStatus::of(snap),
+            host_role: Some(HostRole::running(protection.state)),
+            protection,
             last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
             link_per_dirty_byte: snap.link_per_dirty_byte(),
             disk_replication_lost: snap.disk_replication_lost,
@@ -281,6 +364,9 @@ impl RecentEpochs {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackupStatus {
     pub role: Role,
+    /// What this host is for its VM (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_role: Option<HostRole>,
     /// The lease (claimed at a takeover).
     pub quorum: QuorumStatus,
     pub committed_epoch: Option<u64>,
@@ -310,6 +396,12 @@ pub struct ProtectionStatus {
     pub epochs_per_sec: f64,
     pub last_pause_us: u64,
     pub lag_epochs: u64,
+    /// Why the other host refused to be the backup at the last try, while the VM runs alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_refused: Option<String>,
+    /// Why protection last ended (kept once a backup joined again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_unprotected: Option<String>,
 }
 
 impl ProtectionStatus {
@@ -323,6 +415,8 @@ impl ProtectionStatus {
             epochs_per_sec: 0.0,
             last_pause_us: 0,
             lag_epochs: 0,
+            backup_refused: None,
+            last_unprotected: None,
         }
     }
 
@@ -336,6 +430,8 @@ impl ProtectionStatus {
             epochs_per_sec: snap.epochs_per_sec,
             last_pause_us: snap.last_epoch.pause.as_micros() as u64,
             lag_epochs: snap.lag_epochs(),
+            backup_refused: snap.backup_refused.clone(),
+            last_unprotected: snap.last_unprotected.clone(),
         }
     }
 }
@@ -344,8 +440,10 @@ impl BackupStatus {
     /// The status of a daemon at `st`, under `lease`, with the host's `ebpf` (the last probe of
     /// the primary's host is the daemon's).
     pub fn of(st: &DaemonStatus, lease: &Lease, ebpf: EbpfStatus, serving: Option<&StatusSnapshot>) -> Self {
+        let serving = serving.map(ProtectionStatus::of);
         Self {
             role: st.role,
+            host_role: Some(HostRole::standing_by(st.role, st.restorable, st.connected, serving.as_ref().map(|s| s.state))),
             quorum: QuorumStatus::of(lease),
             committed_epoch: st.committed.map(|e| e.0),
             restorable: st.restorable,
@@ -354,7 +452,7 @@ impl BackupStatus {
             takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
             last_error: st.last_error.clone(),
             ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..ebpf },
-            serving: serving.map(ProtectionStatus::of),
+            serving,
         }
     }
 }
@@ -427,6 +525,14 @@ pub struct ResponderStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_role_is_written_by_its_name() {
+        use HostRole::*;
+        for role in [Standby, Backup, Promoting, SyncingPrimary, ProtectedPrimary, SimplexPrimary, Fenced, Failed, Stopped] {
+            assert_eq!(serde_json::to_value(role).unwrap(), serde_json::Value::String(role.name().into()));
+        }
+    }
 
     #[test]
     fn a_sync_not_begun_shows_no_figures_and_one_under_way_shows_them() {

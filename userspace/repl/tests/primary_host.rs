@@ -181,7 +181,7 @@ mod tests {
         let lease = Lease::new(Box::new(releases.clone()), LeaseConfig::default(), 0);
         lease.claim(Claim::Start).unwrap();
         let fence = Arc::new(CountFence::default());
-        let mut cfg = PrimaryHostConfig::new(machine, wrap(transport), lease, fence.clone());
+        let mut cfg = PrimaryHostConfig::new(machine, Ok(wrap(transport)), lease, fence.clone());
         cfg.engine = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
         cfg.disk = Some(DiskSource { path: disk.0.clone(), bytes: DISK });
         cfg.supervise_every = Duration::from_millis(10);

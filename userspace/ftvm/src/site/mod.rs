@@ -1,8 +1,11 @@
 //! `ftvm site`: a whole site on this one machine, for trying ftvm out and for the tests.
 //!
-//! `up` builds the network ([`topology`]), starts the witness in its namespace, the backup on host
-//! B and the primary on host A, and returns once the pair is protected and the guest serves; the
-//! processes keep running in the background until `down`. Everything a site owns lives under
+//! `up` builds the network ([`topology`]), starts the witness in its namespace and one service
+//! per host (`ftvm host`, configured by `host-a.toml` / `host-b.toml` as a server's
+//! `/etc/ftvm/host.toml` would be): host A's first, which claims the VM and runs it, then host
+//! B's, which stands by and becomes its backup. It returns once the pair is protected and the
+//! guest serves; the processes keep running in the background until `down`. `repair` starts a
+//! killed host's service again, which becomes the backup of the VM wherever it runs. Everything a site owns lives under
 //! `/run/ftvm/sites/<name>/`: its state file, the guest disks, the secrets, the witness's state, the
 //! console and process logs.
 
@@ -21,7 +24,7 @@ use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{parse_size, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
-use crate::status::{self, EbpfStatus, HostReport, ProtectionState, ProtectionStatus, StatusFile};
+use crate::status::{self, EbpfStatus, HostReport, HostRole, ProtectionState, ProtectionStatus, StatusFile};
 use topology::SiteNames;
 
 /// Where sites keep their state.
@@ -183,6 +186,9 @@ struct HostStatus<'a> {
     name: &'a str,
     netns: &'a str,
     role: String,
+    /// What the host says it is for its VM (none: not running, or no report yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_role: Option<HostRole>,
     running: bool,
     /// The host's own status report, as it wrote it.
     detail: Option<&'a HostReport>,
@@ -478,15 +484,15 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     };
     let s = |p: &Path| p.display().to_string();
     let guest_cidr = format!("{}/{}", topology::GUEST_IP, topology::LAN_PREFIX);
-    let alink = format!("{}:{ALINK_PORT}", topology::ALINK_IPS[1]);
     let memory = args.memory.to_string();
-    let service_args = |i: usize| -> Vec<String> {
+    // Each host's service configuration, as a server's /etc/ftvm/host.toml would be.
+    let config = |i: usize| -> Result<PathBuf> {
         let host = ["a", "b"][i];
         let mut v: Vec<String> = [
-            "backup", "--netns", &names.hosts[i], "--listen", &format!("{}:{ALINK_PORT}", topology::ALINK_IPS[i]),
+            "--netns", &names.hosts[i], "--listen", &format!("{}:{ALINK_PORT}", topology::ALINK_IPS[i]),
             "--peer", &format!("{}:{ALINK_PORT}", topology::ALINK_IPS[1 - i]), "--secret-file", &s(&secret),
-            "--memory", &memory, "--disk", &s(&dir.join(format!("disk-{host}.img"))), "--tap", topology::GUEST_TAP,
-            "--ip", &guest_cidr, "--console-log", &s(&dir.join(format!("host-{host}.console.log"))),
+            "--guest", &s(&args.guest), "--memory", &memory, "--disk", &s(&dir.join(format!("disk-{host}.img"))),
+            "--tap", topology::GUEST_TAP, "--ip", &guest_cidr, "--console-log", &s(&dir.join(format!("host-{host}.console.log"))),
             "--status-file", &s(&dir.join(format!("host-{host}.status.json"))),
         ]
         .map(String::from)
@@ -494,28 +500,34 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
         v.extend(engine_args(args));
         v.extend(quorum_args(args, &host.to_ascii_uppercase(), &witness_secret));
         v.extend(EBPF_PORTS.map(String::from));
+        if i == 0 && args.output_trace {
+            v.extend(["--output-trace".to_string(), s(&dir.join(OUTPUT_TRACE_FILE))]);
+        }
+        if let (1, Some(mask)) = (i, &args.test_mask_cpuid_b) {
+            v.extend(["--test-mask-cpuid".to_string(), mask.clone()]);
+        }
+        let path = dir.join(format!("host-{host}.toml"));
+        std::fs::write(&path, toml_of_options(&v)).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    };
+    // What starts a host's service: at `up`, and at each `repair`. With a quorum the service finds
+    // its role itself; without one it must be told (and a repaired host is the backup).
+    let no_quorum = args.quorum == crate::quorum::QuorumKind::None;
+    let service = |config: &Path, start_as: &str| -> Vec<String> {
+        let mut v = vec!["host".to_string(), "--config".to_string(), s(config)];
+        if no_quorum {
+            v.extend(["--start-as".to_string(), start_as.to_string()]);
+        }
         v
     };
-    let mut backup_args = service_args(1);
-    if let Some(mask) = &args.test_mask_cpuid_b {
-        backup_args.extend(["--test-mask-cpuid".to_string(), mask.clone()]);
+    let (config_a, config_b) = (config(0)?, config(1)?);
+    // A first: it claims the VM's lease (granted, nobody runs it) before B asks, which then
+    // stands by as the backup; A waits for B's listener meanwhile.
+    let primary_pid = spawn_host(dir, "a", &service(&config_a, "primary"))?;
+    if !no_quorum {
+        wait_for_log(primary_pid, &dir.join("host-a.log"), "lease held", "host A did not claim the VM's lease")?;
     }
-    let backup_pid = spawn_host(dir, "b", &backup_args)?;
-    let mut primary_args: Vec<String> = [
-        "primary", "--netns", &names.hosts[0], "--tap", topology::GUEST_TAP, "--guest", &s(&args.guest),
-        "--memory", &memory, "--disk", &s(&dir.join("disk-a.img")), "--ip", &guest_cidr,
-        "--console-log", &s(&dir.join("host-a.console.log")), "--peer", &alink, "--secret-file", &s(&secret),
-        "--status-file", &s(&dir.join("host-a.status.json")),
-    ]
-    .map(String::from)
-    .to_vec();
-    primary_args.extend(engine_args(args));
-    if args.output_trace {
-        primary_args.extend(["--output-trace".to_string(), s(&dir.join(OUTPUT_TRACE_FILE))]);
-    }
-    primary_args.extend(quorum_args(args, "A", &witness_secret));
-    primary_args.extend(EBPF_PORTS.map(String::from));
-    let primary_pid = spawn_host(dir, "a", &primary_args)?;
+    let backup_pid = spawn_host(dir, "b", &service(&config_b, "backup"))?;
     let record = SiteRecord {
         name: args.site.name.clone(),
         client_netns: names.client.clone(),
@@ -528,7 +540,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
                 pids: vec![primary_pid],
                 role: "primary".into(),
                 killed: false,
-                service_args: service_args(0),
+                service_args: service(&config_a, "backup"),
             },
             HostRecord {
                 name: "B".into(),
@@ -536,7 +548,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
                 pids: vec![backup_pid],
                 role: "backup".into(),
                 killed: false,
-                service_args: service_args(1),
+                service_args: service(&config_b, "backup"),
             },
         ],
         witness: witness_pid.map(|pid| HostRecord {
@@ -556,6 +568,42 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     }
     wait_state(primary_pid, backup_pid, dir, Duration::from_secs(args.timeout), &[ProtectionState::Protected])?;
     check_from_client(names)
+}
+
+/// A host configuration (`ftvm host --config`) holding the options `argv` (`--key value` pairs, a
+/// `--flag` alone for `true`).
+fn toml_of_options(argv: &[String]) -> String {
+    let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut out = String::from("# Written by `ftvm site up`: this host's service configuration (see deploy/host.toml).\n");
+    let mut i = 0;
+    while i < argv.len() {
+        let key = argv[i].trim_start_matches("--");
+        match argv.get(i + 1).filter(|v| !v.starts_with("--")) {
+            Some(value) => {
+                out.push_str(&format!("{key} = {}\n", quote(value)));
+                i += 2;
+            }
+            None => {
+                out.push_str(&format!("{key} = true\n"));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Waits until `log` says `what` (bounded: the process says it within seconds, or exits).
+fn wait_for_log(pid: i32, log: &Path, what: &str, failure: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::fs::read_to_string(log).unwrap_or_default().contains(what) {
+            return Ok(());
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            bail!("{failure}: {}", last_error_line(log));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The epoch engine's options given to `up`, for whichever host runs the VM.
@@ -599,8 +647,11 @@ fn wait_state(primary: i32, backup: i32, dir: &Path, timeout: Duration, wanted: 
                 bail!("host {} exited before the pair was protected: {}", host.to_uppercase(), last_error_line(&dir.join(format!("host-{host}.log"))));
             }
         }
-        if state == Some(ProtectionState::Simplex) {
-            bail!("the primary lost its backup during the initial sync: {}", last_error_line(&dir.join("host-a.log")));
+        if let Some(p) = report.as_ref().filter(|p| p.protection.state == ProtectionState::Simplex) {
+            // No backup at start, one that refused (its reason is in the detail), or one lost
+            // during the initial synchronisation: the pair is not protected.
+            let why = p.protection.backup_refused.as_deref().unwrap_or(&p.protection.detail);
+            bail!("host A runs the VM unprotected: {why}");
         }
         if start.elapsed() > timeout {
             let wanted: Vec<_> = wanted.iter().map(|s| s.name()).collect();
@@ -757,6 +808,7 @@ fn status(args: StatusArgs) -> Result<()> {
                 name: &h.name,
                 netns: &h.netns,
                 role,
+                host_role: view.report().map(HostReport::host_role),
                 running: view.running,
                 detail: view.report(),
                 unreadable_status: view.unreadable(),
@@ -800,7 +852,16 @@ fn status(args: StatusArgs) -> Result<()> {
             let err = q.error.as_ref().map_or(String::new(), |e| format!(" ({e})"));
             format!("  quorum {} term {} {lease}{err}", q.backend, q.term)
         });
-        writeln!(out, "  host {:<2} {:<10} {:<8} {}{quorum}", h.name, h.role, if h.running { "running" } else { "stopped" }, h.netns)?;
+        let host_role = h.host_role.map_or("-", HostRole::name);
+        writeln!(
+            out,
+            "  host {:<2} {:<10} {:<18} {:<8} {}{quorum}",
+            h.name,
+            h.role,
+            host_role,
+            if h.running { "running" } else { "stopped" },
+            h.netns
+        )?;
         if let Some(d) = h.detail {
             writeln!(out, "           {}", ebpf_line(d.ebpf()))?;
         }
@@ -810,6 +871,9 @@ fn status(args: StatusArgs) -> Result<()> {
     }
     if let Some(w) = report.witness_running {
         writeln!(out, "  witness {}", if w { "running" } else { "stopped" })?;
+    }
+    if let Some(why) = serving.as_ref().and_then(|s| s.backup_refused.as_ref()) {
+        writeln!(out, "  the other host refused to be the backup: {why}")?;
     }
     let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.0}{unit}"));
     writeln!(

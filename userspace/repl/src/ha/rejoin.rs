@@ -98,12 +98,16 @@ fn look_for_backup(cfg: &RejoinConfig, lease: &Lease, status: &EngineStatus, att
             Ok(link) => {
                 tracing::info!(peer = %cfg.peer, term = options.lease_term, "a backup answered: protecting the VM again");
                 attacher.attach(Box::new(link));
+                status.update(|s| s.backup_refused = None);
                 last_said = None;
                 next_try = Instant::now() + cfg.retry;
             }
             Err(e) => {
                 let said = ErrorChain(&e).to_string();
                 let transient = e.is_transient();
+                // Status says why a peer that answers is not the backup (nobody answering needs
+                // no explanation: the VM runs alone).
+                status.update(|s| s.backup_refused = (!transient).then(|| said.clone()));
                 if last_said.as_deref() != Some(said.as_str()) {
                     if transient {
                         tracing::info!(peer = %cfg.peer, error = %said, "no backup yet; the VM runs unprotected");

@@ -68,7 +68,10 @@ impl PrimaryEngine {
         self.unhold();
         let reason = why.to_string();
         tracing::warn!(%reason, lost_epochs, dropped_disk_bytes, "backup lost: running unprotected (simplex)");
-        self.status.update(|s| s.state = EngineState::Simplex { reason });
+        self.status.update(|s| {
+            s.last_unprotected = Some(reason.clone());
+            s.state = EngineState::Simplex { reason };
+        });
     }
 
     /// A VM running alone emits without any hold: it may run only while its lease is valid. When

@@ -113,6 +113,12 @@ pub struct StatusSnapshot {
     pub disk_replication_lost: bool,
     /// The VM runs alone and is paused because its lease ran out (the quorum cannot be reached).
     pub paused_for_lease: bool,
+    /// Why the peer host refused to be the backup at the last try, while the VM runs alone (a
+    /// wrong secret or version, other sizes, a CPU that cannot resume this guest); see
+    /// [`crate::ha::rejoin`].
+    pub backup_refused: Option<String>,
+    /// Why protection last ended (the VM went on alone), kept after a backup joins again.
+    pub last_unprotected: Option<String>,
 }
 
 impl StatusSnapshot {
@@ -154,6 +160,8 @@ impl EngineStatus {
                 dirty_bytes: 0,
                 disk_replication_lost: false,
                 paused_for_lease: false,
+                backup_refused: None,
+                last_unprotected: None,
             }),
         }
     }

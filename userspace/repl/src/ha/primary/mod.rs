@@ -53,8 +53,10 @@ pub const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 pub struct PrimaryHostConfig {
     /// The VM, created and not yet run.
     pub machine: Machine,
-    /// The A-Link, connected to the backup.
-    pub transport: Box<dyn CheckpointTransport>,
+    /// The A-Link, connected to the backup; or why there is none (no backup answered at start, or
+    /// it refused): the VM then starts alone, with that reason in its status, and is protected
+    /// once [`PrimaryHostConfig::rejoin`] finds its backup.
+    pub transport: Result<Box<dyn CheckpointTransport>, String>,
     /// The epoch engine's settings.
     pub engine: EngineConfig,
     /// The guest's disk, for the initial synchronisation (none: a diskless guest).
@@ -78,7 +80,12 @@ pub struct PrimaryHostConfig {
 impl PrimaryHostConfig {
     /// The engine's default settings, no disk, renewer, hook or trace, looked at every
     /// [`SUPERVISE_EVERY`].
-    pub fn new(machine: Machine, transport: Box<dyn CheckpointTransport>, lease: Lease, fence: Arc<dyn Fence>) -> Self {
+    pub fn new(
+        machine: Machine,
+        transport: Result<Box<dyn CheckpointTransport>, String>,
+        lease: Lease,
+        fence: Arc<dyn Fence>,
+    ) -> Self {
         Self {
             machine,
             transport,
@@ -195,8 +202,11 @@ impl PrimaryHost {
             rejoin,
         } = cfg;
         let source = machine.checkpoint_source().map_err(PrimaryHostCreateError::Checkpoints)?;
-        let mut engine =
-            PrimaryEngine::new(source, transport, disk, engine).map_err(PrimaryHostCreateError::Engine)?.with_lease(lease.clone());
+        let engine = match transport {
+            Ok(link) => PrimaryEngine::new(source, link, disk, engine),
+            Err(why) => PrimaryEngine::alone(source, disk, engine, why),
+        };
+        let mut engine = engine.map_err(PrimaryHostCreateError::Engine)?.with_lease(lease.clone());
         if let Some(hook) = ack_authority_hook {
             engine = engine.with_ack_authority_hook(hook);
         }
