@@ -8,6 +8,7 @@
 //! is their reproducible randomness.
 
 pub mod capture;
+pub mod chaos;
 pub mod load;
 pub mod rng;
 pub mod site;

@@ -228,6 +228,12 @@ impl Site {
         start.elapsed()
     }
 
+    /// `ftvm <args>` with this site's binary, bounded by `timeout`: its stdout, or an error with
+    /// both outputs.
+    pub fn try_run(&self, args: &[&str], timeout: Duration) -> Result<String> {
+        checked(args, self.ftvm(args, timeout)?)
+    }
+
     /// `ftvm site repair --no-wait --name <site> <host>`: returns once the host's service runs.
     /// Panics if it fails.
     pub fn start_service(&self, host: &str) {

@@ -54,14 +54,14 @@ fn ftvm_bin(root: &std::path::Path) -> std::path::PathBuf {
     target.join("release/ftvm")
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+/// Builds a release ftvm (unless `$FTVM_BIN` names one) and points `$FTVM_BIN` at it; returns
+/// its path. Call before any other thread exists.
+pub fn release_ftvm(tag: &str) -> Result<std::path::PathBuf> {
     let root = crate::workspace_root();
-    eprintln!("[bench] building the guest");
-    let guest = crate::guest::build()?;
     if std::env::var_os("FTVM_BIN").is_some() {
-        eprintln!("[bench] using FTVM_BIN as it is (not building ftvm)");
+        eprintln!("[{tag}] using FTVM_BIN as it is (not building ftvm)");
     } else {
-        eprintln!("[bench] building a release ftvm");
+        eprintln!("[{tag}] building a release ftvm");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "--release", "-p", "ftvm"])
             .current_dir(&root)
@@ -75,8 +75,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !bin.exists() {
         bail!("{} missing after the build (set FTVM_BIN?)", bin.display());
     }
-    // SAFETY: set before any other thread exists; the helpers read it when starting the VM.
+    // SAFETY: set before any other thread exists (the caller's promise); the helpers read it when
+    // starting the VM.
     unsafe { std::env::set_var("FTVM_BIN", &bin) };
+    Ok(bin)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    eprintln!("[bench] building the guest");
+    let guest = crate::guest::build()?;
+    let bin = release_ftvm("bench")?;
 
     let load = |netns: &str| -> Result<Vec<_>> {
         let mut results = Vec::new();
@@ -167,7 +175,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         failover,
         heartbeat,
     };
-    let path = report.write(&root.join("bench/results"))?;
+    let path = report.write(&crate::workspace_root().join("bench/results"))?;
     print!("{}", report.table());
     eprintln!("[bench] wrote {}", path.display());
     Ok(())

@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's build and measurement tasks.
 
 mod bench;
+mod chaos;
 mod ebpf;
 mod fuzz;
 mod guest;
@@ -30,6 +31,9 @@ enum Task {
     FetchTestKernel,
     /// Run the benchmarks and write bench/results/<name>.json.
     Bench(bench::BenchArgs),
+    /// A site under writers through N random failures and repairs; fails on a lost write, a
+    /// failed connection or two hosts emitting at once.
+    Chaos(chaos::ChaosArgs),
     /// Build the cargo-fuzz targets (fuzz/) and run each for a while; fails on any crash.
     Fuzz(fuzz::FuzzArgs),
     /// Build every artefact the tests need, then run the whole test suite (as root, with KVM).
@@ -55,6 +59,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build().map(|p| println!("{}", p.display())),
         Task::FetchTestKernel => kernel::fetch().map(|p| println!("{}", p.display())),
         Task::Bench(args) => bench::run(args),
+        Task::Chaos(args) => chaos::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Test { extra } => test::run(&extra),
     }

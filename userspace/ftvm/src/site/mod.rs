@@ -125,9 +125,10 @@ pub struct KillArgs {
 pub struct RepairArgs {
     #[command(flatten)]
     pub site: NameArg,
-    /// The host: A or B.
+    /// The host: A, B, or witness (started again with its state: the terms it granted).
     pub host: String,
-    /// Return once the host's service runs, without waiting for the pair to be protected again.
+    /// Return once the host's service runs, without waiting for the pair to be protected again
+    /// (the witness: always at once).
     #[arg(long)]
     pub no_wait: bool,
     /// Seconds to wait for the pair to be protected again.
@@ -381,9 +382,15 @@ fn write_secret(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Starts the witness in its namespace and waits until it listens.
+/// Starts the witness in its namespace, with a new secret, and waits until it listens.
 fn start_witness(names: &SiteNames, dir: &Path, secret: &Path) -> Result<i32> {
     write_secret(secret)?;
+    run_witness(names, dir, secret)
+}
+
+/// Starts the witness process (its state directory keeps the terms across restarts) and waits
+/// until it listens.
+fn run_witness(names: &SiteNames, dir: &Path, secret: &Path) -> Result<i32> {
     let listen = format!("{}:{}", topology::WITNESS_IP, topology::WITNESS_PORT);
     let s = |p: &Path| p.display().to_string();
     let args: Vec<String> = [
@@ -392,19 +399,16 @@ fn start_witness(names: &SiteNames, dir: &Path, secret: &Path) -> Result<i32> {
     ]
     .map(String::from)
     .to_vec();
-    let pid = spawn_host(dir, "witness", &args)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
     let log = dir.join("host-witness.log");
-    // Bounded: the witness logs that it serves within milliseconds, or exits with its reason.
-    loop {
-        if std::fs::read_to_string(&log).unwrap_or_default().contains("witness serving") {
-            return Ok(pid);
-        }
-        if !alive(pid) || Instant::now() > deadline {
-            bail!("the witness did not start: {}", last_error_line(&log));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let since = log_len(&log);
+    let pid = spawn_host(dir, "witness", &args)?;
+    wait_for_log(pid, &log, since, "witness serving", "the witness did not start")?;
+    Ok(pid)
+}
+
+/// How much a log holds now (what a process started next will append after).
+fn log_len(log: &Path) -> usize {
+    std::fs::metadata(log).map_or(0, |m| m.len() as usize)
 }
 
 /// etcd's client port on the management network (`site up --quorum etcd`).
@@ -525,7 +529,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     // stands by as the backup; A waits for B's listener meanwhile.
     let primary_pid = spawn_host(dir, "a", &service(&config_a, "primary"))?;
     if !no_quorum {
-        wait_for_log(primary_pid, &dir.join("host-a.log"), "lease held", "host A did not claim the VM's lease")?;
+        wait_for_log(primary_pid, &dir.join("host-a.log"), 0, "lease held", "host A did not claim the VM's lease")?;
     }
     let backup_pid = spawn_host(dir, "b", &service(&config_b, "backup"))?;
     let record = SiteRecord {
@@ -592,11 +596,13 @@ fn toml_of_options(argv: &[String]) -> String {
     out
 }
 
-/// Waits until `log` says `what` (bounded: the process says it within seconds, or exits).
-fn wait_for_log(pid: i32, log: &Path, what: &str, failure: &str) -> Result<()> {
+/// Waits until process `pid` says `what` in `log`, after its first `since` bytes (bounded: the
+/// process says it within seconds, or exits).
+fn wait_for_log(pid: i32, log: &Path, since: usize, what: &str, failure: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if std::fs::read_to_string(log).unwrap_or_default().contains(what) {
+        let text = std::fs::read(log).unwrap_or_default();
+        if String::from_utf8_lossy(text.get(since..).unwrap_or_default()).contains(what) {
             return Ok(());
         }
         if !alive(pid) || Instant::now() > deadline {
@@ -955,6 +961,9 @@ fn kill(args: KillArgs) -> Result<()> {
 
 fn repair(args: RepairArgs) -> Result<()> {
     let mut record = load(&args.site.name)?;
+    if args.host.eq_ignore_ascii_case("witness") {
+        return repair_witness(record);
+    }
     let wanted = args.host.to_ascii_uppercase();
     let i = record
         .hosts
@@ -987,6 +996,26 @@ fn repair(args: RepairArgs) -> Result<()> {
         return Ok(());
     }
     wait_protected(&record, i, Duration::from_secs(args.timeout))
+}
+
+/// Starts the site's quorum service again (the witness, or etcd), with the state it kept.
+fn repair_witness(mut record: SiteRecord) -> Result<()> {
+    let names = SiteNames::new(&record.name);
+    let dir = site_dir(&record.name);
+    let w = record.witness.as_mut().with_context(|| format!("site {} has no witness", record.name))?;
+    if w.pids.iter().any(|&p| alive(p)) {
+        bail!("the witness runs: there is nothing to repair (`ftvm site kill witness` stops it)");
+    }
+    let pid = if dir.join("etcd-data").exists() {
+        start_etcd(&names, &dir)?
+    } else {
+        run_witness(&names, &dir, &dir.join("witness.secret"))?
+    };
+    w.pids = vec![pid];
+    w.killed = false;
+    save(&record)?;
+    println!("witness started again (pid {pid})");
+    Ok(())
 }
 
 /// Waits until the host `joining` holds the VM again (the site protected), printing the
