@@ -2,10 +2,12 @@
 //! results written as JSON. Every later protection level is reported as a ratio against the
 //! unprotected figures measured in the same run. [`failover`] measures the takeover itself: SIGKILL
 //! of the primary to the first reply served by the backup; [`heartbeat`] the A-Link heartbeat's
-//! round trip through the XDP responder against a userspace one.
+//! round trip through the XDP responder against a userspace one; [`resync`] a repaired host's
+//! synchronisation (repair to protected, bytes and rate).
 
 pub mod failover;
 pub mod heartbeat;
+pub mod resync;
 
 use std::path::Path;
 use std::process::Command;
@@ -175,6 +177,9 @@ pub struct Report {
     pub failover: Option<failover::FailoverReport>,
     /// The heartbeat's round trip, XDP against userspace; `None` when skipped.
     pub heartbeat: Option<heartbeat::HeartbeatReport>,
+    /// Repairs of each host, per guest memory size; empty when skipped.
+    #[serde(default)]
+    pub resync: Vec<resync::ResyncRun>,
 }
 
 impl Report {
@@ -218,6 +223,17 @@ impl Report {
         }
         if let Some(h) = &self.heartbeat {
             s += &h.table();
+        }
+        for r in &self.resync {
+            s += &format!(
+                "resync {:>5} guest, {:<11} repaired: protected again after {:5.1} s; {:5} MiB in {:4.1} s = {:4.0} MiB/s\n",
+                r.memory,
+                r.repaired,
+                r.repair_to_protected_s,
+                r.bytes >> 20,
+                r.sync_s,
+                r.rate_mib_per_s
+            );
         }
         s
     }

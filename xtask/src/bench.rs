@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Only the failover measurement (no redis-benchmark runs).
     #[arg(long, conflicts_with = "no_ft")]
     pub failover_only: bool,
+    /// Guest memory sizes whose repairs are measured (`site repair` of the backup, then of the
+    /// old primary after a takeover); empty skips it.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G")]
+    pub resync_memory: Vec<String>,
     /// Heartbeat probes per responder (XDP and userspace); 0 skips the heartbeat measurement.
     #[arg(long, default_value_t = 5000)]
     pub heartbeat_probes: usize,
@@ -158,6 +162,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let object = crate::ebpf::build()?;
         Some(ftvm_bench::heartbeat::run(&object, args.heartbeat_probes)?)
     };
+    let mut resync = Vec::new();
+    if !(args.no_ft || args.failover_only) {
+        let env = SiteEnv { ftvm: bin.clone(), guest: guest.clone(), logs: ftvm_bench::failover::LOGS_DIR.into() };
+        for memory in &args.resync_memory {
+            eprintln!("[bench] resync: {memory} guest, the backup then the old primary repaired");
+            resync.extend(ftvm_bench::resync::run(&env, memory)?);
+        }
+    }
     let ratios = ftvm_bench::ratios(&unprotected, &ft);
     let report = Report {
         name: args.name,
@@ -174,6 +186,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ratios,
         failover,
         heartbeat,
+        resync,
     };
     let path = report.write(&crate::workspace_root().join("bench/results"))?;
     print!("{}", report.table());
