@@ -37,6 +37,7 @@ pub const KINDS: [FrameKind; 20] = [
     FrameKind::HeartbeatReply,
     FrameKind::Goodbye,
     FrameKind::TakingOver,
+    FrameKind::Handover,
     FrameKind::WitnessRequest,
     FrameKind::WitnessReply,
 ];

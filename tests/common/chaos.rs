@@ -10,13 +10,14 @@
 //! - `alink-reset`: the A-Link's TCP connection reset; the pair must be protected again;
 //! - `alink-cut`: the A-Link down both ways for 0.3 to 1.5 s, then up; protected again;
 //! - `witness-restart`: the witness stopped for 0.5 to 2 s, then started again with its state;
-//!   protected again.
+//!   protected again;
+//! - `switchover`: a planned switchover (`site switchover`); the other host serves, protected
+//!   again with the roles swapped.
 //!
 //! After each event every connection must get fresh replies within a bound. At the end every
 //! acknowledged write is read back, and the business LAN's captures are checked: the guest's
 //! frames may change host only at a takeover, so switches of the emitting host beyond the
-//! takeovers counted are moments when two hosts emitted. Planned switchovers are not among the
-//! events yet (there is no switchover).
+//! takeovers (and switchovers) counted are moments when two hosts emitted.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -184,8 +185,14 @@ impl Run<'_> {
             // Not protected with both hosts up: wait for it rather than stack failures.
             return "settle";
         }
-        const EVENTS: [(&str, u64); 5] =
-            [("kill-primary", 4), ("kill-backup", 2), ("alink-reset", 2), ("alink-cut", 2), ("witness-restart", 1)];
+        const EVENTS: [(&str, u64); 6] = [
+            ("kill-primary", 4),
+            ("kill-backup", 2),
+            ("alink-reset", 2),
+            ("alink-cut", 2),
+            ("witness-restart", 1),
+            ("switchover", 2),
+        ];
         let total: u64 = EVENTS.iter().map(|e| e.1).sum();
         let mut r = rng.below(total);
         for (name, weight) in EVENTS {
@@ -237,6 +244,12 @@ impl Run<'_> {
                 std::thread::sleep(down_for);
                 self.ftvm(&["repair", "witness"])?;
             }
+            "switchover" => {
+                self.ftvm(&["switchover"])?;
+                let to = other(serving);
+                self.wait(&format!("{to} serves after the switchover"), SERVE_AGAIN, |s| s.role(to) == "primary")?;
+                self.report.takeovers += 1;
+            }
             "settle" => {}
             other => bail!("unknown event {other}"),
         }
@@ -246,7 +259,7 @@ impl Run<'_> {
             // the rules give them.
             let st = self.wait(&format!("protected again after {name}"), PROTECT_AGAIN, |s| roles(s).protected)?;
             let after = roles(&st);
-            if after.serving != before.serving && name != "repair" {
+            if after.serving != before.serving && !matches!(name, "repair" | "switchover") {
                 // A cut A-Link can move the VM (the backup took over and the primary was
                 // fenced): a takeover too.
                 self.report.takeovers += 1;

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
 use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
-use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState};
+use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, SwitchoverTrigger};
 use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, ProtectAgain, Role};
 use ftvm_repl::ha::lease::Lease;
 use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHost, PrimaryHostConfig, StartClaimError};
@@ -208,12 +208,15 @@ pub enum PrimaryStart {
     /// The quorum answered that this host may not start the VM: another host runs it, or this
     /// host's disk is older than the VM's current copy. Nothing was started.
     NotCurrent(StartClaimError),
+    /// The VM ran here and was handed over to the backup (a planned switchover).
+    HandedOver,
 }
 
 pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     match start_primary(args)? {
         PrimaryStart::Ran(code) => Ok(code),
         PrimaryStart::NotCurrent(refusal) => Err(refusal.into()),
+        PrimaryStart::HandedOver => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -257,7 +260,7 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
             Err(e) => return Err(e.into()),
         };
     let machine = Machine::create(config)?;
-    run::stop_on_signal(machine.handle())?;
+    let _stop = run::stop_on_signal(machine.handle())?;
     let mut host = PrimaryHostConfig::new(machine, transport, lease.clone(), host_ebpf.fence_hook());
     host.engine = engine_config(&args.engine);
     host.disk = Some(DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? });
@@ -272,6 +275,8 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         None => None,
     };
     let host = PrimaryHost::new(host)?;
+    let switchover = host.switchover_trigger();
+    let _switchover = crate::signals::on_switchover_signal(move || switchover.request());
     let engine_status = host.engine_status();
     {
         let lease = lease.clone();
@@ -307,11 +312,32 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         PrimaryExit::Fenced { reason } => {
             bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now")
         }
+        PrimaryExit::HandedOver { epoch } => {
+            tracing::info!(epoch = epoch.0, "the VM was handed over to the backup, which serves it now");
+            return Ok(PrimaryStart::HandedOver);
+        }
     };
     Ok(PrimaryStart::Ran(code))
 }
 
+/// How a backup's run ended, when it did not fail.
+pub enum BackupEnd {
+    /// Stopped, or the VM it took over ended: the process's exit code.
+    Exit(ExitCode),
+    /// It took the VM over, then handed it back to the other host (a planned switchover): it
+    /// may stand by again.
+    HandedOver,
+}
+
 pub fn backup(args: BackupArgs) -> Result<ExitCode> {
+    match run_backup(args)? {
+        BackupEnd::Exit(code) => Ok(code),
+        BackupEnd::HandedOver => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Runs this host as the standby of the VM (see [`BackupEnd`]).
+pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
     run::enter_process_context(args.net.netns.as_deref())?;
     let secret = read_secret(&args.secret_file)?;
     run::prepare_disk(&args.disk, args.disk_size)?;
@@ -353,6 +379,12 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     if args.quorum.quorum != QuorumKind::None {
         daemon_config.term_file = Some(term_file);
     }
+    // SIGUSR1 asks the VM this host runs after a takeover to go back to the other host.
+    let switchover = SwitchoverTrigger::default();
+    let _switchover_guard = {
+        let trigger = switchover.clone();
+        crate::signals::on_switchover_signal(move || trigger.request())
+    };
     if let Some(peer) = args.peer {
         // The restored VM tracks its pages from the start: a backup may join at any time.
         daemon_config.promote.dirty_tracking = DirtyTracking::KvmBitmap;
@@ -363,6 +395,7 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
             ..TcpOptions::default()
         };
         daemon_config.protect_again = Some(ProtectAgain {
+            switchover,
             rejoin: RejoinConfig::new(peer, secret.clone(), options),
             engine: engine_config(&args.engine),
             ack_authority_hook: host_ebpf.ack_authority_hook().filter(|_| daemon_config.lease.has_quorum()),
@@ -374,10 +407,10 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     tracing::info!(listen = %daemon.local_addr(), "backup waiting for the primary");
 
     let stop = Arc::new(AtomicBool::new(false));
-    {
+    let _stop_guard = {
         let stop = Arc::clone(&stop);
-        crate::signals::on_stop_signal(move |_| stop.store(true, Ordering::Relaxed))?;
-    }
+        crate::signals::on_stop_signal(move |_| stop.store(true, Ordering::Relaxed))?
+    };
     let flusher = (!args.sync_every_epoch).then(|| spawn_disk_flusher(args.disk.clone(), Arc::clone(&stop)));
     let mut responder_wanted = true;
     let mut watchdog = None;
@@ -414,7 +447,8 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
     }
     tracing::info!(role = ?final_status.role, "backup stopped");
     match exit {
-        BackupExit::Stopped | BackupExit::Ended => Ok(ExitCode::SUCCESS),
+        BackupExit::Stopped | BackupExit::Ended => Ok(BackupEnd::Exit(ExitCode::SUCCESS)),
+        BackupExit::HandedOver => Ok(BackupEnd::HandedOver),
         BackupExit::Failed { reason } => bail!("takeover failed: {reason}"),
         BackupExit::Fenced { reason } => bail!("this VM was stopped because another host holds its lease now: {reason}"),
     }

@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, ValueEnum};
 
-use crate::ft::{self, BackupArgs, PrimaryArgs, PrimaryStart};
+use crate::ft::{self, BackupArgs, BackupEnd, PrimaryArgs, PrimaryStart};
 use crate::quorum::QuorumKind;
 
 /// The sample configuration (`deploy/host.toml`, `ftvm host --sample-config`), installed as
@@ -192,15 +192,32 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             args.config.display()
         );
     }
-    if start_as == StartAs::Backup {
-        tracing::info!("starting as the standby (start-as backup)");
-        return ft::backup(cfg.backup);
-    }
-    match ft::start_primary(cfg.primary)? {
-        PrimaryStart::Ran(code) => Ok(code),
-        PrimaryStart::NotCurrent(refusal) => {
-            tracing::info!(refusal = %format_args!("{:#}", anyhow::Error::from(refusal)), "this host does not run the VM now: standing by to become its backup");
-            ft::backup(cfg.backup)
+    let mut cfg = Some(cfg);
+    let mut start_as = start_as;
+    // Bounded by what ends the service (a stop, the VM's end, an error); a switchover makes the
+    // host that ran the VM stand by again, in the same process, as often as it happens.
+    loop {
+        let cfg = match cfg.take() {
+            Some(c) => c,
+            None => HostConfig::load(&args.config)?,
+        };
+        if start_as == StartAs::Backup {
+            tracing::info!("standing by to become the backup of the VM");
+        } else {
+            match ft::start_primary(cfg.primary)? {
+                PrimaryStart::Ran(code) => return Ok(code),
+                PrimaryStart::NotCurrent(refusal) => {
+                    tracing::info!(refusal = %format_args!("{:#}", anyhow::Error::from(refusal)), "this host does not run the VM now: standing by to become its backup");
+                }
+                PrimaryStart::HandedOver => tracing::info!("the VM was handed over to the other host: standing by as its backup"),
+            }
+        }
+        match ft::run_backup(cfg.backup)? {
+            BackupEnd::Exit(code) => return Ok(code),
+            BackupEnd::HandedOver => {
+                tracing::info!("the VM was handed back to the other host: standing by as its backup");
+                start_as = StartAs::Backup;
+            }
         }
     }
 }

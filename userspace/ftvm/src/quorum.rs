@@ -318,7 +318,7 @@ pub fn witness(args: WitnessArgs) -> Result<ExitCode> {
     .context("cannot start the witness")?;
     tracing::info!(listen = %w.local_addr(), state_dir = %args.state_dir.display(), ttl_ms = args.ttl_ms, "witness serving");
     let (tx, rx) = std::sync::mpsc::channel();
-    crate::signals::on_stop_signal(move |_| {
+    let _stop = crate::signals::on_stop_signal(move |_| {
         let _ = tx.send(());
     })?;
     let _ = rx.recv();

@@ -16,7 +16,7 @@ use crate::{netns, signals};
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let config = prepare_vm(&args, DirtyTracking::Off)?;
     let mut machine = Machine::create(config)?;
-    stop_on_signal(machine.handle())?;
+    let _stop = stop_on_signal(machine.handle())?;
     tracing::info!(
         guest_ip = %args.net.ip.0,
         port = args.port,
@@ -70,8 +70,8 @@ pub fn open_console(log: Option<&Path>) -> Result<ConsoleTee> {
         .with_context(|| format!("cannot open console log {}", log.unwrap_or(Path::new("")).display()))
 }
 
-/// Ctrl-C and SIGTERM stop the VM cleanly (disk flushed).
-pub fn stop_on_signal(handle: MachineHandle) -> Result<()> {
+/// Ctrl-C and SIGTERM stop the VM cleanly (disk flushed), while the guard lives.
+pub fn stop_on_signal(handle: MachineHandle) -> Result<signals::HandlerGuard> {
     signals::on_stop_signal(move |signal| {
         tracing::info!(signal, "stop requested; flushing the disk and stopping the VM");
         handle.stop();

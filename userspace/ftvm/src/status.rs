@@ -140,6 +140,8 @@ pub enum HostRole {
     Failed,
     /// The VM ended here (stopped, or its guest exited).
     Stopped,
+    /// The VM was handed over to the other host (a planned switchover); this host stands by next.
+    HandedOver,
 }
 
 impl HostRole {
@@ -155,6 +157,7 @@ impl HostRole {
             Self::Fenced => "fenced",
             Self::Failed => "failed",
             Self::Stopped => "stopped",
+            Self::HandedOver => "handed-over",
         }
     }
 
@@ -167,6 +170,7 @@ impl HostRole {
             ProtectionState::Fenced => Self::Fenced,
             ProtectionState::Failed => Self::Failed,
             ProtectionState::Stopped => Self::Stopped,
+            ProtectionState::HandedOver => Self::HandedOver,
         }
     }
 
@@ -181,6 +185,7 @@ impl HostRole {
             Role::Ended => Self::Stopped,
             Role::Failed => Self::Failed,
             Role::Fenced => Self::Fenced,
+            Role::HandedOver => Self::HandedOver,
         }
     }
 }
@@ -210,6 +215,8 @@ pub enum ProtectionState {
     Fenced,
     Failed,
     Stopped,
+    #[serde(rename = "handed-over")]
+    HandedOver,
 }
 
 impl ProtectionState {
@@ -238,6 +245,7 @@ impl ProtectionState {
             EngineState::Fenced { reason } => (Self::Fenced, reason.clone()),
             EngineState::Failed { reason } => (Self::Failed, reason.clone()),
             EngineState::Stopped => (Self::Stopped, String::new()),
+            EngineState::HandedOver { epoch } => (Self::HandedOver, format!("handed over to the backup at epoch {}", epoch.0)),
         }
     }
 
@@ -250,6 +258,7 @@ impl ProtectionState {
             Self::Fenced => "fenced",
             Self::Failed => "failed",
             Self::Stopped => "stopped",
+            Self::HandedOver => "handed-over",
         }
     }
 }
@@ -402,6 +411,9 @@ pub struct ProtectionStatus {
     /// Why protection last ended (kept once a backup joined again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_unprotected: Option<String>,
+    /// Why the last switchover asked for was refused (the VM ran on here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover_refused: Option<String>,
 }
 
 impl ProtectionStatus {
@@ -417,6 +429,7 @@ impl ProtectionStatus {
             lag_epochs: 0,
             backup_refused: None,
             last_unprotected: None,
+            switchover_refused: None,
         }
     }
 
@@ -432,6 +445,7 @@ impl ProtectionStatus {
             lag_epochs: snap.lag_epochs(),
             backup_refused: snap.backup_refused.clone(),
             last_unprotected: snap.last_unprotected.clone(),
+            switchover_refused: snap.switchover_refused.clone(),
         }
     }
 }

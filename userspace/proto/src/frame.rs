@@ -26,7 +26,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 /// Protocol major version: peers with different majors do not talk.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
-pub const PROTOCOL_MINOR: u8 = 3;
+pub const PROTOCOL_MINOR: u8 = 4;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the authentication tag.
@@ -87,6 +87,10 @@ pub enum FrameKind {
     /// From the backup: it has declared the primary dead and resumes the VM itself; a primary that
     /// still hears this must stop its copy at once (fencing). The payload is a UTF-8 reason.
     TakingOver = 49,
+    /// From the primary (minor 4 and later), a planned switchover: it has stopped its VM at the
+    /// epoch in the header, that epoch is acknowledged and its output released, and it has given
+    /// the lease up; the backup resumes the VM from that epoch at once. No payload.
+    Handover = 50,
     /// To the witness: a lease request (`crate::witness::WitnessRequest`).
     WitnessRequest = 64,
     /// From the witness: its answer (`crate::witness::WitnessReply`).
@@ -117,6 +121,7 @@ impl FrameKind {
             33 => HeartbeatReply,
             48 => Goodbye,
             49 => TakingOver,
+            50 => Handover,
             64 => WitnessRequest,
             65 => WitnessReply,
             _ => return None,

@@ -229,6 +229,33 @@ mod tests {
         scene.recover(&good);
     }
 
+    /// A handover for an epoch this standby does not hold (a forged or confused primary) is
+    /// refused: the session ends as refused, so this host does not take over, and nothing changes.
+    /// The right one is answered with the backup's word that it takes over.
+    #[test]
+    fn a_handover_for_another_epoch_is_refused_and_the_right_one_answered() {
+        let scene = Scene::new("handover");
+        let before = scene.stats();
+        let mut raw = RawPrimary::connect(scene.backup.local_addr());
+        let (bytes, _) = raw.seal(FrameKind::Handover, GOOD.0 + 1, &[]);
+        raw.write(&bytes);
+        assert_no_ack(&mut raw);
+        scene.expect_dropped(&before, "Handover at epoch 3 refused");
+        assert_standby(&scene.backup, &scene.model, GOOD);
+
+        let mut raw = RawPrimary::connect(scene.backup.local_addr());
+        let (bytes, _) = raw.seal(FrameKind::Handover, GOOD.0, &[]);
+        raw.write(&bytes);
+        let answer = raw.read().expect("the backup answers the handover");
+        assert_eq!(answer.header.kind, FrameKind::TakingOver);
+        assert!(String::from_utf8_lossy(&answer.payload).contains("switchover"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while scene.backup.link_activity().session_end() != SessionEnd::HandedOver {
+            assert!(std::time::Instant::now() < deadline, "{:?}", scene.backup.link_activity().session_end());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     #[test]
     fn a_wrong_protocol_major_version_is_refused() {
         let mut scene = Scene::new("version");

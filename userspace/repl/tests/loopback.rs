@@ -377,11 +377,46 @@ mod tests {
         assert_eq!(wait(&t, token), EpochId(0));
     }
 
+    /// A backup of an older build speaking protocol 1.`minor` by hand: it answers the lease term
+    /// with its standby information (and, from 1.3, default CPU capabilities), then returns the
+    /// kinds of every frame it gets until the link closes.
+    fn spawn_old_backup(
+        model: &Model,
+        minor: u8,
+    ) -> (std::net::SocketAddr, ftvm_proto::epoch::StandbyInfo, std::thread::JoinHandle<Vec<ftvm_proto::frame::FrameKind>>) {
+        use ftvm_proto::frame::FrameKind;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let info = ftvm_proto::epoch::StandbyInfo {
+            committed: None,
+            restorable: false,
+            memory_bytes: model.mem.len() as u64,
+            disk_bytes: model.disk.len() as u64,
+        };
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut io = &stream;
+            let mut s = ftvm_proto::handshake::respond_with_minor(&mut io, SECRET, minor).unwrap();
+            assert_eq!(s.minor, minor);
+            assert_eq!(s.opener.read(&mut io).unwrap().header.kind, FrameKind::LeaseTerm);
+            s.sealer.write(&mut io, FrameKind::StandbyInfo, 0, 0, &[&info.encode()]).unwrap();
+            if minor >= 3 {
+                let caps = ftvm_proto::cpu::HostCpuCaps::default().encode();
+                s.sealer.write(&mut io, FrameKind::HostCpu, 0, 0, &[&caps]).unwrap();
+            }
+            let mut kinds = Vec::new();
+            while let Ok(f) = s.opener.read(&mut io) {
+                kinds.push(f.header.kind);
+            }
+            kinds
+        });
+        (addr, info, thread)
+    }
+
     /// A 1.2 backup sends no CPU capabilities: the primary cannot check, warns, and pairs; a 1.2
     /// primary gets the standby information alone from this build's backup.
     #[test]
     fn a_protocol_1_2_peer_still_pairs() {
-        use ftvm_proto::epoch::StandbyInfo;
         use ftvm_proto::frame::FrameKind;
         use ftvm_proto::handshake;
         init_tracing();
@@ -390,20 +425,7 @@ mod tests {
         let mut opts = options(&model);
         opts.cpu_needs = Some(ftvm_vmm::compat::guest_cpu_needs().unwrap());
 
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let info = StandbyInfo { committed: None, restorable: false, memory_bytes: model.mem.len() as u64, disk_bytes: model.disk.len() as u64 };
-        let old_backup = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut io = &stream;
-            let mut s = handshake::respond_with_minor(&mut io, SECRET, 2).unwrap();
-            assert_eq!(s.minor, 2);
-            let f = s.opener.read(&mut io).unwrap();
-            assert_eq!(f.header.kind, FrameKind::LeaseTerm);
-            s.sealer.write(&mut io, FrameKind::StandbyInfo, 0, 0, &[&info.encode()]).unwrap();
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut io, &mut sink);
-        });
+        let (addr, info, old_backup) = spawn_old_backup(&model, 2);
         let t = TcpTransport::connect(addr, SECRET, &opts).unwrap();
         assert_eq!(t.peer_standby(), info);
         drop(t);
@@ -421,6 +443,24 @@ mod tests {
         sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&0u64.to_le_bytes()]).unwrap();
         assert_eq!(opener.read(&mut io).unwrap().header.kind, FrameKind::StandbyInfo);
         assert!(opener.read(&mut io).is_err(), "nothing follows the standby information in 1.2");
+    }
+
+    /// A 1.3 backup pairs with this build (the lower minor wins), and a switchover to it is refused
+    /// before anything is sent: 1.3 has no handover.
+    #[test]
+    fn a_protocol_1_3_backup_pairs_and_a_switchover_to_it_is_refused() {
+        use ftvm_proto::frame::FrameKind;
+        use ftvm_repl::transport::HandOverError;
+        init_tracing();
+        let mut rng = Rng(19);
+        let model = Model::new(&mut rng, MIB, 256 << 10);
+        let (addr, _info, old_backup) = spawn_old_backup(&model, 3);
+        let mut t = TcpTransport::connect(addr, SECRET, &options(&model)).unwrap();
+        let err = t.hand_over(EpochId(7)).unwrap_err();
+        assert!(matches!(err, HandOverError::Unsupported(3)), "{err}");
+        assert_eq!(err.to_string(), "The backup speaks protocol 1.3, which has no switchover (1.4 and later)");
+        drop(t);
+        assert!(!old_backup.join().unwrap().contains(&FrameKind::Handover));
     }
 
     #[test]

@@ -25,7 +25,7 @@ mod tests {
     use ftvm_repl::ha::quorum::{Claim, ClaimOutcome, LeaseGrant, Previous, QuorumClient, QuorumError, ReleaseReason};
     use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
     use ftvm_repl::transport::{
-        AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, LinkError, PageSource,
+        AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, HandOverError, LinkError, PageSource,
         SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
     };
     use ftvm_vmm::boot::elf::build_test_elf;
@@ -118,6 +118,10 @@ mod tests {
         }
         fn abandon(&mut self, reason: &str) {
             self.inner.abandon(reason)
+        }
+
+        fn hand_over(&mut self, epoch: EpochId) -> Result<(), HandOverError> {
+            self.inner.hand_over(epoch)
         }
     }
 

@@ -45,6 +45,10 @@ pub enum SiteCommand {
     /// Start a killed host's service again: it becomes the backup of the VM where it runs now,
     /// receives memory and disk while the VM serves, and the pair is protected again.
     Repair(RepairArgs),
+    /// Hand the VM over to the other host at an epoch boundary (a planned switchover): one pause,
+    /// the clients' connections kept; the old primary then becomes the backup and the pair is
+    /// protected again, the roles swapped.
+    Switchover(RepairWaitArgs),
     /// Stop everything and remove the site.
     Down(NameArg),
 }
@@ -119,6 +123,18 @@ pub struct KillArgs {
     /// The whole host: every process in its namespace and all its links, management included.
     #[arg(long)]
     pub power: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RepairWaitArgs {
+    #[command(flatten)]
+    pub site: NameArg,
+    /// Return once the other host serves, without waiting for the pair to be protected again.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Seconds to wait for the pair to be protected again.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -297,6 +313,7 @@ pub fn run(cmd: SiteCommand) -> Result<()> {
         SiteCommand::Status(args) => status(args),
         SiteCommand::Kill(args) => kill(args),
         SiteCommand::Repair(args) => repair(args),
+        SiteCommand::Switchover(args) => switchover(args),
         SiteCommand::Down(args) => down(&args.name),
     }
 }
@@ -733,7 +750,7 @@ impl HostView {
         }
         match self.report()? {
             HostReport::Primary(p) => match p.protection.state {
-                ProtectionState::Fenced | ProtectionState::Stopped | ProtectionState::Failed => None,
+                ProtectionState::Fenced | ProtectionState::Stopped | ProtectionState::Failed | ProtectionState::HandedOver => None,
                 _ => Some(Serving { protection: p.protection.clone(), took_over: false }),
             },
             HostReport::Backup(b) if matches!(b.role, Role::Active | Role::Promoting) => Some(Serving {
@@ -749,7 +766,9 @@ impl HostView {
     fn role(&self, fallback: &str) -> String {
         let role = match self.report() {
             // A primary that another host superseded runs nothing any more.
-            Some(HostReport::Primary(p)) if matches!(p.protection.state, ProtectionState::Fenced | ProtectionState::Stopped) => {
+            Some(HostReport::Primary(p))
+                if matches!(p.protection.state, ProtectionState::Fenced | ProtectionState::Stopped | ProtectionState::HandedOver) =>
+            {
                 p.protection.state.name()
             }
             Some(HostReport::Primary(_)) => "primary",
@@ -996,6 +1015,50 @@ fn repair(args: RepairArgs) -> Result<()> {
         return Ok(());
     }
     wait_protected(&record, i, Duration::from_secs(args.timeout))
+}
+
+fn switchover(args: RepairWaitArgs) -> Result<()> {
+    let record = load(&args.site.name)?;
+    let dir = site_dir(&record.name);
+    let views: Vec<_> = record.hosts.iter().map(|h| HostView::of(&dir, h)).collect();
+    if site_state(&views) != "protected" {
+        bail!("site {} is {}: a switchover needs a protected pair", record.name, site_state(&views));
+    }
+    let from = views.iter().position(|v| v.serving().is_some()).context("no host serves")?;
+    let to = 1 - from;
+    let (from_name, to_name) = (&record.hosts[from].name, &record.hosts[to].name);
+    let refused_before = views[from].serving().and_then(|s| s.protection.switchover_refused);
+    let pid = *record.hosts[from].pids.first().context("no pid for the serving host")?;
+    let started = Instant::now();
+    // SAFETY: a signal to the service process this site started (its pid is in the site's record
+    // and the process runs: checked just above through its status).
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        bail!("cannot signal host {from_name}'s service: {}", std::io::Error::last_os_error());
+    }
+    // Bounded: the handover takes milliseconds, or is refused with a reason in status.
+    loop {
+        let views: Vec<_> = record.hosts.iter().map(|h| HostView::of(&dir, h)).collect();
+        if views[to].serving().is_some() {
+            break;
+        }
+        let refused = views[from].serving().and_then(|s| s.protection.switchover_refused);
+        if let Some(why) = refused.filter(|r| Some(r) != refused_before.as_ref()) {
+            bail!("host {from_name} refused the switchover: {why}");
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("host {to_name} does not serve 30 s after the switchover was asked for (logs in {})", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let resumed = match HostView::of(&dir, &record.hosts[to]).report() {
+        Some(HostReport::Backup(b)) => b.takeover_ms.map_or(String::new(), |ms| format!(", its VM resumed {ms:.0} ms after the handover")),
+        _ => String::new(),
+    };
+    println!("switchover: host {to_name} serves the VM{resumed}");
+    if args.no_wait {
+        return Ok(());
+    }
+    wait_protected(&record, from, Duration::from_secs(args.timeout))
 }
 
 /// Starts the site's quorum service again (the witness, or etcd), with the state it kept.

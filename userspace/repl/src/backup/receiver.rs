@@ -231,6 +231,17 @@ pub enum SessionError {
         /// The standby's committed epoch.
         committed: Option<EpochId>,
     },
+    /// A handover for another epoch than the one this standby holds, in the middle of an epoch, or
+    /// with nothing restorable.
+    #[error("Handover at epoch {epoch} refused: this standby holds {committed:?} (restorable: {restorable}), at an epoch boundary only")]
+    BadHandover {
+        /// The epoch the primary stopped at.
+        epoch: EpochId,
+        /// The standby's committed epoch.
+        committed: Option<EpochId>,
+        /// Whether the standby could be resumed.
+        restorable: bool,
+    },
     /// An EpochBegin that is wrong for its kind of epoch.
     #[error("Invalid epoch announcement: {0}")]
     BadBegin(&'static str),
@@ -968,6 +979,24 @@ impl<'a> Session<'a> {
         activity.session_ended(SessionEnd::Refused);
     }
 
+    /// A planned switchover: the primary stopped its VM at `epoch` and asks this side to take over.
+    /// Accepted only at an epoch boundary, for the epoch this standby holds and can resume (the
+    /// primary waited for its acknowledgement): anything else would resume a VM the primary did
+    /// not stop there, and ends the session as refused (the primary then keeps its VM). Accepted,
+    /// the primary is told (it then gives the lease up) and the daemon takes over at once.
+    fn on_handover(&mut self, epoch: EpochId) -> Result<(), SessionError> {
+        let committed = self.inner.read_standby().committed;
+        let restorable = lock(&self.inner.stats).restorable;
+        if self.staging.is_some() || committed != Some(epoch) || !restorable {
+            return Err(SessionError::BadHandover { epoch, committed, restorable });
+        }
+        let reason = format!("the backup takes over from epoch {} (switchover)", epoch.0);
+        send_small(self.stream, &mut self.sealer, FrameKind::TakingOver, 0, reason.as_bytes()).map_err(SessionError::Send)?;
+        tracing::warn!(epoch = epoch.0, "the primary hands the VM over: taking over from its last epoch");
+        self.inner.activity.session_ended(SessionEnd::HandedOver);
+        Ok(())
+    }
+
     /// Drops the epoch being received, if any; returns its number.
     fn discard(&mut self) -> Option<EpochId> {
         self.journal.discard();
@@ -1087,6 +1116,10 @@ impl<'a> Session<'a> {
                         Some(s) => Err(SessionError::ClosedMidEpoch(s.begin.epoch)),
                         None => Ok(()),
                     };
+                }
+                FrameKind::Handover => {
+                    self.on_handover(EpochId(header.epoch))?;
+                    return Ok(());
                 }
                 FrameKind::EpochBegin => {
                     self.on_begin(header.epoch, &buf, &tag)?;

@@ -50,6 +50,8 @@ pub enum DeadReason {
     LinkClosed,
     /// The primary's host answered a probe saying its daemon died (see [`super::probe`]).
     DaemonDead,
+    /// Not a death: the primary handed the VM over (a planned switchover) and stopped its copy.
+    HandedOver,
 }
 
 /// The detector's verdict.

@@ -54,7 +54,9 @@ use super::rejoin::{RejoinConfig, Rejoiner};
 use super::term::TermFile;
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
-use crate::epoch::engine::{AckAuthorityHook, DiskSource, EngineConfig, EngineHandle, EngineState, EngineStatus, PrimaryEngine};
+use crate::epoch::engine::{
+    AckAuthorityHook, DiskSource, EngineConfig, EngineHandle, EngineState, EngineStatus, PrimaryEngine, SwitchoverTrigger,
+};
 use crate::ErrorChain;
 use crate::lock;
 
@@ -106,6 +108,8 @@ pub struct ProtectAgain {
     pub engine: EngineConfig,
     /// Told before output leaves on a fresh acknowledgement alone (the host's gate follows it).
     pub ack_authority_hook: Option<AckAuthorityHook>,
+    /// Asks the engine, once it runs, for a planned switchover back to the other host.
+    pub switchover: SwitchoverTrigger,
 }
 
 impl std::fmt::Debug for ProtectAgain {
@@ -147,6 +151,10 @@ pub enum Role {
     Failed,
     /// After the takeover, the lease was lost to another host: the restored VM was stopped.
     Fenced,
+    /// After the takeover, the VM was handed over to the other host (a planned switchover): the
+    /// restored VM was stopped there.
+    #[serde(rename = "handed-over")]
+    HandedOver,
 }
 
 impl Role {
@@ -159,6 +167,7 @@ impl Role {
             Self::Ended => "ended",
             Self::Failed => "failed",
             Self::Fenced => "fenced",
+            Self::HandedOver => "handed-over",
         }
     }
 }
@@ -181,6 +190,9 @@ pub enum BackupExit {
         /// The daemon's last error.
         reason: String,
     },
+    /// After the takeover, the VM was handed over to the other host (a planned switchover):
+    /// this host's copy was stopped and may stand by again.
+    HandedOver,
 }
 
 impl BackupExit {
@@ -191,6 +203,7 @@ impl BackupExit {
             Role::Failed => Some(Self::Failed { reason: reason() }),
             Role::Fenced => Some(Self::Fenced { reason: reason() }),
             Role::Ended => Some(Self::Ended),
+            Role::HandedOver => Some(Self::HandedOver),
             Role::Standby | Role::Promoting | Role::Active => None,
         }
     }
@@ -574,8 +587,14 @@ impl Watch {
                 let for_ = self.activity.age(now).unwrap_or_default();
                 verdict = Suspicion::Dead { for_, reason: DeadReason::LinkClosed };
             }
+            if end == SessionEnd::HandedOver {
+                // The primary stopped its VM at this standby's epoch and asked for it: no probe,
+                // no timeout, only the quorum (it gives the lease up once told this side takes over).
+                let for_ = self.activity.age(now).unwrap_or_default();
+                verdict = Suspicion::Dead { for_, reason: DeadReason::HandedOver };
+            }
             if !matches!(verdict, Suspicion::NeverSeen | Suspicion::Alive)
-                && !matches!(end, SessionEnd::Goodbye | SessionEnd::Refused)
+                && !matches!(end, SessionEnd::Goodbye | SessionEnd::Refused | SessionEnd::HandedOver)
             {
                 verdict = self.consult_host(verdict, now);
             }
@@ -625,7 +644,10 @@ impl Watch {
                         continue;
                     }
                     // A refused claim is asked again only after a while: a real quorum is a remote service.
-                    let retry = if reason == DeadReason::DaemonDead { QUORUM_RETRY_DAEMON_DEAD } else { QUORUM_RETRY };
+                    let retry = match reason {
+                        DeadReason::DaemonDead | DeadReason::HandedOver => QUORUM_RETRY_DAEMON_DEAD,
+                        _ => QUORUM_RETRY,
+                    };
                     let ask = refused_at.is_none_or(|t: Instant| t.elapsed() >= retry);
                     if stats.restorable && !ask {
                         continue;
@@ -716,7 +738,10 @@ impl Watch {
                 let why = format!("took over from the dead primary at epoch {}; looking for a backup", promoted.epoch.0);
                 match PrimaryEngine::alone(promoted.source, disk, again.engine.clone(), why) {
                     Ok(e) => {
-                        let mut e = e.numbering_after(promoted.epoch).with_lease(self.lease.clone());
+                        let mut e = e
+                            .numbering_after(promoted.epoch)
+                            .with_lease(self.lease.clone())
+                            .with_switchover_trigger(again.switchover.clone());
                         if let Some(hook) = again.ack_authority_hook.clone() {
                             e = e.with_ack_authority_hook(hook);
                         }
@@ -801,6 +826,14 @@ impl Watch {
             let (role, reason) = match status.snapshot().state {
                 EngineState::Fenced { reason } => (Role::Fenced, reason),
                 EngineState::Failed { reason } => (Role::Failed, reason),
+                EngineState::HandedOver { epoch } => {
+                    tracing::warn!(epoch = epoch.0, "the VM was handed over to the other host: stopping this copy");
+                    lock(&self.shared.status).role = Role::HandedOver;
+                    if let Some(h) = lock(&self.shared.handle).clone() {
+                        h.stop();
+                    }
+                    return;
+                }
                 _ => continue,
             };
             tracing::error!(%reason, "the restored VM's engine ended it: stopping the VM");
@@ -852,7 +885,8 @@ impl Watch {
 mod tests {
     use super::*;
 
-    const ROLES: [Role; 6] = [Role::Standby, Role::Promoting, Role::Active, Role::Ended, Role::Failed, Role::Fenced];
+    const ROLES: [Role; 7] =
+        [Role::Standby, Role::Promoting, Role::Active, Role::Ended, Role::Failed, Role::Fenced, Role::HandedOver];
 
     #[test]
     fn a_role_is_written_by_its_name() {
@@ -864,7 +898,7 @@ mod tests {
     }
 
     #[test]
-    fn only_an_ended_failed_or_fenced_daemon_has_exited() {
+    fn only_an_ended_failed_fenced_or_handed_over_daemon_has_exited() {
         let mut status = DaemonStatus { last_error: Some("the quorum refused the takeover".into()), ..DaemonStatus::standby() };
         let exits = ROLES.map(|role| {
             status.role = role;
@@ -880,6 +914,7 @@ mod tests {
                 Some(BackupExit::Ended),
                 Some(BackupExit::Failed { reason: reason.clone() }),
                 Some(BackupExit::Fenced { reason }),
+                Some(BackupExit::HandedOver),
             ]
         );
     }

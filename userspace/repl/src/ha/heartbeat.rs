@@ -48,6 +48,9 @@ pub enum SessionEnd {
     /// The primary's end of the link closed or reset without a goodbye: its process is gone (the
     /// kernel closed its socket), so there is no point in waiting for the silence timeout.
     Vanished = 3,
+    /// The primary handed the VM over (a planned switchover): it stopped its VM at this side's
+    /// committed epoch and gave the lease up; this side takes over at once.
+    HandedOver = 4,
 }
 
 /// The time of the last bytes received from the primary, in [`monotonic_us`] (0: none yet), how
@@ -114,6 +117,7 @@ impl LinkActivity {
             1 => SessionEnd::Goodbye,
             2 => SessionEnd::Refused,
             3 => SessionEnd::Vanished,
+            4 => SessionEnd::HandedOver,
             _ => SessionEnd::Open,
         }
     }

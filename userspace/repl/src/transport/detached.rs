@@ -9,7 +9,7 @@ use ftvm_proto::pages::PageRangeSet;
 use ftvm_proto::EpochId;
 
 use super::{
-    AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, LinkError, PageSource,
+    AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, HandOverError, LinkError, PageSource,
     SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
 };
 
@@ -69,4 +69,8 @@ impl CheckpointTransport for Detached {
     }
 
     fn abandon(&mut self, _reason: &str) {}
+
+    fn hand_over(&mut self, _epoch: EpochId) -> Result<(), HandOverError> {
+        Err(HandOverError::Link(down()))
+    }
 }

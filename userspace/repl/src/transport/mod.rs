@@ -391,6 +391,20 @@ pub enum WaitAckError {
     },
 }
 
+/// Why [`CheckpointTransport::hand_over`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandOverError {
+    /// The backup's protocol has no switchover.
+    #[error("The backup speaks protocol 1.{0}, which has no switchover (1.4 and later)")]
+    Unsupported(u8),
+    /// An epoch is being sent.
+    #[error("Epoch {0} is open: a handover goes between epochs")]
+    EpochOpen(EpochId),
+    /// The link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
 /// Sends checkpoint epochs to the backup. See the module documentation for the call order.
 pub trait CheckpointTransport: Send {
     /// What the backup held when the link came up: its committed epoch (an incremental epoch must
@@ -443,6 +457,10 @@ pub trait CheckpointTransport: Send {
     /// The primary goes on without this backup (simplex): tells it so when the link still works,
     /// so that it does not take over a VM that still runs, then closes the link. Best effort.
     fn abandon(&mut self, reason: &str);
+
+    /// A planned switchover: tells the backup that the VM is stopped at `epoch` (acknowledged)
+    /// and that it is to take over from there. Its answer comes as [`AckEvent::Superseded`].
+    fn hand_over(&mut self, epoch: EpochId) -> Result<(), HandOverError>;
 }
 
 #[cfg(test)]

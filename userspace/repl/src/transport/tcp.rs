@@ -25,7 +25,7 @@ use ftvm_proto::pages::PageRangeSet;
 use ftvm_proto::EpochId;
 
 use super::{
-    AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, LinkError,
+    AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, HandOverError, LinkError,
     PageSource, SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
 };
 use crate::disk::DiskWrite;
@@ -198,6 +198,8 @@ pub struct TcpTransport {
     last_begun: Option<EpochId>,
     /// Scratch for the head of list payloads (page ranges, disk write table).
     head: Vec<u8>,
+    /// The protocol minor both sides speak.
+    minor: u8,
 }
 
 fn set_socket_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> io::Result<()> {
@@ -391,6 +393,7 @@ impl TcpTransport {
             open: None,
             last_begun: None,
             head: Vec::new(),
+            minor: session.minor,
         })
     }
 
@@ -470,6 +473,18 @@ impl CheckpointTransport for TcpTransport {
     fn abandon(&mut self, reason: &str) {
         self.say_goodbye(reason);
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn hand_over(&mut self, epoch: EpochId) -> Result<(), HandOverError> {
+        if self.minor < 4 {
+            return Err(HandOverError::Unsupported(self.minor));
+        }
+        if let Some(open) = &self.open {
+            return Err(HandOverError::EpochOpen(open.begin.epoch));
+        }
+        self.check_up()?;
+        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Handover, epoch.0, &[], &[]);
+        r.map(|_| ()).map_err(|e| HandOverError::Link(self.fail(e)))
     }
 
     fn set_ack_listener(&mut self, listener: AckListener) {

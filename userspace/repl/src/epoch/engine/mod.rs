@@ -80,10 +80,12 @@ mod handle;
 mod simplex;
 mod staging;
 mod status;
+mod switchover;
 mod sync;
 
 pub use ack::AckAuthorityHook;
 pub use attach::BackupAttacher;
+pub use switchover::SwitchoverTrigger;
 pub use handle::{EngineHandle, EngineStopError};
 pub use status::{EngineState, EngineStatus, StatusSnapshot, SyncProgress};
 
@@ -208,6 +210,14 @@ enum Due {
     OnOutputOr(Duration),
 }
 
+/// Whether the VM runs on after a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resume {
+    Yes,
+    /// A switchover's final checkpoint.
+    No,
+}
+
 /// Why an epoch did not reach the backup: the link is gone.
 #[derive(Debug, thiserror::Error)]
 enum SendError {
@@ -273,6 +283,10 @@ pub struct PrimaryEngine {
     lease_paused: bool,
     /// A new backup's link, handed over while the VM runs alone (see [`BackupAttacher`]).
     attach: Arc<BackupSlot>,
+    /// Asks for a planned switchover (see [`SwitchoverTrigger`]).
+    switchover: SwitchoverTrigger,
+    /// Set once the VM was handed over to the backup, at this epoch.
+    handed_over: Option<EpochId>,
     epochs: Vec<EpochMetrics>,
     window: EpochWindow,
     rate: (Instant, u64),
@@ -342,6 +356,8 @@ impl PrimaryEngine {
             heartbeat,
             lease_paused: false,
             attach: Arc::new(BackupSlot::default()),
+            switchover: SwitchoverTrigger::default(),
+            handed_over: None,
             epochs: Vec::new(),
             window: EpochWindow::default(),
             rate: (Instant::now(), 0),
@@ -368,6 +384,17 @@ impl PrimaryEngine {
     /// from it, so that its logs and its next backup's read as one history).
     pub fn numbering_after(mut self, epoch: EpochId) -> Self {
         self.next_epoch = self.next_epoch.max(epoch.0.saturating_add(1));
+        self
+    }
+
+    /// Asks this engine for a planned switchover (see [`SwitchoverTrigger`]).
+    pub fn switchover_trigger(&self) -> SwitchoverTrigger {
+        self.switchover.clone()
+    }
+
+    /// Takes switchover requests from `trigger` (one its owner made before the engine existed).
+    pub fn with_switchover_trigger(mut self, trigger: SwitchoverTrigger) -> Self {
+        self.switchover = trigger;
         self
     }
 
@@ -457,6 +484,11 @@ impl PrimaryEngine {
             _ => None,
         };
         match (superseded, failed) {
+            // Handed over: the backup runs the VM from the final epoch, whose output has left.
+            _ if self.handed_over.is_some() => {
+                let epoch = self.handed_over.unwrap_or_default();
+                self.stop_for_good(EngineState::HandedOver { epoch });
+            }
             // The other copy answers for the VM: this one's held output must never leave.
             (Some(reason), _) => self.fence(reason),
             // This copy cannot be checkpointed any more: the backup's is the VM now.
@@ -472,7 +504,10 @@ impl PrimaryEngine {
             }
         }
         self.status.update(|s| {
-            if !matches!(s.state, EngineState::Simplex { .. } | EngineState::Fenced { .. } | EngineState::Failed { .. }) {
+            if !matches!(
+                s.state,
+                EngineState::Simplex { .. } | EngineState::Fenced { .. } | EngineState::Failed { .. } | EngineState::HandedOver { .. }
+            ) {
                 s.state = EngineState::Stopped;
             }
         });
@@ -512,6 +547,18 @@ impl PrimaryEngine {
                 continue;
             }
             self.ack.release_late();
+            if self.switchover.take() {
+                match self.switch_over() {
+                    switchover::Switchover::HandedOver(epoch) => {
+                        self.handed_over = Some(epoch);
+                        return Ok(());
+                    }
+                    switchover::Switchover::Refused => {
+                        last_start = None;
+                        continue;
+                    }
+                }
+            }
             match last_start.map_or(Due::Now, |t| self.due(t.elapsed())) {
                 Due::Now => {}
                 Due::After(wait) => {
@@ -543,7 +590,7 @@ impl PrimaryEngine {
                 }
                 continue;
             }
-            match self.checkpoint()? {
+            match self.checkpoint(Resume::Yes)? {
                 Ok(()) => self.heartbeat.note_sent(monotonic_us()),
                 Err(e) => self.go_simplex(&e),
             }
@@ -623,7 +670,7 @@ impl PrimaryEngine {
 
     /// One checkpoint. The outer error stops the engine (the machine is gone); the inner one is a
     /// lost backup.
-    fn checkpoint(&mut self) -> Result<Result<(), SendError>, EngineError> {
+    fn checkpoint(&mut self, resume: Resume) -> Result<Result<(), SendError>, EngineError> {
         let epoch = self.next_epoch;
         if !self.held {
             // Before the first checkpoint's pause: every frame from now on belongs to an epoch
@@ -676,7 +723,8 @@ impl PrimaryEngine {
         let copied = self.staging.fill(&pages, &self.source.guest_memory());
         let copy = tc.elapsed();
         let ctx = ctx.captured(pages.page_count(), writes.len() as u64, frames, timings, copy);
-        let resumed = self.source.resume();
+        // A switchover's final checkpoint leaves the VM paused.
+        let resumed = if resume == Resume::Yes { self.source.resume() } else { Ok(()) };
         let ctx = ctx.resumed();
         if let Err(pfn) = copied {
             let _ = self.source.remark(&pages);

@@ -79,6 +79,12 @@ pub enum EngineState {
         /// Why.
         reason: String,
     },
+    /// The VM was handed over to the backup at `epoch` (a planned switchover): this copy is
+    /// paused, its output all released, the lease given up; its owner stops it.
+    HandedOver {
+        /// The final epoch, the one the backup resumes from.
+        epoch: EpochId,
+    },
     /// The engine ended (stopped, or its machine did).
     Stopped,
 }
@@ -119,6 +125,8 @@ pub struct StatusSnapshot {
     pub backup_refused: Option<String>,
     /// Why protection last ended (the VM went on alone), kept after a backup joins again.
     pub last_unprotected: Option<String>,
+    /// Why the last switchover asked for was refused (the VM ran on here).
+    pub switchover_refused: Option<String>,
 }
 
 impl StatusSnapshot {
@@ -162,6 +170,7 @@ impl EngineStatus {
                 paused_for_lease: false,
                 backup_refused: None,
                 last_unprotected: None,
+                switchover_refused: None,
             }),
         }
     }

@@ -161,6 +161,12 @@ pub enum PrimaryExit {
         /// Why, from the engine.
         reason: String,
     },
+    /// A planned switchover: the backup runs the VM from `epoch`, this copy was stopped there
+    /// (its output all released) and the lease given up.
+    HandedOver {
+        /// The final epoch.
+        epoch: ftvm_proto::EpochId,
+    },
 }
 
 /// The primary host of one VM. See the module documentation.
@@ -227,6 +233,12 @@ impl PrimaryHost {
     /// A handle on the machine (to stop it on a signal).
     pub fn machine_handle(&self) -> MachineHandle {
         self.machine.handle()
+    }
+
+    /// Asks the engine for a planned switchover (see
+    /// [`SwitchoverTrigger`](crate::epoch::engine::SwitchoverTrigger)).
+    pub fn switchover_trigger(&self) -> crate::epoch::engine::SwitchoverTrigger {
+        self.engine.switchover_trigger()
     }
 
     /// The lease the VM runs under.
@@ -302,6 +314,7 @@ impl PrimaryHost {
         match ending {
             Some(Ending::Failed(reason)) => Ok(PrimaryExit::Failed { reason }),
             Some(Ending::Fenced(reason)) => Ok(PrimaryExit::Fenced { reason }),
+            Some(Ending::HandedOver(epoch)) => Ok(PrimaryExit::HandedOver { epoch }),
             None => Ok(PrimaryExit::Stopped(exit?)),
         }
     }

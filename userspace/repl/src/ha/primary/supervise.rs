@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use ftvm_proto::EpochId;
 use ftvm_vmm::machine::MachineHandle;
 
 use crate::epoch::engine::{EngineHandle, EngineState, EngineStatus, StatusSnapshot};
@@ -30,6 +31,8 @@ pub(super) enum Ending {
     Fenced(String),
     /// This copy's engine failed.
     Failed(String),
+    /// The VM was handed over to the backup at this epoch (a planned switchover).
+    HandedOver(EpochId),
 }
 
 /// What one look at the engine calls for.
@@ -49,6 +52,7 @@ fn action(state: &EngineState, engine_finished: bool) -> Action {
     match state {
         EngineState::Fenced { reason } => Action::End(Ending::Fenced(reason.clone())),
         EngineState::Failed { reason } => Action::End(Ending::Failed(reason.clone())),
+        EngineState::HandedOver { epoch } => Action::End(Ending::HandedOver(*epoch)),
         _ if engine_finished => Action::StopMachine,
         _ => Action::Nothing,
     }
