@@ -8,6 +8,7 @@
 pub mod failover;
 pub mod heartbeat;
 pub mod resync;
+pub mod switchover;
 
 use std::path::Path;
 use std::process::Command;
@@ -180,6 +181,9 @@ pub struct Report {
     /// Repairs of each host, per guest memory size; empty when skipped.
     #[serde(default)]
     pub resync: Vec<resync::ResyncRun>,
+    /// Planned switchovers under writers; `None` when skipped.
+    #[serde(default)]
+    pub switchover: Option<switchover::SwitchoverReport>,
 }
 
 impl Report {
@@ -223,6 +227,19 @@ impl Report {
         }
         if let Some(h) = &self.heartbeat {
             s += &h.table();
+        }
+        if let Some(so) = &self.switchover {
+            for r in &so.runs {
+                let resumed = r.handover_to_resumed_ms.map_or("-".to_string(), |ms| format!("{ms:.1} ms"));
+                s += &format!(
+                    "switchover {} -> {}: guest resumed {resumed} after the handover; protected again after {:.1} s\n",
+                    r.from, r.to, r.to_protected_s
+                );
+            }
+            s += &format!(
+                "switchovers: longest client gap {:.0} ms over {} connections; {} writes checked, {} lost\n",
+                so.longest_client_gap_ms, so.connections, so.writes_checked, so.writes_lost
+            );
         }
         for r in &self.resync {
             s += &format!(

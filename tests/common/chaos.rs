@@ -30,7 +30,7 @@ use crate::capture::{Capture, Packet};
 use crate::load::{lost_writes, Load};
 use crate::rng::Rng;
 use crate::site::{Site, SiteEnv, Status};
-use crate::{TempDir, SITE_GUEST_MAC, SITE_GUEST_MAC_TEXT};
+use crate::{SITE_GUEST_MAC, SITE_GUEST_MAC_TEXT};
 
 /// A chaos run's settings.
 #[derive(Clone, Debug)]
@@ -156,7 +156,14 @@ impl Run<'_> {
     fn served(&self, what: &str) -> Result<()> {
         let since = self.load.replies();
         if !self.load.wait_progress(&since, REPLIES, SERVE_AGAIN) {
-            bail!("{what}: not every connection is served within {SERVE_AGAIN:?} ({:?} then {:?})", since, self.load.replies());
+            let failures: Vec<String> =
+                self.load.logs().iter().filter_map(|l| l.failure.as_ref().map(|f| format!("connection {}: {f}", l.conn))).collect();
+            bail!(
+                "{what}: not every connection is served within {SERVE_AGAIN:?} ({:?} then {:?}; {})",
+                since,
+                self.load.replies(),
+                if failures.is_empty() { "no connection failed".to_string() } else { failures.join("; ") }
+            );
         }
         Ok(())
     }
@@ -269,11 +276,13 @@ impl Run<'_> {
     }
 }
 
-/// The captures of the guest's frames on the business LAN, one per host's bridge port.
+/// The captures of the guest's frames on the business LAN, one per host's bridge port, and of the
+/// clients' side of their connections; the files stay in `dir` when the run fails.
 struct Captures {
     a: Capture,
     b: Capture,
-    _dir: TempDir,
+    client: Capture,
+    dir: std::path::PathBuf,
 }
 
 /// How many times the host emitting the guest's frames changed.
@@ -293,6 +302,11 @@ pub fn run(cfg: &ChaosConfig) -> Result<ChaosReport> {
     if result.is_err() {
         let kept = site.save_logs();
         eprintln!("[chaos] the site's logs are kept in {}", kept.display());
+        if std::env::var_os("FTVM_CHAOS_KEEP_SITE").is_some() {
+            // For a post-mortem on the live site: `ftvm site down --name <name>` removes it.
+            eprintln!("[chaos] FTVM_CHAOS_KEEP_SITE: site {} is left up", site.name);
+            std::mem::forget(site);
+        }
     }
     result
 }
@@ -300,14 +314,24 @@ pub fn run(cfg: &ChaosConfig) -> Result<ChaosReport> {
 fn run_on(site: &mut Site, cfg: &ChaosConfig) -> Result<ChaosReport> {
     site.try_up(&[])?;
     let site: &Site = site;
-    let dir = TempDir::new("chaos");
+    let dir = std::env::temp_dir().join(format!("ftvm-chaos-captures-{}", site.name));
+    std::fs::create_dir_all(&dir)?;
     let lan = site.netns("lan");
     let filter = format!("ether src {SITE_GUEST_MAC_TEXT}");
     let caps = Captures {
-        a: Capture::start(&lan, "a0", &filter, dir.path(), "lan-a"),
-        b: Capture::start(&lan, "b0", &filter, dir.path(), "lan-b"),
-        _dir: dir,
+        a: Capture::start(&lan, "a0", &filter, &dir, "lan-a"),
+        b: Capture::start(&lan, "b0", &filter, &dir, "lan-b"),
+        client: Capture::start(&site.netns("client"), "eth0", "tcp port 6379", &dir, "client"),
+        dir,
     };
+    let result = run_with(site, cfg, caps);
+    if result.is_err() {
+        eprintln!("[chaos] the captures are kept in {}", std::env::temp_dir().join(format!("ftvm-chaos-captures-{}", site.name)).display());
+    }
+    result
+}
+
+fn run_with(site: &Site, cfg: &ChaosConfig, caps: Captures) -> Result<ChaosReport> {
     // Bounded by the run itself: a few minutes per ten events at most.
     let limit = Duration::from_secs(600 + 60 * cfg.events as u64);
     let load = Load::start_paced(&site.netns("client"), cfg.connections, READ_TIMEOUT, PACE, limit);
@@ -354,6 +378,8 @@ fn run_on(site: &mut Site, cfg: &ChaosConfig) -> Result<ChaosReport> {
     report.writes_lost = lost.len();
     let (a, dropped_a) = caps.a.stop();
     let (b, dropped_b) = caps.b.stop();
+    let _ = caps.client.stop();
+    let _ = std::fs::remove_dir_all(&caps.dir);
     if dropped_a + dropped_b > 0 {
         bail!("the captures dropped {} frames: the emission check cannot be trusted", dropped_a + dropped_b);
     }

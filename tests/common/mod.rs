@@ -513,7 +513,14 @@ impl RespClient {
 
     fn try_fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 16384];
-        let n = self.stream.read(&mut chunk)?;
+        // A read with a timeout set is not restarted after a signal (or a stop and continue) of
+        // this process: EINTR says nothing about the connection, so it is read again.
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
         if n == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed by the guest"));
         }

@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// old primary after a takeover); empty skips it.
     #[arg(long, value_delimiter = ',', default_value = "256M,1G")]
     pub resync_memory: Vec<String>,
+    /// Planned switchovers under writers (back and forth); 0 skips them.
+    #[arg(long, default_value_t = 4)]
+    pub switchovers: usize,
     /// Heartbeat probes per responder (XDP and userspace); 0 skips the heartbeat measurement.
     #[arg(long, default_value_t = 5000)]
     pub heartbeat_probes: usize,
@@ -170,6 +173,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             resync.extend(ftvm_bench::resync::run(&env, memory)?);
         }
     }
+    let switchover = if args.no_ft || args.failover_only || args.switchovers == 0 {
+        None
+    } else {
+        eprintln!("[bench] switchover: {} under {} writers", args.switchovers, args.failover_connections.max(1));
+        let env = SiteEnv { ftvm: bin.clone(), guest: guest.clone(), logs: ftvm_bench::failover::LOGS_DIR.into() };
+        Some(ftvm_bench::switchover::run(&env, args.switchovers, args.failover_connections.max(1))?)
+    };
     let ratios = ftvm_bench::ratios(&unprotected, &ft);
     let report = Report {
         name: args.name,
@@ -187,6 +197,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         failover,
         heartbeat,
         resync,
+        switchover,
     };
     let path = report.write(&crate::workspace_root().join("bench/results"))?;
     print!("{}", report.table());

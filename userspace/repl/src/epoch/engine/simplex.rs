@@ -126,6 +126,10 @@ impl PrimaryEngine {
         if let Err(e) = self.ack.gate.release_all(self.next_epoch) {
             tracing::trace!(error = %ErrorChain(&e), "output release");
         }
+        // The release sealed what was open: none of it waits for a checkpoint any more (a backup
+        // that joins later would otherwise see output waiting at every turn, and checkpoint
+        // without pause).
+        self.frames_sealed = self.ack.gate.frames_in();
         if paused.is_ok() {
             if let Err(e) = self.source.resume() {
                 tracing::error!(error = %ErrorChain(&e), "cannot resume the machine after releasing its output");
