@@ -32,8 +32,9 @@ pub struct ResyncRun {
 /// The last "initial synchronisation sent" line of a host's log: (bytes, seconds).
 fn last_sync(log: &str) -> Option<(u64, f64)> {
     let line = log.lines().rev().map(strip_ansi).find(|l| l.contains("initial synchronisation sent"))?;
+    // " name=": the span before the message names `disk_bytes=` too.
     let field = |name: &str| -> Option<f64> {
-        let at = line.find(&format!("{name}="))? + name.len() + 1;
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
         line[at..].split(|c: char| !c.is_ascii_digit() && c != '.').next()?.parse().ok()
     };
     Some((field("bytes")? as u64, field("elapsed_ms")? / 1e3))
@@ -98,9 +99,10 @@ mod tests {
 
     #[test]
     fn the_last_synchronisation_line_gives_bytes_and_time() {
-        let log = "x INFO initial synchronisation sent elapsed_ms=100 bytes=10 mib_per_s=1\n\
+        let log = "x initial_sync{disk_bytes=99}: INFO initial synchronisation sent elapsed_ms=100 bytes=10 mib_per_s=1\n\
                    \u{1b}[2m2026\u{1b}[0m INFO ftvm_repl: initial synchronisation sent \u{1b}[3melapsed_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m2900 \u{1b}[3mbytes\u{1b}[0m\u{1b}[2m=\u{1b}[0m335544320 mib_per_s=110\n";
         assert_eq!(last_sync(log), Some((335_544_320, 2.9)));
+        assert_eq!(last_sync(log.lines().next().unwrap()), Some((10, 0.1)), "the span's disk_bytes is not the sent bytes");
         assert_eq!(last_sync("nothing"), None);
     }
 }

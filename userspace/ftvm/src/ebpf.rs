@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_ebpf_host::{
-    format_mac, monotonic_ns, DaemonState, FenceGate, GateControl, GateHandoff, HeartbeatResponder, Mac, Prober,
+    format_mac, monotonic_ns, DaemonState, FenceGate, GateControl, GateError, GateHandoff, HeartbeatResponder, Mac, Prober,
     ResponderControl, ResponderHandoff,
 };
 use ftvm_repl::ha::fence::{Fence, NoFence};
@@ -178,6 +178,28 @@ pub struct HostEbpf {
     publisher: Option<std::thread::JoinHandle<()>>,
 }
 
+/// How long a gate attach waits for a previous holder's programs to go (see [`attach_gate`]).
+const GATE_BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Attaches the fencing gate to `port`, the guest fenced. A port still busy with the programs of
+/// this host's previous service (killed a moment ago: the kernel releases a dead process's links
+/// asynchronously) is tried again for a few seconds.
+fn attach_gate(object: &Path, port: &str, mac: Mac) -> Result<FenceGate, GateError> {
+    let started = std::time::Instant::now();
+    // Bounded by GATE_BUSY_WAIT; 50 ms between tries.
+    loop {
+        match FenceGate::attach_with(object, port, &[(mac, false, 0)]) {
+            Err(GateError::Attach { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < GATE_BUSY_WAIT =>
+            {
+                tracing::info!(port, "the port still has a previous gate: waiting for it to go");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl HostEbpf {
     /// Attaches what `args` asks for (in this thread's network namespace), the gate with the
     /// guest `mac` inactive: nothing of the guest passes until [`HostEbpf::activate_for_ever`]
@@ -198,8 +220,7 @@ impl HostEbpf {
         let object = args.object()?;
         let gate = match &args.business_port {
             Some(port) => {
-                let gate = FenceGate::attach_with(&object, port, &[(mac, false, 0)])
-                    .with_context(|| format!("cannot attach the fencing gate to {port}"))?;
+                let gate = attach_gate(&object, port, mac).with_context(|| format!("cannot attach the fencing gate to {port}"))?;
                 let follower = Arc::new(GateFollower { control: gate.control(), mac, state: Mutex::new(GateWanted::default()) });
                 tracing::info!(port, mac = %format_mac(&mac), ingress = ?gate.ingress_mode(), "fencing gate attached (guest fenced)");
                 Some((gate, follower))

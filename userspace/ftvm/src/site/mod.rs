@@ -1093,7 +1093,10 @@ fn wait_protected(record: &SiteRecord, joining: usize, timeout: Duration) -> Res
     loop {
         let views: Vec<_> = record.hosts.iter().map(|h| HostView::of(&dir, h)).collect();
         let state = site_state(&views);
-        if state == "protected" {
+        // The joining host's own word that it holds the copy: the other may still say
+        // "protected" about the backup it has not noticed is gone.
+        let holds_copy = views[joining].report().map(HostReport::host_role) == Some(HostRole::Backup);
+        if state == "protected" && holds_copy {
             eprintln!("site: protected again after {:.1} s", start.elapsed().as_secs_f64());
             return Ok(());
         }
