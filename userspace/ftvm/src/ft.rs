@@ -415,6 +415,13 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
     let mut responder_wanted = true;
     let mut watchdog = None;
     let exit = daemon.supervise(&stop, &*host_ebpf.fence_hook(), BACKUP_LOOK_EVERY, |st| {
+        // The status first: the attaches below take a while once, and status must say at once
+        // that this host serves.
+        host_ebpf.publish_progress(daemon.lease().term(), st.committed.map_or(0, |e| e.0));
+        if let Some(path) = &args.status_file {
+            let serving = daemon.engine_status().map(|s| s.snapshot());
+            status::write(path, &BackupStatus::of(st, daemon.lease(), host_ebpf.status(), serving.as_ref()));
+        }
         // Once the restored VM runs (not before: the takeover must not wait for it), this host
         // is the primary: it answers probes, and its death releases the lease at once, as the
         // primary's does (the other host, once back, takes over without waiting for the lease
@@ -430,11 +437,6 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
                     Err(e) => tracing::error!(error = %format_args!("{e:#}"), "no lease watchdog: a death of this host will hold the lease until it runs out"),
                 }
             }
-        }
-        host_ebpf.publish_progress(daemon.lease().term(), st.committed.map_or(0, |e| e.0));
-        if let Some(path) = &args.status_file {
-            let serving = daemon.engine_status().map(|s| s.snapshot());
-            status::write(path, &BackupStatus::of(st, daemon.lease(), host_ebpf.status(), serving.as_ref()));
         }
     });
     stop.store(true, Ordering::Relaxed);

@@ -286,7 +286,11 @@ fn alive(pid: i32) -> bool {
         .ok()
         .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
         .is_some_and(|state| state == 'Z' || state == 'X');
-    !zombie
+    // A killed process's main thread is a zombie before its other threads have exited, and its
+    // sockets close only with the last of them: until then it is not gone (a `site kill` that
+    // took the links down at that moment would keep its peer from seeing the connection close).
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    !zombie || threads > 1
 }
 
 /// SIGKILLs the processes and waits (at most 5 s) until they are gone.

@@ -13,7 +13,15 @@
 //! * without one (the primary died before its first full checkpoint), there is nothing to resume:
 //!   the daemon logs an error and keeps waiting, receiver running, for a primary to come back;
 //! * a primary that said goodbye left on purpose: its silence is not a death, no takeover; nor
-//!   after this side refused the session (the primary was told and goes on alone).
+//!   after this side refused the session (the primary was told and goes on alone);
+//! * a primary that handed the VM over (a planned switchover, at this standby's epoch) is taken
+//!   over at once, with no probe: it gives the lease up as soon as it hears this side takes over.
+//!
+//! After the takeover, with [`DaemonConfig::protect_again`], the restored VM runs under an epoch
+//! engine built [`PrimaryEngine::alone`]: a [`Rejoiner`] looks for the other host, the engine
+//! synchronises it once it answers, and the VM is protected again; the engine polices the lease
+//! (this loop ends the VM when the engine is fenced or fails), and a switchover hands the VM back
+//! (role [`Role::HandedOver`]). Without it the restored VM runs alone until it ends.
 //!
 //! With a quorum, a dead verdict is a suspicion until the quorum agrees: the daemon claims the
 //! VM's lease for its standby's term (the term of the primary whose epoch made it) and takes over

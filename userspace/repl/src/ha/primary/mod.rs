@@ -19,6 +19,11 @@
 //!    [`ReleaseReason::Stopped`] otherwise (a fenced host no longer holds it anyway). The run ends
 //!    with a [`PrimaryExit`].
 //!
+//! While the engine runs alone (its backup lost, or none at start), [`PrimaryHostConfig::rejoin`]
+//! looks for the backup's host and hands its link to the engine, which protects the VM again; a
+//! planned switchover (its [`PrimaryHost::switchover_trigger`]) ends the run with
+//! [`PrimaryExit::HandedOver`].
+//!
 //! What stays with the owner (the `ftvm` binary): the eBPF gate (it closes through the [`Fence`]
 //! given here, and follows the lease and acknowledgements through hooks), the lease watchdog
 //! process, the status file, signals.
