@@ -799,7 +799,14 @@ struct Serving {
 /// The site's state from the hosts' own reports: which one runs the VM, and whether the other
 /// holds it.
 fn site_state(views: &[HostView]) -> &'static str {
-    let serving: Vec<(usize, Serving)> = views.iter().enumerate().filter_map(|(i, v)| v.serving().map(|s| (i, s))).collect();
+    let mut serving: Vec<(usize, Serving)> = views.iter().enumerate().filter_map(|(i, v)| v.serving().map(|s| (i, s))).collect();
+    // A report is up to a status period old: a host that handed the VM over or was taken over a
+    // moment ago may still say it serves. Its term says otherwise: only the highest term can hold
+    // the lease, so a lower one's copy cannot emit (its gate follows the lease it lost).
+    let term = |i: usize| views[i].report().map_or(0, |r| r.quorum().term);
+    if let Some(top) = serving.iter().map(|(i, _)| term(*i)).max() {
+        serving.retain(|(i, _)| term(*i) == top);
+    }
     match serving.as_slice() {
         // Both copies running is the one state that must never be: say it.
         [_, _, ..] => "split-brain",
@@ -1093,6 +1100,9 @@ fn wait_protected(record: &SiteRecord, joining: usize, timeout: Duration) -> Res
     let mut last_report = start;
     let name = &record.hosts[joining].name;
     let log = dir.join(format!("host-{}.log", name.to_ascii_lowercase()));
+    // Since when the site has looked failed or split: reports lag by a status period, so a state
+    // seen once at a role change is not believed before it lasts.
+    let mut bad_since: Option<Instant> = None;
     // Bounded by `timeout`; one look every 50 ms.
     loop {
         let views: Vec<_> = record.hosts.iter().map(|h| HostView::of(&dir, h)).collect();
@@ -1108,7 +1118,11 @@ fn wait_protected(record: &SiteRecord, joining: usize, timeout: Duration) -> Res
             bail!("host {name}'s service exited: {}", last_error_line(&log));
         }
         if state == "failed" || state == "split-brain" {
-            bail!("the site is {state}: no host runs the VM for {name} to join (logs in {})", dir.display());
+            if bad_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(2) {
+                bail!("the site is {state}: no single host runs the VM for {name} to join (logs in {})", dir.display());
+            }
+        } else {
+            bad_since = None;
         }
         if start.elapsed() > timeout {
             bail!("host {name} did not protect the VM within {} s (site {state}; logs in {})", timeout.as_secs(), dir.display());
