@@ -448,8 +448,10 @@ mod tests {
         assert!(takeover_ms < 1000.0, "[{}] takeover {takeover_ms} ms: the lease was waited out", c.site.name);
         let st = c.finish(Serving::B);
         assert_eq!(st.state, "failed over", "{st}");
-        // B is the primary now: its heartbeat responder answers probes (a backup has none).
-        let responder = &st.json["hosts"][1]["detail"]["ebpf"]["responder"];
-        assert_eq!(responder["daemon_state"], "running", "[{}] no heartbeat responder on B after the takeover: {responder}", c.site.name);
+        // B is the primary now: its heartbeat responder answers probes (a backup has none). It is
+        // attached once the restored VM runs (the takeover does not wait for it), in a moment.
+        let responder_of = |s: &Status| s.json["hosts"][1]["detail"]["ebpf"]["responder"].clone();
+        let (st, attached) = c.site.wait_status(Duration::from_secs(10), |s| responder_of(s)["daemon_state"] == "running");
+        assert!(attached, "[{}] no heartbeat responder on B after the takeover: {}", c.site.name, responder_of(&st));
     }
 }
