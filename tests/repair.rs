@@ -5,7 +5,8 @@
 //!   again (the repaired host is the backup now) → kill the new primary → … After each cycle every
 //!   acknowledged write reads back and every connection opened at the start still answers; the
 //!   captures of the business LAN show the guest's frames leaving one host at a time, switching
-//!   host only at a takeover.
+//!   host only at a takeover. In the third cycle the killed host comes back with a blank disk
+//!   (a replaced drive): it gets a full copy, and at a quiet point at the end both disks are equal.
 //! - A backup that dies and comes back with an older disk and term: the primary goes on alone
 //!   (a new term), the repaired backup never emits a guest frame, receives the current copy, and
 //!   holds every acknowledged write (the primary is killed afterwards and the backup serves them);
@@ -43,6 +44,8 @@ mod tests {
     const SERVE_AGAIN: Duration = Duration::from_secs(30);
     const TAKEOVER: Duration = Duration::from_secs(30);
     const CYCLES: usize = 5;
+    /// The cycle whose killed host comes back with a blank disk.
+    const BLANK_DISK_CYCLE: usize = 3;
 
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -152,6 +155,13 @@ mod tests {
             let st = wait_takeover(&site, backup);
             let took_over = killed.elapsed();
             serve_again(&site, &load, &format!("cycle {cycle}, after the takeover by {backup}"));
+            if cycle == BLANK_DISK_CYCLE {
+                // This host comes back with a blank disk (a replaced drive): no term, no data.
+                let disk = site.dir().join(format!("disk-{}.img", primary.to_ascii_lowercase()));
+                std::fs::remove_file(&disk).unwrap_or_else(|e| panic!("[{name}] {}: {e}", disk.display()));
+                let _ = std::fs::remove_file(disk.with_extension("img.term"));
+                println!("[{name}] cycle {cycle}: {primary}'s disk removed before its repair");
+            }
             let repair = site.repair(primary);
             let st2 = site.status();
             assert!(
@@ -170,6 +180,16 @@ mod tests {
             primary = backup;
         }
         let logs = load.stop();
+        // A quiet point: every host's disk is the one copy of the VM's disk, the blank one too.
+        let (st, caught_up) = site.wait_status(Duration::from_secs(10), |s| {
+            // A primary's report has the lag at its top, a host that took over under `serving`.
+            let lag = s.detail(primary).and_then(|d| d["lag_epochs"].as_u64().or(d["serving"]["lag_epochs"].as_u64()));
+            s.state == "protected" && lag.is_some_and(|l| l <= 1)
+        });
+        assert!(caught_up, "[{name}] the backup does not catch up at the quiet point: {st}");
+        std::thread::sleep(Duration::from_millis(500));
+        let (disk_a, disk_b) = (sha256(&site.dir().join("disk-a.img")), sha256(&site.dir().join("disk-b.img")));
+        assert!(!disk_a.is_empty() && disk_a == disk_b, "[{name}] the disks differ at a quiet point: A {disk_a}, B {disk_b}");
         let longest = logs.iter().map(|l| l.longest_gap).max().unwrap_or_default();
         println!(
             "[{name}] {CYCLES} cycles in {:.1} s on the same {CONNECTIONS} connections; longest client gap {:.0} ms",
