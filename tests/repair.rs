@@ -101,6 +101,19 @@ mod tests {
         }
     }
 
+    /// One test's site at a time: the site (`site up`), the captures of its LAN, and writers on
+    /// open connections already served. Bound in this order, they go in reverse: the writers and
+    /// captures, the site, then the turn of the next test.
+    fn begin(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Site, Captures, Load) {
+        let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        require_root_and_kvm();
+        let site = Site::up(tag, &[]);
+        let caps = Captures::start(&site, tag);
+        let load = Load::start_paced(&site.netns("client"), CONNECTIONS, READ_TIMEOUT, PACE, LOAD_LIMIT);
+        serve_again(&site, &load, "at the start");
+        (one, site, caps, load)
+    }
+
     /// Checks the writes acknowledged since the last check (`checked` SETs per connection, moved
     /// on) and that every connection still answers on its first socket.
     fn check_writes(site: &Site, load: &Load, checked: &mut [usize], when: &str) {
@@ -139,13 +152,8 @@ mod tests {
 
     #[test]
     fn the_vm_survives_kill_and_repair_cycles_on_the_same_connections() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        require_root_and_kvm();
-        let site = Site::up("cyc", &[]);
+        let (_one, site, caps, load) = begin("cyc");
         let name = site.name.clone();
-        let caps = Captures::start(&site, "cycles");
-        let load = Load::start_paced(&site.netns("client"), CONNECTIONS, READ_TIMEOUT, PACE, LOAD_LIMIT);
-        serve_again(&site, &load, "at the start");
         let mut checked = vec![0; CONNECTIONS];
         let mut primary = "A";
         let started = Instant::now();
@@ -220,13 +228,8 @@ mod tests {
     /// becomes its backup.
     #[test]
     fn a_host_with_an_older_copy_never_serves_and_the_current_one_restarts_the_vm() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        require_root_and_kvm();
-        let site = Site::up("old", &[]);
+        let (_one, site, caps, load) = begin("old");
         let name = site.name.clone();
-        let caps = Captures::start(&site, "old");
-        let load = Load::start_paced(&site.netns("client"), CONNECTIONS, READ_TIMEOUT, PACE, LOAD_LIMIT);
-        serve_again(&site, &load, "at the start");
         site.kill("A");
         wait_takeover(&site, "B");
         serve_again(&site, &load, "after the takeover by B");
@@ -262,13 +265,8 @@ mod tests {
     /// printed and bounded, the frames leaving A, then B, then A again, never both.
     #[test]
     fn switchovers_under_writes_keep_every_connection_and_write() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        require_root_and_kvm();
-        let site = Site::up("swo", &[]);
+        let (_one, site, caps, load) = begin("swo");
         let name = site.name.clone();
-        let caps = Captures::start(&site, "switchover");
-        let load = Load::start_paced(&site.netns("client"), CONNECTIONS, READ_TIMEOUT, PACE, LOAD_LIMIT);
-        serve_again(&site, &load, "at the start");
         let mut checked = vec![0; CONNECTIONS];
         for (from, to) in [("A", "B"), ("B", "A")] {
             let t = Instant::now();
@@ -307,13 +305,8 @@ mod tests {
 
     #[test]
     fn a_backup_back_with_an_old_disk_never_serves_and_gets_the_current_copy() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        require_root_and_kvm();
-        let site = Site::up("stale", &[]);
+        let (_one, site, caps, load) = begin("stale");
         let name = site.name.clone();
-        let caps = Captures::start(&site, "stale");
-        let load = Load::start_paced(&site.netns("client"), CONNECTIONS, READ_TIMEOUT, PACE, LOAD_LIMIT);
-        serve_again(&site, &load, "at the start");
         let term_before = site.status().detail("A").and_then(|d| d["quorum"]["term"].as_u64()).unwrap_or_default();
 
         // B dies: A goes on alone under a new term; B's disk and term are from before it.

@@ -42,16 +42,9 @@ fn last_sync(log: &str) -> Option<(u64, f64)> {
 
 /// Waits until `want` holds for the site's status, within `limit`.
 fn wait(site: &Site, limit: Duration, want: impl Fn(&ftvm_system_tests::site::Status) -> bool) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let st = site.try_status()?;
-        if want(&st) {
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            bail!("not within {limit:?}: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    match site.try_wait_status(limit, want)? {
+        (_, true) => Ok(()),
+        (st, false) => bail!("not within {limit:?}: {st}"),
     }
 }
 

@@ -322,11 +322,11 @@ fn run_on(site: &mut Site, cfg: &ChaosConfig) -> Result<ChaosReport> {
         a: Capture::start(&lan, "a0", &filter, &dir, "lan-a"),
         b: Capture::start(&lan, "b0", &filter, &dir, "lan-b"),
         client: Capture::start(&site.netns("client"), "eth0", "tcp port 6379", &dir, "client"),
-        dir,
+        dir: dir.clone(),
     };
     let result = run_with(site, cfg, caps);
     if result.is_err() {
-        eprintln!("[chaos] the captures are kept in {}", std::env::temp_dir().join(format!("ftvm-chaos-captures-{}", site.name)).display());
+        eprintln!("[chaos] the captures are kept in {}", dir.display());
     }
     result
 }

@@ -72,7 +72,7 @@ impl Load {
             replies.push(count.clone());
             logs.push(log.clone());
             let pacing = Pacing { pace, limit, read_timeout };
-            threads.push(std::thread::spawn(move || run_conn(&ns, &stop, &count, &log, pacing)));
+            threads.push(std::thread::spawn(move || run_conn(conn, &ns, &stop, &count, &log, pacing)));
         }
         Self { stop, replies, logs, threads }
     }
@@ -101,12 +101,12 @@ impl Load {
     }
 
     /// Stops the load and returns what each connection saw.
-    pub fn stop(self) -> Vec<ConnLog> {
+    pub fn stop(mut self) -> Vec<ConnLog> {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             t.join().expect("load thread panicked");
         }
-        self.logs.iter().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect()
+        self.logs()
     }
 }
 
@@ -118,14 +118,13 @@ struct Pacing {
     read_timeout: Duration,
 }
 
-fn run_conn(ns: &str, stop: &AtomicBool, count: &AtomicU64, shared: &Mutex<ConnLog>, pacing: Pacing) {
+fn run_conn(conn: usize, ns: &str, stop: &AtomicBool, count: &AtomicU64, shared: &Mutex<ConnLog>, pacing: Pacing) {
     enter_netns(ns);
-    let record = |f: &mut dyn FnMut(&mut ConnLog)| f(&mut shared.lock().unwrap_or_else(|e| e.into_inner()));
-    let conn = shared.lock().unwrap_or_else(|e| e.into_inner()).conn;
+    let log = || shared.lock().unwrap_or_else(|e| e.into_inner());
     let mut client = match RespClient::try_connect(pacing.read_timeout) {
         Ok(c) => c,
         Err(e) => {
-            record(&mut |log| log.failure = Some(format!("connect: {e}")));
+            log().failure = Some(format!("connect: {e}"));
             return;
         }
     };
@@ -147,30 +146,24 @@ fn run_conn(ns: &str, stop: &AtomicBool, count: &AtomicU64, shared: &Mutex<ConnL
             let r = client.try_cmd(&["SET", &key, &n.to_string()]);
             (key, r)
         };
-        let mut failed = false;
-        record(&mut |log| {
-            match &reply {
-                Ok(Reply::Integer(v)) => {
-                    let v = *v;
-                    let prev = log.counters.insert(key.clone(), v);
-                    if prev.is_some_and(|p| v != p + 1) || (prev.is_none() && v != 1) {
-                        log.anomalies.push(format!("{key}: {prev:?} then {v}"));
-                    }
-                }
-                Ok(Reply::Status(s)) if s == "OK" => log.sets.push(n),
-                Ok(other) => log.anomalies.push(format!("{key}: unexpected reply {other:?}")),
-                Err(e) => {
-                    log.failure = Some(format!("{key}: {e}"));
-                    failed = true;
-                    return;
+        let mut log = log();
+        match reply {
+            Ok(Reply::Integer(v)) => {
+                let prev = log.counters.insert(key.clone(), v);
+                if prev.is_some_and(|p| v != p + 1) || (prev.is_none() && v != 1) {
+                    log.anomalies.push(format!("{key}: {prev:?} then {v}"));
                 }
             }
-            // The gap counts the pacing sleep out: it is the client's, not the VM's.
-            log.longest_gap = log.longest_gap.max(last.elapsed().saturating_sub(pacing.pace));
-        });
-        if failed {
-            break;
+            Ok(Reply::Status(s)) if s == "OK" => log.sets.push(n),
+            Ok(other) => log.anomalies.push(format!("{key}: unexpected reply {other:?}")),
+            Err(e) => {
+                log.failure = Some(format!("{key}: {e}"));
+                break;
+            }
         }
+        // The gap counts the pacing sleep out: it is the client's, not the VM's.
+        log.longest_gap = log.longest_gap.max(last.elapsed().saturating_sub(pacing.pace));
+        drop(log);
         count.fetch_add(1, Ordering::SeqCst);
         last = Instant::now();
     }

@@ -190,14 +190,19 @@ impl Site {
     /// Polls status until `want` holds or `timeout` passes; returns the last status and whether
     /// `want` held. Panics if status fails.
     pub fn wait_status(&self, timeout: Duration, want: impl Fn(&Status) -> bool) -> (Status, bool) {
+        self.try_wait_status(timeout, want).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// As [`Site::wait_status`], with an error instead of a panic when status fails.
+    pub fn try_wait_status(&self, timeout: Duration, want: impl Fn(&Status) -> bool) -> Result<(Status, bool)> {
         let start = Instant::now();
         loop {
-            let st = self.status();
+            let st = self.try_status()?;
             if want(&st) {
-                return (st, true);
+                return Ok((st, true));
             }
             if start.elapsed() > timeout {
-                return (st, false);
+                return Ok((st, false));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
