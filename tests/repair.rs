@@ -28,7 +28,7 @@ mod tests {
     use ftvm_system_tests::capture::{Capture, Packet};
     use ftvm_system_tests::load::{lost_writes, ConnLog, Load};
     use ftvm_system_tests::site::{Site, Status};
-    use ftvm_system_tests::{require_root_and_kvm, run_with_timeout, TempDir};
+    use ftvm_system_tests::{guest_info, require_root_and_kvm, run_with_timeout, Netns, Reply, RespClient, TempDir};
 
     use ftvm_system_tests::{SITE_GUEST_MAC as GUEST_MAC, SITE_GUEST_MAC_TEXT as GUEST_MAC_TEXT};
     const CONNECTIONS: usize = 4;
@@ -44,6 +44,9 @@ mod tests {
     const SERVE_AGAIN: Duration = Duration::from_secs(30);
     const TAKEOVER: Duration = Duration::from_secs(30);
     const CYCLES: usize = 5;
+    /// Values written while a host is away (the stretch its repair copies).
+    const BURST_VALUES: usize = 256;
+    const BURST_VALUE_BYTES: usize = 4096;
     /// The cycle whose killed host comes back with a blank disk.
     const BLANK_DISK_CYCLE: usize = 3;
 
@@ -156,6 +159,7 @@ mod tests {
         let name = site.name.clone();
         let mut checked = vec![0; CONNECTIONS];
         let mut primary = "A";
+        wait_records_complete(&site);
         let started = Instant::now();
         for cycle in 1..=CYCLES {
             let backup = other(primary);
@@ -178,6 +182,12 @@ mod tests {
             );
             serve_again(&site, &load, &format!("cycle {cycle}, protected again"));
             check_writes(&site, &load, &mut checked, &format!("cycle {cycle}"));
+            // The repaired host's old disk gets the regions written since it died; a blank one
+            // gets all of it.
+            let sync = last_sync(&st2, backup);
+            let want = if cycle == BLANK_DISK_CYCLE { "full" } else { "incremental" };
+            assert_eq!(sync["disk_copy"], want, "[{name}] cycle {cycle}: the copy to {primary}'s disk: {sync}");
+            println!("[{name}] cycle {cycle}: {} of {} disk bytes copied to {primary} ({want})", sync["disk_bytes_total"], sync["disk_size"]);
             println!(
                 "[{name}] cycle {cycle}: {primary} killed, {backup} took over (status after {:.0} ms, takeover {}), \
                  {primary} repaired and the pair protected again in {:.1} s",
@@ -210,6 +220,24 @@ mod tests {
         let turns = caps.turns(&name);
         let expected: Vec<&str> = (0..=CYCLES).map(|i| if i % 2 == 0 { "A" } else { "B" }).collect();
         assert_eq!(turns, expected, "[{name}] the guest's frames left the hosts in these turns");
+    }
+
+    /// The last synchronisation host `name` sent, as it reports it (a primary at its top, a host
+    /// that took over under `serving`).
+    fn last_sync(st: &Status, name: &str) -> serde_json::Value {
+        let d = st.detail(name).unwrap_or_else(|| panic!("no status of {name}: {st}"));
+        let sync = if d["last_sync"].is_null() { &d["serving"]["last_sync"] } else { &d["last_sync"] };
+        sync.clone()
+    }
+
+    /// Waits until both hosts' write-intent records know the past: a fresh disk's record does
+    /// once its first synchronisation and the epochs after it are acknowledged; until then a
+    /// rejoin copies everything.
+    fn wait_records_complete(site: &Site) {
+        let (st, known) = site.wait_status(Duration::from_secs(30), |s| {
+            ["A", "B"].iter().all(|h| s.detail(h).is_some_and(|d| d["disk_record"]["complete"] == true))
+        });
+        assert!(known, "[{}] the disks' write-intent records are not complete: {st}\n{:#}", site.name, st.json);
     }
 
     /// Host `name`'s `host_role` in status.
@@ -268,6 +296,7 @@ mod tests {
         let (_one, site, caps, load) = begin("swo");
         let name = site.name.clone();
         let mut checked = vec![0; CONNECTIONS];
+        wait_records_complete(&site);
         for (from, to) in [("A", "B"), ("B", "A")] {
             let t = Instant::now();
             let out = site
@@ -281,6 +310,10 @@ mod tests {
             );
             serve_again(&site, &load, &format!("after the switchover to {to}"));
             check_writes(&site, &load, &mut checked, &format!("switchover to {to}"));
+            // The old primary's disk was current at the handover: it gets only what was written since.
+            let sync = last_sync(&st, to);
+            assert_eq!(sync["disk_copy"], "incremental", "[{name}] the copy to {from}'s disk after the switchover: {sync}");
+            println!("[{name}] switchover {from} → {to}: {} of {} disk bytes copied back to {from}", sync["disk_bytes_total"], sync["disk_size"]);
             println!("[{name}] switchover {from} → {to}: {}; protected again after {:.1} s", out.trim(), took.as_secs_f64());
         }
         let logs = load.stop();
@@ -303,11 +336,40 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
     }
 
+    /// The guest's append-only log: its size and how many times it was rewritten.
+    fn guest_log(site: &Site) -> (u64, u64) {
+        let info = guest_info(&Netns::existing(&site.netns("client")));
+        let field = |k: &str| info.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("[{}] INFO has no {k}: {info:?}", site.name));
+        (field("aof_current_size"), field("aof_rewrites"))
+    }
+
+    /// Writes `count` values of `bytes` each on a connection of its own; returns the keys and
+    /// values acknowledged (every one must be).
+    fn write_burst(site: &Site, count: usize, bytes: usize) -> Vec<(String, String)> {
+        Netns::existing(&site.netns("client")).run(|| {
+            let mut c = RespClient::connect();
+            (0..count)
+                .map(|i| {
+                    let (key, value) = (format!("burst:{i}"), format!("{i:08}").repeat(bytes / 8));
+                    let reply = c.cmd(&["SET", &key, &value]);
+                    assert!(matches!(reply, Reply::Status(ref s) if s == "OK"), "[{}] SET {key}: {reply:?}", site.name);
+                    (key, value)
+                })
+                .collect()
+        })
+    }
+
+    /// A backup that dies and comes back with its old disk (and term): it never serves, and its
+    /// repair copies of the disk only the regions written since the copies diverged (the
+    /// write-intent records of both hosts), close to the bytes the guest wrote meanwhile and far
+    /// below the disk's size; at a quiet point both disks are equal, and when the primary then
+    /// dies the repaired backup serves every acknowledged write.
     #[test]
     fn a_backup_back_with_an_old_disk_never_serves_and_gets_the_current_copy() {
         let (_one, site, caps, load) = begin("stale");
         let name = site.name.clone();
         let term_before = site.status().detail("A").and_then(|d| d["quorum"]["term"].as_u64()).unwrap_or_default();
+        wait_records_complete(&site);
 
         // B dies: A goes on alone under a new term; B's disk and term are from before it.
         site.kill("B");
@@ -317,12 +379,32 @@ mod tests {
         let term_alone = st.detail("A").and_then(|d| d["quorum"]["term"].as_u64()).unwrap_or_default();
         assert!(term_alone > term_before, "[{name}] running alone took no new term: {term_before} then {term_alone}");
         serve_again(&site, &load, "A alone");
+        // What the guest writes while the copies differ: about 1 MiB of values, and the writers.
+        let (log_before, rewrites_before) = guest_log(&site);
+        let burst = write_burst(&site, BURST_VALUES, BURST_VALUE_BYTES);
+        let (log_after, rewrites_after) = guest_log(&site);
+        let written = log_after.saturating_sub(log_before);
 
         let repair = site.repair("B");
         let st = site.status();
         assert!(st.is_protected(), "[{name}] after the repair of B: {st}");
         let b_term = st.detail("B").and_then(|d| d["quorum"]["term"].as_u64());
         println!("[{name}] B repaired and the pair protected again in {:.1} s; terms: {term_before} before, {term_alone} alone, B's now {b_term:?}", repair.as_secs_f64());
+        let sync = &last_sync(&st, "A");
+        let (copied, disk_size) = (sync["disk_bytes_total"].as_u64().unwrap_or(u64::MAX), sync["disk_size"].as_u64().unwrap_or(0));
+        println!(
+            "[{name}] B's disk: {copied} bytes copied of {disk_size} ({}); the guest's log grew by {written} bytes while the copies differed",
+            sync["disk_copy"]
+        );
+        assert_eq!(sync["disk_copy"], "incremental", "[{name}] B came back with its old disk: {sync}");
+        assert!(copied <= disk_size / 8, "[{name}] {copied} bytes copied of a {disk_size}-byte disk");
+        if rewrites_after == rewrites_before {
+            // The regions written (256 KiB each), a region at either end of the stretch, and the
+            // regions the writers and the log's header touched around it.
+            assert!(written >= (BURST_VALUES * BURST_VALUE_BYTES) as u64, "[{name}] the log grew by only {written} bytes");
+            assert!(copied >= written, "[{name}] {copied} bytes copied, but {written} were written");
+            assert!(copied <= written + (2 << 20), "[{name}] {copied} bytes copied for {written} written");
+        }
         serve_again(&site, &load, "protected again");
 
         // A quiet point: the writers stop, the last epochs are acknowledged; both disks are then
@@ -345,8 +427,13 @@ mod tests {
         wait_takeover(&site, "B");
         let lost = lost_writes(&site.netns("client"), &logs);
         assert!(lost.is_empty(), "[{name}] {} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(10)]);
+        let burst_lost = Netns::existing(&site.netns("client")).run(|| {
+            let mut c = RespClient::connect();
+            burst.iter().filter(|(k, v)| c.cmd(&["GET", k]) != Reply::Bulk(Some(v.clone().into_bytes()))).count()
+        });
+        assert_eq!(burst_lost, 0, "[{name}] values written while B was away are gone after B's takeover");
         let writes: usize = logs.iter().map(|l| l.sets.len() + l.counters.len()).sum();
-        println!("[{name}] B took over with all {writes} acknowledged writes");
+        println!("[{name}] B took over with all {writes} acknowledged writes and the {BURST_VALUES} values written while it was away");
         let turns = caps.turns(&name);
         assert_eq!(turns, ["A", "B"], "[{name}] B emitted guest frames before its takeover");
     }

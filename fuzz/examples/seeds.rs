@@ -15,7 +15,7 @@ use ftvm_proto::witness::{
 };
 use ftvm_proto::EpochId;
 use ftvm_proto::cpu::{CpuidReg, CpuidWord, HostCpuCaps};
-use ftvm_proto::epoch::DiskWrite;
+use ftvm_proto::epoch::{DiskMarks, DiskWrite};
 use ftvm_proto::epoch::{
     encode_disk_image_head, encode_disk_writes_head, encode_output_frame, encode_pages_head, EpochAck, EpochBegin,
     EpochCommit, StandbyInfo,
@@ -133,6 +133,8 @@ fn main() {
         msrs: vec![0x10, 0x174, 0xc000_0103],
     };
     s.put("epoch_payloads", "host-cpu", &[[8].as_slice(), &cpu.encode()].concat());
+    let marks = DiskMarks { region_bytes: 256 << 10, regions: Some(vec![0, 3, 255]) };
+    s.put("epoch_payloads", "disk-marks", &[[9].as_slice(), &(64u64 << 20).to_le_bytes(), &marks.encode()].concat());
 
     // page_ranges: base, frame size, then ops (insert, bitmap, union, drain, contains, clear).
     s.put("page_ranges", "inserts", &[0, 4, 0, 10, 0, 5, 0, 20, 0, 5, 2, 15, 0, 5, 4, 12, 0]);

@@ -1,8 +1,8 @@
 //! Every epoch payload decoder (userspace/proto/src/epoch.rs).
 //!
-//! Input: `kind u8 | [size u64, for Pages (memory pages), DiskWrites and DiskImage (disk
-//! bytes)] | payload`. kind % 9: EpochBegin, EpochCommit, EpochAck, StandbyInfo, Pages,
-//! DiskWrites, DiskImage, HeldOutput, HostCpu (userspace/proto/src/cpu.rs). What decodes must re-encode to the same bytes: every one of
+//! Input: `kind u8 | [size u64, for Pages (memory pages), DiskWrites, DiskImage and DiskMarks
+//! (disk bytes)] | payload`. kind % 10: EpochBegin, EpochCommit, EpochAck, StandbyInfo, Pages,
+//! DiskWrites, DiskImage, HeldOutput, HostCpu (userspace/proto/src/cpu.rs), DiskMarks. What decodes must re-encode to the same bytes: every one of
 //! these formats is canonical (reserved fields zero, exact lengths).
 #![no_main]
 
@@ -10,7 +10,7 @@ use ftvm_fuzz::Input;
 use ftvm_proto::epoch::{
     decode_output, disk_writes_payload_len, encode_disk_image_head, encode_disk_writes_head, encode_output_frame,
     encode_pages_head, pages_payload_len, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, PagesView,
-    DiskWrite, StandbyInfo,
+    DiskMarks, DiskWrite, StandbyInfo,
 };
 use ftvm_proto::cpu::HostCpuCaps;
 use ftvm_proto::limits::{PAGE_SIZE, SECTOR_SIZE};
@@ -18,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    match input.u8() % 9 {
+    match input.u8() % 10 {
         0 => fixed(input.rest(), EpochBegin::decode, |v| v.encode().to_vec()),
         1 => fixed(input.rest(), EpochCommit::decode, |v| v.encode().to_vec()),
         2 => fixed(input.rest(), EpochAck::decode, |v| v.encode().to_vec()),
@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
         5 => disk_writes(input.u64(), input.rest()),
         6 => disk_image(input.u64(), input.rest()),
         7 => held_output(input.rest()),
-        _ => fixed(input.rest(), HostCpuCaps::decode, HostCpuCaps::encode),
+        8 => fixed(input.rest(), HostCpuCaps::decode, HostCpuCaps::encode),
+        _ => {
+            let disk_bytes = input.u64();
+            fixed(input.rest(), |p| DiskMarks::decode(p, disk_bytes), DiskMarks::encode)
+        }
     }
 });
 

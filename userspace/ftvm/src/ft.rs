@@ -12,7 +12,7 @@
 //! watchdog process, signals, the status file) and turns their outcomes into exit codes.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
 use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
+use ftvm_repl::disk::intent::{SharedIntent, WriteIntent, DEFAULT_REGION_BYTES};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, SwitchoverTrigger};
 use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, ProtectAgain, Role};
 use ftvm_repl::ha::lease::Lease;
@@ -32,6 +33,7 @@ use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::output::trace::FileTrace;
 use ftvm_repl::transport::tcp::TcpOptions;
 use ftvm_proto::cpu::CpuidWord;
+use ftvm_vmm::devices::DiskWriteIntent;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 
@@ -40,7 +42,7 @@ use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
 use crate::secret::read_secret;
-use crate::status::{self, BackupStatus, PrimaryStatus, ProtectionState};
+use crate::status::{self, BackupStatus, DiskRecordStatus, PrimaryStatus, ProtectionState};
 
 /// Default A-Link port.
 pub const DEFAULT_ALINK_PORT: u16 = 7700;
@@ -223,7 +225,10 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
 /// Runs the VM as the primary if the quorum lets this host start it (see [`PrimaryStart`]).
 pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     let secret = read_secret(&args.secret_file)?;
-    let config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
+    let mut config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
+    let disk_bytes = args.vm.disk_size_bytes()?;
+    let intent = open_intent(&args.vm.disk, &args.quorum.vm_id, disk_bytes)?;
+    config.devices.block = config.devices.block.map(|b| b.with_intent(Arc::clone(&intent) as Arc<dyn DiskWriteIntent>));
     // In the host's namespace (prepare_vm entered it), before the lease and the VM: the guest is
     // fenced until the lease says otherwise, and the watchdog inherits the responder and the gate.
     let mut host_ebpf = HostEbpf::attach(&args.ebpf, args.vm.net.mac)?;
@@ -263,7 +268,8 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     let _stop = run::stop_on_signal(machine.handle())?;
     let mut host = PrimaryHostConfig::new(machine, transport, lease.clone(), host_ebpf.fence_hook());
     host.engine = engine_config(&args.engine);
-    host.disk = Some(DiskSource { path: args.vm.disk.clone(), bytes: args.vm.disk_size_bytes()? });
+    let disk_record = Arc::clone(&intent);
+    host.disk = Some(DiskSource::new(args.vm.disk.clone(), disk_bytes).with_intent(intent));
     host.renewer = Some(renewer);
     // Whenever the backup is lost, its host is looked for again: its service, restarted, becomes
     // the backup by itself.
@@ -298,7 +304,9 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
             last_state = Some(state);
         }
         if let Some(path) = &args.status_file {
-            status::write(path, &PrimaryStatus::of(snap, &lease, host_ebpf.status()));
+            let mut st = PrimaryStatus::of(snap, &lease, host_ebpf.status());
+            st.disk_record = Some(DiskRecordStatus::of(&disk_record.lock()));
+            status::write(path, &st);
         }
     });
     if let Some(w) = watchdog {
@@ -349,6 +357,8 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
     if !args.sync_every_epoch {
         receiver.disk_sync = DiskSync::NoSync;
     }
+    let disk_record = open_intent(&args.disk, &args.quorum.vm_id, args.disk_size)?;
+    receiver.intent = Some(Arc::clone(&disk_record));
     if !args.test_mask_cpuid.is_empty() {
         let mut caps = ftvm_vmm::compat::host_cpu_caps().context("cannot read this host's CPU capabilities")?;
         for &(word, bit) in &args.test_mask_cpuid {
@@ -368,6 +378,7 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
         block: true,
         console: Box::new(console),
         dirty_tracking: DirtyTracking::Off,
+        disk_intent: None,
     };
     let term_file = TermFile::for_disk(&args.disk, &args.quorum.vm_id);
     let known = term_file.read().context("cannot read the standby disk's term")?;
@@ -420,7 +431,9 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
         host_ebpf.publish_progress(daemon.lease().term(), st.committed.map_or(0, |e| e.0));
         if let Some(path) = &args.status_file {
             let serving = daemon.engine_status().map(|s| s.snapshot());
-            status::write(path, &BackupStatus::of(st, daemon.lease(), host_ebpf.status(), serving.as_ref()));
+            let mut status = BackupStatus::of(st, daemon.lease(), host_ebpf.status(), serving.as_ref());
+            status.disk_record = Some(DiskRecordStatus::of(&disk_record.lock()));
+            status::write(path, &status);
         }
         // Once the restored VM runs (not before: the takeover must not wait for it), this host
         // is the primary: it answers probes, and its death releases the lease at once, as the
@@ -454,6 +467,18 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
         BackupExit::Failed { reason } => bail!("takeover failed: {reason}"),
         BackupExit::Fenced { reason } => bail!("this VM was stopped because another host holds its lease now: {reason}"),
     }
+}
+
+/// The write-intent record of this host's disk (see [`ftvm_repl::disk::intent`]): the guest's
+/// block device marks it before every write, and a rejoin copies only the regions it and the other
+/// host's record name.
+fn open_intent(disk: &Path, vm_id: &str, disk_bytes: u64) -> Result<Arc<SharedIntent>> {
+    let record = WriteIntent::open(disk, vm_id, disk_bytes, DEFAULT_REGION_BYTES)
+        .with_context(|| format!("cannot open the write-intent record of {}", disk.display()))?;
+    if !record.is_complete() {
+        tracing::info!(disk = %disk.display(), "this disk's write-intent record does not know its past: the next synchronisation copies all of it");
+    }
+    Ok(SharedIntent::new(record))
 }
 
 /// Flushes the standby disk to stable storage every second until `stop`, so that the writes

@@ -48,7 +48,7 @@ pub fn prepare_vm(args: &RunArgs, dirty_tracking: DirtyTracking) -> Result<VmCon
         },
         devices: DeviceConfig {
             net: Some(NetConfig { tap_name: args.net.tap.clone(), mac: args.net.mac, host_ipv4: args.net.host_ip }),
-            block: Some(BlockConfig { path: args.disk.clone() }),
+            block: Some(BlockConfig::new(args.disk.clone())),
         },
         console: Box::new(console),
         dirty_tracking,
@@ -120,6 +120,14 @@ pub fn prepare_disk(path: &Path, size: u64) -> Result<()> {
                 .open(path)
                 .with_context(|| format!("cannot create disk {}", path.display()))?;
             file.set_len(size).with_context(|| format!("cannot size disk {}", path.display()))?;
+            // A new disk has no past: a write-intent record left by an earlier one would make a
+            // rejoin copy only part of it.
+            let record = ftvm_repl::disk::intent::path_for(path);
+            match std::fs::remove_file(&record) {
+                Ok(()) => tracing::info!(record = %record.display(), "removed the write-intent record of the disk that was here before"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot remove the stale write-intent record {}", record.display())),
+            }
             tracing::info!(disk = %path.display(), mib = size >> 20, "created a new empty disk");
             Ok(())
         }

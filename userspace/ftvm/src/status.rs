@@ -14,6 +14,7 @@
 use std::path::Path;
 
 use ftvm_repl::epoch::context::{EpochWindowStats, Percentiles};
+use ftvm_repl::disk::intent::WriteIntent;
 use ftvm_repl::epoch::engine::{EngineState, StatusSnapshot, SyncProgress};
 use ftvm_repl::ha::failover::{DaemonStatus, Role};
 use ftvm_repl::ha::lease::Lease;
@@ -228,8 +229,9 @@ impl ProtectionState {
             EngineState::Syncing(p) => {
                 let rate = p.rate().map_or(String::new(), |r| format!(" at {} MiB/s", r >> 20));
                 let eta = p.eta().map_or(String::new(), |d| format!(", about {} s left", d.as_secs_f64().ceil()));
+                let disk = if p.disk_incremental { " (incremental: the regions written since the copies diverged)" } else { "" };
                 let detail = format!(
-                    "{}% ({}/{} MiB){rate}{eta}: memory {}/{} pages, disk {}/{} MiB",
+                    "{}% ({}/{} MiB){rate}{eta}: memory {}/{} pages, disk {}/{} MiB{disk}",
                     p.percent(),
                     p.bytes_sent() >> 20,
                     p.bytes_total() >> 20,
@@ -283,6 +285,31 @@ pub struct PrimaryStatus {
     pub quorum: QuorumStatus,
     /// The fencing gate and the heartbeat responder.
     pub ebpf: EbpfStatus,
+    /// This host's record of the disk regions that may differ from the other host's copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_record: Option<DiskRecordStatus>,
+}
+
+/// A disk's write-intent record (see `ftvm_repl::disk::intent`): what a rejoin would copy of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecordStatus {
+    /// The record knows every region written since the copies were last equal; if not, the next
+    /// synchronisation copies the whole disk.
+    pub complete: bool,
+    /// Bytes of the regions marked (those a rejoin copies, with the other host's).
+    pub marked_bytes: u64,
+    pub region_bytes: u64,
+}
+
+impl DiskRecordStatus {
+    /// The state of `record` now.
+    pub fn of(record: &WriteIntent) -> Self {
+        Self {
+            complete: record.is_complete(),
+            marked_bytes: record.marked_regions() * record.region_bytes(),
+            region_bytes: record.region_bytes(),
+        }
+    }
 }
 
 impl PrimaryStatus {
@@ -299,6 +326,7 @@ impl PrimaryStatus {
             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
             quorum: QuorumStatus::of(lease),
             ebpf,
+            disk_record: None,
         }
     }
 }
@@ -313,6 +341,21 @@ pub struct SyncStatus {
     pub rate_bytes_per_s: Option<u64>,
     /// Seconds left at that rate.
     pub eta_s: Option<u64>,
+    /// "incremental": of the disk, only the regions written since the copies diverged; "full":
+    /// all of it.
+    #[serde(default)]
+    pub disk_copy: String,
+    /// Disk bytes sent, of `disk_bytes_total` to send.
+    #[serde(default)]
+    pub disk_bytes_sent: u64,
+    #[serde(default)]
+    pub disk_bytes_total: u64,
+    /// The disk's size.
+    #[serde(default)]
+    pub disk_size: u64,
+    /// Since the synchronisation began.
+    #[serde(default)]
+    pub elapsed_ms: u64,
 }
 
 impl SyncStatus {
@@ -331,6 +374,11 @@ impl SyncStatus {
             bytes_total: p.bytes_total(),
             rate_bytes_per_s: p.rate(),
             eta_s: p.eta().map(|d| d.as_secs_f64().ceil() as u64),
+            disk_copy: if p.disk_incremental { "incremental" } else { "full" }.to_string(),
+            disk_bytes_sent: p.disk_bytes_sent,
+            disk_bytes_total: p.disk_bytes_total,
+            disk_size: p.disk_size,
+            elapsed_ms: p.elapsed.as_millis() as u64,
         }
     }
 }
@@ -390,6 +438,9 @@ pub struct BackupStatus {
     /// host was started without a peer to protect it with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving: Option<ProtectionStatus>,
+    /// This host's record of the disk regions that may differ from the other host's copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_record: Option<DiskRecordStatus>,
 }
 
 /// Whether the VM a host runs is protected: the primary's, and the VM a host runs after its
@@ -414,6 +465,9 @@ pub struct ProtectionStatus {
     /// Why the last switchover asked for was refused (the VM ran on here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_refused: Option<String>,
+    /// The last synchronisation sent to a backup (kept after it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncStatus>,
 }
 
 impl ProtectionStatus {
@@ -430,6 +484,7 @@ impl ProtectionStatus {
             backup_refused: None,
             last_unprotected: None,
             switchover_refused: None,
+            last_sync: None,
         }
     }
 
@@ -446,6 +501,7 @@ impl ProtectionStatus {
             backup_refused: snap.backup_refused.clone(),
             last_unprotected: snap.last_unprotected.clone(),
             switchover_refused: snap.switchover_refused.clone(),
+            last_sync: snap.last_sync.as_ref().map(SyncStatus::of),
         }
     }
 }
@@ -467,6 +523,7 @@ impl BackupStatus {
             last_error: st.last_error.clone(),
             ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..ebpf },
             serving,
+            disk_record: None,
         }
     }
 }

@@ -172,6 +172,17 @@ pub enum DecodeError {
         /// Bytes.
         len: u64,
     },
+    /// A write-intent region size that is not a power of two of at least a sector.
+    #[error("Write-intent region size {0} is not a power of two of at least 512 bytes")]
+    BadRegionSize(u64),
+    /// A write-intent region out of order or past the end of the disk.
+    #[error("Write-intent region {region} is out of order or past the disk's {count} regions")]
+    BadRegion {
+        /// The region.
+        region: u64,
+        /// Regions the disk has.
+        count: u64,
+    },
     /// An EpochCommit or EpochAck whose payload names another epoch than its header.
     #[error("Payload names epoch {payload}, its header epoch {header}")]
     EpochMismatch {
@@ -400,6 +411,87 @@ impl StandbyInfo {
             memory_bytes: r.u64()?,
             disk_bytes: r.u64()?,
         })
+    }
+}
+
+/// What the backup's copy of the disk may differ in from the copy it was last in sync with (its
+/// write-intent record), sent after its `HostCpu` (minor 5 and later): the primary then copies only
+/// the union of both sides' marked regions instead of the whole disk.
+///
+/// ```text
+///  0  8 region bytes (a power of two, at least a sector)
+///  8  4 flags: 1 = the record is complete (it knows every region written since the last sync)
+/// 12  4 reserved, 0
+/// 16  8 n: marked regions (0 when incomplete)
+/// 24  8n the marked regions, ascending, each below the disk's region count
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskMarks {
+    /// Bytes per region.
+    pub region_bytes: u64,
+    /// The marked regions, ascending; `None`: the record does not know the past (a full copy).
+    pub regions: Option<Vec<u64>>,
+}
+
+impl DiskMarks {
+    const COMPLETE: u32 = 1;
+    const HEAD_LEN: usize = 24;
+    /// Most regions one frame names; a record with more marks is sent as incomplete (a copy of
+    /// nearly everything is close to a full one anyway).
+    pub const MAX_REGIONS: usize = 1 << 20;
+
+    /// Marks that ask for a full copy.
+    pub fn unknown(region_bytes: u64) -> Self {
+        Self { region_bytes, regions: None }
+    }
+
+    /// The payload bytes; too many marks are sent as an incomplete record.
+    pub fn encode(&self) -> Vec<u8> {
+        let regions = self.regions.as_ref().filter(|r| r.len() <= Self::MAX_REGIONS);
+        let mut b = Vec::with_capacity(Self::HEAD_LEN + regions.map_or(0, |r| r.len() * 8));
+        b.extend_from_slice(&self.region_bytes.to_le_bytes());
+        b.extend_from_slice(&(if regions.is_some() { Self::COMPLETE } else { 0 }).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(regions.map_or(0, |r| r.len()) as u64).to_le_bytes());
+        for r in regions.into_iter().flatten() {
+            b.extend_from_slice(&r.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes and checks a payload for a disk of `disk_bytes`.
+    pub fn decode(payload: &[u8], disk_bytes: u64) -> Result<Self, DecodeError> {
+        let mut r = Le { b: payload };
+        let region_bytes = r.u64()?;
+        let flags = r.u32()?;
+        if flags & !Self::COMPLETE != 0 {
+            return Err(DecodeError::UnknownFlags(flags));
+        }
+        r.zero32()?;
+        let n = r.u64()?;
+        if region_bytes < SECTOR_SIZE || !region_bytes.is_power_of_two() {
+            return Err(DecodeError::BadRegionSize(region_bytes));
+        }
+        let expected = usize::try_from(n).ok().filter(|&n| n <= Self::MAX_REGIONS).and_then(|n| n.checked_mul(8)).map(|b| b + Self::HEAD_LEN);
+        if expected != Some(payload.len()) {
+            return Err(DecodeError::Length { expected: n.saturating_mul(8).saturating_add(Self::HEAD_LEN as u64), got: payload.len() });
+        }
+        if flags & Self::COMPLETE == 0 {
+            if n != 0 {
+                return Err(DecodeError::Reserved);
+            }
+            return Ok(Self::unknown(region_bytes));
+        }
+        let count = disk_bytes.div_ceil(region_bytes);
+        let mut regions = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let region = r.u64()?;
+            if region >= count || regions.last().is_some_and(|&last| last >= region) {
+                return Err(DecodeError::BadRegion { region, count });
+            }
+            regions.push(region);
+        }
+        Ok(Self { region_bytes, regions: Some(regions) })
     }
 }
 
@@ -743,6 +835,37 @@ mod tests {
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n.max(1)
         }
+    }
+
+    #[test]
+    fn disk_marks_round_trip_and_bad_ones_are_refused() {
+        const MIB: u64 = 1 << 20;
+        let marks = DiskMarks { region_bytes: MIB, regions: Some(vec![0, 3, 63]) };
+        assert_eq!(DiskMarks::decode(&marks.encode(), 64 * MIB).unwrap(), marks);
+        let unknown = DiskMarks::unknown(MIB);
+        assert_eq!(DiskMarks::decode(&unknown.encode(), 64 * MIB).unwrap(), unknown);
+        // A region past the disk, out of order, repeated; a bad region size; a short or long list.
+        for (regions, disk) in [(vec![64], 64 * MIB), (vec![3, 1], 64 * MIB), (vec![2, 2], 64 * MIB)] {
+            let bytes = DiskMarks { region_bytes: MIB, regions: Some(regions) }.encode();
+            assert!(matches!(DiskMarks::decode(&bytes, disk), Err(DecodeError::BadRegion { .. })));
+        }
+        let bad_size = DiskMarks { region_bytes: 3000, regions: Some(vec![]) }.encode();
+        assert_eq!(DiskMarks::decode(&bad_size, 64 * MIB), Err(DecodeError::BadRegionSize(3000)));
+        let good = marks.encode();
+        assert!(matches!(DiskMarks::decode(&good[..good.len() - 1], 64 * MIB), Err(DecodeError::Length { .. })));
+        let mut long = good.clone();
+        long.extend_from_slice(&[0; 8]);
+        assert!(matches!(DiskMarks::decode(&long, 64 * MIB), Err(DecodeError::Length { .. })));
+        // A count that would not fit is a length error, not an allocation.
+        let mut huge = good.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(DiskMarks::decode(&huge, 64 * MIB), Err(DecodeError::Length { .. })));
+        let mut flags = good;
+        flags[8] = 2;
+        assert_eq!(DiskMarks::decode(&flags, 64 * MIB), Err(DecodeError::UnknownFlags(2)));
+        // Too many marks for one frame are sent as "unknown": a full copy.
+        let many = DiskMarks { region_bytes: 512, regions: Some((0..DiskMarks::MAX_REGIONS as u64 + 1).collect()) };
+        assert_eq!(DiskMarks::decode(&many.encode(), 1 << 40).unwrap(), DiskMarks::unknown(512));
     }
 
     const MEM_PAGES: u64 = 4096;

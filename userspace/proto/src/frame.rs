@@ -26,7 +26,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 /// Protocol major version: peers with different majors do not talk.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
-pub const PROTOCOL_MINOR: u8 = 4;
+pub const PROTOCOL_MINOR: u8 = 5;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the authentication tag.
@@ -77,6 +77,9 @@ pub enum FrameKind {
     /// restore (`crate::cpu::HostCpuCaps`), so that the primary can refuse a backup that could not
     /// resume this guest.
     HostCpu = 28,
+    /// From the backup, right after its `HostCpu` (minor 5 and later): its disk's write-intent
+    /// marks (`crate::epoch::DiskMarks`), so that a rejoin copies only the regions that may differ.
+    DiskMarks = 29,
     /// Liveness probe.
     Heartbeat = 32,
     /// Liveness answer.
@@ -117,6 +120,7 @@ impl FrameKind {
             26 => HeldOutput,
             27 => LeaseTerm,
             28 => HostCpu,
+            29 => DiskMarks,
             32 => Heartbeat,
             33 => HeartbeatReply,
             48 => Goodbye,

@@ -98,7 +98,7 @@ mod tests {
             mem_size: MEM,
             guest_elf: temp_file(name, &build_test_elf(GUEST_LOAD_GPA, &EPOCH_GUEST, 0)),
             boot: BootParams::default(),
-            devices: DeviceConfig { block: Some(BlockConfig { path: disk }), ..Default::default() },
+            devices: DeviceConfig { block: Some(BlockConfig::new(disk)), ..Default::default() },
             console: Box::new(io::sink()),
             dirty_tracking: tracking,
         }
@@ -160,7 +160,7 @@ mod tests {
 
         let (receiver, standby_disk, transport) = new_backup(tag);
         let engine =
-            PrimaryEngine::new(source, Box::new(transport), Some(DiskSource { path: disk.clone(), bytes: DISK }), cfg)
+            PrimaryEngine::new(source, Box::new(transport), Some(DiskSource::new(disk.clone(), DISK)), cfg)
                 .unwrap()
                 .with_lease(started_lease(quorum));
         let engine = engine.spawn().unwrap();
@@ -563,7 +563,7 @@ mod tests {
         lease.claim(Claim::TakeOver).unwrap();
         let engine = PrimaryEngine::alone(
             source,
-            Some(DiskSource { path: disk.clone(), bytes: DISK }),
+            Some(DiskSource::new(disk.clone(), DISK)),
             EngineConfig { ack_timeout: Duration::from_secs(2), ..EngineConfig::default() },
             "took over".into(),
         )

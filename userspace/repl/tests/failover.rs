@@ -120,7 +120,7 @@ mod tests {
             mem_size: MEM,
             guest_elf: dir.file("counter.elf", &build_test_elf(GUEST_LOAD_GPA, &COUNTER_GUEST, 0)),
             boot: BootParams::default(),
-            devices: DeviceConfig { net, block: Some(BlockConfig { path: dir.file("primary.disk", &disk) }) },
+            devices: DeviceConfig { net, block: Some(BlockConfig::new(dir.file("primary.disk", &disk))) },
             console: Box::new(Sink::default()),
             dirty_tracking: DirtyTracking::Off,
         };
@@ -218,6 +218,7 @@ mod tests {
             block: true,
             console: Box::new(Sink::default()),
             dirty_tracking: DirtyTracking::Off,
+            disk_intent: None,
         };
         let mut cfg = DaemonConfig::new(receiver_config(dir), promote);
         cfg.detector = detector();
@@ -771,6 +772,7 @@ mod tests {
                     block: true,
                     console: Box::new(Sink::default()),
                     dirty_tracking: DirtyTracking::Off,
+                    disk_intent: None,
                 };
                 let started = Instant::now();
                 let mut promoted = promote(standby, cfg).unwrap();

@@ -404,6 +404,10 @@ mod tests {
                 let caps = ftvm_proto::cpu::HostCpuCaps::default().encode();
                 s.sealer.write(&mut io, FrameKind::HostCpu, 0, 0, &[&caps]).unwrap();
             }
+            if minor >= 5 {
+                let marks = ftvm_proto::epoch::DiskMarks::unknown(1 << 20).encode();
+                s.sealer.write(&mut io, FrameKind::DiskMarks, 0, 0, &[&marks]).unwrap();
+            }
             let mut kinds = Vec::new();
             while let Ok(f) = s.opener.read(&mut io) {
                 kinds.push(f.header.kind);
@@ -461,6 +465,26 @@ mod tests {
         assert_eq!(err.to_string(), "The backup speaks protocol 1.3, which has no switchover (1.4 and later)");
         drop(t);
         assert!(!old_backup.join().unwrap().contains(&FrameKind::Handover));
+    }
+
+    /// A 1.4 backup sends no write-intent marks: it pairs, and the primary knows to copy it the
+    /// whole disk; this build's backup sends its marks to a 1.5 primary.
+    #[test]
+    fn a_protocol_1_4_backup_pairs_without_marks_and_a_1_5_one_sends_them() {
+        init_tracing();
+        let mut rng = Rng(23);
+        let model = Model::new(&mut rng, MIB, 256 << 10);
+        let (addr, _info, old_backup) = spawn_old_backup(&model, 4);
+        let t = TcpTransport::connect(addr, SECRET, &options(&model)).unwrap();
+        assert_eq!(t.peer_disk_marks(), None, "a 1.4 backup gets the whole disk");
+        drop(t);
+        old_backup.join().unwrap();
+
+        let (addr, _info, backup) = spawn_old_backup(&model, 5);
+        let t = TcpTransport::connect(addr, SECRET, &options(&model)).unwrap();
+        assert_eq!(t.peer_disk_marks(), Some(ftvm_proto::epoch::DiskMarks::unknown(1 << 20)));
+        drop(t);
+        backup.join().unwrap();
     }
 
     #[test]

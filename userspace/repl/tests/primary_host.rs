@@ -168,7 +168,7 @@ mod tests {
             mem_size: MEM,
             guest_elf: elf.0.clone(),
             boot: BootParams::default(),
-            devices: DeviceConfig { block: Some(BlockConfig { path: disk.0.clone() }), ..Default::default() },
+            devices: DeviceConfig { block: Some(BlockConfig::new(disk.0.clone())), ..Default::default() },
             console: Box::new(io::sink()),
             dirty_tracking: DirtyTracking::KvmBitmap,
         })
@@ -187,7 +187,7 @@ mod tests {
         let fence = Arc::new(CountFence::default());
         let mut cfg = PrimaryHostConfig::new(machine, Ok(wrap(transport)), lease, fence.clone());
         cfg.engine = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
-        cfg.disk = Some(DiskSource { path: disk.0.clone(), bytes: DISK });
+        cfg.disk = Some(DiskSource::new(disk.0.clone(), DISK));
         cfg.supervise_every = Duration::from_millis(10);
         let host = PrimaryHost::new(cfg).unwrap();
         let status = host.engine_status();

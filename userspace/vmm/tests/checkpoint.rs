@@ -175,7 +175,7 @@ mod tests {
         // With a disk, so that device state goes along (the guest does not drive it).
         let disk = temp_file("counter-disk", &vec![0u8; 1 << 20]);
         let devices = DeviceConfig {
-            block: Some(BlockConfig { path: disk }),
+            block: Some(BlockConfig::new(disk)),
             ..Default::default()
         };
         let mut cfg1 = config("counter1", &COUNTER_GUEST, MEM, DirtyTracking::Off);

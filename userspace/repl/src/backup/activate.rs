@@ -31,12 +31,13 @@ use std::time::{Duration, Instant};
 
 use ftvm_proto::EpochId;
 use ftvm_vmm::boot::BootParams;
-use ftvm_vmm::devices::{BlockConfig, DeviceConfig, NetConfig};
+use ftvm_vmm::devices::{BlockConfig, DeviceConfig, DiskWriteIntent, NetConfig};
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::{CheckpointSource, CheckpointSourceError, Machine, MachineRestoreError, MemoryImage, VmConfig};
 use ftvm_vmm::state::{MachineState, StateDecodeError};
 
 use super::standby::Standby;
+use crate::disk::intent::SharedIntent;
 
 /// Length of the virtio-net header in front of every frame on the VMM's TAP.
 pub const VNET_HDR_LEN: usize = 12;
@@ -78,6 +79,9 @@ pub struct PromoteConfig {
     pub console: Box<dyn std::io::Write + Send>,
     /// The dirty tracker of the new VM (on, if it is to be protected again later).
     pub dirty_tracking: DirtyTracking,
+    /// The standby disk's write-intent record, which the restored guest's block device marks
+    /// before every write (the backup daemon sets it from its receiver's).
+    pub disk_intent: Option<Arc<SharedIntent>>,
 }
 
 impl std::fmt::Debug for PromoteConfig {
@@ -181,7 +185,13 @@ pub fn promote(mut standby: Standby, cfg: PromoteConfig) -> Result<Promoted, Pro
 
     let devices = DeviceConfig {
         net: cfg.net.as_ref().map(|n| NetConfig { tap_name: n.tap_name.clone(), mac: n.mac, host_ipv4: n.host_ipv4 }),
-        block: cfg.block.then(|| BlockConfig { path: standby.disk_path().to_path_buf() }),
+        block: cfg.block.then(|| {
+            let block = BlockConfig::new(standby.disk_path().to_path_buf());
+            match &cfg.disk_intent {
+                Some(intent) => block.with_intent(Arc::clone(intent) as Arc<dyn DiskWriteIntent>),
+                None => block,
+            }
+        }),
     };
     let vm_cfg = VmConfig {
         mem_size: state.mem_size,

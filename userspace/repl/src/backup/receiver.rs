@@ -38,6 +38,7 @@ use ftvm_proto::handshake::{self, MIN_SECRET_LEN};
 use ftvm_proto::pages::PageRange;
 use ftvm_proto::EpochId;
 
+use crate::disk::intent::{DiskMarks, IntentError, SharedIntent, DEFAULT_REGION_BYTES};
 use super::journal::{AppendError, ApplyError, DiskJournal};
 use super::standby::{Standby, StandbyMemory};
 use ftvm_proto::epoch::{
@@ -91,6 +92,10 @@ pub struct ReceiverConfig {
     /// refuse a backup that could not resume its guest. `None`: read from this host's KVM at
     /// [`BackupReceiver::bind`]. Tests set it (a feature masked) to play an incompatible backup.
     pub cpu_caps: Option<HostCpuCaps>,
+    /// The standby disk's write-intent record: its marks go to the primary (protocol 1.5 and
+    /// later), so that a rejoin copies only the regions that may differ; the guest's block device
+    /// marks it after a takeover. `None`: every synchronisation copies the whole disk.
+    pub intent: Option<Arc<SharedIntent>>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -132,6 +137,7 @@ impl ReceiverConfig {
             max_pending_handshakes: 4,
             allow_unspecified: false,
             cpu_caps: None,
+            intent: None,
         }
     }
 }
@@ -283,6 +289,10 @@ pub enum SessionError {
     /// Writing a disk image chunk failed (initial synchronisation; nothing committed is affected).
     #[error("Writing the standby disk failed")]
     DiskImage(#[source] io::Error),
+    /// The standby disk's write-intent record could not be marked incomplete before a full copy
+    /// (nothing was written to the disk).
+    #[error("Cannot update the standby disk's write-intent record")]
+    Intent(#[source] IntentError),
     /// Applying the epoch's disk writes failed: the standby is invalid until the next initial
     /// synchronisation.
     #[error("Applying epoch {epoch} to the standby disk failed; the standby is invalid")]
@@ -917,6 +927,14 @@ impl<'a> Session<'a> {
             let caps = self.inner.config.cpu_caps.as_ref().map(HostCpuCaps::encode).unwrap_or_else(|| HostCpuCaps::default().encode());
             send_small(self.stream, &mut self.sealer, FrameKind::HostCpu, 0, &caps).map_err(SessionError::Send)?;
         }
+        // From 1.5 the disk's write-intent marks follow: the primary copies only what may differ.
+        if self.minor >= 5 {
+            let marks = match &self.inner.config.intent {
+                Some(intent) => intent.lock().marks(),
+                None => DiskMarks::unknown(DEFAULT_REGION_BYTES),
+            };
+            send_small(self.stream, &mut self.sealer, FrameKind::DiskMarks, 0, &marks.encode()).map_err(SessionError::Send)?;
+        }
         Ok(())
     }
 
@@ -1182,6 +1200,12 @@ impl<'a> Session<'a> {
             return Err(SessionError::StagingFull { epoch: begin.epoch, max });
         }
         if begin.initial_sync {
+            // A full copy cut halfway leaves a disk that is neither the old copy nor the new one:
+            // its record must say it knows nothing before the first byte lands. (An incremental
+            // copy cut halfway is covered by the marks both sides keep until it commits.)
+            if let Some(intent) = self.inner.config.intent.as_ref().filter(|_| begin.disk_image_bytes >= self.inner.config.disk_bytes) {
+                intent.lock().begin_full_copy().map_err(SessionError::Intent)?;
+            }
             // The old standby is of no use once the primary starts over (see the module docs).
             self.inner.write_standby().invalidate();
             let mut s = lock(&self.inner.stats);
@@ -1390,7 +1414,10 @@ impl<'a> Session<'a> {
                     return Err(SessionError::Apply { epoch, source });
                 }
             };
-            if sync && staging.image_bytes > 0 {
+            // A synchronisation's image is made durable before the record says the copies are
+            // equal (once per synchronisation, whatever the per-epoch setting).
+            let intent = self.inner.config.intent.as_ref().filter(|_| staging.begin.initial_sync);
+            if (sync || intent.is_some()) && staging.image_bytes > 0 {
                 if let Err(e) = sb.disk.sync_data() {
                     sb.invalidate();
                     return Err(SessionError::Apply { epoch, source: ApplyError::Sync(e) });
@@ -1409,6 +1436,12 @@ impl<'a> Session<'a> {
             sb.committed = Some(epoch);
             sb.keep_output(epoch, std::mem::take(&mut staging.output));
             restorable = !sb.state.is_empty();
+            if let Some(intent) = intent {
+                // Failing leaves the marks (or the incomplete record): a later rejoin copies more.
+                if let Err(e) = intent.lock().in_sync() {
+                    tracing::warn!(error = %ErrorChain(&e), "cannot record that the standby disk is in sync");
+                }
+            }
         }
         let apply = started.elapsed();
         span.record("apply_us", apply.as_micros() as u64);

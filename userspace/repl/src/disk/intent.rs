@@ -11,34 +11,50 @@
 //! - a region is **marked durably before** any write to it reaches the disk ([`WriteIntent::mark`]
 //!   returns only once the record is on stable storage), so a crash never leaves a written region
 //!   unmarked;
-//! - a mark is **cleared** only when the peer acknowledged every write to that region
-//!   ([`WriteIntent::acknowledged`]), and clears reach the file lazily: a stale file only has more
+//! - a mark is **cleared** only when the peer acknowledged every write to that region, and
+//!   lazily, the way md clears its bitmap: [`WriteIntent::clear_untouched`] runs every few seconds
+//!   while the pair is protected and clears the regions not written since its previous run, once
+//!   the epochs that were open at that run are acknowledged. A region the guest keeps writing
+//!   (a log's tail) stays marked instead of being cleared and marked again at every epoch (each
+//!   new mark is a durable file update on the guest's write path). A stale record only has more
 //!   marks, which costs copying, never correctness;
 //! - a record that does not know the past (a new file beside an existing disk, an unreadable
 //!   file, another region size) is **incomplete**, and an incomplete record asks for a full copy.
-//!   A record becomes complete only when both copies are known equal ([`WriteIntent::in_sync`]:
-//!   after a full synchronisation was acknowledged).
+//!   A record becomes complete only when both copies are known equal: on the receiving side
+//!   when a synchronisation commits ([`WriteIntent::in_sync`]), on the sending side at the first
+//!   clearing pass after it was acknowledged. A host about to receive a full copy marks its record
+//!   incomplete first ([`WriteIntent::begin_full_copy`]): a copy cut halfway knows nothing.
 //!
 //! Marks are rare (the first write to a region since its last clear), so each is one atomic
 //! replace of the file (temporary file, sync, rename, sync the directory), like the term file.
 //!
+//! The record names the disk file it describes (device and inode): a disk replaced by another file
+//! makes it incomplete. (A disk overwritten in place is not noticed: remove its record then, as
+//! `ftvm` does when it creates a new disk.)
+//!
 //! ```text
-//! ftvm-intent 1
-//! <vm id> <region bytes> <disk bytes> complete|incomplete
+//! ftvm-intent 2
+//! <vm id> <region bytes> <disk bytes> <disk file dev:ino> complete|incomplete
 //! <the marks: one hex digit per 4 regions, region 0 in the low bit of the first digit>
 //! ```
 
-use std::collections::BTreeMap;
 use std::fs;
+use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ftvm_vmm::devices::DiskWriteIntent;
 
 use crate::durable::FileError;
 
-const HEADER: &str = "ftvm-intent 1";
+pub use ftvm_proto::epoch::DiskMarks;
 
-/// Bytes per region by default: a sequential writer marks (and syncs the record) once per MiB.
-pub const DEFAULT_REGION_BYTES: u64 = 1 << 20;
+const HEADER: &str = "ftvm-intent 2";
+
+/// Bytes per region by default: a sequential writer marks (and syncs the record) once per
+/// 256 KiB, and a rejoin copies at most that much more than was written, per written stretch.
+pub const DEFAULT_REGION_BYTES: u64 = 256 << 10;
 
 /// Why the record could not be opened or stored.
 #[derive(Debug, thiserror::Error)]
@@ -70,33 +86,30 @@ impl CopyPlan {
     }
 }
 
-/// The marks of one host's copy, as the other host sends them at a rejoin.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Marks {
-    /// Bytes per region.
-    pub region_bytes: u64,
-    /// `None`: the record does not know the past (a full copy).
-    pub regions: Option<Vec<u64>>,
-}
-
 /// The write-intent record of one disk.
 #[derive(Debug)]
 pub struct WriteIntent {
     path: PathBuf,
     vm: String,
+    /// The disk file's device and inode when the record was opened ("-" if unreadable).
+    disk_file: String,
     region_bytes: u64,
     disk_bytes: u64,
     complete: bool,
     /// One bit per region; set: the region may differ from the peer's copy.
     marks: Vec<u64>,
-    /// The last epoch that wrote each marked region (in memory: after a restart the file's marks
-    /// stay until the next [`WriteIntent::in_sync`]).
-    last_epoch: BTreeMap<u64, u64>,
-    /// Clears made in memory and not yet stored.
-    clears_pending: bool,
+    /// One bit per region written since the last clearing pass (in memory only).
+    touched: Vec<u64>,
 }
 
-fn path_for(disk: &Path) -> PathBuf {
+/// The device and inode of the disk file, which tell a replaced disk from the one recorded.
+fn disk_file_id(disk: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(disk).map_or_else(|_| "-".to_string(), |m| format!("{}:{}", m.dev(), m.ino()))
+}
+
+/// Where the record of `disk` is kept.
+pub fn path_for(disk: &Path) -> PathBuf {
     let mut name = disk.as_os_str().to_os_string();
     name.push(".intent");
     PathBuf::from(name)
@@ -115,12 +128,12 @@ impl WriteIntent {
         let mut intent = Self {
             path: path_for(disk),
             vm: vm.to_string(),
+            disk_file: disk_file_id(disk),
             region_bytes,
             disk_bytes,
             complete: false,
             marks: vec![0; words],
-            last_epoch: BTreeMap::new(),
-            clears_pending: false,
+            touched: vec![0; words],
         };
         match fs::read_to_string(&intent.path) {
             Ok(text) => match intent.parse(&text) {
@@ -146,8 +159,9 @@ impl WriteIntent {
             return None;
         }
         let fields: Vec<&str> = lines.next()?.split(' ').collect();
-        let [vm, region, disk, state] = fields[..] else { return None };
+        let [vm, region, disk, disk_file, state] = fields[..] else { return None };
         let matches = vm == self.vm
+            && disk_file == self.disk_file
             && region.parse::<u64>().ok()? == self.region_bytes
             && disk.parse::<u64>().ok()? == self.disk_bytes
             && state == "complete";
@@ -183,34 +197,26 @@ impl WriteIntent {
         self.marks[(region / 64) as usize] >> (region % 64) & 1 == 1
     }
 
-    fn set(&mut self, region: u64, on: bool) {
-        let (word, bit) = ((region / 64) as usize, region % 64);
-        if on {
-            self.marks[word] |= 1 << bit;
-        } else {
-            self.marks[word] &= !(1 << bit);
-        }
-    }
-
     /// Whether the record knows every region written since the copies were last equal.
     pub fn is_complete(&self) -> bool {
         self.complete
     }
 
-    /// Marks the regions of a write of `len` bytes at `offset`, made in `epoch`; returns once the
-    /// marks are durable (at once if they were already set). Call it before the write is issued.
-    pub fn mark(&mut self, offset: u64, len: u64, epoch: u64) -> Result<(), IntentError> {
+    /// Marks the regions of a write of `len` bytes at `offset`; returns once the marks are durable
+    /// (at once if they were already set). Call it before the write is issued.
+    pub fn mark(&mut self, offset: u64, len: u64) -> Result<(), IntentError> {
         let end = offset.checked_add(len).filter(|&e| e <= self.disk_bytes && len > 0);
         let Some(end) = end else {
             return Err(IntentError::Invalid(format!("write of {len} bytes at {offset} outside a disk of {}", self.disk_bytes)));
         };
         let mut new = false;
         for region in offset / self.region_bytes..end.div_ceil(self.region_bytes) {
-            if !self.is_marked(region) {
-                self.set(region, true);
+            let (word, bit) = ((region / 64) as usize, 1u64 << (region % 64));
+            self.touched[word] |= bit;
+            if self.marks[word] & bit == 0 {
+                self.marks[word] |= bit;
                 new = true;
             }
-            self.last_epoch.insert(region, epoch);
         }
         if new {
             self.store()?;
@@ -218,44 +224,64 @@ impl WriteIntent {
         Ok(())
     }
 
-    /// The peer holds every write of the epochs up to `epoch`: regions last written by them
-    /// may be cleared (in memory; [`WriteIntent::store_clears`] stores them).
-    pub fn acknowledged(&mut self, epoch: u64) {
-        let done: Vec<u64> = self.last_epoch.iter().filter(|(_, &e)| e <= epoch).map(|(&r, _)| r).collect();
-        for region in done {
-            self.last_epoch.remove(&region);
-            self.set(region, false);
-            self.clears_pending = true;
-        }
+    /// Starts a clearing period: regions written from now on are the ones
+    /// [`WriteIntent::clear_untouched`] keeps. Call it when a synchronisation starts.
+    pub fn forget_touched(&mut self) {
+        self.touched.iter_mut().for_each(|w| *w = 0);
     }
 
-    /// Stores the clears made since the last store, if any (a few times a second is plenty).
-    pub fn store_clears(&mut self) -> Result<(), IntentError> {
-        if self.clears_pending {
+    /// The peer holds every write made before the previous pass (or the synchronisation's
+    /// start): clears the regions not written since, makes the record complete, and starts the
+    /// next period. Returns the number of regions cleared.
+    pub fn clear_untouched(&mut self) -> Result<u64, IntentError> {
+        let mut cleared = 0u64;
+        for (m, t) in self.marks.iter_mut().zip(self.touched.iter_mut()) {
+            cleared += u64::from((*m & !*t).count_ones());
+            *m &= *t;
+            *t = 0;
+        }
+        if cleared > 0 || !self.complete {
+            self.complete = true;
             self.store()?;
         }
-        Ok(())
+        Ok(cleared)
     }
 
-    /// Both copies are equal now (a full synchronisation was acknowledged): no marks, and the
+    /// A full copy is about to overwrite this disk: until it commits, the record knows nothing.
+    pub fn begin_full_copy(&mut self) -> Result<(), IntentError> {
+        self.complete = false;
+        self.store()
+    }
+
+    /// Both copies are equal now (a synchronisation to this disk committed): no marks, and the
     /// record is complete from here on.
     pub fn in_sync(&mut self) -> Result<(), IntentError> {
         self.marks.iter_mut().for_each(|w| *w = 0);
-        self.last_epoch.clear();
+        self.touched.iter_mut().for_each(|w| *w = 0);
         self.complete = true;
         self.store()
     }
 
+    /// Regions marked now.
+    pub fn marked_regions(&self) -> u64 {
+        self.marks.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Bytes per region.
+    pub fn region_bytes(&self) -> u64 {
+        self.region_bytes
+    }
+
     /// This record's marks, for the peer.
-    pub fn marks(&self) -> Marks {
+    pub fn marks(&self) -> DiskMarks {
         let regions = self.complete.then(|| (0..self.regions()).filter(|&r| self.is_marked(r)).collect());
-        Marks { region_bytes: self.region_bytes, regions }
+        DiskMarks { region_bytes: self.region_bytes, regions }
     }
 
     /// What a rejoin copies between this copy and the peer's (whose marks are `peer`): the union
     /// of both sides' marked regions, or everything if either record is incomplete or they count
     /// regions differently.
-    pub fn copy_plan(&self, peer: &Marks) -> CopyPlan {
+    pub fn copy_plan(&self, peer: &DiskMarks) -> CopyPlan {
         let (Some(theirs), Some(ours)) = (&peer.regions, self.marks().regions) else { return CopyPlan::Full };
         if peer.region_bytes != self.region_bytes || theirs.iter().any(|&r| r >= self.regions()) {
             return CopyPlan::Full;
@@ -286,11 +312,34 @@ impl WriteIntent {
             hex.push(char::from_digit(value, 16).unwrap_or('f'));
         }
         let state = if self.complete { "complete" } else { "incomplete" };
-        let text = format!("{HEADER}\n{} {} {} {state}\n{hex}\n", self.vm, self.region_bytes, self.disk_bytes);
+        let text = format!("{HEADER}\n{} {} {} {} {state}\n{hex}\n", self.vm, self.region_bytes, self.disk_bytes, self.disk_file);
         crate::durable::replace_file(&self.path, text.as_bytes())
             .map_err(IntentError::Io)?;
-        self.clears_pending = false;
         Ok(())
+    }
+}
+
+/// A disk's record, shared by its device (which marks before every guest write, on the vCPU
+/// thread) and the replication layer (which clears, copies and reports).
+#[derive(Debug)]
+pub struct SharedIntent(Mutex<WriteIntent>);
+
+impl SharedIntent {
+    /// Shares `record`.
+    pub fn new(record: WriteIntent) -> Arc<Self> {
+        Arc::new(Self(Mutex::new(record)))
+    }
+
+    /// The record (a poisoned lock still holds a usable record: every change is made whole
+    /// before it is stored).
+    pub fn lock(&self) -> MutexGuard<'_, WriteIntent> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl DiskWriteIntent for SharedIntent {
+    fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.lock().mark(offset, len).map_err(io::Error::other)
     }
 }
 
@@ -330,7 +379,7 @@ mod tests {
         let d = Dir::new("new");
         let mut w = WriteIntent::open(&d.disk(), "vm1", 64 * MIB, MIB).unwrap();
         assert!(!w.is_complete());
-        let empty = Marks { region_bytes: MIB, regions: Some(vec![]) };
+        let empty = DiskMarks { region_bytes: MIB, regions: Some(vec![]) };
         assert_eq!(w.copy_plan(&empty), CopyPlan::Full);
         w.in_sync().unwrap();
         assert_eq!(w.copy_plan(&empty), CopyPlan::Ranges(vec![]));
@@ -344,36 +393,75 @@ mod tests {
         let d = Dir::new("durable");
         let mut w = WriteIntent::open(&d.disk(), "vm1", 64 * MIB, MIB).unwrap();
         w.in_sync().unwrap();
-        w.mark(3 * MIB + 512, 4096, 7).unwrap();
-        w.mark(10 * MIB - 512, 1024, 8).unwrap(); // straddles regions 9 and 10
+        w.mark(3 * MIB + 512, 4096).unwrap();
+        w.mark(10 * MIB - 512, 1024).unwrap(); // straddles regions 9 and 10
         // "Crash": the process forgets everything but the file.
         drop(w);
         let w = WriteIntent::open(&d.disk(), "vm1", 64 * MIB, MIB).unwrap();
         assert_eq!(w.marks().regions, Some(vec![3, 9, 10]));
-        let none = Marks { region_bytes: MIB, regions: Some(vec![]) };
+        let none = DiskMarks { region_bytes: MIB, regions: Some(vec![]) };
         assert_eq!(ranges(w.copy_plan(&none)), vec![3 * MIB..4 * MIB, 9 * MIB..11 * MIB]);
     }
 
     #[test]
-    fn a_region_is_cleared_only_when_its_last_write_is_acknowledged() {
-        let d = Dir::new("ack");
+    fn a_pass_clears_only_the_regions_not_written_since_the_previous_one() {
+        let d = Dir::new("pass");
         let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
         w.in_sync().unwrap();
-        w.mark(0, 512, 5).unwrap();
-        w.mark(MIB, 512, 5).unwrap();
-        w.mark(0, 512, 6).unwrap(); // region 0 written again in epoch 6
-        w.acknowledged(5);
+        w.mark(0, 512).unwrap();
+        w.mark(MIB, 512).unwrap();
+        // The first pass after these writes keeps both: they may not be acknowledged yet.
+        assert_eq!(w.clear_untouched().unwrap(), 0);
+        w.mark(0, 512).unwrap(); // region 0 written again (a log's tail)
+        assert_eq!(w.clear_untouched().unwrap(), 1);
         assert_eq!(w.marks().regions, Some(vec![0]));
-        // The clear reaches the file only when stored; until then a restart sees more marks.
+        // Cleared on file too: a restart sees what the last pass left.
         drop(w);
         let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
-        assert_eq!(w.marks().regions, Some(vec![0, 1]));
-        w.mark(2 * MIB, 512, 9).unwrap();
-        w.acknowledged(9);
-        w.store_clears().unwrap();
+        assert_eq!(w.marks().regions, Some(vec![0]));
+        // A restart forgets what was touched: the next pass may clear region 0 (its writes
+        // were all made before the restart, so before the pass's period began).
+        assert_eq!(w.clear_untouched().unwrap(), 1);
+        assert_eq!(w.marked_regions(), 0);
+    }
+
+    #[test]
+    fn a_full_copy_cut_halfway_leaves_an_incomplete_record() {
+        let d = Dir::new("fullcopy");
+        let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
+        w.in_sync().unwrap();
+        w.begin_full_copy().unwrap();
         drop(w);
-        let w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
-        assert_eq!(w.marks().regions, Some(vec![0, 1]), "regions marked before the restart stay until in_sync");
+        let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
+        assert!(!w.is_complete());
+        assert_eq!(w.marks().regions, None);
+        w.in_sync().unwrap();
+        assert!(w.is_complete());
+    }
+
+    #[test]
+    fn a_sender_becomes_complete_at_its_first_pass_after_a_sync() {
+        let d = Dir::new("sender");
+        let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
+        assert!(!w.is_complete());
+        w.forget_touched(); // the synchronisation starts
+        w.mark(2 * MIB, 512).unwrap(); // the guest writes while it runs
+        w.clear_untouched().unwrap(); // the sync and the epochs open at its start are acknowledged
+        assert!(w.is_complete());
+        assert_eq!(w.marks().regions, Some(vec![2]), "written during the sync: maybe not acknowledged yet");
+    }
+
+    #[test]
+    fn the_shared_record_marks_before_a_write_and_refuses_one_outside_the_disk() {
+        let d = Dir::new("shared");
+        let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
+        w.in_sync().unwrap();
+        let shared = SharedIntent::new(w);
+        shared.before_write(5 * MIB, 4096).unwrap();
+        assert!(shared.before_write(8 * MIB, 512).is_err());
+        assert_eq!(shared.lock().marks().regions, Some(vec![5]));
+        let on_disk = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
+        assert_eq!(on_disk.marks().regions, Some(vec![5]));
     }
 
     #[test]
@@ -381,15 +469,15 @@ mod tests {
         let d = Dir::new("union");
         let mut w = WriteIntent::open(&d.disk(), "vm1", 10 * MIB + 4096, MIB).unwrap();
         w.in_sync().unwrap();
-        w.mark(MIB, 512, 1).unwrap();
-        w.mark(10 * MIB, 4096, 1).unwrap(); // the short last region
-        let peer = Marks { region_bytes: MIB, regions: Some(vec![2, 5]) };
+        w.mark(MIB, 512).unwrap();
+        w.mark(10 * MIB, 4096).unwrap(); // the short last region
+        let peer = DiskMarks { region_bytes: MIB, regions: Some(vec![2, 5]) };
         assert_eq!(ranges(w.copy_plan(&peer)), vec![MIB..3 * MIB, 5 * MIB..6 * MIB, 10 * MIB..10 * MIB + 4096]);
         assert_eq!(w.copy_plan(&peer).bytes(10 * MIB + 4096), 3 * MIB + 4096);
         // A peer that does not know its past, counts other regions, or names one past the disk.
-        assert_eq!(w.copy_plan(&Marks { region_bytes: MIB, regions: None }), CopyPlan::Full);
-        assert_eq!(w.copy_plan(&Marks { region_bytes: 2 * MIB, regions: Some(vec![]) }), CopyPlan::Full);
-        assert_eq!(w.copy_plan(&Marks { region_bytes: MIB, regions: Some(vec![11]) }), CopyPlan::Full);
+        assert_eq!(w.copy_plan(&DiskMarks { region_bytes: MIB, regions: None }), CopyPlan::Full);
+        assert_eq!(w.copy_plan(&DiskMarks { region_bytes: 2 * MIB, regions: Some(vec![]) }), CopyPlan::Full);
+        assert_eq!(w.copy_plan(&DiskMarks { region_bytes: MIB, regions: Some(vec![11]) }), CopyPlan::Full);
     }
 
     #[test]
@@ -406,10 +494,25 @@ mod tests {
         let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
         w.in_sync().unwrap();
         drop(w);
-        for garbage in ["", "ftvm-intent 1\nvm1 1048576 8388608 complete\n0z\n", "ftvm-intent 1\nvm1 1048576 8388608 complete\n000\n"] {
+        for garbage in ["", "ftvm-intent 2\nvm1 1048576 8388608 - complete\n0z\n", "ftvm-intent 2\nvm1 1048576 8388608 - complete\n000\n"] {
             fs::write(path_for(&d.disk()), garbage).unwrap();
             assert!(!WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap().is_complete(), "{garbage:?}");
         }
+    }
+
+    #[test]
+    fn a_disk_replaced_by_another_file_gets_a_full_copy() {
+        let d = Dir::new("replaced");
+        fs::write(d.disk(), [0u8; 4096]).unwrap();
+        let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
+        w.in_sync().unwrap();
+        drop(w);
+        assert!(WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap().is_complete());
+        // A new file moved over the old one (a new inode): the record knows nothing of it.
+        let other = d.0.join("other.img");
+        fs::write(&other, [0u8; 4096]).unwrap();
+        fs::rename(&other, d.disk()).unwrap();
+        assert!(!WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap().is_complete());
     }
 
     #[test]
@@ -417,8 +520,8 @@ mod tests {
         let d = Dir::new("bad");
         assert!(WriteIntent::open(&d.disk(), "vm1", 8 * MIB, 3000).is_err());
         let mut w = WriteIntent::open(&d.disk(), "vm1", 8 * MIB, MIB).unwrap();
-        assert!(w.mark(8 * MIB, 512, 1).is_err());
-        assert!(w.mark(u64::MAX, 512, 1).is_err());
-        assert!(w.mark(0, 0, 1).is_err());
+        assert!(w.mark(8 * MIB, 512).is_err());
+        assert!(w.mark(u64::MAX, 512).is_err());
+        assert!(w.mark(0, 0).is_err());
     }
 }

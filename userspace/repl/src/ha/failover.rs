@@ -323,7 +323,14 @@ impl BackupDaemon {
     /// Starts the receiver and the watch.
     pub fn start(cfg: DaemonConfig) -> Result<Self, DaemonStartError> {
         // The standby disk is the restored VM's, and so the one a later backup is synchronised from.
-        let standby_disk = DiskSource { path: cfg.receiver.disk_path.clone(), bytes: cfg.receiver.disk_bytes };
+        let mut standby_disk = DiskSource::new(cfg.receiver.disk_path.clone(), cfg.receiver.disk_bytes);
+        let mut cfg = cfg;
+        // One write-intent record per disk: the receiver reports and resets it, the restored
+        // guest's block device marks it, and the engine that protects that guest again clears it.
+        if let Some(intent) = &cfg.receiver.intent {
+            standby_disk = standby_disk.with_intent(Arc::clone(intent));
+            cfg.promote.disk_intent = Some(Arc::clone(intent));
+        }
         let receiver = BackupReceiver::bind(cfg.receiver)?;
         let local_addr = receiver.local_addr();
         let shared = Arc::new(Shared {

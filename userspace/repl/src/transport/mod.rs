@@ -22,7 +22,7 @@ use ftvm_proto::pages::{PageRange, PageRangeSet};
 use ftvm_proto::EpochId;
 
 use crate::disk::DiskWrite;
-use ftvm_proto::epoch::{DecodeError, EpochBegin, StandbyInfo};
+use ftvm_proto::epoch::{DecodeError, DiskMarks, EpochBegin, StandbyInfo};
 use crate::PAGE_SIZE;
 
 /// Where the transport reads guest pages from.
@@ -151,6 +151,9 @@ pub enum ConnectError {
     /// The standby information is malformed.
     #[error("Malformed standby information")]
     MalformedInfo(#[source] DecodeError),
+    /// The backup's write-intent marks are malformed.
+    #[error("Malformed write-intent marks from the backup")]
+    MalformedMarks(#[source] DecodeError),
     /// The backup authenticated us but refused the session (for example: another primary is
     /// connected).
     #[error("Backup refused the session: {0}")]
@@ -410,6 +413,12 @@ pub trait CheckpointTransport: Send {
     /// What the backup held when the link came up: its committed epoch (an incremental epoch must
     /// follow it), whether it is restorable, and its memory and disk sizes.
     fn peer_standby(&self) -> StandbyInfo;
+
+    /// The write-intent marks of the backup's disk (minor 5 and later), or `None`: the backup
+    /// gets the whole disk.
+    fn peer_disk_marks(&self) -> Option<DiskMarks> {
+        None
+    }
 
     /// Sets the function called on the acknowledgement thread for each acknowledgement and for the
     /// link going down. Replaces any earlier one.

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::disk::DiskWrite;
 use ftvm_proto::cpu::{check_restorable, GuestCpuNeeds, HostCpuCaps};
-use ftvm_proto::epoch::{self, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
+use ftvm_proto::epoch::{self, DiskMarks, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
 use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES, MAX_PAGES_PER_FRAME};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 use crate::lock;
@@ -191,6 +191,7 @@ pub struct TcpTransport {
     shared: Arc<AckShared>,
     reader: Option<JoinHandle<()>>,
     peer: StandbyInfo,
+    peer_marks: Option<DiskMarks>,
     peer_addr: SocketAddr,
     link: u64,
     max_in_flight: usize,
@@ -366,6 +367,18 @@ impl TcpTransport {
         } else if options.cpu_needs.is_some() {
             tracing::warn!(%addr, minor = session.minor, "the backup speaks protocol 1.{} and sends no CPU capabilities: whether it can resume this guest's CPU state could not be checked", session.minor);
         }
+        // From 1.5 the backup's write-intent marks follow: a rejoin then copies only the disk's
+        // regions that may differ. An older backup gets the whole disk.
+        let peer_marks = if session.minor >= 5 {
+            let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
+            match frame.header.kind {
+                FrameKind::DiskMarks => Some(DiskMarks::decode(&frame.payload, peer.disk_bytes).map_err(ConnectError::MalformedMarks)?),
+                FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
+                other => return Err(ConnectError::Unexpected(other)),
+            }
+        } else {
+            None
+        };
 
         // From here on the acknowledgement thread reads without a timeout (acks only come when an
         // epoch is in flight); wait_ack's deadline bounds every wait, and shutdown ends the thread.
@@ -387,6 +400,7 @@ impl TcpTransport {
             shared,
             reader: Some(reader),
             peer,
+            peer_marks,
             peer_addr: addr,
             link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             max_in_flight: options.max_in_flight.max(1),
@@ -458,6 +472,10 @@ impl Drop for TcpTransport {
 impl CheckpointTransport for TcpTransport {
     fn peer_standby(&self) -> StandbyInfo {
         self.peer
+    }
+
+    fn peer_disk_marks(&self) -> Option<DiskMarks> {
+        self.peer_marks.clone()
     }
 
     fn heartbeat(&mut self) -> Result<(), LinkError> {

@@ -151,6 +151,10 @@ impl FakeBackup {
                 let caps = ftvm_proto::cpu::HostCpuCaps::default().encode();
                 s.sealer.write(&mut io, FrameKind::HostCpu, 0, 0, &[&caps]).unwrap();
             }
+            if s.minor >= 5 {
+                let marks = ftvm_proto::epoch::DiskMarks::unknown(1 << 20).encode();
+                s.sealer.write(&mut io, FrameKind::DiskMarks, 0, 0, &[&marks]).unwrap();
+            }
             let drain = read.then(|| {
                 let mut rd = stream.try_clone().unwrap();
                 std::thread::spawn(move || {
@@ -324,6 +328,12 @@ impl RawPrimary {
             let f = opener.read(&mut io).unwrap();
             assert_eq!(f.header.kind, FrameKind::HostCpu);
             ftvm_proto::cpu::HostCpuCaps::decode(&f.payload).unwrap();
+        }
+        // Protocol 1.5: the backup's write-intent marks follow.
+        if minor >= 5 {
+            let f = opener.read(&mut io).unwrap();
+            assert_eq!(f.header.kind, FrameKind::DiskMarks);
+            ftvm_proto::epoch::DiskMarks::decode(&f.payload, info.disk_bytes).unwrap();
         }
         Self { stream, sealer, opener, info }
     }

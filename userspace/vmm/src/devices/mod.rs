@@ -38,6 +38,7 @@ use bus::lock;
 use io_thread::{BlockEvents, IoThread, NetEvents};
 use persist::{DevicesState, Persist, VirtioDeviceState};
 use virtio::block::{Block, BlockArgs, BlockOpenError, BlockRestoreError, DiskWriteObserver};
+pub use virtio::block::{DiskWriteIntent, WriteIntentHook};
 use virtio::net::{
     Net, NetArgs, NetRestoreError, Tap, TapAddressError, TapOpenError, TapUpError, TxMode,
     TxModeError,
@@ -61,6 +62,22 @@ pub struct NetConfig {
 pub struct BlockConfig {
     /// The disk file (or block device); must exist.
     pub path: PathBuf,
+    /// Told of every write before it is issued, for as long as the device lives (restored
+    /// in-flight writes included).
+    pub intent: Option<WriteIntentHook>,
+}
+
+impl BlockConfig {
+    /// The disk at `path`, with nobody told of writes in advance.
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, intent: None }
+    }
+
+    /// The same disk, with `intent` told of every write before it is issued.
+    pub fn with_intent(mut self, intent: std::sync::Arc<dyn DiskWriteIntent>) -> Self {
+        self.intent = Some(WriteIntentHook(intent));
+        self
+    }
 }
 
 /// Which devices the VM gets.
@@ -261,7 +278,8 @@ impl DeviceManager {
         };
         let block = match &cfg.block {
             Some(b) => {
-                let dev = Block::open(&b.path)?;
+                let mut dev = Block::open(&b.path)?;
+                dev.set_write_intent(b.intent.clone());
                 Some(MmioTransport::new(dev, mem.clone(), wake.clone()))
             }
             None => None,
@@ -354,6 +372,7 @@ impl DeviceManager {
                     path: b.path.clone(),
                     mem: mem.clone(),
                     observer: hooks.disk_write_observer.clone(),
+                    intent: b.intent.clone(),
                 };
                 let dev = Block::restore(args, &s.device).map_err(DeviceRestoreError::Block)?;
                 let args = MmioTransportArgs { device: dev, mem: mem.clone(), wake: wake.clone() };
@@ -595,7 +614,7 @@ mod tests {
     fn missing_disk_is_reported_with_its_path() {
         let cfg = DeviceConfig {
             net: None,
-            block: Some(BlockConfig { path: "/nonexistent/x/y".into() }),
+            block: Some(BlockConfig::new("/nonexistent/x/y".into())),
         };
         let err = DeviceManager::new(test_memory(), Arc::new(GuestWake::new().unwrap()), &cfg)
             .unwrap_err();
@@ -610,7 +629,7 @@ mod tests {
         let path = disk("blockonly", 8);
         let mem = test_memory();
         let wake = Arc::new(GuestWake::new().unwrap());
-        let cfg = DeviceConfig { net: None, block: Some(BlockConfig { path: path.clone() }) };
+        let cfg = DeviceConfig { net: None, block: Some(BlockConfig::new(path.clone())) };
         let mut dm = DeviceManager::new(mem.clone(), wake.clone(), &cfg).unwrap();
         let mut bus = MmioBus::default();
         let bases = dm.register(&mut bus).unwrap();
@@ -700,7 +719,7 @@ mod tests {
                 mac: [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc],
                 host_ipv4: Some((Ipv4Addr::new(10, 79, 0, 1), 24)),
             }),
-            block: Some(BlockConfig { path: path.into() }),
+            block: Some(BlockConfig::new(path.into())),
         };
         let mut dm = DeviceManager::new(mem.clone(), wake.clone(), &cfg).unwrap();
         let mut bus = MmioBus::default();
@@ -765,7 +784,7 @@ mod tests {
         path: &std::path::Path,
     ) -> (DeviceManager, MmioBus, Arc<GuestWake>) {
         let wake = Arc::new(GuestWake::new().unwrap());
-        let cfg = DeviceConfig { net: None, block: Some(BlockConfig { path: path.into() }) };
+        let cfg = DeviceConfig { net: None, block: Some(BlockConfig::new(path.into())) };
         let dm = DeviceManager::new(mem.clone(), wake.clone(), &cfg).unwrap();
         let mut bus = MmioBus::default();
         dm.register(&mut bus).unwrap();
@@ -905,7 +924,7 @@ mod tests {
         );
 
         let copy = copy_memory(&mem);
-        let cfg = DeviceConfig { net: None, block: Some(BlockConfig { path: replica.clone() }) };
+        let cfg = DeviceConfig { net: None, block: Some(BlockConfig::new(replica.clone())) };
         let mut b = DeviceManager::restore(copy.clone(), wake.clone(), &cfg, &state).unwrap();
         let mut bbus = MmioBus::default();
         b.register(&mut bbus).unwrap();

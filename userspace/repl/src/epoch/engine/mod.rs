@@ -63,6 +63,7 @@ use crate::output::gate::{HoldGate, OutputGate};
 use crate::output::hold::OutputHold;
 use super::context::{EpochContext, EpochMetrics, EpochWindow, Percentiles};
 use ftvm_proto::epoch::EpochBegin;
+use crate::disk::intent::SharedIntent;
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
 use crate::ha::lease::{Lease, LeaseConfig};
@@ -144,6 +145,23 @@ pub struct DiskSource {
     pub path: PathBuf,
     /// Its size in bytes (a multiple of 512).
     pub bytes: u64,
+    /// Its write-intent record, which the guest's block device marks before every write: with
+    /// it, a backup whose copy differs only in known regions gets only those (see
+    /// [`crate::disk::intent`]); without it, always the whole disk.
+    pub intent: Option<Arc<SharedIntent>>,
+}
+
+impl DiskSource {
+    /// The disk at `path`, of `bytes`, with no write-intent record.
+    pub fn new(path: PathBuf, bytes: u64) -> Self {
+        Self { path, bytes, intent: None }
+    }
+
+    /// The same disk, with its write-intent record.
+    pub fn with_intent(mut self, intent: Arc<SharedIntent>) -> Self {
+        self.intent = Some(intent);
+        self
+    }
 }
 
 /// Why the engine could not be built.
@@ -290,6 +308,8 @@ pub struct PrimaryEngine {
     epochs: Vec<EpochMetrics>,
     window: EpochWindow,
     rate: (Instant, u64),
+    /// The write-intent record's clearing period, while a backup holds a synchronised copy.
+    intent_pass: Option<sync::IntentPass>,
 }
 
 impl std::fmt::Debug for PrimaryEngine {
@@ -361,6 +381,7 @@ impl PrimaryEngine {
             epochs: Vec::new(),
             window: EpochWindow::default(),
             rate: (Instant::now(), 0),
+            intent_pass: None,
         })
     }
 
@@ -824,6 +845,7 @@ impl PrimaryEngine {
     /// Forgets the epochs the backup holds, recording their round trip on their span.
     fn collect_acks(&mut self) {
         let Some(acked) = self.ack.acked() else { return };
+        self.clear_intent_marks(acked);
         while self.in_flight.front().is_some_and(|f| f.epoch <= acked) {
             if let Some(f) = self.in_flight.pop_front() {
                 self.oldest_since = Instant::now();

@@ -47,6 +47,8 @@ impl PrimaryEngine {
             return;
         }
         self.simplex = true;
+        // Nothing the guest writes from now on reaches a backup: every mark stays.
+        self.intent_pass = None;
         self.ack.simplex.store(true, Ordering::Release);
         // Before anything held leaves: a backup that still hears us must not take over.
         self.transport.abandon(&why.to_string());

@@ -17,8 +17,13 @@ pub struct SyncProgress {
     pub pages_total: u64,
     /// Disk image bytes sent.
     pub disk_bytes_sent: u64,
-    /// Disk bytes.
+    /// Disk bytes to send: the whole disk, or only its regions that may differ.
     pub disk_bytes_total: u64,
+    /// The disk's size.
+    pub disk_size: u64,
+    /// Only the disk's regions that may differ are sent (both hosts' write-intent records knew
+    /// them); otherwise the whole disk.
+    pub disk_incremental: bool,
     /// Since the synchronisation began.
     pub elapsed: Duration,
 }
@@ -127,6 +132,8 @@ pub struct StatusSnapshot {
     pub last_unprotected: Option<String>,
     /// Why the last switchover asked for was refused (the VM ran on here).
     pub switchover_refused: Option<String>,
+    /// The figures of the last synchronisation sent in full (kept after it).
+    pub last_sync: Option<SyncProgress>,
 }
 
 impl StatusSnapshot {
@@ -171,6 +178,7 @@ impl EngineStatus {
                 backup_refused: None,
                 last_unprotected: None,
                 switchover_refused: None,
+                last_sync: None,
             }),
         }
     }

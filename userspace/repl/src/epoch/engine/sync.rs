@@ -1,5 +1,6 @@
 //! The initial synchronisation: all of guest memory and the disk image, streamed as one epoch while
-//! the VM runs.
+//! the VM runs. Of the disk, only the regions that may differ are sent when both hosts' write-intent
+//! records know them (see [`crate::disk::intent`]); the whole disk otherwise.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -13,6 +14,8 @@ use ftvm_proto::EpochId;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use super::ack::InFlight;
+use crate::disk::intent::CopyPlan;
+use crate::ErrorChain;
 use super::status::{EngineState, SyncProgress};
 use super::{PrimaryEngine, SendError, SYNC_CHUNK_PAGES};
 use crate::PAGE_SIZE;
@@ -27,13 +30,21 @@ impl PrimaryEngine {
         let regions: Vec<(u64, u64)> =
             mem.iter().map(|r| (r.start_addr().0 / PAGE_SIZE as u64, r.len() / PAGE_SIZE as u64)).collect();
         let pages_total: u64 = regions.iter().map(|r| r.1).sum();
-        let disk_total = self.disk_source.as_ref().map_or(0, |d| d.bytes);
-        let mut progress = SyncProgress { pages_total, disk_bytes_total: disk_total, ..SyncProgress::default() };
+        let plan = self.disk_copy_plan();
+        let disk_size = self.disk_source.as_ref().map_or(0, |d| d.bytes);
+        let disk_total = plan.bytes(disk_size);
+        let disk_incremental = matches!(plan, CopyPlan::Ranges(_));
+        let mut progress =
+            SyncProgress { pages_total, disk_bytes_total: disk_total, disk_size, disk_incremental, ..SyncProgress::default() };
         self.status.update(|s| s.state = EngineState::Syncing(progress));
         self.ack.sync_epoch.store(epoch, Ordering::Release);
         let span = tracing::info_span!("initial_sync", epoch, pages = pages_total, disk_bytes = disk_total);
         let _e = span.enter();
-        tracing::info!("initial synchronisation started");
+        if disk_incremental {
+            tracing::info!(disk_bytes = disk_total, disk_size, "initial synchronisation started: of the disk, only the regions written since the copies diverged");
+        } else {
+            tracing::info!("initial synchronisation started");
+        }
         let t0 = Instant::now();
         self.transport.begin_epoch(&EpochBegin {
             epoch: EpochId(epoch),
@@ -74,22 +85,28 @@ impl PrimaryEngine {
         }
         if let Some(d) = self.disk_source.clone() {
             let file = File::open(&d.path).map_err(SendError::DiskRead)?;
+            let ranges = match plan {
+                CopyPlan::Full => std::iter::once(0..d.bytes).collect(),
+                CopyPlan::Ranges(r) => r,
+            };
             let mut buf = vec![0u8; MAX_CHUNK_BYTES.min(d.bytes as usize).max(512)];
-            let mut off = 0u64;
-            while off < d.bytes {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let n = (d.bytes - off).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], off).map_err(SendError::DiskRead)?;
-                self.transport.send_disk_image(off, &buf[..n])?;
-                off += n as u64;
-                progress.disk_bytes_sent = off;
-                progress.elapsed = t0.elapsed();
-                self.status.update(|s| s.state = EngineState::Syncing(progress));
-                if last_log.elapsed() >= Duration::from_secs(1) {
-                    last_log = Instant::now();
-                    log_progress(&progress);
+            for range in ranges {
+                let mut off = range.start;
+                while off < range.end {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let n = (range.end - off).min(buf.len() as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], off).map_err(SendError::DiskRead)?;
+                    self.transport.send_disk_image(off, &buf[..n])?;
+                    off += n as u64;
+                    progress.disk_bytes_sent += n as u64;
+                    progress.elapsed = t0.elapsed();
+                    self.status.update(|s| s.state = EngineState::Syncing(progress));
+                    if last_log.elapsed() >= Duration::from_secs(1) {
+                        last_log = Instant::now();
+                        log_progress(&progress);
+                    }
                 }
             }
         }
@@ -101,14 +118,64 @@ impl PrimaryEngine {
             span: tracing::Span::none(),
         });
         self.next_epoch = epoch + 1;
-        self.status.update(|s| s.last_sent = Some(EpochId(epoch)));
+        progress.elapsed = t0.elapsed();
+        self.status.update(|s| {
+            s.last_sent = Some(EpochId(epoch));
+            s.last_sync = Some(progress);
+        });
+        // The write-intent record's clearing period starts with the sync: what the guest writes
+        // from here on stays marked until the epochs carrying it are acknowledged. The writes
+        // recorded so far (those in flight included) travel with the first epoch after the sync.
+        if let Some(intent) = self.disk_source.as_ref().and_then(|d| d.intent.as_ref()) {
+            intent.lock().forget_touched();
+            self.intent_pass = Some(IntentPass { boundary: epoch + 1, at: Instant::now() });
+        }
         // The epoch rate counts checkpoints, not the sync.
         self.rate = (Instant::now(), 0);
         let elapsed = t0.elapsed();
         let mib_per_s = progress.bytes_total() as f64 / (1 << 20) as f64 / elapsed.as_secs_f64().max(1e-6);
-        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, bytes = progress.bytes_total(), mib_per_s = mib_per_s.round(), "initial synchronisation sent");
+        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, bytes = progress.bytes_total(), disk_bytes = progress.disk_bytes_total, disk_incremental, mib_per_s = mib_per_s.round(), "initial synchronisation sent");
         Ok(())
     }
+
+    /// What of the disk the synchronisation sends: only the union of both records' marks when
+    /// this disk has a record and the backup sent its own (minor 5 and later), all of it otherwise.
+    fn disk_copy_plan(&self) -> CopyPlan {
+        let Some(intent) = self.disk_source.as_ref().and_then(|d| d.intent.as_ref()) else { return CopyPlan::Full };
+        let Some(peer) = self.transport.peer_disk_marks() else { return CopyPlan::Full };
+        intent.lock().copy_plan(&peer)
+    }
+
+    /// Clears the write-intent marks of the regions the backup holds (see
+    /// [`crate::disk::intent`]): at most every [`INTENT_PASS_EVERY`], once the epochs open at the
+    /// previous pass are acknowledged. Called on the engine thread, between seals, so that the
+    /// next seal's number bounds the epochs of every write recorded until now.
+    pub(super) fn clear_intent_marks(&mut self, acked: u64) {
+        let (Some(pass), Some(intent)) = (self.intent_pass, self.disk_source.as_ref().and_then(|d| d.intent.as_ref())) else {
+            return;
+        };
+        if acked < pass.boundary || pass.at.elapsed() < INTENT_PASS_EVERY {
+            return;
+        }
+        match intent.lock().clear_untouched() {
+            Ok(cleared) => tracing::debug!(cleared, "write-intent marks of regions the backup holds cleared"),
+            // The marks stay: a later rejoin copies more, never less.
+            Err(e) => tracing::warn!(error = %ErrorChain(&e), "cannot store the write-intent record's clears"),
+        }
+        self.intent_pass = Some(IntentPass { boundary: self.next_epoch, at: Instant::now() });
+    }
+}
+
+/// How often the write-intent record's marks of acknowledged regions are cleared.
+pub(super) const INTENT_PASS_EVERY: Duration = Duration::from_secs(5);
+
+/// The write-intent record's clearing period (see [`PrimaryEngine::clear_intent_marks`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct IntentPass {
+    /// Writes recorded before the period began travel in epochs up to this one.
+    pub(super) boundary: u64,
+    /// When the period began.
+    pub(super) at: Instant,
 }
 
 /// The once-a-second line of a synchronisation under way.

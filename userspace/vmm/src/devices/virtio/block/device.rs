@@ -96,6 +96,34 @@ pub trait DiskWriteObserver: Send + Sync {
     fn flush(&self);
 }
 
+/// Told of every guest write before it is handed to the kernel (the replication layer's
+/// write-intent record: a region must be recorded as possibly different from the other copy of
+/// the disk before any write to it can land). Called on the same threads as
+/// [`DiskWriteObserver::record`]; it may block briefly (a durable update of a small file).
+pub trait DiskWriteIntent: Send + Sync {
+    /// A write of `len` bytes at byte `offset` is about to be issued. An error fails the write
+    /// (the guest sees IOERR) without issuing it.
+    fn before_write(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A [`DiskWriteIntent`] in a device's configuration: two are equal when they are the same object.
+#[derive(Clone)]
+pub struct WriteIntentHook(pub Arc<dyn DiskWriteIntent>);
+
+impl PartialEq for WriteIntentHook {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.0), Arc::as_ptr(&other.0))
+    }
+}
+
+impl Eq for WriteIntentHook {}
+
+impl fmt::Debug for WriteIntentHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DiskWriteIntent")
+    }
+}
+
 /// The observer, with a `Debug` the trait object does not have.
 #[derive(Clone)]
 struct Observer(Arc<dyn DiskWriteObserver>);
@@ -117,6 +145,7 @@ pub struct Block {
     engine: IoEngine,
     descs: Vec<Desc>,
     observer: Option<Observer>,
+    intent: Option<WriteIntentHook>,
     /// Scratch for gathering a write's data for the observer.
     observed: Vec<u8>,
     warned: WarnOnce,
@@ -155,6 +184,7 @@ impl Block {
             engine,
             descs: Vec::with_capacity(usize::from(QUEUE_MAX_SIZE)),
             observer: None,
+            intent: None,
             observed: Vec::new(),
             warned: WarnOnce::default(),
         })
@@ -177,6 +207,11 @@ impl Block {
         }
     }
 
+    /// Sets (or removes) who is told of writes before they are issued.
+    pub fn set_write_intent(&mut self, intent: Option<WriteIntentHook>) {
+        self.intent = intent;
+    }
+
     /// Hands `req` (IN, OUT or FLUSH) to io_uring and, once it is queued, shows writes and
     /// flushes to the observer. Call [`Self::flush_submissions`] after a batch.
     pub(crate) fn submit(&mut self, req: Request, mem: &GuestMemory) -> Result<(), SubmitError> {
@@ -193,6 +228,14 @@ impl Block {
             (Some(_), RequestType::Flush) => Some((req.request_type, req.sector)),
             _ => None,
         };
+        if let (Some(intent), RequestType::Out) = (&self.intent, req.request_type) {
+            if let Err(e) = intent.0.before_write(req.offset(), req.data_len()) {
+                if self.warned.first("intent") {
+                    tracing::error!(disk = %self.path.display(), error = %e, "a guest write failed: its region could not be recorded in the write-intent record first");
+                }
+                return Err(SubmitError { request: req, reason: "the write-intent record could not be updated" });
+            }
+        }
         self.engine.submit(self.file.as_raw_fd(), req, mem)?;
         if let (Some(obs), Some((kind, sector))) = (&self.observer, observe) {
             match kind {
@@ -782,6 +825,49 @@ mod tests {
         mem.read_slice(&mut got, GuestAddress(0x9_0000)).unwrap();
         assert_eq!(got, [5u8; 512]);
         assert!(is_dirty(&mem, 0x9_0000));
+    }
+
+    /// Says yes (recording what it was told) until told to refuse.
+    #[derive(Default)]
+    struct Intent {
+        told: std::sync::Mutex<Vec<(u64, u64)>>,
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    impl DiskWriteIntent for Intent {
+        fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(io::Error::other("record full"));
+            }
+            self.told.lock().unwrap().push((offset, len));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_intent_is_told_of_each_write_first_and_a_refusal_fails_the_write_unissued() {
+        let mem = test_memory();
+        let (mut r, _) = rig(&mem, "intent", true);
+        let intent = Arc::new(Intent::default());
+        r.t.device_mut().set_write_intent(Some(WriteIntentHook(intent.clone())));
+        mem.write_slice(&[7u8; 1024], GuestAddress(0x9_0000)).unwrap();
+        r.submit(&mem, VIRTIO_BLK_T_OUT, 3, &[(HDR, 16, false), (0x9_0000, 1024, false), (STATUS, 1, true)]);
+        r.complete();
+        assert_eq!(r.status(&mem), STATUS_OK);
+        // Reads are not writes.
+        r.submit(&mem, VIRTIO_BLK_T_IN, 0, &[(HDR, 16, false), (0xb_0000, 512, true), (STATUS, 1, true)]);
+        r.complete();
+        assert_eq!(*intent.told.lock().unwrap(), [(3 * 512, 1024)]);
+        // Refused: the guest gets IOERR and the bytes never reach the disk.
+        intent.refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        mem.write_slice(&[9u8; 512], GuestAddress(0xa_0000)).unwrap();
+        r.submit(&mem, VIRTIO_BLK_T_OUT, 8, &[(HDR, 16, false), (0xa_0000, 512, false), (STATUS, 1, true)]);
+        r.complete();
+        assert_eq!(r.status(&mem), STATUS_IOERR);
+        let mut disk = vec![0u8; 16 * 512];
+        File::open(r._disk.0.clone()).unwrap().read_exact(&mut disk).unwrap();
+        assert_eq!(&disk[3 * 512..5 * 512], &[7u8; 1024][..]);
+        assert_ne!(&disk[8 * 512..9 * 512], &[9u8; 512][..], "a refused write reached the disk");
     }
 
     /// Records what it observes.

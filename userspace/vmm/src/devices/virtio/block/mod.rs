@@ -6,7 +6,7 @@ pub mod engine;
 pub mod handler;
 pub mod persist;
 
-pub use device::{Block, BlockOpenError, DiskWriteObserver, BLOCK_FEATURES};
+pub use device::{Block, BlockOpenError, DiskWriteIntent, DiskWriteObserver, WriteIntentHook, BLOCK_FEATURES};
 pub use engine::{InflightTable, IoEngine};
 pub use handler::{Request, RequestType, Segment};
 pub use persist::{BlockArgs, BlockRestoreError, BlockState, InflightRequestState, SegmentState};

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
-use super::device::{Block, BlockOpenError, DiskWriteObserver};
+use super::device::{Block, BlockOpenError, DiskWriteObserver, WriteIntentHook};
 use super::handler::{Request, RequestType, Segment, SECTOR_SIZE};
 use crate::devices::persist::Persist;
 use crate::devices::virtio::QUEUE_MAX_SIZE;
@@ -126,6 +126,8 @@ pub struct BlockArgs {
     pub mem: GuestMemory,
     /// Who sees writes, re-submitted ones included.
     pub observer: Option<Arc<dyn DiskWriteObserver>>,
+    /// Who is told of writes before they are issued, re-submitted ones included.
+    pub intent: Option<WriteIntentHook>,
 }
 
 impl fmt::Debug for BlockArgs {
@@ -200,6 +202,7 @@ impl Persist for Block {
                 disk: block.capacity(),
             });
         }
+        block.set_write_intent(args.intent);
         block.set_write_observer(args.observer, &args.mem);
         let requests = state
             .inflight
@@ -303,7 +306,7 @@ mod tests {
             observer: Option<Arc<dyn DiskWriteObserver>>,
             state: &VirtioDeviceState<BlockState>,
         ) -> BlockRig {
-            let args = BlockArgs { path: disk.0.clone(), mem: mem.clone(), observer };
+            let args = BlockArgs { path: disk.0.clone(), mem: mem.clone(), observer, intent: None };
             let block = Block::restore(args, &state.device).unwrap();
             let targs = MmioTransportArgs {
                 device: block,
@@ -440,7 +443,7 @@ mod tests {
         let rig = BlockRig::new_running();
         let mut state = rig.save().device;
         let args =
-            |path: &PathBuf| BlockArgs { path: path.clone(), mem: rig.mem.clone(), observer: None };
+            |path: &PathBuf| BlockArgs { path: path.clone(), mem: rig.mem.clone(), observer: None, intent: None };
         state.capacity = 65;
         let err = Block::restore(args(&rig.disk.0), &state).unwrap_err();
         assert_eq!(err.to_string(), "the disk has 64 sectors, the saved device had 65");
