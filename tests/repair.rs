@@ -310,10 +310,17 @@ mod tests {
             );
             serve_again(&site, &load, &format!("after the switchover to {to}"));
             check_writes(&site, &load, &mut checked, &format!("switchover to {to}"));
-            // The old primary's disk was current at the handover: it gets only what was written since.
+            // The old primary kept the VM as it handed it over (memory, state, disk): it gets only
+            // what was written since, no copy of memory or disk.
             let sync = last_sync(&st, to);
             assert_eq!(sync["disk_copy"], "incremental", "[{name}] the copy to {from}'s disk after the switchover: {sync}");
-            println!("[{name}] switchover {from} → {to}: {} of {} disk bytes copied back to {from}", sync["disk_bytes_total"], sync["disk_size"]);
+            assert_eq!(sync["memory_copy"], "incremental", "[{name}] the copy to {from}'s memory after the switchover: {sync}");
+            let (memory_sent, memory) = (sync["memory_bytes_total"].as_u64().unwrap_or(u64::MAX), sync["memory_size"].as_u64().unwrap_or(0));
+            assert!(memory_sent <= memory / 8, "[{name}] {memory_sent} bytes of memory sent to {from} of {memory}: {sync}");
+            println!(
+                "[{name}] switchover {from} → {to}: {memory_sent} of {memory} memory bytes and {} of {} disk bytes sent back to {from}",
+                sync["disk_bytes_total"], sync["disk_size"]
+            );
             println!("[{name}] switchover {from} → {to}: {}; protected again after {:.1} s", out.trim(), took.as_secs_f64());
         }
         let logs = load.stop();

@@ -243,11 +243,13 @@ impl Report {
         }
         for r in &self.resync {
             s += &format!(
-                "resync {:>5} guest, {:<11} repaired: protected again after {:5.1} s; {:5} MiB in {:4.1} s = {:4.0} MiB/s\n",
+                "resync {:>5} guest, {:<11} repaired: protected again after {:5.1} s; {:5} MiB ({:6} KiB of disk, {}) in {:4.1} s = {:4.0} MiB/s\n",
                 r.memory,
                 r.repaired,
                 r.repair_to_protected_s,
                 r.bytes >> 20,
+                r.disk_bytes >> 10,
+                r.disk_copy,
                 r.sync_s,
                 r.rate_mib_per_s
             );

@@ -18,7 +18,7 @@ pub const KEY: [u8; 32] = [0x5a; 32];
 pub const SECRET: &[u8] = b"ftvm fuzzing shared secret";
 
 /// Every frame kind, so that one input byte picks one (index modulo the length).
-pub const KINDS: [FrameKind; 23] = [
+pub const KINDS: [FrameKind; 24] = [
     FrameKind::Hello,
     FrameKind::Refused,
     FrameKind::EpochBegin,
@@ -35,6 +35,7 @@ pub const KINDS: [FrameKind; 23] = [
     FrameKind::LeaseTerm,
     FrameKind::HostCpu,
     FrameKind::DiskMarks,
+    FrameKind::StandbyDigest,
     FrameKind::Heartbeat,
     FrameKind::HeartbeatReply,
     FrameKind::Goodbye,

@@ -169,7 +169,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !(args.no_ft || args.failover_only) {
         let env = SiteEnv { ftvm: bin.clone(), guest: guest.clone(), logs: ftvm_bench::failover::LOGS_DIR.into() };
         for memory in &args.resync_memory {
-            eprintln!("[bench] resync: {memory} guest, the backup then the old primary repaired");
+            eprintln!("[bench] resync: {memory} guest, the backup and the old primary repaired with their old disks, then a blank disk");
             resync.extend(ftvm_bench::resync::run(&env, memory)?);
         }
     }

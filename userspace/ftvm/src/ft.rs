@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ftvm_repl::backup::activate::{PromoteConfig, PromoteNet, DEFAULT_ANNOUNCE_SCHEDULE};
 use ftvm_repl::backup::receiver::{DiskSync, ReceiverConfig};
+use ftvm_repl::backup::standby::KeptStandby;
 use ftvm_repl::disk::intent::{SharedIntent, WriteIntent, DEFAULT_REGION_BYTES};
 use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, SwitchoverTrigger};
 use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, ProtectAgain, Role};
@@ -210,15 +211,16 @@ pub enum PrimaryStart {
     /// The quorum answered that this host may not start the VM: another host runs it, or this
     /// host's disk is older than the VM's current copy. Nothing was started.
     NotCurrent(StartClaimError),
-    /// The VM ran here and was handed over to the backup (a planned switchover).
-    HandedOver,
+    /// The VM ran here and was handed over to the backup (a planned switchover); what this host
+    /// kept of it, for its standby.
+    HandedOver(Option<KeptStandby>),
 }
 
 pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
     match start_primary(args)? {
         PrimaryStart::Ran(code) => Ok(code),
         PrimaryStart::NotCurrent(refusal) => Err(refusal.into()),
-        PrimaryStart::HandedOver => Ok(ExitCode::SUCCESS),
+        PrimaryStart::HandedOver(_) => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -320,9 +322,9 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         PrimaryExit::Fenced { reason } => {
             bail!("this VM was stopped because another copy runs it ({reason}); the other host serves the guest now")
         }
-        PrimaryExit::HandedOver { epoch } => {
+        PrimaryExit::HandedOver { epoch, kept } => {
             tracing::info!(epoch = epoch.0, "the VM was handed over to the backup, which serves it now");
-            return Ok(PrimaryStart::HandedOver);
+            return Ok(PrimaryStart::HandedOver(kept));
         }
     };
     Ok(PrimaryStart::Ran(code))
@@ -333,19 +335,20 @@ pub enum BackupEnd {
     /// Stopped, or the VM it took over ended: the process's exit code.
     Exit(ExitCode),
     /// It took the VM over, then handed it back to the other host (a planned switchover): it
-    /// may stand by again.
-    HandedOver,
+    /// may stand by again, from what it kept of the VM.
+    HandedOver(Option<KeptStandby>),
 }
 
 pub fn backup(args: BackupArgs) -> Result<ExitCode> {
-    match run_backup(args)? {
+    match run_backup(args, None)? {
         BackupEnd::Exit(code) => Ok(code),
-        BackupEnd::HandedOver => Ok(ExitCode::SUCCESS),
+        BackupEnd::HandedOver(_) => Ok(ExitCode::SUCCESS),
     }
 }
 
-/// Runs this host as the standby of the VM (see [`BackupEnd`]).
-pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
+/// Runs this host as the standby of the VM (see [`BackupEnd`]), starting from `kept` (the VM
+/// this host just handed over) rather than a blank standby when there is one.
+pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupEnd> {
     run::enter_process_context(args.net.netns.as_deref())?;
     let secret = read_secret(&args.secret_file)?;
     run::prepare_disk(&args.disk, args.disk_size)?;
@@ -412,6 +415,7 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
             ack_authority_hook: host_ebpf.ack_authority_hook().filter(|_| daemon_config.lease.has_quorum()),
         });
     }
+    daemon_config.kept = kept;
     daemon_config.detector.dead_after = Duration::from_millis(args.dead_after_ms.max(10));
     daemon_config.detector.silent_after = daemon_config.detector.silent_after.min(daemon_config.detector.dead_after);
     let daemon = BackupDaemon::start(daemon_config).context("cannot start the backup")?;
@@ -453,7 +457,7 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
         }
     });
     stop.store(true, Ordering::Relaxed);
-    let final_status = daemon.shutdown();
+    let (final_status, kept) = daemon.shutdown_keeping();
     if let Some(w) = watchdog {
         w.stop();
     }
@@ -463,7 +467,7 @@ pub fn run_backup(args: BackupArgs) -> Result<BackupEnd> {
     tracing::info!(role = ?final_status.role, "backup stopped");
     match exit {
         BackupExit::Stopped | BackupExit::Ended => Ok(BackupEnd::Exit(ExitCode::SUCCESS)),
-        BackupExit::HandedOver => Ok(BackupEnd::HandedOver),
+        BackupExit::HandedOver => Ok(BackupEnd::HandedOver(kept)),
         BackupExit::Failed { reason } => bail!("takeover failed: {reason}"),
         BackupExit::Fenced { reason } => bail!("this VM was stopped because another host holds its lease now: {reason}"),
     }

@@ -194,6 +194,8 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
     }
     let mut cfg = Some(cfg);
     let mut start_as = start_as;
+    // What this host kept of the VM it handed over: its next standby starts from it.
+    let mut kept = None;
     // Bounded by what ends the service (a stop, the VM's end, an error); a switchover makes the
     // host that ran the VM stand by again, in the same process, as often as it happens.
     loop {
@@ -209,14 +211,18 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
                 PrimaryStart::NotCurrent(refusal) => {
                     tracing::info!(refusal = %format_args!("{:#}", anyhow::Error::from(refusal)), "this host does not run the VM now: standing by to become its backup");
                 }
-                PrimaryStart::HandedOver => tracing::info!("the VM was handed over to the other host: standing by as its backup"),
+                PrimaryStart::HandedOver(k) => {
+                    tracing::info!("the VM was handed over to the other host: standing by as its backup");
+                    kept = k;
+                }
             }
         }
-        match ft::run_backup(cfg.backup)? {
+        match ft::run_backup(cfg.backup, kept.take())? {
             BackupEnd::Exit(code) => return Ok(code),
-            BackupEnd::HandedOver => {
+            BackupEnd::HandedOver(k) => {
                 tracing::info!("the VM was handed back to the other host: standing by as its backup");
                 start_as = StartAs::Backup;
+                kept = k;
             }
         }
     }

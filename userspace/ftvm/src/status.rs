@@ -229,9 +229,10 @@ impl ProtectionState {
             EngineState::Syncing(p) => {
                 let rate = p.rate().map_or(String::new(), |r| format!(" at {} MiB/s", r >> 20));
                 let eta = p.eta().map_or(String::new(), |d| format!(", about {} s left", d.as_secs_f64().ceil()));
-                let disk = if p.disk_incremental { " (incremental: the regions written since the copies diverged)" } else { "" };
+                let memory = if p.memory_incremental { " (the pages written since the resume)" } else { "" };
+                let disk = if p.disk_incremental { " (the regions written since the copies diverged)" } else { "" };
                 let detail = format!(
-                    "{}% ({}/{} MiB){rate}{eta}: memory {}/{} pages, disk {}/{} MiB{disk}",
+                    "{}% ({}/{} MiB){rate}{eta}: memory {}/{} pages{memory}, disk {}/{} MiB{disk}",
                     p.percent(),
                     p.bytes_sent() >> 20,
                     p.bytes_total() >> 20,
@@ -341,6 +342,15 @@ pub struct SyncStatus {
     pub rate_bytes_per_s: Option<u64>,
     /// Seconds left at that rate.
     pub eta_s: Option<u64>,
+    /// "incremental": of memory, only the pages written since the VM resumed from the epoch the
+    /// backup holds (the old primary of a switchover); "full": all of it.
+    #[serde(default)]
+    pub memory_copy: String,
+    /// Memory bytes to send, and the guest's memory size.
+    #[serde(default)]
+    pub memory_bytes_total: u64,
+    #[serde(default)]
+    pub memory_size: u64,
     /// "incremental": of the disk, only the regions written since the copies diverged; "full":
     /// all of it.
     #[serde(default)]
@@ -374,6 +384,9 @@ impl SyncStatus {
             bytes_total: p.bytes_total(),
             rate_bytes_per_s: p.rate(),
             eta_s: p.eta().map(|d| d.as_secs_f64().ceil() as u64),
+            memory_copy: if p.memory_incremental { "incremental" } else { "full" }.to_string(),
+            memory_bytes_total: p.pages_total * ftvm_repl::PAGE_SIZE as u64,
+            memory_size: p.memory_pages * ftvm_repl::PAGE_SIZE as u64,
             disk_copy: if p.disk_incremental { "incremental" } else { "full" }.to_string(),
             disk_bytes_sent: p.disk_bytes_sent,
             disk_bytes_total: p.disk_bytes_total,

@@ -80,6 +80,11 @@ pub enum FrameKind {
     /// From the backup, right after its `HostCpu` (minor 5 and later): its disk's write-intent
     /// marks (`crate::epoch::DiskMarks`), so that a rejoin copies only the regions that may differ.
     DiskMarks = 29,
+    /// From the backup, right after its `DiskMarks` (minor 5 and later): the blake3 digest of the
+    /// machine state of the epoch its standby holds (32 bytes; zeros when it holds none that can
+    /// be resumed). A primary that resumed from exactly that state (a switchover's old primary
+    /// coming back as the backup) sends it only the pages written since, not all of memory.
+    StandbyDigest = 30,
     /// Liveness probe.
     Heartbeat = 32,
     /// Liveness answer.
@@ -121,6 +126,7 @@ impl FrameKind {
             27 => LeaseTerm,
             28 => HostCpu,
             29 => DiskMarks,
+            30 => StandbyDigest,
             32 => Heartbeat,
             33 => HeartbeatReply,
             48 => Goodbye,

@@ -407,6 +407,7 @@ mod tests {
             if minor >= 5 {
                 let marks = ftvm_proto::epoch::DiskMarks::unknown(1 << 20).encode();
                 s.sealer.write(&mut io, FrameKind::DiskMarks, 0, 0, &[&marks]).unwrap();
+                s.sealer.write(&mut io, FrameKind::StandbyDigest, 0, 0, &[&[0u8; 32]]).unwrap();
             }
             let mut kinds = Vec::new();
             while let Ok(f) = s.opener.read(&mut io) {
@@ -485,6 +486,39 @@ mod tests {
         assert_eq!(t.peer_disk_marks(), Some(ftvm_proto::epoch::DiskMarks::unknown(1 << 20)));
         drop(t);
         backup.join().unwrap();
+    }
+
+    /// A receiver started from the VM its host handed over holds that epoch, restorable, and names
+    /// its state's digest and its disk's marks to the primary; the memory it kept is the standby's.
+    #[test]
+    fn a_receiver_keeping_a_handed_over_vm_announces_it() {
+        use ftvm_repl::backup::standby::{KeptStandby, StandbyMemory};
+        init_tracing();
+        let mut rng = Rng(29);
+        let model = Model::new(&mut rng, MIB, 256 << 10);
+        let disk = TempPath::new("kept");
+        let mut memory = StandbyMemory::new(model.mem.len()).unwrap();
+        memory.as_mut_slice().copy_from_slice(&model.mem);
+        let state = b"the final epoch's machine state".to_vec();
+        let kept = KeptStandby { epoch: EpochId(41), state: state.clone(), memory };
+        let backup = BackupReceiver::bind_keeping(receiver_config(&model, &disk), Some(kept)).unwrap();
+        let t = connect(backup.local_addr(), &model);
+        let info = t.peer_standby();
+        assert_eq!((info.committed, info.restorable), (Some(EpochId(41)), true));
+        assert_eq!(t.peer_standby_digest(), Some(*blake3::hash(&state).as_bytes()));
+        drop(t);
+        let view = backup.committed().expect("a restorable standby");
+        assert_eq!(view.epoch(), EpochId(41));
+        assert_eq!(view.memory(), &model.mem[..]);
+        drop(view);
+
+        // Kept memory of another size is not used: the standby starts blank.
+        let other = StandbyMemory::new(model.mem.len() / 2).unwrap();
+        let kept = KeptStandby { epoch: EpochId(41), state, memory: other };
+        let disk2 = TempPath::new("kept-other");
+        let backup = BackupReceiver::bind_keeping(receiver_config(&model, &disk2), Some(kept)).unwrap();
+        let t = connect(backup.local_addr(), &model);
+        assert_eq!((t.peer_standby().committed, t.peer_standby_digest()), (None, None));
     }
 
     #[test]

@@ -295,6 +295,9 @@ pub enum TrackingControlError {
     /// Stopping failed.
     #[error("cannot stop dirty tracking")]
     Stop(#[source] TrackStopError),
+    /// Harvesting failed.
+    #[error("cannot harvest the dirty pages")]
+    Harvest(#[source] HarvestError),
 }
 
 /// The vCPU handles, and whether a pause of everything has completed since the last resume.
@@ -474,6 +477,17 @@ impl CheckpointSource {
             .as_mut()
             .ok_or(TrackingControlError::NoDirtyTracking)?;
         t.stop().map_err(TrackingControlError::Stop)
+    }
+
+    /// Adds to `out` the pages written since tracking started or the last harvest, while the
+    /// machine runs: a page written during the harvest is in this one or the next (each bit is
+    /// taken and cleared atomically, and a write after that sets it again).
+    pub fn harvest_running(&mut self, out: &mut PageRangeSet) -> Result<HarvestStats, TrackingControlError> {
+        let t = self
+            .tracker
+            .as_mut()
+            .ok_or(TrackingControlError::NoDirtyTracking)?;
+        t.harvest(out).map_err(TrackingControlError::Harvest)
     }
 
     /// Gives back pages that a failed epoch could not deliver: the next capture returns them.

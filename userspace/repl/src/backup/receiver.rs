@@ -40,7 +40,7 @@ use ftvm_proto::EpochId;
 
 use crate::disk::intent::{DiskMarks, IntentError, SharedIntent, DEFAULT_REGION_BYTES};
 use super::journal::{AppendError, ApplyError, DiskJournal};
-use super::standby::{Standby, StandbyMemory};
+use super::standby::{KeptStandby, Standby, StandbyMemory};
 use ftvm_proto::epoch::{
     decode_output, DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView,
     StandbyInfo,
@@ -515,6 +515,12 @@ impl BackupReceiver {
     /// Creates the standby (zeroed memory image, disk file sized to the guest's) and starts
     /// listening on the A-Link address for the primary.
     pub fn bind(config: ReceiverConfig) -> Result<Self, BindError> {
+        Self::bind_keeping(config, None)
+    }
+
+    /// [`Self::bind`], the standby starting as `kept` (the VM this host handed over) when its
+    /// memory is the guest's size; otherwise blank.
+    pub fn bind_keeping(config: ReceiverConfig, kept: Option<KeptStandby>) -> Result<Self, BindError> {
         if config.listen.ip().is_unspecified() && !config.allow_unspecified {
             return Err(BindError::Unspecified(config.listen));
         }
@@ -535,7 +541,14 @@ impl BackupReceiver {
         if let Some(caps) = &mut config.cpu_caps {
             caps.normalize();
         }
-        let memory = StandbyMemory::new(memory_len).map_err(BindError::Memory)?;
+        let kept = kept.filter(|k| k.memory.len() == memory_len && !k.state.is_empty());
+        let (memory, state, committed) = match kept {
+            Some(k) => {
+                tracing::info!(epoch = k.epoch.0, "the standby starts as the VM this host handed over");
+                (k.memory, k.state, Some(k.epoch))
+            }
+            None => (StandbyMemory::new(memory_len).map_err(BindError::Memory)?, Vec::new(), None),
+        };
         let disk_err = |source| BindError::Disk { path: config.disk_path.clone(), source };
         let disk = OpenOptions::new()
             .read(true)
@@ -554,8 +567,8 @@ impl BackupReceiver {
 
         let inner = Arc::new(Inner {
             config,
-            standby: RwLock::new(StandbyState { memory, disk, state: Vec::new(), committed: None, recent_output: VecDeque::new() }),
-            stats: Mutex::default(),
+            standby: RwLock::new(StandbyState { memory, disk, state, committed, recent_output: VecDeque::new() }),
+            stats: Mutex::new(ReceiverStats { committed, restorable: committed.is_some(), ..ReceiverStats::default() }),
             bytes_received: AtomicU64::new(0),
             activity: LinkActivity::new(),
             farewell: Mutex::new(None),
@@ -934,6 +947,11 @@ impl<'a> Session<'a> {
                 None => DiskMarks::unknown(DEFAULT_REGION_BYTES),
             };
             send_small(self.stream, &mut self.sealer, FrameKind::DiskMarks, 0, &marks.encode()).map_err(SessionError::Send)?;
+            let digest = {
+                let sb = self.inner.read_standby();
+                if info.restorable { *blake3::hash(&sb.state).as_bytes() } else { [0; 32] }
+            };
+            send_small(self.stream, &mut self.sealer, FrameKind::StandbyDigest, 0, &digest).map_err(SessionError::Send)?;
         }
         Ok(())
     }

@@ -127,6 +127,20 @@ impl Drop for StandbyMemory {
     }
 }
 
+/// What a host that handed its VM over keeps of it: the memory, the machine state and the number
+/// of the final epoch, which the other host resumed from. Its receiver starts from it instead of
+/// a blank standby (see [`crate::backup::BackupReceiver::bind_keeping`]), so that the new primary
+/// sends it only what changed since (its disk is the one the VM wrote, at that epoch).
+#[derive(Debug)]
+pub struct KeptStandby {
+    /// The final epoch.
+    pub epoch: EpochId,
+    /// Its machine state blob, as sent.
+    pub state: Vec<u8>,
+    /// Guest memory at that epoch.
+    pub memory: StandbyMemory,
+}
+
 /// The standby, taken out of a stopped [`crate::backup::BackupReceiver`] for the failover path.
 #[derive(Debug)]
 pub struct Standby {

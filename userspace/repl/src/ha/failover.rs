@@ -61,6 +61,7 @@ use super::quorum::{Claim, Previous};
 use super::rejoin::{RejoinConfig, Rejoiner};
 use super::term::TermFile;
 use crate::backup::activate::{promote, PromoteConfig, RestoreTimings};
+use crate::backup::standby::KeptStandby;
 use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
 use crate::epoch::engine::{
     AckAuthorityHook, DiskSource, EngineConfig, EngineHandle, EngineState, EngineStatus, PrimaryEngine, SwitchoverTrigger,
@@ -104,6 +105,9 @@ pub struct DaemonConfig {
     /// After a takeover, protect the restored VM again once a backup can be reached (none: it
     /// runs alone until it ends). [`PromoteConfig::dirty_tracking`] must then track.
     pub protect_again: Option<ProtectAgain>,
+    /// The VM this host handed over at a planned switchover: the standby starts as it, so that
+    /// the new primary sends only what changed since (none: a blank standby).
+    pub kept: Option<KeptStandby>,
 }
 
 /// How a host that took over protects its VM again: the restored VM runs under an epoch engine
@@ -138,6 +142,7 @@ impl DaemonConfig {
             term_file: None,
             host_probe: None,
             protect_again: None,
+            kept: None,
         }
     }
 }
@@ -303,6 +308,8 @@ struct Shared {
     /// The restored VM's engine, when it is to be protected again.
     engine: Mutex<Option<EngineHandle>>,
     engine_status: Mutex<Option<Arc<EngineStatus>>>,
+    /// What the engine kept of the VM it handed over.
+    kept: Mutex<Option<KeptStandby>>,
 }
 
 /// The backup host's daemon for one VM. See the module documentation.
@@ -331,7 +338,7 @@ impl BackupDaemon {
             standby_disk = standby_disk.with_intent(Arc::clone(intent));
             cfg.promote.disk_intent = Some(Arc::clone(intent));
         }
-        let receiver = BackupReceiver::bind(cfg.receiver)?;
+        let receiver = BackupReceiver::bind_keeping(cfg.receiver, cfg.kept)?;
         let local_addr = receiver.local_addr();
         let shared = Arc::new(Shared {
             status: Mutex::new(DaemonStatus::standby()),
@@ -341,6 +348,7 @@ impl BackupDaemon {
             run: Mutex::new(None),
             engine: Mutex::new(None),
             engine_status: Mutex::new(None),
+            kept: Mutex::new(None),
         });
         let watch = Watch {
             shared: Arc::clone(&shared),
@@ -445,9 +453,16 @@ impl BackupDaemon {
 
     /// Stops everything: the watch, the receiver, and the restored machine if one runs. Returns
     /// the final status.
-    pub fn shutdown(mut self) -> DaemonStatus {
+    pub fn shutdown(self) -> DaemonStatus {
+        self.shutdown_keeping().0
+    }
+
+    /// [`Self::shutdown`], with what this host keeps of the VM when it handed it back to the other
+    /// host (a planned switchover): its next standby starts from it.
+    pub fn shutdown_keeping(mut self) -> (DaemonStatus, Option<KeptStandby>) {
         self.stop_all();
-        self.status()
+        let kept = lock(&self.shared.kept).take();
+        (self.status(), kept)
     }
 
     fn stop_all(&mut self) {
@@ -464,8 +479,10 @@ impl BackupDaemon {
         }
         // After the machine: a VM stopped on purpose tells its backup goodbye (no takeover).
         let engine = lock(&self.shared.engine).take();
-        if let Some(Err(e)) = engine.map(EngineHandle::stop) {
-            tracing::warn!(error = %ErrorChain(&e), "the restored VM's epoch engine ended with an error");
+        match engine.map(EngineHandle::stop) {
+            Some(Ok(report)) => *lock(&self.shared.kept) = report.kept,
+            Some(Err(e)) => tracing::warn!(error = %ErrorChain(&e), "the restored VM's epoch engine ended with an error"),
+            None => {}
         }
         lock(&self.shared.source).take();
     }
@@ -674,7 +691,7 @@ impl Watch {
                                 tracing::error!(silent_for = ?for_, ?reason, term = grant.term, "the primary is dead: taking over");
                                 let dead_at = Instant::now();
                                 let suspected = suspected_at.unwrap_or(dead_at);
-                                break (receiver, dead_at, suspected, for_, grant.previous);
+                                break (receiver, dead_at, suspected, for_, grant.previous, reason);
                             }
                             Err(why) => {
                                 refused_at = Some(Instant::now());
@@ -705,7 +722,7 @@ impl Watch {
                 }
             }
         };
-        let (receiver, dead_at, suspected_at, last_frame_to_dead, previous) = receiver;
+        let (receiver, dead_at, suspected_at, last_frame_to_dead, previous, dead_reason) = receiver;
         lock(&self.shared.status).role = Role::Promoting;
         if let Some(file) = &self.term_file {
             // The standby is the current copy now, for the new term.
@@ -733,6 +750,9 @@ impl Watch {
             // The old primary may still let out output it holds a fresh acknowledgement for.
             std::thread::sleep(TAKEOVER_QUIET);
         }
+        // Handed over on purpose, the other host keeps the VM as of this epoch: the pages written
+        // from the resume on are all it will lack.
+        let handed_over_state = (dead_reason == DeadReason::HandedOver).then(|| *blake3::hash(standby.state()).as_bytes());
         let promoted = match promote(standby, promote_cfg) {
             Ok(p) => p,
             Err(e) => {
@@ -757,6 +777,9 @@ impl Watch {
                             .numbering_after(promoted.epoch)
                             .with_lease(self.lease.clone())
                             .with_switchover_trigger(again.switchover.clone());
+                        if let Some(digest) = handed_over_state {
+                            e = e.resumed_from(promoted.epoch, digest);
+                        }
                         if let Some(hook) = again.ack_authority_hook.clone() {
                             e = e.with_ack_authority_hook(hook);
                         }

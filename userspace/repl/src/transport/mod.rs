@@ -154,6 +154,9 @@ pub enum ConnectError {
     /// The backup's write-intent marks are malformed.
     #[error("Malformed write-intent marks from the backup")]
     MalformedMarks(#[source] DecodeError),
+    /// The backup's standby digest is not 32 bytes.
+    #[error("Malformed standby digest from the backup ({0} bytes)")]
+    MalformedDigest(usize),
     /// The backup authenticated us but refused the session (for example: another primary is
     /// connected).
     #[error("Backup refused the session: {0}")]
@@ -417,6 +420,11 @@ pub trait CheckpointTransport: Send {
     /// The write-intent marks of the backup's disk (minor 5 and later), or `None`: the backup
     /// gets the whole disk.
     fn peer_disk_marks(&self) -> Option<DiskMarks> {
+        None
+    }
+
+    /// The digest of the machine state the backup's standby holds (minor 5 and later), or `None`.
+    fn peer_standby_digest(&self) -> Option<[u8; 32]> {
         None
     }
 

@@ -192,6 +192,7 @@ pub struct TcpTransport {
     reader: Option<JoinHandle<()>>,
     peer: StandbyInfo,
     peer_marks: Option<DiskMarks>,
+    peer_digest: Option<[u8; 32]>,
     peer_addr: SocketAddr,
     link: u64,
     max_in_flight: usize,
@@ -369,15 +370,24 @@ impl TcpTransport {
         }
         // From 1.5 the backup's write-intent marks follow: a rejoin then copies only the disk's
         // regions that may differ. An older backup gets the whole disk.
-        let peer_marks = if session.minor >= 5 {
+        // And the digest of the state its standby holds: a primary that resumed from exactly
+        // that state sends it only the pages written since.
+        let (peer_marks, peer_digest) = if session.minor >= 5 {
             let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
-            match frame.header.kind {
-                FrameKind::DiskMarks => Some(DiskMarks::decode(&frame.payload, peer.disk_bytes).map_err(ConnectError::MalformedMarks)?),
+            let marks = match frame.header.kind {
+                FrameKind::DiskMarks => DiskMarks::decode(&frame.payload, peer.disk_bytes).map_err(ConnectError::MalformedMarks)?,
                 FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
                 other => return Err(ConnectError::Unexpected(other)),
-            }
+            };
+            let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
+            let digest: [u8; 32] = match frame.header.kind {
+                FrameKind::StandbyDigest => frame.payload[..].try_into().map_err(|_| ConnectError::MalformedDigest(frame.payload.len()))?,
+                FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
+                other => return Err(ConnectError::Unexpected(other)),
+            };
+            (Some(marks), Some(digest).filter(|d| d.iter().any(|&b| b != 0) && peer.restorable))
         } else {
-            None
+            (None, None)
         };
 
         // From here on the acknowledgement thread reads without a timeout (acks only come when an
@@ -401,6 +411,7 @@ impl TcpTransport {
             reader: Some(reader),
             peer,
             peer_marks,
+            peer_digest,
             peer_addr: addr,
             link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             max_in_flight: options.max_in_flight.max(1),
@@ -476,6 +487,10 @@ impl CheckpointTransport for TcpTransport {
 
     fn peer_disk_marks(&self) -> Option<DiskMarks> {
         self.peer_marks.clone()
+    }
+
+    fn peer_standby_digest(&self) -> Option<[u8; 32]> {
+        self.peer_digest
     }
 
     fn heartbeat(&mut self) -> Result<(), LinkError> {

@@ -154,6 +154,7 @@ impl FakeBackup {
             if s.minor >= 5 {
                 let marks = ftvm_proto::epoch::DiskMarks::unknown(1 << 20).encode();
                 s.sealer.write(&mut io, FrameKind::DiskMarks, 0, 0, &[&marks]).unwrap();
+                s.sealer.write(&mut io, FrameKind::StandbyDigest, 0, 0, &[&[0u8; 32]]).unwrap();
             }
             let drain = read.then(|| {
                 let mut rd = stream.try_clone().unwrap();
@@ -334,6 +335,8 @@ impl RawPrimary {
             let f = opener.read(&mut io).unwrap();
             assert_eq!(f.header.kind, FrameKind::DiskMarks);
             ftvm_proto::epoch::DiskMarks::decode(&f.payload, info.disk_bytes).unwrap();
+            let f = opener.read(&mut io).unwrap();
+            assert_eq!((f.header.kind, f.payload.len()), (FrameKind::StandbyDigest, 32));
         }
         Self { stream, sealer, opener, info }
     }

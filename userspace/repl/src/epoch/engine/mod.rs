@@ -63,6 +63,7 @@ use crate::output::gate::{HoldGate, OutputGate};
 use crate::output::hold::OutputHold;
 use super::context::{EpochContext, EpochMetrics, EpochWindow, Percentiles};
 use ftvm_proto::epoch::EpochBegin;
+use crate::backup::standby::KeptStandby;
 use crate::disk::intent::SharedIntent;
 use crate::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
 use crate::ha::heartbeat::{monotonic_us, IdleHeartbeat};
@@ -260,7 +261,7 @@ enum SendError {
 }
 
 /// How [`PrimaryEngine::run_until`] ended.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct EngineReport {
     /// The status at the end.
     pub status: StatusSnapshot,
@@ -268,6 +269,9 @@ pub struct EngineReport {
     pub pauses: Vec<Duration>,
     /// The figures of every incremental epoch sent (bounded: the last 100 000).
     pub epochs: Vec<EpochMetrics>,
+    /// After a planned switchover: the VM as handed over (its final epoch's memory and state),
+    /// for this host's next standby.
+    pub kept: Option<KeptStandby>,
 }
 
 /// Most epochs kept in [`EngineReport::epochs`].
@@ -310,6 +314,14 @@ pub struct PrimaryEngine {
     rate: (Instant, u64),
     /// The write-intent record's clearing period, while a backup holds a synchronised copy.
     intent_pass: Option<sync::IntentPass>,
+    /// The machine state of a switchover's final epoch, as sent.
+    final_state: Option<Vec<u8>>,
+    /// The VM as handed over, for this host's next standby (see [`KeptStandby`]).
+    kept: Option<KeptStandby>,
+    /// The epoch this VM was resumed from and the digest of that epoch's machine state, while
+    /// every page written since is tracked (a VM taken over at a planned switchover): a backup
+    /// holding exactly that epoch gets only those pages.
+    resumed_from: Option<(EpochId, [u8; 32])>,
 }
 
 impl std::fmt::Debug for PrimaryEngine {
@@ -382,6 +394,9 @@ impl PrimaryEngine {
             window: EpochWindow::default(),
             rate: (Instant::now(), 0),
             intent_pass: None,
+            final_state: None,
+            kept: None,
+            resumed_from: None,
         })
     }
 
@@ -405,6 +420,18 @@ impl PrimaryEngine {
     /// from it, so that its logs and its next backup's read as one history).
     pub fn numbering_after(mut self, epoch: EpochId) -> Self {
         self.next_epoch = self.next_epoch.max(epoch.0.saturating_add(1));
+        self
+    }
+
+    /// This VM was just restored from `epoch`, whose machine state has the blake3 digest
+    /// `state_digest` (a planned switchover): every page it writes from now on is tracked, so that
+    /// a backup holding exactly that epoch (the host that handed the VM over) gets only those
+    /// pages. Call it before the VM runs.
+    pub fn resumed_from(mut self, epoch: EpochId, state_digest: [u8; 32]) -> Self {
+        match self.source.start_tracking() {
+            Ok(()) => self.resumed_from = Some((epoch, state_digest)),
+            Err(e) => tracing::warn!(error = %ErrorChain(&e), "cannot track pages from the resume: the next backup gets all of memory"),
+        }
         self
     }
 
@@ -536,6 +563,7 @@ impl PrimaryEngine {
             status: self.status.snapshot(),
             pauses: self.epochs.iter().map(|m| m.pause).collect(),
             epochs: std::mem::take(&mut self.epochs),
+            kept: self.kept.take(),
         })
     }
 
@@ -629,12 +657,39 @@ impl PrimaryEngine {
         // Before tracking and the image read: no write of the guest can fall between (writes
         // still in flight are shown to the observer as it is installed).
         self.source.with_devices(|d| d.set_disk_write_observer(Some(obs)));
-        // A clean log: the synchronisation copies every page from here on.
-        self.source.start_tracking().map_err(EngineError::Tracking)?;
-        if let Err(e) = self.initial_sync(stop) {
+        let since_resume = match self.memory_since_resume() {
+            Some(pages) => Some(pages),
+            None => {
+                // A clean log: the synchronisation copies every page from here on.
+                self.source.start_tracking().map_err(EngineError::Tracking)?;
+                None
+            }
+        };
+        if let Err(e) = self.initial_sync(stop, since_resume) {
             self.go_simplex(&e);
         }
         Ok(())
+    }
+
+    /// The pages written since this VM resumed, when the backup holds exactly the epoch it
+    /// resumed from (the host that handed it over, see [`PrimaryEngine::resumed_from`]): they
+    /// are all it lacks of memory. `None`: it gets all of memory. Taken once: tracking goes on
+    /// from here as for any synchronisation.
+    fn memory_since_resume(&mut self) -> Option<PageRangeSet> {
+        let (epoch, digest) = self.resumed_from.take()?;
+        let peer = self.transport.peer_standby();
+        if !(peer.restorable && peer.committed == Some(epoch) && self.transport.peer_standby_digest() == Some(digest)) {
+            tracing::info!(resumed_from = epoch.0, backup_holds = ?peer.committed, "the backup does not hold the epoch this VM resumed from: it gets all of memory");
+            return None;
+        }
+        let mut pages = PageRangeSet::new();
+        match self.source.harvest_running(&mut pages) {
+            Ok(_) => Some(pages),
+            Err(e) => {
+                tracing::warn!(error = %ErrorChain(&e), "cannot read the pages written since the resume: the backup gets all of memory");
+                None
+            }
+        }
     }
 
     /// A backup joined a VM that runs alone: its link replaces the dead one, everything the
@@ -760,6 +815,10 @@ impl PrimaryEngine {
                 return Err(EngineError::Encode(e.to_string()));
             }
         };
+        if resume == Resume::No {
+            // A switchover's final epoch: if the backup takes over from it, this host keeps it.
+            self.final_state = Some(state.clone());
+        }
         let pause_us = ctx.pause().as_micros() as u64;
         span.record("pages", pages.page_count());
         span.record("pause_us", pause_us);

@@ -13,8 +13,13 @@ use crate::{lock, PAGE_SIZE};
 pub struct SyncProgress {
     /// Pages sent.
     pub pages_sent: u64,
-    /// Pages of guest memory.
+    /// Pages to send: all of guest memory, or only those written since the VM resumed.
     pub pages_total: u64,
+    /// Pages of guest memory.
+    pub memory_pages: u64,
+    /// Only the pages written since the VM resumed from the epoch the backup holds are sent (a
+    /// planned switchover's old primary); otherwise all of memory.
+    pub memory_incremental: bool,
     /// Disk image bytes sent.
     pub disk_bytes_sent: u64,
     /// Disk bytes to send: the whole disk, or only its regions that may differ.

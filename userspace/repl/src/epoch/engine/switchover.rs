@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use ftvm_proto::EpochId;
 
+use vm_memory::{Bytes as _, GuestMemoryBackend as _, GuestMemoryRegion as _};
+
 use super::status::EngineState;
+use crate::backup::standby::{KeptStandby, StandbyMemory};
 use super::PrimaryEngine;
 use super::Resume;
 use crate::ha::quorum::ReleaseReason;
@@ -114,7 +117,35 @@ impl PrimaryEngine {
         // The backup takes over: the lease goes now, so that its claim is granted at once.
         self.ack.lease.release(ReleaseReason::Stopped);
         tracing::warn!(epoch, "switchover: the VM is handed over to the backup");
+        self.kept = self.keep_standby(EpochId(epoch));
         Switchover::HandedOver(EpochId(epoch))
+    }
+
+    /// A copy of the paused VM as handed over at `epoch` (memory, final state), for this host's
+    /// next standby: the new primary then sends it only the pages written since. `None` (the next
+    /// standby starts blank and gets all of memory) when it cannot be made.
+    fn keep_standby(&mut self, epoch: EpochId) -> Option<KeptStandby> {
+        let state = self.final_state.take()?;
+        let t = Instant::now();
+        let mem = self.source.guest_memory();
+        let len = mem.iter().map(|r| r.start_addr().0 + r.len()).max()?;
+        let mut memory = match StandbyMemory::new(usize::try_from(len).ok()?) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep the handed-over VM's memory: this host's next standby gets all of it again");
+                return None;
+            }
+        };
+        for r in mem.iter() {
+            let start = r.start_addr().0 as usize;
+            let dst = &mut memory.as_mut_slice()[start..start + r.len() as usize];
+            if let Err(e) = mem.read_slice(dst, r.start_addr()) {
+                tracing::warn!(error = %e, "cannot copy the handed-over VM's memory: this host's next standby gets all of it again");
+                return None;
+            }
+        }
+        tracing::info!(epoch = epoch.0, mib = len >> 20, copy_ms = t.elapsed().as_millis() as u64, "kept the handed-over VM for this host's standby");
+        Some(KeptStandby { epoch, state, memory })
     }
 
     fn resume_after_switchover(&mut self) {

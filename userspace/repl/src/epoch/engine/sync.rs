@@ -21,30 +21,44 @@ use super::{PrimaryEngine, SendError, SYNC_CHUNK_PAGES};
 use crate::PAGE_SIZE;
 
 impl PrimaryEngine {
-    /// Streams all of guest memory and the disk image as one initial-sync epoch while the VM runs.
-    pub(super) fn initial_sync(&mut self, stop: &AtomicBool) -> Result<(), SendError> {
+    /// Streams guest memory (all of it, or only `since_resume` when the backup holds the epoch the
+    /// VM resumed from) and the disk image as one initial-sync epoch while the VM runs.
+    pub(super) fn initial_sync(&mut self, stop: &AtomicBool, since_resume: Option<PageRangeSet>) -> Result<(), SendError> {
         // After everything this engine numbered before (a backup that joins later gets the next
         // number, so that the output hold's epochs only increase).
         let epoch = self.transport.peer_standby().committed.map_or(0, |c| c.0 + 1).max(self.next_epoch);
         let mem = self.source.guest_memory();
-        let regions: Vec<(u64, u64)> =
-            mem.iter().map(|r| (r.start_addr().0 / PAGE_SIZE as u64, r.len() / PAGE_SIZE as u64)).collect();
+        let memory_incremental = since_resume.is_some();
+        let regions: Vec<(u64, u64)> = match &since_resume {
+            Some(pages) => pages.ranges().iter().map(|r| (r.start, r.len)).collect(),
+            None => mem.iter().map(|r| (r.start_addr().0 / PAGE_SIZE as u64, r.len() / PAGE_SIZE as u64)).collect(),
+        };
         let pages_total: u64 = regions.iter().map(|r| r.1).sum();
+        let memory_pages = mem.iter().map(|r| r.len() / PAGE_SIZE as u64).sum();
         let plan = self.disk_copy_plan();
         let disk_size = self.disk_source.as_ref().map_or(0, |d| d.bytes);
         let disk_total = plan.bytes(disk_size);
         let disk_incremental = matches!(plan, CopyPlan::Ranges(_));
-        let mut progress =
-            SyncProgress { pages_total, disk_bytes_total: disk_total, disk_size, disk_incremental, ..SyncProgress::default() };
+        let mut progress = SyncProgress {
+            pages_total,
+            memory_pages,
+            memory_incremental,
+            disk_bytes_total: disk_total,
+            disk_size,
+            disk_incremental,
+            ..SyncProgress::default()
+        };
         self.status.update(|s| s.state = EngineState::Syncing(progress));
         self.ack.sync_epoch.store(epoch, Ordering::Release);
         let span = tracing::info_span!("initial_sync", epoch, pages = pages_total, disk_bytes = disk_total);
         let _e = span.enter();
-        if disk_incremental {
-            tracing::info!(disk_bytes = disk_total, disk_size, "initial synchronisation started: of the disk, only the regions written since the copies diverged");
-        } else {
-            tracing::info!("initial synchronisation started");
+        if memory_incremental {
+            tracing::info!(pages = pages_total, memory_pages, "initial synchronisation: of memory, only the pages written since the VM resumed from the epoch the backup holds");
         }
+        if disk_incremental {
+            tracing::info!(disk_bytes = disk_total, disk_size, "initial synchronisation: of the disk, only the regions written since the copies diverged");
+        }
+        tracing::info!("initial synchronisation started");
         let t0 = Instant::now();
         self.transport.begin_epoch(&EpochBegin {
             epoch: EpochId(epoch),
@@ -134,7 +148,7 @@ impl PrimaryEngine {
         self.rate = (Instant::now(), 0);
         let elapsed = t0.elapsed();
         let mib_per_s = progress.bytes_total() as f64 / (1 << 20) as f64 / elapsed.as_secs_f64().max(1e-6);
-        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, bytes = progress.bytes_total(), disk_bytes = progress.disk_bytes_total, disk_incremental, mib_per_s = mib_per_s.round(), "initial synchronisation sent");
+        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, bytes = progress.bytes_total(), disk_bytes = progress.disk_bytes_total, disk_incremental, memory_incremental, mib_per_s = mib_per_s.round(), "initial synchronisation sent");
         Ok(())
     }
 

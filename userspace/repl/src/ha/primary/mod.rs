@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use ftvm_vmm::machine::{CheckpointSourceError, Machine, MachineExit, MachineHandle, MachineRunError};
 
+use crate::backup::standby::KeptStandby;
 use crate::epoch::engine::{
     AckAuthorityHook, DiskSource, EngineConfig, EngineCreateError, EngineStatus, PrimaryEngine, StatusSnapshot,
 };
@@ -149,7 +150,7 @@ pub enum PrimaryHostRunError {
 }
 
 /// How a primary host's run ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum PrimaryExit {
     /// The machine's run ended (the guest exited, or the owner stopped it): the backup was told
     /// goodbye (unless the pair was already simplex) and does not take over.
@@ -171,6 +172,8 @@ pub enum PrimaryExit {
     HandedOver {
         /// The final epoch.
         epoch: ftvm_proto::EpochId,
+        /// The VM as handed over, for this host's standby (see [`KeptStandby`]).
+        kept: Option<KeptStandby>,
     },
 }
 
@@ -304,9 +307,13 @@ impl PrimaryHost {
             }
         };
         drop(rejoiner);
-        if let Err(e) = engine.stop() {
-            tracing::warn!(error = %ErrorChain(&e), "epoch engine ended with an error");
-        }
+        let kept = match engine.stop() {
+            Ok(report) => report.kept,
+            Err(e) => {
+                tracing::warn!(error = %ErrorChain(&e), "epoch engine ended with an error");
+                None
+            }
+        };
         if let Some(Err(e)) = output_trace.map(|t| t.flush()) {
             tracing::warn!(error = %e, "cannot write the end of the output trace");
         }
@@ -319,7 +326,7 @@ impl PrimaryHost {
         match ending {
             Some(Ending::Failed(reason)) => Ok(PrimaryExit::Failed { reason }),
             Some(Ending::Fenced(reason)) => Ok(PrimaryExit::Fenced { reason }),
-            Some(Ending::HandedOver(epoch)) => Ok(PrimaryExit::HandedOver { epoch }),
+            Some(Ending::HandedOver(epoch)) => Ok(PrimaryExit::HandedOver { epoch, kept }),
             None => Ok(PrimaryExit::Stopped(exit?)),
         }
     }
