@@ -108,9 +108,14 @@ mod tests {
     /// open connections already served. Bound in this order, they go in reverse: the writers and
     /// captures, the site, then the turn of the next test.
     fn begin(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Site, Captures, Load) {
+        begin_with(tag, &[])
+    }
+
+    /// [`begin`], with `extra` arguments for `site up`.
+    fn begin_with(tag: &str, extra: &[&str]) -> (std::sync::MutexGuard<'static, ()>, Site, Captures, Load) {
         let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         require_root_and_kvm();
-        let site = Site::up(tag, &[]);
+        let site = Site::up(tag, extra);
         let caps = Captures::start(&site, tag);
         let load = Load::start_paced(&site.netns("client"), CONNECTIONS, READ_TIMEOUT, PACE, LOAD_LIMIT);
         serve_again(&site, &load, "at the start");
@@ -333,6 +338,69 @@ mod tests {
         assert!(lost.is_empty(), "[{name}] {} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(10)]);
         // One pause each, not a retransmission timeout's worth of them.
         assert!(longest < Duration::from_secs(2), "[{name}] a client waited {longest:?}");
+        let turns = caps.turns(&name);
+        assert_eq!(turns, ["A", "B", "A"], "[{name}] the guest's frames left the hosts in these turns");
+    }
+
+    /// `ftvm --version` of a build.
+    fn version_of(binary: &std::path::Path) -> String {
+        let out = run_with_timeout(std::process::Command::new(binary).arg("--version"), Duration::from_secs(30));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A rolling upgrade with two builds, the older speaking the previous A-Link minor (built by
+    /// `cargo xtask build-previous-minor`, which the test command runs): both hosts start on the
+    /// older build; the backup is upgraded (killed, started from the new build: it pairs with the
+    /// older primary at the older minor); a switchover moves the VM to it; the old primary is
+    /// upgraded the same way, and a switchover brings the VM back. Writers keep their connections
+    /// and every acknowledged write throughout, and the frames leave one host at a time.
+    #[test]
+    fn a_rolling_upgrade_across_two_builds_keeps_every_connection_and_write() {
+        let old = ftvm_system_tests::workspace_root().join("target/compat/debug/ftvm");
+        assert!(old.is_file(), "{} is missing: `cargo xtask build-previous-minor` builds it", old.display());
+        let new = ftvm_system_tests::ftvm_bin();
+        let (old_version, new_version) = (version_of(&old), version_of(&new));
+        assert!(old_version.contains("protocol 1.4") && new_version.contains("protocol 1.5"), "builds: {old_version:?} and {new_version:?}");
+        let old_arg = old.display().to_string();
+        let (_one, site, caps, load) = begin_with("upg", &["--host-a-binary", &old_arg, "--host-b-binary", &old_arg]);
+        let name = site.name.clone();
+        let mut checked = vec![0; CONNECTIONS];
+        let new_arg = new.display().to_string();
+        let upgrade = |host: &str| {
+            site.kill(host);
+            let t = Instant::now();
+            site.try_run(&["site", "repair", "--name", &name, host, "--binary", &new_arg], Duration::from_secs(330))
+                .unwrap_or_else(|e| panic!("[{name}] upgrading {host}: {e:#}"));
+            let st = site.status();
+            assert!(st.state == "protected" && st.role(host) == "backup", "[{name}] after upgrading {host}: {st}");
+            println!("[{name}] {host} upgraded to {new_version:?} and protected again after {:.1} s", t.elapsed().as_secs_f64());
+        };
+        let switch_over = |from: &str, to: &str| {
+            let out = site
+                .try_run(&["site", "switchover", "--name", &name], Duration::from_secs(330))
+                .unwrap_or_else(|e| panic!("[{name}] switchover {from} to {to}: {e:#}"));
+            let st = site.status();
+            assert!(st.state == "protected" && st.role(to) == "primary", "[{name}] after the switchover from {from}: {st}");
+            println!("[{name}] switchover {from} → {to}: {}", out.trim());
+            st
+        };
+        upgrade("B");
+        serve_again(&site, &load, "B upgraded");
+        check_writes(&site, &load, &mut checked, "B upgraded, A on the older build");
+        switch_over("A", "B");
+        serve_again(&site, &load, "on B");
+        upgrade("A");
+        serve_again(&site, &load, "A upgraded");
+        check_writes(&site, &load, &mut checked, "both upgraded");
+        let st = switch_over("B", "A");
+        // Both on the new build now: the switchover back copies only what changed.
+        assert_eq!(last_sync(&st, "A")["memory_copy"], "incremental", "[{name}] {st}");
+        serve_again(&site, &load, "back on A");
+        check_writes(&site, &load, &mut checked, "back on A");
+        let logs = load.stop();
+        for l in &logs {
+            assert!(l.failure.is_none(), "[{name}] connection {} failed: {:?}", l.conn, l.failure);
+        }
         let turns = caps.turns(&name);
         assert_eq!(turns, ["A", "B", "A"], "[{name}] the guest's frames left the hosts in these turns");
     }

@@ -29,6 +29,9 @@ enum Task {
     BuildEbpf,
     /// Extract a real Debian bzImage to target/fixtures/vmlinuz for the Linux loader's tests.
     FetchTestKernel,
+    /// Build `ftvm` speaking the previous A-Link minor into target/compat/debug/ftvm (the
+    /// rolling-upgrade test's older build).
+    BuildPreviousMinor,
     /// Run the benchmarks and write bench/results/<name>.json.
     Bench(bench::BenchArgs),
     /// A site under writers through N random failures and repairs; fails on a lost write, a
@@ -58,6 +61,7 @@ fn main() -> Result<()> {
         Task::BuildGuest => guest::build().map(|p| println!("{}", p.display())),
         Task::BuildEbpf => ebpf::build().map(|p| println!("{}", p.display())),
         Task::FetchTestKernel => kernel::fetch().map(|p| println!("{}", p.display())),
+        Task::BuildPreviousMinor => test::build_previous_minor(),
         Task::Bench(args) => bench::run(args),
         Task::Chaos(args) => chaos::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),

@@ -32,11 +32,32 @@ pub fn run(extra: &[String]) -> Result<()> {
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     step("build the binaries", build)?;
+    build_previous_minor()?;
     let mut test = cargo();
     test.args(["test", "--workspace"]).args(extra);
     step("run the tests", test)?;
     eprintln!("[xtask test] fuzzing each target for {FUZZ_SECONDS} s");
     crate::fuzz::run(&crate::fuzz::FuzzArgs { seconds: FUZZ_SECONDS, target: None, seed: false, asan: false })
+}
+
+/// Where the build that speaks the previous A-Link minor goes (its own target directory: the same
+/// binary name built with other features would overwrite this build's).
+pub const COMPAT_TARGET_DIR: &str = "target/compat";
+
+/// Builds `ftvm` speaking the previous minor of the A-Link protocol (the `previous-minor`
+/// feature of ftvm-proto) into [`COMPAT_TARGET_DIR`], for the rolling-upgrade test
+/// (`tests/upgrade.rs`): two builds of one site's hosts that must pair.
+pub fn build_previous_minor() -> Result<()> {
+    let root = crate::workspace_root();
+    let mut build = cargo();
+    build.args(["build", "-p", "ftvm", "--bin", "ftvm", "--features", "ftvm-proto/previous-minor", "--target-dir", COMPAT_TARGET_DIR]);
+    step("build ftvm speaking the previous A-Link minor", build)?;
+    // That build looks for the eBPF object in its own target directory: the one built above.
+    let link = root.join(COMPAT_TARGET_DIR).join("ebpf");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(root.join("target/ebpf"), &link).with_context(|| format!("cannot link {}", link.display()))?;
+    }
+    Ok(())
 }
 
 /// Seconds each fuzz target runs in the test suite: enough to replay its corpus and regressions

@@ -25,6 +25,20 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line, with `--version` naming the A-Link protocol this build speaks (what a
+    /// rolling upgrade needs to know).
+    pub fn parse_with_protocol_version() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        use ftvm_proto::frame::{PROTOCOL_MAJOR, PROTOCOL_MINOR};
+        // Made once per process: leaking it gives clap the 'static string it wants.
+        let version: &'static str =
+            Box::leak(format!("{} (A-Link protocol {PROTOCOL_MAJOR}.{PROTOCOL_MINOR})", env!("CARGO_PKG_VERSION")).into_boxed_str());
+        let matches = Self::command().version(version).get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run one unprotected VM on this host (the baseline every benchmark compares against).

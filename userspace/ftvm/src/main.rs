@@ -15,7 +15,6 @@ mod status;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -25,7 +24,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_with_protocol_version();
     let result = match cli.command {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Primary(args) => ft::primary(args),

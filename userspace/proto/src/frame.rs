@@ -26,7 +26,12 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 /// Protocol major version: peers with different majors do not talk.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
+#[cfg(not(feature = "previous-minor"))]
 pub const PROTOCOL_MINOR: u8 = 5;
+/// Protocol minor version of a build made to speak the previous minor (see the crate's
+/// `previous-minor` feature).
+#[cfg(feature = "previous-minor")]
+pub const PROTOCOL_MINOR: u8 = 4;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the authentication tag.

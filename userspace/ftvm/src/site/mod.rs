@@ -103,6 +103,13 @@ pub struct UpArgs {
     /// (a one-member etcd there instead), or `none` (no protection against split-brain).
     #[arg(long, value_enum, default_value = "witness")]
     pub quorum: crate::quorum::QuorumKind,
+    /// Run host A's service from this `ftvm` build instead of this one (a rolling upgrade on one
+    /// machine: two builds speaking adjacent A-Link protocol versions).
+    #[arg(long)]
+    pub host_a_binary: Option<PathBuf>,
+    /// The same for host B.
+    #[arg(long)]
+    pub host_b_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +157,10 @@ pub struct RepairArgs {
     /// Seconds to wait for the pair to be protected again.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Start the host's service from this `ftvm` build from now on (an upgrade; by default the
+    /// build it ran before).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
 }
 
 /// One host of the site, as recorded in the state file.
@@ -165,6 +176,9 @@ pub struct HostRecord {
     /// of the VM wherever it runs (empty for the witness).
     #[serde(default)]
     pub service_args: Vec<String>,
+    /// The `ftvm` build this host's service runs, when not the site's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<PathBuf>,
 }
 
 /// The state file of a site (`/run/ftvm/sites/<name>/site.json`).
@@ -368,9 +382,13 @@ const EBPF_PORTS: [&str; 4] = ["--business-port", "biz0", "--alink-port", "alink
 /// The A-Link port the backup listens on.
 const ALINK_PORT: u16 = crate::ft::DEFAULT_ALINK_PORT;
 
-/// Starts one host's ftvm process in its namespace, detached from this terminal.
-fn spawn_host(dir: &Path, host: &str, args: &[String]) -> Result<i32> {
-    let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
+/// Starts one host's ftvm process in its namespace, detached from this terminal: this build, or
+/// `binary`.
+fn spawn_host(dir: &Path, host: &str, args: &[String], binary: Option<&Path>) -> Result<i32> {
+    let exe = match binary {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe().context("cannot find the ftvm binary")?,
+    };
     let log = dir.join(format!("host-{host}.log"));
     // Appended to: a repaired host's log keeps what its earlier life said.
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
@@ -384,6 +402,19 @@ fn spawn_host(dir: &Path, host: &str, args: &[String]) -> Result<i32> {
         .spawn()
         .with_context(|| format!("cannot start host {host}"))?;
     Ok(child.id() as i32)
+}
+
+/// An `ftvm` build given for a host: it must answer `--version` (it then names its protocol).
+fn check_binary(binary: &Path) -> Result<()> {
+    let out = Command::new(binary)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run the ftvm build {}", binary.display()))?;
+    if !out.status.success() {
+        bail!("{} --version failed: is it an ftvm build?", binary.display());
+    }
+    tracing::info!(binary = %binary.display(), version = %String::from_utf8_lossy(&out.stdout).trim(), "a host runs another ftvm build");
+    Ok(())
 }
 
 /// A fresh random A-Link secret, readable by root only.
@@ -422,7 +453,7 @@ fn run_witness(names: &SiteNames, dir: &Path, secret: &Path) -> Result<i32> {
     .to_vec();
     let log = dir.join("host-witness.log");
     let since = log_len(&log);
-    let pid = spawn_host(dir, "witness", &args)?;
+    let pid = spawn_host(dir, "witness", &args, None)?;
     wait_for_log(pid, &log, since, "witness serving", "the witness did not start")?;
     Ok(pid)
 }
@@ -548,11 +579,14 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
     let (config_a, config_b) = (config(0)?, config(1)?);
     // A first: it claims the VM's lease (granted, nobody runs it) before B asks, which then
     // stands by as the backup; A waits for B's listener meanwhile.
-    let primary_pid = spawn_host(dir, "a", &service(&config_a, "primary"))?;
+    for b in [&args.host_a_binary, &args.host_b_binary].into_iter().flatten() {
+        check_binary(b)?;
+    }
+    let primary_pid = spawn_host(dir, "a", &service(&config_a, "primary"), args.host_a_binary.as_deref())?;
     if !no_quorum {
         wait_for_log(primary_pid, &dir.join("host-a.log"), 0, "lease held", "host A did not claim the VM's lease")?;
     }
-    let backup_pid = spawn_host(dir, "b", &service(&config_b, "backup"))?;
+    let backup_pid = spawn_host(dir, "b", &service(&config_b, "backup"), args.host_b_binary.as_deref())?;
     let record = SiteRecord {
         name: args.site.name.clone(),
         client_netns: names.client.clone(),
@@ -566,6 +600,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
                 role: "primary".into(),
                 killed: false,
                 service_args: service(&config_a, "backup"),
+                binary: args.host_a_binary.clone(),
             },
             HostRecord {
                 name: "B".into(),
@@ -574,6 +609,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
                 role: "backup".into(),
                 killed: false,
                 service_args: service(&config_b, "backup"),
+                binary: args.host_b_binary.clone(),
             },
         ],
         witness: witness_pid.map(|pid| HostRecord {
@@ -583,6 +619,7 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
             role: "witness".into(),
             killed: false,
             service_args: Vec::new(),
+            binary: None,
         }),
     };
     save(&record)?;
@@ -1007,6 +1044,11 @@ fn repair(args: RepairArgs) -> Result<()> {
     if host.service_args.is_empty() {
         bail!("site {} was made by an older ftvm: it cannot repair its hosts (`site down`, then `site up`)", args.site.name);
     }
+    if let Some(b) = &args.binary {
+        check_binary(b)?;
+        record.hosts[i].binary = Some(b.clone());
+    }
+    let host = &record.hosts[i];
     let dir = site_dir(&record.name);
     // As a host's reboot would: whatever still runs there goes (the dead service's lease
     // watchdog), its cables go back, and its service starts afresh as a standby.
@@ -1015,7 +1057,7 @@ fn repair(args: RepairArgs) -> Result<()> {
     let lower = wanted.to_ascii_lowercase();
     // The dead service's report must not be read as the new one's.
     let _ = std::fs::remove_file(dir.join(format!("host-{lower}.status.json")));
-    let pid = spawn_host(&dir, &lower, &host.service_args)?;
+    let pid = spawn_host(&dir, &lower, &host.service_args, host.binary.as_deref())?;
     let host = &mut record.hosts[i];
     host.pids = vec![pid];
     host.killed = false;
