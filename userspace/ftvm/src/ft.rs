@@ -85,8 +85,9 @@ pub struct PrimaryArgs {
 /// takeover (protected again once the other host is back).
 #[derive(Debug, Args)]
 pub struct EngineArgs {
-    /// Longest time between checkpoints, in microseconds.
-    #[arg(long, default_value_t = 1000)]
+    /// Longest time between checkpoints while no guest output waits (an idle VM), in
+    /// microseconds; output is checkpointed at once whatever this is.
+    #[arg(long, default_value_t = 50_000)]
     pub epoch_us: u64,
     /// Shortest time between checkpoints when guest output waits for one, in microseconds (held
     /// output is latency the clients see); 0 checkpoints only every `--epoch-us`.

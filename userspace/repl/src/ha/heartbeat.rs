@@ -203,6 +203,11 @@ impl IdleHeartbeat {
         now_us.saturating_sub(self.last_sent_us) >= self.interval_us
     }
 
+    /// How long until a heartbeat is due at `now_us` (zero when one is).
+    pub fn until_due(&self, now_us: u64) -> Duration {
+        Duration::from_micros(self.interval_us.saturating_sub(now_us.saturating_sub(self.last_sent_us)))
+    }
+
     /// Sends a heartbeat on `transport` if one is due; returns whether it sent one.
     pub fn send_if_due(&mut self, now_us: u64, transport: &mut dyn CheckpointTransport) -> Result<bool, LinkError> {
         if !self.due(now_us) {
@@ -283,5 +288,7 @@ mod tests {
         assert!(h.due(6_000));
         h.note_sent(6_000);
         assert!(!h.due(10_000));
+        assert_eq!(h.until_due(10_000), Duration::from_millis(1));
+        assert_eq!(h.until_due(20_000), Duration::ZERO);
     }
 }
