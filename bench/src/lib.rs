@@ -7,6 +7,7 @@
 
 pub mod failover;
 pub mod heartbeat;
+pub mod idle;
 pub mod resync;
 pub mod switchover;
 
@@ -184,6 +185,9 @@ pub struct Report {
     /// Planned switchovers under writers; `None` when skipped.
     #[serde(default)]
     pub switchover: Option<switchover::SwitchoverReport>,
+    /// What an idle VM costs, unprotected and protected; `None` when skipped.
+    #[serde(default)]
+    pub idle: Option<idle::IdleReport>,
 }
 
 impl Report {
@@ -239,6 +243,17 @@ impl Report {
             s += &format!(
                 "switchovers: longest client gap {:.0} ms over {} connections; {} writes checked, {} lost\n",
                 so.longest_client_gap_ms, so.connections, so.writes_checked, so.writes_lost
+            );
+        }
+        if let Some(i) = &self.idle {
+            let pct = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{p:.1} %"));
+            s += &format!(
+                "idle for {:.0} s: unprotected VM {} of a core; FT primary {}, backup {} ({} checkpoints/s)\n",
+                i.seconds,
+                pct(i.unprotected_pct),
+                pct(i.primary_pct),
+                pct(i.backup_pct),
+                i.epochs_per_sec.map_or("-".to_string(), |e| format!("{e:.0}"))
             );
         }
         for r in &self.resync {

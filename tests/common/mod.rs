@@ -288,6 +288,11 @@ impl Vm {
         std::fs::read_to_string(&self.console_log).unwrap_or_default()
     }
 
+    /// The `ftvm run` process's pid, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok())
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }

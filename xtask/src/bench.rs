@@ -6,6 +6,7 @@
 //! binary is `$FTVM_BIN` if set (used as it is, not built), else a release build made here in
 //! `$CARGO_TARGET_DIR` (or `target/`).
 
+use std::time::Duration;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -49,6 +50,10 @@ pub struct BenchArgs {
     /// Heartbeat probes per responder (XDP and userspace); 0 skips the heartbeat measurement.
     #[arg(long, default_value_t = 5000)]
     pub heartbeat_probes: usize,
+    /// Seconds of no load over which the idle VM's CPU use is measured, unprotected and
+    /// protected (0: skip).
+    #[arg(long, default_value_t = 10)]
+    pub idle_seconds: u64,
 }
 
 /// The release ftvm the benchmark runs: `$FTVM_BIN`, else `<target dir>/release/ftvm`.
@@ -111,6 +116,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Ok(results)
     };
 
+    let idle_for = Duration::from_secs(args.idle_seconds);
+    let mut idle = ftvm_bench::idle::IdleReport { seconds: idle_for.as_secs_f64(), ..Default::default() };
     let unprotected = if args.failover_only {
         Vec::new()
     } else {
@@ -121,8 +128,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "[bench] booting the unprotected VM in namespace {}",
             ns.name()
         );
-        let _vm = Vm::start(&ns, dir.path(), &opts);
-        load(ns.name())?
+        let vm = Vm::start(&ns, dir.path(), &opts);
+        let results = load(ns.name())?;
+        if let (Some(pid), true) = (vm.pid(), idle_for > Duration::ZERO) {
+            eprintln!("[bench] the unprotected VM idle for {} s", idle_for.as_secs());
+            idle.unprotected_pct = Some(ftvm_bench::idle::cpu_percent(&[pid], idle_for)?);
+        }
+        results
     };
 
     let (ft, ft_status) = if args.no_ft || args.failover_only {
@@ -139,6 +151,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         site.try_up(&[])?;
         let ft = load(&site.netns("client"))?;
         let status = site.try_status()?.json;
+        if idle_for > Duration::ZERO {
+            eprintln!("[bench] the protected pair idle for {} s", idle_for.as_secs());
+            idle.primary_pct = Some(ftvm_bench::idle::cpu_percent(&site.host_pids("A")?, idle_for)?);
+            idle.backup_pct = Some(ftvm_bench::idle::cpu_percent(&site.host_pids("B")?, idle_for)?);
+            idle.epochs_per_sec = site.try_status()?.json["epochs_per_sec"].as_f64();
+        }
         (ft, Some(status))
     };
     let failover = if args.no_ft || args.no_failover || args.failovers == 0 {
@@ -168,7 +186,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut resync = Vec::new();
     if !(args.no_ft || args.failover_only) {
         let env = SiteEnv { ftvm: bin.clone(), guest: guest.clone(), logs: ftvm_bench::failover::LOGS_DIR.into() };
-        for memory in &args.resync_memory {
+        for memory in args.resync_memory.iter().filter(|m| !m.is_empty()) {
             eprintln!("[bench] resync: {memory} guest, the backup and the old primary repaired with their old disks, then a blank disk");
             resync.extend(ftvm_bench::resync::run(&env, memory)?);
         }
@@ -198,6 +216,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         heartbeat,
         resync,
         switchover,
+        idle: (idle_for > Duration::ZERO && !args.failover_only).then_some(idle),
     };
     let path = report.write(&crate::workspace_root().join("bench/results"))?;
     print!("{}", report.table());
