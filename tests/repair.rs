@@ -174,9 +174,7 @@ mod tests {
             serve_again(&site, &load, &format!("cycle {cycle}, after the takeover by {backup}"));
             if cycle == BLANK_DISK_CYCLE {
                 // This host comes back with a blank disk (a replaced drive): no term, no data.
-                let disk = site.dir().join(format!("disk-{}.img", primary.to_ascii_lowercase()));
-                std::fs::remove_file(&disk).unwrap_or_else(|e| panic!("[{name}] {}: {e}", disk.display()));
-                let _ = std::fs::remove_file(disk.with_extension("img.term"));
+                site.try_blank_disk(primary).unwrap_or_else(|e| panic!("[{name}] {e:#}"));
                 println!("[{name}] cycle {cycle}: {primary}'s disk removed before its repair");
             }
             let repair = site.repair(primary);
@@ -227,21 +225,15 @@ mod tests {
         assert_eq!(turns, expected, "[{name}] the guest's frames left the hosts in these turns");
     }
 
-    /// The last synchronisation host `name` sent, as it reports it (a primary at its top, a host
-    /// that took over under `serving`).
+    /// The last synchronisation host `name` sent (see [`Status::last_sync`]).
     fn last_sync(st: &Status, name: &str) -> serde_json::Value {
-        let d = st.detail(name).unwrap_or_else(|| panic!("no status of {name}: {st}"));
-        let sync = if d["last_sync"].is_null() { &d["serving"]["last_sync"] } else { &d["last_sync"] };
-        sync.clone()
+        st.last_sync(name).unwrap_or_else(|| panic!("{name} reports no synchronisation: {st}")).clone()
     }
 
-    /// Waits until both hosts' write-intent records know the past: a fresh disk's record does
-    /// once its first synchronisation and the epochs after it are acknowledged; until then a
-    /// rejoin copies everything.
+    /// Waits until both hosts' write-intent records know the past (see
+    /// [`Status::disk_records_complete`]).
     fn wait_records_complete(site: &Site) {
-        let (st, known) = site.wait_status(Duration::from_secs(30), |s| {
-            ["A", "B"].iter().all(|h| s.detail(h).is_some_and(|d| d["disk_record"]["complete"] == true))
-        });
+        let (st, known) = site.wait_status(Duration::from_secs(30), Status::disk_records_complete);
         assert!(known, "[{}] the disks' write-intent records are not complete: {st}\n{:#}", site.name, st.json);
     }
 

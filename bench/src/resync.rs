@@ -40,20 +40,12 @@ fn wait(site: &Site, limit: Duration, want: impl Fn(&Status) -> bool) -> Result<
     }
 }
 
-/// The last synchronisation host `name` sent, from its status (a primary at its top, a host that
-/// took over under `serving`).
-fn last_sync(st: &Status, name: &str) -> Option<serde_json::Value> {
-    let d = st.detail(name)?;
-    let sync = if d["last_sync"].is_null() { &d["serving"]["last_sync"] } else { &d["last_sync"] };
-    (!sync.is_null()).then(|| sync.clone())
-}
-
 fn repair(site: &Site, host: &str, serving: &str, memory: &str, repaired: &'static str) -> Result<ResyncRun> {
     let t = Instant::now();
     site.try_run(&["site", "repair", "--name", &site.name, host], Duration::from_secs(600))?;
     let took = t.elapsed();
-    let st = wait(site, Duration::from_secs(30), |s| last_sync(s, serving).is_some())?;
-    let sync = last_sync(&st, serving).context("the serving host reports no synchronisation")?;
+    let st = wait(site, Duration::from_secs(30), |s| s.last_sync(serving).is_some())?;
+    let sync = st.last_sync(serving).context("the serving host reports no synchronisation")?;
     let field = |k: &str| sync[k].as_u64().with_context(|| format!("no {k} in {sync}"));
     let (bytes, disk_bytes, sync_s) = (field("bytes_total")?, field("disk_bytes_total")?, field("elapsed_ms")? as f64 / 1e3);
     let run = ResyncRun {
@@ -83,9 +75,7 @@ pub fn run(env: &SiteEnv, memory: &str) -> Result<Vec<ResyncRun>> {
     let mut site = Site::try_new(env.clone(), "rs")?;
     site.try_up(&["--memory", memory])?;
     // A fresh disk's record knows its past once its first synchronisation is acknowledged.
-    wait(&site, Duration::from_secs(60), |s| {
-        ["A", "B"].iter().all(|h| s.detail(h).is_some_and(|d| d["disk_record"]["complete"] == true))
-    })?;
+    wait(&site, Duration::from_secs(60), Status::disk_records_complete)?;
     site.try_kill("B")?;
     wait(&site, Duration::from_secs(30), |s| s.role_a == "primary" && s.role_b == "killed")?;
     let mut runs = vec![repair(&site, "B", "A", memory, "backup")?];
@@ -95,9 +85,7 @@ pub fn run(env: &SiteEnv, memory: &str) -> Result<Vec<ResyncRun>> {
     // A replaced drive: no disk, no term.
     site.try_kill("A")?;
     wait(&site, Duration::from_secs(30), |s| s.role_b == "primary" && s.role_a == "killed")?;
-    let disk = site.dir().join("disk-a.img");
-    std::fs::remove_file(&disk).with_context(|| format!("cannot remove {}", disk.display()))?;
-    let _ = std::fs::remove_file(disk.with_extension("img.term"));
+    site.try_blank_disk("A")?;
     runs.push(repair(&site, "A", "B", memory, "blank disk")?);
     Ok(runs)
 }

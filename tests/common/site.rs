@@ -91,6 +91,21 @@ impl Status {
         self.json["hosts"].as_array()?.iter().find(|h| h["name"] == name)?.get("detail")
     }
 
+    /// The last synchronisation host `name` sent, as it reports it (a primary at its top, a host
+    /// that took over under `serving`), if it sent one.
+    pub fn last_sync(&self, name: &str) -> Option<&serde_json::Value> {
+        let d = self.detail(name)?;
+        let sync = if d["last_sync"].is_null() { &d["serving"]["last_sync"] } else { &d["last_sync"] };
+        (!sync.is_null()).then_some(sync)
+    }
+
+    /// Whether both hosts' write-intent records know their past (a fresh disk's does once its
+    /// first synchronisation and the epochs after it are acknowledged; until then a rejoin copies
+    /// all of it).
+    pub fn disk_records_complete(&self) -> bool {
+        ["A", "B"].iter().all(|h| self.detail(h).is_some_and(|d| d["disk_record"]["complete"] == true))
+    }
+
     /// Whether the pair is protected: A primary, B backup.
     pub fn is_protected(&self) -> bool {
         self.state == "protected" && self.role_a == "primary" && self.role_b == "backup"
@@ -221,6 +236,15 @@ impl Site {
         let end = Instant::now();
         checked(&args, out?)?;
         Ok((start, end))
+    }
+
+    /// Host `host`'s disk replaced by a blank one (a new drive): its image and its term are
+    /// removed, and its service, repaired, finds neither. Call it while the host is killed.
+    pub fn try_blank_disk(&self, host: &str) -> Result<()> {
+        let disk = self.dir().join(format!("disk-{}.img", host.to_ascii_lowercase()));
+        std::fs::remove_file(&disk).with_context(|| format!("cannot remove {}", disk.display()))?;
+        let _ = std::fs::remove_file(disk.with_extension("img.term"));
+        Ok(())
     }
 
     /// `ftvm site repair --name <site> <host>`: returns once the pair is protected again, with

@@ -332,6 +332,27 @@ impl PrimaryStatus {
     }
 }
 
+/// What a synchronisation copies of memory or of the disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyKind {
+    /// All of it.
+    #[default]
+    Full,
+    /// Only what may differ from the backup's copy.
+    Incremental,
+}
+
+impl CopyKind {
+    fn of(incremental: bool) -> Self {
+        if incremental {
+            Self::Incremental
+        } else {
+            Self::Full
+        }
+    }
+}
+
 /// How far the initial synchronisation is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncStatus {
@@ -342,19 +363,18 @@ pub struct SyncStatus {
     pub rate_bytes_per_s: Option<u64>,
     /// Seconds left at that rate.
     pub eta_s: Option<u64>,
-    /// "incremental": of memory, only the pages written since the VM resumed from the epoch the
-    /// backup holds (the old primary of a switchover); "full": all of it.
+    /// Incremental: of memory, only the pages written since the VM resumed from the epoch the
+    /// backup holds (the old primary of a switchover).
     #[serde(default)]
-    pub memory_copy: String,
+    pub memory_copy: CopyKind,
     /// Memory bytes to send, and the guest's memory size.
     #[serde(default)]
     pub memory_bytes_total: u64,
     #[serde(default)]
     pub memory_size: u64,
-    /// "incremental": of the disk, only the regions written since the copies diverged; "full":
-    /// all of it.
+    /// Incremental: of the disk, only the regions written since the copies diverged.
     #[serde(default)]
-    pub disk_copy: String,
+    pub disk_copy: CopyKind,
     /// Disk bytes sent, of `disk_bytes_total` to send.
     #[serde(default)]
     pub disk_bytes_sent: u64,
@@ -384,10 +404,10 @@ impl SyncStatus {
             bytes_total: p.bytes_total(),
             rate_bytes_per_s: p.rate(),
             eta_s: p.eta().map(|d| d.as_secs_f64().ceil() as u64),
-            memory_copy: if p.memory_incremental { "incremental" } else { "full" }.to_string(),
+            memory_copy: CopyKind::of(p.memory_incremental),
             memory_bytes_total: p.pages_total * ftvm_repl::PAGE_SIZE as u64,
             memory_size: p.memory_pages * ftvm_repl::PAGE_SIZE as u64,
-            disk_copy: if p.disk_incremental { "incremental" } else { "full" }.to_string(),
+            disk_copy: CopyKind::of(p.disk_incremental),
             disk_bytes_sent: p.disk_bytes_sent,
             disk_bytes_total: p.disk_bytes_total,
             disk_size: p.disk_size,

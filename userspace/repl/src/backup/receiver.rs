@@ -933,7 +933,13 @@ impl<'a> Session<'a> {
     }
 
     fn send_standby_info(&mut self) -> Result<(), SessionError> {
-        let info = self.inner.read_standby().info(self.inner.config.disk_bytes);
+        // What the standby holds and (from 1.5) the digest of its state, under one look.
+        let (info, digest) = {
+            let sb = self.inner.read_standby();
+            let info = sb.info(self.inner.config.disk_bytes);
+            let digest = (self.minor >= 5 && info.restorable).then(|| *blake3::hash(&sb.state).as_bytes());
+            (info, digest)
+        };
         send_small(self.stream, &mut self.sealer, FrameKind::StandbyInfo, 0, &info.encode()).map_err(SessionError::Send)?;
         // From 1.3 what this host's KVM can restore follows, for the primary to judge.
         if self.minor >= 3 {
@@ -947,10 +953,7 @@ impl<'a> Session<'a> {
                 None => DiskMarks::unknown(DEFAULT_REGION_BYTES),
             };
             send_small(self.stream, &mut self.sealer, FrameKind::DiskMarks, 0, &marks.encode()).map_err(SessionError::Send)?;
-            let digest = {
-                let sb = self.inner.read_standby();
-                if info.restorable { *blake3::hash(&sb.state).as_bytes() } else { [0; 32] }
-            };
+            let digest = digest.unwrap_or([0; 32]);
             send_small(self.stream, &mut self.sealer, FrameKind::StandbyDigest, 0, &digest).map_err(SessionError::Send)?;
         }
         Ok(())

@@ -328,10 +328,9 @@ impl std::fmt::Debug for BackupDaemon {
 
 impl BackupDaemon {
     /// Starts the receiver and the watch.
-    pub fn start(cfg: DaemonConfig) -> Result<Self, DaemonStartError> {
+    pub fn start(mut cfg: DaemonConfig) -> Result<Self, DaemonStartError> {
         // The standby disk is the restored VM's, and so the one a later backup is synchronised from.
         let mut standby_disk = DiskSource::new(cfg.receiver.disk_path.clone(), cfg.receiver.disk_bytes);
-        let mut cfg = cfg;
         // One write-intent record per disk: the receiver reports and resets it, the restored
         // guest's block device marks it, and the engine that protects that guest again clears it.
         if let Some(intent) = &cfg.receiver.intent {

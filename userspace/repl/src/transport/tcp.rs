@@ -279,6 +279,17 @@ fn write_frame(
     Ok(tag)
 }
 
+/// The backup's next frame while the link is set up: the payload of a `want` frame; a goodbye is
+/// its refusal, and any other kind is out of place.
+fn read_answer(opener: &mut FrameOpener, io: &mut impl io::Read, want: FrameKind) -> Result<Vec<u8>, ConnectError> {
+    let frame = opener.read(io).map_err(ConnectError::Info)?;
+    match frame.header.kind {
+        kind if kind == want => Ok(frame.payload),
+        FrameKind::Goodbye => Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
+        other => Err(ConnectError::Unexpected(other)),
+    }
+}
+
 fn ack_reader(stream: TcpStream, mut opener: FrameOpener, shared: Arc<AckShared>) {
     let mut input = BufReader::with_capacity(4096, stream);
     let mut payload = Vec::new();
@@ -341,12 +352,8 @@ impl TcpTransport {
             let term = options.lease_term.unwrap_or(0);
             sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&term.to_le_bytes()]).map_err(ConnectError::Info)?;
         }
-        let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
-        let peer = match frame.header.kind {
-            FrameKind::StandbyInfo => StandbyInfo::decode(&frame.payload).map_err(ConnectError::MalformedInfo)?,
-            FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
-            other => return Err(ConnectError::Unexpected(other)),
-        };
+        let info = read_answer(&mut opener, &mut io, FrameKind::StandbyInfo)?;
+        let peer = StandbyInfo::decode(&info).map_err(ConnectError::MalformedInfo)?;
         if let Some(guest) = options.memory_bytes.filter(|&g| g != peer.memory_bytes) {
             return Err(ConnectError::MemoryMismatch { backup: peer.memory_bytes, guest });
         }
@@ -356,12 +363,8 @@ impl TcpTransport {
         // From 1.3 the backup's CPU capabilities follow: a backup whose KVM could not restore this
         // guest is no place it can resume, so it is refused here rather than reported protected.
         if session.minor >= 3 {
-            let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
-            let caps = match frame.header.kind {
-                FrameKind::HostCpu => HostCpuCaps::decode(&frame.payload).map_err(ConnectError::MalformedCpu)?,
-                FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
-                other => return Err(ConnectError::Unexpected(other)),
-            };
+            let caps = read_answer(&mut opener, &mut io, FrameKind::HostCpu)?;
+            let caps = HostCpuCaps::decode(&caps).map_err(ConnectError::MalformedCpu)?;
             if let Some(needs) = &options.cpu_needs {
                 check_restorable(needs, &caps).map_err(ConnectError::CpuIncompatible)?;
             }
@@ -373,18 +376,10 @@ impl TcpTransport {
         // And the digest of the state its standby holds: a primary that resumed from exactly
         // that state sends it only the pages written since.
         let (peer_marks, peer_digest) = if session.minor >= 5 {
-            let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
-            let marks = match frame.header.kind {
-                FrameKind::DiskMarks => DiskMarks::decode(&frame.payload, peer.disk_bytes).map_err(ConnectError::MalformedMarks)?,
-                FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
-                other => return Err(ConnectError::Unexpected(other)),
-            };
-            let frame = opener.read(&mut io).map_err(ConnectError::Info)?;
-            let digest: [u8; 32] = match frame.header.kind {
-                FrameKind::StandbyDigest => frame.payload[..].try_into().map_err(|_| ConnectError::MalformedDigest(frame.payload.len()))?,
-                FrameKind::Goodbye => return Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
-                other => return Err(ConnectError::Unexpected(other)),
-            };
+            let marks = read_answer(&mut opener, &mut io, FrameKind::DiskMarks)?;
+            let marks = DiskMarks::decode(&marks, peer.disk_bytes).map_err(ConnectError::MalformedMarks)?;
+            let digest = read_answer(&mut opener, &mut io, FrameKind::StandbyDigest)?;
+            let digest: [u8; 32] = digest[..].try_into().map_err(|_| ConnectError::MalformedDigest(digest.len()))?;
             (Some(marks), Some(digest).filter(|d| d.iter().any(|&b| b != 0) && peer.restorable))
         } else {
             (None, None)

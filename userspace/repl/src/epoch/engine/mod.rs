@@ -629,20 +629,13 @@ impl PrimaryEngine {
                 }
             }
             last_start = Some(Instant::now());
-            self.collect_acks();
-            if lock(&self.ack.superseded).is_some() {
-                continue;
-            }
-            if let Some(reason) = self.link_failure() {
-                self.go_simplex(&reason);
+            if !self.backup_still_there() {
                 continue;
             }
             if self.in_flight.len() >= self.cfg.max_in_flight {
                 // The backup is behind; the ack timeout decides whether it is gone. Meanwhile it
                 // must keep hearing from us, or its own slowness looks like our death.
-                if let Err(e) = self.heartbeat.send_if_due(monotonic_us(), self.transport.as_mut()) {
-                    self.go_simplex(&e);
-                }
+                self.heartbeat_if_due();
                 continue;
             }
             match self.checkpoint(Resume::Yes)? {
@@ -910,14 +903,28 @@ impl PrimaryEngine {
     /// A turn of the loop with no checkpoint due: acknowledgements are taken, a lost backup is
     /// noticed, and the backup hears from us (a heartbeat after a quiet stretch).
     fn quiet_turn(&mut self) {
+        if self.backup_still_there() {
+            self.heartbeat_if_due();
+        }
+    }
+
+    /// Takes the acknowledgements; false when this turn must not go on: another copy answers for
+    /// the VM (`run_until` fences it), or the backup is lost (the VM goes on alone).
+    fn backup_still_there(&mut self) -> bool {
         self.collect_acks();
         if lock(&self.ack.superseded).is_some() {
-            return;
+            return false;
         }
         if let Some(reason) = self.link_failure() {
             self.go_simplex(&reason);
-            return;
+            return false;
         }
+        true
+    }
+
+    /// A heartbeat to the backup after a stretch with nothing sent; a link that fails it is a lost
+    /// backup.
+    fn heartbeat_if_due(&mut self) {
         if let Err(e) = self.heartbeat.send_if_due(monotonic_us(), self.transport.as_mut()) {
             self.go_simplex(&e);
         }

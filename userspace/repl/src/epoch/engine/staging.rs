@@ -49,17 +49,17 @@ impl Staging {
 /// Copies guest memory at `addr` into `dst` with one `memcpy` when the range lies in one region
 /// (vm-memory's own copy goes word by word through volatile reads, several times slower, and the
 /// copy is inside the pause).
-fn copy_guest(mem: &ftvm_vmm::memory::GuestMemory, addr: GuestAddress, dst: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
+pub(super) fn copy_guest(mem: &ftvm_vmm::memory::GuestMemory, addr: GuestAddress, dst: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
     match mem.get_slice(addr, dst.len()) {
         Ok(src) => {
             let guard = src.ptr_guard();
             // SAFETY: `get_slice` checked that the host mapping covers `dst.len()` bytes from
             // `guard.as_ptr()` and the guard keeps it mapped; `dst` is a distinct Rust buffer, so the
             // two do not overlap. Guest memory is not a Rust object: it is shared with the guest,
-            // like any mapping another party writes. In a checkpoint the vCPUs and devices are
-            // paused, so nothing writes those pages during the copy; during the initial sync the
-            // guest may, and a page it changes meanwhile is dirty and sent again with the first
-            // checkpoint.
+            // like any mapping another party writes. In a checkpoint (and after a switchover, which
+            // leaves the VM paused) the vCPUs and devices are paused, so nothing writes those pages
+            // during the copy; during the initial sync the guest may, and a page it changes
+            // meanwhile is dirty and sent again with the first checkpoint.
             unsafe { std::ptr::copy_nonoverlapping(guard.as_ptr(), dst.as_mut_ptr(), dst.len()) };
             Ok(())
         }

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use ftvm_proto::EpochId;
 
-use vm_memory::{Bytes as _, GuestMemoryBackend as _, GuestMemoryRegion as _};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
+use super::staging::copy_guest;
 use super::status::EngineState;
 use crate::backup::standby::{KeptStandby, StandbyMemory};
 use super::PrimaryEngine;
@@ -139,7 +140,7 @@ impl PrimaryEngine {
         for r in mem.iter() {
             let start = r.start_addr().0 as usize;
             let dst = &mut memory.as_mut_slice()[start..start + r.len() as usize];
-            if let Err(e) = mem.read_slice(dst, r.start_addr()) {
+            if let Err(e) = copy_guest(&mem, r.start_addr(), dst) {
                 tracing::warn!(error = %e, "cannot copy the handed-over VM's memory: this host's next standby gets all of it again");
                 return None;
             }
