@@ -15,6 +15,7 @@ pub mod dirty;
 pub mod machine;
 pub mod memory;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 pub mod wake;
