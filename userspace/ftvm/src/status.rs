@@ -426,6 +426,9 @@ pub struct RecentEpochs {
     pub harvest_us: [u64; 2],
     pub state_us: [u64; 2],
     pub copy_us: [u64; 2],
+    /// A copy-on-write epoch's copy after the resume (absent in files of older versions).
+    #[serde(default)]
+    pub copy_after_resume_us: [u64; 2],
     pub resume_us: [u64; 2],
     pub send_us: [u64; 2],
     pub ack_us: [u64; 2],
@@ -442,6 +445,7 @@ impl RecentEpochs {
             harvest_us: us(&w.harvest),
             state_us: us(&w.state),
             copy_us: us(&w.copy),
+            copy_after_resume_us: us(&w.copy_after_resume),
             resume_us: us(&w.resume),
             send_us: us(&w.send),
             ack_us: us(ack),
@@ -661,7 +665,7 @@ mod tests {
       "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
       "link_per_dirty_byte": 1.02, "disk_replication_lost": false,
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
-        "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "resume_us": [5, 9],
+        "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "copy_after_resume_us": [0, 0], "resume_us": [5, 9],
         "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12 },
       "quorum": { "backend": "witness", "term": 3, "lease_valid": true, "lease_left_ms": 700, "error": null },
       "ebpf": { "enabled": true, "detail": "gate biz0, responder alink0",

@@ -18,7 +18,8 @@ mod tests {
     use ftvm_guest_abi::GUEST_LOAD_GPA;
     use ftvm_repl::backup::{BackupReceiver, ReceiverConfig};
     use ftvm_repl::epoch::engine::{
-        DiskSource, EngineConfig, EngineHandle, EngineReport, EngineState, EngineStatus, PrimaryEngine, StatusSnapshot,
+        CheckpointCopy, DiskSource, EngineConfig, EngineHandle, EngineReport, EngineState, EngineStatus, PauseProbe,
+        PrimaryEngine, StatusSnapshot,
     };
     use ftvm_repl::ha::heartbeat::SessionEnd;
     use ftvm_repl::ha::lease::{Lease, LeaseConfig};
@@ -149,6 +150,20 @@ mod tests {
     }
 
     fn start_pair_full(tag: &str, cfg: EngineConfig, tracking: DirtyTracking, quorum: Box<dyn QuorumClient>) -> Pair {
+        start_pair_inner(tag, cfg, tracking, quorum, None)
+    }
+
+    fn start_pair_probed(tag: &str, cfg: EngineConfig, tracking: DirtyTracking, probe: PauseProbe) -> Pair {
+        start_pair_inner(tag, cfg, tracking, Box::new(NoQuorum), Some(probe))
+    }
+
+    fn start_pair_inner(
+        tag: &str,
+        cfg: EngineConfig,
+        tracking: DirtyTracking,
+        quorum: Box<dyn QuorumClient>,
+        probe: Option<PauseProbe>,
+    ) -> Pair {
         init_tracing();
         let mut rng = Rng(0x5eed_0000 ^ tag.len() as u64);
         let disk = temp_file(&format!("{tag}-disk"), &rng.bytes(DISK as usize));
@@ -163,6 +178,10 @@ mod tests {
             PrimaryEngine::new(source, Box::new(transport), Some(DiskSource::new(disk.clone(), DISK)), cfg)
                 .unwrap()
                 .with_lease(started_lease(quorum));
+        let engine = match probe {
+            Some(p) => engine.with_pause_probe(p),
+            None => engine,
+        };
         let engine = engine.spawn().unwrap();
         Pair { machine, run, mem, engine, receiver, disk, _standby_disk: standby_disk }
     }
@@ -371,11 +390,45 @@ mod tests {
         failover("failover-ring", DirtyTracking::kvm_ring());
     }
 
+    /// The same with copy-on-write checkpoints. The guest rewrites its counter and its pages all
+    /// the time, so writes hit pages not copied yet; on top of the image checks, every page the
+    /// backup holds is the page of the pause of the last committed epoch that carried it (hashed
+    /// in that pause).
+    #[test]
+    fn failover_with_copy_on_write_checkpoints() {
+        let report = failover_with("failover-cow", DirtyTracking::KvmBitmap, CheckpointCopy::CopyOnWrite);
+        assert_eq!(report.status.copy, CheckpointCopy::CopyOnWrite, "copy-on-write stayed armed");
+        let copied_later = report.epochs.iter().filter(|m| m.copy_after_resume > Duration::ZERO).count();
+        let faults: u64 = report.epochs.iter().map(|m| m.write_faults).sum();
+        eprintln!("[failover-cow] {copied_later} of {} epochs copied after their resume; {faults} guest writes waited for their page", report.epochs.len());
+        assert!(copied_later * 2 > report.epochs.len(), "most epochs copy after the resume");
+        assert!(faults > 0, "the guest wrote pages of an epoch before they were copied");
+    }
+
     fn failover(tag: &str, tracking: DirtyTracking) {
+        failover_with(tag, tracking, CheckpointCopy::StopAndCopy);
+    }
+
+    /// Blake3 of each page at the pause of the last epoch that carried it.
+    type PauseHashes = Arc<std::sync::Mutex<std::collections::HashMap<u64, (u64, [u8; 32])>>>;
+
+    fn failover_with(tag: &str, tracking: DirtyTracking, copy: CheckpointCopy) -> EngineReport {
         // A generous ack timeout: under a loaded test machine a slow acknowledgement must not turn
         // this test into the simplex one.
-        let cfg = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
-        let pair = start_pair_with(tag, cfg, tracking);
+        let cfg = EngineConfig { ack_timeout: Duration::from_secs(5), copy, ..EngineConfig::default() };
+        let hashes = PauseHashes::default();
+        let probe = {
+            let hashes = hashes.clone();
+            move |epoch: ftvm_proto::EpochId, pages: &ftvm_proto::pages::PageRangeSet, mem: &GuestMemory| {
+                let mut h = hashes.lock().unwrap();
+                let mut page = vec![0u8; 4096];
+                for pfn in pages.pages() {
+                    mem.read_slice(&mut page, GuestAddress(pfn * 4096)).unwrap();
+                    h.insert(pfn, (epoch.0, *blake3::hash(&page).as_bytes()));
+                }
+            }
+        };
+        let pair = start_pair_probed(tag, cfg, tracking, Box::new(probe));
         let status = pair.engine.status();
         let (hold, sink, stop_append, appender) = feed_output(&pair);
 
@@ -404,7 +457,20 @@ mod tests {
         assert!(after_ack > 0, "some frames were released by acknowledgements");
         assert_eq!(after_ack + unprotected, appended);
 
+        // Every page the backup holds as of an epoch's pause, for the pages of committed epochs
+        // whose later epochs did not commit.
+        let image = standby.memory().as_slice();
+        let mut checked = 0;
+        for (&pfn, &(epoch, hash)) in hashes.lock().unwrap().iter() {
+            if epoch <= committed.0 {
+                let page = &image[(pfn * 4096) as usize..][..4096];
+                assert_eq!(*blake3::hash(page).as_bytes(), hash, "[{tag}] page {pfn:#x} differs from the pause of epoch {epoch}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 16, "[{tag}] {checked} pages checked");
         resume_standby(tag, &standby, &pair.disk);
+        report
     }
 
     /// Checks a committed standby as a takeover would find it: its disk is the primary's `disk`

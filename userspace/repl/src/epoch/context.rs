@@ -38,8 +38,13 @@ pub struct EpochMetrics {
     pub pause_wait: Duration,
     /// Where the capture spent its time (harvest, vCPU state, devices).
     pub capture: CaptureTimings,
-    /// Copying the dirty pages into the staging buffer.
+    /// Copying the dirty pages into the staging buffer, in the pause; for a copy-on-write epoch,
+    /// write-protecting them instead.
     pub copy: Duration,
+    /// A copy-on-write epoch's copy, after the resume (zero for stop-and-copy).
+    pub copy_after_resume: Duration,
+    /// Writes that waited for a copy-on-write epoch's copy of their page.
+    pub write_faults: u64,
     /// Resuming the devices and vCPUs.
     pub resume: Duration,
     /// From the pause request to the machine running again: what the guest lost.
@@ -114,6 +119,13 @@ impl EpochContext<Resumed> {
     /// From the pause request to the resume.
     pub fn pause(&self) -> Duration {
         self.metrics.pause
+    }
+
+    /// A copy-on-write epoch's pages were copied after the resume, in `took`, `faults` writers
+    /// waiting for theirs.
+    pub fn copied_after_resume(&mut self, took: Duration, faults: u64) {
+        self.metrics.copy_after_resume = took;
+        self.metrics.write_faults = faults;
     }
 
     /// The epoch was committed on the link with `link_bytes` bytes (state included).
@@ -201,8 +213,10 @@ pub struct EpochWindowStats {
     pub harvest: Percentiles,
     /// Reading the vCPUs' and devices' state.
     pub state: Percentiles,
-    /// Copying dirty pages out.
+    /// Copying dirty pages out in the pause (copy-on-write: arming the write protection).
     pub copy: Percentiles,
+    /// A copy-on-write epoch's copy, after the resume.
+    pub copy_after_resume: Percentiles,
     /// Resuming.
     pub resume: Percentiles,
     /// Sending the epoch (after the resume).
@@ -244,6 +258,7 @@ impl EpochWindow {
             harvest: of(&|m| m.capture.harvest),
             state: of(&|m| m.capture.vcpus + m.capture.devices),
             copy: of(&|m| m.copy),
+            copy_after_resume: of(&|m| m.copy_after_resume),
             resume: of(&|m| m.resume),
             send: of(&|m| m.send),
             pages_p50: pages.get(pages.len() / 2).copied().unwrap_or(0),

@@ -79,6 +79,7 @@ use crate::lock;
 
 mod ack;
 mod attach;
+mod cow;
 mod handle;
 mod simplex;
 mod staging;
@@ -127,6 +128,31 @@ pub struct EngineConfig {
     /// A heartbeat goes to the backup after this long without any other frame (keep it well under
     /// the backup's silence timeouts).
     pub heartbeat_interval: Duration,
+    /// How the dirty pages leave guest memory at a checkpoint.
+    pub copy: CheckpointCopy,
+}
+
+/// How a checkpoint copies the epoch's dirty pages out of guest memory (see "Why a staging copy"
+/// in the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CheckpointCopy {
+    /// In the pause: the VM waits for the `memcpy` of every dirty page.
+    #[default]
+    StopAndCopy,
+    /// After the pause: the pages are write-protected in it (userfaultfd) and copied once the VM
+    /// runs again, a page its writer needs first (see `cow`). Not with the userfaultfd dirty
+    /// tracker (one userfaultfd per range); an engine that cannot arm it copies in the pause.
+    CopyOnWrite,
+}
+
+impl CheckpointCopy {
+    /// The name used on the command line and in status: `stop` or `cow`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StopAndCopy => "stop",
+            Self::CopyOnWrite => "cow",
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -140,6 +166,7 @@ impl Default for EngineConfig {
             disk_backlog: 256 << 20,
             max_in_flight: 32,
             heartbeat_interval: Duration::from_millis(5),
+            copy: CheckpointCopy::StopAndCopy,
         }
     }
 }
@@ -298,6 +325,8 @@ pub struct PrimaryEngine {
     /// backup acknowledges in order, so an epoch's wait cannot start before that.
     oldest_since: Instant,
     staging: Staging,
+    /// The write protection of copy-on-write epochs, once armed (see [`CheckpointCopy`]).
+    cow: Option<cow::CowCopy>,
     held: bool,
     simplex: bool,
     /// Frames sealed into epochs so far (the hold's appended count beyond it is waiting output).
@@ -327,7 +356,13 @@ pub struct PrimaryEngine {
     /// every page written since is tracked (a VM taken over at a planned switchover): a backup
     /// holding exactly that epoch gets only those pages.
     resumed_from: Option<(EpochId, [u8; 32])>,
+    /// Shown each epoch's dirty pages in its pause (tests).
+    pause_probe: Option<PauseProbe>,
 }
+
+/// Called in each checkpoint's pause, after the harvest, with the epoch, its dirty pages and guest
+/// memory as the epoch will carry it: a test's view of "the memory of the pause".
+pub type PauseProbe = Box<dyn FnMut(EpochId, &PageRangeSet, &ftvm_vmm::memory::GuestMemory) + Send>;
 
 impl std::fmt::Debug for PrimaryEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -357,6 +392,7 @@ impl PrimaryEngine {
         let disk_bytes = disk.as_ref().map_or(0, |d| d.bytes);
         let replicator = Arc::new(Mutex::new(MemoryDiskReplicator::new(disk_bytes, cfg.disk_backlog)));
         let status = Arc::new(EngineStatus::new());
+        status.update(|s| s.copy = cfg.copy);
         let ack = Arc::new(AckSide {
             gate,
             disk: replicator,
@@ -385,6 +421,7 @@ impl PrimaryEngine {
             in_flight: VecDeque::new(),
             oldest_since: Instant::now(),
             staging: Staging::default(),
+            cow: None,
             held: false,
             simplex: false,
             frames_sealed: 0,
@@ -402,6 +439,7 @@ impl PrimaryEngine {
             final_state: None,
             kept: None,
             resumed_from: None,
+            pause_probe: None,
         })
     }
 
@@ -437,6 +475,12 @@ impl PrimaryEngine {
             Ok(()) => self.resumed_from = Some((epoch, state_digest)),
             Err(e) => tracing::warn!(error = %ErrorChain(&e), "cannot track pages from the resume: the next backup gets all of memory"),
         }
+        self
+    }
+
+    /// Shows `probe` each epoch's dirty pages in its pause (for tests: it lengthens the pause).
+    pub fn with_pause_probe(mut self, probe: PauseProbe) -> Self {
+        self.pause_probe = Some(probe);
         self
     }
 
@@ -794,13 +838,22 @@ impl PrimaryEngine {
             tracing::error!(error = %e, "disk write seal");
             Vec::new()
         });
+        let mem = self.source.guest_memory();
+        if let Some(probe) = self.pause_probe.as_mut() {
+            probe(EpochId(epoch), &pages, &mem);
+        }
         let tc = Instant::now();
-        let copied = self.staging.fill(&pages, &self.source.guest_memory());
+        // A switchover's final checkpoint leaves the VM paused: nothing to protect against.
+        let cow = resume == Resume::Yes && self.arm_cow(&pages);
+        let copied = if cow { Ok(()) } else { self.staging.fill(&pages, &mem) };
         let copy = tc.elapsed();
         let ctx = ctx.captured(pages.page_count(), writes.len() as u64, frames, timings, copy);
-        // A switchover's final checkpoint leaves the VM paused.
         let resumed = if resume == Resume::Yes { self.source.resume() } else { Ok(()) };
-        let ctx = ctx.resumed();
+        let mut ctx = ctx.resumed();
+        let copied = match (copied, cow) {
+            (Ok(()), true) => self.copy_after_resume(&pages, &mem, &mut ctx),
+            (other, _) => other,
+        };
         if let Err(pfn) = copied {
             let _ = self.source.remark(&pages);
             return Err(EngineError::Copy { pfn });
@@ -837,6 +890,64 @@ impl PrimaryEngine {
         self.next_epoch = epoch + 1;
         self.status.update(|s| s.last_sent = Some(EpochId(epoch)));
         Ok(result)
+    }
+
+    /// In a copy-on-write engine's pause: lays out the staging buffer for `pages` and
+    /// write-protects them; false when the pages must be copied now instead (stop-and-copy, or
+    /// write protection that cannot be armed, which then ends copy-on-write for this engine).
+    fn arm_cow(&mut self, pages: &PageRangeSet) -> bool {
+        if self.cfg.copy != CheckpointCopy::CopyOnWrite || pages.is_empty() {
+            return false;
+        }
+        if self.cow.is_none() {
+            match cow::CowCopy::new(&self.source.guest_memory()) {
+                Ok(c) => self.cow = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %ErrorChain(&e), "cannot write-protect guest memory: checkpoints copy in the pause");
+                    self.cfg.copy = CheckpointCopy::StopAndCopy;
+                    self.status.update(|s| s.copy = CheckpointCopy::StopAndCopy);
+                    return false;
+                }
+            }
+        }
+        let Some(cow) = self.cow.as_mut() else { return false };
+        self.staging.lay_out(pages);
+        match cow.protect(pages) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %ErrorChain(&e), "cannot write-protect the epoch's pages: checkpoints copy in the pause");
+                self.cow = None;
+                self.cfg.copy = CheckpointCopy::StopAndCopy;
+                self.status.update(|s| s.copy = CheckpointCopy::StopAndCopy);
+                false
+            }
+        }
+    }
+
+    /// A copy-on-write epoch's copy, the VM running: the staging buffer gets the memory of the
+    /// pause and nothing stays write-protected. A failure ends copy-on-write (its userfaultfd is
+    /// closed, which lifts whatever protection is left) and fails the epoch.
+    fn copy_after_resume(&mut self, pages: &PageRangeSet, mem: &ftvm_vmm::memory::GuestMemory, ctx: &mut EpochContext<super::context::Resumed>) -> Result<(), u64> {
+        let Some(cow) = self.cow.as_mut() else {
+            return Err(pages.ranges().first().map_or(0, |r| r.start));
+        };
+        let t = Instant::now();
+        match cow.copy(pages, &mut self.staging, mem) {
+            Ok(stats) => {
+                ctx.copied_after_resume(t.elapsed(), stats.faults);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %ErrorChain(&e), "copy-on-write epoch failed; checkpoints copy in the pause from now on");
+                self.cow = None;
+                self.cfg.copy = CheckpointCopy::StopAndCopy;
+                self.status.update(|s| s.copy = CheckpointCopy::StopAndCopy);
+                Err(match e {
+                    cow::CowError::NoSuchPage(pfn) => pfn,
+                    cow::CowError::Uffd(_) => pages.ranges().first().map_or(0, |r| r.start),
+                })
+            }
+        }
     }
 
     fn send_epoch(

@@ -19,6 +19,16 @@ pub(super) struct Staging {
 impl Staging {
     /// Copies `pages` out of `mem`.
     pub(super) fn fill(&mut self, pages: &PageRangeSet, mem: &ftvm_vmm::memory::GuestMemory) -> Result<(), u64> {
+        self.lay_out(pages);
+        for r in pages.ranges() {
+            self.copy_in(mem, r.start, r.len).map_err(|_| r.start)?;
+        }
+        Ok(())
+    }
+
+    /// Makes room for `pages`, in the order of their ranges, copying nothing yet (a copy-on-write
+    /// epoch copies them after the resume, see `cow`).
+    pub(super) fn lay_out(&mut self, pages: &PageRangeSet) {
         self.ranges.clear();
         self.first.clear();
         let bytes = pages.page_count() as usize * PAGE_SIZE;
@@ -28,15 +38,26 @@ impl Staging {
         }
         let mut at = 0u64;
         for r in pages.ranges() {
-            let from = at as usize * PAGE_SIZE;
-            let n = r.len as usize * PAGE_SIZE;
-            copy_guest(mem, GuestAddress(r.start * PAGE_SIZE as u64), &mut self.buf[from..from + n])
-                .map_err(|_| r.start)?;
             self.ranges.push(*r);
             self.first.push(at);
             at += r.len;
         }
-        Ok(())
+    }
+
+    /// The index in the buffer of staged page `pfn`, if it is one of the epoch's.
+    pub(super) fn index_of(&self, pfn: u64) -> Option<u64> {
+        let i = self.find(pfn)?;
+        Some(self.first[i] + (pfn - self.ranges[i].start))
+    }
+
+    /// Copies `len` pages from `pfn` out of `mem` into their places (all in one of the laid-out
+    /// ranges).
+    pub(super) fn copy_in(&mut self, mem: &ftvm_vmm::memory::GuestMemory, pfn: u64, len: u64) -> Result<(), vm_memory::GuestMemoryError> {
+        let i = self.find(pfn).ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(pfn * PAGE_SIZE as u64)))?;
+        let r = self.ranges[i];
+        assert!(pfn + len <= r.start + r.len, "a copy stays inside one staged range");
+        let from = (self.first[i] + (pfn - r.start)) as usize * PAGE_SIZE;
+        copy_guest(mem, GuestAddress(pfn * PAGE_SIZE as u64), &mut self.buf[from..from + len as usize * PAGE_SIZE])
     }
 
     fn find(&self, pfn: u64) -> Option<usize> {
@@ -57,8 +78,8 @@ pub(super) fn copy_guest(mem: &ftvm_vmm::memory::GuestMemory, addr: GuestAddress
             // `guard.as_ptr()` and the guard keeps it mapped; `dst` is a distinct Rust buffer, so the
             // two do not overlap. Guest memory is not a Rust object: it is shared with the guest,
             // like any mapping another party writes. In a checkpoint (and after a switchover, which
-            // leaves the VM paused) the vCPUs and devices are paused, so nothing writes those pages
-            // during the copy; during the initial sync the guest may, and a page it changes
+            // leaves the VM paused) the vCPUs and devices are paused, or (a copy-on-write epoch)
+            // the pages are write-protected until copied, so nothing writes them during the copy; during the initial sync the guest may, and a page it changes
             // meanwhile is dirty and sent again with the first checkpoint.
             unsafe { std::ptr::copy_nonoverlapping(guard.as_ptr(), dst.as_mut_ptr(), dst.len()) };
             Ok(())

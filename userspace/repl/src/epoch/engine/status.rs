@@ -139,6 +139,9 @@ pub struct StatusSnapshot {
     pub switchover_refused: Option<String>,
     /// The figures of the last synchronisation sent in full (kept after it).
     pub last_sync: Option<SyncProgress>,
+    /// How checkpoints copy the dirty pages (copy-on-write falls back to stop-and-copy when it
+    /// cannot be armed).
+    pub copy: super::CheckpointCopy,
 }
 
 impl StatusSnapshot {
@@ -184,6 +187,7 @@ impl EngineStatus {
                 last_unprotected: None,
                 switchover_refused: None,
                 last_sync: None,
+                copy: super::CheckpointCopy::default(),
             }),
         }
     }
