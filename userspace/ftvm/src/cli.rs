@@ -3,7 +3,8 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ftvm_vmm::dirty::DirtyTracking;
 
 /// Default guest address: a private /24 that only exists on the TAP ftvm creates.
 pub const DEFAULT_GUEST_IP: &str = "10.77.0.2/24";
@@ -120,6 +121,40 @@ pub struct GuestNetArgs {
     pub console_log: Option<PathBuf>,
 }
 
+/// How a protected VM finds the guest pages each checkpoint must send (`--dirty-tracker`). Every
+/// tracker also takes the pages the VMM wrote (devices, disk reads, received frames).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum DirtyTrackerArg {
+    /// KVM's dirty bitmap: a harvest reads one bit per page of guest memory.
+    #[default]
+    Bitmap,
+    /// KVM's dirty ring: a harvest reads one entry per page written.
+    Ring,
+    /// userfaultfd write-protect of guest memory, read with PAGEMAP_SCAN, without KVM's dirty log
+    /// (Linux 6.7 or later).
+    Uffd,
+}
+
+impl DirtyTrackerArg {
+    /// The machine's tracker.
+    pub fn tracking(self) -> DirtyTracking {
+        match self {
+            Self::Bitmap => DirtyTracking::KvmBitmap,
+            Self::Ring => DirtyTracking::kvm_ring(),
+            Self::Uffd => DirtyTracking::Uffd,
+        }
+    }
+
+    /// The option's value naming it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bitmap => "bitmap",
+            Self::Ring => "ring",
+            Self::Uffd => "uffd",
+        }
+    }
+}
+
 /// Parses `256M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -220,6 +255,26 @@ mod tests {
         assert!(parse_mac("02:46:54:00:00").is_err());
         assert!(parse_mac("02:46:54:00:00:02:03").is_err());
         assert!(parse_mac("zz:46:54:00:00:02").is_err());
+    }
+
+    #[test]
+    fn dirty_trackers() {
+        #[derive(Debug, Parser)]
+        struct T {
+            #[arg(long, value_enum, default_value_t)]
+            dirty_tracker: DirtyTrackerArg,
+        }
+        let parse = |argv: &[&str]| T::try_parse_from([&["t"], argv].concat()).map(|t| t.dirty_tracker);
+        assert_eq!(parse(&[]).unwrap(), DirtyTrackerArg::Bitmap);
+        for t in [DirtyTrackerArg::Bitmap, DirtyTrackerArg::Ring, DirtyTrackerArg::Uffd] {
+            assert_eq!(parse(&["--dirty-tracker", t.name()]).unwrap(), t);
+            assert_eq!(t.to_possible_value().unwrap().get_name(), t.name());
+        }
+        assert_eq!(DirtyTrackerArg::Bitmap.tracking(), DirtyTracking::KvmBitmap);
+        assert_eq!(DirtyTrackerArg::Ring.tracking(), DirtyTracking::kvm_ring());
+        assert_eq!(DirtyTrackerArg::Uffd.tracking(), DirtyTracking::Uffd);
+        let e = parse(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
+        assert!(e.contains("invalid value 'pml'") && e.contains("bitmap, ring, uffd"), "{e}");
     }
 
     #[test]

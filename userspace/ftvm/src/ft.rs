@@ -38,7 +38,7 @@ use ftvm_vmm::devices::DiskWriteIntent;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 
-use crate::cli::{parse_cpuid_bit, parse_size, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
+use crate::cli::{parse_cpuid_bit, parse_size, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
 use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
@@ -106,6 +106,10 @@ pub struct EngineArgs {
     /// lacks a write.
     #[arg(long, default_value_t = default_disk_backlog_kib(), value_parser = clap::value_parser!(u64).range(4..))]
     pub disk_backlog_kib: u64,
+    /// How the VM's written pages are found for each checkpoint (the backup's: in the VM it runs
+    /// after a takeover).
+    #[arg(long, value_enum, default_value_t)]
+    pub dirty_tracker: DirtyTrackerArg,
 }
 
 /// The engine's own default, so that the CLI and the library cannot drift apart.
@@ -185,6 +189,15 @@ fn engine_config(args: &EngineArgs) -> EngineConfig {
     }
 }
 
+/// Fails when this host cannot run the dirty tracker `t` (only userfaultfd's depends on the
+/// kernel's version), before anything is claimed or started.
+fn check_dirty_tracker(t: DirtyTrackerArg) -> Result<()> {
+    if t == DirtyTrackerArg::Uffd {
+        ftvm_vmm::dirty::UffdWp::check_host().context("`--dirty-tracker uffd` cannot run on this host (it needs Linux 6.7 or later)")?;
+    }
+    Ok(())
+}
+
 /// Claims the lease to start the VM (keeping the disk's term file in step with it) and starts the
 /// watchdog that releases it if this process dies; it inherits `handoff`. Without a quorum:
 /// nothing to claim, no watchdog. The inner error is the quorum's answer that this host may not
@@ -228,7 +241,8 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
 /// Runs the VM as the primary if the quorum lets this host start it (see [`PrimaryStart`]).
 pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     let secret = read_secret(&args.secret_file)?;
-    let mut config = run::prepare_vm(&args.vm, DirtyTracking::KvmBitmap)?;
+    check_dirty_tracker(args.engine.dirty_tracker)?;
+    let mut config = run::prepare_vm(&args.vm, args.engine.dirty_tracker.tracking())?;
     let disk_bytes = args.vm.disk_size_bytes()?;
     let intent = open_intent(&args.vm.disk, &args.quorum.vm_id, disk_bytes)?;
     config.devices.block = config.devices.block.map(|b| b.with_intent(Arc::clone(&intent) as Arc<dyn DiskWriteIntent>));
@@ -401,8 +415,10 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
         crate::signals::on_switchover_signal(move || trigger.request())
     };
     if let Some(peer) = args.peer {
-        // The restored VM tracks its pages from the start: a backup may join at any time.
-        daemon_config.promote.dirty_tracking = DirtyTracking::KvmBitmap;
+        // The restored VM tracks its pages from the start: a backup may join at any time. A
+        // tracker this kernel lacks must fail now, not at the takeover.
+        check_dirty_tracker(args.engine.dirty_tracker)?;
+        daemon_config.promote.dirty_tracking = args.engine.dirty_tracker.tracking();
         let options = TcpOptions {
             memory_bytes: Some(args.memory),
             disk_bytes: Some(args.disk_size),

@@ -256,12 +256,15 @@ mod tests {
             start-as = "backup"
             sync-every-epoch = true
             epoch-us = 2000
+            dirty-tracker = "uffd"
             test-mask-cpuid = ["1:0:edx:26", "7:0:ebx:5"]
         "#;
         let cfg = HostConfig::parse(text).unwrap();
         assert_eq!(cfg.start_as, StartAs::Backup);
         assert!(cfg.backup.sync_every_epoch);
         assert_eq!((cfg.backup.engine.epoch_us, cfg.primary.engine.epoch_us), (2000, 2000));
+        let uffd = crate::cli::DirtyTrackerArg::Uffd;
+        assert_eq!((cfg.backup.engine.dirty_tracker, cfg.primary.engine.dirty_tracker), (uffd, uffd));
         assert_eq!(cfg.backup.test_mask_cpuid.len(), 2);
     }
 

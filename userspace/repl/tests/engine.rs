@@ -390,6 +390,12 @@ mod tests {
         failover("failover-ring", DirtyTracking::kvm_ring());
     }
 
+    /// The same with the userfaultfd write-protect tracker (no KVM dirty logging).
+    #[test]
+    fn failover_with_the_userfaultfd_tracker() {
+        failover("failover-uffd", DirtyTracking::Uffd);
+    }
+
     /// The same with copy-on-write checkpoints. The guest rewrites its counter and its pages all
     /// the time, so writes hit pages not copied yet; on top of the image checks, every page the
     /// backup holds is the page of the pause of the last committed epoch that carried it (hashed

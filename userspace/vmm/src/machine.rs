@@ -44,10 +44,11 @@ use crate::devices::{
 use crate::dirty::kvm_ring::RingMapError;
 use crate::dirty::{
     DirtyRings, DirtyTracker, DirtyTracking, HarvestError, HarvestStats, KvmBitmap, KvmRing,
-    TrackStartError, TrackStopError, TrackerKind,
+    TrackStartError, TrackStopError, TrackerKind, UffdWp,
 };
 use crate::memory::{adopt_guest_memory, AdoptMemoryError, GuestMemory};
 use crate::state::{ClockState, MachineState};
+use crate::uffd::UffdError;
 use crate::vcpu::state::StateProbeError;
 use crate::vcpu::{
     Console, DirtyRingFullHandler, StateConfig, StatusCell, Vcpu, VcpuContext, VcpuControlError,
@@ -129,6 +130,9 @@ pub enum MachineCreateError {
     /// The dirty rings could not be mapped.
     #[error(transparent)]
     DirtyRings(#[from] RingMapError),
+    /// The userfaultfd dirty tracker could not be set up (a kernel older than 6.7).
+    #[error("cannot set up the userfaultfd dirty tracker (it needs Linux 6.7 or later)")]
+    UffdTracker(#[source] UffdError),
     /// A vCPU thread.
     #[error(transparent)]
     VcpuStart(#[from] VcpuStartError),
@@ -197,6 +201,9 @@ pub enum MachineRestoreError {
     /// The dirty rings could not be mapped.
     #[error(transparent)]
     DirtyRings(#[from] RingMapError),
+    /// The userfaultfd dirty tracker could not be set up (a kernel older than 6.7).
+    #[error("cannot set up the userfaultfd dirty tracker (it needs Linux 6.7 or later)")]
+    UffdTracker(#[source] UffdError),
     /// A vCPU thread.
     #[error(transparent)]
     VcpuStart(#[from] VcpuStartError),
@@ -736,6 +743,7 @@ struct Parts {
 /// Why the common assembly failed (mapped into each constructor's error).
 enum AssembleError {
     Rings(RingMapError),
+    Uffd(UffdError),
     Start(VcpuStartError),
 }
 
@@ -814,6 +822,7 @@ impl Machine {
         })
         .map_err(|e| match e {
             AssembleError::Rings(e) => MachineCreateError::DirtyRings(e),
+            AssembleError::Uffd(e) => MachineCreateError::UffdTracker(e),
             AssembleError::Start(e) => MachineCreateError::VcpuStart(e),
         })
     }
@@ -964,6 +973,7 @@ impl Machine {
         })
         .map_err(|e| match e {
             AssembleError::Rings(e) => MachineRestoreError::DirtyRings(e),
+            AssembleError::Uffd(e) => MachineRestoreError::UffdTracker(e),
             AssembleError::Start(e) => MachineRestoreError::VcpuStart(e),
         })?;
         let t_threads = lap();
@@ -1000,6 +1010,10 @@ impl Machine {
                 ring_handler = Some(rings.clone());
                 Some(Box::new(KvmRing::new(rings, mem.clone())))
             }
+            // No KVM dirty logging: the slots keep their flags.
+            DirtyTracking::Uffd => Some(Box::new(
+                UffdWp::new(mem.clone()).map_err(AssembleError::Uffd)?,
+            )),
         };
         let console = Arc::new(Console::new(p.console));
         let status = Arc::new(StatusCell::default());

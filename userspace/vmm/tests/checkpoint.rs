@@ -387,9 +387,9 @@ mod tests {
     /// (e) Failover without a copy: the restore adopts a memfd holding the image as the new VM's
     /// RAM. The restored guest carries on from the image; its writes appear in another mapping of
     /// the memfd (the backup's standby mapping), so the memory is shared, not copied; writes by
-    /// the VMM reach the file too; dirty tracking (KVM's log, with either backend, and the VMM's
-    /// bitmap) works on adopted memory; and a memfd that does not fit, or that could be shrunk
-    /// under the guest, is refused.
+    /// the VMM reach the file too; dirty tracking (KVM's log, with either backend, or userfaultfd
+    /// write-protect of the shared mapping, and the VMM's bitmap) works on adopted memory; and a
+    /// memfd that does not fit, or that could be shrunk under the guest, is refused.
     #[test]
     fn guest_carries_on_in_adopted_memory() {
         const MEM: u64 = 32 << 20;
@@ -433,6 +433,7 @@ mod tests {
         for (name, tracking) in [
             ("bitmap", DirtyTracking::KvmBitmap),
             ("ring", DirtyTracking::kvm_ring()),
+            ("uffd", DirtyTracking::Uffd),
         ] {
             let file = memfd_image(&image, true);
             let standby = map_shared(&file, MEM);
@@ -482,7 +483,7 @@ mod tests {
             );
             let rbx2 = check_counters(&later, seen);
             assert!(rbx2 > rbx1 + 1000, "{name}: carried on: {rbx1} -> {rbx2}");
-            // KVM's dirty log saw the guest's writes to the adopted memory.
+            // The tracker saw the guest's writes to the adopted memory.
             let counter_page = COUNTER_GPA / 4096;
             assert!(
                 pages.pages().any(|p| p == counter_page),
@@ -596,6 +597,14 @@ mod tests {
         (0..n).map(move |i| pfn(REGION_GPA) + (((round * n + i) * STRIDE) & REGION_MASK))
     }
 
+    /// Sets the dirtying guest's parameters: `n` pages per round, the stride and the mask.
+    fn set_dirtier_parameters(gm: &ftvm_vmm::memory::GuestMemory, n: u64) {
+        gm.write_obj(n, GuestAddress(GO_GPA + 8)).unwrap();
+        gm.write_obj(STRIDE, GuestAddress(GO_GPA + 16)).unwrap();
+        gm.write_obj(REGION_MASK, GuestAddress(GO_GPA + 24))
+            .unwrap();
+    }
+
     /// A machine running the dirtying guest, with `n` pages per round, tracking started.
     struct Dirtier {
         src: CheckpointSource,
@@ -606,12 +615,14 @@ mod tests {
 
     impl Dirtier {
         fn start(name: &str, tracking: DirtyTracking, mem: u64, n: u64) -> Self {
-            let mut m = Machine::create(config(name, &DIRTY_GUEST, mem, tracking)).unwrap();
-            let gm = m.vm().memory().clone();
-            gm.write_obj(n, GuestAddress(GO_GPA + 8)).unwrap();
-            gm.write_obj(STRIDE, GuestAddress(GO_GPA + 16)).unwrap();
-            gm.write_obj(REGION_MASK, GuestAddress(GO_GPA + 24))
-                .unwrap();
+            let m = Machine::create(config(name, &DIRTY_GUEST, mem, tracking)).unwrap();
+            set_dirtier_parameters(m.vm().memory(), n);
+            Self::attach(m, n)
+        }
+
+        /// Starts tracking on `m`, which holds the dirtying guest with `n` pages per round set,
+        /// before its first round (made, or restored), runs it, and checks the warm-up epoch.
+        fn attach(mut m: Machine, n: u64) -> Self {
             let mut src = m.checkpoint_source().unwrap();
             src.start_tracking().unwrap();
             let run = Some(spawn_run(m));
@@ -626,10 +637,15 @@ mod tests {
             // whose guest PTE is already dirty (the VMM's page tables preset A and D): the guest's
             // code page and the GO page it polls show up once, in the first epoch after they are
             // first touched. Extra pages cost bandwidth, never correctness; the exact checks
-            // start after one full round, which is sure to have touched them.
+            // start after one full round, which is sure to have touched them. userfaultfd
+            // write-protect has no such extras: KVM can only map a protected page read-only, so
+            // a page is reported when it is written, and the warm-up is exact too.
             d.round();
             let want = d.expected();
             let (warm, _) = d.checkpoint();
+            if d.src.tracker_kind() == Some(TrackerKind::Uffd) {
+                assert_eq!(warm, want, "warm-up: {}", diff(&warm, &want));
+            }
             assert!(warm.is_superset(&want), "warm-up: {}", diff(&warm, &want));
             let read_only: BTreeSet<u64> = [pfn(GUEST_LOAD_GPA), pfn(GO_GPA)].into();
             assert!(
@@ -696,7 +712,12 @@ mod tests {
     /// the pages the VMM wrote through vm-memory; a harvest with nothing written is empty; and
     /// remark after a harvest makes the next harvest return those pages again.
     fn harvests_exactly_what_was_written(name: &str, tracking: DirtyTracking, n: u64) {
-        let mut d = Dirtier::start(name, tracking, 32 << 20, n);
+        harvests_exactly_what_was_written_by(name, Dirtier::start(name, tracking, 32 << 20, n));
+    }
+
+    /// (b) on a machine already running the dirtying guest.
+    fn harvests_exactly_what_was_written_by(name: &str, mut d: Dirtier) {
+        let n = d.n;
         let mem = d.src.guest_memory();
         let mut full_exits = 0;
         for r in 0..6u64 {
@@ -744,6 +765,51 @@ mod tests {
     #[test]
     fn kvm_ring_harvests_exactly_what_was_written() {
         harvests_exactly_what_was_written("ring", DirtyTracking::kvm_ring(), 300);
+    }
+
+    #[test]
+    fn uffd_harvests_exactly_what_was_written() {
+        harvests_exactly_what_was_written("uffd", DirtyTracking::Uffd, 300);
+    }
+
+    /// The userfaultfd tracker on memory adopted from a memfd, as a takeover's VM runs (shared
+    /// memory, which write-protect handles apart from private memory): the dirtying guest, made
+    /// in one VM and stopped before its first round, is restored into a VM that adopts a memfd
+    /// holding its memory; the guest's writes reach the memfd, and each harvest there is exactly
+    /// what the guest and the VMM wrote.
+    #[test]
+    fn uffd_harvests_exactly_what_was_written_in_adopted_memory() {
+        const MEM: u64 = 32 << 20;
+        const N: u64 = 300;
+        let mut m1 =
+            Machine::create(config("uffd-adopt1", &DIRTY_GUEST, MEM, DirtyTracking::Off)).unwrap();
+        set_dirtier_parameters(m1.vm().memory(), N);
+        let mut src = m1.checkpoint_source().unwrap();
+        let run1 = spawn_run(m1);
+        // Round 0: the guest waits for GO, whenever it is paused.
+        std::thread::sleep(Duration::from_millis(20));
+        src.pause().unwrap();
+        let state = src.capture_state().unwrap();
+        let image = read_all(&src, MEM);
+        src.handle().stop();
+        assert_eq!(run1.join().unwrap().unwrap(), MachineExit::Stopped);
+
+        let file = memfd_image(&image, true);
+        let standby = map_shared(&file, MEM);
+        let m2 = Machine::restore(
+            config("uffd-adopt2", &[0x0f, 0x0b], MEM, DirtyTracking::Uffd),
+            MemoryImage::Adopt(file.into()),
+            &state,
+        )
+        .unwrap();
+        let d = Dirtier::attach(m2, N);
+        // The warm-up round ran in the memfd's pages: its STATUS (0 in the image) is there.
+        assert_eq!(d.src.tracker_kind(), Some(TrackerKind::Uffd));
+        assert_eq!(
+            standby.read_obj::<u64>(GuestAddress(STATUS_GPA)).unwrap(),
+            1
+        );
+        harvests_exactly_what_was_written_by("uffd-adopted", d);
     }
 
     /// A ring far smaller than one round: KVM_EXIT_DIRTY_RING_FULL several times per round, each
@@ -906,6 +972,7 @@ mod tests {
         for (name, tracking) in [
             ("bitmap", DirtyTracking::KvmBitmap),
             ("ring", DirtyTracking::kvm_ring()),
+            ("uffd", DirtyTracking::Uffd),
         ] {
             let mut d = Dirtier::start(name, tracking, MEM, N);
             let (mut pause, mut harvest, mut vcpu, mut devices, mut resume, mut encode) =

@@ -23,7 +23,7 @@ use clap::{Args, Subcommand};
 use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{parse_size, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
+use crate::cli::{parse_size, DirtyTrackerArg, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
 use crate::status::{self, EbpfStatus, HostReport, HostRole, ProtectionState, ProtectionStatus, StatusFile};
 use topology::SiteNames;
 
@@ -91,6 +91,9 @@ pub struct UpArgs {
     /// Host A's `--min-epoch-gap-us` (shortest time between checkpoints when output waits).
     #[arg(long)]
     pub min_epoch_gap_us: Option<u64>,
+    /// The hosts' `--dirty-tracker` (their default, `bitmap`, when not given).
+    #[arg(long, value_enum)]
+    pub dirty_tracker: Option<DirtyTrackerArg>,
     /// Have host A trace its output-commit hold to `/run/ftvm/sites/<name>/output-trace.txt` (the
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
@@ -684,6 +687,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
             v.extend([name.to_string(), value.to_string()]);
         }
     }
+    if let Some(t) = args.dirty_tracker {
+        v.extend(["--dirty-tracker".to_string(), t.name().to_string()]);
+    }
     v
 }
 
@@ -1197,4 +1203,32 @@ fn down(name: &str) -> Result<()> {
     }
     println!("site {name} is down");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn up(argv: &[&str]) -> Result<UpArgs, clap::Error> {
+        match Cli::try_parse_from([&["ftvm", "site", "up"], argv].concat())?.command {
+            Command::Site { command: SiteCommand::Up(args) } => Ok(args),
+            other => panic!("not `site up`: {other:?}"),
+        }
+    }
+
+    /// The engine's options given to `up` reach the hosts' configurations; a tracker that does not
+    /// exist is refused by `up` itself.
+    #[test]
+    fn up_passes_the_engine_options_on() {
+        assert!(engine_args(&up(&[]).unwrap()).is_empty());
+        let v = engine_args(&up(&["--dirty-tracker", "uffd", "--epoch-us", "2000"]).unwrap());
+        assert_eq!(v, ["--epoch-us", "2000", "--dirty-tracker", "uffd"]);
+        let toml = toml_of_options(&v);
+        assert!(toml.contains("dirty-tracker = \"uffd\"") && toml.contains("epoch-us = \"2000\""), "{toml}");
+        let e = up(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
+        assert!(e.contains("possible values: bitmap, ring, uffd"), "{e}");
+    }
 }

@@ -3,7 +3,9 @@
 //! A page can be written two ways, and a checkpoint must see both:
 //! * by the guest, through KVM: logged by KVM, either in a per-slot bitmap
 //!   ([`kvm_bitmap::KvmBitmap`], `KVM_GET_DIRTY_LOG`) or in per-vCPU rings
-//!   ([`kvm_ring::KvmRing`], `KVM_CAP_DIRTY_LOG_RING`);
+//!   ([`kvm_ring::KvmRing`], `KVM_CAP_DIRTY_LOG_RING`); or, without KVM's log, by the host's page
+//!   tables ([`uffd_wp::UffdWp`], userfaultfd asynchronous write-protect read with
+//!   `PAGEMAP_SCAN`), which see every write through the mapping, the guest's and the VMM's;
 //! * by the VMM itself (device emulation writing used rings, received frames, disk reads):
 //!   KVM never sees those, so every write through vm-memory sets a bit in the region's
 //!   [`vm_memory::bitmap::AtomicBitmap`] (see [`crate::memory`]). Every backend ORs that bitmap in.
@@ -19,13 +21,16 @@
 
 pub mod kvm_bitmap;
 pub mod kvm_ring;
+pub mod uffd_wp;
 mod vmm_bitmap;
 
 use ftvm_proto::pages::PageRangeSet;
 
 pub use kvm_bitmap::KvmBitmap;
 pub use kvm_ring::{DirtyRings, KvmRing};
+pub use uffd_wp::UffdWp;
 
+use crate::uffd::UffdError;
 use crate::vm::{DirtyLogError, MemSlot};
 
 /// Which dirty tracker a VM is built with.
@@ -44,6 +49,15 @@ pub enum DirtyTracking {
         /// Entries per vCPU ring.
         entries: u32,
     },
+    /// userfaultfd asynchronous write-protect of guest memory, read and re-armed with
+    /// `PAGEMAP_SCAN` ([`uffd_wp`]); KVM's dirty log is not used at all. The host's page tables
+    /// see every write through the mapping, the VMM's (devices, io_uring) as well as the guest's.
+    /// Each first write to a page in an epoch is a fault (about as costly as KVM's logging on
+    /// this machine's nested KVM); the harvest walks all of guest memory's page tables (grows
+    /// with memory size) and makes the guest fault its working set back into KVM. Needs Linux
+    /// 6.7 or later (`UFFD_FEATURE_WP_ASYNC`, `PAGEMAP_SCAN`): the machine is not built on an
+    /// older kernel.
+    Uffd,
 }
 
 impl DirtyTracking {
@@ -74,13 +88,19 @@ pub enum TrackerKind {
     KvmBitmap,
     /// [`KvmRing`].
     KvmRing,
+    /// [`UffdWp`].
+    Uffd,
 }
 
 /// What one harvest found. Counts overlap (a page the guest and the VMM both wrote is in both).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HarvestStats {
-    /// Pages KVM logged (bitmap bits, or ring entries).
+    /// Pages KVM logged (bitmap bits, or ring entries); 0 for [`UffdWp`], which does not use
+    /// KVM's log.
     pub kvm_pages: u64,
+    /// Pages `PAGEMAP_SCAN` found written ([`UffdWp`] only): the guest's writes and the VMM's
+    /// alike.
+    pub uffd_pages: u64,
     /// Pages the VMM wrote through vm-memory.
     pub vmm_pages: u64,
     /// Pages given back by [`DirtyTracker::remark`] or drained from a full ring since the last
@@ -99,6 +119,9 @@ pub enum TrackStartError {
     /// Stale ring entries could not be handed back to KVM.
     #[error("cannot reset the dirty rings")]
     ResetRings(#[source] std::io::Error),
+    /// The userfaultfd could not be made, or guest memory not write-protected.
+    #[error("cannot write-protect guest memory for the userfaultfd dirty tracker")]
+    Uffd(#[source] UffdError),
 }
 
 /// Why a harvest failed. Whatever it had taken is pending again (the next harvest returns it).
@@ -119,6 +142,9 @@ pub enum HarvestError {
     /// `KVM_RESET_DIRTY_RINGS` failed.
     #[error("cannot reset the dirty rings")]
     ResetRings(#[source] std::io::Error),
+    /// `PAGEMAP_SCAN` failed.
+    #[error("cannot scan guest memory for written pages")]
+    Scan(#[source] UffdError),
 }
 
 /// Why a tracker could not stop.
@@ -127,6 +153,10 @@ pub enum TrackStopError {
     /// KVM refused to stop logging a memory slot.
     #[error(transparent)]
     Logging(#[from] DirtyLogError),
+    /// The write protection of guest memory could not be lifted (the userfaultfd is closed
+    /// anyway, which unregisters the memory).
+    #[error("cannot lift the write protection of guest memory")]
+    Uffd(#[source] UffdError),
 }
 
 /// Tracks the guest pages dirtied between checkpoints.
@@ -171,6 +201,7 @@ mod tests {
         assert_eq!(DirtyTracking::default(), DirtyTracking::Off);
         assert_eq!(DirtyTracking::Off.ring_entries(), None);
         assert_eq!(DirtyTracking::KvmBitmap.ring_entries(), None);
+        assert_eq!(DirtyTracking::Uffd.ring_entries(), None);
         assert_eq!(
             DirtyTracking::kvm_ring().ring_entries(),
             Some(DirtyTracking::DEFAULT_RING_ENTRIES)
