@@ -505,6 +505,44 @@ pub struct ProtectionStatus {
     /// The last synchronisation sent to a backup (kept after it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync: Option<SyncStatus>,
+    /// How checkpoints are taken and why (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<CheckpointStatus>,
+}
+
+/// How a primary takes its checkpoints, and why it took them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointStatus {
+    /// `stop` (the pages copied in the pause) or `cow` (write-protected in it, copied after).
+    pub copy: String,
+    /// Checkpoints taken because guest output waited.
+    pub for_output: u64,
+    /// Because the dirty pages of a guest answering nobody passed the bound.
+    pub for_dirty_pages: u64,
+    /// At the interval.
+    pub at_interval: u64,
+    /// Skipped at the interval: nothing had changed.
+    pub skipped: u64,
+    /// The dirty bound, in pages (it follows the link's rate).
+    pub dirty_bound_pages: u64,
+    /// The link's measured rate, MiB per second of sending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_mib_s: Option<f64>,
+}
+
+impl CheckpointStatus {
+    fn of(snap: &StatusSnapshot) -> Self {
+        let c = &snap.checkpoints;
+        Self {
+            copy: snap.copy.name().to_string(),
+            for_output: c.output,
+            for_dirty_pages: c.dirty,
+            at_interval: c.interval,
+            skipped: c.skipped,
+            dirty_bound_pages: snap.dirty_bound_pages,
+            link_mib_s: snap.link_bytes_per_sec.map(|r| (r / f64::from(1u32 << 20) * 10.0).round() / 10.0),
+        }
+    }
 }
 
 impl ProtectionStatus {
@@ -522,6 +560,7 @@ impl ProtectionStatus {
             last_unprotected: None,
             switchover_refused: None,
             last_sync: None,
+            checkpoints: None,
         }
     }
 
@@ -539,6 +578,7 @@ impl ProtectionStatus {
             last_unprotected: snap.last_unprotected.clone(),
             switchover_refused: snap.switchover_refused.clone(),
             last_sync: snap.last_sync.as_ref().map(SyncStatus::of),
+            checkpoints: Some(CheckpointStatus::of(snap)),
         }
     }
 }
@@ -664,6 +704,8 @@ mod tests {
       "role": "primary", "state": "protected", "detail": "", "epochs_committed": 1200,
       "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
       "link_per_dirty_byte": 1.02, "disk_replication_lost": false,
+      "checkpoints": { "copy": "cow", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
+        "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5 },
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
         "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "copy_after_resume_us": [0, 0], "resume_us": [5, 9],
         "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12 },

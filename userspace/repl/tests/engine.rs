@@ -94,10 +94,26 @@ mod tests {
         path
     }
 
+    /// A guest that waits for a device event again and again and writes no memory:
+    /// `idle: mov eax, WAIT_FOREVER; mov dx, PORT_WAIT; out dx, eax; jmp idle`.
+    const IDLE_GUEST: [u8; 12] = [0xb8, 0xff, 0xff, 0xff, 0xff, 0x66, 0xba, 0x00, 0x05, 0xef, 0xeb, 0xf4];
+
+    /// A guest that answers nobody and rewrites 1 024 pages (0x600000..0xa00000) for ever:
+    /// `d: mov rsi, 0x600000; l: inc qword [rsi]; add rsi, 4096; cmp rsi, 0xa00000; jb l; jmp d`.
+    const DIRTYING_GUEST: [u8; 40] = [
+        0x48, 0xc7, 0xc6, 0x00, 0x00, 0x60, 0x00, 0x48, 0xff, 0x06, 0x48, 0x81, 0xc6, 0x00, 0x10, 0x00, 0x00, 0x48,
+        0x81, 0xfe, 0x00, 0x00, 0xa0, 0x00, 0x72, 0xed, 0xeb, 0xe4, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90,
+        0x90, 0x90, 0x90, 0x90,
+    ];
+
     fn config(name: &str, disk: PathBuf, tracking: DirtyTracking) -> VmConfig {
+        config_running(name, disk, tracking, &EPOCH_GUEST)
+    }
+
+    fn config_running(name: &str, disk: PathBuf, tracking: DirtyTracking, code: &[u8]) -> VmConfig {
         VmConfig {
             mem_size: MEM,
-            guest_elf: temp_file(name, &build_test_elf(GUEST_LOAD_GPA, &EPOCH_GUEST, 0)),
+            guest_elf: temp_file(name, &build_test_elf(GUEST_LOAD_GPA, code, 0)),
             boot: BootParams::default(),
             devices: DeviceConfig { block: Some(BlockConfig::new(disk)), ..Default::default() },
             console: Box::new(io::sink()),
@@ -150,24 +166,34 @@ mod tests {
     }
 
     fn start_pair_full(tag: &str, cfg: EngineConfig, tracking: DirtyTracking, quorum: Box<dyn QuorumClient>) -> Pair {
-        start_pair_inner(tag, cfg, tracking, quorum, None)
+        start_pair_inner(tag, cfg, config(tag, temp_disk(tag), tracking), quorum, None)
     }
 
     fn start_pair_probed(tag: &str, cfg: EngineConfig, tracking: DirtyTracking, probe: PauseProbe) -> Pair {
-        start_pair_inner(tag, cfg, tracking, Box::new(NoQuorum), Some(probe))
+        start_pair_inner(tag, cfg, config(tag, temp_disk(tag), tracking), Box::new(NoQuorum), Some(probe))
+    }
+
+    /// A pair whose guest runs `code`.
+    fn start_pair_running(tag: &str, cfg: EngineConfig, code: &[u8]) -> Pair {
+        let vm = config_running(tag, temp_disk(tag), DirtyTracking::KvmBitmap, code);
+        start_pair_inner(tag, cfg, vm, Box::new(NoQuorum), None)
+    }
+
+    fn temp_disk(tag: &str) -> PathBuf {
+        let mut rng = Rng(0x5eed_0000 ^ tag.len() as u64);
+        temp_file(&format!("{tag}-disk"), &rng.bytes(DISK as usize))
     }
 
     fn start_pair_inner(
         tag: &str,
         cfg: EngineConfig,
-        tracking: DirtyTracking,
+        vm: VmConfig,
         quorum: Box<dyn QuorumClient>,
         probe: Option<PauseProbe>,
     ) -> Pair {
         init_tracing();
-        let mut rng = Rng(0x5eed_0000 ^ tag.len() as u64);
-        let disk = temp_file(&format!("{tag}-disk"), &rng.bytes(DISK as usize));
-        let mut m = Machine::create(config(tag, disk.clone(), tracking)).unwrap();
+        let disk = vm.devices.block.as_ref().map(|b| b.path.clone()).expect("the test VMs have a disk");
+        let mut m = Machine::create(vm).unwrap();
         let source = m.checkpoint_source().unwrap();
         let mem = source.guest_memory();
         let machine = m.handle();
@@ -520,6 +546,59 @@ mod tests {
             "[{tag}] committed epoch {} at guest iteration {committed_rbx}; restored guest reached {rbx2}",
             committed.0
         );
+    }
+
+    /// A guest that waits and writes nothing is not checkpointed at every interval: the engine sees
+    /// no dirty page, no output and no disk write, skips, and the backup hears heartbeats.
+    #[test]
+    fn an_idle_guest_costs_heartbeats_not_checkpoints() {
+        let cfg = EngineConfig { epoch_interval: Duration::from_millis(10), ..EngineConfig::default() };
+        let pair = start_pair_running("idle", cfg, &IDLE_GUEST);
+        let status = pair.engine.status();
+        wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
+        let settled = wait_status(&status, "skipped checkpoints", Duration::from_secs(10), |s| s.checkpoints.skipped >= 10);
+        std::thread::sleep(Duration::from_millis(300));
+        let later = status.snapshot();
+        let report = pair.engine.stop().unwrap();
+        pair.machine.stop();
+        assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
+        eprintln!("[idle] checkpoints {:?} then {:?}; committed {} then {}", settled.checkpoints, later.checkpoints, settled.epochs_committed, later.epochs_committed);
+        assert_eq!(later.state, EngineState::Protected, "the backup heard the primary all along");
+        assert!(later.checkpoints.skipped >= settled.checkpoints.skipped + 20, "300 ms at a 10 ms interval: {:?}", later.checkpoints);
+        assert!(
+            later.checkpoints.interval <= settled.checkpoints.interval + 2,
+            "an idle guest is not checkpointed: {:?} -> {:?}",
+            settled.checkpoints,
+            later.checkpoints
+        );
+        assert_eq!(report.status.checkpoints.dirty, 0);
+        drop(pair.receiver);
+    }
+
+    /// A guest that answers nobody and dirties memory is checkpointed when its dirty pages pass the
+    /// bound (which follows the link's rate), before the interval.
+    #[test]
+    fn a_silent_guest_that_dirties_memory_is_checkpointed_early() {
+        let cfg = EngineConfig { epoch_interval: Duration::from_secs(1), ..EngineConfig::default() };
+        let pair = start_pair_running("dirtying", cfg, &DIRTYING_GUEST);
+        let status = pair.engine.status();
+        wait_status(&status, "protection", Duration::from_secs(20), |s| s.state == EngineState::Protected);
+        let s = wait_status(&status, "checkpoints for the dirty bound", Duration::from_secs(10), |s| s.checkpoints.dirty >= 20);
+        let report = pair.engine.stop().unwrap();
+        pair.machine.stop();
+        assert_eq!(pair.run.join().unwrap().unwrap(), MachineExit::Stopped);
+        let pages: Vec<u64> = report.epochs.iter().map(|m| m.pages).collect();
+        eprintln!(
+            "[dirtying] checkpoints {:?}, bound {} pages, link {:.0} MiB/s; pages per epoch {:?}",
+            s.checkpoints,
+            s.dirty_bound_pages,
+            s.link_bytes_per_sec.unwrap_or(0.0) / (1 << 20) as f64,
+            &pages[..pages.len().min(20)]
+        );
+        // A second-long interval: every checkpoint but the first came from the bound.
+        assert!(s.checkpoints.interval <= 2, "{:?}", s.checkpoints);
+        assert!(s.link_bytes_per_sec.is_some(), "the link's rate was measured");
+        drop(pair.receiver);
     }
 
     /// The backup dies mid-stream: the engine goes simplex, the VM keeps running, and held output

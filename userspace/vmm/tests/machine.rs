@@ -306,10 +306,12 @@ mod tests {
         worst
     }
 
-    fn pause_test(name: &str, code: &[u8]) {
+    /// Pauses and resumes the guest 100 times; returns its rbx, read in a last pause.
+    fn pause_test(name: &str, code: &[u8]) -> u64 {
         let sink = Sink::default();
         let mut machine = Machine::create(config(name, code, &sink)).unwrap();
         let handle = machine.handle();
+        let mut source = machine.checkpoint_source().unwrap();
         let t = std::thread::spawn(move || machine.run());
         // Let the guest reach its loop.
         std::thread::sleep(Duration::from_millis(50));
@@ -318,9 +320,11 @@ mod tests {
         // A sanity bound, not a speed test.
         assert!(worst < Duration::from_millis(100), "a pause took {worst:?}");
         // Paused, then stopped while paused.
-        handle.pause().unwrap();
+        source.pause().unwrap();
+        let rbx = source.capture_state().unwrap().vcpus[0].regs.rbx;
         handle.stop();
         assert_eq!(t.join().unwrap().unwrap(), MachineExit::Stopped);
+        rbx
     }
 
     #[test]
@@ -332,13 +336,18 @@ mod tests {
             0x48, 0xff, 0xc3, // inc rbx
             0xeb, 0xf1, // jmp loop
         ];
-        pause_test("waitloop", &code);
+        // No device ever signals: the guest never sees its wait end, pauses included (each
+        // checkpoint is one: it must not wake an idle guest). At most the last pause, whose state
+        // is read past the `out`, counts.
+        let wakes = pause_test("waitloop", &code);
+        assert!(wakes <= 1, "101 pauses woke the waiting guest {wakes} times");
     }
 
     #[test]
     fn pause_and_resume_a_guest_spinning_in_kvm_run() {
         // loop: inc rbx; jmp loop — never exits on its own; only the signal gets it out.
-        pause_test("spin", &[0x48, 0xff, 0xc3, 0xeb, 0xfb]);
+        let spins = pause_test("spin", &[0x48, 0xff, 0xc3, 0xeb, 0xfb]);
+        assert!(spins > 0, "the guest ran");
     }
 
     #[test]

@@ -243,6 +243,11 @@ impl EpochWindow {
         self.recent.push_back(m);
     }
 
+    /// Bytes put on the link and time spent sending, over the epochs kept.
+    pub fn link_totals(&self) -> (u64, Duration) {
+        self.recent.iter().fold((0, Duration::ZERO), |(b, t), m| (b + m.link_bytes, t + m.send))
+    }
+
     /// Percentiles over the epochs kept.
     pub fn stats(&self) -> EpochWindowStats {
         let of = |f: &dyn Fn(&EpochMetrics) -> Duration| {

@@ -144,6 +144,9 @@ pub struct IoHandler {
     warned_ports: HashSet<u16>,
     warned_mmio: bool,
     warned_console: bool,
+    /// A wait a pause or stop request cut short, with its deadline (`None`: none): the vCPU goes
+    /// on waiting after the resume instead of returning to the guest (see [`Self::resume_wait`]).
+    cut_wait: Option<Option<Instant>>,
 }
 
 fn le_value(data: &[u8]) -> u32 {
@@ -162,6 +165,7 @@ impl IoHandler {
             warned_ports: HashSet::new(),
             warned_mmio: false,
             warned_console: false,
+            cut_wait: None,
         }
     }
 
@@ -238,17 +242,35 @@ impl IoHandler {
     }
 
     /// [`PORT_WAIT`]: block until a device event, the timeout, or a pause/stop request. A
-    /// request ends the wait early; the guest then returns from its `out` and the pending
-    /// `immediate_exit` makes the next `KVM_RUN` a pause point.
+    /// request ends the wait early: the pending `immediate_exit` makes the next `KVM_RUN` complete
+    /// the `out` and stop at a pause point, where the vCPU's state is read (the guest past its
+    /// `out`, as if the wait had ended: a VM restored from that state goes on from there). The wait
+    /// itself is remembered and goes on after the resume ([`Self::resume_wait`]): a pause, which
+    /// every checkpoint is, must not wake an idle guest, or each checkpoint would make the guest
+    /// run its idle loop, dirty pages, and so call for the next checkpoint.
     fn wait(&mut self, timeout_us: u32) -> IoAction {
         let deadline = (timeout_us != WAIT_FOREVER)
             .then(|| Instant::now() + Duration::from_micros(u64::from(timeout_us)));
+        self.wait_until(deadline)
+    }
+
+    /// After a resume, before the guest runs: goes on with the wait a request cut short, if any,
+    /// until its device event or deadline (or the next request, which cuts it again).
+    pub fn resume_wait(&mut self) -> IoAction {
+        match self.cut_wait.take() {
+            Some(deadline) => self.wait_until(deadline),
+            None => IoAction::Continue,
+        }
+    }
+
+    fn wait_until(&mut self, deadline: Option<Instant>) -> IoAction {
         loop {
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match self.ctx.wake.wait(remaining, self.kick.interrupt_fd()) {
                 Ok(WaitOutcome::Event | WaitOutcome::TimedOut) => return IoAction::Continue,
                 Ok(WaitOutcome::Interrupted) => {
                     if self.kick.pending() {
+                        self.cut_wait = Some(deadline);
                         return IoAction::Continue;
                     }
                     // A wake-up for a request already handled: keep waiting.

@@ -464,6 +464,11 @@ impl Vcpu {
 
     fn running(&mut self) -> Option<RunState> {
         loop {
+            // A wait a pause cut short goes on first (the guest never saw it end); a request that
+            // comes meanwhile cuts it again and leaves `immediate_exit` set for the run below.
+            if let IoAction::WaitFailed(kind, msg) = self.io.resume_wait() {
+                return self.fail(VcpuRunError::Wait(std::io::Error::new(kind, msg)));
+            }
             let step = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => match self.io.io_out(port, data) {

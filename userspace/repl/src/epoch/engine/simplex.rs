@@ -67,6 +67,8 @@ impl PrimaryEngine {
         if let Err(e) = self.source.stop_tracking() {
             tracing::warn!(error = %ErrorChain(&e), "cannot stop dirty tracking");
         }
+        // The next backup gets all of memory.
+        self.schedule.forget();
         self.unhold();
         let reason = why.to_string();
         tracing::warn!(%reason, lost_epochs, dropped_disk_bytes, "backup lost: running unprotected (simplex)");

@@ -142,6 +142,12 @@ pub struct StatusSnapshot {
     /// How checkpoints copy the dirty pages (copy-on-write falls back to stop-and-copy when it
     /// cannot be armed).
     pub copy: super::CheckpointCopy,
+    /// Checkpoints taken for output, for the dirty bound and at the interval, and skipped.
+    pub checkpoints: super::CheckpointCounts,
+    /// The dirty bound now, in pages (see `schedule`).
+    pub dirty_bound_pages: u64,
+    /// The link's measured rate, in bytes per second of sending (none before any epoch).
+    pub link_bytes_per_sec: Option<f64>,
 }
 
 impl StatusSnapshot {
@@ -188,6 +194,9 @@ impl EngineStatus {
                 switchover_refused: None,
                 last_sync: None,
                 copy: super::CheckpointCopy::default(),
+                checkpoints: super::CheckpointCounts::default(),
+                dirty_bound_pages: super::schedule::DEFAULT_BOUND_PAGES,
+                link_bytes_per_sec: None,
             }),
         }
     }
