@@ -244,7 +244,12 @@ struct Outcome {
 
 /// One site: up, load on CONNECTIONS connections, kill `host` at `at`, keep loading, verify.
 fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
-    let site = Site::up("fo", &[]).keep_logs();
+    scenario_with(label, host, at, dirty, &[])
+}
+
+/// The same, with `site up` given `up_args`.
+fn scenario_with(label: &str, host: &str, at: KillAt, dirty: bool, up_args: &[&str]) -> Outcome {
+    let site = Site::up("fo", up_args).keep_logs();
     let name = site.name.clone();
     let up_returned = site.up_returned;
     let mut problems = Vec::new();
@@ -263,6 +268,9 @@ fn scenario(label: &str, host: &str, at: KillAt, dirty: bool) -> Outcome {
             st.role_b,
             st.json
         );
+        // The primary runs with the copy asked for (copy-on-write does not fall back unseen).
+        let copy = up_args.windows(2).find(|w| w[0] == "--checkpoint-copy").map_or("stop", |w| w[1]);
+        assert_eq!(st.json["hosts"][0]["detail"]["checkpoints"]["copy"], copy, "[{label}] checkpoint copy\n{:#}", st.json);
     }
 
     let client_ns_name = site.netns("client");
@@ -547,6 +555,26 @@ fn failover_keeps_every_acknowledged_write_and_the_connections() {
     for (label, at, dirty) in plan {
         println!("[{label}] planned: {at:?}{}", if dirty { format!(", dirtying load FTVM.LOAD {DIRTY_LOAD}") } else { String::new() });
         let outcome = scenario(label, "A", at, dirty);
+        failures.extend(judge(&outcome));
+    }
+    assert!(failures.is_empty(), "failover failures:\n{}", failures.join("\n"));
+}
+
+/// The same guarantees with copy-on-write checkpoints (the guest writing pages while they are
+/// copied) and with the userfaultfd dirty tracker: a kill under the dirtying load for each.
+#[test]
+fn failover_with_copy_on_write_checkpoints_and_with_the_uffd_tracker() {
+    require_root_and_kvm();
+    let _serial = one_site_at_a_time();
+    let mut rng = Rng::from_env_or_clock("failover cow/uffd");
+    let mut failures = Vec::new();
+    for (label, up_args) in [
+        ("copy-on-write, kill under the dirtying load", ["--checkpoint-copy", "cow"]),
+        ("uffd tracker, kill under the dirtying load", ["--dirty-tracker", "uffd"]),
+    ] {
+        let at = KillAt::AfterLoad(rng.duration(Duration::from_millis(300), Duration::from_secs(3)));
+        println!("[{label}] planned: {at:?}, dirtying load FTVM.LOAD {DIRTY_LOAD}");
+        let outcome = scenario_with(label, "A", at, true, &up_args);
         failures.extend(judge(&outcome));
     }
     assert!(failures.is_empty(), "failover failures:\n{}", failures.join("\n"));

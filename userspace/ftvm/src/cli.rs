@@ -155,6 +155,33 @@ impl DirtyTrackerArg {
     }
 }
 
+/// How a checkpoint copies the epoch's dirty pages out of guest memory (`--checkpoint-copy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum CheckpointCopyArg {
+    /// In the pause: the VM waits for the copy of every dirty page.
+    #[default]
+    Stop,
+    /// Copy-on-write: the pages are write-protected in the pause (userfaultfd) and copied once the
+    /// VM runs again, a page the guest writes first. Not with `--dirty-tracker uffd`.
+    Cow,
+}
+
+impl CheckpointCopyArg {
+    /// The engine's setting.
+    pub fn copy(self) -> ftvm_repl::epoch::engine::CheckpointCopy {
+        use ftvm_repl::epoch::engine::CheckpointCopy;
+        match self {
+            Self::Stop => CheckpointCopy::StopAndCopy,
+            Self::Cow => CheckpointCopy::CopyOnWrite,
+        }
+    }
+
+    /// The option's value naming it (the engine's name for it in status).
+    pub fn name(self) -> &'static str {
+        self.copy().name()
+    }
+}
+
 /// Parses `256M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -275,6 +302,23 @@ mod tests {
         assert_eq!(DirtyTrackerArg::Uffd.tracking(), DirtyTracking::Uffd);
         let e = parse(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
         assert!(e.contains("invalid value 'pml'") && e.contains("bitmap, ring, uffd"), "{e}");
+    }
+
+    #[test]
+    fn checkpoint_copies() {
+        #[derive(Debug, Parser)]
+        struct T {
+            #[arg(long, value_enum, default_value_t)]
+            checkpoint_copy: CheckpointCopyArg,
+        }
+        let parse = |argv: &[&str]| T::try_parse_from([&["t"], argv].concat()).map(|t| t.checkpoint_copy);
+        assert_eq!(parse(&[]).unwrap(), CheckpointCopyArg::Stop);
+        for c in [CheckpointCopyArg::Stop, CheckpointCopyArg::Cow] {
+            assert_eq!(parse(&["--checkpoint-copy", c.name()]).unwrap(), c);
+            assert_eq!(c.to_possible_value().unwrap().get_name(), c.name());
+        }
+        let e = parse(&["--checkpoint-copy", "dma"]).unwrap_err().to_string();
+        assert!(e.contains("invalid value 'dma'") && e.contains("stop, cow"), "{e}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use ftvm_vmm::devices::DiskWriteIntent;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 
-use crate::cli::{parse_cpuid_bit, parse_size, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
+use crate::cli::{parse_cpuid_bit, parse_size, CheckpointCopyArg, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
 use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
@@ -110,6 +110,10 @@ pub struct EngineArgs {
     /// after a takeover).
     #[arg(long, value_enum, default_value_t)]
     pub dirty_tracker: DirtyTrackerArg,
+    /// How a checkpoint copies the dirty pages: in the pause (`stop`), or after it, the pages
+    /// write-protected meanwhile (`cow`; not with `--dirty-tracker uffd`).
+    #[arg(long, value_enum, default_value_t)]
+    pub checkpoint_copy: CheckpointCopyArg,
 }
 
 /// The engine's own default, so that the CLI and the library cannot drift apart.
@@ -185,14 +189,22 @@ fn engine_config(args: &EngineArgs) -> EngineConfig {
         min_epoch_gap: (args.min_epoch_gap_us > 0).then(|| Duration::from_micros(args.min_epoch_gap_us.max(50))),
         ack_timeout: Duration::from_millis(args.ack_timeout_ms),
         disk_backlog: args.disk_backlog_kib.saturating_mul(1024),
+        copy: args.checkpoint_copy.copy(),
         ..EngineConfig::default()
     }
 }
 
-/// Fails when this host cannot run the dirty tracker `t` (only userfaultfd's depends on the
-/// kernel's version), before anything is claimed or started.
-fn check_dirty_tracker(t: DirtyTrackerArg) -> Result<()> {
-    if t == DirtyTrackerArg::Uffd {
+/// Fails when this host cannot run the dirty tracker and copy asked for (userfaultfd's tracker
+/// depends on the kernel's version; copy-on-write needs the userfaultfd the uffd tracker holds),
+/// before anything is claimed or started.
+fn check_dirty_tracker(args: &EngineArgs) -> Result<()> {
+    if args.dirty_tracker == DirtyTrackerArg::Uffd {
+        if args.checkpoint_copy == CheckpointCopyArg::Cow {
+            bail!(
+                "`--checkpoint-copy cow` cannot go with `--dirty-tracker uffd`: both write-protect guest memory \
+                 through userfaultfd, and memory takes one; use `--dirty-tracker bitmap` or `ring` with `cow`"
+            );
+        }
         ftvm_vmm::dirty::UffdWp::check_host().context("`--dirty-tracker uffd` cannot run on this host (it needs Linux 6.7 or later)")?;
     }
     Ok(())
@@ -241,7 +253,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
 /// Runs the VM as the primary if the quorum lets this host start it (see [`PrimaryStart`]).
 pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     let secret = read_secret(&args.secret_file)?;
-    check_dirty_tracker(args.engine.dirty_tracker)?;
+    check_dirty_tracker(&args.engine)?;
     let mut config = run::prepare_vm(&args.vm, args.engine.dirty_tracker.tracking())?;
     let disk_bytes = args.vm.disk_size_bytes()?;
     let intent = open_intent(&args.vm.disk, &args.quorum.vm_id, disk_bytes)?;
@@ -417,7 +429,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
     if let Some(peer) = args.peer {
         // The restored VM tracks its pages from the start: a backup may join at any time. A
         // tracker this kernel lacks must fail now, not at the takeover.
-        check_dirty_tracker(args.engine.dirty_tracker)?;
+        check_dirty_tracker(&args.engine)?;
         daemon_config.promote.dirty_tracking = args.engine.dirty_tracker.tracking();
         let options = TcpOptions {
             memory_bytes: Some(args.memory),

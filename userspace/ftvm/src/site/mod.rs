@@ -23,7 +23,7 @@ use clap::{Args, Subcommand};
 use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{parse_size, DirtyTrackerArg, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
+use crate::cli::{parse_size, CheckpointCopyArg, DirtyTrackerArg, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
 use crate::status::{self, EbpfStatus, HostReport, HostRole, ProtectionState, ProtectionStatus, StatusFile};
 use topology::SiteNames;
 
@@ -94,6 +94,9 @@ pub struct UpArgs {
     /// The hosts' `--dirty-tracker` (their default, `bitmap`, when not given).
     #[arg(long, value_enum)]
     pub dirty_tracker: Option<DirtyTrackerArg>,
+    /// The hosts' `--checkpoint-copy` (their default, `stop`, when not given).
+    #[arg(long, value_enum)]
+    pub checkpoint_copy: Option<CheckpointCopyArg>,
     /// Have host A trace its output-commit hold to `/run/ftvm/sites/<name>/output-trace.txt` (the
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
@@ -690,6 +693,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
     if let Some(t) = args.dirty_tracker {
         v.extend(["--dirty-tracker".to_string(), t.name().to_string()]);
     }
+    if let Some(c) = args.checkpoint_copy {
+        v.extend(["--checkpoint-copy".to_string(), c.name().to_string()]);
+    }
     v
 }
 
@@ -1228,6 +1234,9 @@ mod tests {
         assert_eq!(v, ["--epoch-us", "2000", "--dirty-tracker", "uffd"]);
         let toml = toml_of_options(&v);
         assert!(toml.contains("dirty-tracker = \"uffd\"") && toml.contains("epoch-us = \"2000\""), "{toml}");
+        let v = engine_args(&up(&["--checkpoint-copy", "cow"]).unwrap());
+        assert_eq!(v, ["--checkpoint-copy", "cow"]);
+        assert!(toml_of_options(&v).contains("checkpoint-copy = \"cow\""));
         let e = up(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
         assert!(e.contains("possible values: bitmap, ring, uffd"), "{e}");
     }
