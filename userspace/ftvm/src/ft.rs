@@ -114,6 +114,16 @@ pub struct EngineArgs {
     /// write-protected meanwhile (`cow`; not with `--dirty-tracker uffd`).
     #[arg(long, value_enum, default_value_t)]
     pub checkpoint_copy: CheckpointCopyArg,
+    /// While no guest output waits, checkpoint early once the dirty pages would take longer than
+    /// this to send at the A-Link's measured rate, in microseconds (0: only output and
+    /// `--epoch-us` trigger checkpoints).
+    #[arg(long, default_value_t = default_dirty_send_budget_us())]
+    pub dirty_send_budget_us: u64,
+}
+
+/// The engine's own default, in microseconds.
+fn default_dirty_send_budget_us() -> u64 {
+    EngineConfig::default().dirty_send_budget.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The engine's own default, so that the CLI and the library cannot drift apart.
@@ -190,6 +200,7 @@ fn engine_config(args: &EngineArgs) -> EngineConfig {
         ack_timeout: Duration::from_millis(args.ack_timeout_ms),
         disk_backlog: args.disk_backlog_kib.saturating_mul(1024),
         copy: args.checkpoint_copy.copy(),
+        dirty_send_budget: (args.dirty_send_budget_us > 0).then(|| Duration::from_micros(args.dirty_send_budget_us)),
         ..EngineConfig::default()
     }
 }

@@ -92,6 +92,7 @@ pub fn adopt_guest_memory(memfd: OwnedFd, mem_size: u64) -> Result<GuestMemory, 
         .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
         .build()
         .map_err(AdoptMemoryError::Map)?;
+    crate::vm::advise_huge_pages(region.as_ptr(), size);
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .expect("a region at address 0 below MAX_MEM_SIZE cannot overflow");
     Ok(GuestMemory::from_regions(vec![region]).expect("a single region cannot overlap"))

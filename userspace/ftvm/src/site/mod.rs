@@ -91,6 +91,9 @@ pub struct UpArgs {
     /// Host A's `--min-epoch-gap-us` (shortest time between checkpoints when output waits).
     #[arg(long)]
     pub min_epoch_gap_us: Option<u64>,
+    /// The hosts' `--dirty-send-budget-us` (0: no early checkpoint for dirty pages).
+    #[arg(long)]
+    pub dirty_send_budget_us: Option<u64>,
     /// The hosts' `--dirty-tracker` (their default, `bitmap`, when not given).
     #[arg(long, value_enum)]
     pub dirty_tracker: Option<DirtyTrackerArg>,
@@ -684,6 +687,7 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
         ("--min-epoch-gap-us", args.min_epoch_gap_us),
         ("--ack-timeout-ms", args.ack_timeout_ms),
         ("--disk-backlog-kib", args.disk_backlog_kib),
+        ("--dirty-send-budget-us", args.dirty_send_budget_us),
     ];
     for (name, value) in options {
         if let Some(value) = value {
