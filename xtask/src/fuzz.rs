@@ -27,6 +27,8 @@ pub const TARGETS: &[(&str, usize)] = &[
     // The target checks against a set of single page numbers: short inputs keep it fast.
     ("page_ranges", 512),
     ("machine_state", 16_384),
+    // A base and a new state of a few KiB each, as the real ones.
+    ("state_delta", 16_384),
     ("resp_parser", 4096),
     ("witness_request", 512),
     ("etcd_response", 4096),

@@ -18,6 +18,7 @@ pub mod frame;
 pub mod handshake;
 pub mod limits;
 pub mod pages;
+pub mod state_delta;
 pub mod witness;
 
 /// The number of a checkpoint epoch. Epoch 0 is the initial synchronisation; each checkpoint after
