@@ -14,7 +14,7 @@ mod tests {
     use ftvm_repl::backup::{BackupReceiver, BindError, DiskSync, ReceiverConfig};
     use ftvm_repl::disk::{DiskReplicator, MemoryDiskReplicator};
     use ftvm_proto::epoch::EpochBegin;
-    use ftvm_repl::transport::tcp::TcpTransport;
+    use ftvm_repl::transport::tcp::{LinkIo, TcpTransport};
     use ftvm_repl::transport::{
         AckEvent, BeginEpochError, CheckpointTransport, CommitError, ConnectError, FlatMemory, LinkError, SendPagesError, WaitAckError,
     };
@@ -22,17 +22,47 @@ mod tests {
 
     const MIB: usize = 1 << 20;
 
+    /// Every way the primary can write to the link.
+    const ALL_IO: [LinkIo; 3] = [LinkIo::Socket, LinkIo::Uring { zero_copy: false }, LinkIo::Uring { zero_copy: true }];
+
+    /// Runs `$body(LinkIo)` as three tests: over `writev` (the test's historical name), over
+    /// io_uring, and over io_uring with zero-copy sends. The backup is the same in all three: the
+    /// wire does not change.
+    macro_rules! over_each_link_io {
+        ($body:ident => $socket:ident, $uring:ident, $zero_copy:ident) => {
+            #[test]
+            fn $socket() {
+                $body(LinkIo::Socket)
+            }
+
+            #[test]
+            fn $uring() {
+                $body(LinkIo::Uring { zero_copy: false })
+            }
+
+            #[test]
+            fn $zero_copy() {
+                $body(LinkIo::Uring { zero_copy: true })
+            }
+        };
+    }
+
+    over_each_link_io!(
+        initial_sync_then_200_epochs => initial_sync_then_200_epochs_keep_the_standby_equal_to_the_primary,
+        initial_sync_then_200_epochs_over_io_uring,
+        initial_sync_then_200_epochs_over_io_uring_zero_copy
+    );
+
     /// 64 MiB of memory and 8 MiB of disk, synchronised while the "guest" keeps running, then 200
     /// epochs of random dirty pages, states and disk writes; after every acknowledgement the standby
     /// equals the primary at that epoch.
-    #[test]
-    fn initial_sync_then_200_epochs_keep_the_standby_equal_to_the_primary() {
+    fn initial_sync_then_200_epochs(io: LinkIo) {
         init_tracing();
         let mut rng = Rng(0x0123_4567_89ab_cdef);
         let mut model = Model::new(&mut rng, 64 * MIB, 8 * MIB);
         let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 256 * MIB as u64);
         let (backup, _disk) = start_backup(&model, "main");
-        let mut t = connect(backup.local_addr(), &model);
+        let mut t = connect_io(backup.local_addr(), &model, io);
         assert_eq!(t.peer_standby().committed, None);
         assert!(matches!(
             t.begin_epoch(&EpochBegin { epoch: EpochId(1), state_len: 1, ..EpochBegin::default() }),
@@ -128,17 +158,22 @@ mod tests {
         }
     }
 
+    over_each_link_io!(
+        epochs_pipeline => epochs_pipeline_and_acks_arrive_in_order,
+        epochs_pipeline_over_io_uring,
+        epochs_pipeline_over_io_uring_zero_copy
+    );
+
     /// Epoch N+1 goes out before N's acknowledgement arrives, and acknowledgements come back in order.
     /// Holding a view of the committed standby stops the receiver from applying (and acknowledging)
     /// anything, which makes "before the ack" certain rather than likely.
-    #[test]
-    fn epochs_pipeline_and_acks_arrive_in_order() {
+    fn epochs_pipeline(io: LinkIo) {
         init_tracing();
         let mut rng = Rng(7);
         let mut model = Model::new(&mut rng, 4 * MIB, MIB);
         let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
         let (backup, _disk) = start_backup(&model, "pipeline");
-        let mut t = connect(backup.local_addr(), &model);
+        let mut t = connect_io(backup.local_addr(), &model, io);
         let events = Arc::new(Mutex::new(Vec::new()));
         {
             let events = Arc::clone(&events);
@@ -176,16 +211,21 @@ mod tests {
         assert_standby(&backup, &model, EpochId(4));
     }
 
+    over_each_link_io!(
+        held_output_is_kept => held_output_of_committed_epochs_is_kept_for_a_takeover,
+        held_output_is_kept_over_io_uring,
+        held_output_is_kept_over_io_uring_zero_copy
+    );
+
     /// The held output sent with committed epochs is in the standby a takeover gets (to replay);
     /// the output of an epoch that never committed is not.
-    #[test]
-    fn held_output_of_committed_epochs_is_kept_for_a_takeover() {
+    fn held_output_is_kept(io: LinkIo) {
         init_tracing();
         let mut rng = Rng(11);
         let mut model = Model::new(&mut rng, 4 * MIB, MIB);
         let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
         let (backup, _disk) = start_backup(&model, "output");
-        let mut t = connect(backup.local_addr(), &model);
+        let mut t = connect_io(backup.local_addr(), &model, io);
         let token = full_sync(&mut t, &mut model, EpochId(0));
         wait(&t, token);
         let frame = |b: u8, n: usize| vec![b; n];
@@ -290,9 +330,14 @@ mod tests {
         assert_eq!((info.committed, info.restorable), (Some(EpochId(1)), true));
     }
 
+    over_each_link_io!(
+        idle_primary => an_idle_primary_is_dropped_unless_it_sends_heartbeats,
+        an_idle_primary_over_io_uring,
+        an_idle_primary_over_io_uring_zero_copy
+    );
+
     /// A primary that sends nothing for the link timeout is dropped; heartbeats keep an idle link up.
-    #[test]
-    fn an_idle_primary_is_dropped_unless_it_sends_heartbeats() {
+    fn idle_primary(io: LinkIo) {
         init_tracing();
         let mut rng = Rng(15);
         let mut model = Model::new(&mut rng, MIB, 256 << 10);
@@ -300,7 +345,7 @@ mod tests {
         let mut cfg = receiver_config(&model, &disk);
         cfg.link_timeout = Duration::from_millis(300);
         let backup = BackupReceiver::bind(cfg).unwrap();
-        let mut t = connect(backup.local_addr(), &model);
+        let mut t = connect_io(backup.local_addr(), &model, io);
         let token = full_sync(&mut t, &mut model, EpochId(0));
         wait(&t, token);
         for _ in 0..8 {
@@ -532,16 +577,21 @@ mod tests {
         assert!(matches!(BackupReceiver::bind(cfg), Err(BindError::MemorySize(1000))));
     }
 
+    over_each_link_io!(
+        lost_backup => a_lost_backup_is_an_error_not_a_hang,
+        a_lost_backup_over_io_uring_is_an_error_not_a_hang,
+        a_lost_backup_over_io_uring_zero_copy_is_an_error_not_a_hang
+    );
+
     /// The backup going away is an error the primary sees promptly, on every path: never a hang.
-    #[test]
-    fn a_lost_backup_is_an_error_not_a_hang() {
+    fn lost_backup(io: LinkIo) {
         init_tracing();
         let mut rng = Rng(13);
         let mut model = Model::new(&mut rng, MIB, 256 << 10);
         let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
         // A backup that takes everything and acknowledges nothing, then dies.
         let fake = FakeBackup::start(&model, true);
-        let mut t = connect(fake.addr, &model);
+        let mut t = connect_io(fake.addr, &model, io);
         let down = Arc::new(Mutex::new(None));
         {
             let down = Arc::clone(&down);
@@ -569,14 +619,19 @@ mod tests {
         assert!(matches!(t.begin_epoch(&begin), Err(BeginEpochError::Link(_))));
     }
 
+    over_each_link_io!(
+        stopped_reader => a_backup_that_stops_reading_makes_writes_time_out,
+        a_backup_that_stops_reading_makes_io_uring_writes_time_out,
+        a_backup_that_stops_reading_makes_io_uring_zero_copy_writes_time_out
+    );
+
     /// A backup that stops reading: the primary's write times out instead of blocking forever.
-    #[test]
-    fn a_backup_that_stops_reading_makes_writes_time_out() {
+    fn stopped_reader(io: LinkIo) {
         init_tracing();
         let mut rng = Rng(14);
         let mut model = Model::new(&mut rng, 64 * MIB, 256 << 10);
         let fake = FakeBackup::start(&model, false);
-        let mut opts = options(&model);
+        let mut opts = options_io(&model, io);
         opts.write_timeout = Duration::from_millis(200);
         let mut t = TcpTransport::connect(fake.addr, SECRET, &opts).unwrap();
         let begin = EpochBegin { epoch: EpochId(0), page_count: model.pages(), initial_sync: true, ..EpochBegin::default() };
@@ -592,32 +647,78 @@ mod tests {
         fake.vanish();
     }
 
-    /// Figures, printed (run with --nocapture; meaningful in release builds): throughput of a full
-    /// synchronisation, and the round trip of epochs of 1000 scattered dirty pages.
+    over_each_link_io!(
+        pages_changed_after_commit => pages_may_change_once_commit_returns,
+        pages_may_change_once_an_io_uring_commit_returns,
+        pages_may_change_once_a_zero_copy_commit_returns
+    );
+
+    /// The zero-copy invariant ends when `commit` returns: an epoch far larger than the socket
+    /// buffers, whose every page is overwritten the moment `commit` returns, still reaches the
+    /// backup as it was sealed (a zero-copy commit waits until the kernel is done with the pages;
+    /// were it not to, the kernel would send the new bytes, and the backup would refuse the frame).
+    fn pages_changed_after_commit(io: LinkIo) {
+        init_tracing();
+        let mut rng = Rng(31);
+        let mut model = Model::new(&mut rng, 64 * MIB, MIB);
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
+        let (backup, _disk) = start_backup(&model, "after-commit");
+        let mut t = connect_io(backup.local_addr(), &model, io);
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+        for e in 1..=3u64 {
+            // Half of memory, new contents, in one epoch: 32 MiB against 4 MiB socket buffers.
+            let half = model.pages() / 2;
+            model.dirty.insert(0, half);
+            let sent = rng.bytes(half as usize * PAGE_SIZE);
+            model.mem[..sent.len()].copy_from_slice(&sent);
+            let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(e));
+            // The guest runs again at once, writing every page the epoch carried (one memset:
+            // faster than the link drains, so pages still queued in the kernel would be hit).
+            model.mem[..sent.len()].fill(0xa5);
+            assert_eq!(wait(&t, token), EpochId(e));
+            model.mem[..sent.len()].copy_from_slice(&sent);
+            assert_standby(&backup, &model, EpochId(e));
+        }
+    }
+
+    /// Figures, printed (run with --nocapture; meaningful in release builds), for each way of
+    /// writing to the link: throughput of a full synchronisation, then epochs of 1000 scattered
+    /// dirty pages of a flat 64 MiB memory (1000 epochs in release builds, 200 in debug): time,
+    /// round trip, and CPU per epoch of the sending thread and of the whole process (which also
+    /// runs the backup).
     #[test]
     fn measure_loopback_throughput_and_epoch_round_trip() {
         init_tracing();
+        let epochs = if cfg!(debug_assertions) { 200 } else { 1000 };
+        for io in ALL_IO {
+            measure_link(io, epochs);
+        }
+    }
+
+    fn measure_link(io: LinkIo, epochs: u64) {
         let mut rng = Rng(99);
         let mut model = Model::new(&mut rng, 64 * MIB, MIB);
         let disk = TempPath::new("measure");
         let mut cfg = receiver_config(&model, &disk);
         cfg.disk_sync = DiskSync::NoSync;
         let backup = BackupReceiver::bind(cfg).unwrap();
-        let mut t = connect(backup.local_addr(), &model);
+        let mut t = connect_io(backup.local_addr(), &model, io);
+        let name = io.name();
 
         let started = Instant::now();
         let token = full_sync(&mut t, &mut model, EpochId(0));
         wait(&t, token);
         let sync = started.elapsed();
         let mb = (model.mem.len() + model.disk.len()) as f64 / 1e6;
-        println!("full sync: {mb:.0} MB in {:.1} ms = {:.0} MB/s", sync.as_secs_f64() * 1e3, mb / sync.as_secs_f64());
+        println!("[{name}] full sync: {mb:.0} MB in {:.1} ms = {:.0} MB/s", sync.as_secs_f64() * 1e3, mb / sync.as_secs_f64());
 
         let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
-        let epochs = 200;
-        let mut rtts = Vec::with_capacity(epochs);
+        let mut rtts = Vec::with_capacity(epochs as usize);
         let mut bytes = 0u64;
+        let (thread_before, process_before) = cpu_times();
         let total = Instant::now();
-        for e in 1..=epochs as u64 {
+        for e in 1..=epochs {
             // 1000 scattered pages; the page contents are not changed here, so the figure is the link's.
             let mut dirty = PageRangeSet::new();
             while dirty.page_count() < 1000 {
@@ -631,23 +732,27 @@ mod tests {
             bytes += 1000 * PAGE_SIZE as u64;
         }
         let total = total.elapsed();
+        let (thread_after, process_after) = cpu_times();
         rtts.sort();
         let pct = |p: usize| rtts[(rtts.len() * p / 100).min(rtts.len() - 1)];
+        let per_epoch = |d: Duration| d.as_secs_f64() * 1e3 / epochs as f64;
         println!(
-            "1000 dirty pages/epoch, {epochs} epochs: round trip p50 {:?} p99 {:?} max {:?}; {:.0} epochs/s, {:.0} MB/s of pages",
+            "[{name}] 1000 dirty pages/epoch, {epochs} epochs in {:.2} s: {:.0} epochs/s, {:.0} MB/s of pages; round trip p50 {:?} p99 {:?} max {:?}; CPU per epoch: sender thread {:.3} ms, process {:.3} ms",
+            total.as_secs_f64(),
+            epochs as f64 / total.as_secs_f64(),
+            bytes as f64 / total.as_secs_f64() / 1e6,
             pct(50),
             pct(99),
             rtts[rtts.len() - 1],
-            epochs as f64 / total.as_secs_f64(),
-            bytes as f64 / total.as_secs_f64() / 1e6
+            per_epoch(thread_after - thread_before),
+            per_epoch(process_after - process_before),
         );
         let stats = backup.stats();
-        println!("backup last apply {:?}, bytes received {}", stats.last_apply, stats.bytes_received);
-        assert_eq!(stats.committed, Some(EpochId(epochs as u64)));
+        assert_eq!(stats.committed, Some(EpochId(epochs)));
 
         // The floor: epochs that carry only a 300-byte machine state.
-        let mut floor = Vec::with_capacity(epochs);
-        for e in epochs as u64 + 1..=2 * epochs as u64 {
+        let mut floor = Vec::with_capacity(200);
+        for e in epochs + 1..=epochs + 200 {
             let started = Instant::now();
             let token = send_epoch(&mut t, &mut model, &mut disks, EpochId(e));
             wait(&t, token);
@@ -655,9 +760,22 @@ mod tests {
         }
         floor.sort();
         println!(
-            "state-only epochs: round trip p50 {:?} p99 {:?}",
+            "[{name}] state-only epochs: round trip p50 {:?} p99 {:?}",
             floor[floor.len() / 2],
             floor[(floor.len() * 99 / 100).min(floor.len() - 1)]
         );
+    }
+
+    /// CPU time (user and system) used so far by the calling thread, and by the whole process.
+    fn cpu_times() -> (Duration, Duration) {
+        let used = |who: libc::c_int| {
+            // SAFETY: all-zero is a valid rusage (integers and timevals).
+            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: getrusage writes one rusage into `u`, which lives across the call.
+            assert_eq!(unsafe { libc::getrusage(who, &mut u) }, 0);
+            let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+            tv(u.ru_utime) + tv(u.ru_stime)
+        };
+        (used(libc::RUSAGE_THREAD), used(libc::RUSAGE_SELF))
     }
 }

@@ -64,6 +64,10 @@ impl CheckpointTransport for Detached {
         None
     }
 
+    fn io_name(&self) -> &'static str {
+        "none"
+    }
+
     fn heartbeat(&mut self) -> Result<(), LinkError> {
         Err(down())
     }

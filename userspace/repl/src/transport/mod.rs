@@ -14,6 +14,8 @@
 pub mod deadline;
 pub mod detached;
 pub mod tcp;
+mod uring;
+mod writer;
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +36,12 @@ use crate::PAGE_SIZE;
 /// vCPUs paused, the pages write-protected (copy-on-write checkpoints), or the pages copied into
 /// buffers that the engine owns. A page that changes before `commit` returns may reach the backup
 /// half old, half new, and the backup cannot tell.
+///
+/// One exception: in an initial synchronisation epoch ([`EpochBegin::initial_sync`]) the
+/// transport is done with the slices when `send_pages` returns, because the engine streams the
+/// memory of a running guest through one staging buffer that it refills call after call. A
+/// zero-copy transport waits there for the kernel, once per call (a synchronisation is long, and
+/// bandwidth-bound anyway).
 pub trait PageSource {
     /// The 4 KiB of page frame `pfn`, or `None` when the page is not in guest memory.
     fn page(&self, pfn: u64) -> Option<&[u8]>;
@@ -187,6 +195,13 @@ pub enum ConnectError {
     /// The acknowledgement thread could not be started.
     #[error("Cannot start the acknowledgement thread")]
     Thread(#[source] std::io::Error),
+    /// The io_uring writer asked for could not be set up (io_uring disabled by
+    /// `kernel.io_uring_disabled`, or refused by a seccomp or container policy).
+    #[error("Cannot set up io_uring for the A-Link")]
+    Uring(#[source] std::io::Error),
+    /// The io_uring writer asked for needs an operation or feature this kernel lacks (named).
+    #[error("This kernel's io_uring lacks {0}, which the A-Link's io_uring writer needs")]
+    UringUnsupported(&'static str),
 }
 
 impl ConnectError {
@@ -440,7 +455,16 @@ pub trait CheckpointTransport: Send {
     /// [`ftvm_proto::limits::MAX_PAGES_PER_FRAME`] pages. Returns the bytes put on the link.
     ///
     /// **Zero-copy invariant:** the bytes that `source` returns for these pages must not change
-    /// until [`commit`](Self::commit) returns for this epoch (see [`PageSource`]).
+    /// until [`commit`](Self::commit) returns for this epoch (see [`PageSource`]). A zero-copy
+    /// transport (io_uring `SEND_ZC`, RDMA) hands the page slices to the kernel or the NIC, which
+    /// may read them after this call returns, until its notification; `commit` returns only once
+    /// every such notification of the epoch has arrived. So the engine keeps the pages unchanged
+    /// (vCPUs paused, pages write-protected) or sends copies it owns, until `commit` returns.
+    /// In an initial synchronisation epoch this call waits for the kernel itself, and the slices
+    /// are free when it returns (the engine reuses one staging buffer for the whole sync).
+    /// When the link fails first, the transport stops waiting and the engine may change the pages
+    /// at once: bytes changed under a send still in the kernel no longer match the tag the frame
+    /// was sealed with, so the backup drops the frame and its session rather than apply them.
     fn send_pages(&mut self, pages: &PageRangeSet, source: &dyn PageSource) -> Result<u64, SendPagesError>;
 
     /// Sends (part of) the machine state, an opaque blob; several calls append.
@@ -466,6 +490,12 @@ pub trait CheckpointTransport: Send {
 
     /// The latest epoch acknowledged on this link, without waiting.
     fn acked(&self) -> Option<EpochId>;
+
+    /// How this transport writes to the link, for status and logs ("socket", "io_uring",
+    /// "io_uring+zc", …). Transports that wrap another one should forward it.
+    fn io_name(&self) -> &'static str {
+        "unknown"
+    }
 
     /// Sends a liveness frame (between epochs only), so that a backup that hears no epoch for a
     /// while (the epochs in flight are at their limit) does not take the primary for dead.

@@ -6,12 +6,16 @@
 //! kernel. A second thread owns the read half of the socket and receives the acknowledgements, so
 //! the primary can send epoch N+1 while N's acknowledgement is on its way.
 //!
+//! How the batches reach the socket is [`TcpOptions::io`]: `writev` (the default), or io_uring,
+//! optionally with zero-copy sends of the pages (`writer.rs`, `uring.rs`). The bytes on the wire
+//! are the same.
+//!
 //! Timeouts: connecting and the handshake have their own; every write has the write timeout; acks
 //! have the caller's deadline. The acknowledgement thread blocks without a timeout and is ended by
 //! shutting the socket down (on drop, or when a write fails).
 
 use std::collections::VecDeque;
-use std::io::{self, BufReader, IoSlice, Write};
+use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,11 +23,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ftvm_proto::frame::{FrameKind, FrameOpener, FrameSealer, TAG_LEN};
+use ftvm_proto::frame::{FrameKind, FrameOpener, FrameSealer};
 use ftvm_proto::handshake;
 use ftvm_proto::pages::PageRangeSet;
 use ftvm_proto::EpochId;
 
+use super::writer::{write_frame, LinkWriter};
 use super::{
     AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, HandOverError, LinkError,
     PageSource, SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
@@ -35,12 +40,10 @@ use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES, MAX_PAGES_PER_FR
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 use crate::lock;
 
+pub use super::writer::LinkIo;
+
 /// Longest wait, after a goodbye, for the backup to close its side.
 const GOODBYE_LINGER: Duration = Duration::from_millis(200);
-/// Most I/O vectors per `writev` (the kernel takes up to 1024).
-const BATCH_IOVS: usize = 256;
-/// Bytes hashed, then written, per batch: small enough to still be in cache when the kernel copies.
-const BATCH_BYTES: usize = 512 << 10;
 
 /// Settings of a [`TcpTransport`].
 #[derive(Clone, Debug)]
@@ -67,6 +70,11 @@ pub struct TcpOptions {
     /// backup's capabilities (protocol 1.3 and later; an older backup is not checked, with a
     /// warning). `None`: not checked.
     pub cpu_needs: Option<GuestCpuNeeds>,
+    /// How frames are written to the socket: `writev` (the default) or io_uring, optionally with
+    /// zero-copy sends of guest pages. The wire is the same either way, so any choice pairs with
+    /// any backup. An io_uring choice the kernel cannot serve fails the connect
+    /// ([`ConnectError::UringUnsupported`]); there is no silent fallback.
+    pub io: LinkIo,
 }
 
 impl Default for TcpOptions {
@@ -81,6 +89,7 @@ impl Default for TcpOptions {
             disk_bytes: None,
             lease_term: None,
             cpu_needs: None,
+            io: LinkIo::Socket,
         }
     }
 }
@@ -186,7 +195,10 @@ struct OpenEpoch {
 /// The primary's end of a TCP A-Link.
 #[derive(Debug)]
 pub struct TcpTransport {
+    /// The socket, for shutting it down (the writer and the acknowledgement thread hold duplicates).
     stream: TcpStream,
+    /// Where frames are written.
+    writer: LinkWriter,
     sealer: FrameSealer,
     shared: Arc<AckShared>,
     reader: Option<JoinHandle<()>>,
@@ -221,62 +233,6 @@ fn set_socket_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> i
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Writes every byte of `bufs`, or fails. Bounded: each round writes at least one byte or ends, and
-/// interruptions by signals are retried a limited number of times.
-fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> Result<(), LinkError> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    let mut interrupts = 0;
-    while !bufs.is_empty() {
-        match stream.write_vectored(bufs) {
-            Ok(0) => return Err(LinkError::Write(io::ErrorKind::WriteZero.into())),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupts < 1000 => interrupts += 1,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(LinkError::WriteTimedOut)
-            }
-            Err(e) => return Err(LinkError::Write(e)),
-        }
-    }
-    Ok(())
-}
-
-/// Seals and writes one frame whose payload is `head` then `pieces`, in batches that are hashed
-/// just before they are written. Returns the frame's tag.
-fn write_frame(
-    stream: &mut TcpStream,
-    sealer: &mut FrameSealer,
-    kind: FrameKind,
-    epoch: u64,
-    head: &[u8],
-    pieces: &[&[u8]],
-) -> Result<[u8; TAG_LEN], LinkError> {
-    let len: usize = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
-    // Our frames are bounded by construction (MAX_CHUNK_BYTES, MAX_PAGES_PER_FRAME); a failure here
-    // would be a bug, reported as a broken link rather than a panic.
-    let too_large = || LinkError::Write(io::Error::new(io::ErrorKind::InvalidInput, "frame over the payload limit"));
-    let mut frame = sealer.start(kind, 0, epoch, len).map_err(|_| too_large())?;
-    let header = *frame.header();
-    let mut batch: Vec<IoSlice<'_>> = Vec::with_capacity(BATCH_IOVS.min(pieces.len()) + 3);
-    batch.push(IoSlice::new(&header));
-    frame.update(head);
-    batch.push(IoSlice::new(head));
-    let mut batch_bytes = head.len();
-    for p in pieces {
-        frame.update(p);
-        batch.push(IoSlice::new(p));
-        batch_bytes += p.len();
-        if batch.len() >= BATCH_IOVS || batch_bytes >= BATCH_BYTES {
-            write_all_vectored(stream, &mut batch)?;
-            batch.clear();
-            batch_bytes = 0;
-        }
-    }
-    let tag = frame.finish().map_err(|_| too_large())?;
-    batch.push(IoSlice::new(&tag));
-    write_all_vectored(stream, &mut batch)?;
-    Ok(tag)
 }
 
 /// The backup's next frame while the link is set up: the payload of a `want` frame; a goodbye is
@@ -390,6 +346,8 @@ impl TcpTransport {
         stream.set_read_timeout(None).map_err(ConnectError::Socket)?;
         stream.set_write_timeout(Some(options.write_timeout.max(Duration::from_millis(1)))).map_err(ConnectError::Socket)?;
         let read_half = stream.try_clone().map_err(ConnectError::Socket)?;
+        let write_half = stream.try_clone().map_err(ConnectError::Socket)?;
+        let writer = LinkWriter::new(write_half, options.io, options.write_timeout)?;
         let shared = Arc::new(AckShared { state: Mutex::default(), cv: Condvar::new(), listener: Mutex::new(None) });
         let reader = {
             let shared = Arc::clone(&shared);
@@ -398,9 +356,10 @@ impl TcpTransport {
                 .spawn(move || ack_reader(read_half, opener, shared))
                 .map_err(ConnectError::Thread)?
         };
-        tracing::info!(%addr, committed = ?peer.committed, restorable = peer.restorable, "A-Link up");
+        tracing::info!(%addr, committed = ?peer.committed, restorable = peer.restorable, io = writer.name(), "A-Link up");
         Ok(Self {
             stream,
+            writer,
             sealer,
             shared,
             reader: Some(reader),
@@ -432,7 +391,7 @@ impl TcpTransport {
     fn say_goodbye(&mut self, reason: &str) {
         let said = self.open.is_none()
             && self.shared.down().is_none()
-            && write_frame(&mut self.stream, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes(), &[]).is_ok();
+            && write_frame(&mut self.writer, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes(), &[], false).is_ok();
         self.shared.mark_down_as(format!("closed by the primary: {reason}"), true);
         if said {
             // The goodbye must arrive: closing a socket that has unread bytes (a late heartbeat
@@ -453,10 +412,12 @@ impl TcpTransport {
         }
     }
 
-    /// A write failed: the stream is now unusable (a frame may be half written).
+    /// A write failed: the stream is now unusable (a frame may be half written), and nothing
+    /// sent zero-copy is waited for any more.
     fn fail(&mut self, e: LinkError) -> LinkError {
         self.shared.mark_down(ErrorChain(&e).to_string());
         let _ = self.stream.shutdown(Shutdown::Both);
+        self.writer.forsake();
         e
     }
 
@@ -467,6 +428,12 @@ impl TcpTransport {
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
+        // Zero-copy sends of an epoch never committed: on a working link the kernel is done with
+        // them soon (bounded by the write timeout); on a failed one they are not waited for.
+        if self.shared.down().is_none() {
+            let _ = self.writer.settle();
+        }
+        self.writer.forsake();
         self.shared.mark_down_as("transport closed".into(), true);
         let _ = self.stream.shutdown(Shutdown::Both);
         if let Some(t) = self.reader.take() {
@@ -488,13 +455,17 @@ impl CheckpointTransport for TcpTransport {
         self.peer_digest
     }
 
+    fn io_name(&self) -> &'static str {
+        self.writer.name()
+    }
+
     fn heartbeat(&mut self) -> Result<(), LinkError> {
         self.check_up()?;
         if self.open.is_some() {
             // Inside an epoch its own frames are the sign of life (and the digest covers them).
             return Ok(());
         }
-        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Heartbeat, 0, &[], &[]);
+        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::Heartbeat, 0, &[], &[], false);
         r.map(|_| ()).map_err(|e| self.fail(e))
     }
 
@@ -511,7 +482,7 @@ impl CheckpointTransport for TcpTransport {
             return Err(HandOverError::EpochOpen(open.begin.epoch));
         }
         self.check_up()?;
-        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::Handover, epoch.0, &[], &[]);
+        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::Handover, epoch.0, &[], &[], false);
         r.map(|_| ()).map_err(|e| HandOverError::Link(self.fail(e)))
     }
 
@@ -555,7 +526,7 @@ impl CheckpointTransport for TcpTransport {
             initial_sync = begin.initial_sync
         );
         let payload = begin.encode();
-        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::EpochBegin, begin.epoch.0, &payload, &[]);
+        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::EpochBegin, begin.epoch.0, &payload, &[], false);
         let tag = r.map_err(|e| BeginEpochError::Link(self.fail(e)))?;
         let mut digest = EpochDigest::new(begin.epoch);
         digest.add_frame(&tag);
@@ -603,7 +574,7 @@ impl CheckpointTransport for TcpTransport {
                 }
             }
             pieces.extend(packed);
-            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::Pages, open.begin.epoch.0, &self.head, &pieces) {
+            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::Pages, open.begin.epoch.0, &self.head, &pieces, true) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.pages += count;
@@ -618,10 +589,16 @@ impl CheckpointTransport for TcpTransport {
             }
         }
         drop(pieces);
-        match failure {
-            Some(e) => Err(SendPagesError::Link(self.fail(e))),
-            None => Ok(sent),
+        let initial_sync = open.begin.initial_sync;
+        if let Some(e) = failure {
+            return Err(SendPagesError::Link(self.fail(e)));
         }
+        // An initial synchronisation streams memory through one buffer reused call after call
+        // while the guest runs (see PageSource): the kernel must be done with it before we return.
+        if initial_sync {
+            self.writer.settle().map_err(|e| SendPagesError::Link(self.fail(e)))?;
+        }
+        Ok(sent)
     }
 
     fn send_state(&mut self, state: &[u8]) -> Result<(), SendStateError> {
@@ -634,7 +611,7 @@ impl CheckpointTransport for TcpTransport {
             return Err(SendStateError::Link(LinkError::Down { reason }));
         }
         for chunk in state.chunks(MAX_CHUNK_BYTES) {
-            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::MachineState, open.begin.epoch.0, chunk, &[]) {
+            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::MachineState, open.begin.epoch.0, chunk, &[], false) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.state += chunk.len() as u64;
@@ -667,7 +644,7 @@ impl CheckpointTransport for TcpTransport {
                 n += 1;
             }
             rest = &rest[n..];
-            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::HeldOutput, epoch, &payload, &[]) {
+            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::HeldOutput, epoch, &payload, &[], false) {
                 Ok(tag) => {
                     if let Some(open) = self.open.as_mut() {
                         open.digest.add_frame(&tag);
@@ -708,7 +685,7 @@ impl CheckpointTransport for TcpTransport {
             epoch::encode_disk_writes_head(group, &mut self.head);
             pieces.clear();
             pieces.extend(group.iter().map(|w| &w.data[..]));
-            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::DiskWrites, open.begin.epoch.0, &self.head, &pieces) {
+            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::DiskWrites, open.begin.epoch.0, &self.head, &pieces, false) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.writes += group.len() as u64;
@@ -746,7 +723,7 @@ impl CheckpointTransport for TcpTransport {
         // MAX_CHUNK_BYTES is a whole number of sectors, so every chunk stays aligned.
         for (i, chunk) in data.chunks(MAX_CHUNK_BYTES).enumerate() {
             let head = epoch::encode_disk_image_head(offset + (i * MAX_CHUNK_BYTES) as u64);
-            match write_frame(&mut self.stream, &mut self.sealer, FrameKind::DiskImage, open.begin.epoch.0, &head, &[chunk]) {
+            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::DiskImage, open.begin.epoch.0, &head, &[chunk], false) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.image += chunk.len() as u64;
@@ -786,9 +763,11 @@ impl CheckpointTransport for TcpTransport {
         open.span.record("bytes", open.bytes + EpochCommit::LEN as u64 + 64);
         // In flight before the commit frame leaves: the acknowledgement can come back at once.
         lock(&self.shared.state).in_flight.push_back((epoch, Instant::now()));
-        let r = write_frame(&mut self.stream, &mut self.sealer, FrameKind::EpochCommit, epoch.0, &commit.encode(), &[]);
+        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::EpochCommit, epoch.0, &commit.encode(), &[], false);
         self.open = None;
         r.map_err(|e| CommitError::Link(self.fail(e)))?;
+        // The zero-copy invariant ends here: the kernel must be done reading the epoch's pages.
+        self.writer.settle().map_err(|e| CommitError::Link(self.fail(e)))?;
         Ok(AckToken { epoch, link: self.link })
     }
 
@@ -816,32 +795,5 @@ impl CheckpointTransport for TcpTransport {
 
     fn acked(&self) -> Option<EpochId> {
         lock(&self.shared.state).acked
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_written_in_batches_open_normally() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut o = FrameOpener::new([3; 32]);
-            let f = o.read(&mut s).unwrap();
-            (f.header.kind, f.payload)
-        });
-        let mut stream = TcpStream::connect(addr).unwrap();
-        let mut sealer = FrameSealer::new([3; 32]);
-        // More pieces and bytes than one batch, with empty pieces among them.
-        let pages: Vec<Vec<u8>> = (0..600).map(|i| vec![i as u8; if i % 7 == 0 { 0 } else { 4096 }]).collect();
-        let pieces: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
-        let tag = write_frame(&mut stream, &mut sealer, FrameKind::Pages, 4, b"head", &pieces).unwrap();
-        let (kind, payload) = t.join().unwrap();
-        assert_eq!(kind, FrameKind::Pages);
-        assert_eq!(payload, [b"head".to_vec(), pages.concat()].concat());
-        assert_ne!(tag, [0; TAG_LEN]);
     }
 }

@@ -15,7 +15,7 @@ use ftvm_proto::EpochId;
 use ftvm_repl::backup::{BackupReceiver, ReceiverConfig, ReceiverStats};
 use ftvm_repl::disk::{DiskReplicator, DiskWrite, MemoryDiskReplicator};
 use ftvm_proto::epoch::{self as wire, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
-use ftvm_repl::transport::tcp::{TcpOptions, TcpTransport};
+use ftvm_repl::transport::tcp::{LinkIo, TcpOptions, TcpTransport};
 use ftvm_repl::transport::{AckToken, CheckpointTransport, FlatMemory};
 use ftvm_repl::PAGE_SIZE;
 
@@ -191,7 +191,12 @@ impl Drop for FakeBackup {
 }
 
 pub fn options(model: &Model) -> TcpOptions {
-    TcpOptions { memory_bytes: Some(model.mem.len() as u64), disk_bytes: Some(model.disk.len() as u64), ..TcpOptions::default() }
+    options_io(model, LinkIo::Socket)
+}
+
+/// The options of [`options`], writing to the socket with `io`.
+pub fn options_io(model: &Model, io: LinkIo) -> TcpOptions {
+    TcpOptions { memory_bytes: Some(model.mem.len() as u64), disk_bytes: Some(model.disk.len() as u64), io, ..TcpOptions::default() }
 }
 
 pub fn receiver_config(model: &Model, disk: &TempPath) -> ReceiverConfig {
@@ -213,7 +218,14 @@ pub fn start_backup(model: &Model, tag: &str) -> (BackupReceiver, TempPath) {
 }
 
 pub fn connect(addr: SocketAddr, model: &Model) -> TcpTransport {
-    TcpTransport::connect(addr, SECRET, &options(model)).unwrap()
+    connect_io(addr, model, LinkIo::Socket)
+}
+
+/// [`connect`], writing to the socket with `io`.
+pub fn connect_io(addr: SocketAddr, model: &Model, io: LinkIo) -> TcpTransport {
+    let t = TcpTransport::connect(addr, SECRET, &options_io(model, io)).unwrap();
+    assert_eq!(t.io_name(), io.name());
+    t
 }
 
 /// Initial synchronisation with the machine paused throughout: every page, the whole disk and the
