@@ -27,7 +27,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
 #[cfg(not(feature = "previous-minor"))]
-pub const PROTOCOL_MINOR: u8 = 5;
+pub const PROTOCOL_MINOR: u8 = 6;
 /// Protocol minor version of a build made to speak the previous minor (see the crate's
 /// `previous-minor` feature).
 #[cfg(feature = "previous-minor")]

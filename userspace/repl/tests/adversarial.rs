@@ -301,6 +301,39 @@ mod tests {
         scene.recover(&good);
     }
 
+    /// A machine state sent as a delta (A-Link 1.6) applies to the state the backup holds, and to
+    /// no other: one made from another state refuses the epoch, nothing applied; the right one
+    /// leaves the new state whole in the standby.
+    #[test]
+    fn a_state_delta_applies_to_the_state_held_only() {
+        let mut scene = Scene::new("delta");
+        let (good, writes) = scene.next_epoch();
+        let mut other = good.state.clone();
+        other[0] ^= 1;
+        let mut wrong = scene.model.clone();
+        ftvm_proto::state_delta::encode(&other, &scene.model.state, &mut wrong.state);
+        let before = scene.stats();
+        let mut raw = RawPrimary::connect(scene.backup.local_addr());
+        for (_, f) in raw.epoch_frames(NEXT, &wrong, &writes, 8, |_| {}) {
+            raw.write(&f);
+        }
+        assert_no_ack(&mut raw);
+        scene.expect_dropped(&before, "machine state delta refused");
+        assert_standby(&scene.backup, &good, GOOD);
+        drop(raw);
+
+        let mut right = scene.model.clone();
+        ftvm_proto::state_delta::encode(&good.state, &scene.model.state, &mut right.state);
+        assert!(ftvm_proto::state_delta::is_delta(&right.state));
+        let mut raw = RawPrimary::connect(scene.backup.local_addr());
+        for (_, f) in raw.epoch_frames(NEXT, &right, &writes, 8, |_| {}) {
+            raw.write(&f);
+        }
+        let ack = raw.read().expect("the backup acknowledges the epoch");
+        assert_eq!((ack.header.kind, ack.header.epoch), (FrameKind::EpochAck, NEXT.0));
+        assert_standby(&scene.backup, &scene.model, NEXT);
+    }
+
     #[test]
     fn a_commit_whose_digest_or_totals_do_not_match_is_refused() {
         let mut scene = Scene::new("digest");

@@ -286,6 +286,15 @@ pub enum SessionError {
     /// The commit's digest disagrees with the frames received.
     #[error("Epoch {0} digest does not match its frames")]
     Digest(EpochId),
+    /// The epoch's machine state is a delta (A-Link 1.6) that does not apply to the state held.
+    #[error("Epoch {epoch} machine state delta refused")]
+    StateDelta {
+        /// The epoch.
+        epoch: EpochId,
+        /// Why.
+        #[source]
+        source: ftvm_proto::state_delta::DeltaError,
+    },
     /// Writing a disk image chunk failed (initial synchronisation; nothing committed is affected).
     #[error("Writing the standby disk failed")]
     DiskImage(#[source] io::Error),
@@ -1417,6 +1426,13 @@ impl<'a> Session<'a> {
         let Some(mut staging) = self.staging.take() else {
             return Err(SessionError::Unexpected { kind: FrameKind::EpochCommit, context: "outside an epoch" });
         };
+        // A state sent as a delta from the previous epoch's (1.6) becomes the full state before
+        // anything is applied: one that does not fit the state held refuses the epoch whole.
+        if ftvm_proto::state_delta::is_delta(&staging.state) {
+            let full = ftvm_proto::state_delta::apply(&self.inner.read_standby().state, &staging.state)
+                .map_err(|source| SessionError::StateDelta { epoch, source })?;
+            staging.state = full;
+        }
         let span = staging.span.clone();
         let _entered = span.enter();
         let started = Instant::now();

@@ -443,6 +443,12 @@ pub trait CheckpointTransport: Send {
         None
     }
 
+    /// Whether the backup takes an epoch's machine state as a delta from the previous epoch's
+    /// (minor 6 and later, see [`ftvm_proto::state_delta`]).
+    fn peer_takes_state_deltas(&self) -> bool {
+        false
+    }
+
     /// Sets the function called on the acknowledgement thread for each acknowledgement and for the
     /// link going down. Replaces any earlier one.
     fn set_ack_listener(&mut self, listener: AckListener);

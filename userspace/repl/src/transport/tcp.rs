@@ -455,6 +455,10 @@ impl CheckpointTransport for TcpTransport {
         self.peer_digest
     }
 
+    fn peer_takes_state_deltas(&self) -> bool {
+        self.minor >= 6
+    }
+
     fn io_name(&self) -> &'static str {
         self.writer.name()
     }

@@ -372,6 +372,11 @@ pub struct PrimaryEngine {
     pause_probe: Option<PauseProbe>,
     /// When checkpoints are due, and the pages harvested for the dirty bound.
     schedule: Schedule,
+    /// The machine state of the last epoch sent on this link, for the next one's delta (empty: the
+    /// next state goes whole).
+    sent_state: Vec<u8>,
+    /// The next state as a delta, when the backup takes deltas.
+    state_delta: Vec<u8>,
 }
 
 /// Called in each checkpoint's pause, after the harvest, with the epoch, its dirty pages and guest
@@ -456,6 +461,8 @@ impl PrimaryEngine {
             resumed_from: None,
             pause_probe: None,
             schedule,
+            sent_state: Vec::new(),
+            state_delta: Vec::new(),
         })
     }
 
@@ -761,6 +768,8 @@ impl PrimaryEngine {
     /// tracked from now on, then the backup gets all of memory and the disk (a failed
     /// synchronisation leaves the VM running alone).
     fn protect(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
+        // A new link: its first state goes whole.
+        self.sent_state.clear();
         // Made here, not in `new`: until the engine runs, the builder methods own the
         // acknowledgement side alone (they set its lease and gate).
         let obs: Arc<dyn DiskWriteObserver> = Arc::new(Observer { ack: self.ack.clone() });
@@ -928,15 +937,16 @@ impl PrimaryEngine {
             self.final_state = Some(state.clone());
         }
         let pause_us = ctx.pause().as_micros() as u64;
+        let state_len = state.len() as u64;
         span.record("pages", pages.page_count());
         span.record("pause_us", pause_us);
-        let sent = self.send_epoch(epoch, &pages, &state, &writes);
+        let sent = self.send_epoch_with_state(epoch, &pages, state, &writes);
         drop(entered);
         let committed_at = Instant::now();
         let result = match sent {
             Ok(bytes) => {
                 span.record("bytes", bytes);
-                let ctx = ctx.sent(bytes, state.len() as u64);
+                let ctx = ctx.sent(bytes, state_len);
                 self.record(ctx.metrics());
                 Ok(())
             }
@@ -1004,6 +1014,22 @@ impl PrimaryEngine {
                 })
             }
         }
+    }
+
+    /// Sends the epoch with its machine `state`, as a delta from the last state sent on this link
+    /// when the backup takes deltas and the delta is smaller (the first epoch of a link sends it
+    /// whole). Remembers it as the base of the next delta once sent.
+    fn send_epoch_with_state(&mut self, epoch: u64, pages: &PageRangeSet, state: Vec<u8>, writes: &[DiskWrite]) -> Result<u64, SendError> {
+        let delta = !self.sent_state.is_empty() && self.transport.peer_takes_state_deltas() && {
+            ftvm_proto::state_delta::encode(&self.sent_state, &state, &mut self.state_delta);
+            self.state_delta.len() < state.len()
+        };
+        let payload = if delta { std::mem::take(&mut self.state_delta) } else { Vec::new() };
+        let sent = self.send_epoch(epoch, pages, if delta { &payload } else { &state }, writes);
+        self.state_delta = payload;
+        // A failed send ends the link: the next one starts from a whole state.
+        self.sent_state = if sent.is_ok() { state } else { Vec::new() };
+        sent
     }
 
     fn send_epoch(
