@@ -268,9 +268,16 @@ fn scenario_with(label: &str, host: &str, at: KillAt, dirty: bool, up_args: &[&s
             st.role_b,
             st.json
         );
-        // The primary runs with the copy asked for (copy-on-write does not fall back unseen).
-        let copy = up_args.windows(2).find(|w| w[0] == "--checkpoint-copy").map_or("stop", |w| w[1]);
-        assert_eq!(st.json["hosts"][0]["detail"]["checkpoints"]["copy"], copy, "[{label}] checkpoint copy\n{:#}", st.json);
+        // The primary runs with the copy and the A-Link writer asked for (neither falls back unseen).
+        let arg = |name: &str| up_args.windows(2).find(|w| w[0] == name).map(|w| w[1]);
+        let checkpoints = &st.json["hosts"][0]["detail"]["checkpoints"];
+        assert_eq!(checkpoints["copy"], arg("--checkpoint-copy").unwrap_or("stop"), "[{label}] checkpoint copy\n{:#}", st.json);
+        let transport = match arg("--alink-io") {
+            Some("uring") => "io_uring",
+            Some("uring-zc") => "io_uring+zc",
+            _ => "socket",
+        };
+        assert_eq!(checkpoints["transport"], transport, "[{label}] A-Link writer\n{:#}", st.json);
     }
 
     let client_ns_name = site.netns("client");
@@ -561,16 +568,17 @@ fn failover_keeps_every_acknowledged_write_and_the_connections() {
 }
 
 /// The same guarantees with copy-on-write checkpoints (the guest writing pages while they are
-/// copied) and with the userfaultfd dirty tracker: a kill under the dirtying load for each.
+/// copied) over an io_uring A-Link sending pages zero-copy, and with the userfaultfd dirty tracker
+/// over a plain io_uring A-Link: a kill under the dirtying load for each.
 #[test]
-fn failover_with_copy_on_write_checkpoints_and_with_the_uffd_tracker() {
+fn failover_with_copy_on_write_and_uffd_tracker_over_io_uring() {
     require_root_and_kvm();
     let _serial = one_site_at_a_time();
     let mut rng = Rng::from_env_or_clock("failover cow/uffd");
     let mut failures = Vec::new();
     for (label, up_args) in [
-        ("copy-on-write, kill under the dirtying load", ["--checkpoint-copy", "cow"]),
-        ("uffd tracker, kill under the dirtying load", ["--dirty-tracker", "uffd"]),
+        ("copy-on-write, io_uring zero-copy, kill under the dirtying load", ["--checkpoint-copy", "cow", "--alink-io", "uring-zc"]),
+        ("uffd tracker, io_uring, kill under the dirtying load", ["--dirty-tracker", "uffd", "--alink-io", "uring"]),
     ] {
         let at = KillAt::AfterLoad(rng.duration(Duration::from_millis(300), Duration::from_secs(3)));
         println!("[{label}] planned: {at:?}, dirtying load FTVM.LOAD {DIRTY_LOAD}");

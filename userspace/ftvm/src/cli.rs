@@ -182,6 +182,40 @@ impl CheckpointCopyArg {
     }
 }
 
+/// How the primary writes to the A-Link's socket (`--alink-io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum AlinkIoArg {
+    /// `writev`.
+    #[default]
+    Socket,
+    /// io_uring, one `SENDMSG` per batch (Linux 5.11 or later).
+    Uring,
+    /// io_uring with the pages sent zero-copy (`SENDMSG_ZC`, Linux 6.1 or later); over loopback
+    /// the kernel copies them anyway.
+    UringZc,
+}
+
+impl AlinkIoArg {
+    /// The transport's setting.
+    pub fn io(self) -> ftvm_repl::transport::tcp::LinkIo {
+        use ftvm_repl::transport::tcp::LinkIo;
+        match self {
+            Self::Socket => LinkIo::Socket,
+            Self::Uring => LinkIo::Uring { zero_copy: false },
+            Self::UringZc => LinkIo::Uring { zero_copy: true },
+        }
+    }
+
+    /// The option's value naming it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Socket => "socket",
+            Self::Uring => "uring",
+            Self::UringZc => "uring-zc",
+        }
+    }
+}
+
 /// Parses `256M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -302,6 +336,22 @@ mod tests {
         assert_eq!(DirtyTrackerArg::Uffd.tracking(), DirtyTracking::Uffd);
         let e = parse(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
         assert!(e.contains("invalid value 'pml'") && e.contains("bitmap, ring, uffd"), "{e}");
+    }
+
+    #[test]
+    fn alink_ios() {
+        #[derive(Debug, Parser)]
+        struct T {
+            #[arg(long, value_enum, default_value_t)]
+            alink_io: AlinkIoArg,
+        }
+        let parse = |argv: &[&str]| T::try_parse_from([&["t"], argv].concat()).map(|t| t.alink_io);
+        assert_eq!(parse(&[]).unwrap(), AlinkIoArg::Socket);
+        for a in [AlinkIoArg::Socket, AlinkIoArg::Uring, AlinkIoArg::UringZc] {
+            assert_eq!(parse(&["--alink-io", a.name()]).unwrap(), a);
+            assert_eq!(a.to_possible_value().unwrap().get_name(), a.name());
+        }
+        assert!(parse(&["--alink-io", "rdma"]).is_err());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use ftvm_vmm::devices::DiskWriteIntent;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 
-use crate::cli::{parse_cpuid_bit, parse_size, CheckpointCopyArg, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
+use crate::cli::{parse_cpuid_bit, parse_size, AlinkIoArg, CheckpointCopyArg, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
 use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
@@ -119,6 +119,10 @@ pub struct EngineArgs {
     /// `--epoch-us` trigger checkpoints).
     #[arg(long, default_value_t = default_dirty_send_budget_us())]
     pub dirty_send_budget_us: u64,
+    /// How the primary writes to the A-Link: `socket` (writev), `uring` (io_uring) or `uring-zc`
+    /// (io_uring, pages zero-copy). The wire is the same: either end may use any.
+    #[arg(long, value_enum, default_value_t)]
+    pub alink_io: AlinkIoArg,
 }
 
 /// The engine's own default, in microseconds.
@@ -287,6 +291,7 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         disk_bytes: Some(args.vm.disk_size_bytes()?),
         lease_term: lease.has_quorum().then(|| lease.term()),
         cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
+        io: args.engine.alink_io.io(),
         ..TcpOptions::default()
     };
     // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
@@ -446,6 +451,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
             memory_bytes: Some(args.memory),
             disk_bytes: Some(args.disk_size),
             cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
+            io: args.engine.alink_io.io(),
             ..TcpOptions::default()
         };
         daemon_config.protect_again = Some(ProtectAgain {

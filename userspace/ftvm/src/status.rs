@@ -515,6 +515,9 @@ pub struct ProtectionStatus {
 pub struct CheckpointStatus {
     /// `stop` (the pages copied in the pause) or `cow` (write-protected in it, copied after).
     pub copy: String,
+    /// How the A-Link is written: `socket`, `io_uring` or `io_uring+zc`.
+    #[serde(default)]
+    pub transport: String,
     /// Checkpoints taken because guest output waited.
     pub for_output: u64,
     /// Because the dirty pages of a guest answering nobody passed the bound.
@@ -535,6 +538,7 @@ impl CheckpointStatus {
         let c = &snap.checkpoints;
         Self {
             copy: snap.copy.name().to_string(),
+            transport: snap.transport.to_string(),
             for_output: c.output,
             for_dirty_pages: c.dirty,
             at_interval: c.interval,
@@ -704,7 +708,7 @@ mod tests {
       "role": "primary", "state": "protected", "detail": "", "epochs_committed": 1200,
       "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
       "link_per_dirty_byte": 1.02, "disk_replication_lost": false,
-      "checkpoints": { "copy": "cow", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
+      "checkpoints": { "copy": "cow", "transport": "io_uring", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
         "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5 },
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
         "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "copy_after_resume_us": [0, 0], "resume_us": [5, 9],

@@ -23,7 +23,7 @@ use clap::{Args, Subcommand};
 use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{parse_size, CheckpointCopyArg, DirtyTrackerArg, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
+use crate::cli::{parse_size, AlinkIoArg, CheckpointCopyArg, DirtyTrackerArg, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
 use crate::status::{self, EbpfStatus, HostReport, HostRole, ProtectionState, ProtectionStatus, StatusFile};
 use topology::SiteNames;
 
@@ -100,6 +100,9 @@ pub struct UpArgs {
     /// The hosts' `--checkpoint-copy` (their default, `stop`, when not given).
     #[arg(long, value_enum)]
     pub checkpoint_copy: Option<CheckpointCopyArg>,
+    /// The hosts' `--alink-io` (their default, `socket`, when not given).
+    #[arg(long, value_enum)]
+    pub alink_io: Option<AlinkIoArg>,
     /// Have host A trace its output-commit hold to `/run/ftvm/sites/<name>/output-trace.txt` (the
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
@@ -700,6 +703,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
     if let Some(c) = args.checkpoint_copy {
         v.extend(["--checkpoint-copy".to_string(), c.name().to_string()]);
     }
+    if let Some(io) = args.alink_io {
+        v.extend(["--alink-io".to_string(), io.name().to_string()]);
+    }
     v
 }
 
@@ -1241,6 +1247,8 @@ mod tests {
         let v = engine_args(&up(&["--checkpoint-copy", "cow"]).unwrap());
         assert_eq!(v, ["--checkpoint-copy", "cow"]);
         assert!(toml_of_options(&v).contains("checkpoint-copy = \"cow\""));
+        let v = engine_args(&up(&["--alink-io", "uring-zc"]).unwrap());
+        assert_eq!(v, ["--alink-io", "uring-zc"]);
         let e = up(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
         assert!(e.contains("possible values: bitmap, ring, uffd"), "{e}");
     }

@@ -770,6 +770,8 @@ impl PrimaryEngine {
     fn protect(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
         // A new link: its first state goes whole.
         self.sent_state.clear();
+        let io = self.transport.io_name();
+        self.status.update(|s| s.transport = io);
         // Made here, not in `new`: until the engine runs, the builder methods own the
         // acknowledgement side alone (they set its lease and gate).
         let obs: Arc<dyn DiskWriteObserver> = Arc::new(Observer { ack: self.ack.clone() });

@@ -148,6 +148,8 @@ pub struct StatusSnapshot {
     pub dirty_bound_pages: u64,
     /// The link's measured rate, in bytes per second of sending (none before any epoch).
     pub link_bytes_per_sec: Option<f64>,
+    /// How the link writes (see [`crate::transport::CheckpointTransport::io_name`]).
+    pub transport: &'static str,
 }
 
 impl StatusSnapshot {
@@ -197,6 +199,7 @@ impl EngineStatus {
                 checkpoints: super::CheckpointCounts::default(),
                 dirty_bound_pages: super::schedule::DEFAULT_BOUND_PAGES,
                 link_bytes_per_sec: None,
+                transport: "none",
             }),
         }
     }
