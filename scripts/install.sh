@@ -48,5 +48,14 @@ else
     log "cargo-fuzz present: $(cargo fuzz --version)"
 fi
 
+# Shared memory in huge pages where asked for (MADV_HUGEPAGE): a backup's standby image becomes
+# guest RAM at a takeover, and a VMM whose RAM is in 2 MiB pages is torn down in about 1 ms when it
+# dies, instead of about 30 ms, before its A-Link socket closes and the other host takes over.
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [ -w "$thp" ] && grep -q '\[never\]' "$thp"; then
+    log "transparent huge pages for shared memory: advise (was never)"
+    echo advise > "$thp"
+fi
+
 [ -c /dev/kvm ] || { echo "install.sh: /dev/kvm is missing: ftvm needs KVM" >&2; exit 1; }
 log "done"

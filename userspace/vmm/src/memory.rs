@@ -33,6 +33,23 @@ pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
     }
 }
 
+/// Asks for transparent huge pages on guest RAM at `addr` (`len` bytes), best effort. Why: when
+/// the VMM dies (SIGKILL, a crash), the kernel tears its memory down before it closes its
+/// sockets, and the backup learns of the death from the A-Link closing. Here 256 MiB of 4 KiB
+/// pages took 11.8 ms to tear down, in 2 MiB pages 1.2 ms: the backup's takeover starts 10 ms
+/// sooner, which decides whether a client's first retransmission finds it serving. Dirty
+/// tracking still works in 4 KiB pages (KVM maps a logged slot in 4 KiB pages; write-protecting a
+/// 4 KiB page splits its huge page). Shared memory (a standby adopted at a takeover) gets them
+/// only where `/sys/kernel/mm/transparent_hugepage/shmem_enabled` allows (`advise`: 1.3 ms instead of
+/// 31 ms for 256 MiB here; `scripts/install.sh` sets it).
+pub fn advise_huge_pages(addr: *mut u8, len: usize) {
+    // SAFETY: MADV_HUGEPAGE only changes how the kernel backs the range, never its contents; the
+    // range is the mapping the caller just made (or adopted) and keeps.
+    if unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "no transparent huge pages for guest memory");
+    }
+}
+
 /// Why [`adopt_guest_memory`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptMemoryError {
@@ -92,7 +109,7 @@ pub fn adopt_guest_memory(memfd: OwnedFd, mem_size: u64) -> Result<GuestMemory, 
         .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
         .build()
         .map_err(AdoptMemoryError::Map)?;
-    crate::vm::advise_huge_pages(region.as_ptr(), size);
+    advise_huge_pages(region.as_ptr(), size);
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .expect("a region at address 0 below MAX_MEM_SIZE cannot overflow");
     Ok(GuestMemory::from_regions(vec![region]).expect("a single region cannot overlap"))

@@ -65,6 +65,10 @@ impl StandbyMemory {
             return Err(io::Error::last_os_error());
         }
         let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        // The file's pages are allocated through this mapping: in huge pages where the host lets
+        // shared memory have them, so that the VM this image becomes at a takeover dies fast (see
+        // `advise_huge_pages`).
+        ftvm_vmm::memory::advise_huge_pages(ptr.as_ptr(), len);
         Ok(Self { ptr, len, fd })
     }
 
