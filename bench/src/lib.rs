@@ -3,12 +3,18 @@
 //! unprotected figures measured in the same run. [`failover`] measures the takeover itself: SIGKILL
 //! of the primary to the first reply served by the backup; [`heartbeat`] the A-Link heartbeat's
 //! round trip through the XDP responder against a userspace one; [`resync`] a repaired host's
-//! synchronisation (repair to protected, bytes and rate).
+//! synchronisation (repair to protected, bytes and rate); [`pause_sweep`] the pause against dirty
+//! pages per epoch for each dirty tracker and checkpoint copy; [`latency`] one client's requests,
+//! one at a time, with [`svg`] drawing their distributions.
 
 pub mod failover;
 pub mod heartbeat;
 pub mod idle;
+pub mod latency;
+pub mod pause_sweep;
+pub mod resp;
 pub mod resync;
+pub mod svg;
 pub mod switchover;
 
 use std::path::Path;
@@ -188,6 +194,12 @@ pub struct Report {
     /// What an idle VM costs, unprotected and protected; `None` when skipped.
     #[serde(default)]
     pub idle: Option<idle::IdleReport>,
+    /// The pause against dirty pages per epoch, per tracker and copy; empty when skipped.
+    #[serde(default)]
+    pub pause_sweep: Vec<pause_sweep::PausePoint>,
+    /// One client's GET and SET, one at a time, unprotected and FT; `None` when skipped.
+    #[serde(default)]
+    pub one_client: Option<latency::OneClientReport>,
 }
 
 impl Report {
@@ -269,6 +281,10 @@ impl Report {
                 r.rate_mib_per_s
             );
         }
+        if let Some(o) = &self.one_client {
+            s += &o.table();
+        }
+        s += &pause_sweep::table(&self.pause_sweep);
         s
     }
 }

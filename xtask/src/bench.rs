@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: the unprotected VM and the FT pair under redis-benchmark, then failovers
 //! (SIGKILL of the primary of a fresh site, repeated), then the A-Link heartbeat's round trip (XDP
-//! responder against userspace); writes bench/results/<name>.json.
+//! responder against userspace), the pause against dirty pages per tracker and copy, and one
+//! client's request latency (unprotected and FT); writes bench/results/<name>.json and the
+//! latency CDF as bench/results/<name>-latency.svg.
 //!
 //! Needs root and /dev/kvm (it builds network namespaces and boots the reference guest). The ftvm
 //! binary is `$FTVM_BIN` if set (used as it is, not built), else a release build made here in
@@ -54,6 +56,45 @@ pub struct BenchArgs {
     /// protected (0: skip).
     #[arg(long, default_value_t = 10)]
     pub idle_seconds: u64,
+    /// Skip the pause sweep (a fresh site per dirty tracker × checkpoint copy × dirty pages per
+    /// epoch, each read once its window holds 200 epochs: about 4 minutes for the default points).
+    #[arg(long)]
+    pub no_pause_sweep: bool,
+    /// The sweep's `tracker/copy` combinations (`--dirty-tracker` / `--checkpoint-copy`).
+    #[arg(long, value_delimiter = ',', default_value = "bitmap/stop,bitmap/cow,ring/stop,ring/cow,uffd/stop")]
+    pub pause_sweep_combos: Vec<String>,
+    /// The sweep's target dirty pages per epoch (the guest's load and the epoch length are chosen
+    /// to reach each; the report gives the measured median).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    pub pause_sweep_targets: Vec<u64>,
+    /// Epochs each sweep point's window must hold before it is read (fewer: a quicker try whose
+    /// p99 is the window's largest epoch, the start of the load).
+    #[arg(long, default_value_t = ftvm_bench::pause_sweep::DEFAULT_WINDOW_EPOCHS, hide = true)]
+    pub pause_sweep_window: u64,
+    /// Timed GETs and SETs each of the one-client latency measurement (one connection, one request
+    /// at a time, unprotected and FT; also drawn as bench/results/<name>-latency.svg); 0 skips it.
+    #[arg(long, default_value_t = 5000)]
+    pub one_client_requests: usize,
+}
+
+/// `tracker/copy` pairs, checked for shape (the site refuses values it does not know, or
+/// combinations it does not support, with its own message).
+fn parse_combos(combos: &[String]) -> Result<Vec<(String, String)>> {
+    combos
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| match c.split_once('/') {
+            Some((t, k)) if !t.is_empty() && !k.is_empty() && !k.contains('/') => Ok((t.to_string(), k.to_string())),
+            _ => bail!("--pause-sweep-combos: {c:?} is not tracker/copy (e.g. ring/cow)"),
+        })
+        .collect()
+}
+
+/// One client's requests from `netns`, bounded in time by the request count.
+fn one_client(netns: &str, requests: usize, target: &str) -> Result<ftvm_bench::latency::Samples> {
+    eprintln!("[bench] one client, {requests} SETs then {requests} GETs one at a time ({target})");
+    let limit = Duration::from_secs(60) + Duration::from_millis(20) * u32::try_from(2 * requests).unwrap_or(u32::MAX);
+    ftvm_bench::latency::measure(netns, requests, limit).with_context(|| format!("one-client latency ({target})"))
 }
 
 /// The release ftvm the benchmark runs: `$FTVM_BIN`, else `<target dir>/release/ftvm`.
@@ -118,6 +159,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let idle_for = Duration::from_secs(args.idle_seconds);
     let mut idle = ftvm_bench::idle::IdleReport { seconds: idle_for.as_secs_f64(), ..Default::default() };
+    let combos = parse_combos(&args.pause_sweep_combos)?;
+    let mut one_client_unprotected = None;
+    let mut one_client_ft = None;
     let unprotected = if args.failover_only {
         Vec::new()
     } else {
@@ -130,6 +174,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         let vm = Vm::start(&ns, dir.path(), &opts);
         let results = load(ns.name())?;
+        if args.one_client_requests > 0 {
+            one_client_unprotected = Some(one_client(ns.name(), args.one_client_requests, "unprotected")?);
+        }
         if let (Some(pid), true) = (vm.pid(), idle_for > Duration::ZERO) {
             eprintln!("[bench] the unprotected VM idle for {} s", idle_for.as_secs());
             idle.unprotected_pct = Some(ftvm_bench::idle::cpu_percent(&[pid], idle_for)?);
@@ -151,6 +198,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         site.try_up(&[])?;
         let ft = load(&site.netns("client"))?;
         let status = site.try_status()?.json;
+        if args.one_client_requests > 0 {
+            one_client_ft = Some(one_client(&site.netns("client"), args.one_client_requests, "FT")?);
+        }
         if idle_for > Duration::ZERO {
             eprintln!("[bench] the protected pair idle for {} s", idle_for.as_secs());
             idle.primary_pct = Some(ftvm_bench::idle::cpu_percent(&site.host_pids("A")?, idle_for)?);
@@ -158,6 +208,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             idle.epochs_per_sec = site.try_status()?.json["epochs_per_sec"].as_f64();
         }
         (ft, Some(status))
+    };
+    // After the pair above is down: each point brings up a site of its own.
+    let pause_sweep = if args.no_ft || args.failover_only || args.no_pause_sweep {
+        Vec::new()
+    } else {
+        eprintln!(
+            "[bench] pause sweep: {} tracker/copy × {} targets, a fresh site each",
+            combos.len(),
+            args.pause_sweep_targets.len()
+        );
+        ftvm_bench::pause_sweep::run(&ftvm_bench::pause_sweep::SweepConfig {
+            env: SiteEnv { ftvm: bin.clone(), guest: guest.clone(), logs: ftvm_bench::failover::LOGS_DIR.into() },
+            combos,
+            targets: args.pause_sweep_targets.clone(),
+            window_epochs: args.pause_sweep_window,
+        })
     };
     let failover = if args.no_ft || args.no_failover || args.failovers == 0 {
         None
@@ -199,6 +265,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(ftvm_bench::switchover::run(&env, args.switchovers, args.failover_connections.max(1))?)
     };
     let ratios = ftvm_bench::ratios(&unprotected, &ft);
+    let results_dir = crate::workspace_root().join("bench/results");
+    let one_client = (one_client_unprotected.is_some() || one_client_ft.is_some()).then(|| {
+        let mut r = ftvm_bench::latency::OneClientReport::new(
+            args.one_client_requests,
+            one_client_unprotected.as_ref(),
+            one_client_ft.as_ref(),
+        );
+        r.svg = Some(format!("{}-latency.svg", args.name));
+        r
+    });
+    if let Some(file) = one_client.as_ref().and_then(|r| r.svg.as_ref()) {
+        let svg = ftvm_bench::latency::cdf_svg(&args.name, one_client_unprotected.as_ref(), one_client_ft.as_ref());
+        std::fs::create_dir_all(&results_dir)?;
+        let path = results_dir.join(file);
+        std::fs::write(&path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("[bench] wrote {}", path.display());
+    }
     let report = Report {
         name: args.name,
         host: std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -217,8 +300,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         resync,
         switchover,
         idle: (idle_for > Duration::ZERO && !args.failover_only).then_some(idle),
+        pause_sweep,
+        one_client,
     };
-    let path = report.write(&crate::workspace_root().join("bench/results"))?;
+    let path = report.write(&results_dir)?;
     print!("{}", report.table());
     eprintln!("[bench] wrote {}", path.display());
     Ok(())
