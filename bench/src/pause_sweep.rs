@@ -11,7 +11,7 @@
 //! the point waits until the loaded ones outnumber them at least nine to one, and until the
 //! window holds at least [`DEFAULT_WINDOW_EPOCHS`] epochs, so that its p99 is not simply its
 //! largest epoch: the start of the load is one epoch far above the others (the guest allocates
-//! and clears its dirtying region, 4096 pages, and the engine's staging buffer grows), and the
+//! and clears its dirtying region, [`GUEST_DIRTY_REGION_PAGES`], and the engine's staging buffer grows), and the
 //! 99th percentile of 200 leaves out exactly the largest. Both counts are reported. The wait is
 //! bounded in epochs (the window's 1024) and in time.
 
@@ -24,9 +24,9 @@ use ftvm_system_tests::site::{Site, SiteEnv};
 
 use crate::resp::{Conn, Reply};
 
-/// The guest's dirtying load cycles through this many pages (`DEFAULT_DIRTY_PAGES` in the guest;
-/// `site up` does not pass `--dirty-region-pages`), so no epoch dirties more distinct pages.
-pub const GUEST_DIRTY_REGION_PAGES: u64 = 4096;
+/// The guest's dirtying load cycles through this many pages (`site up --dirty-region-pages`), so
+/// no epoch dirties more distinct pages: 64 MiB, room for the largest target.
+pub const GUEST_DIRTY_REGION_PAGES: u64 = 16_384;
 /// Fastest load asked of the guest: each first write to a page costs it 6–8 µs here, so beyond
 /// ~120 pages/ms it cannot keep up and the figure would be the guest's limit, not the target.
 const MAX_PAGES_PER_MS: u64 = 100;
@@ -180,7 +180,10 @@ pub fn run(cfg: &SweepConfig) -> Vec<PausePoint> {
 fn measure(env: &SiteEnv, window_epochs: u64, p: &mut PausePoint) -> Result<()> {
     let mut site = Site::try_new(env.clone(), "ps")?;
     let epoch = p.epoch_us.to_string();
+    let region = GUEST_DIRTY_REGION_PAGES.to_string();
     site.try_up(&[
+        "--dirty-region-pages",
+        &region,
         "--epoch-us",
         &epoch,
         "--dirty-send-budget-us",
@@ -332,7 +335,7 @@ mod tests {
             tracker: "ring".into(),
             copy: "cow".into(),
             epoch_us: 100_000,
-            target_dirty_pages: 10_000,
+            target_dirty_pages: 20_000,
             dirty_pages_p50: 4100,
             pause_us: [300, 900],
             ..PausePoint::default()
@@ -341,7 +344,7 @@ mod tests {
         let t = table(&[ok, bad]);
         assert!(t.contains("ring/cow") && t.contains("300/900") && t.contains("4100"));
         assert!(t.contains("failed: site up failed") && !t.contains("stderr"));
-        assert!(t.contains("region holds 4096 pages"));
+        assert!(t.contains("region holds 16384 pages"), "a target past the region is explained");
         assert_eq!(table(&[]), "");
     }
 }

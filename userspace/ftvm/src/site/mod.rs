@@ -70,6 +70,10 @@ pub struct UpArgs {
     /// Guest RAM.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+    /// The guest's `--dirty-region-pages`: the region its benchmark load (`FTVM.LOAD`) cycles
+    /// through, in 4 KiB pages (the guest's default, 4 096, when not given).
+    #[arg(long)]
+    pub dirty_region_pages: Option<u32>,
     /// Seconds to wait for the guest to serve.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -566,6 +570,9 @@ fn start_vm(args: &UpArgs, names: &SiteNames, dir: &Path) -> Result<()> {
         .map(String::from)
         .to_vec();
         v.extend(engine_args(args));
+        if let Some(pages) = args.dirty_region_pages {
+            v.extend(["--dirty-region-pages".to_string(), pages.to_string()]);
+        }
         v.extend(quorum_args(args, &host.to_ascii_uppercase(), &witness_secret));
         v.extend(EBPF_PORTS.map(String::from));
         if i == 0 && args.output_trace {
