@@ -18,6 +18,7 @@ packages=(
     iproute2 iputils-ping tcpdump                    # namespaces, veth, TAP, captures
     build-essential pkg-config                       # C for -sys crates
     etcd-server                                      # the quorum's etcd backend is tested against a real etcd
+    libibverbs-dev librdmacm-dev libclang-dev        # the RDMA A-Link (rdma-sys: bindgen needs LLVM 14's libclang)
 )
 missing=()
 for p in "${packages[@]}"; do

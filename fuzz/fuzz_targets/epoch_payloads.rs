@@ -1,8 +1,9 @@
 //! Every epoch payload decoder (userspace/proto/src/epoch.rs).
 //!
 //! Input: `kind u8 | [size u64, for Pages (memory pages), DiskWrites, DiskImage and DiskMarks
-//! (disk bytes)] | payload`. kind % 10: EpochBegin, EpochCommit, EpochAck, StandbyInfo, Pages,
-//! DiskWrites, DiskImage, HeldOutput, HostCpu (userspace/proto/src/cpu.rs), DiskMarks. What decodes must re-encode to the same bytes: every one of
+//! (disk bytes), RdmaPages (memory pages)] | payload`. kind % 12: EpochBegin, EpochCommit, EpochAck, StandbyInfo, Pages,
+//! DiskWrites, DiskImage, HeldOutput, HostCpu (userspace/proto/src/cpu.rs), DiskMarks, and (kind % 12)
+//! RdmaEndpoint and RdmaPages (memory pages; userspace/proto/src/rdma.rs). What decodes must re-encode to the same bytes: every one of
 //! these formats is canonical (reserved fields zero, exact lengths).
 #![no_main]
 
@@ -13,12 +14,14 @@ use ftvm_proto::epoch::{
     DiskMarks, DiskWrite, StandbyInfo,
 };
 use ftvm_proto::cpu::HostCpuCaps;
+use ftvm_proto::rdma::{RdmaEndpoint, RdmaPages};
+use ftvm_proto::limits::MAX_RDMA_PAGES_PER_FRAME;
 use ftvm_proto::limits::{PAGE_SIZE, SECTOR_SIZE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    match input.u8() % 10 {
+    match input.u8() % 12 {
         0 => fixed(input.rest(), EpochBegin::decode, |v| v.encode().to_vec()),
         1 => fixed(input.rest(), EpochCommit::decode, |v| v.encode().to_vec()),
         2 => fixed(input.rest(), EpochAck::decode, |v| v.encode().to_vec()),
@@ -28,10 +31,12 @@ fuzz_target!(|data: &[u8]| {
         6 => disk_image(input.u64(), input.rest()),
         7 => held_output(input.rest()),
         8 => fixed(input.rest(), HostCpuCaps::decode, HostCpuCaps::encode),
-        _ => {
+        9 => {
             let disk_bytes = input.u64();
             fixed(input.rest(), |p| DiskMarks::decode(p, disk_bytes), DiskMarks::encode)
         }
+        10 => fixed(input.rest(), RdmaEndpoint::decode, |v| v.encode().to_vec()),
+        _ => rdma_pages(input.u64(), input.rest()),
     }
 });
 
@@ -91,4 +96,18 @@ fn held_output(p: &[u8]) {
         encode_output_frame(f, &mut again);
     }
     assert_eq!(again, p);
+}
+
+fn rdma_pages(memory_pages: u64, p: &[u8]) {
+    let Ok(d) = RdmaPages::decode(p, memory_pages) else { return };
+    let n = d.page_count();
+    assert!(n >= 1 && n <= MAX_RDMA_PAGES_PER_FRAME && d.ring_offset % PAGE_SIZE as u64 == 0);
+    assert!(d.ring_offset.checked_add(d.byte_len()).is_some());
+    let mut prev_end = None;
+    for r in &d.ranges {
+        assert!(r.len > 0 && r.start.checked_add(r.len).is_some_and(|end| end <= memory_pages));
+        assert!(prev_end.is_none_or(|e| e <= r.start), "ascending and disjoint");
+        prev_end = Some(r.start + r.len);
+    }
+    assert_eq!(d.encode(), p);
 }

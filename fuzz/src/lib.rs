@@ -18,7 +18,7 @@ pub const KEY: [u8; 32] = [0x5a; 32];
 pub const SECRET: &[u8] = b"ftvm fuzzing shared secret";
 
 /// Every frame kind, so that one input byte picks one (index modulo the length).
-pub const KINDS: [FrameKind; 24] = [
+pub const KINDS: [FrameKind; 26] = [
     FrameKind::Hello,
     FrameKind::Refused,
     FrameKind::EpochBegin,
@@ -43,6 +43,9 @@ pub const KINDS: [FrameKind; 24] = [
     FrameKind::Handover,
     FrameKind::WitnessRequest,
     FrameKind::WitnessReply,
+    // Appended, so that the indices of the kinds before them (and the seeds that use them) stay.
+    FrameKind::RdmaEndpoint,
+    FrameKind::RdmaPages,
 ];
 
 /// Reads the fuzzer's bytes front to back; past the end every number is 0 and every slice short,

@@ -183,6 +183,24 @@ pub enum DecodeError {
         /// Regions the disk has.
         count: u64,
     },
+    /// An RDMA endpoint with a queue pair or sequence number over 24 bits, a special queue pair,
+    /// or an unknown path MTU.
+    #[error("Malformed RDMA endpoint")]
+    BadEndpoint,
+    /// An RDMA staging ring of a size out of bounds or not whole pages, at address 0, or wrapping.
+    #[error("RDMA ring of {bytes} bytes at {addr:#x} is not valid")]
+    BadRing {
+        /// Its address.
+        addr: u64,
+        /// Its size.
+        bytes: u64,
+    },
+    /// More pages (or ranges) in one frame than the limit.
+    #[error("{0} pages or ranges in one frame is over the limit")]
+    TooManyPages(u64),
+    /// A ring offset that is not 4 KiB aligned, or whose pages would overflow.
+    #[error("Ring offset {0:#x} is not page aligned or overflows")]
+    RingOffset(u64),
     /// An EpochCommit or EpochAck whose payload names another epoch than its header.
     #[error("Payload names epoch {payload}, its header epoch {header}")]
     EpochMismatch {

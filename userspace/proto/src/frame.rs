@@ -94,6 +94,13 @@ pub enum FrameKind {
     Heartbeat = 32,
     /// Liveness answer.
     HeartbeatReply = 33,
+    /// RDMA set-up (`crate::rdma::RdmaEndpoint`), only on a link both operators asked to carry
+    /// pages by RDMA: the primary's queue pair right after the backup's last set-up frame, then the
+    /// backup's queue pair and staging ring as the answer.
+    RdmaEndpoint = 40,
+    /// In an epoch on an RDMA link, instead of `Pages` (`crate::rdma::RdmaPages`): which guest
+    /// pages the primary wrote where in the backup's staging ring, and their hash.
+    RdmaPages = 41,
     /// Orderly close; the payload is a UTF-8 reason. From the primary: it leaves on purpose (its
     /// silence is no death). From the backup: it drops the session (the primary goes on alone).
     Goodbye = 48,
@@ -134,6 +141,8 @@ impl FrameKind {
             30 => StandbyDigest,
             32 => Heartbeat,
             33 => HeartbeatReply,
+            40 => RdmaEndpoint,
+            41 => RdmaPages,
             48 => Goodbye,
             49 => TakingOver,
             50 => Handover,
@@ -584,7 +593,7 @@ mod tests {
 
     #[test]
     fn new_kinds_round_trip() {
-        for k in [FrameKind::MachineState, FrameKind::DiskImage, FrameKind::StandbyInfo] {
+        for k in [FrameKind::MachineState, FrameKind::DiskImage, FrameKind::StandbyInfo, FrameKind::RdmaEndpoint, FrameKind::RdmaPages] {
             assert_eq!(FrameKind::from_u16(k as u16), Some(k));
         }
     }

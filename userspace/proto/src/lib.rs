@@ -9,6 +9,7 @@
 //!   image, held output, commit, acknowledgement, standby info);
 //! * [`limits`]: every size limit the hosts, the guest's devices and the wire share;
 //! * [`witness`]: the requests and replies of the witness, the built-in quorum service;
+//! * [`rdma`]: the RDMA A-Link's queue pair exchange and page placement descriptors;
 //! * [`pages`]: [`pages::PageRangeSet`], sets of guest page frame numbers kept as sorted ranges;
 //! * [`EpochId`]: the number of a checkpoint epoch.
 
@@ -18,6 +19,7 @@ pub mod frame;
 pub mod handshake;
 pub mod limits;
 pub mod pages;
+pub mod rdma;
 pub mod state_delta;
 pub mod witness;
 

@@ -33,6 +33,13 @@ pub const MAX_DISK_WRITE_BYTES: usize = 1 << 20;
 /// Most pages in one Pages frame (1 MiB): big enough to amortise a frame, small enough that the
 /// backup checks one frame while the next is on the wire.
 pub const MAX_PAGES_PER_FRAME: u64 = 256;
+/// Most pages (and so ranges) one RdmaPages descriptor names (16 MiB of ring): its frame stays
+/// under 64 KiB, and the backup hashes one descriptor's pages in one pass.
+pub const MAX_RDMA_PAGES_PER_FRAME: u64 = 4096;
+/// Smallest RDMA staging ring a backup may grant (1 MiB).
+pub const MIN_RDMA_RING_BYTES: u64 = 1 << 20;
+/// Largest RDMA staging ring a backup may grant (16 GiB).
+pub const MAX_RDMA_RING_BYTES: u64 = 16 << 30;
 
 // A chunk always holds the largest guest frame with its length prefix, and the largest disk write
 // with its entry; every chunk fits a frame.

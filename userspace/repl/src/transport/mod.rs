@@ -13,6 +13,7 @@
 
 pub mod deadline;
 pub mod detached;
+pub mod rdma;
 pub mod tcp;
 mod uring;
 mod writer;
@@ -124,6 +125,9 @@ pub enum LinkError {
     /// The socket accepted nothing for the write timeout.
     #[error("A-Link write timed out")]
     WriteTimedOut,
+    /// An RDMA write of page payloads failed (RDMA links only).
+    #[error("RDMA write on the A-Link failed")]
+    Rdma(#[source] rdma::RdmaIoError),
     /// The link had already failed (or was closed).
     #[error("A-Link is down: {reason}")]
     Down {
@@ -199,6 +203,13 @@ pub enum ConnectError {
     /// `kernel.io_uring_disabled`, or refused by a seccomp or container policy).
     #[error("Cannot set up io_uring for the A-Link")]
     Uring(#[source] std::io::Error),
+    /// The backup's RDMA endpoint is malformed.
+    #[error("Malformed RDMA endpoint from the backup")]
+    MalformedRdma(#[source] DecodeError),
+    /// The RDMA part asked for could not be set up (no such device, a build without the `rdma`
+    /// feature, a backup that refused it or sent an unusable endpoint).
+    #[error("Cannot set up RDMA for the A-Link")]
+    Rdma(#[source] rdma::RdmaSetupError),
     /// The io_uring writer asked for needs an operation or feature this kernel lacks (named).
     #[error("This kernel's io_uring lacks {0}, which the A-Link's io_uring writer needs")]
     UringUnsupported(&'static str),
@@ -498,7 +509,8 @@ pub trait CheckpointTransport: Send {
     fn acked(&self) -> Option<EpochId>;
 
     /// How this transport writes to the link, for status and logs ("socket", "io_uring",
-    /// "io_uring+zc", …). Transports that wrap another one should forward it.
+    /// "io_uring+zc", and with page payloads by RDMA "rdma+socket", …). Transports that wrap
+    /// another one should forward it.
     fn io_name(&self) -> &'static str {
         "unknown"
     }

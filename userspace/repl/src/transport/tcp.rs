@@ -10,6 +10,10 @@
 //! optionally with zero-copy sends of the pages (`writer.rs`, `uring.rs`). The bytes on the wire
 //! are the same.
 //!
+//! With [`TcpOptions::rdma`] the page payloads of incremental epochs go as RDMA WRITEs into the
+//! backup's staging ring instead (`rdma/`), and this link carries their placement descriptors and
+//! everything else: the frame path stays this one.
+//!
 //! Timeouts: connecting and the handshake have their own; every write has the write timeout; acks
 //! have the caller's deadline. The acknowledgement thread blocks without a timeout and is ended by
 //! shutting the socket down (on drop, or when a write fails).
@@ -28,6 +32,8 @@ use ftvm_proto::handshake;
 use ftvm_proto::pages::PageRangeSet;
 use ftvm_proto::EpochId;
 
+use super::rdma::primary::RdmaPrimary;
+use super::rdma::{RdmaOptions, RdmaStats};
 use super::writer::{write_frame, LinkWriter};
 use super::{
     AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, HandOverError, LinkError,
@@ -75,6 +81,10 @@ pub struct TcpOptions {
     /// any backup. An io_uring choice the kernel cannot serve fails the connect
     /// ([`ConnectError::UringUnsupported`]); there is no silent fallback.
     pub io: LinkIo,
+    /// Page payloads by RDMA (cargo feature `rdma`; `None`: by this TCP link). The backup must
+    /// have been started with RDMA too; a build without the feature, a missing device or a backup
+    /// that refuses fails the connect ([`ConnectError::Rdma`]): no silent fallback.
+    pub rdma: Option<RdmaOptions>,
 }
 
 impl Default for TcpOptions {
@@ -90,6 +100,7 @@ impl Default for TcpOptions {
             lease_term: None,
             cpu_needs: None,
             io: LinkIo::Socket,
+            rdma: None,
         }
     }
 }
@@ -189,6 +200,8 @@ struct OpenEpoch {
     writes: u64,
     image: u64,
     bytes: u64,
+    /// The epoch's pages go by RDMA.
+    rdma: bool,
     span: tracing::Span,
 }
 
@@ -214,6 +227,10 @@ pub struct TcpTransport {
     head: Vec<u8>,
     /// The protocol minor both sides speak.
     minor: u8,
+    /// Page payloads by RDMA, when asked for.
+    rdma: Option<RdmaPrimary>,
+    /// How long RDMA writes may take to complete at a commit.
+    write_timeout: Duration,
 }
 
 fn set_socket_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> io::Result<()> {
@@ -244,6 +261,38 @@ fn read_answer(opener: &mut FrameOpener, io: &mut impl io::Read, want: FrameKind
         FrameKind::Goodbye => Err(ConnectError::Refused(String::from_utf8_lossy(&frame.payload).into_owned())),
         other => Err(ConnectError::Unexpected(other)),
     }
+}
+
+/// The RDMA exchange, right after the backup's last set-up frame: this side's queue pair out, the
+/// backup's queue pair and staging ring back, then the queue pair connected.
+#[cfg(feature = "rdma")]
+fn connect_rdma<S: io::Read + io::Write>(
+    options: &RdmaOptions,
+    sealer: &mut FrameSealer,
+    opener: &mut FrameOpener,
+    io: &mut S,
+    write_timeout: Duration,
+) -> Result<RdmaPrimary, ConnectError> {
+    use super::rdma::verbs::PrimarySetup;
+    let (setup, local) = PrimarySetup::open(options).map_err(ConnectError::Rdma)?;
+    sealer.write(io, FrameKind::RdmaEndpoint, 0, 0, &[&local.encode()]).map_err(ConnectError::Info)?;
+    let answer = read_answer(opener, io, FrameKind::RdmaEndpoint)?;
+    let peer = ftvm_proto::rdma::RdmaEndpoint::decode(&answer).map_err(ConnectError::MalformedRdma)?;
+    let ring = peer.ring.map_or(0, |r| r.bytes);
+    let writer = setup.connect(&peer, write_timeout).map_err(ConnectError::Rdma)?;
+    Ok(RdmaPrimary::new(Box::new(writer), ring))
+}
+
+/// Without the `rdma` feature, asking for RDMA fails the connect, before anything is sent.
+#[cfg(not(feature = "rdma"))]
+fn connect_rdma<S: io::Read + io::Write>(
+    _options: &RdmaOptions,
+    _sealer: &mut FrameSealer,
+    _opener: &mut FrameOpener,
+    _io: &mut S,
+    _write_timeout: Duration,
+) -> Result<RdmaPrimary, ConnectError> {
+    Err(ConnectError::Rdma(super::rdma::RdmaSetupError::NotBuilt))
 }
 
 fn ack_reader(stream: TcpStream, mut opener: FrameOpener, shared: Arc<AckShared>) {
@@ -341,6 +390,12 @@ impl TcpTransport {
             (None, None)
         };
 
+        // RDMA, when asked for: queue pairs are connected now, when the pair forms, never later.
+        let rdma = match &options.rdma {
+            Some(r) => Some(connect_rdma(r, &mut sealer, &mut opener, &mut io, options.write_timeout.max(Duration::from_millis(1)))?),
+            None => None,
+        };
+
         // From here on the acknowledgement thread reads without a timeout (acks only come when an
         // epoch is in flight); wait_ack's deadline bounds every wait, and shutdown ends the thread.
         stream.set_read_timeout(None).map_err(ConnectError::Socket)?;
@@ -356,7 +411,8 @@ impl TcpTransport {
                 .spawn(move || ack_reader(read_half, opener, shared))
                 .map_err(ConnectError::Thread)?
         };
-        tracing::info!(%addr, committed = ?peer.committed, restorable = peer.restorable, io = writer.name(), "A-Link up");
+        let io_name = io_name(writer.name(), rdma.is_some());
+        tracing::info!(%addr, committed = ?peer.committed, restorable = peer.restorable, io = io_name, "A-Link up");
         Ok(Self {
             stream,
             writer,
@@ -373,12 +429,19 @@ impl TcpTransport {
             last_begun: None,
             head: Vec::new(),
             minor: session.minor,
+            rdma,
+            write_timeout: options.write_timeout.max(Duration::from_millis(1)),
         })
     }
 
     /// The backup's address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    /// The RDMA link's device and counters, when page payloads go by RDMA.
+    pub fn rdma_stats(&self) -> Option<(&str, RdmaStats)> {
+        self.rdma.as_ref().map(|r| (r.device(), r.stats()))
     }
 
     /// Sends an orderly goodbye (when no epoch is open) and closes the link.
@@ -418,7 +481,46 @@ impl TcpTransport {
         self.shared.mark_down(ErrorChain(&e).to_string());
         let _ = self.stream.shutdown(Shutdown::Both);
         self.writer.forsake();
+        if let Some(r) = self.rdma.as_mut() {
+            r.forsake();
+        }
         e
+    }
+
+    /// `send_pages` of an epoch whose pages go by RDMA: the writes are posted, and their
+    /// descriptors follow on this link (checked by the caller: the epoch is open and announced
+    /// these pages, and every page is in `source`).
+    fn send_pages_rdma(&mut self, pages: &PageRangeSet, source: &dyn PageSource) -> Result<u64, SendPagesError> {
+        let written = match self.rdma.as_mut().map(|r| r.write_pages(pages, source)) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(SendPagesError::Link(self.fail(LinkError::Rdma(e)))),
+            None => return Err(SendPagesError::Link(self.fail(LinkError::Rdma(super::rdma::RdmaIoError::Reservation)))),
+        };
+        let Some(open) = self.open.as_mut() else { return Err(SendPagesError::NoEpoch) };
+        let _entered = open.span.clone().entered();
+        let mut sent = 0u64;
+        let mut failure = None;
+        for d in &written {
+            d.encode_into(&mut self.head);
+            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::RdmaPages, open.begin.epoch.0, &self.head, &[], false) {
+                Ok(tag) => {
+                    open.digest.add_frame(&tag);
+                    open.pages += d.page_count();
+                    // The page bytes cross the link too, by RDMA.
+                    let bytes = (self.head.len() + 64) as u64 + d.byte_len();
+                    open.bytes += bytes;
+                    sent += bytes;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(SendPagesError::Link(self.fail(e))),
+            None => Ok(sent),
+        }
     }
 
     fn memory_pages(&self) -> u64 {
@@ -442,6 +544,18 @@ impl Drop for TcpTransport {
     }
 }
 
+/// The name status and the bench show: the writer's, prefixed with "rdma+" when page payloads
+/// go by RDMA.
+fn io_name(writer: &'static str, rdma: bool) -> &'static str {
+    match (rdma, writer) {
+        (false, w) => w,
+        (true, "socket") => "rdma+socket",
+        (true, "io_uring") => "rdma+io_uring",
+        (true, "io_uring+zc") => "rdma+io_uring+zc",
+        (true, _) => "rdma",
+    }
+}
+
 impl CheckpointTransport for TcpTransport {
     fn peer_standby(&self) -> StandbyInfo {
         self.peer
@@ -460,7 +574,7 @@ impl CheckpointTransport for TcpTransport {
     }
 
     fn io_name(&self) -> &'static str {
-        self.writer.name()
+        io_name(self.writer.name(), self.rdma.is_some())
     }
 
     fn heartbeat(&mut self) -> Result<(), LinkError> {
@@ -532,11 +646,14 @@ impl CheckpointTransport for TcpTransport {
         let payload = begin.encode();
         let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::EpochBegin, begin.epoch.0, &payload, &[], false);
         let tag = r.map_err(|e| BeginEpochError::Link(self.fail(e)))?;
+        // Whether the pages go by RDMA: the ring space of acknowledged epochs is free again.
+        let acked = lock(&self.shared.state).acked;
+        let rdma = self.rdma.as_mut().is_some_and(|r| r.begin(begin, acked));
         let mut digest = EpochDigest::new(begin.epoch);
         digest.add_frame(&tag);
         self.last_begun = Some(begin.epoch);
         let bytes = (payload.len() + 64) as u64;
-        self.open = Some(OpenEpoch { begin: *begin, digest, pages: 0, state: 0, writes: 0, image: 0, bytes, span });
+        self.open = Some(OpenEpoch { begin: *begin, digest, pages: 0, state: 0, writes: 0, image: 0, bytes, rdma, span });
         Ok(())
     }
 
@@ -561,6 +678,9 @@ impl CheckpointTransport for TcpTransport {
         }
         if let Some(reason) = self.shared.down() {
             return Err(SendPagesError::Link(LinkError::Down { reason }));
+        }
+        if open.rdma {
+            return self.send_pages_rdma(pages, source);
         }
         let _entered = open.span.clone().entered();
         let mut sent = 0u64;
@@ -756,6 +876,13 @@ impl CheckpointTransport for TcpTransport {
             }
         }
         self.check_up().map_err(CommitError::Link)?;
+        // RDMA: every write of the epoch has completed before the commit frame leaves, and the
+        // backup reads its ring only after that frame.
+        if open.rdma {
+            if let Some(Err(e)) = self.rdma.as_mut().map(|r| r.commit(self.write_timeout)) {
+                return Err(CommitError::Link(self.fail(LinkError::Rdma(e))));
+            }
+        }
         let commit = EpochCommit {
             epoch,
             pages: open.pages,
