@@ -234,13 +234,27 @@ pub struct TcpTransport {
 }
 
 fn set_socket_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_int_option(stream, libc::SOL_SOCKET, option, libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX))
+}
+
+/// Corks the socket (`TCP_CORK`) while an epoch is written, uncorks it at the commit: the frames
+/// of a small epoch (begin, pages, state, output, commit) then leave as one segment instead of
+/// five, which wakes the backup's receiver once instead of five times (the socket has
+/// `TCP_NODELAY`, so without the cork every write goes out at once). A full segment still leaves
+/// as soon as it is full; uncorking sends what is left at once.
+fn set_cork(stream: &TcpStream, on: bool) {
+    if let Err(e) = set_int_option(stream, libc::IPPROTO_TCP, libc::TCP_CORK, libc::c_int::from(on)) {
+        tracing::debug!(error = %e, on, "TCP_CORK");
+    }
+}
+
+fn set_int_option(stream: &TcpStream, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: the descriptor is the open socket `stream` borrows for the whole call; the option value
     // points to a c_int that lives across the call, and its exact size is passed with it.
     let r = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             option,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -644,6 +658,7 @@ impl CheckpointTransport for TcpTransport {
             initial_sync = begin.initial_sync
         );
         let payload = begin.encode();
+        set_cork(&self.stream, true);
         let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::EpochBegin, begin.epoch.0, &payload, &[], false);
         let tag = r.map_err(|e| BeginEpochError::Link(self.fail(e)))?;
         // Whether the pages go by RDMA: the ring space of acknowledged epochs is free again.
@@ -895,6 +910,7 @@ impl CheckpointTransport for TcpTransport {
         // In flight before the commit frame leaves: the acknowledgement can come back at once.
         lock(&self.shared.state).in_flight.push_back((epoch, Instant::now()));
         let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::EpochCommit, epoch.0, &commit.encode(), &[], false);
+        set_cork(&self.stream, false);
         self.open = None;
         r.map_err(|e| CommitError::Link(self.fail(e)))?;
         // The zero-copy invariant ends here: the kernel must be done reading the epoch's pages.
