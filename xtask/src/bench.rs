@@ -75,6 +75,29 @@ pub struct BenchArgs {
     /// at a time, unprotected and FT; also drawn as bench/results/<name>-latency.svg); 0 skips it.
     #[arg(long, default_value_t = 5000)]
     pub one_client_requests: usize,
+    /// The FT pair under redis-benchmark (and its one-client latency and idle CPU) with page
+    /// payloads by RDMA through this verbs device: the hosts' `--alink-rdma-device`, with an
+    /// `ftvm` built with the cargo feature `rdma`. The failover, pause-sweep, resync and switchover
+    /// sites stay on TCP.
+    #[arg(long, value_name = "NAME")]
+    pub alink_rdma_device: Option<String>,
+    /// With `--alink-rdma-device`: the hosts' `--alink-rdma-gid-index`.
+    #[arg(long, value_name = "N", requires = "alink_rdma_device")]
+    pub alink_rdma_gid_index: Option<u8>,
+}
+
+impl BenchArgs {
+    /// `ftvm site up`'s options for the FT pair under load.
+    fn ft_pair_up_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(device) = &self.alink_rdma_device {
+            v.extend(["--alink-rdma-device".to_string(), device.clone()]);
+        }
+        if let Some(index) = self.alink_rdma_gid_index {
+            v.extend(["--alink-rdma-gid-index".to_string(), index.to_string()]);
+        }
+        v
+    }
 }
 
 /// `tracker/copy` pairs, checked for shape (the site refuses values it does not know, or
@@ -107,21 +130,25 @@ fn ftvm_bin(root: &std::path::Path) -> std::path::PathBuf {
     target.join("release/ftvm")
 }
 
-/// Builds a release ftvm (unless `$FTVM_BIN` names one) and points `$FTVM_BIN` at it; returns
-/// its path. Call before any other thread exists.
-pub fn release_ftvm(tag: &str) -> Result<std::path::PathBuf> {
+/// Builds a release ftvm with the cargo `features` (unless `$FTVM_BIN` names one) and points
+/// `$FTVM_BIN` at it; returns its path. Call before any other thread exists.
+pub fn release_ftvm(tag: &str, features: &[&str]) -> Result<std::path::PathBuf> {
     let root = crate::workspace_root();
     if std::env::var_os("FTVM_BIN").is_some() {
         eprintln!("[{tag}] using FTVM_BIN as it is (not building ftvm)");
     } else {
-        eprintln!("[{tag}] building a release ftvm");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "-p", "ftvm"])
+        eprintln!("[{tag}] building a release ftvm (features: {features:?})");
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.args(["build", "--release", "-p", "ftvm"]);
+        if !features.is_empty() {
+            cargo.args(["--features", &features.join(",")]);
+        }
+        let status = cargo
             .current_dir(&root)
             .status()
             .context("cannot run cargo build")?;
         if !status.success() {
-            bail!("cargo build --release -p ftvm failed");
+            bail!("cargo build --release -p ftvm {features:?} failed");
         }
     }
     let bin = ftvm_bin(&root);
@@ -137,7 +164,8 @@ pub fn release_ftvm(tag: &str) -> Result<std::path::PathBuf> {
 pub fn run(args: BenchArgs) -> Result<()> {
     eprintln!("[bench] building the guest");
     let guest = crate::guest::build()?;
-    let bin = release_ftvm("bench")?;
+    let features: &[&str] = if args.alink_rdma_device.is_some() { &["rdma"] } else { &[] };
+    let bin = release_ftvm("bench", features)?;
 
     let load = |netns: &str| -> Result<Vec<_>> {
         let mut results = Vec::new();
@@ -187,7 +215,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (ft, ft_status) = if args.no_ft || args.failover_only {
         (Vec::new(), None)
     } else {
-        eprintln!("[bench] bringing up the FT pair (ftvm site up)");
+        let up = args.ft_pair_up_args();
+        eprintln!("[bench] bringing up the FT pair (ftvm site up {})", up.join(" "));
         let env = SiteEnv {
             ftvm: bin.clone(),
             guest: guest.clone(),
@@ -195,7 +224,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         // Taken down when dropped, on every path.
         let mut site = Site::try_new(env, "fb")?;
-        site.try_up(&[])?;
+        site.try_up(&up.iter().map(String::as_str).collect::<Vec<_>>())?;
         let ft = load(&site.netns("client"))?;
         let status = site.try_status()?.json;
         if args.one_client_requests > 0 {

@@ -25,7 +25,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     eprintln!("[chaos] building the guest and the eBPF programs");
     let guest = crate::guest::build()?;
     crate::ebpf::build()?;
-    let ftvm = crate::bench::release_ftvm("chaos")?;
+    let ftvm = crate::bench::release_ftvm("chaos", &[])?;
     let seed = args.seed.unwrap_or_else(|| seed_from_env_or_clock("FTVM_CHAOS_SEED"));
     eprintln!("[chaos] seed {seed}, {} events", args.events);
     let env = SiteEnv { ftvm, guest, logs: "/tmp/ftvm-chaos-logs".into() };

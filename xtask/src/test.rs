@@ -42,7 +42,8 @@ pub fn run(extra: &[String]) -> Result<()> {
 }
 
 /// The RDMA A-Link (ftvm-repl's `rdma` feature: rdma-sys, libibverbs-dev, libclang) builds, and
-/// its device-free tests pass with the feature on. These machines have no RDMA device, so nothing
+/// its device-free tests pass with the feature on (the unit tests, and the receiver's end-to-end
+/// test through a simulated NIC). These machines have no RDMA device, so nothing
 /// more of it can run here (the README's "RDMA (lab procedure)" is for hosts that have one).
 fn rdma_feature() -> Result<()> {
     let mut build = cargo();
@@ -50,7 +51,10 @@ fn rdma_feature() -> Result<()> {
     step("build the RDMA transport", build)?;
     let mut test = cargo();
     test.args(["test", "-p", "ftvm-repl", "--features", "rdma", "--lib", "transport::rdma"]);
-    step("test the RDMA transport's device-free parts", test)
+    step("test the RDMA transport's device-free parts", test)?;
+    let mut e2e = cargo();
+    e2e.args(["test", "-p", "ftvm-repl", "--features", "rdma", "--test", "rdma_loopback"]);
+    step("test the backup's RDMA path through a simulated NIC", e2e)
 }
 
 /// Where the build that speaks the previous A-Link minor goes (its own target directory: the same

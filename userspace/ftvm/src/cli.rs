@@ -216,6 +216,49 @@ impl AlinkIoArg {
     }
 }
 
+/// The RDMA A-Link (`--alink-rdma-*`; README "RDMA (lab procedure)"): page payloads as RDMA
+/// WRITEs into the backup's staging ring, everything else on the TCP A-Link. Both hosts must ask
+/// for it: the backup for its receiver (and as the primary after a takeover), the primary for its
+/// link; a side that cannot have it fails with the reason, there is no silent fallback.
+#[derive(Clone, Debug, Args)]
+pub struct AlinkRdmaArgs {
+    /// Carry page payloads by RDMA through this verbs device (as `ibv_devices` names it, e.g.
+    /// `mlx5_0`). Needs an `ftvm` built with the cargo feature `rdma`.
+    #[arg(long, value_name = "NAME")]
+    pub alink_rdma_device: Option<String>,
+    /// The device's GID table index: on RoCE v2 the index of type "RoCE v2" whose address is this
+    /// host's A-Link address (`show_gids`), on InfiniBand 0.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub alink_rdma_gid_index: u8,
+    /// The device's port.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    pub alink_rdma_port: u8,
+    /// The staging ring in MiB: the backup registers a ring this large; a primary mirrors the
+    /// ring its backup grants, up to this size.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=16384))]
+    pub alink_rdma_ring_mib: u64,
+}
+
+impl AlinkRdmaArgs {
+    /// The RDMA options, when a device is given. Fails in a build without the cargo feature
+    /// `rdma`, before anything is started.
+    pub fn options(&self) -> anyhow::Result<Option<ftvm_repl::transport::rdma::RdmaOptions>> {
+        let Some(device) = &self.alink_rdma_device else { return Ok(None) };
+        if !cfg!(feature = "rdma") {
+            anyhow::bail!(
+                "`--alink-rdma-device {device}`: this ftvm was built without RDMA; build it with the cargo feature `rdma` \
+                 (`cargo build --release -p ftvm --features rdma`)"
+            );
+        }
+        Ok(Some(ftvm_repl::transport::rdma::RdmaOptions {
+            device: device.clone(),
+            port: self.alink_rdma_port,
+            gid_index: self.alink_rdma_gid_index,
+            ring_bytes: self.alink_rdma_ring_mib << 20,
+        }))
+    }
+}
+
 /// Parses `256M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -352,6 +395,36 @@ mod tests {
             assert_eq!(a.to_possible_value().unwrap().get_name(), a.name());
         }
         assert!(parse(&["--alink-io", "rdma"]).is_err());
+    }
+
+    #[test]
+    fn alink_rdma_options() {
+        #[derive(Debug, Parser)]
+        struct T {
+            #[command(flatten)]
+            rdma: AlinkRdmaArgs,
+        }
+        let parse = |argv: &[&str]| T::try_parse_from([&["t"], argv].concat()).map(|t| t.rdma);
+        assert_eq!(parse(&[]).unwrap().options().unwrap(), None);
+        let args = parse(&["--alink-rdma-device", "mlx5_0", "--alink-rdma-gid-index", "3"]).unwrap();
+        let built_with_rdma = cfg!(feature = "rdma");
+        match args.options() {
+            Ok(Some(o)) => {
+                assert!(built_with_rdma, "RDMA options from a build without the feature");
+                let want = ftvm_repl::transport::rdma::RdmaOptions { gid_index: 3, ..ftvm_repl::transport::rdma::RdmaOptions::new("mlx5_0") };
+                assert_eq!(o, want);
+            }
+            Ok(None) => panic!("a device was given"),
+            Err(e) => {
+                assert!(!built_with_rdma, "{e}");
+                assert!(format!("{e}").contains("cargo feature `rdma`"), "{e}");
+            }
+        }
+        let o = parse(&["--alink-rdma-device", "rxe0", "--alink-rdma-port", "2", "--alink-rdma-ring-mib", "128"]).unwrap();
+        assert_eq!((o.alink_rdma_port, o.alink_rdma_ring_mib << 20), (2, 128 << 20));
+        assert!(parse(&["--alink-rdma-port", "0"]).is_err());
+        assert!(parse(&["--alink-rdma-ring-mib", "0"]).is_err());
+        assert!(parse(&["--alink-rdma-ring-mib", "16385"]).is_err());
     }
 
     #[test]

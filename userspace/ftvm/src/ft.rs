@@ -38,7 +38,7 @@ use ftvm_vmm::devices::DiskWriteIntent;
 use ftvm_vmm::dirty::DirtyTracking;
 use ftvm_vmm::machine::Machine;
 
-use crate::cli::{parse_cpuid_bit, parse_size, AlinkIoArg, CheckpointCopyArg, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
+use crate::cli::{parse_cpuid_bit, parse_size, AlinkIoArg, AlinkRdmaArgs, CheckpointCopyArg, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
 use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
 use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
@@ -123,6 +123,10 @@ pub struct EngineArgs {
     /// (io_uring, pages zero-copy). The wire is the same: either end may use any.
     #[arg(long, value_enum, default_value_t)]
     pub alink_io: AlinkIoArg,
+    /// Page payloads by RDMA (`--alink-rdma-*`): the primary's link, and the backup's receiver
+    /// and its link as the primary after a takeover.
+    #[command(flatten)]
+    pub alink_rdma: AlinkRdmaArgs,
 }
 
 /// The engine's own default, in microseconds.
@@ -269,6 +273,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode> {
 pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     let secret = read_secret(&args.secret_file)?;
     check_dirty_tracker(&args.engine)?;
+    let rdma = args.engine.alink_rdma.options()?;
     let mut config = run::prepare_vm(&args.vm, args.engine.dirty_tracker.tracking())?;
     let disk_bytes = args.vm.disk_size_bytes()?;
     let intent = open_intent(&args.vm.disk, &args.quorum.vm_id, disk_bytes)?;
@@ -292,6 +297,7 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         lease_term: lease.has_quorum().then(|| lease.term()),
         cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
         io: args.engine.alink_io.io(),
+        rdma,
         ..TcpOptions::default()
     };
     // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
@@ -394,6 +400,7 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode> {
 pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupEnd> {
     run::enter_process_context(args.net.netns.as_deref())?;
     let secret = read_secret(&args.secret_file)?;
+    let rdma = args.engine.alink_rdma.options()?;
     run::prepare_disk(&args.disk, args.disk_size)?;
     // The guest is fenced here until this host takes over with a lease; the heartbeat responder
     // comes with the takeover.
@@ -405,6 +412,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
     }
     let disk_record = open_intent(&args.disk, &args.quorum.vm_id, args.disk_size)?;
     receiver.intent = Some(Arc::clone(&disk_record));
+    receiver.rdma = rdma.clone();
     if !args.test_mask_cpuid.is_empty() {
         let mut caps = ftvm_vmm::compat::host_cpu_caps().context("cannot read this host's CPU capabilities")?;
         for &(word, bit) in &args.test_mask_cpuid {
@@ -452,6 +460,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
             disk_bytes: Some(args.disk_size),
             cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
             io: args.engine.alink_io.io(),
+            rdma,
             ..TcpOptions::default()
         };
         daemon_config.protect_again = Some(ProtectAgain {

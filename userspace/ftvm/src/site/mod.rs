@@ -107,6 +107,19 @@ pub struct UpArgs {
     /// The hosts' `--alink-io` (their default, `socket`, when not given).
     #[arg(long, value_enum)]
     pub alink_io: Option<AlinkIoArg>,
+    /// The hosts' `--alink-rdma-device`: page payloads by RDMA through this verbs device (an
+    /// `ftvm` built with the cargo feature `rdma`, and a device both hosts' namespaces reach).
+    #[arg(long, value_name = "NAME")]
+    pub alink_rdma_device: Option<String>,
+    /// The hosts' `--alink-rdma-gid-index` (their default, 0, when not given).
+    #[arg(long, value_name = "N")]
+    pub alink_rdma_gid_index: Option<u8>,
+    /// The hosts' `--alink-rdma-port` (their default, 1, when not given).
+    #[arg(long, value_name = "N")]
+    pub alink_rdma_port: Option<u8>,
+    /// The hosts' `--alink-rdma-ring-mib` (their default, 64, when not given).
+    #[arg(long, value_name = "N")]
+    pub alink_rdma_ring_mib: Option<u64>,
     /// Have host A trace its output-commit hold to `/run/ftvm/sites/<name>/output-trace.txt` (the
     /// primary's `--output-trace`; for tests).
     #[arg(long)]
@@ -698,6 +711,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
         ("--ack-timeout-ms", args.ack_timeout_ms),
         ("--disk-backlog-kib", args.disk_backlog_kib),
         ("--dirty-send-budget-us", args.dirty_send_budget_us),
+        ("--alink-rdma-gid-index", args.alink_rdma_gid_index.map(u64::from)),
+        ("--alink-rdma-port", args.alink_rdma_port.map(u64::from)),
+        ("--alink-rdma-ring-mib", args.alink_rdma_ring_mib),
     ];
     for (name, value) in options {
         if let Some(value) = value {
@@ -712,6 +728,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
     }
     if let Some(io) = args.alink_io {
         v.extend(["--alink-io".to_string(), io.name().to_string()]);
+    }
+    if let Some(device) = &args.alink_rdma_device {
+        v.extend(["--alink-rdma-device".to_string(), device.clone()]);
     }
     v
 }
@@ -1256,6 +1275,11 @@ mod tests {
         assert!(toml_of_options(&v).contains("checkpoint-copy = \"cow\""));
         let v = engine_args(&up(&["--alink-io", "uring-zc"]).unwrap());
         assert_eq!(v, ["--alink-io", "uring-zc"]);
+        let v = engine_args(&up(&["--alink-rdma-device", "mlx5_0", "--alink-rdma-gid-index", "3"]).unwrap());
+        assert_eq!(v, ["--alink-rdma-gid-index", "3", "--alink-rdma-device", "mlx5_0"]);
+        assert!(toml_of_options(&v).contains("alink-rdma-device = \"mlx5_0\""));
+        let v = engine_args(&up(&["--alink-rdma-port", "2", "--alink-rdma-ring-mib", "128"]).unwrap());
+        assert_eq!(v, ["--alink-rdma-port", "2", "--alink-rdma-ring-mib", "128"]);
         let e = up(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
         assert!(e.contains("possible values: bitmap, ring, uffd"), "{e}");
     }

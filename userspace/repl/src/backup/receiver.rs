@@ -18,6 +18,15 @@
 //!   and disk writes are staged, and applied only when its EpochCommit's totals and digest match;
 //!   then the EpochAck goes out. A session that ends, or a frame that fails any check, drops the
 //!   staging and leaves the committed standby untouched.
+//!
+//! RDMA (a receiver started with [`ReceiverConfig::rdma`]): the staging ring is registered once, at
+//! [`BackupReceiver::bind`]. A primary that asks for RDMA sends its queue pair (`RdmaEndpoint`)
+//! right after the set-up frames; the session connects a queue pair to it and answers with its own
+//! and the ring. In an incremental epoch `RdmaPages` descriptors then stand in for `Pages` frames:
+//! each is checked against the ring when it arrives (bounds, alignment, overlap within the epoch),
+//! and at the commit, after the digest matched, every descriptor's pages are copied out of the ring
+//! and checked against their hash before anything is applied; one mismatch (a torn, late or stale
+//! write) refuses the epoch. A receiver without a ring refuses a primary that asks for RDMA.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -47,6 +56,8 @@ use ftvm_proto::epoch::{
 };
 use crate::ha::heartbeat::{LinkActivity, SessionEnd, StampingReader};
 use crate::transport::deadline::DeadlineStream;
+use crate::transport::rdma::backup::{AcceptedRdma, BackupRdma, PlacementError, RingValidator, StagingRing, ValidPlacement};
+use crate::transport::rdma::{RdmaOptions, RdmaSetupError};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 use crate::lock;
 
@@ -96,6 +107,11 @@ pub struct ReceiverConfig {
     /// later), so that a rejoin copies only the regions that may differ; the guest's block device
     /// marks it after a takeover. `None`: every synchronisation copies the whole disk.
     pub intent: Option<Arc<SharedIntent>>,
+    /// Take page payloads by RDMA from a primary that asks for it (`--alink-rdma-device`): the
+    /// device is opened and the staging ring registered at [`BackupReceiver::bind`], which fails
+    /// when it cannot be (also in a build without the cargo feature `rdma`). `None`: a primary that
+    /// asks for RDMA is refused.
+    pub rdma: Option<RdmaOptions>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -111,6 +127,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("link_timeout", &self.link_timeout)
             .field("max_staging_bytes", &self.max_staging_bytes)
             .field("cpu_caps", &self.cpu_caps)
+            .field("rdma", &self.rdma)
             .finish_non_exhaustive()
     }
 }
@@ -138,6 +155,7 @@ impl ReceiverConfig {
             allow_unspecified: false,
             cpu_caps: None,
             intent: None,
+            rdma: None,
         }
     }
 }
@@ -184,6 +202,16 @@ pub enum BindError {
     /// A thread could not be started.
     #[error("Cannot start the receiver thread")]
     Thread(#[source] io::Error),
+    /// The RDMA device could not be opened or the staging ring registered, or this build has no
+    /// RDMA.
+    #[error("Cannot set up RDMA on {device}")]
+    Rdma {
+        /// The device asked for.
+        device: String,
+        /// Why.
+        #[source]
+        source: RdmaSetupError,
+    },
 }
 
 /// Why stopping could not hand the standby back.
@@ -311,6 +339,22 @@ pub enum SessionError {
         /// Why.
         #[source]
         source: ApplyError,
+    },
+    /// The primary asked for RDMA, and this receiver was started without it.
+    #[error("This backup has no RDMA (--alink-rdma-device)")]
+    NoRdma,
+    /// The primary's RDMA endpoint could not be connected to.
+    #[error("RDMA set-up failed")]
+    Rdma(#[source] RdmaSetupError),
+    /// An RDMA placement descriptor does not fit the ring, or the pages it names in the ring do
+    /// not match their hash at the commit (nothing of the epoch is applied).
+    #[error("Epoch {epoch} RDMA placement refused")]
+    Placement {
+        /// The epoch.
+        epoch: EpochId,
+        /// Why.
+        #[source]
+        source: PlacementError,
     },
     /// Answering the primary failed.
     #[error("Sending to the primary failed")]
@@ -472,6 +516,8 @@ impl CommittedView<'_> {
 struct Inner {
     config: ReceiverConfig,
     standby: RwLock<StandbyState>,
+    /// The RDMA staging ring, registered for the receiver's lifetime ([`ReceiverConfig::rdma`]).
+    rdma: Option<BackupRdma>,
     stats: Mutex<ReceiverStats>,
     bytes_received: AtomicU64,
     /// Stamped on every read from an authenticated primary (the failure detector's input).
@@ -530,6 +576,18 @@ impl BackupReceiver {
     /// [`Self::bind`], the standby starting as `kept` (the VM this host handed over) when its
     /// memory is the guest's size; otherwise blank.
     pub fn bind_keeping(config: ReceiverConfig, kept: Option<KeptStandby>) -> Result<Self, BindError> {
+        Self::bind_with(config, kept, None)
+    }
+
+    /// **Tests only** (the `ftvm` binary never calls it): [`Self::bind`] with RDMA over `ring`, a
+    /// ring without a device that the test's simulated NIC writes into
+    /// ([`StagingRing::simulate_nic_write`]); `config.rdma` is ignored.
+    #[doc(hidden)]
+    pub fn bind_with_simulated_rdma(config: ReceiverConfig, ring: Arc<StagingRing>) -> Result<Self, BindError> {
+        Self::bind_with(config, None, Some(BackupRdma::simulated(ring)))
+    }
+
+    fn bind_with(config: ReceiverConfig, kept: Option<KeptStandby>, rdma: Option<BackupRdma>) -> Result<Self, BindError> {
         if config.listen.ip().is_unspecified() && !config.allow_unspecified {
             return Err(BindError::Unspecified(config.listen));
         }
@@ -550,6 +608,17 @@ impl BackupReceiver {
         if let Some(caps) = &mut config.cpu_caps {
             caps.normalize();
         }
+        // Registered once, for the receiver's lifetime: a primary's session only connects a queue
+        // pair to it.
+        let rdma = match (rdma, &config.rdma) {
+            (Some(r), _) => Some(r),
+            (None, Some(opts)) => {
+                let r = BackupRdma::open(opts).map_err(|source| BindError::Rdma { device: opts.device.clone(), source })?;
+                tracing::info!(device = %opts.device, ring_bytes = r.ring().bytes(), "RDMA staging ring registered");
+                Some(r)
+            }
+            (None, None) => None,
+        };
         let kept = kept.filter(|k| k.memory.len() == memory_len && !k.state.is_empty());
         let (memory, state, committed) = match kept {
             Some(k) => {
@@ -577,6 +646,7 @@ impl BackupReceiver {
         let inner = Arc::new(Inner {
             config,
             standby: RwLock::new(StandbyState { memory, disk, state, committed, recent_output: VecDeque::new() }),
+            rdma,
             stats: Mutex::new(ReceiverStats { committed, restorable: committed.is_some(), ..ReceiverStats::default() }),
             bytes_received: AtomicU64::new(0),
             activity: LinkActivity::new(),
@@ -861,6 +931,24 @@ struct StagedPages {
     payload: Vec<u8>,
 }
 
+/// Pages of one frame of the epoch, in frame order (a later frame's copy of a page wins).
+#[derive(Debug)]
+enum Staged {
+    /// A Pages frame.
+    Frame(StagedPages),
+    /// An RdmaPages descriptor, checked against the ring: its pages are read out of the ring at
+    /// the commit.
+    Ring(ValidPlacement),
+}
+
+/// The RDMA part of a session: the primary's queue pair, and the checks of its placements.
+#[derive(Debug)]
+struct SessionRdma {
+    /// Kept until the session ends: dropping it ends the primary's access to the ring.
+    _accepted: AcceptedRdma,
+    validator: RingValidator,
+}
+
 /// The epoch being received.
 #[derive(Debug)]
 struct Staging {
@@ -869,7 +957,7 @@ struct Staging {
     pages: u64,
     disk_writes: u64,
     image_bytes: u64,
-    staged_pages: Vec<StagedPages>,
+    staged_pages: Vec<Staged>,
     state: Vec<u8>,
     /// HeldOutput payloads, checked.
     output: Vec<Vec<u8>>,
@@ -913,6 +1001,10 @@ struct Session<'a> {
     /// The protocol minor both sides use: from 2 on, the primary speaks first (its `LeaseTerm`),
     /// and the standby information answers it.
     minor: u8,
+    /// An epoch has begun in this session (the RDMA exchange comes before any).
+    began: bool,
+    /// The primary's pages come by RDMA (it sent its endpoint, and this side connected to it).
+    rdma: Option<SessionRdma>,
 }
 
 impl<'a> Session<'a> {
@@ -938,6 +1030,8 @@ impl<'a> Session<'a> {
             confirmed: false,
             term: None,
             minor: ftvm_proto::frame::PROTOCOL_MINOR,
+            began: false,
+            rdma: None,
         }
     }
 
@@ -1048,6 +1142,9 @@ impl<'a> Session<'a> {
     /// Drops the epoch being received, if any; returns its number.
     fn discard(&mut self) -> Option<EpochId> {
         self.journal.discard();
+        if let Some(r) = self.rdma.as_mut() {
+            r.validator.end();
+        }
         let staging = self.staging.take()?;
         Some(staging.begin.epoch)
     }
@@ -1174,6 +1271,11 @@ impl<'a> Session<'a> {
                     self.recycle(buf);
                 }
                 FrameKind::Pages => self.on_pages(header.epoch, buf, &tag)?,
+                FrameKind::RdmaEndpoint => {
+                    self.on_rdma_endpoint(&buf)?;
+                    self.recycle(buf);
+                }
+                FrameKind::RdmaPages => self.on_rdma_pages(header.epoch, buf, &tag)?,
                 FrameKind::MachineState => {
                     self.on_state(header.epoch, &buf, &tag)?;
                     self.recycle(buf);
@@ -1209,11 +1311,25 @@ impl<'a> Session<'a> {
 
     /// The open epoch, checked against the frame's header.
     fn staging_for(&mut self, kind: FrameKind, header_epoch: u64) -> Result<&mut Staging, SessionError> {
-        let s = self.staging.as_mut().ok_or(SessionError::Unexpected { kind, context: "outside an epoch" })?;
-        if s.begin.epoch.0 != header_epoch {
-            return Err(SessionError::WrongEpoch { open: s.begin.epoch, got: header_epoch });
+        open_epoch(&mut self.staging, kind, header_epoch)
+    }
+
+    /// The primary's RDMA queue pair, after the set-up frames and before any epoch (once, and
+    /// part of no epoch's digest): with a staging ring, a queue pair connected to it and this
+    /// side's endpoint with the ring in answer; without one, the session is refused (the primary's
+    /// connect fails with the reason).
+    fn on_rdma_endpoint(&mut self, payload: &[u8]) -> Result<(), SessionError> {
+        if self.began || self.staging.is_some() || self.rdma.is_some() {
+            return Err(SessionError::Unexpected { kind: FrameKind::RdmaEndpoint, context: "after the link's set-up" });
         }
-        Ok(s)
+        let peer = ftvm_proto::rdma::RdmaEndpoint::decode(payload)
+            .map_err(|source| SessionError::Payload { kind: FrameKind::RdmaEndpoint, source })?;
+        let rdma = self.inner.rdma.as_ref().ok_or(SessionError::NoRdma)?;
+        let (accepted, reply) = rdma.accept(&peer).map_err(SessionError::Rdma)?;
+        send_small(self.stream, &mut self.sealer, FrameKind::RdmaEndpoint, 0, &reply.encode()).map_err(SessionError::Send)?;
+        tracing::info!(peer = %self.peer, qpn = peer.qpn, ring_bytes = rdma.ring().bytes(), "the primary's pages come by RDMA");
+        self.rdma = Some(SessionRdma { _accepted: accepted, validator: RingValidator::new(rdma.ring().bytes()) });
+        Ok(())
     }
 
     fn on_begin(&mut self, header_epoch: u64, payload: &[u8], tag: &[u8; 32]) -> Result<(), SessionError> {
@@ -1274,6 +1390,10 @@ impl<'a> Session<'a> {
         let mut digest = EpochDigest::new(begin.epoch);
         digest.add_frame(tag);
         self.journal.begin(begin.epoch);
+        self.began = true;
+        if let Some(r) = self.rdma.as_mut() {
+            r.validator.begin(begin.epoch);
+        }
         // Reserve up front for a typical state; a larger one grows as it arrives.
         let state = Vec::with_capacity(usize::try_from(begin.state_len.min(16 << 20)).unwrap_or(0));
         self.staging = Some(Staging {
@@ -1319,8 +1439,34 @@ impl<'a> Session<'a> {
             let data_offset = payload.len() - n as usize * PAGE_SIZE;
             drop(view);
             drop(_entered);
-            s.staged_pages.push(StagedPages { ranges, data_offset, payload });
+            s.staged_pages.push(Staged::Frame(StagedPages { ranges, data_offset, payload }));
         }
+        Ok(())
+    }
+
+    /// Where the primary's NIC put some of the epoch's pages in the ring (instead of a Pages
+    /// frame). Checked against the ring now; the ring is read at the commit, not before (the
+    /// primary sends its commit once every write has completed).
+    fn on_rdma_pages(&mut self, header_epoch: u64, payload: Vec<u8>, tag: &[u8; 32]) -> Result<(), SessionError> {
+        let memory_pages = self.memory_pages;
+        let s = open_epoch(&mut self.staging, FrameKind::RdmaPages, header_epoch)?;
+        let _entered = s.span.enter();
+        if s.begin.initial_sync {
+            return Err(SessionError::Unexpected { kind: FrameKind::RdmaPages, context: "in an initial synchronisation" });
+        }
+        let rdma = self.rdma.as_mut().ok_or(SessionError::Unexpected { kind: FrameKind::RdmaPages, context: "on a link without RDMA" })?;
+        let desc = ftvm_proto::rdma::RdmaPages::decode(&payload, memory_pages)
+            .map_err(|source| SessionError::Payload { kind: FrameKind::RdmaPages, source })?;
+        if s.pages.saturating_add(desc.page_count()) > s.begin.page_count {
+            return Err(SessionError::OverAnnounced { epoch: s.begin.epoch, what: "pages", announced: s.begin.page_count });
+        }
+        let epoch = s.begin.epoch;
+        let placement = rdma.validator.accept(desc).map_err(|source| SessionError::Placement { epoch, source })?;
+        s.digest.add_frame(tag);
+        s.pages += placement.page_count();
+        s.staged_pages.push(Staged::Ring(placement));
+        drop(_entered);
+        self.recycle(payload);
         Ok(())
     }
 
@@ -1423,6 +1569,12 @@ impl<'a> Session<'a> {
         if blake3::Hash::from(s.digest.finish()) != blake3::Hash::from(commit.digest) {
             return Err(SessionError::Digest(epoch));
         }
+        // Every page of the epoch in hand and checked (RDMA: read out of the ring and hashed)
+        // before the standby is touched.
+        let staged_pages = self.pages_to_apply(epoch)?;
+        if let Some(r) = self.rdma.as_mut() {
+            r.validator.end();
+        }
         let Some(mut staging) = self.staging.take() else {
             return Err(SessionError::Unexpected { kind: FrameKind::EpochCommit, context: "outside an epoch" });
         };
@@ -1462,7 +1614,7 @@ impl<'a> Session<'a> {
             }
             let memory = sb.memory.as_mut_slice();
             let mut pages = 0u64;
-            for sp in &staging.staged_pages {
+            for sp in &staged_pages {
                 let data = sp.payload.get(sp.data_offset..).unwrap_or_default();
                 pages += copy_runs(memory, runs_of(&sp.ranges, data));
             }
@@ -1497,7 +1649,7 @@ impl<'a> Session<'a> {
         }
         send_small(self.stream, &mut self.sealer, FrameKind::EpochAck, epoch.0, &EpochAck { epoch }.encode())
             .map_err(SessionError::Send)?;
-        for sp in staging.staged_pages.drain(..) {
+        for sp in staged_pages {
             self.recycle(sp.payload);
         }
         if staging.begin.initial_sync {
@@ -1507,6 +1659,37 @@ impl<'a> Session<'a> {
         }
         Ok(())
     }
+
+    /// The open epoch's pages in frame order, as the apply loop takes them: a Pages frame's
+    /// payload as it arrived, and each RDMA placement's pages copied out of the ring, whose hash
+    /// must match the one its descriptor carried. A mismatch refuses the epoch (nothing applied).
+    fn pages_to_apply(&mut self, epoch: EpochId) -> Result<Vec<StagedPages>, SessionError> {
+        let staged = self.staging.as_mut().map(|s| std::mem::take(&mut s.staged_pages)).unwrap_or_default();
+        let ring = self.inner.rdma.as_ref().map(BackupRdma::ring);
+        let mut pages = Vec::with_capacity(staged.len());
+        for sp in staged {
+            match sp {
+                Staged::Frame(sp) => pages.push(sp),
+                Staged::Ring(placement) => {
+                    // Never without a ring: a placement is only accepted on an RDMA session.
+                    let ring = ring.ok_or(SessionError::Unexpected { kind: FrameKind::RdmaPages, context: "without a staging ring" })?;
+                    let mut payload = self.pool.pop().unwrap_or_default();
+                    ring.copy_out(&placement, &mut payload).map_err(|source| SessionError::Placement { epoch, source })?;
+                    pages.push(StagedPages { ranges: placement.ranges().to_vec(), data_offset: 0, payload });
+                }
+            }
+        }
+        Ok(pages)
+    }
+}
+
+/// The open epoch, checked against a frame's header.
+fn open_epoch(staging: &mut Option<Staging>, kind: FrameKind, header_epoch: u64) -> Result<&mut Staging, SessionError> {
+    let s = staging.as_mut().ok_or(SessionError::Unexpected { kind, context: "outside an epoch" })?;
+    if s.begin.epoch.0 != header_epoch {
+        return Err(SessionError::WrongEpoch { open: s.begin.epoch, got: header_epoch });
+    }
+    Ok(s)
 }
 
 /// The runs `(range, bytes)` of staged ranges over their page bytes (lengths checked on arrival).

@@ -9,15 +9,21 @@
 //! that is late, torn, or left over from another epoch therefore refuses the epoch, and a write
 //! racing the copy can at worst make it refuse too (a correct primary never writes into an
 //! unacknowledged epoch's space).
+//!
+//! [`BackupRdma`] is what the receiver keeps for its lifetime: the ring registered with a device
+//! (feature `rdma`), or, for the device-free end-to-end tests only, a ring that a test's
+//! simulated NIC writes into.
 
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use ftvm_proto::pages::PageRange;
-use ftvm_proto::rdma::{pages_hasher, RdmaPages};
+use ftvm_proto::rdma::{pages_hasher, RdmaEndpoint, RdmaPages, RingGrant};
 use ftvm_proto::EpochId;
 
-use super::RdmaSetupError;
+use super::exchange::{backup_accepts, random_psn};
+use super::{RdmaOptions, RdmaSetupError};
 use crate::PAGE_SIZE;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -75,7 +81,8 @@ pub struct StagingRing {
 // copies made under `&self` (reads) or `&mut self` (test writes), so moving or sharing the owner
 // between threads is sound.
 unsafe impl Send for StagingRing {}
-// SAFETY: as above: `&self` methods only read through raw copies.
+// SAFETY: as above: `&self` methods only read through raw copies, except the unsafe
+// `simulate_nic_write`, whose callers promise that no read of those bytes runs meanwhile.
 unsafe impl Sync for StagingRing {}
 
 impl StagingRing {
@@ -145,6 +152,28 @@ impl StagingRing {
         Ok(())
     }
 
+    /// **Tests only** (the device-free end-to-end tests' simulated NIC; nothing in the `ftvm`
+    /// binary calls it): writes `bytes` at `offset` of a shared ring, as the primary's NIC would.
+    /// Refused outside the ring.
+    ///
+    /// # Safety
+    ///
+    /// No other thread may read or write these bytes while this runs. The receiver reads a
+    /// placement's bytes only once the epoch's `EpochCommit` has arrived, so a simulated primary
+    /// that writes before it sends that frame (as a real one waits for its writes' completions)
+    /// keeps this promise.
+    #[doc(hidden)]
+    pub unsafe fn simulate_nic_write(&self, offset: u64, bytes: &[u8]) -> Result<(), PlacementError> {
+        let len = bytes.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > self.bytes()) {
+            return Err(PlacementError::OutsideRing { offset, len, ring: self.bytes() });
+        }
+        // SAFETY: offset + len lies inside the mapping (checked above); the caller promises that
+        // nothing else touches these bytes meanwhile, and no reference to the ring exists.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().add(offset as usize), bytes.len()) };
+        Ok(())
+    }
+
     /// Writes `bytes` at `offset`, as the NIC would (for tests and device-free simulations of a
     /// primary). Panics outside the ring.
     #[cfg(test)]
@@ -159,6 +188,81 @@ impl Drop for StagingRing {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, of this length, unmapped once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// The backup's RDMA, kept by the receiver for its lifetime: the staging ring registered with a
+/// device when the receiver starts, and the queue pair it connects for each primary's session.
+#[derive(Debug)]
+pub struct BackupRdma(Backend);
+
+#[derive(Debug)]
+enum Backend {
+    /// A device (feature `rdma`).
+    #[cfg(feature = "rdma")]
+    Verbs(super::verbs::RdmaBackup),
+    /// No device: a ring that a test's simulated NIC writes into ([`BackupRdma::simulated`]).
+    Simulated(Arc<StagingRing>),
+}
+
+/// A primary's queue pair, connected for one session: keep it until the session ends; dropping
+/// it ends the primary's access to the ring (its writes then fail).
+#[derive(Debug)]
+pub struct AcceptedRdma {
+    #[cfg(feature = "rdma")]
+    _qp: Option<super::verbs::BackupSession>,
+}
+
+impl BackupRdma {
+    /// Opens `opts.device` and registers a staging ring of `opts.ring_bytes` with it. Without the
+    /// cargo feature `rdma`: [`RdmaSetupError::NotBuilt`].
+    pub fn open(opts: &RdmaOptions) -> Result<Self, RdmaSetupError> {
+        #[cfg(feature = "rdma")]
+        {
+            super::verbs::RdmaBackup::open(opts).map(|b| Self(Backend::Verbs(b)))
+        }
+        #[cfg(not(feature = "rdma"))]
+        {
+            let _ = opts;
+            Err(RdmaSetupError::NotBuilt)
+        }
+    }
+
+    /// **Tests only** (nothing in the `ftvm` binary makes one): RDMA without a device, over a ring
+    /// the test shares with its simulated NIC ([`StagingRing::simulate_nic_write`]). Its endpoint
+    /// names a made-up queue pair; everything after the exchange is the real receiver's path.
+    #[doc(hidden)]
+    pub fn simulated(ring: Arc<StagingRing>) -> Self {
+        Self(Backend::Simulated(ring))
+    }
+
+    /// The staging ring (for [`StagingRing::copy_out`] at each commit).
+    pub fn ring(&self) -> &StagingRing {
+        match &self.0 {
+            #[cfg(feature = "rdma")]
+            Backend::Verbs(b) => b.ring(),
+            Backend::Simulated(r) => r,
+        }
+    }
+
+    /// Answers a primary's endpoint: its queue pair connected for the session, and this side's
+    /// endpoint (with the ring) to send back.
+    pub fn accept(&self, peer: &RdmaEndpoint) -> Result<(AcceptedRdma, RdmaEndpoint), RdmaSetupError> {
+        match &self.0 {
+            #[cfg(feature = "rdma")]
+            Backend::Verbs(b) => b.accept(peer).map(|(qp, local)| (AcceptedRdma { _qp: Some(qp) }, local)),
+            Backend::Simulated(ring) => {
+                let grant = RingGrant { addr: ring.as_mut_ptr() as u64, rkey: 0, bytes: ring.bytes() };
+                // A RoCE-like endpoint (a link-local GID), so that the exchange's checks run as on
+                // a device.
+                let mut gid = [0u8; 16];
+                gid[..2].copy_from_slice(&[0xfe, 0x80]);
+                gid[15] = 2;
+                let local = RdmaEndpoint { qpn: 2, psn: random_psn(), lid: 0, mtu: 5, gid, ring: Some(grant) };
+                backup_accepts(&local, peer)?;
+                Ok((AcceptedRdma { #[cfg(feature = "rdma")] _qp: None }, local))
+            }
+        }
     }
 }
 
