@@ -544,6 +544,36 @@ pub fn encode_pages_head(ranges: &[PageRange], out: &mut Vec<u8>) -> u64 {
     pages
 }
 
+/// The `n` ranges of a page list's table (`start u64 | len u32 | zero u32` each): ascending,
+/// disjoint, non-empty, inside a guest memory of `memory_pages` pages, and `declared` pages in all.
+/// Shared by every payload that lists pages (Pages, and RDMA's descriptors).
+pub(crate) fn decode_range_table(table: &[u8], n: usize, declared: u64, memory_pages: u64) -> Result<Vec<PageRange>, DecodeError> {
+    let mut t = Le { b: table };
+    let mut ranges = Vec::with_capacity(n);
+    let mut actual: u64 = 0;
+    let mut prev_end = 0u64;
+    for i in 0..n {
+        let start = t.u64()?;
+        let len = u64::from(t.u32()?);
+        t.zero32()?;
+        let end = start.checked_add(len).filter(|_| len > 0).ok_or(DecodeError::BadRange { start, len })?;
+        if i > 0 && start < prev_end {
+            return Err(DecodeError::RangeOrder);
+        }
+        if end > memory_pages {
+            return Err(DecodeError::RangeOutside { start, len, pages: memory_pages });
+        }
+        prev_end = end;
+        // Cannot overflow: every range lies inside memory_pages and they are disjoint.
+        actual += len;
+        ranges.push(PageRange { start, len });
+    }
+    if actual != declared {
+        return Err(DecodeError::PageCount { declared, actual });
+    }
+    Ok(ranges)
+}
+
 /// A checked Pages payload.
 #[derive(Debug)]
 pub struct PagesView<'a> {
@@ -562,29 +592,8 @@ impl<'a> PagesView<'a> {
         }
         // The range table must fit before anything is allocated for it.
         let table = n.checked_mul(RANGE_LEN).ok_or(DecodeError::Short)?;
-        let mut t = Le { b: r.take(table)? };
-        let mut ranges = Vec::with_capacity(n);
-        let mut actual: u64 = 0;
-        let mut prev_end = 0u64;
-        for i in 0..n {
-            let start = t.u64()?;
-            let len = u64::from(t.u32()?);
-            t.zero32()?;
-            let end = start.checked_add(len).filter(|_| len > 0).ok_or(DecodeError::BadRange { start, len })?;
-            if i > 0 && start < prev_end {
-                return Err(DecodeError::RangeOrder);
-            }
-            if end > memory_pages {
-                return Err(DecodeError::RangeOutside { start, len, pages: memory_pages });
-            }
-            prev_end = end;
-            // Cannot overflow: every range lies inside memory_pages and they are disjoint.
-            actual += len;
-            ranges.push(PageRange { start, len });
-        }
-        if actual != declared {
-            return Err(DecodeError::PageCount { declared, actual });
-        }
+        let ranges = decode_range_table(r.take(table)?, n, declared, memory_pages)?;
+        let actual = declared;
         let offset = pages_data_offset(n).ok_or(DecodeError::Short)?;
         if r.take(offset - LIST_HEADER_LEN - table)?.iter().any(|&b| b != 0) {
             return Err(DecodeError::Reserved);

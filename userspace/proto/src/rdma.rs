@@ -217,30 +217,8 @@ impl RdmaPages {
         }
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&payload[16..48]);
-        let mut ranges = Vec::with_capacity(n);
-        let mut actual = 0u64;
-        let mut prev_end = 0u64;
-        for i in 0..n {
-            let at = RDMA_PAGES_HEAD + i * RANGE_LEN;
-            let (start, len) = (le64(at), u64::from(le32(at + 8)));
-            if le32(at + 12) != 0 {
-                return Err(DecodeError::Reserved);
-            }
-            let end = start.checked_add(len).filter(|_| len > 0).ok_or(DecodeError::BadRange { start, len })?;
-            if i > 0 && start < prev_end {
-                return Err(DecodeError::RangeOrder);
-            }
-            if end > memory_pages {
-                return Err(DecodeError::RangeOutside { start, len, pages: memory_pages });
-            }
-            prev_end = end;
-            // Cannot overflow: the ranges are disjoint and inside memory_pages.
-            actual += len;
-            ranges.push(PageRange { start, len });
-        }
-        if actual != declared {
-            return Err(DecodeError::PageCount { declared, actual });
-        }
+        let ranges = crate::epoch::decode_range_table(&payload[RDMA_PAGES_HEAD..], n, declared, memory_pages)?;
+        let actual = declared;
         if ring_offset.checked_add(actual * PAGE_SIZE as u64).is_none() {
             return Err(DecodeError::RingOffset(ring_offset));
         }
