@@ -71,8 +71,9 @@ mod tests {
         }
     }
 
-    /// The TCP transport, whose `commit` panics once armed: an engine that breaks while its VM
-    /// runs (a bug), the case the supervisor exists for.
+    /// The TCP transport, whose next `commit` or heartbeat panics once armed (the test's guest
+    /// waits and writes nothing, so its pair has no checkpoint to take, only heartbeats): an
+    /// engine that breaks while its VM runs (a bug), the case the supervisor exists for.
     struct PanicOnCommit {
         inner: TcpTransport,
         armed: Arc<AtomicBool>,
@@ -114,6 +115,7 @@ mod tests {
             self.inner.acked()
         }
         fn heartbeat(&mut self) -> Result<(), LinkError> {
+            assert!(!self.armed.load(Ordering::SeqCst), "test: the transport breaks at a heartbeat");
             self.inner.heartbeat()
         }
         fn abandon(&mut self, reason: &str) {
