@@ -339,10 +339,11 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         let lease = lease.clone();
         host_ebpf.spawn_publisher(move || {
             let s = engine_status.snapshot();
-            // Progress: epochs leaving; a simplex VM has no epochs, its daemon's loop is the progress.
+            // Progress: epochs and heartbeats leaving (an idle pair takes no checkpoint); a simplex
+            // VM has no link, its daemon's loop is the progress.
             let marker = match s.state {
                 EngineState::Simplex { .. } => None,
-                _ => Some(s.last_sent.map_or(0, |e| e.0 + 1)),
+                _ => Some(s.last_sent.map_or(0, |e| e.0 + 1).wrapping_add(s.heartbeats_sent)),
             };
             (lease.term(), s.last_acked.map_or(0, |e| e.0), marker)
         })?;

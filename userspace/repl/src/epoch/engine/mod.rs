@@ -1129,8 +1129,12 @@ impl PrimaryEngine {
     /// A heartbeat to the backup after a stretch with nothing sent; a link that fails it is a lost
     /// backup.
     fn heartbeat_if_due(&mut self) {
-        if let Err(e) = self.heartbeat.send_if_due(monotonic_us(), self.transport.as_mut()) {
-            self.go_simplex(&e);
+        match self.heartbeat.send_if_due(monotonic_us(), self.transport.as_mut()) {
+            // The engine's liveness for whoever watches it (the heartbeat responder's progress
+            // marker): an idle pair takes no checkpoint, its heartbeats are the engine turning.
+            Ok(true) => self.status.update(|s| s.heartbeats_sent += 1),
+            Ok(false) => {}
+            Err(e) => self.go_simplex(&e),
         }
     }
 

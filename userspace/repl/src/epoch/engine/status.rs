@@ -150,6 +150,8 @@ pub struct StatusSnapshot {
     pub link_bytes_per_sec: Option<f64>,
     /// How the link writes (see [`crate::transport::CheckpointTransport::io_name`]).
     pub transport: &'static str,
+    /// Heartbeats sent between checkpoints: with the epochs sent, the engine's progress.
+    pub heartbeats_sent: u64,
 }
 
 impl StatusSnapshot {
@@ -200,6 +202,7 @@ impl EngineStatus {
                 dirty_bound_pages: super::schedule::DEFAULT_BOUND_PAGES,
                 link_bytes_per_sec: None,
                 transport: "none",
+                heartbeats_sent: 0,
             }),
         }
     }
