@@ -93,6 +93,37 @@ mod tests {
         assert_eq!(term_of(a2.acquire(Claim::TakeOver, 2).unwrap()), Some((3, Previous::Released(ReleaseReason::HolderDied))));
     }
 
+    /// The lease watchdog's way: a client of the holder's host connected ahead of time, with no
+    /// request, releases the lease the moment the holder dies; its kept connection survives a
+    /// witness restart (the release reconnects within its deadline). Connecting ahead to a witness
+    /// that is not there is an error, within the timeout.
+    #[test]
+    fn a_client_connected_ahead_releases_on_its_kept_connection() {
+        let dir = Dir::new("ahead");
+        let w = start(&dir, "127.0.0.1:0".parse().unwrap());
+        let addr = w.local_addr();
+        let mut a = client(addr, "host-a", SECRET);
+        let mut watchdog = client(addr, "host-a", SECRET);
+        let mut b = client(addr, "host-b", SECRET);
+        assert_eq!(term_of(a.acquire(Claim::Start, 0).unwrap()), Some((1, Previous::None)));
+        watchdog.connect_ahead().unwrap();
+        // Connecting changed nothing: the lease is A's.
+        assert!(matches!(b.acquire(Claim::TakeOver, 1).unwrap(), ClaimOutcome::Refused(Refusal::Held { term: 1, .. })));
+        watchdog.release(1, ReleaseReason::HolderDied).unwrap();
+        assert_eq!(term_of(b.acquire(Claim::TakeOver, 1).unwrap()), Some((2, Previous::Released(ReleaseReason::HolderDied))));
+
+        // Connected ahead, then the witness restarts: the release still goes through.
+        watchdog.connect_ahead().unwrap();
+        drop(w);
+        let w = start(&dir, addr);
+        watchdog.release(2, ReleaseReason::HolderDied).unwrap();
+        assert_eq!(w.lease_of("vm-1").map(|l| l.0), Some(2), "a release by another host's name changes nothing");
+        drop(w);
+        let t = Instant::now();
+        assert!(watchdog.connect_ahead().is_err(), "no witness there");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
     #[test]
     fn bad_peers_change_nothing_and_the_witness_keeps_serving() {
         let dir = Dir::new("bad");

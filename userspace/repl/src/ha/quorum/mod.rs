@@ -156,6 +156,13 @@ pub trait QuorumClient: Send + std::fmt::Debug {
 
     /// Gives the lease of `term` up (nothing happens when the caller no longer holds it).
     fn release(&mut self, term: u64, reason: ReleaseReason) -> Result<(), QuorumError>;
+
+    /// Makes the next request fast: a backend that talks over a connection opens (or reopens) it
+    /// now, so that the request is one round trip (the lease watchdog releases a dead primary's
+    /// lease the moment it dies; the backup's takeover waits for it). Nothing else happens.
+    fn connect_ahead(&mut self) -> Result<(), QuorumError> {
+        Ok(())
+    }
 }
 
 /// No quorum: every claim is granted, for ever, and the term never changes.

@@ -163,6 +163,13 @@ impl QuorumClient for WitnessQuorum {
         "witness"
     }
 
+    fn connect_ahead(&mut self) -> Result<(), QuorumError> {
+        // A fresh connection each time: the witness closes one idle for its IDLE_TIMEOUT.
+        self.conn = None;
+        self.conn = Some(self.connect(Instant::now() + self.cfg.timeout)?);
+        Ok(())
+    }
+
     fn acquire(&mut self, claim: Claim, known_term: u64) -> Result<ClaimOutcome, QuorumError> {
         let claim = match claim {
             Claim::Start => WitnessClaim::Start,
