@@ -264,6 +264,10 @@ pub struct PromotionLog {
     /// The line's own timestamp (B logs it right after starting the restored guest's vCPUs), as
     /// seconds since the Unix epoch.
     pub logged_at_unix: Option<f64>,
+    /// Frames of guest input the dead primary had taken in after that epoch, given to the
+    /// restored VM (`ingress_replayed`; none from builds before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_replayed: Option<u64>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -334,6 +338,8 @@ pub fn parse_promotion_log(log: &str) -> Option<PromotionLog> {
                     (Some(Token::Word(v)), _, _) => {
                         if let Some(d) = parse_debug_duration(v) {
                             p.ms.insert(name, ms(d));
+                        } else if name == "ingress_replayed" {
+                            p.ingress_replayed = v.parse().ok();
                         }
                         i += 3;
                     }
@@ -1091,7 +1097,7 @@ mod tests {
         assert_eq!(parse_debug_duration("-1ms"), None);
     }
 
-    const LINE: &str = "\x1b[2m2026-11-26T11:02:53.304235Z\x1b[0m \x1b[32m INFO\x1b[0m \x1b[2mftvm_repl::ha::failover\x1b[0m\x1b[2m:\x1b[0m active: the restored guest runs \x1b[3mtimings\x1b[0m\x1b[2m=\x1b[0mPromotionTimings { epoch: EpochId(170), last_frame_to_dead: 250.084ms, suspected_to_dead: 220.26337ms, stop_receiver: 250.76µs, restore: RestoreTimings { decode: 437.671µs, restore: 40.460859ms, release: 28.884µs, source: 5.911µs, total: 40.991344ms }, dead_to_resumed: 41.291828ms, suspected_to_resumed: 261.555198ms }";
+    const LINE: &str = "\x1b[2m2026-11-26T11:02:53.304235Z\x1b[0m \x1b[32m INFO\x1b[0m \x1b[2mftvm_repl::ha::failover\x1b[0m\x1b[2m:\x1b[0m active: the restored guest runs \x1b[3mtimings\x1b[0m\x1b[2m=\x1b[0mPromotionTimings { epoch: EpochId(170), last_frame_to_dead: 250.084ms, suspected_to_dead: 220.26337ms, stop_receiver: 250.76µs, restore: RestoreTimings { decode: 437.671µs, restore: 40.460859ms, release: 28.884µs, source: 5.911µs, total: 40.991344ms }, dead_to_resumed: 41.291828ms, suspected_to_resumed: 261.555198ms, ingress_replayed: 3 }";
 
     #[test]
     fn parses_the_promotion_timings_line() {
@@ -1106,6 +1112,7 @@ mod tests {
         assert!((get("restore.total") - 40.991344).abs() < 1e-9);
         assert!((get("dead_to_resumed") - 41.291828).abs() < 1e-9);
         assert!((get("suspected_to_resumed") - 261.555198).abs() < 1e-9);
+        assert_eq!(p.ingress_replayed, Some(3));
         assert_eq!(p.ms.len(), 10);
         let at = p.logged_at_unix.unwrap();
         assert!((at - (1_795_690_973.0 + 0.304235)).abs() < 1e-6, "{at}");

@@ -499,6 +499,30 @@ impl RespClient {
         Ok(Self { stream, buf: Vec::new() })
     }
 
+    /// The client's TCP port.
+    pub fn local_port(&self) -> u16 {
+        self.stream.local_addr().map_or(0, |a| a.port())
+    }
+
+    /// Segments this connection has retransmitted so far (`TCP_INFO`'s `tcpi_total_retrans`).
+    pub fn total_retransmits(&self) -> u32 {
+        // SAFETY: tcp_info is plain integers (all-zero is a valid value); getsockopt writes at
+        // most `len` bytes into it and the fd is this client's open socket.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_total_retrans
+    }
+
     /// Sends one command without reading its reply (pipelining); see [`RespClient::try_read_reply`].
     pub fn try_send(&mut self, args: &[&str]) -> std::io::Result<()> {
         let mut out = format!("*{}\r\n", args.len()).into_bytes();

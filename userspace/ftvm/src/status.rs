@@ -468,6 +468,10 @@ pub struct BackupStatus {
     pub connected: bool,
     pub last_frame_age_ms: Option<f64>,
     pub takeover_ms: Option<f64>,
+    /// Frames of guest input the dead primary had taken in and not committed, given to the VM
+    /// at the takeover (none before one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover_ingress_replayed: Option<u64>,
     pub last_error: Option<String>,
     /// The fencing gate, the heartbeat responder, and the last probe of the primary's host.
     pub ebpf: EbpfStatus,
@@ -531,6 +535,13 @@ pub struct CheckpointStatus {
     /// The link's measured rate, MiB per second of sending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_mib_s: Option<f64>,
+    /// Frames of guest input sent ahead to the backup (for a takeover to deliver again).
+    #[serde(default)]
+    pub ingress_forwarded: u64,
+    /// Frames of guest input taken in with a backup connected but not sent ahead (queue full,
+    /// link failed).
+    #[serde(default)]
+    pub ingress_not_forwarded: u64,
 }
 
 impl CheckpointStatus {
@@ -545,6 +556,8 @@ impl CheckpointStatus {
             skipped: c.skipped,
             dirty_bound_pages: snap.dirty_bound_pages,
             link_mib_s: snap.link_bytes_per_sec.map(|r| (r / f64::from(1u32 << 20) * 10.0).round() / 10.0),
+            ingress_forwarded: snap.ingress.frames_forwarded,
+            ingress_not_forwarded: snap.ingress.frames_not_forwarded,
         }
     }
 }
@@ -601,6 +614,7 @@ impl BackupStatus {
             connected: st.connected,
             last_frame_age_ms: st.last_frame_age.map(|d| d.as_secs_f64() * 1e3),
             takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
+            takeover_ingress_replayed: st.promotion.map(|p| p.ingress_replayed),
             last_error: st.last_error.clone(),
             ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..ebpf },
             serving,
@@ -709,7 +723,8 @@ mod tests {
       "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
       "link_per_dirty_byte": 1.02, "disk_replication_lost": false,
       "checkpoints": { "copy": "cow", "transport": "io_uring", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
-        "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5 },
+        "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5, "ingress_forwarded": 5400,
+        "ingress_not_forwarded": 1 },
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
         "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "copy_after_resume_us": [0, 0], "resume_us": [5, 9],
         "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12 },
@@ -726,7 +741,7 @@ mod tests {
       "role": "active",
       "quorum": { "backend": "witness", "term": 4, "lease_valid": true, "lease_left_ms": null, "error": null },
       "committed_epoch": 1199, "restorable": true, "connected": false, "last_frame_age_ms": 812.25,
-      "takeover_ms": 95.5, "last_error": null,
+      "takeover_ms": 95.5, "takeover_ingress_replayed": 3, "last_error": null,
       "ebpf": { "enabled": false, "detail": "off (no --business-port / --alink-port)", "gate": null,
         "responder": null, "last_probe": "daemon dead" }
     }"#;
@@ -745,6 +760,7 @@ mod tests {
         assert_eq!((p.protection.state, p.quorum.term, p.ebpf.gate.map(|g| g.ingress_dropped)), (ProtectionState::Protected, 3, Some(2)));
         let HostReport::Backup(b) = HostReport::from_json(BACKUP).unwrap() else { panic!("not the backup's") };
         assert_eq!((b.role, b.takeover_ms, b.ebpf.last_probe.as_deref()), (Role::Active, Some(95.5), Some("daemon dead")));
+        assert_eq!(b.takeover_ingress_replayed, Some(3));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
 #[cfg(not(feature = "previous-minor"))]
-pub const PROTOCOL_MINOR: u8 = 6;
+pub const PROTOCOL_MINOR: u8 = 7;
 /// Protocol minor version of a build made to speak the previous minor (see the crate's
 /// `previous-minor` feature).
 #[cfg(feature = "previous-minor")]
@@ -90,6 +90,13 @@ pub enum FrameKind {
     /// be resumed). A primary that resumed from exactly that state (a switchover's old primary
     /// coming back as the backup) sends it only the pages written since, not all of memory.
     StandbyDigest = 30,
+    /// From the primary (minor 7 and later), at any moment, inside an epoch or between two, and
+    /// outside every epoch's digest: guest frames its VM took in from the network (the layout of a
+    /// `HeldOutput` payload), all taken after the pause of the epoch before the one in the header.
+    /// The backup keeps those of epochs it has not committed; a takeover delivers them to the
+    /// restored VM, which never saw them, so that requests the dead primary had taken are answered
+    /// without waiting for the clients to retransmit.
+    Ingress = 31,
     /// Liveness probe.
     Heartbeat = 32,
     /// Liveness answer.
@@ -139,6 +146,7 @@ impl FrameKind {
             28 => HostCpu,
             29 => DiskMarks,
             30 => StandbyDigest,
+            31 => Ingress,
             32 => Heartbeat,
             33 => HeartbeatReply,
             40 => RdmaEndpoint,

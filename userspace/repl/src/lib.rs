@@ -8,6 +8,7 @@
 //!   atomically at its commit; [`backup::journal`] is the per-epoch disk write log;
 //! * [`disk`]: the primary's disk write capture ([`disk::DiskReplicator`]);
 //! * [`output`]: output commit (the hold the guest's transmit goes to, released per epoch);
+//! * [`ingress`]: the guest's input, sent ahead to the backup for a takeover to deliver again;
 //! * [`ha`]: failure detection, the quorum lease and failover;
 //! * [`witness`]: the built-in quorum service (`ftvm witness`).
 //!
@@ -19,6 +20,7 @@ pub mod disk;
 pub mod durable;
 pub mod epoch;
 pub mod ha;
+pub mod ingress;
 pub mod output;
 pub mod transport;
 pub mod witness;

@@ -409,4 +409,29 @@ mod tests {
         drop(raw);
         scene.recover(&good);
     }
+
+    /// Guest input sent ahead must decode whole: an empty frame, a frame longer than the payload
+    /// that carries it, or one over the largest guest frame drops the session; the standby keeps
+    /// its last epoch and a correct primary carries on.
+    #[test]
+    fn malformed_input_sent_ahead_is_refused() {
+        use ftvm_proto::limits::MAX_GUEST_FRAME;
+        let mut scene = Scene::new("ingress");
+        let (good, _writes) = scene.next_epoch();
+        let with_len = |len: u32, body: usize| {
+            let mut p = len.to_le_bytes().to_vec();
+            p.extend(std::iter::repeat_n(0u8, body));
+            p
+        };
+        for payload in [Vec::new(), with_len(0, 0), with_len(100, 10), with_len(MAX_GUEST_FRAME as u32 + 1, MAX_GUEST_FRAME + 1)] {
+            let before = scene.stats();
+            let mut raw = RawPrimary::connect(scene.backup.local_addr());
+            let (f, _) = raw.seal(FrameKind::Ingress, NEXT.0, &[&payload]);
+            raw.write(&f);
+            scene.expect_dropped(&before, "Malformed Ingress payload");
+            assert_eq!(scene.stats().ingress_frames_held, 0);
+            drop(raw);
+        }
+        scene.recover(&good);
+    }
 }

@@ -259,6 +259,78 @@ mod tests {
         assert_eq!(standby.unreleased_output(), &committed[..]);
     }
 
+    over_each_link_io!(
+        input_is_kept => input_sent_ahead_is_kept_until_its_epoch_commits,
+        input_is_kept_over_io_uring,
+        input_is_kept_over_io_uring_zero_copy
+    );
+
+    /// Guest input sent ahead (from another thread, between and among an epoch's frames) is
+    /// dropped once its epoch commits, and what the dead primary took in after the committed
+    /// epoch is what a takeover gets, in order; an epoch still being sent counts as not committed.
+    fn input_is_kept(io: LinkIo) {
+        use ftvm_proto::epoch::encode_output_frame;
+        init_tracing();
+        let mut rng = Rng(13);
+        let mut model = Model::new(&mut rng, 4 * MIB, MIB);
+        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
+        let (backup, _disk) = start_backup(&model, "ingress");
+        let mut t = connect_io(backup.local_addr(), &model, io);
+        let token = full_sync(&mut t, &mut model, EpochId(0));
+        wait(&t, token);
+        let link = t.ingress_link().expect("a 1.7 backup takes input");
+        let payload = |frames: &[&[u8]]| {
+            let mut p = Vec::new();
+            for f in frames {
+                encode_output_frame(f, &mut p);
+            }
+            p
+        };
+        let frame = |b: u8, n: usize| vec![b; n];
+        let (f1, f2, f3, f4) = (frame(1, 60), frame(2, 1514), frame(3, 90), frame(4, 300));
+        let mid_link = link.clone();
+        let mut epoch = |t: &mut TcpTransport, model: &mut Model, e: u64, commit: bool, mid: Option<(u64, Vec<u8>)>| {
+            model.run(&mut rng, 3, 0, &mut disks);
+            let begin = EpochBegin {
+                epoch: EpochId(e),
+                page_count: model.dirty.page_count(),
+                state_len: model.state.len() as u64,
+                disk_write_count: 0,
+                disk_image_bytes: 0,
+                initial_sync: false,
+            };
+            t.begin_epoch(&begin).unwrap();
+            t.send_pages(&model.dirty, &FlatMemory(&model.mem)).unwrap();
+            if let Some((tag, p)) = mid {
+                // Between two of the epoch's frames, outside its digest.
+                let l = mid_link.clone();
+                std::thread::spawn(move || l.send_ingress(tag, &p).unwrap()).join().unwrap();
+            }
+            t.send_state(&model.state).unwrap();
+            model.dirty.clear();
+            commit.then(|| t.commit(EpochId(e)).unwrap())
+        };
+        // Taken in during epoch 1 (before its pause), sent from another thread.
+        let l = link.clone();
+        let p1 = payload(&[&f1, &f2]);
+        std::thread::spawn(move || l.send_ingress(1, &p1).unwrap()).join().unwrap();
+        let token = epoch(&mut t, &mut model, 1, true, Some((2, payload(&[&f3])))).unwrap();
+        assert_eq!(wait(&t, token), EpochId(1));
+        // Late: epoch 1 is committed already; nothing to keep.
+        link.send_ingress(1, &payload(&[&frame(9, 60)])).unwrap();
+        // Taken in during epoch 2 (sent above, among epoch 1's frames), then 3; epoch 2 is sent
+        // but the primary dies before its commit.
+        assert!(epoch(&mut t, &mut model, 2, false, None).is_none());
+        link.send_ingress(3, &payload(&[&f4])).unwrap();
+        wait_stats(&backup, "the input to arrive", |s| s.ingress_frames_held == 2 && s.ingress_late == 1);
+        drop(t);
+        assert!(link.send_ingress(3, &payload(&[&f4])).is_err(), "input on a closed link");
+        wait_stats(&backup, "the session to end", |s| s.connected.is_none());
+        let standby = backup.stop().unwrap();
+        assert_eq!(standby.committed(), Some(EpochId(1)));
+        assert_eq!(standby.replay_ingress(), &[f3, f4][..]);
+    }
+
     /// Every frame size the guest's virtio-net device accepts (from a bare header to a VLAN-tagged
     /// 64 KiB frame) replicates byte for byte; one byte more is refused before anything is sent,
     /// and the epoch still commits. The device, the hold and the wire share one limit.

@@ -161,6 +161,9 @@ pub struct Promoted {
     pub epoch: EpochId,
     /// The gratuitous ARP sender, if the guest has a network device.
     pub announcer: Option<Announcer>,
+    /// Frames of guest input the dead primary had taken in and never committed, queued for the
+    /// restored VM ahead of the network (see [`crate::ingress`]).
+    pub ingress_replayed: usize,
     /// Timings.
     pub timings: RestoreTimings,
 }
@@ -212,6 +215,12 @@ pub fn promote(mut standby: Standby, cfg: PromoteConfig) -> Result<Promoted, Pro
     let t2 = Instant::now();
     let source = machine.checkpoint_source().map_err(PromoteError::Source)?;
     let source_time = t2.elapsed();
+    // Before the VM runs: the restored guest takes these in first, as the dead primary's did.
+    let ingress = std::mem::take(&mut standby.replay_ingress);
+    let ingress_replayed = if ingress.is_empty() { 0 } else { source.with_devices(|d| d.replay_rx(ingress)) };
+    if ingress_replayed > 0 {
+        tracing::info!(frames = ingress_replayed, "the restored VM gets the input the dead primary had taken in after the committed epoch");
+    }
 
     let t3 = Instant::now();
     let announcer = match &cfg.net {
@@ -252,7 +261,7 @@ pub fn promote(mut standby: Standby, cfg: PromoteConfig) -> Result<Promoted, Pro
     let release = t4.elapsed();
     let timings = RestoreTimings { decode, restore, release, source: source_time, announce, total: t0.elapsed() };
     tracing::info!(?epoch, ?timings, "standby promoted");
-    Ok(Promoted { machine, source, epoch, announcer, timings })
+    Ok(Promoted { machine, source, epoch, announcer, ingress_replayed, timings })
 }
 
 fn dup_fd(fd: RawFd) -> std::io::Result<OwnedFd> {

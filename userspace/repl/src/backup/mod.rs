@@ -6,6 +6,7 @@
 //! do not add up) leaves the last committed standby exactly as it was.
 
 pub mod activate;
+mod ingress;
 pub mod journal;
 pub mod receiver;
 pub mod standby;

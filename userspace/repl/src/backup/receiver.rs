@@ -48,6 +48,7 @@ use ftvm_proto::pages::PageRange;
 use ftvm_proto::EpochId;
 
 use crate::disk::intent::{DiskMarks, IntentError, SharedIntent, DEFAULT_REGION_BYTES};
+use super::ingress::{Kept, RecentIngress};
 use super::journal::{AppendError, ApplyError, DiskJournal};
 use super::standby::{KeptStandby, Standby, StandbyMemory};
 use ftvm_proto::epoch::{
@@ -416,6 +417,13 @@ pub struct ReceiverStats {
     pub sync: Option<SyncProgress>,
     /// The last error that ended a session or refused a peer.
     pub last_error: Option<String>,
+    /// Guest input frames the primary sent ahead, kept for a takeover (their epochs are not
+    /// committed).
+    pub ingress_frames_held: u64,
+    /// Ingress payloads that came after their epoch's commit (nothing to keep).
+    pub ingress_late: u64,
+    /// Ingress payloads not kept: over the limit.
+    pub ingress_over_limit: u64,
     /// The lease term of the primary whose epoch made the committed standby (`LeaseTerm` frame;
     /// none from a primary without a quorum, or of protocol 1.1).
     pub standby_term: Option<u64>,
@@ -433,6 +441,8 @@ struct StandbyState {
     /// The held output of the last committed epochs (HeldOutput payloads), oldest first: the
     /// primary may have died before releasing them, and the restored guest believes them sent.
     recent_output: VecDeque<(EpochId, Vec<Vec<u8>>)>,
+    /// The guest input of the epochs not committed yet (Ingress payloads).
+    recent_ingress: RecentIngress,
 }
 
 impl StandbyState {
@@ -450,6 +460,7 @@ impl StandbyState {
         self.committed = None;
         self.state.clear();
         self.recent_output.clear();
+        self.recent_ingress.clear();
     }
 
     /// Keeps `epoch`'s held output (just committed), and only as much older output as the primary
@@ -645,7 +656,7 @@ impl BackupReceiver {
 
         let inner = Arc::new(Inner {
             config,
-            standby: RwLock::new(StandbyState { memory, disk, state, committed, recent_output: VecDeque::new() }),
+            standby: RwLock::new(StandbyState { memory, disk, state, committed, recent_output: VecDeque::new(), recent_ingress: RecentIngress::default() }),
             rdma,
             stats: Mutex::new(ReceiverStats { committed, restorable: committed.is_some(), ..ReceiverStats::default() }),
             bytes_received: AtomicU64::new(0),
@@ -716,8 +727,10 @@ impl BackupReceiver {
         let inner = Arc::try_unwrap(inner).map_err(|_| StopError::StillShared)?;
         let sb = inner.standby.into_inner().unwrap_or_else(|e| e.into_inner());
         let unreleased_output = sb.unreleased_output();
+        let replay_ingress = sb.recent_ingress.frames_after(sb.committed);
         Ok(Standby {
             unreleased_output,
+            replay_ingress,
             committed: sb.committed,
             memory: sb.memory,
             state: sb.state,
@@ -1073,6 +1086,9 @@ impl<'a> Session<'a> {
         let link_timeout = Some(self.inner.config.link_timeout.max(Duration::from_millis(1)));
         self.stream.set_read_timeout(link_timeout).map_err(SessionError::Send)?;
         self.confirmed = true;
+        // Input sent ahead by an earlier session is in whatever this one commits, or was never
+        // committed by anyone.
+        self.inner.write_standby().recent_ingress.clear();
         lock(&self.inner.stats).connected = Some(self.peer);
         tracing::info!(peer = %self.peer, "primary connected");
         self.inner.activity.session_started(self.stream.try_clone().ok());
@@ -1289,6 +1305,7 @@ impl<'a> Session<'a> {
                     self.recycle(buf);
                 }
                 FrameKind::HeldOutput => self.on_output(header.epoch, buf, &tag)?,
+                FrameKind::Ingress => self.on_ingress(header.epoch, buf)?,
                 FrameKind::LeaseTerm => {
                     let term: [u8; 8] = buf[..].try_into().map_err(|_| SessionError::Unexpected {
                         kind: header.kind,
@@ -1495,6 +1512,29 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Guest input the primary took in during epoch `epoch` (minor 7 and later; between epoch
+    /// frames or among them, outside every digest): kept until that epoch commits.
+    fn on_ingress(&mut self, epoch: u64, payload: Vec<u8>) -> Result<(), SessionError> {
+        if self.minor < 7 {
+            return Err(SessionError::Unexpected { kind: FrameKind::Ingress, context: "before protocol 1.7" });
+        }
+        decode_output(&payload).map_err(|source| SessionError::Payload { kind: FrameKind::Ingress, source })?;
+        let (kept, held) = {
+            let mut sb = self.inner.write_standby();
+            let committed = sb.committed;
+            let kept = sb.recent_ingress.keep(epoch, payload, committed);
+            (kept, sb.recent_ingress.frame_count() as u64)
+        };
+        let mut st = lock(&self.inner.stats);
+        st.ingress_frames_held = held;
+        match kept {
+            Kept::Yes => {}
+            Kept::Late => st.ingress_late += 1,
+            Kept::Full => st.ingress_over_limit += 1,
+        }
+        Ok(())
+    }
+
     fn on_disk_writes(&mut self, header_epoch: u64, payload: &[u8], tag: &[u8; 32]) -> Result<(), SessionError> {
         let disk_bytes = self.inner.config.disk_bytes;
         let max = self.inner.config.max_staging_bytes;
@@ -1592,6 +1632,7 @@ impl<'a> Session<'a> {
         let pages_applied;
         let disk_bytes;
         let restorable;
+        let ingress_held;
         {
             let mut sb = self.inner.write_standby();
             // The disk first: it is the only part that can fail. If it fails half-way, the standby
@@ -1624,6 +1665,8 @@ impl<'a> Session<'a> {
             }
             sb.committed = Some(epoch);
             sb.keep_output(epoch, std::mem::take(&mut staging.output));
+            sb.recent_ingress.committed(epoch);
+            ingress_held = sb.recent_ingress.frame_count() as u64;
             restorable = !sb.state.is_empty();
             if let Some(intent) = intent {
                 // Failing leaves the marks (or the incomplete record): a later rejoin copies more.
@@ -1641,6 +1684,7 @@ impl<'a> Session<'a> {
             st.restorable = restorable;
             st.standby_term = self.term;
             st.epochs_committed += 1;
+            st.ingress_frames_held = ingress_held;
             st.pages_applied += pages_applied;
             st.disk_bytes_applied += disk_bytes + staging.image_bytes;
             st.last_apply = Some(apply);

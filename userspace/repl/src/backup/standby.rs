@@ -156,6 +156,9 @@ pub struct Standby {
     /// The guest frames of the last committed epochs (virtio-net header first), oldest first: the
     /// primary may have died before releasing them, and the restored guest believes them sent.
     pub(crate) unreleased_output: Vec<Vec<u8>>,
+    /// The guest input the primary sent ahead and never committed (virtio-net header first),
+    /// oldest first: the restored VM never saw it, and gets it before anything from the network.
+    pub(crate) replay_ingress: Vec<Vec<u8>>,
 }
 
 impl Standby {
@@ -174,6 +177,11 @@ impl Standby {
     /// the primary did release are harmless: TCP drops them).
     pub fn unreleased_output(&self) -> &[Vec<u8>] {
         &self.unreleased_output
+    }
+
+    /// The guest input to deliver to the restored VM (see the field).
+    pub fn replay_ingress(&self) -> &[Vec<u8>] {
+        &self.replay_ingress
     }
 
     /// The machine state blob of the committed epoch.

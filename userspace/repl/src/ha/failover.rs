@@ -239,6 +239,8 @@ pub struct PromotionTimings {
     pub dead_to_resumed: Duration,
     /// From the first suspicion to the restored guest's vCPUs being started.
     pub suspected_to_resumed: Duration,
+    /// Frames of input the dead primary had taken in after that epoch, given to the restored VM.
+    pub ingress_replayed: u64,
 }
 
 /// A snapshot of the daemon.
@@ -819,6 +821,7 @@ impl Watch {
             restore: promoted.timings,
             dead_to_resumed: resumed.saturating_duration_since(dead_at),
             suspected_to_resumed: resumed.saturating_duration_since(suspected_at),
+            ingress_replayed: promoted.ingress_replayed as u64,
         };
         tracing::info!(?timings, "active: the restored guest runs");
         {

@@ -437,6 +437,16 @@ pub enum HandOverError {
     Link(#[from] LinkError),
 }
 
+/// Sends the frames the guest took in (see [`ftvm_proto::frame::FrameKind::Ingress`]) on a link
+/// whose epochs another thread sends: each call is one whole frame, placed between two of the
+/// epoch's frames. It may block for the socket like any write on the link; a failure marks the
+/// link down, as a failed epoch write does.
+pub trait IngressLink: Send + Sync + std::fmt::Debug {
+    /// Sends `payload` (frames in the `HeldOutput` payload layout), all taken in during `epoch`
+    /// (after the pause of the epoch before it).
+    fn send_ingress(&self, epoch: u64, payload: &[u8]) -> Result<(), LinkError>;
+}
+
 /// Sends checkpoint epochs to the backup. See the module documentation for the call order.
 pub trait CheckpointTransport: Send {
     /// What the backup held when the link came up: its committed epoch (an incremental epoch must
@@ -458,6 +468,12 @@ pub trait CheckpointTransport: Send {
     /// (minor 6 and later, see [`ftvm_proto::state_delta`]).
     fn peer_takes_state_deltas(&self) -> bool {
         false
+    }
+
+    /// A handle for sending the guest's input to the backup from another thread, between this
+    /// transport's own frames (minor 7 and later; `None` when the backup does not take it).
+    fn ingress_link(&self) -> Option<std::sync::Arc<dyn IngressLink>> {
+        None
     }
 
     /// Sets the function called on the acknowledgement thread for each acknowledgement and for the

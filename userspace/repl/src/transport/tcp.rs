@@ -36,7 +36,7 @@ use super::rdma::primary::RdmaPrimary;
 use super::rdma::{RdmaOptions, RdmaStats};
 use super::writer::{write_frame, LinkWriter};
 use super::{
-    AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, HandOverError, LinkError,
+    AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, HandOverError, IngressLink, LinkError,
     PageSource, SendDiskImageError, SendDiskWritesError, SendOutputError, SendPagesError, SendStateError, WaitAckError,
 };
 use crate::disk::DiskWrite;
@@ -210,9 +210,9 @@ struct OpenEpoch {
 pub struct TcpTransport {
     /// The socket, for shutting it down (the writer and the acknowledgement thread hold duplicates).
     stream: TcpStream,
-    /// Where frames are written.
-    writer: LinkWriter,
-    sealer: FrameSealer,
+    /// Where frames are written, and their sealer: shared with the ingress forwarder
+    /// ([`CheckpointTransport::ingress_link`]), whose frames go between the engine's.
+    channel: Arc<Mutex<Channel>>,
     shared: Arc<AckShared>,
     reader: Option<JoinHandle<()>>,
     peer: StandbyInfo,
@@ -231,6 +231,51 @@ pub struct TcpTransport {
     rdma: Option<RdmaPrimary>,
     /// How long RDMA writes may take to complete at a commit.
     write_timeout: Duration,
+}
+
+/// The writing half of the link: every frame the primary sends goes through it, one whole frame
+/// at a time, so the engine's frames and the ingress forwarder's interleave whole and in sequence.
+#[derive(Debug)]
+struct Channel {
+    writer: LinkWriter,
+    sealer: FrameSealer,
+}
+
+/// [`write_frame`] on the shared channel.
+fn write_on(
+    channel: &Mutex<Channel>,
+    kind: FrameKind,
+    epoch: u64,
+    head: &[u8],
+    pieces: &[&[u8]],
+    stable_pieces: bool,
+) -> Result<[u8; ftvm_proto::frame::TAG_LEN], LinkError> {
+    let mut c = lock(channel);
+    let c = &mut *c;
+    write_frame(&mut c.writer, &mut c.sealer, kind, epoch, head, pieces, stable_pieces)
+}
+
+/// The ingress forwarder's handle on a TCP link (minor 7 and later).
+#[derive(Debug)]
+struct TcpIngress {
+    channel: Arc<Mutex<Channel>>,
+    shared: Arc<AckShared>,
+    stream: TcpStream,
+}
+
+impl IngressLink for TcpIngress {
+    fn send_ingress(&self, epoch: u64, payload: &[u8]) -> Result<(), LinkError> {
+        if let Some(reason) = self.shared.down() {
+            return Err(LinkError::Down { reason });
+        }
+        write_on(&self.channel, FrameKind::Ingress, epoch, payload, &[], false).map(|_| ()).map_err(|e| {
+            // As the engine's own failed writes: the stream may hold half a frame now.
+            self.shared.mark_down(format!("forwarding guest input: {}", ErrorChain(&e)));
+            let _ = self.stream.shutdown(Shutdown::Both);
+            lock(&self.channel).writer.forsake();
+            e
+        })
+    }
 }
 
 fn set_socket_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> io::Result<()> {
@@ -429,8 +474,7 @@ impl TcpTransport {
         tracing::info!(%addr, committed = ?peer.committed, restorable = peer.restorable, io = io_name, "A-Link up");
         Ok(Self {
             stream,
-            writer,
-            sealer,
+            channel: Arc::new(Mutex::new(Channel { writer, sealer })),
             shared,
             reader: Some(reader),
             peer,
@@ -468,7 +512,7 @@ impl TcpTransport {
     fn say_goodbye(&mut self, reason: &str) {
         let said = self.open.is_none()
             && self.shared.down().is_none()
-            && write_frame(&mut self.writer, &mut self.sealer, FrameKind::Goodbye, 0, reason.as_bytes(), &[], false).is_ok();
+            && write_on(&self.channel, FrameKind::Goodbye, 0, reason.as_bytes(), &[], false).is_ok();
         self.shared.mark_down_as(format!("closed by the primary: {reason}"), true);
         if said {
             // The goodbye must arrive: closing a socket that has unread bytes (a late heartbeat
@@ -494,7 +538,7 @@ impl TcpTransport {
     fn fail(&mut self, e: LinkError) -> LinkError {
         self.shared.mark_down(ErrorChain(&e).to_string());
         let _ = self.stream.shutdown(Shutdown::Both);
-        self.writer.forsake();
+        lock(&self.channel).writer.forsake();
         if let Some(r) = self.rdma.as_mut() {
             r.forsake();
         }
@@ -516,7 +560,7 @@ impl TcpTransport {
         let mut failure = None;
         for d in &written {
             d.encode_into(&mut self.head);
-            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::RdmaPages, open.begin.epoch.0, &self.head, &[], false) {
+            match write_on(&self.channel, FrameKind::RdmaPages, open.begin.epoch.0, &self.head, &[], false) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.pages += d.page_count();
@@ -547,9 +591,9 @@ impl Drop for TcpTransport {
         // Zero-copy sends of an epoch never committed: on a working link the kernel is done with
         // them soon (bounded by the write timeout); on a failed one they are not waited for.
         if self.shared.down().is_none() {
-            let _ = self.writer.settle();
+            let _ = lock(&self.channel).writer.settle();
         }
-        self.writer.forsake();
+        lock(&self.channel).writer.forsake();
         self.shared.mark_down_as("transport closed".into(), true);
         let _ = self.stream.shutdown(Shutdown::Both);
         if let Some(t) = self.reader.take() {
@@ -587,8 +631,16 @@ impl CheckpointTransport for TcpTransport {
         self.minor >= 6
     }
 
+    fn ingress_link(&self) -> Option<Arc<dyn IngressLink>> {
+        if self.minor < 7 {
+            return None;
+        }
+        let stream = self.stream.try_clone().ok()?;
+        Some(Arc::new(TcpIngress { channel: Arc::clone(&self.channel), shared: Arc::clone(&self.shared), stream }))
+    }
+
     fn io_name(&self) -> &'static str {
-        io_name(self.writer.name(), self.rdma.is_some())
+        io_name(lock(&self.channel).writer.name(), self.rdma.is_some())
     }
 
     fn heartbeat(&mut self) -> Result<(), LinkError> {
@@ -597,7 +649,7 @@ impl CheckpointTransport for TcpTransport {
             // Inside an epoch its own frames are the sign of life (and the digest covers them).
             return Ok(());
         }
-        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::Heartbeat, 0, &[], &[], false);
+        let r = write_on(&self.channel, FrameKind::Heartbeat, 0, &[], &[], false);
         r.map(|_| ()).map_err(|e| self.fail(e))
     }
 
@@ -614,7 +666,7 @@ impl CheckpointTransport for TcpTransport {
             return Err(HandOverError::EpochOpen(open.begin.epoch));
         }
         self.check_up()?;
-        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::Handover, epoch.0, &[], &[], false);
+        let r = write_on(&self.channel, FrameKind::Handover, epoch.0, &[], &[], false);
         r.map(|_| ()).map_err(|e| HandOverError::Link(self.fail(e)))
     }
 
@@ -659,7 +711,7 @@ impl CheckpointTransport for TcpTransport {
         );
         let payload = begin.encode();
         set_cork(&self.stream, true);
-        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::EpochBegin, begin.epoch.0, &payload, &[], false);
+        let r = write_on(&self.channel, FrameKind::EpochBegin, begin.epoch.0, &payload, &[], false);
         let tag = r.map_err(|e| BeginEpochError::Link(self.fail(e)))?;
         // Whether the pages go by RDMA: the ring space of acknowledged epochs is free again.
         let acked = lock(&self.shared.state).acked;
@@ -713,7 +765,7 @@ impl CheckpointTransport for TcpTransport {
                 }
             }
             pieces.extend(packed);
-            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::Pages, open.begin.epoch.0, &self.head, &pieces, true) {
+            match write_on(&self.channel, FrameKind::Pages, open.begin.epoch.0, &self.head, &pieces, true) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.pages += count;
@@ -735,7 +787,8 @@ impl CheckpointTransport for TcpTransport {
         // An initial synchronisation streams memory through one buffer reused call after call
         // while the guest runs (see PageSource): the kernel must be done with it before we return.
         if initial_sync {
-            self.writer.settle().map_err(|e| SendPagesError::Link(self.fail(e)))?;
+            let settled = lock(&self.channel).writer.settle();
+            settled.map_err(|e| SendPagesError::Link(self.fail(e)))?;
         }
         Ok(sent)
     }
@@ -750,7 +803,7 @@ impl CheckpointTransport for TcpTransport {
             return Err(SendStateError::Link(LinkError::Down { reason }));
         }
         for chunk in state.chunks(MAX_CHUNK_BYTES) {
-            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::MachineState, open.begin.epoch.0, chunk, &[], false) {
+            match write_on(&self.channel, FrameKind::MachineState, open.begin.epoch.0, chunk, &[], false) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.state += chunk.len() as u64;
@@ -783,7 +836,7 @@ impl CheckpointTransport for TcpTransport {
                 n += 1;
             }
             rest = &rest[n..];
-            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::HeldOutput, epoch, &payload, &[], false) {
+            match write_on(&self.channel, FrameKind::HeldOutput, epoch, &payload, &[], false) {
                 Ok(tag) => {
                     if let Some(open) = self.open.as_mut() {
                         open.digest.add_frame(&tag);
@@ -824,7 +877,7 @@ impl CheckpointTransport for TcpTransport {
             epoch::encode_disk_writes_head(group, &mut self.head);
             pieces.clear();
             pieces.extend(group.iter().map(|w| &w.data[..]));
-            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::DiskWrites, open.begin.epoch.0, &self.head, &pieces, false) {
+            match write_on(&self.channel, FrameKind::DiskWrites, open.begin.epoch.0, &self.head, &pieces, false) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.writes += group.len() as u64;
@@ -862,7 +915,7 @@ impl CheckpointTransport for TcpTransport {
         // MAX_CHUNK_BYTES is a whole number of sectors, so every chunk stays aligned.
         for (i, chunk) in data.chunks(MAX_CHUNK_BYTES).enumerate() {
             let head = epoch::encode_disk_image_head(offset + (i * MAX_CHUNK_BYTES) as u64);
-            match write_frame(&mut self.writer, &mut self.sealer, FrameKind::DiskImage, open.begin.epoch.0, &head, &[chunk], false) {
+            match write_on(&self.channel, FrameKind::DiskImage, open.begin.epoch.0, &head, &[chunk], false) {
                 Ok(tag) => {
                     open.digest.add_frame(&tag);
                     open.image += chunk.len() as u64;
@@ -909,12 +962,13 @@ impl CheckpointTransport for TcpTransport {
         open.span.record("bytes", open.bytes + EpochCommit::LEN as u64 + 64);
         // In flight before the commit frame leaves: the acknowledgement can come back at once.
         lock(&self.shared.state).in_flight.push_back((epoch, Instant::now()));
-        let r = write_frame(&mut self.writer, &mut self.sealer, FrameKind::EpochCommit, epoch.0, &commit.encode(), &[], false);
+        let r = write_on(&self.channel, FrameKind::EpochCommit, epoch.0, &commit.encode(), &[], false);
         set_cork(&self.stream, false);
         self.open = None;
         r.map_err(|e| CommitError::Link(self.fail(e)))?;
         // The zero-copy invariant ends here: the kernel must be done reading the epoch's pages.
-        self.writer.settle().map_err(|e| CommitError::Link(self.fail(e)))?;
+        let settled = lock(&self.channel).writer.settle();
+        settled.map_err(|e| CommitError::Link(self.fail(e)))?;
         Ok(AckToken { epoch, link: self.link })
     }
 

@@ -40,7 +40,7 @@ use persist::{DevicesState, Persist, VirtioDeviceState};
 use virtio::block::{Block, BlockArgs, BlockOpenError, BlockRestoreError, DiskWriteObserver};
 pub use virtio::block::{DiskWriteIntent, WriteIntentHook};
 use virtio::net::{
-    Net, NetArgs, NetRestoreError, Tap, TapAddressError, TapOpenError, TapUpError, TxMode,
+    Net, NetArgs, NetRestoreError, RxMirror, Tap, TapAddressError, TapOpenError, TapUpError, TxMode,
     TxModeError,
 };
 use virtio::persist::{MmioTransportArgs, TransportRestoreError};
@@ -523,6 +523,20 @@ impl DeviceManager {
             (None, TxMode::Direct) => Ok(()),
             (None, TxMode::Held(_)) => Err(TxModeError::NoNetDevice),
         }
+    }
+
+    /// Sets (or removes) the observer of received frames; nothing happens without a network
+    /// device.
+    pub fn set_rx_mirror(&self, mirror: Option<Arc<dyn RxMirror>>) {
+        if let Some(t) = &self.net {
+            lock(t).device_mut().set_rx_mirror(mirror);
+        }
+    }
+
+    /// Queues frames to be received ahead of the backend's ([`Net::replay_rx`]); returns how many
+    /// were queued (none without a network device).
+    pub fn replay_rx(&self, frames: Vec<Vec<u8>>) -> usize {
+        self.net.as_ref().map_or(0, |t| lock(t).device_mut().replay_rx(frames))
     }
 
     /// Sets (or removes) the observer of guest disk writes; nothing happens without a disk.

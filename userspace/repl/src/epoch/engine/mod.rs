@@ -60,6 +60,7 @@ use ftvm_vmm::devices::virtio::block::DiskWriteObserver;
 use ftvm_vmm::devices::virtio::net::TxModeError;
 use ftvm_vmm::machine::{CaptureError, CheckpointSource, MachineControlError, TrackingControlError};
 
+use crate::ingress::IngressForwarder;
 use crate::output::gate::{HoldGate, OutputGate};
 use crate::output::hold::OutputHold;
 use super::context::{EpochContext, EpochMetrics, EpochWindow, Percentiles};
@@ -377,6 +378,8 @@ pub struct PrimaryEngine {
     sent_state: Vec<u8>,
     /// The next state as a delta, when the backup takes deltas.
     state_delta: Vec<u8>,
+    /// Sends what the guest takes in to the backup as it comes (see [`crate::ingress`]).
+    ingress: IngressForwarder,
 }
 
 /// Called in each checkpoint's pause, after the harvest, with the epoch, its dirty pages and guest
@@ -463,6 +466,7 @@ impl PrimaryEngine {
             schedule,
             sent_state: Vec::new(),
             state_delta: Vec::new(),
+            ingress: IngressForwarder::new(),
         })
     }
 
@@ -683,7 +687,10 @@ impl PrimaryEngine {
             match last_start.map_or(Due::Now, |t| self.due(t.elapsed())) {
                 Due::Now => {}
                 Due::After(wait) => {
-                    std::thread::sleep(wait);
+                    // A long interval must not silence the link: the backup would take the quiet
+                    // for a stuck primary.
+                    std::thread::sleep(wait.min(self.heartbeat.until_due(monotonic_us())));
+                    self.quiet_turn();
                     continue;
                 }
                 Due::OnOutputOr(wait) => {
@@ -772,6 +779,11 @@ impl PrimaryEngine {
         self.sent_state.clear();
         let io = self.transport.io_name();
         self.status.update(|s| s.transport = io);
+        // The guest's input goes to this backup as it comes; what is taken in before the first
+        // checkpoint after the synchronisation belongs to that checkpoint.
+        let mirror = self.ingress.mirror();
+        self.source.with_devices(|d| d.set_rx_mirror(Some(mirror)));
+        self.ingress.set_link(self.transport.ingress_link());
         // Made here, not in `new`: until the engine runs, the builder methods own the
         // acknowledgement side alone (they set its lease and gate).
         let obs: Arc<dyn DiskWriteObserver> = Arc::new(Observer { ack: self.ack.clone() });
@@ -787,7 +799,9 @@ impl PrimaryEngine {
                 None
             }
         };
-        if let Err(e) = self.initial_sync(stop, since_resume) {
+        let synced = self.initial_sync(stop, since_resume);
+        self.ingress.epoch_paused(self.next_epoch);
+        if let Err(e) = synced {
             self.go_simplex(&e);
         }
         Ok(())
@@ -882,6 +896,8 @@ impl PrimaryEngine {
             let _ = self.source.resume();
             EngineError::Pause(e)
         })?;
+        // The devices are stopped: what they take in from now on is the next checkpoint's.
+        self.ingress.epoch_paused(epoch + 1);
         let ctx = EpochContext::paused(EpochId(epoch), t0);
         // The pages harvested for the dirty bound, and the rest now.
         let mut pages = self.schedule.take_pending();
@@ -1082,6 +1098,7 @@ impl PrimaryEngine {
         }
         let (bound, link_rate) = (self.schedule.bound_pages, self.schedule.link_rate);
         let counts = self.schedule.counts;
+        let ingress = self.ingress.stats();
         // The percentiles cost a sort of the window: only when the rate is refreshed.
         let recent = rate.map(|_| {
             let mut acks: Vec<Duration> = lock(&self.ack.round_trips).iter().map(|(_, d)| *d).collect();
@@ -1092,6 +1109,7 @@ impl PrimaryEngine {
             s.link_bytes += m.link_bytes;
             s.dirty_bytes += m.dirty_bytes();
             s.checkpoints = counts;
+            s.ingress = ingress;
             s.dirty_bound_pages = bound;
             s.link_bytes_per_sec = link_rate;
             if let Some(r) = rate {

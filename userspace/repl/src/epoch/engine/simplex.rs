@@ -52,6 +52,7 @@ impl PrimaryEngine {
         self.ack.simplex.store(true, Ordering::Release);
         // Before anything held leaves: a backup that still hears us must not take over.
         self.transport.abandon(&why.to_string());
+        self.ingress.set_link(None);
         // A backup that joins later gets all of memory and the disk again (see `reprotect`): what
         // the lost one lacked need not be kept, and a VM running alone pays nothing for
         // replication (no write recorded, no page tracked).

@@ -152,6 +152,8 @@ pub struct StatusSnapshot {
     pub transport: &'static str,
     /// Heartbeats sent between checkpoints: with the epochs sent, the engine's progress.
     pub heartbeats_sent: u64,
+    /// The guest's input sent ahead to the backup (see [`crate::ingress`]).
+    pub ingress: crate::ingress::IngressStats,
 }
 
 impl StatusSnapshot {
@@ -203,6 +205,7 @@ impl EngineStatus {
                 link_bytes_per_sec: None,
                 transport: "none",
                 heartbeats_sent: 0,
+                ingress: crate::ingress::IngressStats::default(),
             }),
         }
     }

@@ -6,7 +6,14 @@
 //! writes the transmit kick and the device I/O thread resumes transmit. Receive runs on the
 //! device I/O thread when the backend is readable; the vCPU thread only kicks that thread when
 //! the guest adds buffers to a starved receive queue.
+//!
+//! Received frames can be seen ([`RxMirror`]: a copy of each frame as it enters the device's
+//! state) and supplied ahead of the backend ([`Net::replay_rx`]: frames delivered before anything
+//! the backend has). The device knows no more about why: the replication layer uses the two to
+//! hand the frames a dead primary had taken, and the backup never saw committed, to the VM that
+//! takes over.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -61,6 +68,43 @@ impl NetBackend for Tap {
     }
 }
 
+/// Sees every frame the device takes in, on the device's I/O thread, at the moment the frame
+/// becomes part of the device's state (read from the backend or the replay queue; the frame
+/// starts with its 12-byte virtio-net header). The receive path waits for it: it must be quick
+/// and must not block.
+pub trait RxMirror: Send + Sync + fmt::Debug {
+    /// One frame, taken in.
+    fn frame_taken(&self, frame: &[u8]);
+}
+
+/// The receive path's input: the replay queue first, then the backend; each frame shown to the
+/// mirror as it is taken.
+struct RxInput<'a> {
+    replay: &'a mut VecDeque<Vec<u8>>,
+    backend: &'a mut dyn NetBackend,
+    mirror: Option<&'a dyn RxMirror>,
+}
+
+impl FrameSource for RxInput<'_> {
+    fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match self.replay.pop_front() {
+            Some(frame) => {
+                // Frames longer than the buffer are refused by `replay_rx`.
+                let n = frame.len().min(buf.len());
+                buf[..n].copy_from_slice(&frame[..n]);
+                n
+            }
+            None => self.backend.recv_frame(buf)?,
+        };
+        if let (Some(m), Some(frame)) = (self.mirror, buf.get(..n)) {
+            if n > 0 {
+                m.frame_taken(frame);
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// Where transmitted frames go.
 #[derive(Clone, Debug, Default)]
 pub enum TxMode {
@@ -99,6 +143,10 @@ pub struct Net {
     descs: Vec<Desc>,
     stats: NetStats,
     warned: WarnOnce,
+    /// Sees each received frame (see [`RxMirror`]).
+    rx_mirror: Option<Arc<dyn RxMirror>>,
+    /// Frames to deliver before anything the backend has (see [`Net::replay_rx`]).
+    rx_replay: VecDeque<Vec<u8>>,
 }
 
 impl Net {
@@ -120,7 +168,34 @@ impl Net {
             descs: Vec::with_capacity(usize::from(QUEUE_MAX_SIZE)),
             stats: NetStats::default(),
             warned: WarnOnce::default(),
+            rx_mirror: None,
+            rx_replay: VecDeque::new(),
         }
+    }
+
+    /// Sets (or removes) the observer of received frames.
+    pub fn set_rx_mirror(&mut self, mirror: Option<Arc<dyn RxMirror>>) {
+        self.rx_mirror = mirror;
+    }
+
+    /// Queues `frames` (each starting with its virtio-net header) to be received before anything
+    /// the backend has, in order, and wakes the I/O thread. Frames that no receive path could
+    /// have read (shorter than the header, longer than the largest frame) are left out; returns
+    /// how many were queued.
+    pub fn replay_rx(&mut self, frames: Vec<Vec<u8>>) -> usize {
+        let before = self.rx_replay.len();
+        let valid = |f: &Vec<u8>| (super::handler::VNET_HDR_LEN..=super::handler::MAX_FRAME_LEN).contains(&f.len());
+        self.rx_replay.extend(frames.into_iter().filter(valid));
+        let queued = self.rx_replay.len() - before;
+        if queued > 0 {
+            self.kick_io_thread();
+        }
+        queued
+    }
+
+    /// Frames queued by [`Self::replay_rx`] and not received yet.
+    pub fn rx_replay_len(&self) -> usize {
+        self.rx_replay.len()
     }
 
     /// Frame counters.
@@ -243,18 +318,20 @@ impl Net {
     pub fn process_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<RxPoll, QueueError> {
         let stop = ctx.pause_probe();
         let queue = &mut ctx.queues[usize::from(RX_QUEUE)];
-        let (poll, notify) = self.rx.process_until(
-            queue,
-            RX_QUEUE,
-            ctx.mem,
-            self.backend.as_mut(),
-            &mut self.descs,
-            &mut self.stats,
-            &stop,
-        )?;
+        let mut input = RxInput {
+            replay: &mut self.rx_replay,
+            backend: self.backend.as_mut(),
+            mirror: self.rx_mirror.as_deref(),
+        };
+        let (poll, notify) =
+            self.rx.process_until(queue, RX_QUEUE, ctx.mem, &mut input, &mut self.descs, &mut self.stats, &stop)?;
         if notify {
             // The guest may be idle in PORT_WAIT waiting for exactly this frame.
             ctx.signal_used(true);
+        }
+        if poll == RxPoll::More && !self.rx_replay.is_empty() {
+            // Replayed frames make the backend fd no more readable: come back for them.
+            self.kick_io_thread();
         }
         Ok(poll)
     }
@@ -433,6 +510,67 @@ mod tests {
     fn drain_wake(wake: &GuestWake) {
         let never = EventFd::new(EFD_NONBLOCK).unwrap();
         let _ = wake.wait(Some(std::time::Duration::ZERO), std::os::fd::AsRawFd::as_raw_fd(&never));
+    }
+
+    #[derive(Debug, Default)]
+    struct Seen(std::sync::Mutex<Vec<Vec<u8>>>);
+
+    impl RxMirror for Seen {
+        fn frame_taken(&self, frame: &[u8]) {
+            self.0.lock().unwrap().push(frame.to_vec());
+        }
+    }
+
+    fn frame(text: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(text);
+        f
+    }
+
+    /// Replayed frames reach the guest before the backend's, in order; impossible ones are left
+    /// out; the mirror sees every frame taken in, replayed or not, once, as it was taken.
+    #[test]
+    fn replayed_frames_come_first_and_the_mirror_sees_each_frame_once() {
+        let (mut t, backend, kick, _wake, mem) = setup();
+        negotiate(&mut t, u64::MAX);
+        let mut rxq = TestQueue::new(&mem, 0x1_0000, 16);
+        let txq = TestQueue::new(&mem, 0x4_0000, 16);
+        rxq.program(&mut t, 0);
+        txq.program(&mut t, 1);
+        driver_ok(&mut t);
+        assert_eq!(kick.read().unwrap(), 1, "activation kicks the I/O thread");
+        let seen = Arc::new(Seen::default());
+        t.device_mut().set_rx_mirror(Some(seen.clone() as Arc<dyn RxMirror>));
+
+        backend.to_guest.lock().unwrap().push_back(frame(b"from the backend"));
+        let replay = vec![frame(b"replayed one"), vec![0u8; 3], frame(b"replayed two")];
+        assert_eq!(t.device_mut().replay_rx(replay), 2, "the 3-byte frame is no frame");
+        assert_eq!(kick.read().unwrap(), 1, "a replay wakes the I/O thread");
+        for i in 0..3u64 {
+            rxq.add_chain(&[(0x9_0000 + i * 0x1000, 2048, true)]);
+        }
+        w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        let poll = t.process(|net, ctx| net.process_rx(ctx)).unwrap();
+        assert_eq!(poll, RxPoll::Drained);
+        let want = [frame(b"replayed one"), frame(b"replayed two"), frame(b"from the backend")];
+        for (i, w) in want.iter().enumerate() {
+            let (id, len) = rxq.next_used().unwrap();
+            assert_eq!((id as usize, len as usize), (i, w.len()));
+            let mut got = vec![0u8; w.len()];
+            mem.read_slice(&mut got, GuestAddress(0x9_0000 + i as u64 * 0x1000)).unwrap();
+            assert_eq!(got[VNET_HDR_LEN..], w[VNET_HDR_LEN..], "frame {i}");
+        }
+        assert_eq!(*seen.0.lock().unwrap(), want.to_vec());
+        assert_eq!(t.device().rx_replay_len(), 0);
+        assert_eq!(t.device().stats().rx_frames, 3);
+
+        // Without the mirror, frames are still received, unseen.
+        t.device_mut().set_rx_mirror(None);
+        backend.to_guest.lock().unwrap().push_back(frame(b"unseen"));
+        rxq.add_chain(&[(0xc_0000, 2048, true)]);
+        let _ = t.process(|net, ctx| net.process_rx(ctx)).unwrap();
+        assert_eq!(seen.0.lock().unwrap().len(), 3);
+        assert_eq!(t.device().stats().rx_frames, 4);
     }
 
     #[test]

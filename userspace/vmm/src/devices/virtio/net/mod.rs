@@ -7,7 +7,7 @@ pub mod held;
 pub mod persist;
 pub mod tap;
 
-pub use device::{Net, NetBackend, TxMode, TxModeError, NET_FEATURES, RX_QUEUE, TX_QUEUE};
+pub use device::{Net, NetBackend, RxMirror, TxMode, TxModeError, NET_FEATURES, RX_QUEUE, TX_QUEUE};
 pub use handler::{FrameSink, FrameSource, NetStats, RxPoll, TxSink, TxVerdict};
 pub use held::{AppendError, FrameHold};
 pub use persist::{NetArgs, NetRestoreError, NetState};

@@ -1,0 +1,118 @@
+//! The guest input the primary sent ahead (`Ingress` frames, see [`crate::ingress`]), kept until
+//! the epoch that took it in commits: a takeover delivers what is left to the restored VM.
+
+use std::collections::VecDeque;
+
+use ftvm_proto::epoch::decode_output;
+use ftvm_proto::EpochId;
+
+/// Most payload bytes kept. Past it new input is not kept (and counted): the backup then lags far
+/// behind, and the oldest input, which the next commits need least, is still the most useful.
+pub(crate) const RECENT_INGRESS_BYTES: usize = 16 << 20;
+
+/// What became of an `Ingress` payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kept {
+    /// Kept for a takeover.
+    Yes,
+    /// Its epoch is committed already: the standby holds its effect.
+    Late,
+    /// Over [`RECENT_INGRESS_BYTES`].
+    Full,
+}
+
+/// The `Ingress` payloads of epochs not committed yet, in arrival order.
+#[derive(Debug, Default)]
+pub(crate) struct RecentIngress {
+    payloads: VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl RecentIngress {
+    /// Keeps `payload` (checked by the caller: it decodes) of `epoch`, unless `committed` covers it.
+    pub(crate) fn keep(&mut self, epoch: u64, payload: Vec<u8>, committed: Option<EpochId>) -> Kept {
+        if committed.is_some_and(|c| epoch <= c.0) {
+            return Kept::Late;
+        }
+        if self.bytes + payload.len() > RECENT_INGRESS_BYTES {
+            return Kept::Full;
+        }
+        self.bytes += payload.len();
+        self.payloads.push_back((epoch, payload));
+        Kept::Yes
+    }
+
+    /// `epoch` committed: the input it took in is part of the standby now.
+    pub(crate) fn committed(&mut self, epoch: EpochId) {
+        let mut bytes = self.bytes;
+        self.payloads.retain(|(e, p)| {
+            let keep = *e > epoch.0;
+            if !keep {
+                bytes -= p.len();
+            }
+            keep
+        });
+        self.bytes = bytes;
+    }
+
+    /// Forgets everything (a new session, or a standby that cannot be resumed).
+    pub(crate) fn clear(&mut self) {
+        self.payloads.clear();
+        self.bytes = 0;
+    }
+
+    /// The frames to deliver at a takeover from `committed`, oldest first.
+    pub(crate) fn frames_after(&self, committed: Option<EpochId>) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        for (e, p) in &self.payloads {
+            if committed.is_some_and(|c| *e <= c.0) {
+                continue;
+            }
+            // Checked on arrival; a payload that fails now is skipped rather than trusted.
+            if let Ok(fs) = decode_output(p) {
+                frames.extend(fs.into_iter().map(<[u8]>::to_vec));
+            }
+        }
+        frames
+    }
+
+    /// Frames kept (for status).
+    pub(crate) fn frame_count(&self) -> usize {
+        self.payloads.iter().filter_map(|(_, p)| decode_output(p).ok()).map(|f| f.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_proto::epoch::encode_output_frame;
+
+    fn payload(frames: &[&[u8]]) -> Vec<u8> {
+        let mut p = Vec::new();
+        for f in frames {
+            encode_output_frame(f, &mut p);
+        }
+        p
+    }
+
+    #[test]
+    fn input_is_kept_until_its_epoch_commits() {
+        let mut r = RecentIngress::default();
+        assert_eq!(r.keep(3, payload(&[b"late"]), Some(EpochId(3))), Kept::Late);
+        assert_eq!(r.keep(4, payload(&[b"a", b"b"]), Some(EpochId(3))), Kept::Yes);
+        assert_eq!(r.keep(5, payload(&[b"c"]), Some(EpochId(3))), Kept::Yes);
+        assert_eq!(r.frame_count(), 3);
+        assert_eq!(r.frames_after(Some(EpochId(3))), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        r.committed(EpochId(4));
+        assert_eq!(r.frames_after(Some(EpochId(4))), vec![b"c".to_vec()]);
+        // A takeover from an older epoch than the buffer's (cannot happen; still exact).
+        assert_eq!(r.frames_after(Some(EpochId(5))), Vec::<Vec<u8>>::new());
+        r.committed(EpochId(5));
+        assert_eq!((r.frame_count(), r.bytes), (0, 0));
+        let big = vec![0u8; RECENT_INGRESS_BYTES + 1];
+        assert_eq!(r.keep(9, big, None), Kept::Full);
+        assert_eq!(r.keep(9, payload(&[b"d"]), None), Kept::Yes);
+        r.clear();
+        assert!(r.frames_after(None).is_empty());
+    }
+}

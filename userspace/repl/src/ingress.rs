@@ -1,0 +1,292 @@
+//! Guest input sent ahead to the backup, so that a takeover loses no request the primary had taken.
+//!
+//! A request that reaches the primary's VM after a checkpoint lives only in the primary until the
+//! next checkpoint commits. If the primary dies first, the backup resumes a VM that never saw it,
+//! and the client, which got no reply (output commit held it), must retransmit: on Linux not before
+//! its 200 ms minimum retransmission timeout. To spare that, every frame the VM takes in from the
+//! network is copied, tagged with the epoch whose checkpoint will include it, and forwarded to the
+//! backup at once ([`IngressForwarder`]). The backup keeps the frames of epochs it has not
+//! committed, drops them as their epochs commit, and a takeover delivers the rest to the restored VM
+//! before anything from the network (`ftvm_vmm`'s `Net::replay_rx`). Each frame then reaches the
+//! restored VM exactly once: it was taken after the checkpoint the backup resumes.
+//!
+//! The tag is exact because the device takes frames only while it runs: the engine moves the tag
+//! on in each checkpoint's pause, with the devices stopped ([`IngressForwarder::epoch_paused`]).
+//!
+//! Best effort, and never a safety matter: a frame still queued here when the primary dies is
+//! lost as before (the client retransmits), and none of this releases output. The queue is
+//! bounded; past it frames are not forwarded, and counted.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use ftvm_proto::epoch::encode_output_frame;
+use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_GUEST_FRAME};
+use ftvm_vmm::devices::virtio::net::RxMirror;
+
+use crate::transport::IngressLink;
+use crate::{lock, ErrorChain};
+
+/// Most bytes waiting to be forwarded; frames past it are not forwarded (a backup far behind
+/// gains little from them, and the guest's receive path must not wait).
+const QUEUE_BYTES: usize = 4 << 20;
+
+/// What the forwarder has done, for status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressStats {
+    /// Frames sent to the backup.
+    pub frames_forwarded: u64,
+    /// Their bytes (virtio-net headers included).
+    pub bytes_forwarded: u64,
+    /// Frames taken in while a backup that takes them was connected, but not forwarded: the queue
+    /// was full, or the link failed.
+    pub frames_not_forwarded: u64,
+}
+
+/// One A-Link frame's worth of input, all of one epoch.
+#[derive(Debug)]
+struct Batch {
+    epoch: u64,
+    payload: Vec<u8>,
+    frames: u64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    batches: VecDeque<Batch>,
+    bytes: usize,
+    stop: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The epoch frames taken in now belong to.
+    epoch: AtomicU64,
+    /// A link is set: frames are worth copying.
+    linked: AtomicBool,
+    link: Mutex<Option<Arc<dyn IngressLink>>>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    forwarded: AtomicU64,
+    bytes: AtomicU64,
+    not_forwarded: AtomicU64,
+}
+
+impl RxMirror for Shared {
+    fn frame_taken(&self, frame: &[u8]) {
+        if !self.linked.load(Ordering::Acquire) {
+            return;
+        }
+        if frame.is_empty() || frame.len() > MAX_GUEST_FRAME {
+            // The device never takes such a frame; nothing the backup could replay.
+            return;
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let mut q = lock(&self.queue);
+        if q.bytes + frame.len() > QUEUE_BYTES {
+            drop(q);
+            self.not_forwarded.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.bytes += frame.len();
+        let fits = |b: &Batch| b.epoch == epoch && b.payload.len() + 4 + frame.len() <= MAX_CHUNK_BYTES;
+        match q.batches.back_mut() {
+            Some(b) if fits(b) => {
+                encode_output_frame(frame, &mut b.payload);
+                b.frames += 1;
+            }
+            _ => {
+                let mut payload = Vec::with_capacity(4 + frame.len());
+                encode_output_frame(frame, &mut payload);
+                q.batches.push_back(Batch { epoch, payload, frames: 1 });
+            }
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+}
+
+/// Forwards what the VM takes in to the backup (see the module documentation). Install
+/// [`Self::mirror`] on the network device, keep [`Self::set_link`] in step with the engine's
+/// transport, and call [`Self::epoch_paused`] in every checkpoint's pause.
+#[derive(Debug)]
+pub struct IngressForwarder {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Default for IngressForwarder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IngressForwarder {
+    /// A forwarder with no link: frames are not copied until one is set.
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                epoch: AtomicU64::new(0),
+                linked: AtomicBool::new(false),
+                link: Mutex::new(None),
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+                forwarded: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+                not_forwarded: AtomicU64::new(0),
+            }),
+            thread: None,
+        }
+    }
+
+    /// The observer to install on the network device.
+    pub fn mirror(&self) -> Arc<dyn RxMirror> {
+        Arc::clone(&self.shared) as Arc<dyn RxMirror>
+    }
+
+    /// In a checkpoint's pause (devices stopped), or before the first: frames taken in from now
+    /// on belong to `epoch` (the checkpoint after the one being taken).
+    pub fn epoch_paused(&self, epoch: u64) {
+        self.shared.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Forwards on `link` from now on (`None`: no backup, or one that does not take input).
+    /// What is queued for an earlier link is dropped: its backup is gone.
+    pub fn set_link(&mut self, link: Option<Arc<dyn IngressLink>>) {
+        let linked = link.is_some();
+        *lock(&self.shared.link) = link;
+        {
+            let mut q = lock(&self.shared.queue);
+            q.batches.clear();
+            q.bytes = 0;
+        }
+        self.shared.linked.store(linked, Ordering::Release);
+        if linked && self.thread.is_none() {
+            let shared = Arc::clone(&self.shared);
+            match std::thread::Builder::new().name("ftvm-ingress".into()).spawn(move || forward(&shared)) {
+                Ok(t) => self.thread = Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the ingress forwarder: a takeover will wait for clients to retransmit");
+                    self.shared.linked.store(false, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// What has been forwarded so far.
+    pub fn stats(&self) -> IngressStats {
+        IngressStats {
+            frames_forwarded: self.shared.forwarded.load(Ordering::Relaxed),
+            bytes_forwarded: self.shared.bytes.load(Ordering::Relaxed),
+            frames_not_forwarded: self.shared.not_forwarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for IngressForwarder {
+    fn drop(&mut self) {
+        self.shared.linked.store(false, Ordering::Release);
+        lock(&self.shared.queue).stop = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The forwarder thread: sends each batch as it comes, until stopped.
+fn forward(shared: &Shared) {
+    loop {
+        let batches = {
+            let mut q = lock(&shared.queue);
+            while q.batches.is_empty() && !q.stop {
+                q = shared.wake.wait(q).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if q.stop {
+                return;
+            }
+            q.bytes = 0;
+            std::mem::take(&mut q.batches)
+        };
+        let link = lock(&shared.link).clone();
+        let mut failed = link.is_none();
+        for b in batches {
+            match link.as_ref().filter(|_| !failed) {
+                Some(l) => match l.send_ingress(b.epoch, &b.payload) {
+                    Ok(()) => {
+                        shared.forwarded.fetch_add(b.frames, Ordering::Relaxed);
+                        shared.bytes.fetch_add(b.payload.len() as u64 - 4 * b.frames, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // The engine learns of the failed link from its own next call.
+                        tracing::debug!(error = %ErrorChain(&e), "forwarding guest input failed");
+                        failed = true;
+                        shared.not_forwarded.fetch_add(b.frames, Ordering::Relaxed);
+                    }
+                },
+                None => {
+                    shared.not_forwarded.fetch_add(b.frames, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::LinkError;
+    use ftvm_proto::epoch::decode_output;
+
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<(u64, Vec<Vec<u8>>)>>, AtomicBool);
+
+    impl IngressLink for Recorder {
+        fn send_ingress(&self, epoch: u64, payload: &[u8]) -> Result<(), LinkError> {
+            if self.1.load(Ordering::SeqCst) {
+                return Err(LinkError::Down { reason: "test".into() });
+            }
+            let frames = decode_output(payload).unwrap().into_iter().map(<[u8]>::to_vec).collect();
+            lock(&self.0).push((epoch, frames));
+            Ok(())
+        }
+    }
+
+    fn wait_for(f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Frames are forwarded in order, each with the epoch of its moment; nothing is copied
+    /// without a link; a failed link counts what it could not send.
+    #[test]
+    fn frames_go_in_order_with_their_epoch() {
+        let mut f = IngressForwarder::new();
+        let mirror = f.mirror();
+        mirror.frame_taken(b"before any link");
+        let link = Arc::new(Recorder::default());
+        f.epoch_paused(5);
+        f.set_link(Some(link.clone() as Arc<dyn IngressLink>));
+        mirror.frame_taken(b"a");
+        mirror.frame_taken(b"b");
+        f.epoch_paused(6);
+        mirror.frame_taken(b"c");
+        wait_for(|| f.stats().frames_forwarded == 3);
+        let got: Vec<(u64, Vec<u8>)> =
+            lock(&link.0).iter().flat_map(|(e, fs)| fs.iter().map(move |x| (*e, x.clone()))).collect();
+        assert_eq!(got, vec![(5, b"a".to_vec()), (5, b"b".to_vec()), (6, b"c".to_vec())]);
+        assert_eq!(f.stats().bytes_forwarded, 3);
+
+        link.1.store(true, Ordering::SeqCst);
+        mirror.frame_taken(b"d");
+        wait_for(|| f.stats().frames_not_forwarded == 1);
+        f.set_link(None);
+        mirror.frame_taken(b"e");
+        assert_eq!(f.stats(), IngressStats { frames_forwarded: 3, bytes_forwarded: 3, frames_not_forwarded: 1 });
+    }
+}
