@@ -84,6 +84,9 @@ pub struct BenchArgs {
     /// With `--alink-rdma-device`: the hosts' `--alink-rdma-gid-index`.
     #[arg(long, value_name = "N", requires = "alink_rdma_device")]
     pub alink_rdma_gid_index: Option<u8>,
+    /// The FT pair without guest input sent ahead (`site up --no-input-ahead`), to compare.
+    #[arg(long)]
+    pub no_input_ahead: bool,
 }
 
 impl BenchArgs {
@@ -95,6 +98,9 @@ impl BenchArgs {
         }
         if let Some(index) = self.alink_rdma_gid_index {
             v.extend(["--alink-rdma-gid-index".to_string(), index.to_string()]);
+        }
+        if self.no_input_ahead {
+            v.push("--no-input-ahead".to_string());
         }
         v
     }

@@ -119,6 +119,11 @@ pub struct EngineArgs {
     /// `--epoch-us` trigger checkpoints).
     #[arg(long, default_value_t = default_dirty_send_budget_us())]
     pub dirty_send_budget_us: u64,
+    /// Do not send the guest's input to the backup as it comes: a takeover then leaves the
+    /// requests the dead primary had taken in to the clients' TCP retransmissions (200 ms or
+    /// more), and saves a small A-Link frame per batch of input.
+    #[arg(long)]
+    pub no_input_ahead: bool,
     /// How the primary writes to the A-Link: `socket` (writev), `uring` (io_uring) or `uring-zc`
     /// (io_uring, pages zero-copy). The wire is the same: either end may use any.
     #[arg(long, value_enum, default_value_t)]
@@ -209,6 +214,7 @@ fn engine_config(args: &EngineArgs) -> EngineConfig {
         disk_backlog: args.disk_backlog_kib.saturating_mul(1024),
         copy: args.checkpoint_copy.copy(),
         dirty_send_budget: (args.dirty_send_budget_us > 0).then(|| Duration::from_micros(args.dirty_send_budget_us)),
+        input_ahead: !args.no_input_ahead,
         ..EngineConfig::default()
     }
 }

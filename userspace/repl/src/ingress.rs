@@ -57,6 +57,10 @@ struct Batch {
 struct Queue {
     batches: VecDeque<Batch>,
     bytes: usize,
+    /// The forwarder thread is sending batches it took: a frame sent directly now would pass them.
+    forwarding: bool,
+    /// A frame's payload, for a direct send.
+    scratch: Vec<u8>,
     stop: bool,
 }
 
@@ -85,6 +89,9 @@ impl RxMirror for Shared {
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let mut q = lock(&self.queue);
+        if q.batches.is_empty() && !q.forwarding && self.send_now(&mut q, epoch, frame) {
+            return;
+        }
         if q.bytes + frame.len() > QUEUE_BYTES {
             drop(q);
             self.not_forwarded.fetch_add(1, Ordering::Relaxed);
@@ -105,6 +112,30 @@ impl RxMirror for Shared {
         }
         drop(q);
         self.wake.notify_one();
+    }
+}
+
+impl Shared {
+    /// Sends `frame` from the calling thread (the device's) when the link takes it at once; true
+    /// if it is done with (sent, or refused by a failed link). In order: nothing is queued or
+    /// being sent by the forwarder thread.
+    fn send_now(&self, q: &mut Queue, epoch: u64, frame: &[u8]) -> bool {
+        let Some(link) = lock(&self.link).clone() else { return false };
+        q.scratch.clear();
+        encode_output_frame(frame, &mut q.scratch);
+        match link.try_send_ingress(epoch, &q.scratch) {
+            None => false,
+            Some(Ok(())) => {
+                self.forwarded.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %ErrorChain(&e), "forwarding guest input failed");
+                self.not_forwarded.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+        }
     }
 }
 
@@ -208,6 +239,7 @@ fn forward(shared: &Shared) {
                 return;
             }
             q.bytes = 0;
+            q.forwarding = true;
             std::mem::take(&mut q.batches)
         };
         let link = lock(&shared.link).clone();
@@ -231,6 +263,7 @@ fn forward(shared: &Shared) {
                 }
             }
         }
+        lock(&shared.queue).forwarding = false;
     }
 }
 
@@ -240,8 +273,9 @@ mod tests {
     use crate::transport::LinkError;
     use ftvm_proto::epoch::decode_output;
 
+    /// Records what it is given; fails when told to; takes frames at once when told to.
     #[derive(Debug, Default)]
-    struct Recorder(Mutex<Vec<(u64, Vec<Vec<u8>>)>>, AtomicBool);
+    struct Recorder(Mutex<Vec<(u64, Vec<Vec<u8>>)>>, AtomicBool, AtomicBool);
 
     impl IngressLink for Recorder {
         fn send_ingress(&self, epoch: u64, payload: &[u8]) -> Result<(), LinkError> {
@@ -252,6 +286,33 @@ mod tests {
             lock(&self.0).push((epoch, frames));
             Ok(())
         }
+
+        fn try_send_ingress(&self, epoch: u64, payload: &[u8]) -> Option<Result<(), LinkError>> {
+            self.2.load(Ordering::SeqCst).then(|| self.send_ingress(epoch, payload))
+        }
+    }
+
+    /// A link that takes a frame at once gets it from the taking thread, before the call returns.
+    #[test]
+    fn a_free_link_gets_the_frame_from_the_taking_thread() {
+        let mut f = IngressForwarder::new();
+        let link = Arc::new(Recorder::default());
+        link.2.store(true, Ordering::SeqCst);
+        f.epoch_paused(7);
+        f.set_link(Some(link.clone() as Arc<dyn IngressLink>));
+        let mirror = f.mirror();
+        mirror.frame_taken(b"x");
+        assert_eq!(*lock(&link.0), vec![(7, vec![b"x".to_vec()])]);
+        assert_eq!(f.stats().frames_forwarded, 1);
+        // Busy: queued for the forwarder thread, still in order.
+        link.2.store(false, Ordering::SeqCst);
+        mirror.frame_taken(b"y");
+        wait_for(|| f.stats().frames_forwarded == 2);
+        link.2.store(true, Ordering::SeqCst);
+        mirror.frame_taken(b"z");
+        wait_for(|| f.stats().frames_forwarded == 3);
+        let got: Vec<Vec<u8>> = lock(&link.0).iter().flat_map(|(_, fs)| fs.clone()).collect();
+        assert_eq!(got, vec![b"x".to_vec(), b"y".to_vec(), b"z".to_vec()]);
     }
 
     fn wait_for(f: impl Fn() -> bool) {

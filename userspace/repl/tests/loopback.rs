@@ -321,7 +321,8 @@ mod tests {
         // Taken in during epoch 2 (sent above, among epoch 1's frames), then 3; epoch 2 is sent
         // but the primary dies before its commit.
         assert!(epoch(&mut t, &mut model, 2, false, None).is_none());
-        link.send_ingress(3, &payload(&[&f4])).unwrap();
+        // Sent at once by the taking thread: the link is free and the socket has room.
+        assert!(matches!(link.try_send_ingress(3, &payload(&[&f4])), Some(Ok(()))));
         wait_stats(&backup, "the input to arrive", |s| s.ingress_frames_held == 2 && s.ingress_late == 1);
         drop(t);
         assert!(link.send_ingress(3, &payload(&[&f4])).is_err(), "input on a closed link");

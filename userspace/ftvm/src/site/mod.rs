@@ -107,6 +107,9 @@ pub struct UpArgs {
     /// The hosts' `--alink-io` (their default, `socket`, when not given).
     #[arg(long, value_enum)]
     pub alink_io: Option<AlinkIoArg>,
+    /// The hosts' `--no-input-ahead`.
+    #[arg(long)]
+    pub no_input_ahead: bool,
     /// The hosts' `--alink-rdma-device`: page payloads by RDMA through this verbs device (an
     /// `ftvm` built with the cargo feature `rdma`, and a device both hosts' namespaces reach).
     #[arg(long, value_name = "NAME")]
@@ -732,6 +735,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
     if let Some(device) = &args.alink_rdma_device {
         v.extend(["--alink-rdma-device".to_string(), device.clone()]);
     }
+    if args.no_input_ahead {
+        v.push("--no-input-ahead".to_string());
+    }
     v
 }
 
@@ -1280,6 +1286,9 @@ mod tests {
         assert!(toml_of_options(&v).contains("alink-rdma-device = \"mlx5_0\""));
         let v = engine_args(&up(&["--alink-rdma-port", "2", "--alink-rdma-ring-mib", "128"]).unwrap());
         assert_eq!(v, ["--alink-rdma-port", "2", "--alink-rdma-ring-mib", "128"]);
+        let v = engine_args(&up(&["--no-input-ahead"]).unwrap());
+        assert_eq!(v, ["--no-input-ahead"]);
+        assert!(toml_of_options(&v).contains("no-input-ahead = true"));
         let e = up(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
         assert!(e.contains("possible values: bitmap, ring, uffd"), "{e}");
     }

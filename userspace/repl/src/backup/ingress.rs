@@ -24,13 +24,16 @@ pub(crate) enum Kept {
 /// The `Ingress` payloads of epochs not committed yet, in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct RecentIngress {
-    payloads: VecDeque<(u64, Vec<u8>)>,
+    /// Epoch, payload, frames in it.
+    payloads: VecDeque<(u64, Vec<u8>, usize)>,
     bytes: usize,
+    frames: usize,
 }
 
 impl RecentIngress {
-    /// Keeps `payload` (checked by the caller: it decodes) of `epoch`, unless `committed` covers it.
-    pub(crate) fn keep(&mut self, epoch: u64, payload: Vec<u8>, committed: Option<EpochId>) -> Kept {
+    /// Keeps `payload` of `epoch` (checked by the caller: it decodes into `frames` frames), unless
+    /// `committed` covers it.
+    pub(crate) fn keep(&mut self, epoch: u64, payload: Vec<u8>, frames: usize, committed: Option<EpochId>) -> Kept {
         if committed.is_some_and(|c| epoch <= c.0) {
             return Kept::Late;
         }
@@ -38,33 +41,36 @@ impl RecentIngress {
             return Kept::Full;
         }
         self.bytes += payload.len();
-        self.payloads.push_back((epoch, payload));
+        self.frames += frames;
+        self.payloads.push_back((epoch, payload, frames));
         Kept::Yes
     }
 
     /// `epoch` committed: the input it took in is part of the standby now.
     pub(crate) fn committed(&mut self, epoch: EpochId) {
-        let mut bytes = self.bytes;
-        self.payloads.retain(|(e, p)| {
+        let (mut bytes, mut frames) = (self.bytes, self.frames);
+        self.payloads.retain(|(e, p, n)| {
             let keep = *e > epoch.0;
             if !keep {
                 bytes -= p.len();
+                frames -= n;
             }
             keep
         });
-        self.bytes = bytes;
+        (self.bytes, self.frames) = (bytes, frames);
     }
 
     /// Forgets everything (a new session, or a standby that cannot be resumed).
     pub(crate) fn clear(&mut self) {
         self.payloads.clear();
         self.bytes = 0;
+        self.frames = 0;
     }
 
     /// The frames to deliver at a takeover from `committed`, oldest first.
     pub(crate) fn frames_after(&self, committed: Option<EpochId>) -> Vec<Vec<u8>> {
         let mut frames = Vec::new();
-        for (e, p) in &self.payloads {
+        for (e, p, _) in &self.payloads {
             if committed.is_some_and(|c| *e <= c.0) {
                 continue;
             }
@@ -78,7 +84,7 @@ impl RecentIngress {
 
     /// Frames kept (for status).
     pub(crate) fn frame_count(&self) -> usize {
-        self.payloads.iter().filter_map(|(_, p)| decode_output(p).ok()).map(|f| f.len()).sum()
+        self.frames
     }
 }
 
@@ -98,9 +104,9 @@ mod tests {
     #[test]
     fn input_is_kept_until_its_epoch_commits() {
         let mut r = RecentIngress::default();
-        assert_eq!(r.keep(3, payload(&[b"late"]), Some(EpochId(3))), Kept::Late);
-        assert_eq!(r.keep(4, payload(&[b"a", b"b"]), Some(EpochId(3))), Kept::Yes);
-        assert_eq!(r.keep(5, payload(&[b"c"]), Some(EpochId(3))), Kept::Yes);
+        assert_eq!(r.keep(3, payload(&[b"late"]), 1, Some(EpochId(3))), Kept::Late);
+        assert_eq!(r.keep(4, payload(&[b"a", b"b"]), 2, Some(EpochId(3))), Kept::Yes);
+        assert_eq!(r.keep(5, payload(&[b"c"]), 1, Some(EpochId(3))), Kept::Yes);
         assert_eq!(r.frame_count(), 3);
         assert_eq!(r.frames_after(Some(EpochId(3))), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
         r.committed(EpochId(4));
@@ -110,8 +116,9 @@ mod tests {
         r.committed(EpochId(5));
         assert_eq!((r.frame_count(), r.bytes), (0, 0));
         let big = vec![0u8; RECENT_INGRESS_BYTES + 1];
-        assert_eq!(r.keep(9, big, None), Kept::Full);
-        assert_eq!(r.keep(9, payload(&[b"d"]), None), Kept::Yes);
+        assert_eq!(r.keep(9, big, 1, None), Kept::Full);
+        assert_eq!(r.keep(9, payload(&[b"d"]), 1, None), Kept::Yes);
+        assert_eq!(r.frame_count(), 1);
         r.clear();
         assert!(r.frames_after(None).is_empty());
     }

@@ -1518,11 +1518,12 @@ impl<'a> Session<'a> {
         if self.minor < 7 {
             return Err(SessionError::Unexpected { kind: FrameKind::Ingress, context: "before protocol 1.7" });
         }
-        decode_output(&payload).map_err(|source| SessionError::Payload { kind: FrameKind::Ingress, source })?;
+        let frames =
+            decode_output(&payload).map_err(|source| SessionError::Payload { kind: FrameKind::Ingress, source })?.len();
         let (kept, held) = {
             let mut sb = self.inner.write_standby();
             let committed = sb.committed;
-            let kept = sb.recent_ingress.keep(epoch, payload, committed);
+            let kept = sb.recent_ingress.keep(epoch, payload, frames, committed);
             (kept, sb.recent_ingress.frame_count() as u64)
         };
         let mut st = lock(&self.inner.stats);

@@ -81,6 +81,11 @@ const LEASE_POLL: Duration = Duration::from_millis(5);
 /// While the primary is suspected, its host is probed at most this often (a probe outcome is
 /// reused until then: the link may be the problem, and must not be flooded).
 const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// How often instead while the last reply said the daemon lives but its progress is this old: a
+/// killed primary's host says so until its watchdog, a few milliseconds later, marks the daemon
+/// dead (and the reply after that one decides).
+const PROBE_STALE_EVERY: Duration = Duration::from_millis(2);
+const STALE_PROGRESS: Duration = Duration::from_millis(5);
 /// Probes sent before "no reply" is believed (each waits for the [`HostProbe`]'s own timeout, a
 /// few milliseconds): one lost datagram must not make a host dead.
 const PROBE_TRIES: usize = 3;
@@ -546,8 +551,12 @@ impl Watch {
     fn consult_host(&mut self, verdict: Suspicion, now_us: u64) -> Suspicion {
         let (Some(probe), Some(peer)) = (self.probe.as_mut(), self.activity.peer_ip()) else { return verdict };
         let stuck_after = self.detector.config().stuck_after;
+        let every = match self.last_probe {
+            Some((_, ProbeOutcome::Alive(r))) if r.progress_age.is_some_and(|age| age >= STALE_PROGRESS) => PROBE_STALE_EVERY,
+            _ => PROBE_EVERY,
+        };
         let outcome = match self.last_probe {
-            Some((at, outcome)) if at.elapsed() < PROBE_EVERY => outcome,
+            Some((at, outcome)) if at.elapsed() < every => outcome,
             previous => {
                 let mut outcome = ProbeOutcome::NoReply { answered_before: self.answered_before };
                 for _ in 0..PROBE_TRIES {
@@ -741,6 +750,13 @@ impl Watch {
         };
 
         let t = Instant::now();
+        let rs = receiver.stats();
+        tracing::info!(
+            held = rs.ingress_frames_held,
+            late = rs.ingress_late,
+            over_limit = rs.ingress_over_limit,
+            "guest input sent ahead by the dead primary"
+        );
         let notice = format!("the backup declared the primary dead after {last_frame_to_dead:?} of silence");
         let standby = match receiver.stop_taking_over(&notice) {
             Ok(s) => s,

@@ -445,6 +445,14 @@ pub trait IngressLink: Send + Sync + std::fmt::Debug {
     /// Sends `payload` (frames in the `HeldOutput` payload layout), all taken in during `epoch`
     /// (after the pause of the epoch before it).
     fn send_ingress(&self, epoch: u64, payload: &[u8]) -> Result<(), LinkError>;
+
+    /// [`Self::send_ingress`] only if it can be done at once, without waiting for the link (another
+    /// frame being written) or the socket (full); `None` otherwise, and nothing was sent. Lets the
+    /// thread that takes the input in send it itself, a thread hop earlier.
+    fn try_send_ingress(&self, epoch: u64, payload: &[u8]) -> Option<Result<(), LinkError>> {
+        let _ = (epoch, payload);
+        None
+    }
 }
 
 /// Sends checkpoint epochs to the backup. See the module documentation for the call order.

@@ -239,6 +239,8 @@ pub struct TcpTransport {
 struct Channel {
     writer: LinkWriter,
     sealer: FrameSealer,
+    /// `TCP_CORK` is set (an epoch is being written).
+    corked: bool,
 }
 
 /// [`write_frame`] on the shared channel.
@@ -263,18 +265,60 @@ struct TcpIngress {
     stream: TcpStream,
 }
 
+/// Input frames up to this size may be sent by [`IngressLink::try_send_ingress`]: a socket that
+/// polls writable has at least this much room.
+const DIRECT_INGRESS_BYTES: usize = 16 << 10;
+
 impl IngressLink for TcpIngress {
     fn send_ingress(&self, epoch: u64, payload: &[u8]) -> Result<(), LinkError> {
         if let Some(reason) = self.shared.down() {
             return Err(LinkError::Down { reason });
         }
-        write_on(&self.channel, FrameKind::Ingress, epoch, payload, &[], false).map(|_| ()).map_err(|e| {
-            // As the engine's own failed writes: the stream may hold half a frame now.
-            self.shared.mark_down(format!("forwarding guest input: {}", ErrorChain(&e)));
-            let _ = self.stream.shutdown(Shutdown::Both);
-            lock(&self.channel).writer.forsake();
-            e
-        })
+        self.send_locked(&mut lock(&self.channel), epoch, payload)
+    }
+
+    fn try_send_ingress(&self, epoch: u64, payload: &[u8]) -> Option<Result<(), LinkError>> {
+        if payload.len() > DIRECT_INGRESS_BYTES {
+            return None;
+        }
+        if let Some(reason) = self.shared.down() {
+            return Some(Err(LinkError::Down { reason }));
+        }
+        let mut c = self.channel.try_lock().ok()?;
+        let mut writable = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one valid pollfd, a zero timeout; poll writes only its `revents`.
+        let n = unsafe { libc::poll(&mut writable, 1, 0) };
+        if n != 1 || writable.revents & libc::POLLOUT == 0 {
+            return None;
+        }
+        Some(self.send_locked(&mut c, epoch, payload))
+    }
+}
+
+impl TcpIngress {
+    /// Writes and pushes one Ingress frame, the channel held.
+    fn send_locked(&self, c: &mut Channel, epoch: u64, payload: &[u8]) -> Result<(), LinkError> {
+        match write_frame(&mut c.writer, &mut c.sealer, FrameKind::Ingress, epoch, payload, &[], false) {
+            Ok(_) => {
+                // Out now, even inside a corked epoch (setting TCP_NODELAY pushes what is pending):
+                // input held back in this host's socket dies with it. Once sent, it reaches the
+                // backup's socket even if this process dies next (the backup reads what arrived
+                // before a reset). Uncorked, the write itself sent it (the socket has TCP_NODELAY).
+                if c.corked {
+                    if let Err(e) = set_int_option(&self.stream, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1) {
+                        tracing::debug!(error = %e, "TCP_NODELAY to push guest input");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // As the engine's own failed writes: the stream may hold half a frame now.
+                self.shared.mark_down(format!("forwarding guest input: {}", ErrorChain(&e)));
+                let _ = self.stream.shutdown(Shutdown::Both);
+                c.writer.forsake();
+                Err(e)
+            }
+        }
     }
 }
 
@@ -287,6 +331,13 @@ fn set_socket_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> i
 /// five, which wakes the backup's receiver once instead of five times (the socket has
 /// `TCP_NODELAY`, so without the cork every write goes out at once). A full segment still leaves
 /// as soon as it is full; uncorking sends what is left at once.
+/// [`set_cork`], recorded in the channel (the ingress writer pushes only inside a corked epoch).
+fn cork(channel: &Mutex<Channel>, stream: &TcpStream, on: bool) {
+    let mut c = lock(channel);
+    set_cork(stream, on);
+    c.corked = on;
+}
+
 fn set_cork(stream: &TcpStream, on: bool) {
     if let Err(e) = set_int_option(stream, libc::IPPROTO_TCP, libc::TCP_CORK, libc::c_int::from(on)) {
         tracing::debug!(error = %e, on, "TCP_CORK");
@@ -474,7 +525,7 @@ impl TcpTransport {
         tracing::info!(%addr, committed = ?peer.committed, restorable = peer.restorable, io = io_name, "A-Link up");
         Ok(Self {
             stream,
-            channel: Arc::new(Mutex::new(Channel { writer, sealer })),
+            channel: Arc::new(Mutex::new(Channel { writer, sealer, corked: false })),
             shared,
             reader: Some(reader),
             peer,
@@ -710,7 +761,7 @@ impl CheckpointTransport for TcpTransport {
             initial_sync = begin.initial_sync
         );
         let payload = begin.encode();
-        set_cork(&self.stream, true);
+        cork(&self.channel, &self.stream, true);
         let r = write_on(&self.channel, FrameKind::EpochBegin, begin.epoch.0, &payload, &[], false);
         let tag = r.map_err(|e| BeginEpochError::Link(self.fail(e)))?;
         // Whether the pages go by RDMA: the ring space of acknowledged epochs is free again.
@@ -963,7 +1014,7 @@ impl CheckpointTransport for TcpTransport {
         // In flight before the commit frame leaves: the acknowledgement can come back at once.
         lock(&self.shared.state).in_flight.push_back((epoch, Instant::now()));
         let r = write_on(&self.channel, FrameKind::EpochCommit, epoch.0, &commit.encode(), &[], false);
-        set_cork(&self.stream, false);
+        cork(&self.channel, &self.stream, false);
         self.open = None;
         r.map_err(|e| CommitError::Link(self.fail(e)))?;
         // The zero-copy invariant ends here: the kernel must be done reading the epoch's pages.

@@ -141,6 +141,10 @@ pub struct EngineConfig {
     /// How often the dirty pages are looked at for that bound, the VM running (a harvest: about
     /// 50 µs for 256 MiB with KVM's bitmap here).
     pub dirty_probe_interval: Duration,
+    /// Sends every frame the guest takes in to the backup as it comes (see [`crate::ingress`]): a
+    /// takeover then answers the requests the dead primary had taken in without waiting for the
+    /// clients to retransmit, at the cost of a small A-Link frame per received batch.
+    pub input_ahead: bool,
 }
 
 /// How a checkpoint copies the epoch's dirty pages out of guest memory (see "Why a staging copy"
@@ -180,6 +184,7 @@ impl Default for EngineConfig {
             copy: CheckpointCopy::StopAndCopy,
             dirty_send_budget: Some(Duration::from_millis(1)),
             dirty_probe_interval: Duration::from_millis(10),
+            input_ahead: true,
         }
     }
 }
@@ -781,9 +786,11 @@ impl PrimaryEngine {
         self.status.update(|s| s.transport = io);
         // The guest's input goes to this backup as it comes; what is taken in before the first
         // checkpoint after the synchronisation belongs to that checkpoint.
-        let mirror = self.ingress.mirror();
-        self.source.with_devices(|d| d.set_rx_mirror(Some(mirror)));
-        self.ingress.set_link(self.transport.ingress_link());
+        if self.cfg.input_ahead {
+            let mirror = self.ingress.mirror();
+            self.source.with_devices(|d| d.set_rx_mirror(Some(mirror)));
+            self.ingress.set_link(self.transport.ingress_link());
+        }
         // Made here, not in `new`: until the engine runs, the builder methods own the
         // acknowledgement side alone (they set its lease and gate).
         let obs: Arc<dyn DiskWriteObserver> = Arc::new(Observer { ack: self.ack.clone() });
