@@ -277,6 +277,9 @@ pub struct PrimaryStatus {
     pub protection: ProtectionStatus,
     pub last_ack_us: Option<u64>,
     pub link_per_dirty_byte: Option<f64>,
+    /// The same, the guest input sent ahead counted too (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_with_input_per_dirty_byte: Option<f64>,
     /// A guest disk write could not be recorded for the backup (its backlog was full): the backup
     /// lacks it, so the pair is not protected until a new synchronisation.
     pub disk_replication_lost: bool,
@@ -323,6 +326,7 @@ impl PrimaryStatus {
             protection,
             last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
             link_per_dirty_byte: snap.link_per_dirty_byte(),
+            link_with_input_per_dirty_byte: snap.link_with_input_per_dirty_byte(),
             disk_replication_lost: snap.disk_replication_lost,
             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
             quorum: QuorumStatus::of(lease),
@@ -542,6 +546,9 @@ pub struct CheckpointStatus {
     /// link failed).
     #[serde(default)]
     pub ingress_not_forwarded: u64,
+    /// The A-Link bytes the input sent ahead took (not in `link_per_dirty_byte`).
+    #[serde(default)]
+    pub ingress_link_bytes: u64,
 }
 
 impl CheckpointStatus {
@@ -558,6 +565,7 @@ impl CheckpointStatus {
             link_mib_s: snap.link_bytes_per_sec.map(|r| (r / f64::from(1u32 << 20) * 10.0).round() / 10.0),
             ingress_forwarded: snap.ingress.frames_forwarded,
             ingress_not_forwarded: snap.ingress.frames_not_forwarded,
+            ingress_link_bytes: snap.ingress.link_bytes,
         }
     }
 }
@@ -721,10 +729,10 @@ mod tests {
     const PRIMARY: &str = r#"{
       "role": "primary", "state": "protected", "detail": "", "epochs_committed": 1200,
       "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
-      "link_per_dirty_byte": 1.02, "disk_replication_lost": false,
+      "link_per_dirty_byte": 1.02, "link_with_input_per_dirty_byte": 1.03, "disk_replication_lost": false,
       "checkpoints": { "copy": "cow", "transport": "io_uring", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
         "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5, "ingress_forwarded": 5400,
-        "ingress_not_forwarded": 1 },
+        "ingress_not_forwarded": 1, "ingress_link_bytes": 1200000 },
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
         "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "copy_after_resume_us": [0, 0], "resume_us": [5, 9],
         "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12 },

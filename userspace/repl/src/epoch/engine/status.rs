@@ -170,6 +170,11 @@ impl StatusSnapshot {
     pub fn link_per_dirty_byte(&self) -> Option<f64> {
         (self.dirty_bytes > 0).then(|| self.link_bytes as f64 / self.dirty_bytes as f64)
     }
+
+    /// The same with the guest input sent ahead counted as A-Link bytes too.
+    pub fn link_with_input_per_dirty_byte(&self) -> Option<f64> {
+        (self.dirty_bytes > 0).then(|| (self.link_bytes + self.ingress.link_bytes) as f64 / self.dirty_bytes as f64)
+    }
 }
 
 /// The engine's status, shared with whoever reports it. Reading costs one short lock.
