@@ -155,28 +155,34 @@ mod tests {
         // the replayed request is sealed with the old session's key.
         let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
+        // A full-duplex relay (one thread each way), so that neither direction waits for the
+        // other: the client's handshake must not time out behind the recorder on a busy machine.
         let recorder = std::thread::spawn(move || {
             let (mut c, _) = proxy.accept().unwrap();
             let mut up = TcpStream::connect(addr).unwrap();
+            let (mut c_out, mut up_in) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            let back = std::thread::spawn(move || {
+                // Ends when the witness closes or the relay shuts the connections down.
+                let _ = std::io::copy(&mut up_in, &mut c_out);
+            });
+            c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
             let mut sent = Vec::new();
-            c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-            up.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
             let mut buf = [0u8; 4096];
-            let until = Instant::now() + Duration::from_secs(2);
+            let until = Instant::now() + Duration::from_secs(5);
             while Instant::now() < until {
-                if let Ok(n) = c.read(&mut buf) {
-                    if n == 0 {
-                        break;
+                match c.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        sent.extend_from_slice(&buf[..n]);
+                        up.write_all(&buf[..n]).unwrap();
                     }
-                    sent.extend_from_slice(&buf[..n]);
-                    up.write_all(&buf[..n]).unwrap();
-                }
-                if let Ok(n) = up.read(&mut buf) {
-                    if n > 0 {
-                        c.write_all(&buf[..n]).unwrap();
-                    }
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(_) => break,
                 }
             }
+            let _ = up.shutdown(std::net::Shutdown::Both);
+            let _ = c.shutdown(std::net::Shutdown::Both);
+            back.join().unwrap();
             sent
         });
         let mut via_proxy = client(proxy_addr, "host-a", SECRET);

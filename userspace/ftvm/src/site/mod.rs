@@ -239,6 +239,9 @@ struct StatusReport<'a> {
     last_pause_us: Option<f64>,
     replication_lag_epochs: Option<f64>,
     takeover_ms: Option<f64>,
+    /// Frames of input the dead primary had taken in, given to the VM at that takeover.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    takeover_ingress_replayed: Option<u64>,
     hosts: Vec<HostStatus<'a>>,
     /// Whether the witness process runs (none: the site has no witness).
     witness_running: Option<bool>,
@@ -944,14 +947,17 @@ fn status(args: StatusArgs) -> Result<()> {
         .collect();
     let serving = views.iter().find_map(HostView::serving).map(|s| s.protection);
     // The last takeover's: the host that runs the VM since one, else any that took over.
-    let takeover_ms = views
+    let takeover = views
         .iter()
         .filter_map(|v| match v.report() {
-            Some(HostReport::Backup(b)) if v.running => b.takeover_ms.map(|t| (v.serving().is_some(), t)),
+            Some(HostReport::Backup(b)) if v.running => {
+                b.takeover_ms.map(|t| (v.serving().is_some(), t, b.takeover_ingress_replayed))
+            }
             _ => None,
         })
-        .max_by_key(|(serves, _)| *serves)
-        .map(|(_, t)| t);
+        .max_by_key(|(serves, ..)| *serves);
+    let takeover_ms = takeover.map(|(_, t, _)| t);
+    let takeover_ingress_replayed = takeover.and_then(|(.., n)| n);
     let report = StatusReport {
         site: &record.name,
         state,
@@ -963,6 +969,7 @@ fn status(args: StatusArgs) -> Result<()> {
         last_pause_us: serving.as_ref().map(|s| s.last_pause_us as f64),
         replication_lag_epochs: serving.as_ref().map(|s| s.lag_epochs as f64),
         takeover_ms,
+        takeover_ingress_replayed,
         hosts,
         witness_running: record.witness.as_ref().map(|w| w.pids.iter().any(|&p| alive(p))),
     };
@@ -1005,11 +1012,12 @@ fn status(args: StatusArgs) -> Result<()> {
     let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.0}{unit}"));
     writeln!(
         out,
-        "  epochs/s {}   last pause {}   lag {} epochs   takeover {}",
+        "  epochs/s {}   last pause {}   lag {} epochs   takeover {}{}",
         fmt(report.epochs_per_sec, ""),
         fmt(report.last_pause_us, " µs"),
         fmt(report.replication_lag_epochs, ""),
-        fmt(report.takeover_ms, " ms")
+        fmt(report.takeover_ms, " ms"),
+        report.takeover_ingress_replayed.filter(|n| *n > 0).map_or(String::new(), |n| format!(" ({n} frames of input replayed)"))
     )?;
     writeln!(out, "  connect: {}", report.connect)?;
     Ok(())
