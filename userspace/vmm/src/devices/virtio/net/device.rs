@@ -75,6 +75,10 @@ impl NetBackend for Tap {
 pub trait RxMirror: Send + Sync + fmt::Debug {
     /// One frame, taken in.
     fn frame_taken(&self, frame: &[u8]);
+
+    /// The receive pass that took the frames since the last call is over (called after every
+    /// pass, frames or not): a moment to pass them on together rather than one by one.
+    fn taken_all(&self) {}
 }
 
 /// The receive path's input: the replay queue first, then the backend; each frame shown to the
@@ -323,8 +327,11 @@ impl Net {
             backend: self.backend.as_mut(),
             mirror: self.rx_mirror.as_deref(),
         };
-        let (poll, notify) =
-            self.rx.process_until(queue, RX_QUEUE, ctx.mem, &mut input, &mut self.descs, &mut self.stats, &stop)?;
+        let processed = self.rx.process_until(queue, RX_QUEUE, ctx.mem, &mut input, &mut self.descs, &mut self.stats, &stop);
+        if let Some(m) = &self.rx_mirror {
+            m.taken_all();
+        }
+        let (poll, notify) = processed?;
         if notify {
             // The guest may be idle in PORT_WAIT waiting for exactly this frame.
             ctx.signal_used(true);
@@ -512,12 +519,17 @@ mod tests {
         let _ = wake.wait(Some(std::time::Duration::ZERO), std::os::fd::AsRawFd::as_raw_fd(&never));
     }
 
+    /// The frames seen, and the passes ended.
     #[derive(Debug, Default)]
-    struct Seen(std::sync::Mutex<Vec<Vec<u8>>>);
+    struct Seen(std::sync::Mutex<Vec<Vec<u8>>>, std::sync::atomic::AtomicUsize);
 
     impl RxMirror for Seen {
         fn frame_taken(&self, frame: &[u8]) {
             self.0.lock().unwrap().push(frame.to_vec());
+        }
+
+        fn taken_all(&self) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -561,6 +573,7 @@ mod tests {
             assert_eq!(got[VNET_HDR_LEN..], w[VNET_HDR_LEN..], "frame {i}");
         }
         assert_eq!(*seen.0.lock().unwrap(), want.to_vec());
+        assert_eq!(seen.1.load(std::sync::atomic::Ordering::SeqCst), 1, "one pass took the three frames");
         assert_eq!(t.device().rx_replay_len(), 0);
         assert_eq!(t.device().stats().rx_frames, 3);
 
