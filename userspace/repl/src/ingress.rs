@@ -64,6 +64,7 @@ struct Batch {
 #[derive(Debug, Default)]
 struct Queue {
     batches: VecDeque<Batch>,
+    /// The payload bytes of `batches`.
     bytes: usize,
     /// The forwarder thread is sending batches it took: a batch sent directly now would pass them.
     forwarding: bool,
@@ -95,20 +96,21 @@ impl RxMirror for Shared {
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let mut q = lock(&self.queue);
-        if q.bytes + frame.len() > QUEUE_BYTES {
+        let encoded = 4 + frame.len();
+        if q.bytes + encoded > QUEUE_BYTES {
             drop(q);
             self.not_forwarded.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        q.bytes += frame.len();
-        let fits = |b: &Batch| b.epoch == epoch && b.payload.len() + 4 + frame.len() <= MAX_CHUNK_BYTES;
+        q.bytes += encoded;
+        let fits = |b: &Batch| b.epoch == epoch && b.payload.len() + encoded <= MAX_CHUNK_BYTES;
         match q.batches.back_mut() {
             Some(b) if fits(b) => {
                 encode_output_frame(frame, &mut b.payload);
                 b.frames += 1;
             }
             _ => {
-                let mut payload = Vec::with_capacity(4 + frame.len());
+                let mut payload = Vec::with_capacity(encoded);
                 encode_output_frame(frame, &mut payload);
                 q.batches.push_back(Batch { epoch, payload, frames: 1 });
             }
@@ -127,7 +129,7 @@ impl RxMirror for Shared {
                 while let Some(b) = q.batches.front() {
                     let Some(sent) = link.try_send_ingress(b.epoch, &b.payload) else { break };
                     let Some(b) = q.batches.pop_front() else { break };
-                    q.bytes -= b.payload.len() - 4 * b.frames as usize;
+                    q.bytes -= b.payload.len();
                     self.account(&b, sent);
                 }
             }

@@ -10,6 +10,12 @@ use ftvm_proto::EpochId;
 /// behind, and the oldest input, which the next commits need least, is still the most useful.
 pub(crate) const RECENT_INGRESS_BYTES: usize = 16 << 20;
 
+/// The frames of `payloads` (each in the HeldOutput layout: held output, and input sent ahead), in
+/// order. They were checked on arrival; a payload that fails now is skipped rather than trusted.
+pub(crate) fn decoded_frames<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Vec<Vec<u8>> {
+    payloads.filter_map(|p| decode_output(p).ok()).flatten().map(<[u8]>::to_vec).collect()
+}
+
 /// What became of an `Ingress` payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kept {
@@ -69,17 +75,8 @@ impl RecentIngress {
 
     /// The frames to deliver at a takeover from `committed`, oldest first.
     pub(crate) fn frames_after(&self, committed: Option<EpochId>) -> Vec<Vec<u8>> {
-        let mut frames = Vec::new();
-        for (e, p, _) in &self.payloads {
-            if committed.is_some_and(|c| *e <= c.0) {
-                continue;
-            }
-            // Checked on arrival; a payload that fails now is skipped rather than trusted.
-            if let Ok(fs) = decode_output(p) {
-                frames.extend(fs.into_iter().map(<[u8]>::to_vec));
-            }
-        }
-        frames
+        let after = |e: &u64| !committed.is_some_and(|c| *e <= c.0);
+        decoded_frames(self.payloads.iter().filter(|(e, ..)| after(e)).map(|(_, p, _)| p.as_slice()))
     }
 
     /// Frames kept (for status).

@@ -48,7 +48,7 @@ use ftvm_proto::pages::PageRange;
 use ftvm_proto::EpochId;
 
 use crate::disk::intent::{DiskMarks, IntentError, SharedIntent, DEFAULT_REGION_BYTES};
-use super::ingress::{Kept, RecentIngress};
+use super::ingress::{decoded_frames, Kept, RecentIngress};
 use super::journal::{AppendError, ApplyError, DiskJournal};
 use super::standby::{KeptStandby, Standby, StandbyMemory};
 use ftvm_proto::epoch::{
@@ -482,16 +482,7 @@ impl StandbyState {
 
     /// The frames to replay at a takeover, oldest first.
     fn unreleased_output(&self) -> Vec<Vec<u8>> {
-        let mut frames = Vec::new();
-        for (_, payloads) in &self.recent_output {
-            for p in payloads {
-                // Checked on arrival; a payload that fails now is skipped rather than trusted.
-                if let Ok(fs) = decode_output(p) {
-                    frames.extend(fs.into_iter().map(<[u8]>::to_vec));
-                }
-            }
-        }
-        frames
+        decoded_frames(self.recent_output.iter().flat_map(|(_, payloads)| payloads.iter().map(Vec::as_slice)))
     }
 }
 
