@@ -15,7 +15,7 @@ fi
 packages=(
     rustc-web libstd-rust-web-dev-bpf llvm-22-dev   # eBPF toolchain
     redis-tools                                      # redis-cli, redis-benchmark: the real clients
-    iproute2 iputils-ping tcpdump                    # namespaces, veth, TAP, captures
+    iproute2 iputils-ping tcpdump procps             # namespaces, veth, TAP, captures, sysctl in a namespace
     build-essential pkg-config                       # C for -sys crates
     etcd-server                                      # the quorum's etcd backend is tested against a real etcd
     libibverbs-dev librdmacm-dev libclang-dev        # the RDMA A-Link (rdma-sys: bindgen needs LLVM 14's libclang)
