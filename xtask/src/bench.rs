@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// The FT pair without guest input sent ahead (`site up --no-input-ahead`), to compare.
     #[arg(long)]
     pub no_input_ahead: bool,
+    /// The FT pair's dirty tracker under load (`site up --dirty-tracker`: bitmap, bitmap-exact,
+    /// ring, uffd), to compare; the hosts' default when not given.
+    #[arg(long, value_name = "TRACKER")]
+    pub dirty_tracker: Option<String>,
 }
 
 impl BenchArgs {
@@ -101,6 +105,9 @@ impl BenchArgs {
         }
         if self.no_input_ahead {
             v.push("--no-input-ahead".to_string());
+        }
+        if let Some(tracker) = &self.dirty_tracker {
+            v.extend(["--dirty-tracker".to_string(), tracker.clone()]);
         }
         v
     }

@@ -125,9 +125,14 @@ pub struct GuestNetArgs {
 /// tracker also takes the pages the VMM wrote (devices, disk reads, received frames).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum DirtyTrackerArg {
-    /// KVM's dirty bitmap: a harvest reads one bit per page of guest memory.
+    /// KVM's dirty bitmap: a harvest reads one bit per page of guest memory. Pages the guest
+    /// writes in every checkpoint are left writable (and sent each time), which saves the guest
+    /// a fault per page and checkpoint.
     #[default]
     Bitmap,
+    /// KVM's dirty bitmap, every written page write-protected again at each checkpoint: only the
+    /// pages written are sent, each first write costs the guest a fault.
+    BitmapExact,
     /// KVM's dirty ring: a harvest reads one entry per page written.
     Ring,
     /// userfaultfd write-protect of guest memory, read with PAGEMAP_SCAN, without KVM's dirty log
@@ -140,6 +145,7 @@ impl DirtyTrackerArg {
     pub fn tracking(self) -> DirtyTracking {
         match self {
             Self::Bitmap => DirtyTracking::KvmBitmap,
+            Self::BitmapExact => DirtyTracking::KvmBitmapExact,
             Self::Ring => DirtyTracking::kvm_ring(),
             Self::Uffd => DirtyTracking::Uffd,
         }
@@ -149,6 +155,7 @@ impl DirtyTrackerArg {
     pub fn name(self) -> &'static str {
         match self {
             Self::Bitmap => "bitmap",
+            Self::BitmapExact => "bitmap-exact",
             Self::Ring => "ring",
             Self::Uffd => "uffd",
         }
@@ -370,15 +377,16 @@ mod tests {
         }
         let parse = |argv: &[&str]| T::try_parse_from([&["t"], argv].concat()).map(|t| t.dirty_tracker);
         assert_eq!(parse(&[]).unwrap(), DirtyTrackerArg::Bitmap);
-        for t in [DirtyTrackerArg::Bitmap, DirtyTrackerArg::Ring, DirtyTrackerArg::Uffd] {
+        for t in [DirtyTrackerArg::Bitmap, DirtyTrackerArg::BitmapExact, DirtyTrackerArg::Ring, DirtyTrackerArg::Uffd] {
             assert_eq!(parse(&["--dirty-tracker", t.name()]).unwrap(), t);
             assert_eq!(t.to_possible_value().unwrap().get_name(), t.name());
         }
         assert_eq!(DirtyTrackerArg::Bitmap.tracking(), DirtyTracking::KvmBitmap);
+        assert_eq!(DirtyTrackerArg::BitmapExact.tracking(), DirtyTracking::KvmBitmapExact);
         assert_eq!(DirtyTrackerArg::Ring.tracking(), DirtyTracking::kvm_ring());
         assert_eq!(DirtyTrackerArg::Uffd.tracking(), DirtyTracking::Uffd);
         let e = parse(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
-        assert!(e.contains("invalid value 'pml'") && e.contains("bitmap, ring, uffd"), "{e}");
+        assert!(e.contains("invalid value 'pml'") && e.contains("bitmap, bitmap-exact, ring, uffd"), "{e}");
     }
 
     #[test]

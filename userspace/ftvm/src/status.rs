@@ -437,6 +437,10 @@ pub struct RecentEpochs {
     pub send_us: [u64; 2],
     pub ack_us: [u64; 2],
     pub dirty_pages_p50: u64,
+    /// Of those, pages the dirty tracker left writable because the guest writes them in every
+    /// epoch (sent each time; absent in files of older versions).
+    #[serde(default)]
+    pub hot_pages_p50: u64,
 }
 
 impl RecentEpochs {
@@ -454,6 +458,7 @@ impl RecentEpochs {
             send_us: us(&w.send),
             ack_us: us(ack),
             dirty_pages_p50: w.pages_p50,
+            hot_pages_p50: w.hot_pages_p50,
         }
     }
 }
@@ -735,7 +740,8 @@ mod tests {
         "ingress_not_forwarded": 1, "ingress_link_bytes": 1200000 },
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
         "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "copy_after_resume_us": [0, 0], "resume_us": [5, 9],
-        "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12 },
+        "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12,
+        "hot_pages_p50": 9 },
       "quorum": { "backend": "witness", "term": 3, "lease_valid": true, "lease_left_ms": 700, "error": null },
       "ebpf": { "enabled": true, "detail": "gate biz0, responder alink0",
         "gate": { "port": "biz0", "guest_mac": "02:00:00:00:00:01", "active": true, "expiry_left_ms": 650,

@@ -497,6 +497,15 @@ impl CheckpointSource {
         t.harvest(out).map_err(TrackingControlError::Harvest)
     }
 
+    /// The guest went quiet: the next harvest write-protects every page it reports, the hot pages
+    /// a tracker leaves writable included ([`DirtyTracker::cool`]), so that the harvest after it
+    /// finds nothing if the guest stays idle. Nothing to do without tracking.
+    pub fn cool_tracking(&mut self) {
+        if let Some(t) = self.tracker.as_mut() {
+            t.cool();
+        }
+    }
+
     /// Gives back pages that a failed epoch could not deliver: the next capture returns them.
     pub fn remark(&mut self, pages: &PageRangeSet) -> Result<(), TrackingControlError> {
         let t = self
@@ -1003,7 +1012,8 @@ impl Machine {
         let mut ring_handler: Option<Arc<dyn DirtyRingFullHandler>> = None;
         let tracker: Option<Box<dyn DirtyTracker>> = match p.tracking {
             DirtyTracking::Off => None,
-            DirtyTracking::KvmBitmap => Some(Box::new(KvmBitmap::new(&p.vm))),
+            DirtyTracking::KvmBitmap => Some(Box::new(KvmBitmap::with_hot_pages(&p.vm))),
+            DirtyTracking::KvmBitmapExact => Some(Box::new(KvmBitmap::new(&p.vm))),
             DirtyTracking::KvmRing { .. } => {
                 let fds: Vec<&VcpuFd> = p.fds.iter().collect();
                 let rings = Arc::new(DirtyRings::new(&p.vm, &fds).map_err(AssembleError::Rings)?);

@@ -759,7 +759,50 @@ mod tests {
 
     #[test]
     fn kvm_bitmap_harvests_exactly_what_was_written() {
-        harvests_exactly_what_was_written("bitmap", DirtyTracking::KvmBitmap, 300);
+        harvests_exactly_what_was_written("bitmap-exact", DirtyTracking::KvmBitmapExact, 300);
+    }
+
+    /// The bitmap tracker that leaves hot pages writable: a page the guest writes in every round
+    /// (STATUS) becomes hot after two rounds and is left writable; every harvest still holds
+    /// every page written (nothing is lost while a page is hot), and its extra pages are only hot
+    /// ones; with nothing written, a harvest holds the hot pages alone; once cooled, the hot pages
+    /// are protected again and an idle harvest is empty.
+    #[test]
+    fn kvm_bitmap_leaves_hot_pages_writable_and_loses_no_page() {
+        let mut d = Dirtier::start("bitmap-hot", DirtyTracking::KvmBitmap, 32 << 20, 300);
+        let mem = d.src.guest_memory();
+        let status = pfn(STATUS_GPA);
+        for r in 0..6u64 {
+            d.round();
+            let vmm = VMM_GPA + r * 4096;
+            mem.write_obj(r, GuestAddress(vmm)).unwrap();
+            let mut want = d.expected();
+            want.insert(pfn(vmm));
+            let (got, _) = d.checkpoint();
+            let hot = d.src.last_harvest().hot_pages;
+            assert!(got.is_superset(&want), "round {r}: {}", diff(&got, &want));
+            assert!(got.len() as u64 - want.len() as u64 <= hot, "round {r}: {hot} hot pages, {}", diff(&got, &want));
+            if r >= 1 {
+                assert!(hot >= 1, "round {r}: STATUS, written every round, is not left writable");
+                // Nothing written since: only the hot pages, STATUS among them.
+                let (idle, _) = d.checkpoint();
+                assert!(idle.contains(&status), "round {r}: the hot STATUS page is not reported: {idle:x?}");
+                assert_eq!(idle.len() as u64, d.src.last_harvest().hot_pages, "round {r}: {idle:x?}");
+            }
+        }
+        // The guest's last round is long done: cool, and the hot pages go one last time.
+        d.src.cool_tracking();
+        let (cooled, _) = d.checkpoint();
+        assert!(cooled.contains(&status));
+        assert_eq!(d.src.last_harvest().hot_pages, 0, "a cooling harvest leaves nothing writable");
+        let (empty, _) = d.checkpoint();
+        assert!(empty.is_empty(), "an idle guest after cooling: {empty:x?}");
+        // STATUS is protected again: the next round's write is seen through KVM's log.
+        d.round();
+        let want = d.expected();
+        let (got, _) = d.checkpoint();
+        assert_eq!(got, want, "{}", diff(&got, &want));
+        d.finish();
     }
 
     #[test]

@@ -1298,6 +1298,6 @@ mod tests {
         assert_eq!(v, ["--no-input-ahead"]);
         assert!(toml_of_options(&v).contains("no-input-ahead = true"));
         let e = up(&["--dirty-tracker", "pml"]).unwrap_err().to_string();
-        assert!(e.contains("possible values: bitmap, ring, uffd"), "{e}");
+        assert!(e.contains("possible values: bitmap, bitmap-exact, ring, uffd"), "{e}");
     }
 }

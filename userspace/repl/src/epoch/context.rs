@@ -30,6 +30,9 @@ pub struct EpochMetrics {
     pub epoch: EpochId,
     /// Dirty pages it carries.
     pub pages: u64,
+    /// Of those, pages the dirty tracker had left writable (the guest's hot pages: reported
+    /// whether written or not, see `ftvm_vmm::dirty::hot_pages`).
+    pub hot_pages: u64,
     /// Disk writes it carries.
     pub disk_writes: u64,
     /// Guest frames sealed with it (held until its acknowledgement).
@@ -89,12 +92,14 @@ impl EpochContext<Paused> {
     pub fn captured(
         mut self,
         pages: u64,
+        hot_pages: u64,
         disk_writes: u64,
         frames: u64,
         capture: CaptureTimings,
         copy: Duration,
     ) -> EpochContext<Captured> {
         self.metrics.pages = pages;
+        self.metrics.hot_pages = hot_pages;
         self.metrics.disk_writes = disk_writes;
         self.metrics.frames = frames;
         self.metrics.capture = capture;
@@ -168,7 +173,7 @@ mod tests {
     fn metrics_fill_in_as_the_epoch_advances() {
         let t0 = Instant::now();
         let ctx = EpochContext::paused(EpochId(7), t0);
-        let ctx = ctx.captured(3, 1, 2, CaptureTimings::default(), Duration::from_micros(5));
+        let ctx = ctx.captured(3, 0, 1, 2, CaptureTimings::default(), Duration::from_micros(5));
         let ctx = ctx.resumed();
         let ctx = ctx.sent(5 * 4096, 100);
         let m = ctx.metrics();
@@ -223,6 +228,8 @@ pub struct EpochWindowStats {
     pub send: Percentiles,
     /// Median dirty pages per epoch.
     pub pages_p50: u64,
+    /// Median pages per epoch the tracker had left writable (counted in `pages_p50` too).
+    pub hot_pages_p50: u64,
 }
 
 /// The last epochs' metrics, for [`EpochWindowStats`].
@@ -254,8 +261,11 @@ impl EpochWindow {
             let mut v: Vec<Duration> = self.recent.iter().map(f).collect();
             Percentiles::of(&mut v)
         };
-        let mut pages: Vec<u64> = self.recent.iter().map(|m| m.pages).collect();
-        pages.sort_unstable();
+        let median = |f: &dyn Fn(&EpochMetrics) -> u64| {
+            let mut v: Vec<u64> = self.recent.iter().map(f).collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
         EpochWindowStats {
             epochs: self.recent.len(),
             pause: of(&|m| m.pause),
@@ -266,7 +276,8 @@ impl EpochWindow {
             copy_after_resume: of(&|m| m.copy_after_resume),
             resume: of(&|m| m.resume),
             send: of(&|m| m.send),
-            pages_p50: pages.get(pages.len() / 2).copied().unwrap_or(0),
+            pages_p50: median(&|m| m.pages),
+            hot_pages_p50: median(&|m| m.hot_pages),
         }
     }
 }
@@ -280,7 +291,7 @@ mod window_tests {
         assert_eq!(Percentiles::of(&mut []), Percentiles::default());
         let mut w = EpochWindow::default();
         for i in 1..=2000u64 {
-            w.push(EpochMetrics { pages: i, pause: Duration::from_micros(i), ..EpochMetrics::default() });
+            w.push(EpochMetrics { pages: i, hot_pages: i / 2, pause: Duration::from_micros(i), ..EpochMetrics::default() });
         }
         let s = w.stats();
         assert_eq!(s.epochs, EpochWindow::LEN);
@@ -288,5 +299,6 @@ mod window_tests {
         assert_eq!(s.pause.p50, Duration::from_micros(977 + 512));
         assert_eq!(s.pause.p99, Duration::from_micros(977 + 1013));
         assert_eq!(s.pages_p50, 977 + 512);
+        assert_eq!(s.hot_pages_p50, (977 + 512) / 2);
     }
 }

@@ -19,6 +19,7 @@
 //! The backend is chosen when the VM is built ([`DirtyTracking`] in
 //! [`crate::machine::VmConfig`]): the dirty ring must be enabled before the first vCPU exists.
 
+pub mod hot_pages;
 pub mod kvm_bitmap;
 pub mod kvm_ring;
 pub mod uffd_wp;
@@ -40,7 +41,13 @@ pub enum DirtyTracking {
     #[default]
     Off,
     /// KVM's per-slot dirty bitmap (`KVM_GET_DIRTY_LOG`); harvest cost grows with memory size.
+    /// Pages the guest writes in every epoch are left writable where the kernel offers manual
+    /// protection ([`hot_pages`]): each harvest then reports them whether written or not, which
+    /// saves the guest a fault per hot page per epoch.
     KvmBitmap,
+    /// [`Self::KvmBitmap`] protecting every reported page again at each harvest: a harvest is
+    /// exactly the pages written since the last one (a fault per page per epoch).
+    KvmBitmapExact,
     /// KVM's per-vCPU dirty rings of `entries` entries each (a power of two, at least 256);
     /// harvest cost grows with the number of dirty pages. A ring that fills up mid-epoch is
     /// drained by its vCPU thread into a pending set (see [`kvm_ring`]), so a small ring costs
@@ -103,6 +110,9 @@ pub struct HarvestStats {
     pub uffd_pages: u64,
     /// Pages the VMM wrote through vm-memory.
     pub vmm_pages: u64,
+    /// Pages reported because the tracker left them writable at an earlier harvest (the guest's
+    /// hot pages, see [`hot_pages`]): written or not, they are in the harvest.
+    pub hot_pages: u64,
     /// Pages given back by [`DirtyTracker::remark`] or drained from a full ring since the last
     /// harvest.
     pub pending_pages: u64,
@@ -133,6 +143,15 @@ pub enum HarvestError {
     /// `KVM_GET_DIRTY_LOG` failed.
     #[error("cannot read KVM's dirty log of memory slot {slot}")]
     GetDirtyLog {
+        /// The slot.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `KVM_CLEAR_DIRTY_LOG` failed (the pages it was to protect stay reported).
+    #[error("cannot protect the written pages of memory slot {slot} again")]
+    ClearDirtyLog {
         /// The slot.
         slot: u32,
         /// The ioctl error.
@@ -176,6 +195,12 @@ pub trait DirtyTracker: Send + std::fmt::Debug {
 
     /// Gives back pages a failed epoch could not deliver: the next harvest returns them again.
     fn remark(&mut self, pages: &PageRangeSet);
+
+    /// The guest went quiet: the next harvest write-protects every page it reports, including
+    /// pages a tracker leaves writable because the guest writes them in every epoch (see
+    /// [`hot_pages`]), so that an idle guest's next harvest finds nothing. Nothing to do for a
+    /// tracker that protects every reported page anyway.
+    fn cool(&mut self) {}
 
     /// Stops logging (guest writes run at full speed again) and forgets everything pending.
     fn stop(&mut self) -> Result<(), TrackStopError>;

@@ -772,6 +772,10 @@ impl PrimaryEngine {
         if !self.held || self.output_waiting() || !lock(&self.ack.disk).pending().is_empty() {
             return false;
         }
+        // Nothing asked for this checkpoint but the interval: the pages the tracker leaves
+        // writable for a busy guest are protected again, so that an idle guest is seen idle from
+        // the next interval on (its hot pages go with this one, written or not).
+        self.source.cool_tracking();
         self.look_at_dirty_pages();
         self.schedule.pending.is_empty()
     }
@@ -916,6 +920,7 @@ impl PrimaryEngine {
             }
         };
         let timings = self.source.last_timings();
+        let hot_pages = self.source.last_harvest().hot_pages;
         // Seals cannot fail here: epoch numbers only increase (a failure is logged, not fatal).
         self.output.clear();
         self.output_frames.clear();
@@ -937,7 +942,7 @@ impl PrimaryEngine {
         let cow = resume == Resume::Yes && self.arm_cow(&pages);
         let copied = if cow { Ok(()) } else { self.staging.fill(&pages, &mem) };
         let copy = tc.elapsed();
-        let ctx = ctx.captured(pages.page_count(), writes.len() as u64, frames, timings, copy);
+        let ctx = ctx.captured(pages.page_count(), hot_pages, writes.len() as u64, frames, timings, copy);
         let resumed = if resume == Resume::Yes { self.source.resume() } else { Ok(()) };
         let mut ctx = ctx.resumed();
         let copied = match (copied, cow) {
