@@ -299,6 +299,7 @@ impl Vcpu {
             kick,
             thread: Some(thread),
             save_pending: false,
+            resume_pending: false,
         })
     }
 
@@ -553,6 +554,8 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
     /// A [`VcpuEvent::PauseAndSave`] was answered Paused; its state answer is still to be read.
     save_pending: bool,
+    /// A [`VcpuEvent::Resume`] was sent and its answer not read yet (see [`Self::resume`]).
+    resume_pending: bool,
 }
 
 /// Sends a stop to a vCPU without waiting: cheap to clone, usable from any thread (a signal
@@ -598,9 +601,14 @@ impl VcpuHandle {
     /// Sends `event` and waits for the thread's answer. [`VcpuResponse::Exited`] becomes
     /// [`VcpuControlError::Exited`].
     fn request(&mut self, event: VcpuEvent) -> Result<VcpuResponse, VcpuControlError> {
-        // A state answer still on its way would be taken for this request's answer.
+        // A state or resume answer still on its way would be taken for this request's answer.
         if self.save_pending {
             self.save_pending = false;
+            let _ = self.next_response();
+        }
+        if self.resume_pending {
+            self.resume_pending = false;
+            // An exited vCPU answers this request Exited too.
             let _ = self.next_response();
         }
         // Drop answers to requests that timed out earlier, so this one reads its own.
@@ -645,12 +653,19 @@ impl VcpuHandle {
         }
     }
 
-    /// Lets the vCPU run again.
+    /// Lets the vCPU run again; returns once the request is sent, without waiting for the
+    /// thread's answer (read by the next request). Every checkpoint resumes, and the answer's
+    /// round trip between two threads was the larger part of the resume. No kick: a paused
+    /// thread waits on the request channel, not in `KVM_RUN`, and a running one has nothing to
+    /// be interrupted for.
     pub fn resume(&mut self) -> Result<(), VcpuControlError> {
-        match self.request(VcpuEvent::Resume)? {
-            VcpuResponse::Resumed => Ok(()),
-            got => Err(self.unexpected(&got)),
+        if self.save_pending {
+            self.save_pending = false;
+            let _ = self.next_response();
         }
+        self.events.send(VcpuEvent::Resume).map_err(|_| VcpuControlError::Gone(self.id))?;
+        self.resume_pending = true;
+        Ok(())
     }
 
     /// Reads the vCPU's state. Refused ([`VcpuSaveError::NotPaused`]) unless it is paused.
