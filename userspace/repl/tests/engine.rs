@@ -410,6 +410,13 @@ mod tests {
         failover("failover", DirtyTracking::KvmBitmap);
     }
 
+    /// The same with the KVM bitmap protecting every written page at each harvest (the default
+    /// tracker above leaves the guest's hot pages, its counter page among them, writable).
+    #[test]
+    fn failover_with_the_exact_bitmap_tracker() {
+        failover("failover-exact", DirtyTracking::KvmBitmapExact);
+    }
+
     /// The same with the KVM dirty ring as the tracker.
     #[test]
     fn failover_with_the_dirty_ring_tracker() {

@@ -15,7 +15,9 @@
 //! reacts to the host. Each event locks the device's transport, the same lock MMIO exits take,
 //! and does nothing while the transport is paused (see `MmioTransport::pause`): the receive fd
 //! is then unwatched and block completions stay in the io_uring completion queue until the
-//! resume kicks this thread again.
+//! resume kicks this thread again. The one exception: once a checkpoint's owner opened reading
+//! ahead (`DeviceManager::open_read_ahead`), received frames are read into the network device's
+//! read-ahead queue, outside its state, during the rest of the pause.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -149,10 +151,17 @@ impl Worker {
 
     fn receive(&mut self) {
         let Some(net) = &self.net else { return };
-        let poll = lock(&net.transport).process(|dev, ctx| dev.process_rx(ctx));
-        // A device that is not running, or has no buffers, must not make a level-triggered
-        // backend fd spin this thread: stop watching it until the next kick.
-        let keep = matches!(poll, Some(RxPoll::Drained | RxPoll::More));
+        let mut t = lock(&net.transport);
+        let keep = match t.process(|dev, ctx| dev.process_rx(ctx)) {
+            Some(poll) => matches!(poll, RxPoll::Drained | RxPoll::More),
+            // Paused: the frames may still be read ahead, into a queue outside the state.
+            None if t.is_paused() => t.device_mut().read_ahead(),
+            None => false,
+        };
+        drop(t);
+        // A device that is not running, or has no buffers, or a paused one that may not read
+        // ahead, must not make a level-triggered backend fd spin this thread: stop watching it
+        // until the next kick.
         self.arm_backend(keep);
     }
 

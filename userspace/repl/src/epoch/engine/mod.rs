@@ -909,6 +909,11 @@ impl PrimaryEngine {
         })?;
         // The devices are stopped: what they take in from now on is the next checkpoint's.
         self.ingress.epoch_paused(epoch + 1);
+        if self.cfg.input_ahead {
+            // And what arrives during the rest of the pause is read ahead, outside the state this
+            // checkpoint takes, and goes to the backup at once rather than after the resume.
+            self.source.with_devices(|d| d.open_read_ahead());
+        }
         let ctx = EpochContext::paused(EpochId(epoch), t0);
         // The pages harvested for the dirty bound, and the rest now.
         let mut pages = self.schedule.take_pending();

@@ -70,8 +70,9 @@ impl NetBackend for Tap {
 
 /// Sees every frame the device takes in, on the device's I/O thread, at the moment the frame
 /// becomes part of the device's state (read from the backend or the replay queue; the frame
-/// starts with its 12-byte virtio-net header). The receive path waits for it: it must be quick
-/// and must not block.
+/// starts with its 12-byte virtio-net header), or is read ahead in a pause ([`Net::read_ahead`]:
+/// then it belongs to whatever comes after the paused state). The receive path waits for it: it
+/// must be quick and must not block.
 pub trait RxMirror: Send + Sync + fmt::Debug {
     /// One frame, taken in.
     fn frame_taken(&self, frame: &[u8]);
@@ -81,24 +82,31 @@ pub trait RxMirror: Send + Sync + fmt::Debug {
     fn taken_all(&self) {}
 }
 
-/// The receive path's input: the replay queue first, then the backend; each frame shown to the
-/// mirror as it is taken.
+/// The receive path's input: the replay queue first, then the frames read ahead in a pause, then
+/// the backend; each frame shown to the mirror as it is taken, except the frames read ahead,
+/// which it saw when they were read.
 struct RxInput<'a> {
     replay: &'a mut VecDeque<Vec<u8>>,
+    ahead: &'a mut VecDeque<Vec<u8>>,
     backend: &'a mut dyn NetBackend,
     mirror: Option<&'a dyn RxMirror>,
+}
+
+/// Copies a queued frame into the receive buffer (frames longer than it are never queued).
+fn take_queued(frame: &[u8], buf: &mut [u8]) -> usize {
+    let n = frame.len().min(buf.len());
+    buf[..n].copy_from_slice(&frame[..n]);
+    n
 }
 
 impl FrameSource for RxInput<'_> {
     fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = match self.replay.pop_front() {
-            Some(frame) => {
-                // Frames longer than the buffer are refused by `replay_rx`.
-                let n = frame.len().min(buf.len());
-                buf[..n].copy_from_slice(&frame[..n]);
-                n
-            }
-            None => self.backend.recv_frame(buf)?,
+            Some(frame) => take_queued(&frame, buf),
+            None => match self.ahead.pop_front() {
+                Some(frame) => return Ok(take_queued(&frame, buf)),
+                None => self.backend.recv_frame(buf)?,
+            },
         };
         if let (Some(m), Some(frame)) = (self.mirror, buf.get(..n)) {
             if n > 0 {
@@ -108,6 +116,10 @@ impl FrameSource for RxInput<'_> {
         Ok(n)
     }
 }
+
+/// Most frames read ahead in one pause ([`Net::read_ahead`]); beyond them, frames wait in the
+/// backend until the resume.
+pub const READ_AHEAD_FRAMES: usize = 256;
 
 /// Where transmitted frames go.
 #[derive(Clone, Debug, Default)]
@@ -151,6 +163,11 @@ pub struct Net {
     rx_mirror: Option<Arc<dyn RxMirror>>,
     /// Frames to deliver before anything the backend has (see [`Net::replay_rx`]).
     rx_replay: VecDeque<Vec<u8>>,
+    /// Frames read from the backend in a pause (see [`Net::read_ahead`]), delivered after the
+    /// replay queue and before the backend. Not part of the device's state.
+    rx_ahead: VecDeque<Vec<u8>>,
+    /// Reading ahead is allowed (from [`Net::open_read_ahead`] to [`Net::close_read_ahead`]).
+    ahead_open: bool,
 }
 
 impl Net {
@@ -174,6 +191,8 @@ impl Net {
             warned: WarnOnce::default(),
             rx_mirror: None,
             rx_replay: VecDeque::new(),
+            rx_ahead: VecDeque::new(),
+            ahead_open: false,
         }
     }
 
@@ -200,6 +219,69 @@ impl Net {
     /// Frames queued by [`Self::replay_rx`] and not received yet.
     pub fn rx_replay_len(&self) -> usize {
         self.rx_replay.len()
+    }
+
+    /// The device is paused and its state for a checkpoint is taken, or about to be with the
+    /// receive path stopped: from now until [`Self::close_read_ahead`] (the resume),
+    /// [`Self::read_ahead`] may take frames from the backend. They are not part of that state;
+    /// the mirror sees them as they are read, so that whoever it tells has them before the device
+    /// could deliver them. Frames read ahead in an earlier pause and still not delivered (the
+    /// guest had no buffers) are shown to the mirror again now: they belong after this state too.
+    pub fn open_read_ahead(&mut self) {
+        self.ahead_open = true;
+        if let Some(m) = self.rx_mirror.as_deref().filter(|_| !self.rx_ahead.is_empty()) {
+            for frame in &self.rx_ahead {
+                m.frame_taken(frame);
+            }
+            m.taken_all();
+        }
+    }
+
+    /// Ends what [`Self::open_read_ahead`] allowed (before the device resumes).
+    pub fn close_read_ahead(&mut self) {
+        self.ahead_open = false;
+    }
+
+    /// I/O thread, the device paused: moves what the backend has into the read-ahead queue (up to
+    /// [`READ_AHEAD_FRAMES`]), each frame shown to the mirror, if reading ahead is open. Says
+    /// whether to keep watching the backend (false: closed, full, or the backend failed; the
+    /// resume looks again). Touches neither guest memory nor the device's state.
+    pub fn read_ahead(&mut self) -> bool {
+        if !self.ahead_open {
+            return false;
+        }
+        let mut keep = true;
+        let mut buf = vec![0u8; super::handler::MAX_FRAME_LEN];
+        while self.rx_ahead.len() < READ_AHEAD_FRAMES {
+            match self.backend.recv_frame(&mut buf) {
+                Ok(n) if n >= super::handler::VNET_HDR_LEN => {
+                    let frame = buf[..n.min(buf.len())].to_vec();
+                    if let Some(m) = &self.rx_mirror {
+                        m.frame_taken(&frame);
+                    }
+                    self.rx_ahead.push_back(frame);
+                }
+                // Not a frame: the receive path would drop it too.
+                Ok(n) if n > 0 => {}
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The receive path counts backend errors when it meets them again.
+                    keep = false;
+                    break;
+                }
+            }
+        }
+        if let Some(m) = &self.rx_mirror {
+            m.taken_all();
+        }
+        keep && self.rx_ahead.len() < READ_AHEAD_FRAMES
+    }
+
+    /// Frames read ahead and not received yet.
+    pub fn rx_ahead_len(&self) -> usize {
+        self.rx_ahead.len()
     }
 
     /// Frame counters.
@@ -324,6 +406,7 @@ impl Net {
         let queue = &mut ctx.queues[usize::from(RX_QUEUE)];
         let mut input = RxInput {
             replay: &mut self.rx_replay,
+            ahead: &mut self.rx_ahead,
             backend: self.backend.as_mut(),
             mirror: self.rx_mirror.as_deref(),
         };
@@ -336,8 +419,8 @@ impl Net {
             // The guest may be idle in PORT_WAIT waiting for exactly this frame.
             ctx.signal_used(true);
         }
-        if poll == RxPoll::More && !self.rx_replay.is_empty() {
-            // Replayed frames make the backend fd no more readable: come back for them.
+        if poll == RxPoll::More && !(self.rx_replay.is_empty() && self.rx_ahead.is_empty()) {
+            // Queued frames make the backend fd no more readable: come back for them.
             self.kick_io_thread();
         }
         Ok(poll)
@@ -584,6 +667,74 @@ mod tests {
         let _ = t.process(|net, ctx| net.process_rx(ctx)).unwrap();
         assert_eq!(seen.0.lock().unwrap().len(), 3);
         assert_eq!(t.device().stats().rx_frames, 4);
+    }
+
+    /// In a pause, frames are read ahead only once reading ahead is open: into a queue outside
+    /// the device's state (nothing reaches the guest's ring while paused), each shown to the
+    /// mirror as it is read. After the resume they reach the guest first, in order, and the mirror
+    /// does not see them again; one still undelivered at the next pause is shown again when that
+    /// pause opens reading ahead.
+    #[test]
+    fn frames_read_ahead_in_a_pause_are_mirrored_at_once_and_delivered_after_it() {
+        let (mut t, backend, kick, _wake, mem) = setup();
+        negotiate(&mut t, u64::MAX);
+        let mut rxq = TestQueue::new(&mem, 0x1_0000, 16);
+        let txq = TestQueue::new(&mem, 0x4_0000, 16);
+        rxq.program(&mut t, 0);
+        txq.program(&mut t, 1);
+        driver_ok(&mut t);
+        let _ = kick.read();
+        let seen = Arc::new(Seen::default());
+        t.device_mut().set_rx_mirror(Some(seen.clone() as Arc<dyn RxMirror>));
+        let names = |v: &[Vec<u8>]| v.iter().map(|f| String::from_utf8_lossy(&f[VNET_HDR_LEN..]).into_owned()).collect::<Vec<_>>();
+
+        t.pause();
+        backend.to_guest.lock().unwrap().extend([frame(b"one"), frame(b"two")]);
+        assert!(!t.device_mut().read_ahead(), "not open: nothing read, stop watching");
+        assert!(seen.0.lock().unwrap().is_empty());
+        t.device_mut().open_read_ahead();
+        assert!(t.device_mut().read_ahead(), "open, drained, room left: keep watching");
+        assert_eq!(names(&seen.0.lock().unwrap()), ["one", "two"], "mirrored as read");
+        assert_eq!(t.device().rx_ahead_len(), 2);
+        assert!(t.process(|net, ctx| net.process_rx(ctx)).is_none(), "paused");
+        t.device_mut().close_read_ahead();
+        assert!(!t.device_mut().read_ahead(), "closed again");
+        assert!(t.resume(), "the receive event turned away while paused asks for a look");
+
+        backend.to_guest.lock().unwrap().push_back(frame(b"three"));
+        for i in 0..3u64 {
+            rxq.add_chain(&[(0x9_0000 + i * 0x1000, 2048, true)]);
+        }
+        w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.process(|net, ctx| net.process_rx(ctx)).unwrap(), RxPoll::Drained);
+        for (i, want) in [&b"one"[..], b"two", b"three"].iter().enumerate() {
+            let (id, len) = rxq.next_used().unwrap();
+            assert_eq!((id as usize, len as usize), (i, VNET_HDR_LEN + want.len()));
+            let mut got = vec![0u8; want.len()];
+            mem.read_slice(&mut got, GuestAddress(0x9_0000 + i as u64 * 0x1000 + VNET_HDR_LEN as u64)).unwrap();
+            assert_eq!(&got[..], *want, "frame {i}");
+        }
+        assert_eq!(names(&seen.0.lock().unwrap()), ["one", "two", "three"], "each frame mirrored once");
+
+        // The guest has no buffer left: of two frames read ahead, the device holds one for the
+        // next buffer (its state) and the other stays queued; the next pause shows it again.
+        t.pause();
+        t.device_mut().open_read_ahead();
+        backend.to_guest.lock().unwrap().extend([frame(b"four"), frame(b"five")]);
+        assert!(t.device_mut().read_ahead());
+        t.device_mut().close_read_ahead();
+        t.resume();
+        let _ = t.process(|net, ctx| net.process_rx(ctx)).unwrap();
+        assert_eq!(t.device().rx_ahead_len(), 1);
+        t.pause();
+        t.device_mut().open_read_ahead();
+        assert_eq!(names(&seen.0.lock().unwrap()), ["one", "two", "three", "four", "five", "five"]);
+
+        // Bounded: beyond READ_AHEAD_FRAMES the frames wait in the backend.
+        backend.to_guest.lock().unwrap().extend((0..READ_AHEAD_FRAMES + 5).map(|_| frame(b"x")));
+        assert!(!t.device_mut().read_ahead(), "full: stop watching until the resume");
+        assert_eq!(t.device().rx_ahead_len(), READ_AHEAD_FRAMES);
+        assert_eq!(backend.to_guest.lock().unwrap().len(), 6);
     }
 
     #[test]
