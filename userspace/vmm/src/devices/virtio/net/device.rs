@@ -622,20 +622,26 @@ mod tests {
         f
     }
 
+    /// Activates the device with its two queues and a [`Seen`] mirror; the receive queue.
+    fn activate_with_mirror<'m>(t: &mut MmioTransport<Net>, mem: &'m GuestMemory) -> (TestQueue<'m>, Arc<Seen>) {
+        negotiate(t, u64::MAX);
+        let rxq = TestQueue::new(mem, 0x1_0000, 16);
+        let txq = TestQueue::new(mem, 0x4_0000, 16);
+        rxq.program(t, 0);
+        txq.program(t, 1);
+        driver_ok(t);
+        let seen = Arc::new(Seen::default());
+        t.device_mut().set_rx_mirror(Some(seen.clone() as Arc<dyn RxMirror>));
+        (rxq, seen)
+    }
+
     /// Replayed frames reach the guest before the backend's, in order; impossible ones are left
     /// out; the mirror sees every frame taken in, replayed or not, once, as it was taken.
     #[test]
     fn replayed_frames_come_first_and_the_mirror_sees_each_frame_once() {
         let (mut t, backend, kick, _wake, mem) = setup();
-        negotiate(&mut t, u64::MAX);
-        let mut rxq = TestQueue::new(&mem, 0x1_0000, 16);
-        let txq = TestQueue::new(&mem, 0x4_0000, 16);
-        rxq.program(&mut t, 0);
-        txq.program(&mut t, 1);
-        driver_ok(&mut t);
+        let (mut rxq, seen) = activate_with_mirror(&mut t, &mem);
         assert_eq!(kick.read().unwrap(), 1, "activation kicks the I/O thread");
-        let seen = Arc::new(Seen::default());
-        t.device_mut().set_rx_mirror(Some(seen.clone() as Arc<dyn RxMirror>));
 
         backend.to_guest.lock().unwrap().push_back(frame(b"from the backend"));
         let replay = vec![frame(b"replayed one"), vec![0u8; 3], frame(b"replayed two")];
@@ -676,16 +682,8 @@ mod tests {
     /// pause opens reading ahead.
     #[test]
     fn frames_read_ahead_in_a_pause_are_mirrored_at_once_and_delivered_after_it() {
-        let (mut t, backend, kick, _wake, mem) = setup();
-        negotiate(&mut t, u64::MAX);
-        let mut rxq = TestQueue::new(&mem, 0x1_0000, 16);
-        let txq = TestQueue::new(&mem, 0x4_0000, 16);
-        rxq.program(&mut t, 0);
-        txq.program(&mut t, 1);
-        driver_ok(&mut t);
-        let _ = kick.read();
-        let seen = Arc::new(Seen::default());
-        t.device_mut().set_rx_mirror(Some(seen.clone() as Arc<dyn RxMirror>));
+        let (mut t, backend, _kick, _wake, mem) = setup();
+        let (mut rxq, seen) = activate_with_mirror(&mut t, &mem);
         let names = |v: &[Vec<u8>]| v.iter().map(|f| String::from_utf8_lossy(&f[VNET_HDR_LEN..]).into_owned()).collect::<Vec<_>>();
 
         t.pause();
