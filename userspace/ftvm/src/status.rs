@@ -280,6 +280,14 @@ pub struct PrimaryStatus {
     /// The same, the guest input sent ahead counted too (absent in files of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_with_input_per_dirty_byte: Option<f64>,
+    /// A-Link bytes per byte the guest wrote: the dirty pages the tracker left writable (hot
+    /// pages, sent whether written or not) counted at the share of them the guest was seen to
+    /// write in an epoch (absent without hot pages, and in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_per_written_byte: Option<f64>,
+    /// That share: of the hot pages sampled, those written within one epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_pages_written_share: Option<f64>,
     /// A guest disk write could not be recorded for the backup (its backlog was full): the backup
     /// lacks it, so the pair is not protected until a new synchronisation.
     pub disk_replication_lost: bool,
@@ -327,6 +335,8 @@ impl PrimaryStatus {
             last_ack_us: snap.last_ack_round_trip.map(|d| d.as_micros() as u64),
             link_per_dirty_byte: snap.link_per_dirty_byte(),
             link_with_input_per_dirty_byte: snap.link_with_input_per_dirty_byte(),
+            link_per_written_byte: snap.link_per_written_byte(),
+            hot_pages_written_share: snap.hot_written_share(),
             disk_replication_lost: snap.disk_replication_lost,
             recent: RecentEpochs::of(&snap.recent, &snap.recent_ack),
             quorum: QuorumStatus::of(lease),
@@ -734,7 +744,8 @@ mod tests {
     const PRIMARY: &str = r#"{
       "role": "primary", "state": "protected", "detail": "", "epochs_committed": 1200,
       "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
-      "link_per_dirty_byte": 1.02, "link_with_input_per_dirty_byte": 1.03, "disk_replication_lost": false,
+      "link_per_dirty_byte": 1.02, "link_with_input_per_dirty_byte": 1.03, "link_per_written_byte": 1.1,
+      "hot_pages_written_share": 0.8, "disk_replication_lost": false,
       "checkpoints": { "copy": "cow", "transport": "io_uring", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
         "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5, "ingress_forwarded": 5400,
         "ingress_not_forwarded": 1, "ingress_link_bytes": 1200000 },

@@ -506,6 +506,12 @@ impl CheckpointSource {
         }
     }
 
+    /// The tracker's samples of the pages it leaves writable: `(sampled, written)` (see
+    /// [`DirtyTracker::hot_samples`]).
+    pub fn hot_page_samples(&self) -> (u64, u64) {
+        self.tracker.as_ref().map_or((0, 0), |t| t.hot_samples())
+    }
+
     /// Gives back pages that a failed epoch could not deliver: the next capture returns them.
     pub fn remark(&mut self, pages: &PageRangeSet) -> Result<(), TrackingControlError> {
         let t = self

@@ -18,7 +18,9 @@
 //!
 //! Never a matter of safety: a hot page is in every harvest, whether it was written or not, so a
 //! checkpoint never lacks a page the guest wrote. It only costs link bytes for hot pages the
-//! guest did not write in that epoch, which the cooling bounds.
+//! guest did not write in that epoch, which the cooling bounds. How many that is, is measured:
+//! the harvest after each periodic cooling sees which of the cooled pages the guest wrote again
+//! in one epoch ([`HotPages::samples`]).
 
 /// The hot-page policy's state over a VM's memory slots (bit `i` of word `w` of slot `s`: page
 /// `64 * w + i` of slot `s`, as in KVM's bitmap).
@@ -34,6 +36,12 @@ pub struct HotPages {
     since_cool: u32,
     /// The next harvest protects every page again.
     cool_next: bool,
+    /// The hot pages a periodic cooling protected, to be looked for in the next harvest.
+    probe_next: Option<Vec<Vec<u64>>>,
+    /// The hot pages the last cooling protected, looked for in this harvest.
+    probe: Option<Vec<Vec<u64>>>,
+    /// Hot pages sampled that way, and of those, written again within one epoch.
+    sampled: (u64, u64),
 }
 
 /// What [`HotPages::plan`] decided for one slot.
@@ -63,7 +71,9 @@ impl HotPages {
     /// Forgets everything (dirty logging restarted: all of memory is write-protected again).
     pub fn reset(&mut self) {
         let slots = self.hot.len();
+        let sampled = self.sampled;
         *self = Self::new(slots);
+        self.sampled = sampled;
     }
 
     /// The next harvest write-protects every page again (the guest went quiet: its hot pages
@@ -77,11 +87,24 @@ impl HotPages {
         self.hot_count
     }
 
+    /// Hot pages sampled at the harvests after periodic coolings, and how many of them the guest
+    /// had written again within that one epoch: the share of hot pages' bytes that are written
+    /// bytes. (Coolings for a quiet guest are not sampled: it writes nothing.)
+    pub fn samples(&self) -> (u64, u64) {
+        self.sampled
+    }
+
     /// Starts a harvest: whether it cools (every hot page is protected again in this harvest).
     pub fn begin_harvest(&mut self) -> bool {
         self.since_cool += 1;
-        let cool = self.cool_next || self.since_cool >= Self::COOL_EVERY;
+        self.probe = self.probe_next.take();
+        let periodic = self.since_cool >= Self::COOL_EVERY;
+        let cool = self.cool_next || periodic;
         if cool {
+            if periodic && !self.cool_next && self.hot_count > 0 {
+                self.sampled.0 += self.hot_count;
+                self.probe_next = Some(self.hot.clone());
+            }
             self.cool_next = false;
             self.since_cool = 0;
         }
@@ -95,6 +118,9 @@ impl HotPages {
     /// # Panics
     /// If `slot` is not below the number of slots given to [`Self::new`].
     pub fn plan(&mut self, slot: usize, reported: &[u64], cooling: bool) -> SlotPlan {
+        if let Some(probed) = self.probe.as_ref().and_then(|p| p.get(slot)) {
+            self.sampled.1 += reported.iter().zip(probed).map(|(r, p)| u64::from((r & p).count_ones())).sum::<u64>();
+        }
         let hot = &mut self.hot[slot];
         let seen = &mut self.seen[slot];
         hot.resize(reported.len(), 0);
@@ -185,6 +211,28 @@ mod tests {
             })
             .count();
         assert_eq!(cooled, 2);
+    }
+
+    /// The harvest after a periodic cooling counts which cooled pages were written again.
+    #[test]
+    fn periodic_coolings_sample_how_many_hot_pages_are_written() {
+        let mut p = HotPages::new(1);
+        harvest(&mut p, 0b111);
+        // Pages 0..=2 hot; then only pages 0 and 1 keep being written (page 2 still reported:
+        // KVM keeps the bit of a page left writable).
+        while p.since_cool + 1 < HotPages::COOL_EVERY {
+            harvest(&mut p, 0b111);
+        }
+        assert_eq!(p.hot_count(), 3);
+        assert_eq!(harvest(&mut p, 0b111).protect, vec![0b111], "the periodic cooling");
+        assert_eq!(p.samples(), (3, 0));
+        harvest(&mut p, 0b011);
+        assert_eq!(p.samples(), (3, 2), "two of the three cooled pages were written again");
+        // A cooling for a quiet guest is not sampled.
+        p.cool();
+        harvest(&mut p, 0b011);
+        harvest(&mut p, 0);
+        assert_eq!(p.samples(), (3, 2));
     }
 
     #[test]

@@ -159,6 +159,10 @@ impl DirtyTracker for KvmBitmap {
         }
     }
 
+    fn hot_samples(&self) -> (u64, u64) {
+        self.hot.as_ref().map_or((0, 0), HotPages::samples)
+    }
+
     fn remark(&mut self, pages: &PageRangeSet) {
         self.pending.union_with(pages);
     }

@@ -202,6 +202,13 @@ pub trait DirtyTracker: Send + std::fmt::Debug {
     /// tracker that protects every reported page anyway.
     fn cool(&mut self) {}
 
+    /// Pages left writable that were sampled (protected again once) and, of those, how many the
+    /// guest wrote within the next epoch, since the tracker was made (see
+    /// [`hot_pages::HotPages::samples`]); `(0, 0)` for a tracker that leaves none writable.
+    fn hot_samples(&self) -> (u64, u64) {
+        (0, 0)
+    }
+
     /// Stops logging (guest writes run at full speed again) and forgets everything pending.
     fn stop(&mut self) -> Result<(), TrackStopError>;
 

@@ -1116,6 +1116,7 @@ impl PrimaryEngine {
         let (bound, link_rate) = (self.schedule.bound_pages, self.schedule.link_rate);
         let counts = self.schedule.counts;
         let ingress = self.ingress.stats();
+        let hot_samples = self.source.hot_page_samples();
         // The percentiles cost a sort of the window: only when the rate is refreshed.
         let recent = rate.map(|_| {
             let mut acks: Vec<Duration> = lock(&self.ack.round_trips).iter().map(|(_, d)| *d).collect();
@@ -1125,6 +1126,8 @@ impl PrimaryEngine {
             s.last_epoch = *m;
             s.link_bytes += m.link_bytes;
             s.dirty_bytes += m.dirty_bytes();
+            s.hot_bytes += m.hot_pages * crate::PAGE_SIZE as u64;
+            s.hot_samples = hot_samples;
             s.checkpoints = counts;
             s.ingress = ingress;
             s.dirty_bound_pages = bound;

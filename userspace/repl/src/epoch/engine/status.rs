@@ -124,6 +124,10 @@ pub struct StatusSnapshot {
     pub link_bytes: u64,
     /// Dirty guest memory bytes over all incremental epochs.
     pub dirty_bytes: u64,
+    /// Of those, the bytes of pages the dirty tracker had left writable (sent written or not).
+    pub hot_bytes: u64,
+    /// The tracker's samples of those pages: `(sampled, written within an epoch)`.
+    pub hot_samples: (u64, u64),
     /// A guest disk write could not be recorded (backlog full): the backup's disk lacks it, and
     /// only a new initial synchronisation makes it whole again.
     pub disk_replication_lost: bool,
@@ -171,6 +175,20 @@ impl StatusSnapshot {
         (self.dirty_bytes > 0).then(|| self.link_bytes as f64 / self.dirty_bytes as f64)
     }
 
+    /// The share of the pages left writable that the guest writes in an epoch (sampled).
+    pub fn hot_written_share(&self) -> Option<f64> {
+        (self.hot_samples.0 > 0).then(|| self.hot_samples.1 as f64 / self.hot_samples.0 as f64)
+    }
+
+    /// A-Link bytes per byte the guest wrote: as [`Self::link_per_dirty_byte`], the bytes of the
+    /// pages left writable counted at their sampled written share. `None` when no page was left
+    /// writable or none sampled yet.
+    pub fn link_per_written_byte(&self) -> Option<f64> {
+        let share = self.hot_written_share().filter(|_| self.hot_bytes > 0)?;
+        let written = self.dirty_bytes as f64 - self.hot_bytes as f64 * (1.0 - share);
+        (written > 0.0).then(|| self.link_bytes as f64 / written)
+    }
+
     /// The same with the guest input sent ahead counted as A-Link bytes too.
     pub fn link_with_input_per_dirty_byte(&self) -> Option<f64> {
         (self.dirty_bytes > 0).then(|| (self.link_bytes + self.ingress.link_bytes) as f64 / self.dirty_bytes as f64)
@@ -198,6 +216,8 @@ impl EngineStatus {
                 last_ack_round_trip: None,
                 link_bytes: 0,
                 dirty_bytes: 0,
+                hot_bytes: 0,
+                hot_samples: (0, 0),
                 disk_replication_lost: false,
                 paused_for_lease: false,
                 backup_refused: None,
@@ -253,5 +273,12 @@ mod tests {
         s.dirty_bytes = 100;
         assert_eq!(s.lag_epochs(), 3);
         assert_eq!(s.link_per_dirty_byte(), Some(1.5));
+        assert_eq!((s.hot_written_share(), s.link_per_written_byte()), (None, None), "no hot pages");
+        // 60 of the 100 dirty bytes were hot pages, and half the hot pages sampled were written:
+        // 70 bytes written.
+        s.hot_bytes = 60;
+        s.hot_samples = (10, 5);
+        assert_eq!(s.hot_written_share(), Some(0.5));
+        assert_eq!(s.link_per_written_byte(), Some(150.0 / 70.0));
     }
 }
