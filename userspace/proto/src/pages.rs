@@ -143,11 +143,63 @@ impl PageRangeSet {
         let i = self.ranges.partition_point(|r| r.end() <= pfn);
         self.ranges.get(i).is_some_and(|r| r.start <= pfn)
     }
+
+    /// Splits this set by `by`: `(pages also in by, pages not in by)`.
+    pub fn split_by(&self, by: &PageRangeSet) -> (PageRangeSet, PageRangeSet) {
+        let (mut inside, mut outside) = (PageRangeSet::new(), PageRangeSet::new());
+        let mut j = 0;
+        for r in &self.ranges {
+            let mut at = r.start;
+            // Ranges of `by` that end at or before `at` can be of no use to this or later ranges.
+            while j < by.ranges.len() && by.ranges[j].end() <= at {
+                j += 1;
+            }
+            let mut k = j;
+            while at < r.end() {
+                match by.ranges.get(k) {
+                    Some(b) if b.start < r.end() => {
+                        let from = b.start.max(at);
+                        outside.insert(at, from - at);
+                        let to = b.end().min(r.end());
+                        inside.insert(from, to - from);
+                        at = to;
+                        k += 1;
+                    }
+                    _ => {
+                        outside.insert(at, r.end() - at);
+                        at = r.end();
+                    }
+                }
+            }
+        }
+        (inside, outside)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_by_another_set() {
+        let set = |rs: &[(u64, u64)]| {
+            let mut s = PageRangeSet::new();
+            for &(start, len) in rs {
+                s.insert(start, len);
+            }
+            s
+        };
+        let pages = set(&[(10, 10), (30, 5), (100, 1)]);
+        let by = set(&[(0, 12), (15, 2), (19, 13), (100, 1), (200, 5)]);
+        let (inside, outside) = pages.split_by(&by);
+        assert_eq!(inside.ranges(), set(&[(10, 2), (15, 2), (19, 1), (30, 2), (100, 1)]).ranges());
+        assert_eq!(outside.ranges(), set(&[(12, 3), (17, 2), (32, 3)]).ranges());
+        assert_eq!(inside.page_count() + outside.page_count(), pages.page_count());
+        let (all, none) = pages.split_by(&pages);
+        assert_eq!((all.ranges(), none.is_empty()), (pages.ranges(), true));
+        let (none, all) = pages.split_by(&PageRangeSet::new());
+        assert_eq!((none.is_empty(), all.ranges()), (true, pages.ranges()));
+    }
 
     #[test]
     fn bitmap_to_ranges() {

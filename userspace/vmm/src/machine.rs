@@ -512,6 +512,15 @@ impl CheckpointSource {
         self.tracker.as_ref().map_or((0, 0), |t| t.hot_samples())
     }
 
+    /// The pages the tracker leaves writable now ([`DirtyTracker::writable_pages`]).
+    pub fn writable_pages(&self) -> PageRangeSet {
+        let mut out = PageRangeSet::new();
+        if let Some(t) = self.tracker.as_ref() {
+            t.writable_pages(&mut out);
+        }
+        out
+    }
+
     /// Gives back pages that a failed epoch could not deliver: the next capture returns them.
     pub fn remark(&mut self, pages: &PageRangeSet) -> Result<(), TrackingControlError> {
         let t = self

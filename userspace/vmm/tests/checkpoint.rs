@@ -784,6 +784,7 @@ mod tests {
             assert!(got.len() as u64 - want.len() as u64 <= hot, "round {r}: {hot} hot pages, {}", diff(&got, &want));
             if r >= 1 {
                 assert!(hot >= 1, "round {r}: STATUS, written every round, is not left writable");
+                assert!(d.src.writable_pages().contains(status), "round {r}: STATUS is not among the writable pages");
                 // Nothing written since: only the hot pages, STATUS among them.
                 let (idle, _) = d.checkpoint();
                 assert!(idle.contains(&status), "round {r}: the hot STATUS page is not reported: {idle:x?}");
@@ -795,6 +796,7 @@ mod tests {
         let (cooled, _) = d.checkpoint();
         assert!(cooled.contains(&status));
         assert_eq!(d.src.last_harvest().hot_pages, 0, "a cooling harvest leaves nothing writable");
+        assert!(d.src.writable_pages().is_empty());
         let (empty, _) = d.checkpoint();
         assert!(empty.is_empty(), "an idle guest after cooling: {empty:x?}");
         // STATUS is protected again: the next round's write is seen through KVM's log.

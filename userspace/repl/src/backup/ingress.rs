@@ -75,7 +75,7 @@ impl RecentIngress {
 
     /// The frames to deliver at a takeover from `committed`, oldest first.
     pub(crate) fn frames_after(&self, committed: Option<EpochId>) -> Vec<Vec<u8>> {
-        let after = |e: &u64| !committed.is_some_and(|c| *e <= c.0);
+        let after = |e: &u64| committed.is_none_or(|c| *e > c.0);
         decoded_frames(self.payloads.iter().filter(|(e, ..)| after(e)).map(|(_, p, _)| p.as_slice()))
     }
 

@@ -87,6 +87,12 @@ impl HotPages {
         self.hot_count
     }
 
+    /// The pages of slot `slot` left writable now, as KVM's bitmap words (empty for a slot not
+    /// harvested yet or not known).
+    pub fn slot_words(&self, slot: usize) -> &[u64] {
+        self.hot.get(slot).map_or(&[], Vec::as_slice)
+    }
+
     /// Hot pages sampled at the harvests after periodic coolings, and how many of them the guest
     /// had written again within that one epoch: the share of hot pages' bytes that are written
     /// bytes. (Coolings for a quiet guest are not sampled: it writes nothing.)

@@ -163,6 +163,13 @@ impl DirtyTracker for KvmBitmap {
         self.hot.as_ref().map_or((0, 0), HotPages::samples)
     }
 
+    fn writable_pages(&self, out: &mut PageRangeSet) {
+        let Some(hot) = &self.hot else { return };
+        for (i, slot) in self.slots.iter().enumerate() {
+            out.add_bitmap(first_pfn(slot), hot.slot_words(i));
+        }
+    }
+
     fn remark(&mut self, pages: &PageRangeSet) {
         self.pending.union_with(pages);
     }

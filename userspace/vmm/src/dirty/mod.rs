@@ -209,6 +209,11 @@ pub trait DirtyTracker: Send + std::fmt::Debug {
         (0, 0)
     }
 
+    /// Adds to `out` the pages the tracker leaves writable now (every harvest reports them):
+    /// a copy-on-write checkpoint copies these in the pause rather than write-protecting pages
+    /// the guest is about to write again. Nothing for a tracker that leaves none writable.
+    fn writable_pages(&self, _out: &mut PageRangeSet) {}
+
     /// Stops logging (guest writes run at full speed again) and forgets everything pending.
     fn stop(&mut self) -> Result<(), TrackStopError>;
 

@@ -118,13 +118,14 @@ impl CowCopy {
     }
 
     /// After the resume: copies `pages` (protected by [`Self::protect`]) into `staging` (laid out
-    /// for them), serving the writers that wait for a page first, and lifts the protection piece by
+    /// for them, and perhaps for more pages copied in the pause), serving the writers that wait for a page first, and lifts the protection piece by
     /// piece. Returns with nothing protected, on success or not; on an error the staging buffer is
     /// not the pause's memory and the epoch must not be sent. A `Self` whose lifting failed must
     /// be dropped (closing the userfaultfd lifts everything).
     pub(super) fn copy(&mut self, pages: &PageRangeSet, staging: &mut Staging, mem: &GuestMemory) -> Result<CowStats, CowError> {
         let mut stats = CowStats { spans: self.spans.len() as u64, faults: 0 };
-        let words = pages.page_count().div_ceil(64) as usize;
+        // Indexed by the page's place in the staging buffer, which may hold more than `pages`.
+        let words = staging.page_count().div_ceil(64) as usize;
         self.copied.clear();
         self.copied.resize(words, 0);
         let result = self.copy_pieces(pages, staging, mem, &mut stats);

@@ -944,14 +944,18 @@ impl PrimaryEngine {
         }
         let tc = Instant::now();
         // A switchover's final checkpoint leaves the VM paused: nothing to protect against.
-        let cow = resume == Resume::Yes && self.arm_cow(&pages);
-        let copied = if cow { Ok(()) } else { self.staging.fill(&pages, &mem) };
+        let later = if resume == Resume::Yes { self.arm_cow(&pages) } else { None };
+        let copied = match &later {
+            // Copy-on-write: the pages left out of the protection are copied now.
+            Some(later) => self.staging.copy_except(&pages, later, &mem),
+            None => self.staging.fill(&pages, &mem),
+        };
         let copy = tc.elapsed();
         let ctx = ctx.captured(pages.page_count(), hot_pages, writes.len() as u64, frames, timings, copy);
         let resumed = if resume == Resume::Yes { self.source.resume() } else { Ok(()) };
         let mut ctx = ctx.resumed();
-        let copied = match (copied, cow) {
-            (Ok(()), true) => self.copy_after_resume(&pages, &mem, &mut ctx),
+        let copied = match (copied, &later) {
+            (Ok(()), Some(later)) => self.copy_after_resume(later, &mem, &mut ctx),
             (other, _) => other,
         };
         if let Err(pfn) = copied {
@@ -994,11 +998,18 @@ impl PrimaryEngine {
     }
 
     /// In a copy-on-write engine's pause: lays out the staging buffer for `pages` and
-    /// write-protects them; false when the pages must be copied now instead (stop-and-copy, or
-    /// write protection that cannot be armed, which then ends copy-on-write for this engine).
-    fn arm_cow(&mut self, pages: &PageRangeSet) -> bool {
+    /// write-protects those to copy after the resume, which it returns: all of them but the pages
+    /// the dirty tracker leaves writable (the guest's hot pages, which it is about to write again:
+    /// protecting them would only trade each for a fault), copied in the pause. `None` when the
+    /// pages must all be copied now instead (stop-and-copy, only hot pages, or write protection
+    /// that cannot be armed, which then ends copy-on-write for this engine).
+    fn arm_cow(&mut self, pages: &PageRangeSet) -> Option<PageRangeSet> {
         if self.cfg.copy != CheckpointCopy::CopyOnWrite || pages.is_empty() {
-            return false;
+            return None;
+        }
+        let (_, later) = pages.split_by(&self.source.writable_pages());
+        if later.is_empty() {
+            return None;
         }
         if self.cow.is_none() {
             match cow::CowCopy::new(&self.source.guest_memory()) {
@@ -1007,20 +1018,20 @@ impl PrimaryEngine {
                     tracing::warn!(error = %ErrorChain(&e), "cannot write-protect guest memory: checkpoints copy in the pause");
                     self.cfg.copy = CheckpointCopy::StopAndCopy;
                     self.status.update(|s| s.copy = CheckpointCopy::StopAndCopy);
-                    return false;
+                    return None;
                 }
             }
         }
-        let Some(cow) = self.cow.as_mut() else { return false };
+        let cow = self.cow.as_mut()?;
         self.staging.lay_out(pages);
-        match cow.protect(pages) {
-            Ok(_) => true,
+        match cow.protect(&later) {
+            Ok(_) => Some(later),
             Err(e) => {
                 tracing::warn!(error = %ErrorChain(&e), "cannot write-protect the epoch's pages: checkpoints copy in the pause");
                 self.cow = None;
                 self.cfg.copy = CheckpointCopy::StopAndCopy;
                 self.status.update(|s| s.copy = CheckpointCopy::StopAndCopy);
-                false
+                None
             }
         }
     }

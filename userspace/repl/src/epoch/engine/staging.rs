@@ -26,6 +26,21 @@ impl Staging {
         Ok(())
     }
 
+    /// A copy-on-write epoch's pause, the buffer laid out for `pages`: copies those not in `later`
+    /// (which the copy after the resume takes).
+    pub(super) fn copy_except(&mut self, pages: &PageRangeSet, later: &PageRangeSet, mem: &ftvm_vmm::memory::GuestMemory) -> Result<(), u64> {
+        let (_, now) = pages.split_by(later);
+        for r in now.ranges() {
+            self.copy_in(mem, r.start, r.len).map_err(|_| r.start)?;
+        }
+        Ok(())
+    }
+
+    /// Pages laid out.
+    pub(super) fn page_count(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+
     /// Makes room for `pages`, in the order of their ranges, copying nothing yet (a copy-on-write
     /// epoch copies them after the resume, see `cow`).
     pub(super) fn lay_out(&mut self, pages: &PageRangeSet) {
