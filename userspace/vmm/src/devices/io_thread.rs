@@ -152,13 +152,18 @@ impl Worker {
     fn receive(&mut self) {
         let Some(net) = &self.net else { return };
         let mut t = lock(&net.transport);
-        let keep = match t.process(|dev, ctx| dev.process_rx(ctx)) {
-            Some(poll) => matches!(poll, RxPoll::Drained | RxPoll::More),
+        let (keep, mirror) = match t.process(|dev, ctx| dev.process_rx(ctx)) {
+            Some(poll) => (matches!(poll, RxPoll::Drained | RxPoll::More), t.device().rx_mirror()),
             // Paused: the frames may still be read ahead, into a queue outside the state.
-            None if t.is_paused() => t.device_mut().read_ahead(),
-            None => false,
+            None if t.is_paused() => (t.device_mut().read_ahead(), None),
+            None => (false, None),
         };
         drop(t);
+        // The guest is told of the frames and the device is free again (the guest's next
+        // notification takes its lock): now the mirror passes them on.
+        if let Some(m) = mirror {
+            m.taken_all();
+        }
         // A device that is not running, or has no buffers, or a paused one that may not read
         // ahead, must not make a level-triggered backend fd spin this thread: stop watching it
         // until the next kick.

@@ -616,6 +616,7 @@ impl Drop for DeviceManager {
 mod tests {
     use super::*;
     use crate::devices::bus::MmioBus;
+    use std::sync::atomic::AtomicUsize;
     use crate::devices::virtio::test_utils::*;
     use std::os::fd::AsRawFd;
     use virtio::net::TxMode;
@@ -813,19 +814,23 @@ mod tests {
         dm.shutdown().unwrap();
     }
 
-    /// Frames seen by the receive mirror.
+    /// Frames seen by the receive mirror, and the receive passes it was told of.
     #[derive(Debug, Default)]
-    struct Mirrored(Mutex<Vec<Vec<u8>>>);
+    struct Mirrored(Mutex<Vec<Vec<u8>>>, AtomicUsize);
 
     impl virtio::net::RxMirror for Mirrored {
         fn frame_taken(&self, frame: &[u8]) {
             lock(&self.0).push(frame.to_vec());
         }
+
+        fn taken_all(&self) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// Paused, with reading ahead open: a datagram the host sends the guest is read by the I/O
     /// thread and mirrored during the pause, reaches the guest's ring only after the resume, and
-    /// is mirrored once.
+    /// is mirrored once; the I/O thread ends each receive pass with the mirror.
     fn read_ahead_in_a_pause(dm: &DeviceManager, mem: &GuestMemory, wake: &GuestWake, rxq: &mut TestQueue<'_>) {
         const PAYLOAD: &[u8] = b"read ahead in the pause";
         let carries = |f: &[u8]| f.windows(PAYLOAD.len()).any(|w| w == PAYLOAD);
@@ -844,6 +849,7 @@ mod tests {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(rxq.next_used(), None, "nothing reaches the guest's ring while paused");
+        let passes = mirror.1.load(Ordering::SeqCst);
         dm.resume();
         let mut delivered = false;
         while !delivered {
@@ -856,6 +862,11 @@ mod tests {
             }
         }
         assert_eq!(lock(&mirror.0).iter().filter(|f| carries(f)).count(), 1, "mirrored once, when read ahead");
+        // The pass that delivered it ends with the mirror, just after the guest is told.
+        while mirror.1.load(Ordering::SeqCst) == passes {
+            assert!(std::time::Instant::now() < deadline, "the delivering receive pass never ended with the mirror");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         dm.set_rx_mirror(None);
     }
 

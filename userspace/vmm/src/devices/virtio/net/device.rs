@@ -78,7 +78,9 @@ pub trait RxMirror: Send + Sync + fmt::Debug {
     fn frame_taken(&self, frame: &[u8]);
 
     /// The receive pass that took the frames since the last call is over (called after every
-    /// pass, frames or not): a moment to pass them on together rather than one by one.
+    /// pass, frames or not): a moment to pass them on together rather than one by one. Called
+    /// by whoever ran the pass once the guest has been told of the frames and the device's lock
+    /// is released ([`Net::rx_mirror`]; the I/O thread), so that passing them on delays neither.
     fn taken_all(&self) {}
 }
 
@@ -214,6 +216,12 @@ impl Net {
             self.kick_io_thread();
         }
         queued
+    }
+
+    /// The observer of received frames, to end a receive pass with ([`RxMirror::taken_all`])
+    /// after [`Self::process_rx`].
+    pub fn rx_mirror(&self) -> Option<Arc<dyn RxMirror>> {
+        self.rx_mirror.clone()
     }
 
     /// Frames queued by [`Self::replay_rx`] and not received yet.
@@ -410,11 +418,7 @@ impl Net {
             backend: self.backend.as_mut(),
             mirror: self.rx_mirror.as_deref(),
         };
-        let processed = self.rx.process_until(queue, RX_QUEUE, ctx.mem, &mut input, &mut self.descs, &mut self.stats, &stop);
-        if let Some(m) = &self.rx_mirror {
-            m.taken_all();
-        }
-        let (poll, notify) = processed?;
+        let (poll, notify) = self.rx.process_until(queue, RX_QUEUE, ctx.mem, &mut input, &mut self.descs, &mut self.stats, &stop)?;
         if notify {
             // The guest may be idle in PORT_WAIT waiting for exactly this frame.
             ctx.signal_used(true);
@@ -662,7 +666,7 @@ mod tests {
             assert_eq!(got[VNET_HDR_LEN..], w[VNET_HDR_LEN..], "frame {i}");
         }
         assert_eq!(*seen.0.lock().unwrap(), want.to_vec());
-        assert_eq!(seen.1.load(std::sync::atomic::Ordering::SeqCst), 1, "one pass took the three frames");
+        assert_eq!(seen.1.load(std::sync::atomic::Ordering::SeqCst), 0, "the caller ends the pass, after the lock");
         assert_eq!(t.device().rx_replay_len(), 0);
         assert_eq!(t.device().stats().rx_frames, 3);
 
