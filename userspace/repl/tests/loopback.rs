@@ -220,14 +220,7 @@ mod tests {
     /// The held output sent with committed epochs is in the standby a takeover gets (to replay);
     /// the output of an epoch that never committed is not.
     fn held_output_is_kept(io: LinkIo) {
-        init_tracing();
-        let mut rng = Rng(11);
-        let mut model = Model::new(&mut rng, 4 * MIB, MIB);
-        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
-        let (backup, _disk) = start_backup(&model, "output");
-        let mut t = connect_io(backup.local_addr(), &model, io);
-        let token = full_sync(&mut t, &mut model, EpochId(0));
-        wait(&t, token);
+        let SyncedPair { mut rng, mut model, mut disks, backup, mut t, disk: _disk } = synced_pair(11, 4 * MIB, MIB, "output", io);
         let frame = |b: u8, n: usize| vec![b; n];
         let mut epoch_with_output = |t: &mut TcpTransport, model: &mut Model, e: u64, out: &[Vec<u8>], commit: bool| {
             model.run(&mut rng, 3, 0, &mut disks);
@@ -270,14 +263,7 @@ mod tests {
     /// epoch is what a takeover gets, in order; an epoch still being sent counts as not committed.
     fn input_is_kept(io: LinkIo) {
         use ftvm_proto::epoch::encode_output_frame;
-        init_tracing();
-        let mut rng = Rng(13);
-        let mut model = Model::new(&mut rng, 4 * MIB, MIB);
-        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
-        let (backup, _disk) = start_backup(&model, "ingress");
-        let mut t = connect_io(backup.local_addr(), &model, io);
-        let token = full_sync(&mut t, &mut model, EpochId(0));
-        wait(&t, token);
+        let SyncedPair { mut rng, mut model, mut disks, backup, mut t, disk: _disk } = synced_pair(13, 4 * MIB, MIB, "ingress", io);
         let link = t.ingress_link().expect("a 1.7 backup takes input");
         let payload = |frames: &[&[u8]]| {
             let mut p = Vec::new();
@@ -340,13 +326,7 @@ mod tests {
         use ftvm_proto::limits::{MAX_GUEST_FRAME, MIN_GUEST_FRAME};
         use ftvm_repl::transport::SendOutputError;
         assert_eq!(ftvm_vmm::devices::virtio::net::handler::MAX_FRAME_LEN, MAX_GUEST_FRAME);
-        init_tracing();
-        let mut rng = Rng(12);
-        let mut model = Model::new(&mut rng, 4 * MIB, MIB);
-        let (backup, _disk) = start_backup(&model, "frame-sizes");
-        let mut t = connect(backup.local_addr(), &model);
-        let token = full_sync(&mut t, &mut model, EpochId(0));
-        wait(&t, token);
+        let SyncedPair { model, backup, mut t, disk: _disk, .. } = synced_pair(12, 4 * MIB, MIB, "frame-sizes", LinkIo::Socket);
         let sizes = [MIN_GUEST_FRAME, MIN_GUEST_FRAME + 60, MIN_GUEST_FRAME + 1514, MAX_GUEST_FRAME - 1, MAX_GUEST_FRAME];
         let frames: Vec<Vec<u8>> =
             sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|b| (b as u8).wrapping_mul(31) ^ i as u8).collect()).collect();
@@ -377,14 +357,7 @@ mod tests {
     /// Only one primary at a time: a second authenticated primary is told so; the first keeps going.
     #[test]
     fn a_second_primary_is_refused_while_one_is_connected() {
-        init_tracing();
-        let mut rng = Rng(11);
-        let mut model = Model::new(&mut rng, MIB, 256 << 10);
-        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
-        let (backup, _disk) = start_backup(&model, "second");
-        let mut t = connect(backup.local_addr(), &model);
-        let token = full_sync(&mut t, &mut model, EpochId(0));
-        wait(&t, token);
+        let SyncedPair { mut rng, mut model, mut disks, backup, mut t, disk: _disk } = synced_pair(11, MIB, 256 << 10, "second", LinkIo::Socket);
 
         let err = TcpTransport::connect(backup.local_addr(), SECRET, &options(&model)).unwrap_err();
         assert!(matches!(err, ConnectError::Refused(ref r) if r.contains("another primary")), "{err}");
@@ -731,14 +704,7 @@ mod tests {
     /// backup as it was sealed (a zero-copy commit waits until the kernel is done with the pages;
     /// were it not to, the kernel would send the new bytes, and the backup would refuse the frame).
     fn pages_changed_after_commit(io: LinkIo) {
-        init_tracing();
-        let mut rng = Rng(31);
-        let mut model = Model::new(&mut rng, 64 * MIB, MIB);
-        let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
-        let (backup, _disk) = start_backup(&model, "after-commit");
-        let mut t = connect_io(backup.local_addr(), &model, io);
-        let token = full_sync(&mut t, &mut model, EpochId(0));
-        wait(&t, token);
+        let SyncedPair { mut rng, mut model, mut disks, backup, mut t, disk: _disk } = synced_pair(31, 64 * MIB, MIB, "after-commit", io);
         for e in 1..=3u64 {
             // Half of memory, new contents, in one epoch: 32 MiB against 4 MiB socket buffers.
             let half = model.pages() / 2;

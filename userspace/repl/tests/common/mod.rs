@@ -273,6 +273,33 @@ pub fn wait(t: &TcpTransport, token: AckToken) -> EpochId {
     t.wait_ack(token, Instant::now() + ACK_DEADLINE).unwrap()
 }
 
+/// A model primary synchronised with a fresh backup: the set-up most loopback tests begin with.
+pub struct SyncedPair {
+    pub rng: Rng,
+    pub model: Model,
+    /// The primary's record of disk writes, for the epochs the test sends.
+    pub disks: MemoryDiskReplicator,
+    pub backup: BackupReceiver,
+    pub t: TcpTransport,
+    /// The backup's disk, removed with it.
+    pub disk: TempPath,
+}
+
+/// Tracing, a model of `mem_bytes` of memory and `disk_bytes` of disk drawn from `seed`, a backup
+/// whose disk is named after `tag`, a transport writing with `io`, and a full synchronisation as
+/// epoch 0, acknowledged.
+pub fn synced_pair(seed: u64, mem_bytes: usize, disk_bytes: usize, tag: &str, io: LinkIo) -> SyncedPair {
+    init_tracing();
+    let mut rng = Rng(seed);
+    let mut model = Model::new(&mut rng, mem_bytes, disk_bytes);
+    let disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 << 20);
+    let (backup, disk) = start_backup(&model, tag);
+    let mut t = connect_io(backup.local_addr(), &model, io);
+    let token = full_sync(&mut t, &mut model, EpochId(0));
+    wait(&t, token);
+    SyncedPair { rng, model, disks, backup, t, disk }
+}
+
 fn first_difference(a: &[u8], b: &[u8], unit: usize) -> Option<usize> {
     a.chunks(unit).zip(b.chunks(unit)).position(|(x, y)| x != y)
 }
