@@ -2,7 +2,8 @@
 //!
 //! Every first write to a write-protected page after a harvest is a fault into KVM, which costs
 //! 6–8 µs under this machine's nested KVM (no page-modification logging for a nested
-//! hypervisor). A request-serving guest writes the same few dozen pages in every epoch (its
+//! hypervisor; AMD hosts log with faults too; Intel's PML logs without them, and there the
+//! tracker leaves nothing writable, see `KvmBitmap::with_hot_pages`). A request-serving guest writes the same few dozen pages in every epoch (its
 //! stack, its network rings and buffers, its connection state), so protecting them again at each
 //! harvest costs more guest time than sending them does. With KVM's manual dirty-log protection
 //! (`KVM_CLEAR_DIRTY_LOG`), the harvest chooses which reported pages to write-protect again; a

@@ -69,10 +69,17 @@ impl KvmBitmap {
         }
     }
 
-    /// A tracker for `vm` that leaves the guest's hot pages writable ([`HotPages`]) where the
-    /// kernel offers manual protection, and protects every reported page otherwise (logged).
+    /// A tracker for `vm` that leaves the guest's hot pages writable ([`HotPages`]) where that
+    /// saves faults: the kernel offers manual protection and KVM logs writes by write-protecting
+    /// pages. With Intel's page-modification logging (PML), KVM logs a page's first write without
+    /// a fault and clears it without protecting it, so hot pages would only cost link bytes: every
+    /// reported page is cleared again, as otherwise (logged).
     pub fn with_hot_pages(vm: &Vm) -> Self {
         let mut tracker = Self::new(vm);
+        if kvm_logs_with_pml() {
+            tracing::info!("KVM logs dirty pages with PML (no fault per first write): no hot pages left writable");
+            return tracker;
+        }
         match enable_manual_protect(&tracker.vm) {
             Ok(()) => tracker.hot = Some(HotPages::new(tracker.slots.len())),
             Err(e) => tracing::info!(error = %e, "KVM has no manual dirty-log protection: every written page is protected again at each harvest"),
@@ -188,6 +195,12 @@ impl DirtyTracker for KvmBitmap {
     fn is_started(&self) -> bool {
         self.started
     }
+}
+
+/// Whether KVM logs dirty pages with Intel's page-modification logging (`kvm_intel`'s `pml`
+/// parameter): then a first write after a harvest costs no fault.
+fn kvm_logs_with_pml() -> bool {
+    std::fs::read_to_string("/sys/module/kvm_intel/parameters/pml").is_ok_and(|v| v.trim() == "Y")
 }
 
 /// Turns on manual protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) for the VM: from now on
