@@ -541,6 +541,10 @@ pub struct CheckpointStatus {
     /// How the A-Link is written: `socket`, `io_uring` or `io_uring+zc`.
     #[serde(default)]
     pub transport: String,
+    /// How the dirty pages are found: `bitmap` (hot pages left writable), `bitmap-exact`, `ring`
+    /// or `uffd` (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tracker: String,
     /// Checkpoints taken because guest output waited.
     pub for_output: u64,
     /// Because the dirty pages of a guest answering nobody passed the bound.
@@ -572,6 +576,7 @@ impl CheckpointStatus {
         Self {
             copy: snap.copy.name().to_string(),
             transport: snap.transport.to_string(),
+            tracker: snap.tracker.to_string(),
             for_output: c.output,
             for_dirty_pages: c.dirty,
             at_interval: c.interval,
@@ -746,7 +751,7 @@ mod tests {
       "epochs_per_sec": 812.5, "last_pause_us": 310, "last_ack_us": 640, "lag_epochs": 1,
       "link_per_dirty_byte": 1.02, "link_with_input_per_dirty_byte": 1.03, "link_per_written_byte": 1.1,
       "hot_pages_written_share": 0.8, "disk_replication_lost": false,
-      "checkpoints": { "copy": "cow", "transport": "io_uring", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
+      "checkpoints": { "copy": "cow", "transport": "io_uring", "tracker": "bitmap", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
         "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5, "ingress_forwarded": 5400,
         "ingress_not_forwarded": 1, "ingress_link_bytes": 1200000 },
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],

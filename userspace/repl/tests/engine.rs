@@ -438,6 +438,7 @@ mod tests {
     fn failover_with_copy_on_write_checkpoints() {
         let report = failover_with("failover-cow", DirtyTracking::KvmBitmapExact, CheckpointCopy::CopyOnWrite);
         assert_eq!(report.status.copy, CheckpointCopy::CopyOnWrite, "copy-on-write stayed armed");
+        assert_eq!(report.status.tracker, "bitmap-exact");
         let copied_later = report.epochs.iter().filter(|m| m.copy_after_resume > Duration::ZERO).count();
         let faults: u64 = report.epochs.iter().map(|m| m.write_faults).sum();
         eprintln!("[failover-cow] {copied_later} of {} epochs copied after their resume; {faults} guest writes waited for their page", report.epochs.len());
@@ -446,17 +447,21 @@ mod tests {
     }
 
     /// Copy-on-write with the default tracker: the pages it leaves writable (all of this guest's,
-    /// after its first epochs) are copied in the pause instead of write-protected, so almost no
-    /// epoch copies after its resume; the image and page checks hold all the same.
+    /// after its first epochs and but for the few after each cooling) are copied in the pause
+    /// instead of write-protected, so most epochs copy nothing after their resume; the image and
+    /// page checks hold all the same.
     #[test]
     fn failover_with_copy_on_write_copies_hot_pages_in_the_pause() {
         let report = failover_with("failover-cow-hot", DirtyTracking::KvmBitmap, CheckpointCopy::CopyOnWrite);
         assert_eq!(report.status.copy, CheckpointCopy::CopyOnWrite, "copy-on-write stayed armed");
+        assert_eq!(report.status.tracker, "bitmap", "status names the tracker as it runs");
         let copied_later = report.epochs.iter().filter(|m| m.copy_after_resume > Duration::ZERO).count();
         let hot = report.epochs.iter().filter(|m| m.hot_pages > 0).count();
         eprintln!("[failover-cow-hot] {copied_later} of {} epochs copied after their resume, {hot} carried hot pages", report.epochs.len());
         assert!(hot * 2 > report.epochs.len(), "most epochs carry hot pages");
-        assert!(copied_later * 4 < report.epochs.len(), "hot pages are copied in the pause, not after it");
+        // A cooling every 32 harvests makes the next few epochs' pages cold again (and a busy
+        // machine stretches that): a share, but far from the nearly all of the exact bitmap's.
+        assert!(copied_later * 2 < report.epochs.len(), "hot pages are copied in the pause, not after it");
     }
 
     fn failover(tag: &str, tracking: DirtyTracking) {

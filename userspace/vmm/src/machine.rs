@@ -467,6 +467,11 @@ impl CheckpointSource {
         self.tracker.as_ref().map(|t| t.kind())
     }
 
+    /// The dirty tracker's name as it runs ([`DirtyTracker::name`]), `None` without tracking.
+    pub fn tracker_name(&self) -> Option<&'static str> {
+        self.tracker.as_ref().map(|t| t.name())
+    }
+
     /// Starts dirty tracking; every page written from now on is in the next harvest. Copy all of
     /// guest memory after this (the initial synchronisation).
     pub fn start_tracking(&mut self) -> Result<(), TrackingControlError> {

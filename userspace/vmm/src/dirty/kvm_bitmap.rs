@@ -192,6 +192,14 @@ impl DirtyTracker for KvmBitmap {
         TrackerKind::KvmBitmap
     }
 
+    fn name(&self) -> &'static str {
+        if self.hot.is_some() {
+            "bitmap"
+        } else {
+            "bitmap-exact"
+        }
+    }
+
     fn is_started(&self) -> bool {
         self.started
     }

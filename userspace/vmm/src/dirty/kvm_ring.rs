@@ -380,6 +380,10 @@ impl DirtyTracker for KvmRing {
         TrackerKind::KvmRing
     }
 
+    fn name(&self) -> &'static str {
+        "ring"
+    }
+
     fn is_started(&self) -> bool {
         self.started
     }

@@ -220,6 +220,11 @@ pub trait DirtyTracker: Send + std::fmt::Debug {
     /// Which backend this is.
     fn kind(&self) -> TrackerKind;
 
+    /// The name of the tracker as it runs, as `--dirty-tracker` spells it: `bitmap` (hot pages
+    /// left writable), `bitmap-exact` (asked for, or the hot pages unavailable or useless on this
+    /// host), `ring` or `uffd`.
+    fn name(&self) -> &'static str;
+
     /// Between [`Self::start`] and [`Self::stop`].
     fn is_started(&self) -> bool;
 }

@@ -188,6 +188,10 @@ impl DirtyTracker for UffdWp {
         TrackerKind::Uffd
     }
 
+    fn name(&self) -> &'static str {
+        "uffd"
+    }
+
     fn is_started(&self) -> bool {
         self.started
     }

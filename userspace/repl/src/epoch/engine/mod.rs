@@ -787,7 +787,11 @@ impl PrimaryEngine {
         // A new link: its first state goes whole.
         self.sent_state.clear();
         let io = self.transport.io_name();
-        self.status.update(|s| s.transport = io);
+        let tracker = self.source.tracker_name().unwrap_or("");
+        self.status.update(|s| {
+            s.transport = io;
+            s.tracker = tracker;
+        });
         // The guest's input goes to this backup as it comes; what is taken in before the first
         // checkpoint after the synchronisation belongs to that checkpoint.
         if self.cfg.input_ahead {

@@ -154,6 +154,9 @@ pub struct StatusSnapshot {
     pub link_bytes_per_sec: Option<f64>,
     /// How the link writes (see [`crate::transport::CheckpointTransport::io_name`]).
     pub transport: &'static str,
+    /// How the dirty pages are found (see `ftvm_vmm::dirty::DirtyTracker::name`; empty before
+    /// the first protection).
+    pub tracker: &'static str,
     /// Heartbeats sent between checkpoints: with the epochs sent, the engine's progress.
     pub heartbeats_sent: u64,
     /// The guest's input sent ahead to the backup (see [`crate::ingress`]).
@@ -229,6 +232,7 @@ impl EngineStatus {
                 dirty_bound_pages: super::schedule::DEFAULT_BOUND_PAGES,
                 link_bytes_per_sec: None,
                 transport: "none",
+                tracker: "",
                 heartbeats_sent: 0,
                 ingress: crate::ingress::IngressStats::default(),
             }),
