@@ -791,27 +791,40 @@ mod tests {
         assert_eq!(txq.next_used(), Some((0, 0)));
 
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut got_reply = false;
-        while !got_reply {
-            assert!(std::time::Instant::now() < deadline, "no ARP reply reached the guest");
-            wait_readable(wake.as_raw_fd(), 100);
-            while let Some((id, len)) = rxq.next_used() {
-                let mut buf = vec![0u8; len as usize];
-                mem.read_slice(&mut buf, GuestAddress(0x8_0000 + u64::from(id) * 0x1000)).unwrap();
-                assert_eq!(u16::from_le_bytes([buf[10], buf[11]]), 1, "num_buffers");
-                let eth = &buf[12..];
-                got_reply |= eth.len() >= 22
-                    && eth[..6] == mac
-                    && eth[12..14] == [0x08, 0x06]
-                    && eth[20..22] == [0, 2];
-            }
-        }
+        wait_for_frame(&mut rxq, &mem, &wake, deadline, "no ARP reply reached the guest", |buf| {
+            let eth = &buf[12..];
+            eth.len() >= 22 && eth[..6] == mac && eth[12..14] == [0x08, 0x06] && eth[20..22] == [0, 2]
+        });
         let stats = lock(dm.net().unwrap()).device().stats();
         assert_eq!(stats.tx_frames, 1);
         assert!(stats.rx_frames >= 1);
 
         read_ahead_in_a_pause(&dm, &mem, &wake, &mut rxq);
         dm.shutdown().unwrap();
+    }
+
+    /// Waits until `deadline` (failing with `missing`) for a frame that `wanted` accepts in the
+    /// guest's receive ring, whose chains are the buffers at 0x8_0000 + id * 0x1000; every frame
+    /// delivered meanwhile says one buffer (num_buffers).
+    fn wait_for_frame(
+        rxq: &mut TestQueue<'_>,
+        mem: &GuestMemory,
+        wake: &GuestWake,
+        deadline: std::time::Instant,
+        missing: &str,
+        wanted: impl Fn(&[u8]) -> bool,
+    ) {
+        let mut found = false;
+        while !found {
+            assert!(std::time::Instant::now() < deadline, "{missing}");
+            wait_readable(wake.as_raw_fd(), 100);
+            while let Some((id, len)) = rxq.next_used() {
+                let mut buf = vec![0u8; len as usize];
+                mem.read_slice(&mut buf, GuestAddress(0x8_0000 + u64::from(id) * 0x1000)).unwrap();
+                assert_eq!(u16::from_le_bytes([buf[10], buf[11]]), 1, "num_buffers");
+                found |= wanted(&buf);
+            }
+        }
     }
 
     /// Frames seen by the receive mirror, and the receive passes it was told of.
@@ -851,16 +864,7 @@ mod tests {
         assert_eq!(rxq.next_used(), None, "nothing reaches the guest's ring while paused");
         let passes = mirror.1.load(Ordering::SeqCst);
         dm.resume();
-        let mut delivered = false;
-        while !delivered {
-            assert!(std::time::Instant::now() < deadline, "the datagram read ahead never reached the guest");
-            wait_readable(wake.as_raw_fd(), 100);
-            while let Some((id, len)) = rxq.next_used() {
-                let mut buf = vec![0u8; len as usize];
-                mem.read_slice(&mut buf, GuestAddress(0x8_0000 + u64::from(id) * 0x1000)).unwrap();
-                delivered |= carries(&buf);
-            }
-        }
+        wait_for_frame(rxq, mem, wake, deadline, "the datagram read ahead never reached the guest", carries);
         assert_eq!(lock(&mirror.0).iter().filter(|f| carries(f)).count(), 1, "mirrored once, when read ahead");
         // The pass that delivered it ends with the mirror, just after the guest is told.
         while mirror.1.load(Ordering::SeqCst) == passes {

@@ -183,6 +183,13 @@ mod tests {
         p.plan(0, &[reported], cooling)
     }
 
+    /// Enough harvests reporting `reported` for its pages to become hot.
+    fn make_hot(p: &mut HotPages, reported: u64) {
+        for _ in 0..PROVE_HARVESTS {
+            harvest(p, reported);
+        }
+    }
+
     #[test]
     fn a_page_written_in_four_harvests_in_a_row_is_left_writable() {
         let mut p = HotPages::new(1);
@@ -217,9 +224,7 @@ mod tests {
     #[test]
     fn cooling_protects_every_hot_page_and_hot_ones_come_back() {
         let mut p = HotPages::new(1);
-        for _ in 0..PROVE_HARVESTS {
-            harvest(&mut p, 0b11);
-        }
+        make_hot(&mut p, 0b11);
         assert_eq!(p.hot_count(), 2);
         p.cool();
         assert_eq!(harvest(&mut p, 0b11).protect, vec![0b11], "a cooling harvest protects all it reports");
@@ -289,9 +294,7 @@ mod tests {
     #[test]
     fn reset_forgets_the_hot_pages() {
         let mut p = HotPages::new(1);
-        for _ in 0..PROVE_HARVESTS {
-            harvest(&mut p, 0b1);
-        }
+        make_hot(&mut p, 0b1);
         assert_eq!(p.hot_count(), 1);
         p.reset();
         assert_eq!(p.hot_count(), 0);

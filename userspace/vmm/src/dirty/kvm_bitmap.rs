@@ -87,11 +87,6 @@ impl KvmBitmap {
         tracker
     }
 
-    /// Whether hot pages are left writable (manual protection is on).
-    pub fn leaves_hot_pages_writable(&self) -> bool {
-        self.hot.is_some()
-    }
-
     fn set_logging(&self, enable: bool) -> Result<(), vm::DirtyLogError> {
         // SAFETY: `slots` are the VM's own slots, over the mappings of `mem`, a clone of the VM's
         // memory that this tracker keeps alive; only their flags change.

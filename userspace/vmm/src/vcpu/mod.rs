@@ -601,20 +601,23 @@ impl VcpuHandle {
     /// Sends `event` and waits for the thread's answer. [`VcpuResponse::Exited`] becomes
     /// [`VcpuControlError::Exited`].
     fn request(&mut self, event: VcpuEvent) -> Result<VcpuResponse, VcpuControlError> {
-        // A state or resume answer still on its way would be taken for this request's answer.
-        if self.save_pending {
-            self.save_pending = false;
-            let _ = self.next_response();
-        }
-        if self.resume_pending {
-            self.resume_pending = false;
-            // An exited vCPU answers this request Exited too.
-            let _ = self.next_response();
-        }
+        self.read_pending_answers();
         // Drop answers to requests that timed out earlier, so this one reads its own.
         while self.responses.try_recv().is_ok() {}
         self.send_event(event)?;
         self.next_response()
+    }
+
+    /// Reads the answers still owed to earlier requests (a state after [`Self::pause_and_save`],
+    /// a resume's), which would otherwise be taken for the next request's answer. An exited vCPU
+    /// answers the next request Exited too, so their errors are not kept.
+    fn read_pending_answers(&mut self) {
+        if std::mem::take(&mut self.save_pending) {
+            let _ = self.next_response();
+        }
+        if std::mem::take(&mut self.resume_pending) {
+            let _ = self.next_response();
+        }
     }
 
     fn next_response(&self) -> Result<VcpuResponse, VcpuControlError> {
@@ -659,10 +662,7 @@ impl VcpuHandle {
     /// thread waits on the request channel, not in `KVM_RUN`, and a running one has nothing to
     /// be interrupted for.
     pub fn resume(&mut self) -> Result<(), VcpuControlError> {
-        if self.save_pending {
-            self.save_pending = false;
-            let _ = self.next_response();
-        }
+        self.read_pending_answers();
         self.events.send(VcpuEvent::Resume).map_err(|_| VcpuControlError::Gone(self.id))?;
         self.resume_pending = true;
         Ok(())

@@ -268,6 +268,13 @@ impl EngineError {
     }
 }
 
+/// A copy-on-write epoch's pages once armed (see `PrimaryEngine::arm_cow`): those to copy in the
+/// pause, and those write-protected, to copy after the resume.
+struct CowArmed {
+    now: PageRangeSet,
+    later: PageRangeSet,
+}
+
 /// Why a checkpoint is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Why {
@@ -948,11 +955,11 @@ impl PrimaryEngine {
         }
         let tc = Instant::now();
         // A switchover's final checkpoint leaves the VM paused: nothing to protect against.
-        let later = if resume == Resume::Yes { self.arm_cow(&pages) } else { None };
-        let copied = match &later {
+        let cow = if resume == Resume::Yes { self.arm_cow(&pages) } else { None };
+        let (copied, later) = match cow {
             // Copy-on-write: the pages left out of the protection are copied now.
-            Some(later) => self.staging.copy_except(&pages, later, &mem),
-            None => self.staging.fill(&pages, &mem),
+            Some(CowArmed { now, later }) => (self.staging.copy_pages(&now, &mem), Some(later)),
+            None => (self.staging.fill(&pages, &mem), None),
         };
         let copy = tc.elapsed();
         let ctx = ctx.captured(pages.page_count(), hot_pages, writes.len() as u64, frames, timings, copy);
@@ -1002,16 +1009,16 @@ impl PrimaryEngine {
     }
 
     /// In a copy-on-write engine's pause: lays out the staging buffer for `pages` and
-    /// write-protects those to copy after the resume, which it returns: all of them but the pages
-    /// the dirty tracker leaves writable (the guest's hot pages, which it is about to write again:
-    /// protecting them would only trade each for a fault), copied in the pause. `None` when the
-    /// pages must all be copied now instead (stop-and-copy, only hot pages, or write protection
-    /// that cannot be armed, which then ends copy-on-write for this engine).
-    fn arm_cow(&mut self, pages: &PageRangeSet) -> Option<PageRangeSet> {
+    /// write-protects those to copy after the resume: all of them but the pages the dirty tracker
+    /// leaves writable (the guest's hot pages, which it is about to write again: protecting them
+    /// would only trade each for a fault), to be copied in the pause. `None` when the pages must
+    /// all be copied now instead (stop-and-copy, only hot pages, or write protection that cannot
+    /// be armed, which then ends copy-on-write for this engine).
+    fn arm_cow(&mut self, pages: &PageRangeSet) -> Option<CowArmed> {
         if self.cfg.copy != CheckpointCopy::CopyOnWrite || pages.is_empty() {
             return None;
         }
-        let (_, later) = pages.split_by(&self.source.writable_pages());
+        let (now, later) = pages.split_by(&self.source.writable_pages());
         if later.is_empty() {
             return None;
         }
@@ -1029,7 +1036,7 @@ impl PrimaryEngine {
         let cow = self.cow.as_mut()?;
         self.staging.lay_out(pages);
         match cow.protect(&later) {
-            Ok(_) => Some(later),
+            Ok(_) => Some(CowArmed { now, later }),
             Err(e) => {
                 tracing::warn!(error = %ErrorChain(&e), "cannot write-protect the epoch's pages: checkpoints copy in the pause");
                 self.cow = None;

@@ -20,17 +20,13 @@ impl Staging {
     /// Copies `pages` out of `mem`.
     pub(super) fn fill(&mut self, pages: &PageRangeSet, mem: &ftvm_vmm::memory::GuestMemory) -> Result<(), u64> {
         self.lay_out(pages);
-        for r in pages.ranges() {
-            self.copy_in(mem, r.start, r.len).map_err(|_| r.start)?;
-        }
-        Ok(())
+        self.copy_pages(pages, mem)
     }
 
-    /// A copy-on-write epoch's pause, the buffer laid out for `pages`: copies those not in `later`
-    /// (which the copy after the resume takes).
-    pub(super) fn copy_except(&mut self, pages: &PageRangeSet, later: &PageRangeSet, mem: &ftvm_vmm::memory::GuestMemory) -> Result<(), u64> {
-        let (_, now) = pages.split_by(later);
-        for r in now.ranges() {
+    /// Copies `pages`, all laid out already (a copy-on-write epoch's pause copies some of its
+    /// pages, the copy after the resume the others); the first page that fails on error.
+    pub(super) fn copy_pages(&mut self, pages: &PageRangeSet, mem: &ftvm_vmm::memory::GuestMemory) -> Result<(), u64> {
+        for r in pages.ranges() {
             self.copy_in(mem, r.start, r.len).map_err(|_| r.start)?;
         }
         Ok(())
