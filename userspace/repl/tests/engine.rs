@@ -446,10 +446,9 @@ mod tests {
         assert!(faults > 0, "the guest wrote pages of an epoch before they were copied");
     }
 
-    /// Copy-on-write with the default tracker: the pages it leaves writable (all of this guest's,
-    /// after its first epochs and but for the few after each cooling) are copied in the pause
-    /// instead of write-protected, so most epochs copy nothing after their resume; the image and
-    /// page checks hold all the same.
+    /// Copy-on-write with the default tracker: the pages it leaves writable are copied in the
+    /// pause instead of write-protected. In every epoch exactly the pages that were not hot are
+    /// copied after the resume, and hot pages occur; the image and page checks hold all the same.
     #[test]
     fn failover_with_copy_on_write_copies_hot_pages_in_the_pause() {
         let report = failover_with("failover-cow-hot", DirtyTracking::KvmBitmap, CheckpointCopy::CopyOnWrite);
@@ -458,10 +457,12 @@ mod tests {
         let copied_later = report.epochs.iter().filter(|m| m.copy_after_resume > Duration::ZERO).count();
         let hot = report.epochs.iter().filter(|m| m.hot_pages > 0).count();
         eprintln!("[failover-cow-hot] {copied_later} of {} epochs copied after their resume, {hot} carried hot pages", report.epochs.len());
-        assert!(hot * 2 > report.epochs.len(), "most epochs carry hot pages");
-        // A cooling every 32 harvests makes the next few epochs' pages cold again (and a busy
-        // machine stretches that): a share, but far from the nearly all of the exact bitmap's.
-        assert!(copied_later * 2 < report.epochs.len(), "hot pages are copied in the pause, not after it");
+        // How many epochs carry hot pages depends on how the guest's writes fall into epochs (a
+        // busy machine makes epochs short); which pages each epoch copies when does not.
+        assert!(hot > 0, "hot pages occur");
+        for m in &report.epochs {
+            assert_eq!(m.copied_later_pages, m.pages - m.hot_pages, "epoch {:?}: only the pages that were not hot are copied after the resume", m.epoch);
+        }
     }
 
     fn failover(tag: &str, tracking: DirtyTracking) {

@@ -48,6 +48,9 @@ pub struct EpochMetrics {
     pub copy_after_resume: Duration,
     /// Writes that waited for a copy-on-write epoch's copy of their page.
     pub write_faults: u64,
+    /// Pages a copy-on-write epoch write-protected and copied after the resume (the others were
+    /// copied in the pause).
+    pub copied_later_pages: u64,
     /// Resuming the devices and vCPUs.
     pub resume: Duration,
     /// From the pause request to the machine running again: what the guest lost.
@@ -128,8 +131,9 @@ impl EpochContext<Resumed> {
 
     /// A copy-on-write epoch's pages were copied after the resume, in `took`, `faults` writers
     /// waiting for theirs.
-    pub fn copied_after_resume(&mut self, took: Duration, faults: u64) {
+    pub fn copied_after_resume(&mut self, took: Duration, pages: u64, faults: u64) {
         self.metrics.copy_after_resume = took;
+        self.metrics.copied_later_pages = pages;
         self.metrics.write_faults = faults;
     }
 

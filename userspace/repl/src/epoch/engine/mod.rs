@@ -1057,7 +1057,7 @@ impl PrimaryEngine {
         let t = Instant::now();
         match cow.copy(pages, &mut self.staging, mem) {
             Ok(stats) => {
-                ctx.copied_after_resume(t.elapsed(), stats.faults);
+                ctx.copied_after_resume(t.elapsed(), pages.page_count(), stats.faults);
                 Ok(())
             }
             Err(e) => {
