@@ -9,6 +9,7 @@ use ftvm_fuzz::{seal, FrameSpec, KEY, SECRET};
 use ftvm_guest_abi::{BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 use ftvm_proto::frame::{FrameKind, FrameSealer, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use ftvm_proto::handshake::fuzzing_hello_key;
+use ftvm_proto::late_input::{seal_late_frame, LateInputId};
 use ftvm_proto::pages::PageRange;
 use ftvm_proto::witness::{
     WitnessClaim, WitnessOp, WitnessPrevious, WitnessReleaseReason, WitnessReply, WitnessRequest,
@@ -18,7 +19,7 @@ use ftvm_proto::cpu::{CpuidReg, CpuidWord, HostCpuCaps};
 use ftvm_proto::epoch::{DiskMarks, DiskWrite};
 use ftvm_proto::epoch::{
     encode_disk_image_head, encode_disk_writes_head, encode_output_frame, encode_pages_head, EpochAck, EpochBegin,
-    EpochCommit, StandbyInfo,
+    EpochCommit, LeaseTerm, StandbyInfo,
 };
 use ftvm_repl::ha::quorum::etcd::fuzzing::b64_encode;
 use ftvm_proto::limits::PAGE_SIZE;
@@ -176,6 +177,14 @@ fn main() {
     ] {
         s.put("witness_request", name, &[[1].as_slice(), &reply.encode()].concat());
     }
+
+    // late_input: a datagram (0), LeaseTerm payloads (1), fields to seal (2).
+    let frame: Vec<u8> = (0..80u8).collect();
+    s.put("late_input", "datagram", &[[0].as_slice(), &seal_late_frame(&KEY, 3, 17, &frame)].concat());
+    s.put("late_input", "lease-term", &[[1].as_slice(), &LeaseTerm { term: 3, late_input: None }.encode()].concat());
+    let with_id = LeaseTerm { term: 3, late_input: Some(LateInputId([0x42; 16])) };
+    s.put("late_input", "lease-term-id", &[[1].as_slice(), &with_id.encode()].concat());
+    s.put("late_input", "fields", &[[2].as_slice(), &3u64.to_le_bytes(), &17u64.to_le_bytes(), &frame].concat());
 
     // etcd_response: replies as etcd's JSON gateway sends them, and base64.
     let json = br#"{"header":{"cluster_id":"1","revision":"5"},"succeeded":true,"responses":[{"response_range":{"kvs":[{"key":"L2Z0dm0vdm0vdGVybQ==","value":"eyJ0ZXJtIjoyfQ==","mod_revision":"4"}]}}]}"#;

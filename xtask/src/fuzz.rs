@@ -32,6 +32,8 @@ pub const TARGETS: &[(&str, usize)] = &[
     ("resp_parser", 4096),
     ("witness_request", 512),
     ("etcd_response", 4096),
+    // A datagram holds at most one guest frame.
+    ("late_input", 2048),
 ];
 
 /// Arguments of `cargo xtask fuzz`.

@@ -31,6 +31,7 @@ use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHo
 use ftvm_repl::transport::CheckpointTransport;
 use ftvm_repl::ha::rejoin::RejoinConfig;
 use ftvm_repl::ha::term::TermFile;
+use ftvm_repl::late_input::LateInbox;
 use ftvm_repl::output::trace::FileTrace;
 use ftvm_repl::transport::tcp::TcpOptions;
 use ftvm_proto::cpu::CpuidWord;
@@ -40,7 +41,7 @@ use ftvm_vmm::machine::Machine;
 
 use crate::cli::{parse_cpuid_bit, parse_size, AlinkIoArg, AlinkRdmaArgs, CheckpointCopyArg, DirtyTrackerArg, GuestNetArgs, RunArgs, DEFAULT_NEW_DISK_SIZE};
 use crate::ebpf::{EbpfArgs, EbpfHandoff, HostEbpf};
-use crate::quorum::{QuorumArgs, QuorumKind, Watchdog};
+use crate::quorum::{LateInputForwarding, QuorumArgs, QuorumKind, Watchdog};
 use crate::run;
 use crate::secret::read_secret;
 use crate::status::{self, BackupStatus, DiskRecordStatus, PrimaryStatus, ProtectionState};
@@ -240,14 +241,18 @@ fn check_dirty_tracker(args: &EngineArgs) -> Result<()> {
 /// nothing to claim, no watchdog. The inner error is the quorum's answer that this host may not
 /// start the VM (another host runs it, or this disk is older); the outer one, anything else (the
 /// quorum not reached within the wait among them).
-fn start_lease(args: &PrimaryArgs, handoff: EbpfHandoff) -> Result<Result<(Lease, Option<Watchdog>), StartClaimError>> {
+fn start_lease(
+    args: &PrimaryArgs,
+    handoff: EbpfHandoff,
+    late: Option<LateInputForwarding>,
+) -> Result<Result<(Lease, Option<Watchdog>), StartClaimError>> {
     let term_file = TermFile::for_disk(&args.vm.disk, &args.quorum.vm_id);
     let known = term_file.read().context("cannot read the disk's term")?;
     let lease = args.quorum.lease(&args.secret_file, known)?;
     match claim_start(&lease, &term_file, Duration::from_secs(args.connect_timeout)) {
         Ok(None) => Ok(Ok((lease, None))),
         Ok(Some(_)) => {
-            let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, handoff)?;
+            let watchdog = Watchdog::start(&args.quorum, &args.secret_file, &lease, handoff, late)?;
             Ok(Ok((lease, Some(watchdog))))
         }
         Err(refusal @ StartClaimError::Refused(_)) if lease.last_error().is_none() => Ok(Err(refusal)),
@@ -287,7 +292,13 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     // In the host's namespace (prepare_vm entered it), before the lease and the VM: the guest is
     // fenced until the lease says otherwise, and the watchdog inherits the responder and the gate.
     let mut host_ebpf = HostEbpf::attach(&args.ebpf, args.vm.net.mac)?;
-    let (lease, watchdog) = match start_lease(&args, host_ebpf.handoff())? {
+    // With a quorum, the watchdog forwards to the backup what reaches the VM's TAP after this
+    // process died; the backup learns this daemon's id in each A-Link session.
+    let late = match args.quorum.quorum {
+        QuorumKind::None => None,
+        _ => Some(LateInputForwarding::new(args.peer)?),
+    };
+    let (lease, watchdog) = match start_lease(&args, host_ebpf.handoff(), late)? {
         Ok(started) => started,
         Err(refusal) => return Ok(PrimaryStart::NotCurrent(refusal)),
     };
@@ -304,6 +315,7 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
         io: args.engine.alink_io.io(),
         rdma,
+        late_input: late.filter(|_| watchdog.is_some()).map(|l| l.id),
         ..TcpOptions::default()
     };
     // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
@@ -322,6 +334,9 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
             Err(e) => return Err(e.into()),
         };
     let machine = Machine::create(config)?;
+    if let (Some(w), Some(tap)) = (&watchdog, machine.handle().net_backend_fd()) {
+        w.hand_tap(tap);
+    }
     let _stop = run::stop_on_signal(machine.handle())?;
     let mut host = PrimaryHostConfig::new(machine, transport, lease.clone(), host_ebpf.fence_hook());
     host.engine = engine_config(&args.engine);
@@ -414,6 +429,8 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
     let host_ebpf = HostEbpf::attach_standby(&args.ebpf, args.net.mac)?;
     let console = run::open_console(args.net.console_log.as_deref())?;
     let mut receiver = ReceiverConfig::new(args.listen, secret.clone(), args.memory, args.disk.clone(), args.disk_size);
+    // What reaches a dead primary's host before this one takes over, forwarded by its watchdog.
+    receiver.late_input = Some(LateInbox::new(&secret));
     if !args.sync_every_epoch {
         receiver.disk_sync = DiskSync::NoSync;
     }
@@ -457,6 +474,11 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
         let trigger = switchover.clone();
         crate::signals::on_switchover_signal(move || trigger.request())
     };
+    // Once this host runs the VM, its own watchdog forwards late input to the other host.
+    let late = match (args.peer, args.quorum.quorum) {
+        (Some(peer), QuorumKind::Witness | QuorumKind::Etcd) => Some(LateInputForwarding::new(peer)?),
+        _ => None,
+    };
     if let Some(peer) = args.peer {
         // The restored VM tracks its pages from the start: a backup may join at any time. A
         // tracker this kernel lacks must fail now, not at the takeover.
@@ -468,6 +490,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
             cpu_needs: Some(ftvm_vmm::compat::guest_cpu_needs().context("cannot read what this guest's CPU state needs")?),
             io: args.engine.alink_io.io(),
             rdma,
+            late_input: late.map(|l| l.id),
             ..TcpOptions::default()
         };
         daemon_config.protect_again = Some(ProtectAgain {
@@ -511,8 +534,13 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
                 tracing::error!(error = %format_args!("{e:#}"), "no heartbeat responder on the new primary");
             }
             if args.quorum.quorum != QuorumKind::None {
-                match Watchdog::start(&args.quorum, &args.secret_file, daemon.lease(), host_ebpf.handoff()) {
-                    Ok(w) => watchdog = Some(w),
+                match Watchdog::start(&args.quorum, &args.secret_file, daemon.lease(), host_ebpf.handoff(), late) {
+                    Ok(w) => {
+                        if let Some(tap) = daemon.machine_handle().and_then(|h| h.net_backend_fd()) {
+                            w.hand_tap(tap);
+                        }
+                        watchdog = Some(w);
+                    }
                     Err(e) => tracing::error!(error = %format_args!("{e:#}"), "no lease watchdog: a death of this host will hold the lease until it runs out"),
                 }
             }

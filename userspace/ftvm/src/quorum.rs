@@ -14,9 +14,16 @@
 //! responder's replies (the backup's probes then know at once), then releases the lease, and
 //! keeps both attached a moment longer: the kernel detaches them when the watchdog exits, after
 //! the backup's takeover, which the detach (under the rtnl lock) would otherwise stall.
+//!
+//! Once the VM exists, the primary tells the watchdog its TAP's descriptor number ("tap N"), and
+//! the watchdog takes a duplicate of it (`pidfd_getfd`). When the primary dies, its TAP lives on
+//! in the watchdog: what clients send until the backup has taken over queues there, and the
+//! watchdog forwards it to the backup for a short window (`ftvm_repl::late_input`), instead of
+//! those clients waiting for their retransmission timeout.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -29,7 +36,9 @@ use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView};
 use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
 use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
+use ftvm_repl::late_input::{forward_late_input, LateForward};
 use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
+use ftvm_proto::late_input::LateInputId;
 
 use crate::ebpf::EbpfHandoff;
 use crate::secret::read_secret;
@@ -147,6 +156,22 @@ impl QuorumArgs {
     }
 }
 
+/// Where a watchdog forwards the guest input that reaches its host after the primary's death.
+#[derive(Clone, Copy, Debug)]
+pub struct LateInputForwarding {
+    /// The backup's A-Link address.
+    pub to: SocketAddr,
+    /// The primary daemon's id, told to the backup in its A-Link sessions.
+    pub id: LateInputId,
+}
+
+impl LateInputForwarding {
+    /// Forwarding to `to` under a fresh id.
+    pub fn new(to: SocketAddr) -> Result<Self> {
+        Ok(Self { to, id: LateInputId::random().context("cannot draw the late input id")? })
+    }
+}
+
 /// The running watchdog of a primary.
 #[derive(Debug)]
 pub struct Watchdog {
@@ -156,10 +181,23 @@ pub struct Watchdog {
 
 impl Watchdog {
     /// Starts the watchdog and keeps it told of `lease`'s term; it inherits what `handoff` holds.
-    pub fn start(args: &QuorumArgs, alink_secret: &Path, lease: &Lease, handoff: EbpfHandoff) -> Result<Self> {
+    /// With `late`, it forwards to the backup what reaches the VM's TAP after this process died
+    /// (once told the TAP, [`Self::hand_tap`]).
+    pub fn start(
+        args: &QuorumArgs,
+        alink_secret: &Path,
+        lease: &Lease,
+        handoff: EbpfHandoff,
+        late: Option<LateInputForwarding>,
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(args.watchdog_args(alink_secret)?).stdin(Stdio::piped()).stdout(Stdio::null());
+        if let Some(late) = late {
+            cmd.args(["--late-input-to".to_string(), late.to.to_string(), "--late-input-id".into(), late.id.to_hex()]);
+            cmd.args(["--alink-secret-file".to_string(), alink_secret.display().to_string()]);
+            cmd.args(["--primary-pid".to_string(), std::process::id().to_string()]);
+        }
         // The flags of `WatchdogArgs`.
         let mut inherit: Vec<(&str, &dyn Handoff)> = Vec::new();
         if let Some(r) = &handoff.responder {
@@ -175,16 +213,15 @@ impl Watchdog {
         let stdin = Arc::new(Mutex::new(child.stdin.take()));
         let pipe = Arc::clone(&stdin);
         lease.subscribe(move |v: LeaseView| {
-            let mut guard = pipe.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(w) = guard.as_mut() {
-                let line = if v.held { format!("term {}\n", v.term) } else { "none\n".to_string() };
-                if let Err(e) = w.write_all(line.as_bytes()).and_then(|()| w.flush()) {
-                    tracing::warn!(error = %e, "the lease watchdog is gone: a death of this process will not release the lease");
-                    *guard = None;
-                }
-            }
+            tell(&pipe, &if v.held { format!("term {}\n", v.term) } else { "none\n".to_string() });
         });
         Ok(Self { child, stdin })
+    }
+
+    /// Tells the watchdog the VM's TAP (its descriptor in this process), so that it can forward
+    /// what reaches the TAP after this process died. A failure only costs that.
+    pub fn hand_tap(&self, fd: RawFd) {
+        tell(&self.stdin, &format!("tap {fd}\n"));
     }
 
     /// This process stops on purpose: the watchdog exits without releasing anything.
@@ -193,6 +230,17 @@ impl Watchdog {
             let _ = w.write_all(b"stop\n");
         }
         let _ = self.child.wait();
+    }
+}
+
+/// Writes one line to the watchdog; a watchdog found gone is said once.
+fn tell(pipe: &Mutex<Option<ChildStdin>>, line: &str) {
+    let mut guard = pipe.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(w) = guard.as_mut() {
+        if let Err(e) = w.write_all(line.as_bytes()).and_then(|()| w.flush()) {
+            tracing::warn!(error = %e, "the lease watchdog is gone: a death of this process will not release the lease");
+            *guard = None;
+        }
     }
 }
 
@@ -211,6 +259,92 @@ pub struct WatchdogArgs {
     /// The fencing gate's descriptors, inherited from the primary.
     #[arg(long)]
     pub gate_fds: Option<String>,
+    /// Forward what reaches the VM's TAP after the primary's death to this address (the
+    /// backup's A-Link address).
+    #[arg(long, requires_all = ["late_input_id", "alink_secret_file", "primary_pid"])]
+    pub late_input_to: Option<SocketAddr>,
+    /// The primary daemon's late input id (32 hex digits).
+    #[arg(long, value_parser = parse_late_input_id)]
+    pub late_input_id: Option<LateInputId>,
+    /// The A-Link secret, to tag the late input with.
+    #[arg(long)]
+    pub alink_secret_file: Option<PathBuf>,
+    /// The primary's process id, to take its TAP from.
+    #[arg(long)]
+    pub primary_pid: Option<i32>,
+}
+
+fn parse_late_input_id(s: &str) -> std::result::Result<LateInputId, String> {
+    LateInputId::from_hex(s).ok_or_else(|| "expected 32 hex digits".to_string())
+}
+
+/// What the watchdog needs to forward late input: the primary's process, to take its TAP from,
+/// and where and how to send.
+struct LateInputSetup {
+    primary: OwnedFd,
+    to: SocketAddr,
+    id: LateInputId,
+    secret: Vec<u8>,
+}
+
+impl LateInputSetup {
+    /// From the options; `None` (said why) when forwarding cannot work.
+    fn of(args: &WatchdogArgs) -> Option<Self> {
+        let (to, id, secret_file, pid) =
+            (args.late_input_to?, args.late_input_id?, args.alink_secret_file.as_ref()?, args.primary_pid?);
+        let secret = match read_secret(secret_file) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %format_args!("{e:#}"), "no late input forwarding");
+                return None;
+            }
+        };
+        let primary = match pidfd_open(pid) {
+            // The parent may have died before the pidfd was taken: the pid could be another
+            // process's now, unless it is still this process's parent.
+            Ok(fd) if std::os::unix::process::parent_id() == pid as u32 => fd,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the primary's process: no late input forwarding");
+                return None;
+            }
+        };
+        Some(Self { primary, to, id, secret })
+    }
+
+    /// The primary's descriptor `fd`, duplicated into this process.
+    fn take_fd(&self, fd: RawFd) -> std::io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags (0), and touches no
+        // memory of this process; it returns a new descriptor or -1.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.primary.as_raw_fd(), fd, 0) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `r` is a fresh descriptor (close-on-exec) that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    }
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags (0) and touches no memory of this process.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `r` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// Forwards what reaches the dead primary's TAP, from a thread (the release must not wait).
+fn start_forwarding(setup: &LateInputSetup, tap: OwnedFd, term: u64) -> Option<std::thread::JoinHandle<()>> {
+    let cfg = LateForward::new(setup.to, &setup.secret, &setup.id, term);
+    let spawned = std::thread::Builder::new().name("ftvm-late-input".into()).spawn(move || {
+        match forward_late_input(tap.as_fd(), &cfg) {
+            Ok(r) => tracing::warn!(frames = r.frames, send_errors = r.send_errors, to = %cfg.to, "forwarded the input that reached the dead primary's TAP"),
+            Err(e) => tracing::warn!(error = %e, "cannot forward the input that reaches the dead primary's TAP"),
+        }
+    });
+    spawned.map_err(|e| tracing::warn!(error = %e, "no late input forwarding")).ok()
 }
 
 /// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none` and `stop` lines.
@@ -225,11 +359,13 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
         Some(spec) => Some(unsafe { InheritedResponder::from_inherited(spec) }.context("cannot take the heartbeat responder")?),
         None => None,
     };
-    let mut gate = match &args.gate_fds {
+    let gate = match &args.gate_fds {
         // SAFETY: as for the responder, with the argument for its gate.
         Some(spec) => Some(unsafe { InheritedGate::from_inherited(spec) }.context("cannot take the fencing gate")?),
         None => None,
     };
+    let late_setup = LateInputSetup::of(&args);
+    let mut tap: Option<OwnedFd> = None;
     let args = args.quorum;
     let secret = args.witness_secret_file.clone().unwrap_or_default();
     let mut client = args.client(&secret)?;
@@ -253,14 +389,43 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
             Ok(line) => match line.trim() {
                 "stop" => return Ok(ExitCode::SUCCESS),
                 "none" => term = None,
+                other if other.starts_with("tap ") => {
+                    let fd = other.strip_prefix("tap ").and_then(|n| n.parse::<RawFd>().ok());
+                    if let (Some(setup), Some(fd)) = (&late_setup, fd) {
+                        match setup.take_fd(fd) {
+                            Ok(t) => tap = Some(t),
+                            Err(e) => tracing::warn!(error = %e, "cannot take the primary's TAP: no late input forwarding"),
+                        }
+                    }
+                }
                 other => term = other.strip_prefix("term ").and_then(|t| t.parse::<u64>().ok()).or(term),
             },
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => connect_ahead(client.as_mut()),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    // The pipe ended without "stop": the primary is gone. Its guest is gone with it: the gate
-    // lets nothing of it pass any more (and stays attached, see the module documentation).
+    // The pipe ended without "stop": the primary is gone. What reaches its TAP goes to the
+    // backup from now on, beside the release.
+    let forwarder = match (&late_setup, tap, term) {
+        (Some(setup), Some(tap), Some(term)) => start_forwarding(setup, tap, term),
+        _ => None,
+    };
+    let ended = after_death(gate, responder, term, client.as_mut());
+    if let Some(t) = forwarder {
+        let _ = t.join();
+    }
+    ended
+}
+
+/// The primary died: close its gate, say so in the heartbeat replies, release its lease.
+fn after_death(
+    mut gate: Option<InheritedGate>,
+    responder: Option<InheritedResponder>,
+    term: Option<u64>,
+    client: &mut dyn QuorumClient,
+) -> Result<ExitCode> {
+    // Its guest is gone with it: the gate lets nothing of it pass any more (and stays attached,
+    // see the module documentation).
     if let Some(g) = &mut gate {
         match g.close() {
             Ok(entries) => tracing::warn!(entries, "the primary died: its fencing gate is closed"),

@@ -16,6 +16,7 @@ use std::path::Path;
 use ftvm_repl::epoch::context::{EpochWindowStats, Percentiles};
 use ftvm_repl::disk::intent::WriteIntent;
 use ftvm_repl::epoch::engine::{EngineState, StatusSnapshot, SyncProgress};
+use ftvm_repl::late_input::LateInputStats;
 use ftvm_repl::ha::failover::{DaemonStatus, Role};
 use ftvm_repl::ha::lease::Lease;
 use serde::{Deserialize, Serialize};
@@ -491,6 +492,10 @@ pub struct BackupStatus {
     /// at the takeover (none before one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub takeover_ingress_replayed: Option<u64>,
+    /// Guest input that reached the dead primary's host after its death, forwarded by its
+    /// watchdog: taken in, given to the VM, refused (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_input: Option<LateInputStats>,
     pub last_error: Option<String>,
     /// The fencing gate, the heartbeat responder, and the last probe of the primary's host.
     pub ebpf: EbpfStatus,
@@ -643,6 +648,7 @@ impl BackupStatus {
             last_frame_age_ms: st.last_frame_age.map(|d| d.as_secs_f64() * 1e3),
             takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
             takeover_ingress_replayed: st.promotion.map(|p| p.ingress_replayed),
+            late_input: st.late_input,
             last_error: st.last_error.clone(),
             ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..ebpf },
             serving,

@@ -372,6 +372,46 @@ impl EpochAck {
     }
 }
 
+/// The primary's first frame of a session (`LeaseTerm`): the lease term its copy is current for
+/// (0 without a quorum) and, from minor 8, the id its lease watchdog tags late input with
+/// ([`crate::late_input`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseTerm {
+    /// The term.
+    pub term: u64,
+    /// The daemon's late input id, if it has a watchdog that forwards late input.
+    pub late_input: Option<crate::late_input::LateInputId>,
+}
+
+impl LeaseTerm {
+    /// Payload size without the id (minor 2 to 7, or no id).
+    pub const LEN: usize = 8;
+    /// Payload size with the id.
+    pub const LEN_WITH_ID: usize = 8 + crate::late_input::LATE_INPUT_ID_LEN;
+
+    /// The payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = self.term.to_le_bytes().to_vec();
+        if let Some(id) = &self.late_input {
+            p.extend_from_slice(&id.0);
+        }
+        p
+    }
+
+    /// Decodes a payload of either size.
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        match payload.len() {
+            Self::LEN => Ok(Self { term: exact(payload, Self::LEN)?.u64()?, late_input: None }),
+            Self::LEN_WITH_ID => {
+                let (term, id) = payload.split_at(Self::LEN);
+                let id = id.try_into().map_err(|_| DecodeError::Short)?;
+                Ok(Self { term: exact(term, Self::LEN)?.u64()?, late_input: Some(crate::late_input::LateInputId(id)) })
+            }
+            got => Err(DecodeError::Length { expected: Self::LEN_WITH_ID as u64, got }),
+        }
+    }
+}
+
 /// What the backup's standby holds, sent right after the handshake so that the primary can choose
 /// between continuing with the next epoch and starting an initial synchronisation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1184,5 +1224,18 @@ mod tests {
         huge.resize(MAX_GUEST_FRAME + 5, 0);
         assert!(matches!(decode_output(&huge), Err(DecodeError::BadOutputFrame(_))));
         assert!(matches!(decode_output(&[1, 0]), Err(DecodeError::Short)));
+    }
+
+    #[test]
+    fn a_lease_term_decodes_with_or_without_the_late_input_id() {
+        let plain = LeaseTerm { term: 42, late_input: None };
+        assert_eq!(plain.encode().len(), LeaseTerm::LEN);
+        assert_eq!(LeaseTerm::decode(&plain.encode()), Ok(plain));
+        let with = LeaseTerm { term: 7, late_input: Some(crate::late_input::LateInputId([3; 16])) };
+        assert_eq!(with.encode().len(), LeaseTerm::LEN_WITH_ID);
+        assert_eq!(LeaseTerm::decode(&with.encode()), Ok(with));
+        for len in [0, 7, 9, 23, 25] {
+            assert!(LeaseTerm::decode(&vec![0; len]).is_err(), "{len} bytes");
+        }
     }
 }

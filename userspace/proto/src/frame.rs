@@ -27,7 +27,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
 #[cfg(not(feature = "previous-minor"))]
-pub const PROTOCOL_MINOR: u8 = 7;
+pub const PROTOCOL_MINOR: u8 = 8;
 /// Protocol minor version of a build made to speak the previous minor (see the crate's
 /// `previous-minor` feature).
 #[cfg(feature = "previous-minor")]
@@ -76,7 +76,8 @@ pub enum FrameKind {
     /// `StandbyInfo` answers it): the lease term its copy is current for (u64; 0 without a
     /// quorum). The backup stores it with its disk once its copy is restorable, and names it when
     /// it claims the lease to take over. Being the first frame under the session key, it is what
-    /// makes the backup count the session as started.
+    /// makes the backup count the session as started. From minor 8 it may carry the id of the
+    /// primary's late input ([`crate::epoch::LeaseTerm`]).
     LeaseTerm = 27,
     /// From the backup, right after its `StandbyInfo` (minor 3 and later): what its KVM can
     /// restore (`crate::cpu::HostCpuCaps`), so that the primary can refuse a backup that could not

@@ -7,6 +7,7 @@
 //!   the shared secret;
 //! * [`epoch`]: the payloads of the epoch frames (begin, pages, machine state, disk writes, disk
 //!   image, held output, commit, acknowledgement, standby info);
+//! * [`late_input`]: the datagrams of guest input a dead primary's watchdog sends the backup;
 //! * [`limits`]: every size limit the hosts, the guest's devices and the wire share;
 //! * [`witness`]: the requests and replies of the witness, the built-in quorum service;
 //! * [`rdma`]: the RDMA A-Link's queue pair exchange and page placement descriptors;
@@ -17,6 +18,7 @@ pub mod cpu;
 pub mod epoch;
 pub mod frame;
 pub mod handshake;
+pub mod late_input;
 pub mod limits;
 pub mod pages;
 pub mod rdma;

@@ -9,6 +9,7 @@
 //! * [`disk`]: the primary's disk write capture ([`disk::DiskReplicator`]);
 //! * [`output`]: output commit (the hold the guest's transmit goes to, released per epoch);
 //! * [`ingress`]: the guest's input, sent ahead to the backup for a takeover to deliver again;
+//! * [`late_input`]: the guest's input that reached a dead primary, forwarded by its watchdog;
 //! * [`ha`]: failure detection, the quorum lease and failover;
 //! * [`witness`]: the built-in quorum service (`ftvm witness`).
 //!
@@ -21,6 +22,7 @@ pub mod durable;
 pub mod epoch;
 pub mod ha;
 pub mod ingress;
+pub mod late_input;
 pub mod output;
 pub mod transport;
 pub mod witness;

@@ -37,6 +37,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion 
 use crate::boot::{self, BootSetupError, DeviceAddrs, EntryPoint};
 use crate::cpuid::{self, CpuidError};
 use crate::devices::bus::{lock, BusOverlapError, MmioBus};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::MmioTransport;
 use crate::devices::{
     DeviceConfig, DeviceCreateError, DeviceManager, DeviceRestoreError, DeviceSaveError,
     DeviceShutdownError, DeviceStartError,
@@ -401,6 +403,17 @@ impl MachineHandle {
     /// The last boot milestone the guest reported.
     pub fn guest_status(&self) -> Option<GuestStatus> {
         self.shared.status.get()
+    }
+
+    /// The network device, if the machine has one (to queue input for it from another thread,
+    /// [`crate::devices::virtio::net::Net::replay_rx`]).
+    pub fn net_device(&self) -> Option<Arc<Mutex<MmioTransport<Net>>>> {
+        lock(&self.shared.devices).net().cloned()
+    }
+
+    /// The network device's backend fd (its TAP), if it has one: valid while the machine lives.
+    pub fn net_backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.net_device().and_then(|n| lock(&n).device().backend_fd())
     }
 }
 

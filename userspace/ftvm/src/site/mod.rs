@@ -38,9 +38,9 @@ pub enum SiteCommand {
     Up(UpArgs),
     /// Show each host's role and the site's state.
     Status(StatusArgs),
-    /// SIGKILL a host's ftvm process and take its business port and A-Link down (its watchdog and
-    /// management port live on, as on a host whose ftvm service crashed); `--power`: every process
-    /// of the host and all its links (the host lost power). `witness`: stop the witness.
+    /// SIGKILL a host's ftvm process (its watchdog, its links and the rest of the host live on,
+    /// as on a host whose ftvm service crashed); `--power`: every process of the host and all its
+    /// links (the host lost power). `witness`: stop the witness.
     Kill(KillArgs),
     /// Start a killed host's service again: it becomes the backup of the VM where it runs now,
     /// receives memory and disk while the VM serves, and the pair is protected again.
@@ -1071,19 +1071,22 @@ fn kill(args: KillArgs) -> Result<()> {
         .iter_mut()
         .find(|h| h.name == wanted)
         .with_context(|| format!("no host {:?} in site {} (A, B or witness)", args.host, args.site.name))?;
+    // A crashed service leaves its host and cables as they were: clients keep sending to the
+    // host until the other one announces the guest, and the watchdog forwards what arrives. A
+    // lost host takes everything with it.
     if args.power {
         kill_pids(&netns_pids(&host.netns));
+        topology::isolate_host(&host.netns)?;
     } else {
         kill_pids(&host.pids);
     }
-    topology::isolate_host(&host.netns, args.power)?;
     host.killed = true;
     let netns = host.netns.clone();
     save(&record)?;
     if args.power {
         println!("host {wanted} powered off: every process killed (SIGKILL) and all its links ({netns}) taken down");
     } else {
-        println!("host {wanted}: ftvm killed (SIGKILL), business port and A-Link ({netns}) taken down");
+        println!("host {wanted}: ftvm killed (SIGKILL); its watchdog and links ({netns}) live on");
     }
     Ok(())
 }

@@ -133,13 +133,10 @@ pub fn build(names: &SiteNames) -> Result<()> {
     Ok(())
 }
 
-/// Takes a host's business port and A-Link down, as if those cables were pulled; with `mgmt`, its
-/// management port too (the whole host is gone).
-pub fn isolate_host(host_ns: &str, mgmt: bool) -> Result<()> {
-    ip_in(host_ns, &["link", "set", "biz0", "down"])?;
-    ip_in(host_ns, &["link", "set", "alink0", "down"])?;
-    if mgmt {
-        ip_in(host_ns, &["link", "set", "mgmt0", "down"])?;
+/// Takes every port of a host down (business, A-Link, management), as if the host lost power.
+pub fn isolate_host(host_ns: &str) -> Result<()> {
+    for port in ["biz0", "alink0", "mgmt0"] {
+        ip_in(host_ns, &["link", "set", port, "down"])?;
     }
     Ok(())
 }

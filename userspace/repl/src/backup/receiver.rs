@@ -53,13 +53,14 @@ use super::journal::{AppendError, ApplyError, DiskJournal};
 use super::standby::{KeptStandby, Standby, StandbyMemory};
 use ftvm_proto::epoch::{
     decode_output, DecodeError, DiskImageView, DiskWritesView, EpochAck, EpochBegin, EpochCommit, EpochDigest, PagesView,
-    StandbyInfo,
+    LeaseTerm, StandbyInfo,
 };
 use crate::ha::heartbeat::{LinkActivity, SessionEnd, StampingReader};
 use crate::transport::deadline::DeadlineStream;
 use crate::transport::rdma::backup::{AcceptedRdma, BackupRdma, PlacementError, RingValidator, StagingRing, ValidPlacement};
 use crate::transport::rdma::{RdmaOptions, RdmaSetupError};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
+use crate::late_input::LateInbox;
 use crate::lock;
 
 /// Whether applied disk writes are made durable before the acknowledgement.
@@ -113,6 +114,9 @@ pub struct ReceiverConfig {
     /// when it cannot be (also in a build without the cargo feature `rdma`). `None`: a primary that
     /// asks for RDMA is refused.
     pub rdma: Option<RdmaOptions>,
+    /// Where a dead primary's late input is opened ([`crate::late_input`]): each session binds it
+    /// to its primary daemon's id (protocol 1.8 and later). `None`: late input is not taken.
+    pub late_input: Option<Arc<LateInbox>>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -157,6 +161,7 @@ impl ReceiverConfig {
             cpu_caps: None,
             intent: None,
             rdma: None,
+            late_input: None,
         }
     }
 }
@@ -1298,12 +1303,14 @@ impl<'a> Session<'a> {
                 FrameKind::HeldOutput => self.on_output(header.epoch, buf, &tag)?,
                 FrameKind::Ingress => self.on_ingress(header.epoch, buf)?,
                 FrameKind::LeaseTerm => {
-                    let term: [u8; 8] = buf[..].try_into().map_err(|_| SessionError::Unexpected {
+                    let LeaseTerm { term, late_input } = LeaseTerm::decode(&buf).map_err(|_| SessionError::Unexpected {
                         kind: header.kind,
-                        context: "whose payload is not 8 bytes",
+                        context: "whose payload is neither 8 nor 24 bytes",
                     })?;
-                    let term = u64::from_le_bytes(term);
-                    tracing::info!(term, "the primary's lease term");
+                    tracing::info!(term, late_input = late_input.is_some(), "the primary's lease term");
+                    if let Some(inbox) = &self.inner.config.late_input {
+                        inbox.bind(term, late_input);
+                    }
                     self.term = Some(term);
                     lock(&self.inner.stats).primary_term = Some(term);
                     self.recycle(buf);

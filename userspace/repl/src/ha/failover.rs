@@ -66,6 +66,7 @@ use crate::backup::{BackupReceiver, BindError, ReceiverConfig};
 use crate::epoch::engine::{
     AckAuthorityHook, DiskSource, EngineConfig, EngineHandle, EngineState, EngineStatus, PrimaryEngine, SwitchoverTrigger,
 };
+use crate::late_input::{LateInbox, LateInputListener, LateInputStats};
 use crate::ErrorChain;
 use crate::lock;
 
@@ -274,6 +275,8 @@ pub struct DaemonStatus {
     pub last_error: Option<String>,
     /// What the last probe of the primary's host showed (none sent yet: `None`).
     pub last_probe: Option<ProbeOutcome>,
+    /// The dead primary's late input ([`crate::late_input`]); none when not taken.
+    pub late_input: Option<LateInputStats>,
 }
 
 impl DaemonStatus {
@@ -291,6 +294,7 @@ impl DaemonStatus {
             exit: None,
             last_error: None,
             last_probe: None,
+            late_input: None,
         }
     }
 }
@@ -304,6 +308,9 @@ pub enum DaemonStartError {
     /// The daemon thread.
     #[error("cannot start the backup daemon thread")]
     Thread(#[source] std::io::Error),
+    /// The late input socket (UDP on the A-Link address) could not be bound.
+    #[error("cannot listen for late input on the A-Link address (UDP)")]
+    LateInput(#[source] std::io::Error),
 }
 
 struct Shared {
@@ -325,6 +332,8 @@ pub struct BackupDaemon {
     local_addr: SocketAddr,
     lease: Lease,
     thread: Option<JoinHandle<()>>,
+    /// The dead primary's late input: where it is kept, and the socket it comes on.
+    late_input: Option<(Arc<LateInbox>, LateInputListener)>,
 }
 
 impl std::fmt::Debug for BackupDaemon {
@@ -344,8 +353,17 @@ impl BackupDaemon {
             standby_disk = standby_disk.with_intent(Arc::clone(intent));
             cfg.promote.disk_intent = Some(Arc::clone(intent));
         }
+        let inbox = cfg.receiver.late_input.clone();
         let receiver = BackupReceiver::bind_keeping(cfg.receiver, cfg.kept)?;
         let local_addr = receiver.local_addr();
+        // UDP on the receiver's own address and port.
+        let late_input = match inbox {
+            Some(inbox) => Some((
+                Arc::clone(&inbox),
+                LateInputListener::start(local_addr, Arc::clone(&inbox)).map_err(DaemonStartError::LateInput)?,
+            )),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             status: Mutex::new(DaemonStatus::standby()),
             stop: AtomicBool::new(false),
@@ -367,6 +385,7 @@ impl BackupDaemon {
             probe: cfg.host_probe,
             answered_before: false,
             last_probe: None,
+            late_input: late_input.as_ref().map(|(inbox, _)| Arc::clone(inbox)),
         };
         let promote_cfg = cfg.promote;
         let again = cfg.protect_again.map(|p| (p, promote_cfg.block.then_some(standby_disk)));
@@ -374,7 +393,7 @@ impl BackupDaemon {
             .name("ftvm-backup-watch".into())
             .spawn(move || watch.run(receiver, promote_cfg, again))
             .map_err(DaemonStartError::Thread)?;
-        Ok(Self { shared, local_addr, lease: cfg.lease, thread: Some(thread) })
+        Ok(Self { shared, local_addr, lease: cfg.lease, thread: Some(thread), late_input })
     }
 
     /// The lease this host claims to take over, and renews after.
@@ -389,7 +408,9 @@ impl BackupDaemon {
 
     /// The current status.
     pub fn status(&self) -> DaemonStatus {
-        lock(&self.shared.status).clone()
+        let mut s = lock(&self.shared.status).clone();
+        s.late_input = self.late_input.as_ref().map(|(inbox, _)| inbox.stats());
+        s
     }
 
     /// Waits up to `timeout` for `role`; returns the status then, or `None` on timeout.
@@ -512,6 +533,8 @@ struct Watch {
     /// The primary's host responder answered at least once: its silence now means something.
     answered_before: bool,
     last_probe: Option<(Instant, ProbeOutcome)>,
+    /// Given to the restored VM at the takeover.
+    late_input: Option<Arc<LateInbox>>,
 }
 
 impl Watch {
@@ -779,6 +802,17 @@ impl Watch {
         };
         let mut machine = promoted.machine;
         *lock(&self.shared.handle) = Some(machine.handle());
+        // After the input the dead primary forwarded itself (the promotion queued it): what reached
+        // its host after its death.
+        let late_replayed = match (&self.late_input, machine.handle().net_device()) {
+            (Some(inbox), Some(net)) => inbox.take_over(Box::new(move |frames| {
+                net.lock().unwrap_or_else(std::sync::PoisonError::into_inner).device_mut().replay_rx(frames)
+            })),
+            _ => 0,
+        };
+        if late_replayed > 0 {
+            tracing::info!(frames = late_replayed, "the restored VM gets the input that reached the dead primary's host after its death");
+        }
         let announcer = promoted.announcer;
         // Built before the VM runs, started after: the engine must not hold up the resume.
         let engine = match again {

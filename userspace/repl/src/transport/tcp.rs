@@ -41,7 +41,8 @@ use super::{
 };
 use crate::disk::DiskWrite;
 use ftvm_proto::cpu::{check_restorable, GuestCpuNeeds, HostCpuCaps};
-use ftvm_proto::epoch::{self, DiskMarks, EpochAck, EpochBegin, EpochCommit, EpochDigest, StandbyInfo};
+use ftvm_proto::epoch::{self, DiskMarks, EpochAck, EpochBegin, EpochCommit, EpochDigest, LeaseTerm, StandbyInfo};
+use ftvm_proto::late_input::LateInputId;
 use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_DISK_WRITE_BYTES, MAX_PAGES_PER_FRAME};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
 use crate::lock;
@@ -72,6 +73,10 @@ pub struct TcpOptions {
     /// The lease term this primary's copy is current for, told to the backup (protocol 1.2 and
     /// later; none: 0, no quorum): the backup names it when it claims the lease to take over.
     pub lease_term: Option<u64>,
+    /// The id this daemon's lease watchdog tags the guest input it forwards after the daemon's
+    /// death with, told to the backup beside the term (protocol 1.8 and later; an older backup
+    /// does not learn it and takes no such input). See `ftvm_proto::late_input`.
+    pub late_input: Option<LateInputId>,
     /// What the guest's CPU state needs from the host that restores it, checked against the
     /// backup's capabilities (protocol 1.3 and later; an older backup is not checked, with a
     /// warning). `None`: not checked.
@@ -98,6 +103,7 @@ impl Default for TcpOptions {
             memory_bytes: None,
             disk_bytes: None,
             lease_term: None,
+            late_input: None,
             cpu_needs: None,
             io: LinkIo::Socket,
             rdma: None,
@@ -464,8 +470,11 @@ impl TcpTransport {
         // the session key, which is what makes the backup count the session, and the standby
         // information (or a refusal) answers it. A 1.1 backup sends its information at once.
         if session.minor >= 2 {
-            let term = options.lease_term.unwrap_or(0);
-            sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&term.to_le_bytes()]).map_err(ConnectError::Info)?;
+            let term = LeaseTerm {
+                term: options.lease_term.unwrap_or(0),
+                late_input: options.late_input.filter(|_| session.minor >= 8),
+            };
+            sealer.write(&mut io, FrameKind::LeaseTerm, 0, 0, &[&term.encode()]).map_err(ConnectError::Info)?;
         }
         let info = read_answer(&mut opener, &mut io, FrameKind::StandbyInfo)?;
         let peer = StandbyInfo::decode(&info).map_err(ConnectError::MalformedInfo)?;
