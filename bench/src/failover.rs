@@ -430,6 +430,9 @@ pub struct FailoverRun {
     pub longest_gap_ms: Option<f64>,
     /// `takeover_ms` from `ftvm site status --json` (B: first suspicion → restored guest resumed).
     pub takeover_ms: Option<f64>,
+    /// Frames that reached A's TAP after its death, forwarded by its watchdog and given to B's VM
+    /// (B's status `late_input.delivered`; none from builds before it).
+    pub late_input_delivered: Option<u64>,
     /// SIGKILL → B's "the restored guest runs" log line (same clock: this machine's).
     pub b_resumed_ms: Option<f64>,
     /// B's `PromotionTimings` line.
@@ -574,6 +577,12 @@ impl FailoverReport {
             self.requests_to_the_dead_primary,
             self.requests_lost_with_the_primary
         );
+        let late: Vec<u64> = self.runs.iter().filter_map(|r| r.late_input_delivered).filter(|&n| n > 0).collect();
+        s += &format!(
+            "input that reached A after its death, forwarded by its watchdog to B: in {} repetitions, {} frames\n",
+            late.len(),
+            late.iter().sum::<u64>()
+        );
         for r in self.runs.iter().filter(|r| !r.ok) {
             s += &format!(
                 "failed: {}: {}\n",
@@ -613,7 +622,7 @@ pub fn run(cfg: &FailoverConfig) -> FailoverReport {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
         eprintln!(
             "[failover]   {}: {}; from the SIGKILL: B resumed {} (takeover_ms {}), first reply from B {}, \
-             all connections served {}, longest gap {}; A gone {}, site kill took {}",
+             all connections served {}, longest gap {}; A gone {}, site kill took {}; late input given to B: {}",
             r.site,
             r.error.as_deref().map_or("ok".to_string(), |e| format!("FAILED: {e}")),
             f(r.b_resumed_ms),
@@ -622,7 +631,8 @@ pub fn run(cfg: &FailoverConfig) -> FailoverReport {
             f(r.all_served_ms),
             f(r.longest_gap_ms),
             f(r.a_gone_ms),
-            f(r.site_kill_ms)
+            f(r.site_kill_ms),
+            r.late_input_delivered.map_or("-".to_string(), |n| format!("{n} frames"))
         );
         runs.push(r);
     }
@@ -900,8 +910,10 @@ fn measure(
     // What B says: status (polled until it has failed over), then its log line.
     let start = Instant::now();
     loop {
-        match site.try_status().map(|st| st.json) {
-            Ok(st) => {
+        match site.try_status() {
+            Ok(status) => {
+                run.late_input_delivered = status.detail("B").and_then(|b| b["late_input"]["delivered"].as_u64());
+                let st = status.json;
                 run.status_state = st["state"].as_str().map(String::from);
                 run.takeover_ms = st["takeover_ms"].as_f64();
                 if run.status_state.as_deref() == Some("failed over") && run.takeover_ms.is_some() {

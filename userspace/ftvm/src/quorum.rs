@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use ftvm_ebpf_host::{spawn_inheriting, DaemonState, Handoff, InheritedGate, InheritedResponder};
-use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView};
+use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView, QUORUM_CONNECTION_REFRESH};
 use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
 use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
@@ -465,10 +465,6 @@ fn after_death(
     }
     Ok(ExitCode::SUCCESS)
 }
-
-/// How often the lease watchdog reopens its connection to the quorum: under the witness's idle
-/// timeout (30 s), so that the connection is open when the primary dies.
-const QUORUM_CONNECTION_REFRESH: Duration = Duration::from_secs(20);
 
 /// Opens the quorum connection ahead of the release; a failure only costs the release a fresh
 /// connection.

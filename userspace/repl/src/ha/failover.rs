@@ -55,7 +55,7 @@ use ftvm_vmm::machine::{CheckpointSource, MachineExit, MachineHandle};
 use super::detector::{DeadReason, DetectorConfig, FailureDetector, Suspicion, TimeoutDetector};
 use super::fence::Fence;
 use super::heartbeat::{monotonic_us, LinkActivity, SessionEnd};
-use super::lease::{Lease, Renewer, TAKEOVER_QUIET};
+use super::lease::{Lease, Renewer, QUORUM_CONNECTION_REFRESH, TAKEOVER_QUIET};
 use super::probe::{HostProbe, ProbeOutcome};
 use super::quorum::{Claim, Previous};
 use super::rejoin::{RejoinConfig, Rejoiner};
@@ -629,6 +629,9 @@ impl Watch {
         let mut suspected_at: Option<Instant> = None;
         let mut reported_no_takeover = false;
         let mut refused_at: Option<Instant> = None;
+        // The takeover's claim is then one round trip to the quorum, not a connection and a
+        // handshake first (about 4 ms to the witness here).
+        let mut quorum_connected_at: Option<Instant> = None;
         let receiver = loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return;
@@ -681,6 +684,10 @@ impl Watch {
                         tracing::info!("the primary is heard again");
                     }
                     reported_no_takeover = false;
+                    if self.lease.has_quorum() && quorum_connected_at.is_none_or(|t| t.elapsed() >= QUORUM_CONNECTION_REFRESH) {
+                        self.lease.connect_ahead();
+                        quorum_connected_at = Some(Instant::now());
+                    }
                 }
                 Suspicion::Silent { for_ } => {
                     if suspected_at.is_none() {

@@ -32,6 +32,10 @@ use crate::lock;
 pub const ACK_AUTHORITY: Duration = Duration::from_millis(50);
 /// See [`ACK_AUTHORITY`]; longer than it by a margin for clock rates and scheduling.
 pub const TAKEOVER_QUIET: Duration = Duration::from_millis(75);
+/// How often a host that will need the quorum at once (a backup for its takeover, a primary's
+/// watchdog for its release) reopens its connection: under the witness's idle timeout (30 s), so
+/// that the connection is open when it is needed.
+pub const QUORUM_CONNECTION_REFRESH: Duration = Duration::from_secs(20);
 
 /// How a [`Lease`] is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +188,15 @@ impl Lease {
                 let ttl = u64::try_from(ttl.saturating_sub(margin).as_micros()).unwrap_or(u64::MAX);
                 sent_us.saturating_add(ttl)
             }
+        }
+    }
+
+    /// Opens (or reopens) the connection to the quorum now, so that the next claim or release is
+    /// one round trip (see [`QuorumClient::connect_ahead`]); a failure only costs that request a
+    /// fresh connection. Call it every [`QUORUM_CONNECTION_REFRESH`] at most.
+    pub fn connect_ahead(&self) {
+        if let Err(e) = lock(&self.0.client).connect_ahead() {
+            tracing::debug!(backend = self.0.backend, error = %ErrorChain(&e), "cannot reach the quorum ahead of time");
         }
     }
 
