@@ -10,7 +10,8 @@
 //!
 //! A second test sends a request to host A right after its service was SIGKILLed, before B took
 //! over: the request reaches A's TAP, which A's lease watchdog holds, and the watchdog forwards it
-//! to B (`ftvm_repl::late_input`). B answers it without the client retransmitting.
+//! to B (`ftvm_repl::late_input`). B answers it without the client retransmitting. Then A is
+//! repaired (the backup of B now), B is killed the same way, and A answers.
 //!
 //! Needs root, /dev/kvm, tcpdump and the eBPF object; fails, never skips. The site is removed by
 //! its guard on every exit path.
@@ -143,6 +144,81 @@ mod tests {
         assert!(replayed.is_some_and(|n| n >= 1), "[{name}] B's status names no replayed input: {:#}", st.json);
     }
 
+    /// SIGKILLs `dead`'s service (the primary), sends a request at once, and checks that it
+    /// reached `dead`'s host, that `survivor` answered it, and that the client sent it once. `key`
+    /// is a fresh key the request increments.
+    fn request_right_after_the_kill(site: &Site, client_ns: &str, dead: &str, survivor: &str, key: &str) {
+        let name = site.name.clone();
+        let pids = site.host_pids(dead).expect("the primary's pids");
+        let dir = TempDir::new("late");
+        let ns = Netns::existing(client_ns);
+        let (port, reply, retrans, value) = ns.run(|| {
+            let mut c = RespClient::try_connect(REPLY_TIMEOUT).expect("connect to the guest");
+            assert_eq!(c.try_cmd(&["SET", "warm", "1"]).expect("SET warm"), Reply::Status("OK".into()), "[{name}]");
+            let port = c.local_port();
+            let to_guest = format!("tcp src port {port} and tcp dst port 6379");
+            // What reaches the dying host (captured as it comes in on its business port).
+            let cap_dead = Capture::start(&site.netns(&dead.to_ascii_lowercase()), "biz0", &to_guest, dir.path(), "dead-biz");
+            let cap_survivor = Capture::start(
+                &site.netns("lan"),
+                &format!("{}0", survivor.to_ascii_lowercase()),
+                &format!("ether src {SITE_GUEST_MAC_TEXT} and tcp src port 6379 and tcp dst port {port}"),
+                dir.path(),
+                "lan-survivor",
+            );
+            let cap_client = Capture::start(&site.netns("lan"), "c0", &to_guest, dir.path(), "lan-c");
+            // The SIGKILL, then at once the request: the survivor needs milliseconds to notice.
+            let kill_ns = realtime_ns();
+            for &p in &pids {
+                // SAFETY: SIGKILL to the primary's ftvm process, recorded in the site's state (not
+                // a child of this process, so its pid cannot be reused by one this test starts).
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            c.try_send(&["INCR", key]).expect("send the INCR");
+            let sent_ns = realtime_ns();
+            site.kill(dead);
+            let reply = c.try_read_reply();
+            let retrans = c.total_retransmits();
+            let value = c.try_cmd(&["GET", key]);
+            std::thread::sleep(Duration::from_millis(200));
+            let (at_dead, dropped_d) = cap_dead.stop();
+            let (from_survivor, dropped_s) = cap_survivor.stop();
+            let (from_client, dropped_c) = cap_client.stop();
+            assert_eq!((dropped_d, dropped_s, dropped_c), (0, 0, 0), "[{name}] the captures dropped frames");
+            // The INCR itself (the GET after it names the same key).
+            let request = |p: &&Packet| {
+                tcp_payload(p, port, 6379)
+                    .is_some_and(|d| d.windows(4).any(|w| w == b"INCR") && d.windows(key.len()).any(|w| w == key.as_bytes()))
+            };
+            let rel = |t: u64| (t as f64 - kill_ns as f64) / 1e6;
+            let sends: Vec<f64> = from_client.iter().filter(request).map(|p| rel(p.t_ns)).collect();
+            let reached: Vec<f64> = at_dead.iter().filter(request).map(|p| rel(p.t_ns)).collect();
+            let ok = |p: &&Packet| tcp_payload(p, 6379, port).is_some_and(|d| d == b":1\r\n");
+            let answered = from_survivor.iter().find(ok).map(|p| rel(p.t_ns));
+            println!(
+                "[{name}] {dead} killed; request sent {:.2} ms later, on the wire at {sends:?} ms, at {dead}'s port at {reached:?} ms; {survivor}'s reply at {answered:?} ms",
+                rel(sent_ns)
+            );
+            assert_eq!(sends.len(), 1, "[{name}] the client sent the request {} times (a retransmission would hide the forwarding)", sends.len());
+            assert_eq!(reached.len(), 1, "[{name}] the request did not go to {dead}'s host ({survivor} may have served already): nothing to forward");
+            assert!(answered.is_some(), "[{name}] {survivor}'s port shows no reply to the request ({} frames captured there)", from_survivor.len());
+            (port, reply, retrans, value)
+        });
+        println!("[{name}] client port {port}: reply {reply:?}, {retrans} retransmissions");
+        assert_eq!(
+            reply.as_ref().map_err(|e| e.to_string()),
+            Ok(&Reply::Integer(1)),
+            "[{name}] the request sent to the dead {dead} got no reply from {survivor}"
+        );
+        assert_eq!(value.map_err(|e| e.to_string()), Ok(Reply::bulk("1")), "[{name}] the forwarded INCR is not in the store once");
+        let (st, took_over) = site.wait_status(Duration::from_secs(20), |s| s.role(survivor) == "primary");
+        assert!(took_over, "[{name}] {survivor}'s status does not say it took over: {st}");
+        let delivered = st.detail(survivor).and_then(|d| d["late_input"]["delivered"].as_u64());
+        assert!(delivered.is_some_and(|n| n >= 1), "[{name}] {survivor}'s status names no late input delivered: {:#}", st.json);
+    }
+
+    /// Both ways: the first primary's watchdog forwards, and so does the watchdog of the host
+    /// that took over, once the first is back as its backup.
     #[test]
     fn a_request_sent_to_the_dead_primary_is_forwarded_by_its_watchdog_and_answered_by_the_backup() {
         require_root_and_kvm();
@@ -151,72 +227,8 @@ mod tests {
         let st = site.status();
         assert!(st.is_protected(), "[{name}] not protected after up: {st}");
         let client_ns = no_retransmission_from_the_client(&site);
-        let pids = site.host_pids("A").expect("host A's pids");
-
-        let dir = TempDir::new("late");
-        let ns = Netns::existing(&client_ns);
-        let (port, reply, retrans, value) = ns.run(|| {
-            let mut c = RespClient::try_connect(REPLY_TIMEOUT).expect("connect to the guest");
-            assert_eq!(c.try_cmd(&["SET", "warm", "1"]).expect("SET warm"), Reply::Status("OK".into()), "[{name}]");
-            let port = c.local_port();
-            let to_guest = format!("tcp src port {port} and tcp dst port 6379");
-            // What reaches host A (captured as it comes in on A's business port).
-            let cap_a = Capture::start(&site.netns("a"), "biz0", &to_guest, dir.path(), "a-biz");
-            let cap_b = Capture::start(
-                &site.netns("lan"),
-                "b0",
-                &format!("ether src {SITE_GUEST_MAC_TEXT} and tcp src port 6379 and tcp dst port {port}"),
-                dir.path(),
-                "lan-b",
-            );
-            let cap_c = Capture::start(&site.netns("lan"), "c0", &to_guest, dir.path(), "lan-c");
-            // The SIGKILL, then at once the request: B needs milliseconds to notice the death.
-            let kill_ns = realtime_ns();
-            for &p in &pids {
-                // SAFETY: SIGKILL to host A's ftvm process, recorded in the site's state (not a
-                // child of this process, so its pid cannot be reused by one this test starts).
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
-            c.try_send(&["INCR", "sent-to-the-dead"]).expect("send the INCR");
-            let sent_ns = realtime_ns();
-            site.kill("A");
-            let reply = c.try_read_reply();
-            let retrans = c.total_retransmits();
-            let value = c.try_cmd(&["GET", "sent-to-the-dead"]);
-            std::thread::sleep(Duration::from_millis(200));
-            let (a, dropped_a) = cap_a.stop();
-            let (b, dropped_b) = cap_b.stop();
-            let (from_client, dropped_c) = cap_c.stop();
-            assert_eq!((dropped_a, dropped_b, dropped_c), (0, 0, 0), "[{name}] the captures dropped frames");
-            // The INCR itself (the GET after it names the same key).
-            let request = |p: &&Packet| {
-                tcp_payload(p, port, 6379).is_some_and(|d| d.windows(4).any(|w| w == b"INCR") && d.windows(16).any(|w| w == b"sent-to-the-dead"))
-            };
-            let rel = |t: u64| (t as f64 - kill_ns as f64) / 1e6;
-            let sends: Vec<f64> = from_client.iter().filter(request).map(|p| rel(p.t_ns)).collect();
-            let at_a: Vec<f64> = a.iter().filter(request).map(|p| rel(p.t_ns)).collect();
-            let ok = |p: &&Packet| tcp_payload(p, 6379, port).is_some_and(|d| d == b":1\r\n");
-            let reply_b = b.iter().find(ok).map(|p| rel(p.t_ns));
-            println!(
-                "[{name}] request sent {:.2} ms after the kill; on the wire at {sends:?} ms, at A's port at {at_a:?} ms; B's reply at {reply_b:?} ms",
-                rel(sent_ns)
-            );
-            assert_eq!(sends.len(), 1, "[{name}] the client sent the request {} times (a retransmission would hide the forwarding)", sends.len());
-            assert_eq!(at_a.len(), 1, "[{name}] the request did not go to A's host (B may have served already): nothing to forward");
-            assert!(reply_b.is_some(), "[{name}] B's port shows no reply to the request ({} frames captured there)", b.len());
-            (port, reply, retrans, value)
-        });
-        println!("[{name}] client port {port}: reply {reply:?}, {retrans} retransmissions");
-        assert_eq!(
-            reply.as_ref().map_err(|e| e.to_string()),
-            Ok(&Reply::Integer(1)),
-            "[{name}] the request sent to the dead primary got no reply from B"
-        );
-        assert_eq!(value.map_err(|e| e.to_string()), Ok(Reply::bulk("1")), "[{name}] the forwarded INCR is not in the store once");
-
-        let (st, took_over) = site.wait_status(Duration::from_secs(20), |s| s.role_b == "primary");
-        assert!(took_over, "[{name}] B's status does not say it took over: {st}");
-        let delivered = st.detail("B").and_then(|d| d["late_input"]["delivered"].as_u64());
-        assert!(delivered.is_some_and(|n| n >= 1), "[{name}] B's status names no late input delivered: {:#}", st.json);
+        request_right_after_the_kill(&site, &client_ns, "A", "B", "sent-to-dead-a");
+        site.repair("A");
+        request_right_after_the_kill(&site, &client_ns, "B", "A", "sent-to-dead-b");
     }
 }
