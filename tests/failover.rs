@@ -278,6 +278,9 @@ fn scenario_with(label: &str, host: &str, at: KillAt, dirty: bool, up_args: &[&s
             _ => "socket",
         };
         assert_eq!(checkpoints["transport"], transport, "[{label}] A-Link writer\n{:#}", st.json);
+        // The backup reads through io_uring when the hosts write through it.
+        let reader = if transport == "socket" { "socket" } else { "io_uring" };
+        assert_eq!(st.detail("B").map(|b| &b["alink_receive_io"]), Some(&serde_json::json!(reader)), "[{label}] A-Link reader\n{:#}", st.json);
     }
 
     let client_ns_name = site.netns("client");

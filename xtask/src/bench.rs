@@ -91,6 +91,11 @@ pub struct BenchArgs {
     /// ring, uffd), to compare; the hosts' default when not given.
     #[arg(long, value_name = "TRACKER")]
     pub dirty_tracker: Option<String>,
+    /// The FT pair's A-Link I/O under load (`site up --alink-io`: socket, uring, uring-zc; with
+    /// io_uring the primary writes and the backup reads through it), to compare; the hosts'
+    /// default (socket) when not given.
+    #[arg(long, value_name = "IO")]
+    pub alink_io: Option<String>,
 }
 
 impl BenchArgs {
@@ -108,6 +113,9 @@ impl BenchArgs {
         }
         if let Some(tracker) = &self.dirty_tracker {
             v.extend(["--dirty-tracker".to_string(), tracker.clone()]);
+        }
+        if let Some(io) = &self.alink_io {
+            v.extend(["--alink-io".to_string(), io.clone()]);
         }
         v
     }

@@ -34,6 +34,7 @@ use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::late_input::LateInbox;
 use ftvm_repl::output::trace::FileTrace;
 use ftvm_repl::transport::tcp::TcpOptions;
+use ftvm_repl::transport::tcp::LinkIo;
 use ftvm_proto::cpu::CpuidWord;
 use ftvm_vmm::devices::DiskWriteIntent;
 use ftvm_vmm::dirty::DirtyTracking;
@@ -431,6 +432,9 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
     let mut receiver = ReceiverConfig::new(args.listen, secret.clone(), args.memory, args.disk.clone(), args.disk_size);
     // What reaches a dead primary's host before this one takes over, forwarded by its watchdog.
     receiver.late_input = Some(LateInbox::new(&secret));
+    // `--alink-io uring`: this host reads the A-Link through io_uring as a backup, as it writes
+    // it through io_uring as a primary.
+    receiver.uring = args.engine.alink_io.io() != LinkIo::Socket;
     if !args.sync_every_epoch {
         receiver.disk_sync = DiskSync::NoSync;
     }

@@ -496,6 +496,9 @@ pub struct BackupStatus {
     /// watchdog: taken in, given to the VM, refused (absent in files of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub late_input: Option<LateInputStats>,
+    /// How the A-Link is read: "socket" or "io_uring" (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alink_receive_io: Option<String>,
     pub last_error: Option<String>,
     /// The fencing gate, the heartbeat responder, and the last probe of the primary's host.
     pub ebpf: EbpfStatus,
@@ -649,6 +652,7 @@ impl BackupStatus {
             takeover_ms: st.promotion.map(|p| p.suspected_to_resumed.as_secs_f64() * 1e3),
             takeover_ingress_replayed: st.promotion.map(|p| p.ingress_replayed),
             late_input: st.late_input,
+            alink_receive_io: (!st.receive_io.is_empty()).then(|| st.receive_io.to_string()),
             last_error: st.last_error.clone(),
             ebpf: EbpfStatus { last_probe: st.last_probe.map(|p| p.describe()), ..ebpf },
             serving,

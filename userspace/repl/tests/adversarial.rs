@@ -26,6 +26,34 @@ mod tests {
     const GOOD: EpochId = EpochId(2);
     const NEXT: EpochId = EpochId(3);
 
+    /// Runs `$body(uring)` as two tests: the backup reading the A-Link with plain reads (the
+    /// test's historical name) and through io_uring. The attacks and their outcome are the same.
+    macro_rules! with_each_reader {
+        ($body:ident => $socket:ident, $uring:ident) => {
+            #[test]
+            fn $socket() {
+                $body(false)
+            }
+
+            #[test]
+            fn $uring() {
+                $body(true)
+            }
+        };
+    }
+
+    with_each_reader!(a_connection_dying_mid_epoch_leaves_the_last_epoch => a_connection_dying_mid_epoch_leaves_the_last_epoch_reading_the_socket, a_connection_dying_mid_epoch_leaves_the_last_epoch_reading_through_io_uring);
+    with_each_reader!(a_corrupted_byte_in_a_pages_frame_is_refused => a_corrupted_byte_in_a_pages_frame_is_refused_reading_the_socket, a_corrupted_byte_in_a_pages_frame_is_refused_reading_through_io_uring);
+    with_each_reader!(a_truncated_frame_is_refused => a_truncated_frame_is_refused_reading_the_socket, a_truncated_frame_is_refused_reading_through_io_uring);
+    with_each_reader!(replayed_frames_are_refused => replayed_frames_are_refused_reading_the_socket, replayed_frames_are_refused_reading_through_io_uring);
+    with_each_reader!(a_handover_for_another_epoch_is_refused_and_the_right_one_answered => a_handover_for_another_epoch_is_refused_and_the_right_one_answered_reading_the_socket, a_handover_for_another_epoch_is_refused_and_the_right_one_answered_reading_through_io_uring);
+    with_each_reader!(a_wrong_protocol_major_version_is_refused => a_wrong_protocol_major_version_is_refused_reading_the_socket, a_wrong_protocol_major_version_is_refused_reading_through_io_uring);
+    with_each_reader!(a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting => a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting_reading_the_socket, a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting_reading_through_io_uring);
+    with_each_reader!(a_state_delta_applies_to_the_state_held_only => a_state_delta_applies_to_the_state_held_only_reading_the_socket, a_state_delta_applies_to_the_state_held_only_reading_through_io_uring);
+    with_each_reader!(a_commit_whose_digest_or_totals_do_not_match_is_refused => a_commit_whose_digest_or_totals_do_not_match_is_refused_reading_the_socket, a_commit_whose_digest_or_totals_do_not_match_is_refused_reading_through_io_uring);
+    with_each_reader!(frames_out_of_place_are_refused => frames_out_of_place_are_refused_reading_the_socket, frames_out_of_place_are_refused_reading_through_io_uring);
+    with_each_reader!(malformed_input_sent_ahead_is_refused => malformed_input_sent_ahead_is_refused_reading_the_socket, malformed_input_sent_ahead_is_refused_reading_through_io_uring);
+
     /// A backup holding epoch 2 of a 1 MiB guest with a 256 KiB disk, its primary gone.
     struct Scene {
         rng: Rng,
@@ -36,12 +64,12 @@ mod tests {
     }
 
     impl Scene {
-        fn new(tag: &str) -> Self {
+        fn new(tag: &str, uring: bool) -> Self {
             init_tracing();
             let mut rng = Rng(0xfeed ^ tag.len() as u64);
             let mut model = Model::new(&mut rng, 1 << 20, 256 << 10);
             let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 << 20);
-            let (backup, disk) = start_backup(&model, tag);
+            let (backup, disk) = start_backup_reading(&model, tag, uring);
             let mut t = connect(backup.local_addr(), &model);
             let token = full_sync(&mut t, &mut model, EpochId(0));
             wait(&t, token);
@@ -122,9 +150,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_connection_dying_mid_epoch_leaves_the_last_epoch() {
-        let mut scene = Scene::new("mid-epoch");
+    fn a_connection_dying_mid_epoch_leaves_the_last_epoch(uring: bool) {
+        let mut scene = Scene::new("mid-epoch", uring);
         let (good, writes) = scene.next_epoch();
         let before = scene.stats();
         let mut raw = RawPrimary::connect(scene.backup.local_addr());
@@ -141,9 +168,8 @@ mod tests {
         scene.recover(&good);
     }
 
-    #[test]
-    fn a_corrupted_byte_in_a_pages_frame_is_refused() {
-        let mut scene = Scene::new("corrupt");
+    fn a_corrupted_byte_in_a_pages_frame_is_refused(uring: bool) {
+        let mut scene = Scene::new("corrupt", uring);
         let (good, writes) = scene.next_epoch();
         let before = scene.stats();
         let mut raw = RawPrimary::connect(scene.backup.local_addr());
@@ -160,9 +186,8 @@ mod tests {
         scene.recover(&good);
     }
 
-    #[test]
-    fn a_truncated_frame_is_refused() {
-        let mut scene = Scene::new("truncated");
+    fn a_truncated_frame_is_refused(uring: bool) {
+        let mut scene = Scene::new("truncated", uring);
         let (good, writes) = scene.next_epoch();
         let before = scene.stats();
         let mut raw = RawPrimary::connect(scene.backup.local_addr());
@@ -189,9 +214,8 @@ mod tests {
         scene.recover(&good);
     }
 
-    #[test]
-    fn replayed_frames_are_refused() {
-        let mut scene = Scene::new("replay");
+    fn replayed_frames_are_refused(uring: bool) {
+        let mut scene = Scene::new("replay", uring);
         let (good, writes) = scene.next_epoch();
 
         // Within a session: a Pages frame sent twice.
@@ -232,9 +256,8 @@ mod tests {
     /// A handover for an epoch this standby does not hold (a forged or confused primary) is
     /// refused: the session ends as refused, so this host does not take over, and nothing changes.
     /// The right one is answered with the backup's word that it takes over.
-    #[test]
-    fn a_handover_for_another_epoch_is_refused_and_the_right_one_answered() {
-        let scene = Scene::new("handover");
+    fn a_handover_for_another_epoch_is_refused_and_the_right_one_answered(uring: bool) {
+        let scene = Scene::new("handover", uring);
         let before = scene.stats();
         let mut raw = RawPrimary::connect(scene.backup.local_addr());
         let (bytes, _) = raw.seal(FrameKind::Handover, GOOD.0 + 1, &[]);
@@ -256,9 +279,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_wrong_protocol_major_version_is_refused() {
-        let mut scene = Scene::new("version");
+    fn a_wrong_protocol_major_version_is_refused(uring: bool) {
+        let mut scene = Scene::new("version", uring);
         let (good, writes) = scene.next_epoch();
 
         // In the handshake: the peer announces another major and is told why.
@@ -284,9 +306,8 @@ mod tests {
         scene.recover(&good);
     }
 
-    #[test]
-    fn a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting() {
-        let mut scene = Scene::new("secret");
+    fn a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting(uring: bool) {
+        let mut scene = Scene::new("secret", uring);
         let (good, _writes) = scene.next_epoch();
         let before = scene.stats();
         let err = TcpTransport::connect(scene.backup.local_addr(), b"not the a-link secret at all", &options(&scene.model)).unwrap_err();
@@ -304,9 +325,8 @@ mod tests {
     /// A machine state sent as a delta (A-Link 1.6) applies to the state the backup holds, and to
     /// no other: one made from another state refuses the epoch, nothing applied; the right one
     /// leaves the new state whole in the standby.
-    #[test]
-    fn a_state_delta_applies_to_the_state_held_only() {
-        let mut scene = Scene::new("delta");
+    fn a_state_delta_applies_to_the_state_held_only(uring: bool) {
+        let mut scene = Scene::new("delta", uring);
         let (good, writes) = scene.next_epoch();
         let mut other = good.state.clone();
         other[0] ^= 1;
@@ -334,9 +354,8 @@ mod tests {
         assert_standby(&scene.backup, &scene.model, NEXT);
     }
 
-    #[test]
-    fn a_commit_whose_digest_or_totals_do_not_match_is_refused() {
-        let mut scene = Scene::new("digest");
+    fn a_commit_whose_digest_or_totals_do_not_match_is_refused(uring: bool) {
+        let mut scene = Scene::new("digest", uring);
         let (good, writes) = scene.next_epoch();
 
         let before = scene.stats();
@@ -359,9 +378,8 @@ mod tests {
         scene.recover(&good);
     }
 
-    #[test]
-    fn frames_out_of_place_are_refused() {
-        let mut scene = Scene::new("misuse");
+    fn frames_out_of_place_are_refused(uring: bool) {
+        let mut scene = Scene::new("misuse", uring);
         let (good, _writes) = scene.next_epoch();
         // A well-formed Pages payload: the first 8 pages.
         let ranges = [PageRange { start: 0, len: 8 }];
@@ -413,10 +431,9 @@ mod tests {
     /// Guest input sent ahead must decode whole: an empty frame, a frame longer than the payload
     /// that carries it, or one over the largest guest frame drops the session; the standby keeps
     /// its last epoch and a correct primary carries on.
-    #[test]
-    fn malformed_input_sent_ahead_is_refused() {
+    fn malformed_input_sent_ahead_is_refused(uring: bool) {
         use ftvm_proto::limits::MAX_GUEST_FRAME;
-        let mut scene = Scene::new("ingress");
+        let mut scene = Scene::new("ingress", uring);
         let (good, _writes) = scene.next_epoch();
         let with_len = |len: u32, body: usize| {
             let mut p = len.to_le_bytes().to_vec();

@@ -26,8 +26,8 @@ mod tests {
     const ALL_IO: [LinkIo; 3] = [LinkIo::Socket, LinkIo::Uring { zero_copy: false }, LinkIo::Uring { zero_copy: true }];
 
     /// Runs `$body(LinkIo)` as three tests: over `writev` (the test's historical name), over
-    /// io_uring, and over io_uring with zero-copy sends. The backup is the same in all three: the
-    /// wire does not change.
+    /// io_uring, and over io_uring with zero-copy sends. The wire does not change; the backup reads
+    /// through io_uring when the primary writes through it.
     macro_rules! over_each_link_io {
         ($body:ident => $socket:ident, $uring:ident, $zero_copy:ident) => {
             #[test]
@@ -61,7 +61,7 @@ mod tests {
         let mut rng = Rng(0x0123_4567_89ab_cdef);
         let mut model = Model::new(&mut rng, 64 * MIB, 8 * MIB);
         let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 256 * MIB as u64);
-        let (backup, _disk) = start_backup(&model, "main");
+        let (backup, _disk) = start_backup_reading(&model, "main", io != LinkIo::Socket);
         let mut t = connect_io(backup.local_addr(), &model, io);
         assert_eq!(t.peer_standby().committed, None);
         assert!(matches!(
@@ -172,7 +172,7 @@ mod tests {
         let mut rng = Rng(7);
         let mut model = Model::new(&mut rng, 4 * MIB, MIB);
         let mut disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 * MIB as u64);
-        let (backup, _disk) = start_backup(&model, "pipeline");
+        let (backup, _disk) = start_backup_reading(&model, "pipeline", io != LinkIo::Socket);
         let mut t = connect_io(backup.local_addr(), &model, io);
         let events = Arc::new(Mutex::new(Vec::new()));
         {

@@ -57,6 +57,7 @@ use ftvm_proto::epoch::{
 };
 use crate::ha::heartbeat::{LinkActivity, SessionEnd, StampingReader};
 use crate::transport::deadline::DeadlineStream;
+use crate::transport::uring_reader::{LinkReader, UringReader};
 use crate::transport::rdma::backup::{AcceptedRdma, BackupRdma, PlacementError, RingValidator, StagingRing, ValidPlacement};
 use crate::transport::rdma::{RdmaOptions, RdmaSetupError};
 use crate::{ErrorChain, PAGE_SIZE, SECTOR_SIZE};
@@ -117,6 +118,9 @@ pub struct ReceiverConfig {
     /// Where a dead primary's late input is opened ([`crate::late_input`]): each session binds it
     /// to its primary daemon's id (protocol 1.8 and later). `None`: late input is not taken.
     pub late_input: Option<Arc<LateInbox>>,
+    /// Read the A-Link through io_uring ([`crate::transport::uring_reader`]) rather than with
+    /// plain reads; [`BackupReceiver::bind`] fails when the kernel cannot.
+    pub uring: bool,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -133,6 +137,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("max_staging_bytes", &self.max_staging_bytes)
             .field("cpu_caps", &self.cpu_caps)
             .field("rdma", &self.rdma)
+            .field("uring", &self.uring)
             .finish_non_exhaustive()
     }
 }
@@ -162,6 +167,7 @@ impl ReceiverConfig {
             intent: None,
             rdma: None,
             late_input: None,
+            uring: false,
         }
     }
 }
@@ -208,6 +214,9 @@ pub enum BindError {
     /// A thread could not be started.
     #[error("Cannot start the receiver thread")]
     Thread(#[source] io::Error),
+    /// Reading the A-Link through io_uring was asked for, and this kernel cannot.
+    #[error("Cannot read the A-Link through io_uring")]
+    Uring(#[source] io::Error),
     /// The RDMA device could not be opened or the staging ring registered, or this build has no
     /// RDMA.
     #[error("Cannot set up RDMA on {device}")]
@@ -391,6 +400,8 @@ pub struct SyncProgress {
 /// Counters for status and metrics.
 #[derive(Clone, Debug, Default)]
 pub struct ReceiverStats {
+    /// How the A-Link is read: "socket" or "io_uring".
+    pub receive_io: &'static str,
     /// The primary of the current session.
     pub connected: Option<SocketAddr>,
     /// The last epoch applied.
@@ -608,6 +619,9 @@ impl BackupReceiver {
         if !config.disk_bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(BindError::DiskSize(config.disk_bytes));
         }
+        if config.uring {
+            UringReader::supported().map_err(BindError::Uring)?;
+        }
         let mut config = config;
         if config.cpu_caps.is_none() {
             config.cpu_caps = Some(ftvm_vmm::compat::host_cpu_caps().map_err(BindError::CpuCaps)?);
@@ -650,11 +664,17 @@ impl BackupReceiver {
         let local_addr = listener.local_addr().map_err(listen_err)?;
         let (wake, wake_rx) = UnixStream::pair().map_err(BindError::Thread)?;
 
+        let receive_io = if config.uring { "io_uring" } else { "socket" };
         let inner = Arc::new(Inner {
             config,
             standby: RwLock::new(StandbyState { memory, disk, state, committed, recent_output: VecDeque::new(), recent_ingress: RecentIngress::default() }),
             rdma,
-            stats: Mutex::new(ReceiverStats { committed, restorable: committed.is_some(), ..ReceiverStats::default() }),
+            stats: Mutex::new(ReceiverStats {
+                receive_io,
+                committed,
+                restorable: committed.is_some(),
+                ..ReceiverStats::default()
+            }),
             bytes_received: AtomicU64::new(0),
             activity: LinkActivity::new(),
             farewell: Mutex::new(None),
@@ -672,7 +692,7 @@ impl BackupReceiver {
                 .spawn(move || accept_loop(&inner, &listener, &wake_rx))
                 .map_err(BindError::Thread)?
         };
-        tracing::info!(%local_addr, "backup receiver listening");
+        tracing::info!(%local_addr, io = receive_io, "backup receiver listening");
         Ok(Self { inner, local_addr, accept: Some(accept), wake })
     }
 
@@ -991,7 +1011,7 @@ const PENDING_GOODBYE_WAIT: Duration = Duration::from_millis(20);
 const PENDING_GOODBYE_FRAMES: usize = 64;
 
 /// What a session reads its frames through: buffered, stamping the link's activity.
-type SessionInput<'a> = BufReader<StampingReader<&'a TcpStream>>;
+type SessionInput<'a> = BufReader<StampingReader<LinkReader<'a>>>;
 
 struct Session<'a> {
     inner: &'a Inner,
@@ -1184,7 +1204,15 @@ impl<'a> Session<'a> {
         // Small: it saves system calls on headers and small frames, while the payload of a large
         // frame is read straight into its buffer (a large read bypasses an empty BufReader) instead
         // of being copied through this one.
-        let mut input = BufReader::with_capacity(16 << 10, StampingReader::new(self.stream, self.inner.activity.clone()));
+        let link = if cfg.uring {
+            // Read only once the session is confirmed, and then under the link timeout.
+            let mut u = UringReader::new(self.stream).map_err(SessionError::Send)?;
+            u.set_read_timeout(link_timeout);
+            LinkReader::Uring(Box::new(u))
+        } else {
+            LinkReader::Socket(self.stream)
+        };
+        let mut input = BufReader::with_capacity(16 << 10, StampingReader::new(link, self.inner.activity.clone()));
         let result = self.receive(&mut input, confirm_by, &mut info_sent);
         if let Err(SessionError::Send(e)) = &result {
             // A primary that says goodbye and closes at once can make an answer fail before its
@@ -1201,7 +1229,7 @@ impl<'a> Session<'a> {
     /// short deadline and a bound on frames; everything else is passed over, as the session is
     /// over and nothing it would commit could be acknowledged anyway).
     fn pending_goodbye(&mut self, input: &mut SessionInput<'_>) -> bool {
-        if self.stream.set_read_timeout(Some(PENDING_GOODBYE_WAIT)).is_err() {
+        if input.get_mut().get_mut().set_read_timeout(Some(PENDING_GOODBYE_WAIT)).is_err() {
             return false;
         }
         let mut buf = Vec::new();

@@ -277,6 +277,8 @@ pub struct DaemonStatus {
     pub last_probe: Option<ProbeOutcome>,
     /// The dead primary's late input ([`crate::late_input`]); none when not taken.
     pub late_input: Option<LateInputStats>,
+    /// How the A-Link is read: "socket" or "io_uring" (empty before the first look).
+    pub receive_io: &'static str,
 }
 
 impl DaemonStatus {
@@ -295,6 +297,7 @@ impl DaemonStatus {
             last_error: None,
             last_probe: None,
             late_input: None,
+            receive_io: "",
         }
     }
 }
@@ -672,6 +675,7 @@ impl Watch {
                 let mut s = lock(&self.shared.status);
                 s.committed = stats.committed;
                 s.restorable = stats.restorable;
+                s.receive_io = stats.receive_io;
                 s.connected = stats.connected.is_some();
                 s.primary_left = matches!(end, SessionEnd::Goodbye | SessionEnd::Refused);
                 s.last_frame_age = self.activity.age(now);

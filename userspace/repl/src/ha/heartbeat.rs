@@ -164,6 +164,11 @@ impl<R> StampingReader<R> {
     pub fn new(inner: R, activity: LinkActivity) -> Self {
         Self { inner, activity }
     }
+
+    /// The wrapped reader.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
 }
 
 impl<R: Read> Read for StampingReader<R> {

@@ -16,6 +16,7 @@ pub mod detached;
 pub mod rdma;
 pub mod tcp;
 mod uring;
+pub(crate) mod uring_reader;
 mod writer;
 
 use std::time::{Duration, Instant};

@@ -30,8 +30,8 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{ConnectError, LinkError};
 
-/// `user_data` of the send of a round (and of its notification, told apart by its flag).
-const SEND: u64 = 1;
+/// `user_data` of the operation of a round (and of its notification, told apart by its flag).
+const OP: u64 = 1;
 /// `user_data` of the linked timeout of a round.
 const TIMEOUT: u64 = 2;
 /// Send ioprio flag `IORING_RECVSEND_POLL_FIRST`: wait for room before trying (after `EAGAIN`).
@@ -81,11 +81,71 @@ impl std::fmt::Debug for UringSender {
 
 /// What one round's completions said.
 #[derive(Clone, Copy, Debug)]
-struct Round {
-    /// The send's result: bytes sent, or a negative errno.
-    sent: i32,
-    /// Whether the linked timeout expired (rather than being cancelled by the send's completion).
-    timed_out: bool,
+pub(crate) struct Round {
+    /// The operation's result: bytes moved, or a negative errno.
+    pub(crate) result: i32,
+    /// Its completion's flags.
+    pub(crate) flags: u32,
+    /// Whether the linked timeout expired (rather than being cancelled by the completion).
+    pub(crate) timed_out: bool,
+}
+
+/// Submits `op` (its `user_data` is set here), linked to a timeout of `timeout` if given, and
+/// waits until both have completed, so that nothing the operation reads or writes is in use when
+/// this returns. Every other completion (a zero-copy notification) goes to `other`. Interruptions
+/// by signals are waited through; any other failure to enter the ring is returned, and the ring
+/// may then hold the operation: its owner must not use it again.
+///
+/// # Safety
+/// Whatever `op` points to (buffers, message headers, the fd) must stay valid until this returns,
+/// and, when it fails, until the ring is dropped.
+pub(crate) unsafe fn linked_round(
+    ring: &mut IoUring,
+    op: squeue::Entry,
+    timeout: Option<Duration>,
+    mut other: impl FnMut(&cqueue::Entry),
+) -> io::Result<Round> {
+    let ts = types::Timespec::from(timeout.unwrap_or_default());
+    let pushed = match timeout {
+        Some(_) => {
+            let entries =
+                [op.flags(squeue::Flags::IO_LINK).user_data(OP), opcode::LinkTimeout::new(&ts).build().user_data(TIMEOUT)];
+            // SAFETY: the caller keeps what `op` points to valid; the timeout reads `ts`, which
+            // lives until both completions are reaped below.
+            unsafe { ring.submission().push_multiple(&entries) }
+        }
+        // SAFETY: as above, without a timeout.
+        None => unsafe { ring.submission().push(&op.user_data(OP)) },
+    };
+    // Each round waits for its own completions, so the queue is empty here.
+    if pushed.is_err() {
+        return Err(io::Error::other("io_uring submission queue full"));
+    }
+    let mut done = None;
+    let mut timer = timeout.is_none().then_some(0);
+    loop {
+        for cqe in ring.completion() {
+            if cqueue::notif(cqe.flags()) {
+                other(&cqe);
+            } else if cqe.user_data() == OP {
+                done = Some((cqe.result(), cqe.flags()));
+            } else if cqe.user_data() == TIMEOUT {
+                timer = Some(cqe.result());
+            } else {
+                other(&cqe);
+            }
+        }
+        if let (Some((result, flags)), Some(timer)) = (done, timer) {
+            return Ok(Round { result, flags, timed_out: timer == -libc::ETIME });
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            // EBUSY: completions in the overflow list; reaping makes room, and the next enter
+            // flushes them.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl UringSender {
@@ -153,7 +213,7 @@ impl UringSender {
         while from < iovs.len() {
             let round = self.round(&mut iovs[from..], zero_copy, poll_first)?;
             poll_first = false;
-            match round.sent {
+            match round.result {
                 n if n > 0 => {
                     // A positive i32 fits usize.
                     from += advance(&mut iovs[from..], n as usize);
@@ -176,8 +236,7 @@ impl UringSender {
         Ok(())
     }
 
-    /// One send of `iovs` with its linked timeout, waited for until both have completed, so that
-    /// nothing of this round (the message header, the I/O vector array) is in use when it returns.
+    /// One send of `iovs` with its linked timeout ([`linked_round`]).
     fn round(&mut self, iovs: &mut [libc::iovec], zero_copy: bool, poll_first: bool) -> Result<Round, LinkError> {
         // SAFETY: an all-zero msghdr is valid: no name, no control data, no I/O vectors (they are
         // set just below), no flags.
@@ -194,52 +253,39 @@ impl UringSender {
         } else {
             opcode::SendMsg::new(fd, &msg).ioprio(ioprio).flags(flags).build()
         };
-        let timeout = types::Timespec::from(self.write_timeout);
-        let entries = [
-            send.flags(squeue::Flags::IO_LINK).user_data(SEND),
-            opcode::LinkTimeout::new(&timeout).build().user_data(TIMEOUT),
-        ];
+        let (notifs_pending, copy_reported) = (&mut self.notifs_pending, &mut self.copy_reported);
         // SAFETY: the send reads `msg`, the vectors `iovs` it points to, and the bytes those point
-        // to; the timeout reads `timeout`. All of them outlive both operations: this function does
-        // not return until both completions are reaped (the loop below). The one exception is an
-        // io_uring_enter that fails for another reason than a signal or a full completion queue,
-        // which no correct ring meets: the writer is then broken for good and the link failed, and
-        // the kernel, which copied `msg`, `iovs` and `timeout` when it took the entries, reads at
-        // worst stale bytes for a dead connection. The bytes behind the vectors belong
-        // to the caller's batch, which outlives this call, except with zero copy, where the kernel
-        // may read them until the send's notification: then they are guest pages, unchanged until
-        // the epoch's commit returns and commit settles every notification first, or copies in
-        // `self.kept`, dropped only once no notification is pending. The fd is `self.stream`,
-        // open as long as the ring. The queue is empty here (every round waits for its own
-        // completions), so both entries fit.
-        if unsafe { self.ring.submission().push_multiple(&entries) }.is_err() {
-            return Err(LinkError::Write(io::Error::other("io_uring submission queue full")));
-        }
-        let mut sent = None;
-        let mut timer = None;
-        loop {
-            for cqe in self.ring.completion() {
-                let (user_data, result, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
-                if cqueue::notif(flags) {
-                    self.notifs_pending -= 1;
-                    // The result is unsigned flags here; the cast keeps the bits.
-                    if (result as u32) & NOTIF_USAGE_ZC_COPIED != 0 && !self.copy_reported {
-                        self.copy_reported = true;
-                        tracing::debug!("the kernel copies the A-Link's zero-copy sends (loopback, or no scatter-gather on the device)");
-                    }
-                } else if user_data == SEND {
-                    if cqueue::more(flags) {
-                        self.notifs_pending += 1;
-                    }
-                    sent = Some(result);
-                } else if user_data == TIMEOUT {
-                    timer = Some(result);
+        // to. All of them outlive the operation: `linked_round` does not return until its
+        // completion is reaped. The one exception is an io_uring_enter that fails for another
+        // reason than a signal or a full completion queue, which no correct ring meets: the writer
+        // is then broken for good and the link failed, and the kernel, which copied `msg` and
+        // `iovs` when it took the entry, reads at worst stale bytes for a dead connection. The
+        // bytes behind the vectors belong to the caller's batch, which outlives this call, except
+        // with zero copy, where the kernel may read them until the send's notification: then they
+        // are guest pages, unchanged until the epoch's commit returns and commit settles every
+        // notification first, or copies in `self.kept`, dropped only once no notification is
+        // pending. The fd is `self.stream`, open as long as the ring.
+        let round = unsafe {
+            linked_round(&mut self.ring, send, Some(self.write_timeout), |cqe| {
+                *notifs_pending -= 1;
+                // The result is unsigned flags here; the cast keeps the bits.
+                if (cqe.result() as u32) & NOTIF_USAGE_ZC_COPIED != 0 && !*copy_reported {
+                    *copy_reported = true;
+                    tracing::debug!("the kernel copies the A-Link's zero-copy sends (loopback, or no scatter-gather on the device)");
                 }
+            })
+        };
+        match round {
+            Ok(r) => {
+                if cqueue::more(r.flags) {
+                    self.notifs_pending += 1;
+                }
+                Ok(r)
             }
-            if let (Some(sent), Some(timer)) = (sent, timer) {
-                return Ok(Round { sent, timed_out: timer == -libc::ETIME });
+            Err(e) => {
+                self.broken = true;
+                Err(LinkError::Write(e))
             }
-            self.enter(None)?;
         }
     }
 

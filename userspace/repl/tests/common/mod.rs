@@ -212,8 +212,14 @@ pub fn receiver_config(model: &Model, disk: &TempPath) -> ReceiverConfig {
 }
 
 pub fn start_backup(model: &Model, tag: &str) -> (BackupReceiver, TempPath) {
+    start_backup_reading(model, tag, false)
+}
+
+/// [`start_backup`], reading the A-Link through io_uring when `uring`.
+pub fn start_backup_reading(model: &Model, tag: &str, uring: bool) -> (BackupReceiver, TempPath) {
     let disk = TempPath::new(tag);
-    let r = BackupReceiver::bind(receiver_config(model, &disk)).unwrap();
+    let r = BackupReceiver::bind(ReceiverConfig { uring, ..receiver_config(model, &disk) }).unwrap();
+    assert_eq!(r.stats().receive_io, if uring { "io_uring" } else { "socket" });
     (r, disk)
 }
 
@@ -293,7 +299,8 @@ pub fn synced_pair(seed: u64, mem_bytes: usize, disk_bytes: usize, tag: &str, io
     let mut rng = Rng(seed);
     let mut model = Model::new(&mut rng, mem_bytes, disk_bytes);
     let disks = MemoryDiskReplicator::new(model.disk.len() as u64, 64 << 20);
-    let (backup, disk) = start_backup(&model, tag);
+    // The backup reads through io_uring when the primary writes through it.
+    let (backup, disk) = start_backup_reading(&model, tag, io != LinkIo::Socket);
     let mut t = connect_io(backup.local_addr(), &model, io);
     let token = full_sync(&mut t, &mut model, EpochId(0));
     wait(&t, token);
