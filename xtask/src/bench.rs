@@ -91,11 +91,13 @@ pub struct BenchArgs {
     /// ring, uffd), to compare; the hosts' default when not given.
     #[arg(long, value_name = "TRACKER")]
     pub dirty_tracker: Option<String>,
-    /// The FT pair's A-Link I/O under load (`site up --alink-io`: socket, uring, uring-zc; with
-    /// io_uring the primary writes and the backup reads through it), to compare; the hosts'
-    /// default (socket) when not given.
+    /// The FT pair's A-Link writes under load (`site up --alink-io`: socket, uring, uring-zc), to
+    /// compare; the hosts' default (socket) when not given.
     #[arg(long, value_name = "IO")]
     pub alink_io: Option<String>,
+    /// The FT pair's A-Link reads on the backup (`site up --alink-read`: socket, uring).
+    #[arg(long, value_name = "IO")]
+    pub alink_read: Option<String>,
 }
 
 impl BenchArgs {
@@ -116,6 +118,9 @@ impl BenchArgs {
         }
         if let Some(io) = &self.alink_io {
             v.extend(["--alink-io".to_string(), io.clone()]);
+        }
+        if let Some(read) = &self.alink_read {
+            v.extend(["--alink-read".to_string(), read.clone()]);
         }
         v
     }

@@ -33,7 +33,7 @@ enum Task {
     /// rolling-upgrade test's older build).
     BuildPreviousMinor,
     /// Run the benchmarks and write bench/results/<name>.json.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// A site under writers through N random failures and repairs; fails on a lost write, a
     /// failed connection or two hosts emitting at once.
     Chaos(chaos::ChaosArgs),
@@ -62,7 +62,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build().map(|p| println!("{}", p.display())),
         Task::FetchTestKernel => kernel::fetch().map(|p| println!("{}", p.display())),
         Task::BuildPreviousMinor => test::build_previous_minor(),
-        Task::Bench(args) => bench::run(args),
+        Task::Bench(args) => bench::run(*args),
         Task::Chaos(args) => chaos::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Test { extra } => test::run(&extra),

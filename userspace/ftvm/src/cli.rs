@@ -189,6 +189,26 @@ impl CheckpointCopyArg {
     }
 }
 
+/// How the backup reads the A-Link's socket (`--alink-read`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum AlinkReadArg {
+    /// `read`.
+    #[default]
+    Socket,
+    /// io_uring, one `RECV` with a linked timeout per read (Linux 5.6 or later).
+    Uring,
+}
+
+impl AlinkReadArg {
+    /// The option's value naming it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Socket => "socket",
+            Self::Uring => "uring",
+        }
+    }
+}
+
 /// How the primary writes to the A-Link's socket (`--alink-io`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum AlinkIoArg {

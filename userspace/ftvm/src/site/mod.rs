@@ -23,7 +23,7 @@ use clap::{Args, Subcommand};
 use ftvm_repl::ha::failover::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{parse_size, AlinkIoArg, CheckpointCopyArg, DirtyTrackerArg, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
+use crate::cli::{parse_size, AlinkIoArg, AlinkReadArg, CheckpointCopyArg, DirtyTrackerArg, DEFAULT_GUEST_ELF, DEFAULT_KV_PORT};
 use crate::status::{self, EbpfStatus, HostReport, HostRole, ProtectionState, ProtectionStatus, StatusFile};
 use topology::SiteNames;
 
@@ -107,6 +107,9 @@ pub struct UpArgs {
     /// The hosts' `--alink-io` (their default, `socket`, when not given).
     #[arg(long, value_enum)]
     pub alink_io: Option<AlinkIoArg>,
+    /// The hosts' `--alink-read` (their default, `socket`, when not given).
+    #[arg(long, value_enum)]
+    pub alink_read: Option<AlinkReadArg>,
     /// The hosts' `--no-input-ahead`.
     #[arg(long)]
     pub no_input_ahead: bool,
@@ -734,6 +737,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
     }
     if let Some(io) = args.alink_io {
         v.extend(["--alink-io".to_string(), io.name().to_string()]);
+    }
+    if let Some(read) = args.alink_read {
+        v.extend(["--alink-read".to_string(), read.name().to_string()]);
     }
     if let Some(device) = &args.alink_rdma_device {
         v.extend(["--alink-rdma-device".to_string(), device.clone()]);
