@@ -777,7 +777,8 @@ mod tests {
         let cfg = EngineConfig { ack_timeout: Duration::from_secs(5), ..EngineConfig::default() };
         let HeldPair { pair, status, hold, sink, stop_append, appender } = protected_pair_with_output("fenced", cfg, 20);
 
-        let _standby = pair.receiver.stop_taking_over("test: the backup takes over").unwrap();
+        let standby = pair.receiver.stop_taking_over("test: the backup takes over").unwrap();
+        let committed = standby.committed().expect("the backup committed epochs");
         let s = wait_status(&status, "fenced", Duration::from_secs(5), |s| matches!(s.state, EngineState::Fenced { .. }));
         assert!(matches!(&s.state, EngineState::Fenced { reason } if reason.contains("the backup takes over")), "{s:?}");
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -787,6 +788,15 @@ mod tests {
         }
         stop_append.store(true, Ordering::Relaxed);
         let appended = appender.join().unwrap();
+        // Every frame that left belongs to an epoch the backup had committed when it took over,
+        // and none left unprotected. (Whether any frame was still held at the fence depends on
+        // where the appender was: on a loaded machine it may not have run between the last
+        // release and the fence, so a frame appended now stands for the guest's next one.)
+        let (acked, unprotected) = check_output_commit(&hold.debug_events(), committed.0);
+        assert_eq!(unprotected, 0, "the fenced primary released output without an acknowledgement");
+        assert!(acked > 0, "no output was released while protected");
+        hold.append(&[0u8; 64]).expect("the fenced hold takes the frame");
+        let appended = appended + 1;
 
         // Nothing held leaves any more: what was out stays out, the rest is never released.
         let released = sink.0.load(Ordering::Relaxed);
