@@ -37,6 +37,8 @@ mod tests {
     const CLIENT_RTO_MIN: &str = "30s";
     /// From the request to the kill: the primary has taken it in and forwarded it long before.
     const KILL_AFTER: Duration = Duration::from_millis(500);
+    /// From the kill to the request sent to the dead primary's host.
+    const SEND_AFTER_KILL: Duration = Duration::from_millis(3);
     /// How long the reply may take after the kill (the takeover takes tens of milliseconds).
     const REPLY_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -167,13 +169,16 @@ mod tests {
                 "lan-survivor",
             );
             let cap_client = Capture::start(&site.netns("lan"), "c0", &to_guest, dir.path(), "lan-c");
-            // The SIGKILL, then at once the request: the survivor needs milliseconds to notice.
+            // The SIGKILL, then the request: after the dying host's watchdog has seen the death
+            // (an idle process dies in about a millisecond), before the survivor takes over (it
+            // needs about ten).
             let kill_ns = realtime_ns();
             for &p in &pids {
                 // SAFETY: SIGKILL to the primary's ftvm process, recorded in the site's state (not
                 // a child of this process, so its pid cannot be reused by one this test starts).
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
+            std::thread::sleep(SEND_AFTER_KILL);
             c.try_send(&["INCR", key]).expect("send the INCR");
             let sent_ns = realtime_ns();
             site.kill(dead);

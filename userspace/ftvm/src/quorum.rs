@@ -19,7 +19,8 @@
 //! the watchdog takes a duplicate of it (`pidfd_getfd`). When the primary dies, its TAP lives on
 //! in the watchdog: what clients send until the backup has taken over queues there, and the
 //! watchdog forwards it to the backup for a short window (`ftvm_repl::late_input`), instead of
-//! those clients waiting for their retransmission timeout.
+//! those clients waiting for their retransmission timeout. The gate then closes only after that
+//! window, since its ingress side would drop that input.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -410,37 +411,54 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
         (Some(setup), Some(tap), Some(term)) => start_forwarding(setup, tap, term),
         _ => None,
     };
-    let ended = after_death(gate, responder, term, client.as_mut());
-    if let Some(t) = forwarder {
-        let _ = t.join();
+    // While this process forwards, the gate stays as it was: closed, it would also drop in the
+    // kernel the very input forwarded (its ingress side drops frames for an inactive guest).
+    // Nothing can emit the guest's frames meanwhile: its VMM died with the primary, and this
+    // process only reads the TAP. The gate closes once the forwarding is over.
+    let mut gate = gate;
+    match forwarder {
+        Some(t) => {
+            let ended = after_death(None, responder.as_ref(), term, client.as_mut());
+            let _ = t.join();
+            if let Some(g) = &mut gate {
+                close_gate(g);
+            }
+            ended
+        }
+        None => after_death(gate.as_mut(), responder.as_ref(), term, client.as_mut()),
     }
-    ended
 }
 
-/// The primary died: close its gate, say so in the heartbeat replies, release its lease.
+/// The dead primary's guest lets nothing pass this host any more (the gate stays attached, see
+/// the module documentation).
+fn close_gate(gate: &mut InheritedGate) {
+    match gate.close() {
+        Ok(entries) => tracing::warn!(entries, "the primary died: its fencing gate is closed"),
+        Err(e) => tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot close the dead primary's fencing gate (its entries expire with the lease)"),
+    }
+}
+
+/// The primary died: close its gate (when given), say so in the heartbeat replies, release its
+/// lease.
 fn after_death(
-    mut gate: Option<InheritedGate>,
-    responder: Option<InheritedResponder>,
+    gate: Option<&mut InheritedGate>,
+    responder: Option<&InheritedResponder>,
     term: Option<u64>,
     client: &mut dyn QuorumClient,
 ) -> Result<ExitCode> {
-    // Its guest is gone with it: the gate lets nothing of it pass any more (and stays attached,
-    // see the module documentation).
-    if let Some(g) = &mut gate {
-        match g.close() {
-            Ok(entries) => tracing::warn!(entries, "the primary died: its fencing gate is closed"),
-            Err(e) => tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot close the dead primary's fencing gate (its entries expire with the lease)"),
-        }
+    let had_gate = gate.is_some();
+    if let Some(g) = gate {
+        close_gate(g);
     }
     // Then said in the heartbeat replies: that needs no network round trip.
-    if let Some(r) = &responder {
+    if let Some(r) = responder {
         match r.control().set_daemon_state(DaemonState::Dead) {
             Ok(()) => tracing::warn!("the primary died: its heartbeat responder says so"),
             Err(e) => tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot mark the daemon dead in the heartbeat responder"),
         }
     }
     let linger = || {
-        if responder.is_some() || gate.is_some() {
+        if responder.is_some() || had_gate {
             std::thread::sleep(DEAD_ANSWER_LINGER);
         }
     };
