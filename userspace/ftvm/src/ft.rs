@@ -298,10 +298,7 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
     let mut host_ebpf = HostEbpf::attach(&args.ebpf, args.vm.net.mac)?;
     // With a quorum, the watchdog forwards to the backup what reaches the VM's TAP after this
     // process died; the backup learns this daemon's id in each A-Link session.
-    let late = match args.quorum.quorum {
-        QuorumKind::None => None,
-        _ => Some(LateInputForwarding::new(args.peer)?),
-    };
+    let late = LateInputForwarding::with_quorum(args.quorum.quorum, Some(args.peer))?;
     let (lease, watchdog) = match start_lease(&args, host_ebpf.handoff(), late)? {
         Ok(started) => started,
         Err(refusal) => return Ok(PrimaryStart::NotCurrent(refusal)),
@@ -338,8 +335,8 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
             Err(e) => return Err(e.into()),
         };
     let machine = Machine::create(config)?;
-    if let (Some(w), Some(tap)) = (&watchdog, machine.handle().net_backend_fd()) {
-        w.hand_tap(tap);
+    if let Some(w) = &watchdog {
+        w.hand_tap(&machine.handle());
     }
     let _stop = run::stop_on_signal(machine.handle())?;
     let mut host = PrimaryHostConfig::new(machine, transport, lease.clone(), host_ebpf.fence_hook());
@@ -480,10 +477,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
         crate::signals::on_switchover_signal(move || trigger.request())
     };
     // Once this host runs the VM, its own watchdog forwards late input to the other host.
-    let late = match (args.peer, args.quorum.quorum) {
-        (Some(peer), QuorumKind::Witness | QuorumKind::Etcd) => Some(LateInputForwarding::new(peer)?),
-        _ => None,
-    };
+    let late = LateInputForwarding::with_quorum(args.quorum.quorum, args.peer)?;
     if let Some(peer) = args.peer {
         // The restored VM tracks its pages from the start: a backup may join at any time. A
         // tracker this kernel lacks must fail now, not at the takeover.
@@ -541,8 +535,8 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
             if args.quorum.quorum != QuorumKind::None {
                 match Watchdog::start(&args.quorum, &args.secret_file, daemon.lease(), host_ebpf.handoff(), late) {
                     Ok(w) => {
-                        if let Some(tap) = daemon.machine_handle().and_then(|h| h.net_backend_fd()) {
-                            w.hand_tap(tap);
+                        if let Some(machine) = daemon.machine_handle() {
+                            w.hand_tap(&machine);
                         }
                         watchdog = Some(w);
                     }

@@ -24,7 +24,7 @@
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,7 @@ use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
 use ftvm_repl::late_input::{forward_late_input, LateForward};
 use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
 use ftvm_proto::late_input::LateInputId;
+use ftvm_vmm::machine::MachineHandle;
 
 use crate::ebpf::EbpfHandoff;
 use crate::secret::read_secret;
@@ -167,9 +168,15 @@ pub struct LateInputForwarding {
 }
 
 impl LateInputForwarding {
-    /// Forwarding to `to` under a fresh id.
-    pub fn new(to: SocketAddr) -> Result<Self> {
-        Ok(Self { to, id: LateInputId::random().context("cannot draw the late input id")? })
+    /// Forwarding to `peer` under a fresh id, when there is a peer and a quorum (only then does a
+    /// watchdog run).
+    pub fn with_quorum(quorum: QuorumKind, peer: Option<SocketAddr>) -> Result<Option<Self>> {
+        match (quorum, peer) {
+            (QuorumKind::Witness | QuorumKind::Etcd, Some(to)) => {
+                Ok(Some(Self { to, id: LateInputId::random().context("cannot draw the late input id")? }))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -220,9 +227,12 @@ impl Watchdog {
     }
 
     /// Tells the watchdog the VM's TAP (its descriptor in this process), so that it can forward
-    /// what reaches the TAP after this process died. A failure only costs that.
-    pub fn hand_tap(&self, fd: RawFd) {
-        tell(&self.stdin, &format!("tap {fd}\n"));
+    /// what reaches the TAP after this process died. A failure only costs that; a VM without a
+    /// network device has nothing to tell.
+    pub fn hand_tap(&self, machine: &MachineHandle) {
+        if let Some(fd) = machine.net_backend_fd() {
+            tell(&self.stdin, &format!("tap {fd}\n"));
+        }
     }
 
     /// This process stops on purpose: the watchdog exits without releasing anything.
@@ -339,8 +349,9 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
 /// Forwards what reaches the dead primary's TAP, from a thread (the release must not wait).
 fn start_forwarding(setup: &LateInputSetup, tap: OwnedFd, term: u64) -> Option<std::thread::JoinHandle<()>> {
     let cfg = LateForward::new(setup.to, &setup.secret, &setup.id, term);
+    let tap = std::fs::File::from(tap);
     let spawned = std::thread::Builder::new().name("ftvm-late-input".into()).spawn(move || {
-        match forward_late_input(tap.as_fd(), &cfg) {
+        match forward_late_input(&tap, &cfg) {
             Ok(r) => tracing::warn!(frames = r.frames, send_errors = r.send_errors, to = %cfg.to, "forwarded the input that reached the dead primary's TAP"),
             Err(e) => tracing::warn!(error = %e, "cannot forward the input that reaches the dead primary's TAP"),
         }

@@ -20,9 +20,10 @@
 //! client only the retransmission it would have needed anyway.
 
 use std::collections::HashSet;
-use std::io;
+use std::fs::File;
+use std::io::{self, Read};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -83,10 +84,17 @@ pub struct ForwardReport {
     pub send_errors: u64,
 }
 
-/// Reads what arrives on `tap` (a non-blocking TAP with the virtio-net header, the dead daemon's)
-/// for `cfg.window` and sends each frame to the backup. Bounded by the window and by
-/// [`FORWARD_MAX_FRAMES`].
-pub fn forward_late_input(tap: BorrowedFd<'_>, cfg: &LateForward) -> io::Result<ForwardReport> {
+impl ForwardReport {
+    /// Frames read from the TAP: each one's sequence number is the count before it.
+    fn read(&self) -> u64 {
+        self.frames + self.send_errors
+    }
+}
+
+/// Reads what arrives on `tap` (a non-blocking TAP with the virtio-net header, the dead daemon's:
+/// each read is one frame) for `cfg.window` and sends each frame to the backup. Bounded by the
+/// window and by [`FORWARD_MAX_FRAMES`].
+pub fn forward_late_input(mut tap: &File, cfg: &LateForward) -> io::Result<ForwardReport> {
     let local: SocketAddr = if cfg.to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let socket = UdpSocket::bind(local)?;
     // Connected: the socket takes nothing from anyone but the backup (and reads nothing anyway).
@@ -94,7 +102,7 @@ pub fn forward_late_input(tap: BorrowedFd<'_>, cfg: &LateForward) -> io::Result<
     let deadline = Instant::now() + cfg.window;
     let mut report = ForwardReport::default();
     let mut buf = vec![0u8; MAX_GUEST_FRAME];
-    while (report.frames + report.send_errors) < FORWARD_MAX_FRAMES as u64 {
+    while report.read() < FORWARD_MAX_FRAMES as u64 {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -111,28 +119,18 @@ pub fn forward_late_input(tap: BorrowedFd<'_>, cfg: &LateForward) -> io::Result<
             return Err(e);
         }
         // Everything queued, then wait again.
-        loop {
-            // SAFETY: `buf` is valid for `buf.len()` bytes of writes for the call.
-            let n = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => break,
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(e),
-                }
-            }
-            let n = n as usize;
-            if n == 0 {
-                break;
-            }
-            let datagram = seal_late_frame(&cfg.key, cfg.term, report.frames + report.send_errors, &buf[..n]);
+        while report.read() < FORWARD_MAX_FRAMES as u64 {
+            let n = match tap.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let datagram = seal_late_frame(&cfg.key, cfg.term, report.read(), &buf[..n]);
             match socket.send(&datagram) {
                 Ok(_) => report.frames += 1,
                 Err(_) => report.send_errors += 1,
-            }
-            if (report.frames + report.send_errors) >= FORWARD_MAX_FRAMES as u64 {
-                break;
             }
         }
     }
@@ -318,7 +316,7 @@ impl Drop for LateInputListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -430,9 +428,8 @@ mod tests {
         });
         let mut cfg = LateForward::new(addr, SECRET, &id(1), 7);
         cfg.window = Duration::from_millis(300);
-        // SAFETY: a dup of a descriptor this test owns.
-        let tap = unsafe { OwnedFd::from_raw_fd(libc::dup(tap_near.as_raw_fd())) };
-        let report = forward_late_input(tap.as_fd(), &cfg).unwrap();
+        let tap = File::from(OwnedFd::from(tap_near));
+        let report = forward_late_input(&tap, &cfg).unwrap();
         let _tap_far = sender.join().unwrap();
         assert_eq!(report, ForwardReport { frames: 3, send_errors: 0 });
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -143,6 +143,11 @@ impl std::fmt::Debug for ReceiverConfig {
 }
 
 impl ReceiverConfig {
+    /// How the A-Link is read, for logs and status: "socket" or "io_uring".
+    pub fn receive_io(&self) -> &'static str {
+        if self.uring { "io_uring" } else { "socket" }
+    }
+
     /// A configuration with the default timeouts and limits.
     pub fn new(
         listen: SocketAddr,
@@ -664,17 +669,12 @@ impl BackupReceiver {
         let local_addr = listener.local_addr().map_err(listen_err)?;
         let (wake, wake_rx) = UnixStream::pair().map_err(BindError::Thread)?;
 
-        let receive_io = if config.uring { "io_uring" } else { "socket" };
+        let receive_io = config.receive_io();
         let inner = Arc::new(Inner {
             config,
             standby: RwLock::new(StandbyState { memory, disk, state, committed, recent_output: VecDeque::new(), recent_ingress: RecentIngress::default() }),
             rdma,
-            stats: Mutex::new(ReceiverStats {
-                receive_io,
-                committed,
-                restorable: committed.is_some(),
-                ..ReceiverStats::default()
-            }),
+            stats: Mutex::new(ReceiverStats { committed, restorable: committed.is_some(), ..ReceiverStats::default() }),
             bytes_received: AtomicU64::new(0),
             activity: LinkActivity::new(),
             farewell: Mutex::new(None),
@@ -723,6 +723,7 @@ impl BackupReceiver {
     /// The counters.
     pub fn stats(&self) -> ReceiverStats {
         let mut s = lock(&self.inner.stats).clone();
+        s.receive_io = self.inner.config.receive_io();
         s.bytes_received = self.inner.bytes_received.load(Ordering::Relaxed);
         s
     }

@@ -277,13 +277,14 @@ pub struct DaemonStatus {
     pub last_probe: Option<ProbeOutcome>,
     /// The dead primary's late input ([`crate::late_input`]); none when not taken.
     pub late_input: Option<LateInputStats>,
-    /// How the A-Link is read: "socket" or "io_uring" (empty before the first look).
+    /// How the A-Link is read: "socket" or "io_uring".
     pub receive_io: &'static str,
 }
 
 impl DaemonStatus {
-    /// A daemon that has just started: standby, nothing heard yet.
-    fn standby() -> Self {
+    /// A daemon that has just started, reading the A-Link with `receive_io`: standby, nothing
+    /// heard yet.
+    fn standby(receive_io: &'static str) -> Self {
         Self {
             role: Role::Standby,
             committed: None,
@@ -297,7 +298,7 @@ impl DaemonStatus {
             last_error: None,
             last_probe: None,
             late_input: None,
-            receive_io: "",
+            receive_io,
         }
     }
 }
@@ -368,7 +369,7 @@ impl BackupDaemon {
             None => None,
         };
         let shared = Arc::new(Shared {
-            status: Mutex::new(DaemonStatus::standby()),
+            status: Mutex::new(DaemonStatus::standby(receiver.stats().receive_io)),
             stop: AtomicBool::new(false),
             source: Mutex::new(None),
             handle: Mutex::new(None),
@@ -675,7 +676,6 @@ impl Watch {
                 let mut s = lock(&self.shared.status);
                 s.committed = stats.committed;
                 s.restorable = stats.restorable;
-                s.receive_io = stats.receive_io;
                 s.connected = stats.connected.is_some();
                 s.primary_left = matches!(end, SessionEnd::Goodbye | SessionEnd::Refused);
                 s.last_frame_age = self.activity.age(now);
@@ -1000,7 +1000,7 @@ mod tests {
 
     #[test]
     fn only_an_ended_failed_fenced_or_handed_over_daemon_has_exited() {
-        let mut status = DaemonStatus { last_error: Some("the quorum refused the takeover".into()), ..DaemonStatus::standby() };
+        let mut status = DaemonStatus { last_error: Some("the quorum refused the takeover".into()), ..DaemonStatus::standby("socket") };
         let exits = ROLES.map(|role| {
             status.role = role;
             BackupExit::of(&status)
