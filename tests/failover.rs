@@ -347,6 +347,12 @@ fn scenario_with(label: &str, host: &str, at: KillAt, dirty: bool, up_args: &[&s
                     pre.json
                 ));
             }
+            // Half a second of load resends the pages every request writes: some went as deltas
+            // (the takeover below then resumes a standby they made).
+            let deltas = &pre.json["hosts"][0]["detail"]["checkpoints"]["pages_as_deltas"];
+            if load_start.elapsed() >= Duration::from_millis(500) && deltas.as_u64().unwrap_or(0) == 0 {
+                pre_kill_problem.get_or_insert(format!("after {:?} of load no page went as a delta\n{:#}", load_start.elapsed(), pre.json));
+            }
             let kill_wall = wall_clock();
             let (kill_start, kill_end) = site.kill(host);
             *shared.kill_done.lock().unwrap() = Some((kill_start, kill_end));

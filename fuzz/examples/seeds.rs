@@ -178,6 +178,18 @@ fn main() {
         s.put("witness_request", name, &[[1].as_slice(), &reply.encode()].concat());
     }
 
+    // page_delta: a payload of two records over 8 pages of zero bytes, and a page.
+    let mut page = vec![0u8; 4096];
+    page[100..110].fill(7);
+    let mut runs = Vec::new();
+    ftvm_proto::xor_runs::encode(&[0u8; 4096], &page, &mut runs);
+    let mut deltas = Vec::new();
+    ftvm_proto::page_delta::start(&mut deltas);
+    ftvm_proto::page_delta::push(&mut deltas, 2, &page, &runs);
+    ftvm_proto::page_delta::push(&mut deltas, 5, &page, &runs);
+    s.put("page_delta", "two-records", &[[8, 0].as_slice(), &deltas].concat());
+    s.put("page_delta", "page", &[[1, 0].as_slice(), &page[..200]].concat());
+
     // late_input: a datagram (0), LeaseTerm payloads (1), fields to seal (2).
     let frame: Vec<u8> = (0..80u8).collect();
     s.put("late_input", "datagram", &[[0].as_slice(), &seal_late_frame(&KEY, 3, 17, &frame)].concat());

@@ -87,6 +87,9 @@ pub struct BenchArgs {
     /// The FT pair without guest input sent ahead (`site up --no-input-ahead`), to compare.
     #[arg(long)]
     pub no_input_ahead: bool,
+    /// The FT pair sending every page whole (`site up --no-page-deltas`), to compare.
+    #[arg(long)]
+    pub no_page_deltas: bool,
     /// The FT pair's dirty tracker under load (`site up --dirty-tracker`: bitmap, bitmap-exact,
     /// ring, uffd), to compare; the hosts' default when not given.
     #[arg(long, value_name = "TRACKER")]
@@ -112,6 +115,9 @@ impl BenchArgs {
         }
         if self.no_input_ahead {
             v.push("--no-input-ahead".to_string());
+        }
+        if self.no_page_deltas {
+            v.push("--no-page-deltas".to_string());
         }
         if let Some(tracker) = &self.dirty_tracker {
             v.extend(["--dirty-tracker".to_string(), tracker.clone()]);

@@ -29,6 +29,8 @@ pub const TARGETS: &[(&str, usize)] = &[
     ("machine_state", 16_384),
     // A base and a new state of a few KiB each, as the real ones.
     ("state_delta", 16_384),
+    // A frame of page deltas, or a page.
+    ("page_delta", 8192),
     ("resp_parser", 4096),
     ("witness_request", 512),
     ("etcd_response", 4096),

@@ -125,6 +125,11 @@ pub struct EngineArgs {
     /// more), and saves a small A-Link frame per batch of input.
     #[arg(long)]
     pub no_input_ahead: bool,
+    /// Send every page whole: without this, a page an epoch carries again goes as its difference
+    /// from the backup's copy (A-Link 1.9; the primary keeps up to 16 MiB of copies of the pages it
+    /// sent).
+    #[arg(long)]
+    pub no_page_deltas: bool,
     /// How the primary writes to the A-Link: `socket` (writev), `uring` (io_uring) or `uring-zc`
     /// (io_uring, pages zero-copy). The wire is the same: either end may use any.
     #[arg(long, value_enum, default_value_t)]
@@ -317,6 +322,7 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
         io: args.engine.alink_io.io(),
         rdma,
         late_input: late.filter(|_| watchdog.is_some()).map(|l| l.id),
+        page_delta_pages: page_delta_pages(&args.engine),
         ..TcpOptions::default()
     };
     // Reach the backup before the VM starts, so that a misconfiguration stops here, with nothing
@@ -490,6 +496,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
             io: args.engine.alink_io.io(),
             rdma,
             late_input: late.map(|l| l.id),
+            page_delta_pages: page_delta_pages(&args.engine),
             ..TcpOptions::default()
         };
         daemon_config.protect_again = Some(ProtectAgain {
@@ -601,5 +608,14 @@ impl RunArgs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.disk_size),
             Err(e) => Err(e).with_context(|| format!("cannot open disk {}", self.disk.display())),
         }
+    }
+}
+
+/// The copies of sent pages the primary keeps for page deltas (none: every page goes whole).
+fn page_delta_pages(engine: &EngineArgs) -> usize {
+    if engine.no_page_deltas {
+        0
+    } else {
+        TcpOptions::default().page_delta_pages
     }
 }

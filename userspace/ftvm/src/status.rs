@@ -576,6 +576,12 @@ pub struct CheckpointStatus {
     /// The A-Link bytes the input sent ahead took (not in `link_per_dirty_byte`).
     #[serde(default)]
     pub ingress_link_bytes: u64,
+    /// Pages the current link sent as deltas from the backup's copy, and the A-Link bytes that
+    /// saved (absent in files of older versions).
+    #[serde(default)]
+    pub pages_as_deltas: u64,
+    #[serde(default)]
+    pub delta_bytes_saved: u64,
 }
 
 impl CheckpointStatus {
@@ -594,6 +600,8 @@ impl CheckpointStatus {
             ingress_forwarded: snap.ingress.frames_forwarded,
             ingress_not_forwarded: snap.ingress.frames_not_forwarded,
             ingress_link_bytes: snap.ingress.link_bytes,
+            pages_as_deltas: snap.page_deltas.pages,
+            delta_bytes_saved: snap.page_deltas.bytes_saved,
         }
     }
 }
@@ -763,7 +771,8 @@ mod tests {
       "hot_pages_written_share": 0.8, "disk_replication_lost": false,
       "checkpoints": { "copy": "cow", "transport": "io_uring", "tracker": "bitmap", "for_output": 1100, "for_dirty_pages": 40, "at_interval": 60,
         "skipped": 300, "dirty_bound_pages": 244, "link_mib_s": 950.5, "ingress_forwarded": 5400,
-        "ingress_not_forwarded": 1, "ingress_link_bytes": 1200000 },
+        "ingress_not_forwarded": 1, "ingress_link_bytes": 1200000, "pages_as_deltas": 900,
+        "delta_bytes_saved": 3500000 },
       "recent": { "epochs": 100, "pause_us": [300, 900], "pause_wait_us": [10, 40],
         "harvest_us": [50, 90], "state_us": [20, 30], "copy_us": [100, 300], "copy_after_resume_us": [0, 0], "resume_us": [5, 9],
         "send_us": [200, 500], "ack_us": [600, 1500], "dirty_pages_p50": 12,

@@ -27,7 +27,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Protocol minor version: a peer accepts any minor of its major and uses the lower one.
 #[cfg(not(feature = "previous-minor"))]
-pub const PROTOCOL_MINOR: u8 = 8;
+pub const PROTOCOL_MINOR: u8 = 9;
 /// Protocol minor version of a build made to speak the previous minor (see the crate's
 /// `previous-minor` feature).
 #[cfg(feature = "previous-minor")]
@@ -102,6 +102,10 @@ pub enum FrameKind {
     Heartbeat = 32,
     /// Liveness answer.
     HeartbeatReply = 33,
+    /// Guest pages of the epoch as their difference from the backup's copy (minor 9 and later,
+    /// never in a synchronisation): the layout of [`crate::page_delta`]. Counted with the epoch's
+    /// pages, in its digest.
+    PageDeltas = 34,
     /// RDMA set-up (`crate::rdma::RdmaEndpoint`), only on a link both operators asked to carry
     /// pages by RDMA: the primary's queue pair right after the backup's last set-up frame, then the
     /// backup's queue pair and staging ring as the answer.
@@ -148,6 +152,7 @@ impl FrameKind {
             29 => DiskMarks,
             30 => StandbyDigest,
             31 => Ingress,
+            34 => PageDeltas,
             32 => Heartbeat,
             33 => HeartbeatReply,
             40 => RdmaEndpoint,

@@ -12,6 +12,8 @@
 //! * [`witness`]: the requests and replies of the witness, the built-in quorum service;
 //! * [`rdma`]: the RDMA A-Link's queue pair exchange and page placement descriptors;
 //! * [`pages`]: [`pages::PageRangeSet`], sets of guest page frame numbers kept as sorted ranges;
+//! * [`state_delta`], [`page_delta`]: the machine state and guest pages as differences from what
+//!   the backup holds, both made of [`xor_runs`];
 //! * [`EpochId`]: the number of a checkpoint epoch.
 
 pub mod cpu;
@@ -20,10 +22,12 @@ pub mod frame;
 pub mod handshake;
 pub mod late_input;
 pub mod limits;
+pub mod page_delta;
 pub mod pages;
 pub mod rdma;
 pub mod state_delta;
 pub mod witness;
+pub mod xor_runs;
 
 /// The number of a checkpoint epoch. Epoch 0 is the initial synchronisation; each checkpoint after
 /// it takes the next number.

@@ -13,9 +13,9 @@
 //!      4    4 base_len     bytes of the state it applies to
 //!      8    4 new_len      bytes of the state it makes (at most MAX_STATE_BYTES)
 //!     12   32 base_digest  BLAKE3 of the state it applies to
-//!     44    … runs         until the end: skip (varint), count (varint), count bytes; the skipped
-//!                          bytes are XOR 0, the counted ones the XOR of new and base (bytes past
-//!                          the end of the base are the new state's own)
+//!     44    … runs         until the end ([`crate::xor_runs`]): skip (varint), count (varint),
+//!                          count bytes of XOR of new and base (bytes past the end of the base are
+//!                          the new state's own)
 //! ```
 //! The sender keeps the previous state it sent in the session and sends a full state first in every
 //! session; the receiver applies a delta to the state it holds only when the digest matches, so a
@@ -58,30 +58,6 @@ pub fn is_delta(payload: &[u8]) -> bool {
     payload.len() >= DELTA_HEADER_LEN && payload[..4] == DELTA_MAGIC
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*at)?;
-        *at += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// Runs of zero XOR shorter than this stay inside a literal run (a new run costs two varints).
-const MIN_SKIP: usize = 4;
-
 /// The delta that turns `base` into `new`, into `out` (cleared first). `new` must be at most
 /// [`MAX_STATE_BYTES`] long (a larger state could not be sent whole either).
 pub fn encode(base: &[u8], new: &[u8], out: &mut Vec<u8>) {
@@ -90,31 +66,7 @@ pub fn encode(base: &[u8], new: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&u32::try_from(base.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(&u32::try_from(new.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(blake3::hash(base).as_bytes());
-    let x = |i: usize| new[i] ^ base.get(i).copied().unwrap_or(0);
-    let mut i = 0;
-    while i < new.len() {
-        let skip_from = i;
-        while i < new.len() && x(i) == 0 {
-            i += 1;
-        }
-        let skip = i - skip_from;
-        if i == new.len() {
-            // Unchanged to the end: no run needed.
-            break;
-        }
-        // The literal run ends at the first run of MIN_SKIP zero XOR bytes (or the end).
-        let lit_from = i;
-        let mut zeros = 0;
-        while i < new.len() && zeros < MIN_SKIP {
-            zeros = if x(i) == 0 { zeros + 1 } else { 0 };
-            i += 1;
-        }
-        let lit_to = if zeros == MIN_SKIP { i - MIN_SKIP } else { i };
-        i = lit_to;
-        put_varint(out, skip as u64);
-        put_varint(out, (lit_to - lit_from) as u64);
-        out.extend((lit_from..lit_to).map(x));
-    }
+    crate::xor_runs::encode(base, new, out);
 }
 
 /// The state `delta` makes from `base`.
@@ -134,24 +86,8 @@ pub fn apply(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
     let mut new = Vec::with_capacity(new_len);
     new.extend_from_slice(&base[..base.len().min(new_len)]);
     new.resize(new_len, 0);
-    let mut at = DELTA_HEADER_LEN;
-    let mut i = 0usize;
-    while at < delta.len() {
-        let run_at = at;
-        let skip = get_varint(delta, &mut at).ok_or(DeltaError::Malformed(run_at))?;
-        let count = get_varint(delta, &mut at).ok_or(DeltaError::Malformed(run_at))?;
-        let lit_from = usize::try_from(skip).ok().and_then(|s| i.checked_add(s)).ok_or(DeltaError::Malformed(run_at))?;
-        let lit_to = usize::try_from(count).ok().and_then(|c| lit_from.checked_add(c)).ok_or(DeltaError::Malformed(run_at))?;
-        let bytes_to = usize::try_from(count).ok().and_then(|c| at.checked_add(c)).ok_or(DeltaError::Malformed(run_at))?;
-        if lit_to > new_len || bytes_to > delta.len() {
-            return Err(DeltaError::Malformed(run_at));
-        }
-        for (b, x) in new[lit_from..lit_to].iter_mut().zip(&delta[at..bytes_to]) {
-            *b ^= x;
-        }
-        at = bytes_to;
-        i = lit_to;
-    }
+    crate::xor_runs::apply(&mut new, &delta[DELTA_HEADER_LEN..])
+        .map_err(|bad| DeltaError::Malformed(DELTA_HEADER_LEN + bad.0))?;
     // Past the last run, the new state is the base's bytes unchanged (or zeros past its end).
     Ok(new)
 }

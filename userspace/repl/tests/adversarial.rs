@@ -50,6 +50,7 @@ mod tests {
     with_each_reader!(a_wrong_protocol_major_version_is_refused => a_wrong_protocol_major_version_is_refused_reading_the_socket, a_wrong_protocol_major_version_is_refused_reading_through_io_uring);
     with_each_reader!(a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting => a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting_reading_the_socket, a_peer_with_the_wrong_secret_is_refused_and_the_receiver_keeps_waiting_reading_through_io_uring);
     with_each_reader!(a_state_delta_applies_to_the_state_held_only => a_state_delta_applies_to_the_state_held_only_reading_the_socket, a_state_delta_applies_to_the_state_held_only_reading_through_io_uring);
+    with_each_reader!(a_page_delta_applies_to_the_page_held_only => a_page_delta_applies_to_the_page_held_only_reading_the_socket, a_page_delta_applies_to_the_page_held_only_reading_through_io_uring);
     with_each_reader!(a_commit_whose_digest_or_totals_do_not_match_is_refused => a_commit_whose_digest_or_totals_do_not_match_is_refused_reading_the_socket, a_commit_whose_digest_or_totals_do_not_match_is_refused_reading_through_io_uring);
     with_each_reader!(frames_out_of_place_are_refused => frames_out_of_place_are_refused_reading_the_socket, frames_out_of_place_are_refused_reading_through_io_uring);
     with_each_reader!(malformed_input_sent_ahead_is_refused => malformed_input_sent_ahead_is_refused_reading_the_socket, malformed_input_sent_ahead_is_refused_reading_through_io_uring);
@@ -347,6 +348,42 @@ mod tests {
         assert!(ftvm_proto::state_delta::is_delta(&right.state));
         let mut raw = RawPrimary::connect(scene.backup.local_addr());
         for (_, f) in raw.epoch_frames(NEXT, &right, &writes, 8, |_| {}) {
+            raw.write(&f);
+        }
+        let ack = raw.read().expect("the backup acknowledges the epoch");
+        assert_eq!((ack.header.kind, ack.header.epoch), (FrameKind::EpochAck, NEXT.0));
+        assert_standby(&scene.backup, &scene.model, NEXT);
+    }
+
+    /// Pages sent as deltas (1.9) are made from the backup's committed copy: deltas made from
+    /// another copy of one page refuse the whole epoch, and deltas from the right one are applied.
+    fn a_page_delta_applies_to_the_page_held_only(uring: bool) {
+        let mut scene = Scene::new("page-delta", uring);
+        let good = scene.model.clone();
+        for pfn in [3, 4, 5, 77, 200] {
+            scene.model.touch_page(&mut scene.rng, pfn);
+        }
+        scene.model.state = scene.rng.bytes(300);
+        let writes = scene.disks.seal(NEXT).unwrap();
+
+        let before = scene.stats();
+        let mut other = good.mem.clone();
+        other[77 * PAGE_SIZE + 1000] ^= 1;
+        let mut raw = RawPrimary::connect(scene.backup.local_addr());
+        raw.deltas_from = Some(other);
+        for (_, f) in honest(&mut raw, &scene.model, &writes) {
+            raw.write(&f);
+        }
+        assert_no_ack(&mut raw);
+        scene.expect_dropped(&before, "page delta is refused");
+        assert_standby(&scene.backup, &good, GOOD);
+        drop(raw);
+
+        let mut raw = RawPrimary::connect(scene.backup.local_addr());
+        raw.deltas_from = Some(good.mem.clone());
+        let frames = honest(&mut raw, &scene.model, &writes);
+        assert!(frames.iter().any(|(k, f)| *k == FrameKind::PageDeltas && f.len() < 512), "five small deltas in one frame");
+        for (_, f) in frames {
             raw.write(&f);
         }
         let ack = raw.read().expect("the backup acknowledges the epoch");

@@ -113,6 +113,9 @@ pub struct UpArgs {
     /// The hosts' `--no-input-ahead`.
     #[arg(long)]
     pub no_input_ahead: bool,
+    /// The hosts' `--no-page-deltas`.
+    #[arg(long)]
+    pub no_page_deltas: bool,
     /// The hosts' `--alink-rdma-device`: page payloads by RDMA through this verbs device (an
     /// `ftvm` built with the cargo feature `rdma`, and a device both hosts' namespaces reach).
     #[arg(long, value_name = "NAME")]
@@ -746,6 +749,9 @@ fn engine_args(args: &UpArgs) -> Vec<String> {
     }
     if args.no_input_ahead {
         v.push("--no-input-ahead".to_string());
+    }
+    if args.no_page_deltas {
+        v.push("--no-page-deltas".to_string());
     }
     v
 }

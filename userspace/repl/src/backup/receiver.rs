@@ -44,6 +44,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ftvm_proto::cpu::HostCpuCaps;
 use ftvm_proto::frame::{FrameError, FrameKind, FrameSealer, HEADER_LEN, TAG_LEN};
 use ftvm_proto::handshake::{self, MIN_SECRET_LEN};
+use ftvm_proto::page_delta;
 use ftvm_proto::pages::PageRange;
 use ftvm_proto::EpochId;
 
@@ -252,6 +253,15 @@ pub enum SessionError {
     /// The link closed while an epoch was being received.
     #[error("Link closed in the middle of epoch {0}")]
     ClosedMidEpoch(EpochId),
+    /// A page delta that is malformed, or that makes another page than the primary's.
+    #[error("Epoch {epoch:?}: a page delta is refused")]
+    PageDelta {
+        /// The epoch.
+        epoch: EpochId,
+        /// Why.
+        #[source]
+        source: page_delta::PageDeltaError,
+    },
     /// A payload failed to decode.
     #[error("Malformed {kind:?} payload")]
     Payload {
@@ -1312,6 +1322,7 @@ impl<'a> Session<'a> {
                     self.recycle(buf);
                 }
                 FrameKind::Pages => self.on_pages(header.epoch, buf, &tag)?,
+                FrameKind::PageDeltas if self.minor >= 9 => self.on_page_deltas(header.epoch, buf, &tag)?,
                 FrameKind::RdmaEndpoint => {
                     self.on_rdma_endpoint(&buf)?;
                     self.recycle(buf);
@@ -1485,6 +1496,53 @@ impl<'a> Session<'a> {
             drop(_entered);
             s.staged_pages.push(Staged::Frame(StagedPages { ranges, data_offset, payload }));
         }
+        Ok(())
+    }
+
+    /// Pages of the epoch as differences from the standby's copies (1.9): each page is made now,
+    /// from the committed copy, which is the one the primary made the delta from (the epochs
+    /// before were applied in order), and checked against the primary's CRC; the pages made are
+    /// staged as a Pages frame's would be.
+    fn on_page_deltas(&mut self, header_epoch: u64, payload: Vec<u8>, tag: &[u8; 32]) -> Result<(), SessionError> {
+        let memory_pages = self.memory_pages;
+        let inner = self.inner;
+        let mut made = self.pool.pop().unwrap_or_default();
+        made.clear();
+        let s = self.staging_for(FrameKind::PageDeltas, header_epoch)?;
+        let epoch = s.begin.epoch;
+        if s.begin.initial_sync {
+            return Err(SessionError::Unexpected { kind: FrameKind::PageDeltas, context: "in a synchronisation" });
+        }
+        let _entered = s.span.enter();
+        let records = page_delta::decode(&payload, memory_pages).map_err(|source| SessionError::PageDelta { epoch, source })?;
+        let n = records.len() as u64;
+        if s.pages.saturating_add(n) > s.begin.page_count {
+            return Err(SessionError::OverAnnounced { epoch, what: "pages", announced: s.begin.page_count });
+        }
+        let mut ranges: Vec<PageRange> = Vec::with_capacity(records.len());
+        {
+            let sb = inner.read_standby();
+            let memory = sb.memory.as_slice();
+            made.reserve(records.len() * PAGE_SIZE);
+            for d in &records {
+                // Decoded against the memory's size: the page is inside it.
+                let at = d.pfn as usize * PAGE_SIZE;
+                let base = memory.get(at..at + PAGE_SIZE).ok_or(SessionError::PageDelta {
+                    epoch,
+                    source: page_delta::PageDeltaError::Outside { pfn: d.pfn, pages: memory_pages },
+                })?;
+                page_delta::make_page(base, d, &mut made).map_err(|source| SessionError::PageDelta { epoch, source })?;
+                match ranges.last_mut() {
+                    Some(r) if r.start + r.len == d.pfn => r.len += 1,
+                    _ => ranges.push(PageRange { start: d.pfn, len: 1 }),
+                }
+            }
+        }
+        s.digest.add_frame(tag);
+        s.pages += n;
+        drop(_entered);
+        s.staged_pages.push(Staged::Frame(StagedPages { ranges, data_offset: 0, payload: made }));
+        self.recycle(payload);
         Ok(())
     }
 

@@ -254,9 +254,10 @@ impl EpochWindow {
         self.recent.push_back(m);
     }
 
-    /// Bytes put on the link and time spent sending, over the epochs kept.
-    pub fn link_totals(&self) -> (u64, Duration) {
-        self.recent.iter().fold((0, Duration::ZERO), |(b, t), m| (b + m.link_bytes, t + m.send))
+    /// Bytes put on the link, bytes of the dirty pages they carried, and time spent sending, over
+    /// the epochs kept.
+    pub fn link_totals(&self) -> (u64, u64, Duration) {
+        self.recent.iter().fold((0, 0, Duration::ZERO), |(b, p, t), m| (b + m.link_bytes, p + m.dirty_bytes(), t + m.send))
     }
 
     /// Percentiles over the epochs kept.

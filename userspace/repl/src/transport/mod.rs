@@ -14,6 +14,7 @@
 pub mod deadline;
 pub mod detached;
 pub mod rdma;
+mod sent_pages;
 pub mod tcp;
 mod uring;
 pub(crate) mod uring_reader;
@@ -63,6 +64,15 @@ pub trait PageSource {
         let _ = ranges;
         None
     }
+}
+
+/// Pages a link sent as deltas (see `ftvm_proto::page_delta`), over its session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageDeltaStats {
+    /// Pages sent as deltas.
+    pub pages: u64,
+    /// The A-Link bytes that saved, against sending those pages whole.
+    pub bytes_saved: u64,
 }
 
 /// A guest memory that is one contiguous host mapping: page `pfn` is at byte `pfn * 4096`.
@@ -532,6 +542,12 @@ pub trait CheckpointTransport: Send {
 
     /// The latest epoch acknowledged on this link, without waiting.
     fn acked(&self) -> Option<EpochId>;
+
+    /// The pages this link sent as deltas from the backup's copy, over its session (none on a
+    /// link that sends every page whole).
+    fn page_deltas(&self) -> PageDeltaStats {
+        PageDeltaStats::default()
+    }
 
     /// How this transport writes to the link, for status and logs ("socket", "io_uring",
     /// "io_uring+zc", and with page payloads by RDMA "rdma+socket", …). Transports that wrap

@@ -34,6 +34,7 @@ use ftvm_proto::EpochId;
 
 use super::rdma::primary::RdmaPrimary;
 use super::rdma::{RdmaOptions, RdmaStats};
+use super::sent_pages::SentPages;
 use super::writer::{write_frame, LinkWriter};
 use super::{
     AckEvent, AckListener, AckToken, BeginEpochError, CheckpointTransport, CommitError, ConnectError, HandOverError, IngressLink, LinkError,
@@ -90,6 +91,10 @@ pub struct TcpOptions {
     /// have been started with RDMA too; a build without the feature, a missing device or a backup
     /// that refuses fails the connect ([`ConnectError::Rdma`]): no silent fallback.
     pub rdma: Option<RdmaOptions>,
+    /// Pages an epoch carries again go as their difference from the copy the backup holds
+    /// (protocol 1.9 and later; `ftvm_proto::page_delta`), keeping at most this many pages' copies
+    /// (`0`: every page goes whole). Not with RDMA, whose pages go whole into the backup's ring.
+    pub page_delta_pages: usize,
 }
 
 impl Default for TcpOptions {
@@ -107,6 +112,7 @@ impl Default for TcpOptions {
             cpu_needs: None,
             io: LinkIo::Socket,
             rdma: None,
+            page_delta_pages: super::sent_pages::DEFAULT_KEPT_PAGES,
         }
     }
 }
@@ -237,6 +243,8 @@ pub struct TcpTransport {
     rdma: Option<RdmaPrimary>,
     /// How long RDMA writes may take to complete at a commit.
     write_timeout: Duration,
+    /// The pages this session sent, when their deltas go (see [`TcpOptions::page_delta_pages`]).
+    sent_pages: Option<SentPages>,
 }
 
 /// The writing half of the link: every frame the primary sends goes through it, one whole frame
@@ -547,6 +555,8 @@ impl TcpTransport {
             last_begun: None,
             head: Vec::new(),
             minor: session.minor,
+            sent_pages: (session.minor >= 9 && rdma.is_none() && options.page_delta_pages > 0)
+                .then(|| SentPages::new(options.page_delta_pages)),
             rdma,
             write_timeout: options.write_timeout.max(Duration::from_millis(1)),
         })
@@ -687,6 +697,12 @@ impl CheckpointTransport for TcpTransport {
         self.peer_digest
     }
 
+    fn page_deltas(&self) -> super::PageDeltaStats {
+        self.sent_pages
+            .as_ref()
+            .map_or_else(Default::default, |s| super::PageDeltaStats { pages: s.pages_as_deltas, bytes_saved: s.bytes_saved })
+    }
+
     fn peer_takes_state_deltas(&self) -> bool {
         self.minor >= 6
     }
@@ -810,10 +826,32 @@ impl CheckpointTransport for TcpTransport {
             return self.send_pages_rdma(pages, source);
         }
         let _entered = open.span.clone().entered();
+        // Pages the session sent before go as deltas from that copy, which the backup holds; a
+        // synchronisation's pages are a running guest's and are never kept.
+        let split = match self.sent_pages.as_mut() {
+            Some(kept) if !open.begin.initial_sync => Some(kept.split(pages, source, open.begin.epoch.0)),
+            _ => None,
+        };
+        let whole = split.as_ref().map_or(pages, |s| &s.whole);
         let mut sent = 0u64;
         let mut pieces: Vec<&[u8]> = Vec::with_capacity(MAX_PAGES_PER_FRAME as usize + 1);
         let mut failure = None;
-        for ranges in epoch::page_frames(pages, MAX_PAGES_PER_FRAME) {
+        for payload in split.as_ref().map_or(&[][..], |s| &s.deltas[..]) {
+            match write_on(&self.channel, FrameKind::PageDeltas, open.begin.epoch.0, payload, &[], false) {
+                Ok(tag) => {
+                    open.digest.add_frame(&tag);
+                    open.pages += u64::from(ftvm_proto::page_delta::count(payload));
+                    let bytes = payload.len() as u64 + 64;
+                    open.bytes += bytes;
+                    sent += bytes;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        for ranges in epoch::page_frames(whole, MAX_PAGES_PER_FRAME).take_while(|_| failure.is_none()) {
             let count = epoch::encode_pages_head(&ranges, &mut self.head);
             pieces.clear();
             let packed = source.packed(&ranges).filter(|p| p.len() == count as usize * PAGE_SIZE);

@@ -121,6 +121,15 @@ impl Model {
         }
     }
 
+    /// The guest writes a little of page `pfn`: a few bytes at random places.
+    pub fn touch_page(&mut self, rng: &mut Rng, pfn: u64) {
+        for _ in 0..1 + rng.below(8) {
+            let at = pfn as usize * PAGE_SIZE + rng.below(PAGE_SIZE as u64) as usize;
+            self.mem[at] = self.mem[at].wrapping_add(1 + rng.below(255) as u8);
+        }
+        self.dirty.insert(pfn, 1);
+    }
+
     pub fn dirty_page(&mut self, rng: &mut Rng, pfn: u64) {
         let at = pfn as usize * PAGE_SIZE;
         rng.fill(&mut self.mem[at..at + PAGE_SIZE]);
@@ -355,6 +364,9 @@ pub struct RawPrimary {
     pub sealer: FrameSealer,
     pub opener: FrameOpener,
     pub info: StandbyInfo,
+    /// When set, [`Self::epoch_frames`] sends the pages as `PageDeltas` made from this memory
+    /// (which must hold what the backup holds, for an honest epoch).
+    pub deltas_from: Option<Vec<u8>>,
 }
 
 impl RawPrimary {
@@ -384,7 +396,7 @@ impl RawPrimary {
             let f = opener.read(&mut io).unwrap();
             assert_eq!((f.header.kind, f.payload.len()), (FrameKind::StandbyDigest, 32));
         }
-        Self { stream, sealer, opener, info }
+        Self { stream, sealer, opener, info, deltas_from: None }
     }
 
     /// Seals one frame into bytes; returns them and the frame's tag.
@@ -418,7 +430,22 @@ impl RawPrimary {
         let (f, tag) = self.seal(FrameKind::EpochBegin, e, &[&begin.encode()]);
         digest.add_frame(&tag);
         frames.push((FrameKind::EpochBegin, f));
-        for ranges in wire::page_frames(&model.dirty, pages_per_frame) {
+        if let Some(base) = self.deltas_from.take() {
+            let mut payload = Vec::new();
+            ftvm_proto::page_delta::start(&mut payload);
+            for pfn in model.dirty.pages() {
+                let at = pfn as usize * PAGE_SIZE;
+                let mut runs = Vec::new();
+                ftvm_proto::xor_runs::encode(&base[at..at + PAGE_SIZE], &model.mem[at..at + PAGE_SIZE], &mut runs);
+                ftvm_proto::page_delta::push(&mut payload, pfn, &model.mem[at..at + PAGE_SIZE], &runs);
+            }
+            let (f, tag) = self.seal(FrameKind::PageDeltas, e, &[&payload]);
+            digest.add_frame(&tag);
+            frames.push((FrameKind::PageDeltas, f));
+            self.deltas_from = Some(base);
+        }
+        let whole = self.deltas_from.is_none();
+        for ranges in wire::page_frames(&model.dirty, pages_per_frame).filter(|_| whole) {
             let mut head = Vec::new();
             wire::encode_pages_head(&ranges, &mut head);
             let mut pieces: Vec<&[u8]> = vec![&head];

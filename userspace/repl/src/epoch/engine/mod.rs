@@ -1132,12 +1132,13 @@ impl PrimaryEngine {
             r
         });
         if rate.is_some() {
-            let (bytes, sending) = self.window.link_totals();
-            self.schedule.link_measured(&self.cfg, bytes, sending);
+            let (bytes, page_bytes, sending) = self.window.link_totals();
+            self.schedule.link_measured(&self.cfg, bytes, page_bytes, sending);
         }
         let (bound, link_rate) = (self.schedule.bound_pages, self.schedule.link_rate);
         let counts = self.schedule.counts;
         let ingress = self.ingress.stats();
+        let page_deltas = self.transport.page_deltas();
         let hot_samples = self.source.hot_page_samples();
         // The percentiles cost a sort of the window: only when the rate is refreshed.
         let recent = rate.map(|_| {
@@ -1152,6 +1153,7 @@ impl PrimaryEngine {
             s.hot_samples = hot_samples;
             s.checkpoints = counts;
             s.ingress = ingress;
+            s.page_deltas = page_deltas;
             s.dirty_bound_pages = bound;
             s.link_bytes_per_sec = link_rate;
             if let Some(r) = rate {

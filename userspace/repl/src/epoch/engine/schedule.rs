@@ -113,15 +113,18 @@ impl Schedule {
         }
     }
 
-    /// The link sent `bytes` in `sending` over the last epochs: the bound follows.
-    pub(super) fn link_measured(&mut self, cfg: &EngineConfig, bytes: u64, sending: Duration) {
+    /// The link sent `bytes` in `sending` over the last epochs, carrying `page_bytes` of dirty
+    /// pages: the bound follows the pages sent per second of sending, not the bytes (pages sent
+    /// as deltas take a fraction of theirs on the link).
+    pub(super) fn link_measured(&mut self, cfg: &EngineConfig, bytes: u64, page_bytes: u64, sending: Duration) {
         let Some(budget) = cfg.dirty_send_budget else { return };
         if bytes == 0 || sending.is_zero() {
             return;
         }
-        let rate = bytes as f64 / sending.as_secs_f64();
-        self.link_rate = Some(rate);
-        self.bound_pages = bound_for(rate, budget);
+        self.link_rate = Some(bytes as f64 / sending.as_secs_f64());
+        if page_bytes > 0 {
+            self.bound_pages = bound_for(page_bytes as f64 / sending.as_secs_f64(), budget);
+        }
     }
 }
 
@@ -174,14 +177,18 @@ mod tests {
         let mut s = Schedule::new(&cfg);
         assert_eq!(s.bound_pages, DEFAULT_BOUND_PAGES);
         // 1 GB/s and a 1 ms budget: 1 MB, 244 pages.
-        s.link_measured(&cfg, 1_000_000, MS);
+        s.link_measured(&cfg, 1_000_000, 1_000_000, MS);
         assert_eq!(s.bound_pages, 244);
-        s.link_measured(&cfg, 10, Duration::from_secs(1));
+        s.link_measured(&cfg, 10, 10, Duration::from_secs(1));
         assert_eq!(s.bound_pages, MIN_BOUND_PAGES);
-        s.link_measured(&cfg, u64::MAX, MS);
+        s.link_measured(&cfg, u64::MAX, u64::MAX, MS);
         assert_eq!(s.bound_pages, MAX_BOUND_PAGES);
-        s.link_measured(&cfg, 0, MS);
+        s.link_measured(&cfg, 0, 0, MS);
         assert_eq!(s.bound_pages, MAX_BOUND_PAGES, "nothing measured, nothing changes");
+        // Pages sent as deltas: 2 MB of pages in 1 MB of link bytes. The bound counts the pages.
+        s.link_measured(&cfg, 1_000_000, 2_000_000, MS);
+        assert_eq!(s.bound_pages, 488);
+        assert!(s.link_rate.is_some_and(|r| (r - 1e9).abs() < 1.0), "{:?}", s.link_rate);
         s.pending.insert(0, MAX_BOUND_PAGES);
         s.looked(&cfg, Instant::now());
         assert!(s.over_bound);

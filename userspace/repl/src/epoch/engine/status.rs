@@ -161,6 +161,8 @@ pub struct StatusSnapshot {
     pub heartbeats_sent: u64,
     /// The guest's input sent ahead to the backup (see [`crate::ingress`]).
     pub ingress: crate::ingress::IngressStats,
+    /// Pages the current link sent as deltas from the backup's copy.
+    pub page_deltas: crate::transport::PageDeltaStats,
 }
 
 impl StatusSnapshot {
@@ -235,6 +237,7 @@ impl EngineStatus {
                 tracker: "",
                 heartbeats_sent: 0,
                 ingress: crate::ingress::IngressStats::default(),
+                page_deltas: crate::transport::PageDeltaStats::default(),
             }),
         }
     }
