@@ -84,9 +84,15 @@ impl SentPages {
                 Some(kept) => {
                     self.runs.clear();
                     ftvm_proto::xor_runs::encode(&kept.data, new, &mut self.runs);
-                    kept.data.copy_from_slice(new);
                     kept.epoch = epoch;
-                    page_delta::RECORD_HEAD_LEN + self.runs.len() <= MOST_DELTA_BYTES
+                    let small = page_delta::RECORD_HEAD_LEN + self.runs.len() <= MOST_DELTA_BYTES;
+                    // The copy becomes the new content: through its few changed bytes when the
+                    // runs are small (an unchanged page costs nothing), else whole.
+                    if !small || ftvm_proto::xor_runs::apply(&mut kept.data, &self.runs).is_err() {
+                        kept.data.copy_from_slice(new);
+                    }
+                    debug_assert!(*kept.data == *new);
+                    small
                 }
                 None => {
                     self.keep(pfn, new, epoch);
