@@ -14,7 +14,7 @@ const MIN_SKIP: usize = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MalformedRun(pub usize);
 
-pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;

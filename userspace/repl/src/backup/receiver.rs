@@ -45,7 +45,7 @@ use ftvm_proto::cpu::HostCpuCaps;
 use ftvm_proto::frame::{FrameError, FrameKind, FrameSealer, HEADER_LEN, TAG_LEN};
 use ftvm_proto::handshake::{self, MIN_SECRET_LEN};
 use ftvm_proto::page_delta;
-use ftvm_proto::pages::PageRange;
+use ftvm_proto::pages::{PageRange, PageRangeSet};
 use ftvm_proto::EpochId;
 
 use crate::disk::intent::{DiskMarks, IntentError, SharedIntent, DEFAULT_REGION_BYTES};
@@ -1519,7 +1519,7 @@ impl<'a> Session<'a> {
         if s.pages.saturating_add(n) > s.begin.page_count {
             return Err(SessionError::OverAnnounced { epoch, what: "pages", announced: s.begin.page_count });
         }
-        let mut ranges: Vec<PageRange> = Vec::with_capacity(records.len());
+        let mut made_pages = PageRangeSet::new();
         {
             let sb = inner.read_standby();
             let memory = sb.memory.as_slice();
@@ -1532,16 +1532,14 @@ impl<'a> Session<'a> {
                     source: page_delta::PageDeltaError::Outside { pfn: d.pfn, pages: memory_pages },
                 })?;
                 page_delta::make_page(base, d, &mut made).map_err(|source| SessionError::PageDelta { epoch, source })?;
-                match ranges.last_mut() {
-                    Some(r) if r.start + r.len == d.pfn => r.len += 1,
-                    _ => ranges.push(PageRange { start: d.pfn, len: 1 }),
-                }
+                // Ascending (decode checked it): the set's ranges list the pages in `made`'s order.
+                made_pages.insert(d.pfn, 1);
             }
         }
         s.digest.add_frame(tag);
         s.pages += n;
         drop(_entered);
-        s.staged_pages.push(Staged::Frame(StagedPages { ranges, data_offset: 0, payload: made }));
+        s.staged_pages.push(Staged::Frame(StagedPages { ranges: made_pages.ranges().to_vec(), data_offset: 0, payload: made }));
         self.recycle(payload);
         Ok(())
     }

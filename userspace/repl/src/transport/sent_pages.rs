@@ -47,7 +47,7 @@ pub struct Split {
 pub struct SentPages {
     kept: HashMap<u64, Kept>,
     capacity: usize,
-    /// The epoch before which kept pages go when the copies are full and a sweep is due.
+    /// When the copies are full, no sweep for room before this epoch (see [`Self::keep`]).
     next_sweep: u64,
     runs: Vec<u8>,
     /// Totals of the session, for status.
