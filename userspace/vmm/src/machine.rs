@@ -355,6 +355,10 @@ impl Shared {
         self.pause_with(false)
     }
 
+    fn synced_saves(&self) -> u64 {
+        lock(&self.vcpus).handles.iter().map(VcpuHandle::synced_saves).sum()
+    }
+
     fn resume(&self) -> Result<(), MachineControlError> {
         let mut set = lock(&self.vcpus);
         set.paused = false;
@@ -398,6 +402,12 @@ impl MachineHandle {
     /// Whether the last [`Self::pause`] completed and no resume followed.
     pub fn is_paused(&self) -> bool {
         lock(&self.shared.vcpus).paused
+    }
+
+    /// How many vCPU states were read from the registers the pausing `KVM_RUN` stored
+    /// (`KVM_CAP_SYNC_REGS`) rather than through the register ioctls.
+    pub fn synced_state_reads(&self) -> u64 {
+        self.shared.synced_saves()
     }
 
     /// The last boot milestone the guest reported.

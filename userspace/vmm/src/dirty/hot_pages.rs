@@ -40,9 +40,12 @@ pub const PROVE_HARVESTS: usize = 6;
 pub struct HotPages {
     /// Pages left writable at the last harvest, per slot.
     hot: Vec<Vec<u64>>,
-    /// Pages seen written (after a write-protection) at each of the last harvests, per slot:
-    /// `seen[0]` at the last one, `seen[1]` at the one before, and so on.
+    /// Pages seen written (after a write-protection) at each of the last harvests, per slot, in
+    /// no particular order (a page becomes hot when it is in all of them and written again).
     seen: [Vec<Vec<u64>>; PROVE_HARVESTS - 1],
+    /// The entry of `seen` the next harvest replaces: the oldest. A ring, so that a harvest
+    /// writes one entry instead of moving all of them down.
+    oldest: usize,
     /// Pages in `hot`, all slots.
     hot_count: u64,
     /// Harvests since the last cooling.
@@ -115,6 +118,7 @@ impl HotPages {
 
     /// Starts a harvest: whether it cools (every hot page is protected again in this harvest).
     pub fn begin_harvest(&mut self) -> bool {
+        self.oldest = (self.oldest + 1) % self.seen.len();
         self.since_cool += 1;
         self.probe = self.probe_next.take();
         let periodic = self.since_cool >= Self::COOL_EVERY;
@@ -147,15 +151,29 @@ impl HotPages {
         }
         let mut protect = vec![0u64; reported.len()];
         let mut kept_writable = 0;
+        // This harvest's written pages replace the oldest harvest's, which still counts for
+        // the promotion below: taken out of the ring meanwhile.
+        let oldest = self.oldest;
+        let mut newest = std::mem::take(&mut self.seen[oldest][slot]);
         for (w, &bits) in reported.iter().enumerate() {
             let was_hot = hot[w];
+            if bits == 0 && was_hot == 0 {
+                // Most of memory: not written, not hot; only its oldest record goes.
+                newest[w] = 0;
+                continue;
+            }
             // A hot page's bit is set whether the guest wrote it or not: no evidence either way.
             let written = bits & !was_hot;
             let kept = if cooling { 0 } else { was_hot & bits };
             self.hot_count -= u64::from((was_hot & !kept).count_ones());
             let mut keep = kept;
-            if !cooling {
-                let mut promote = self.seen.iter().fold(written, |p, seen| p & seen[slot][w]);
+            if !cooling && written != 0 {
+                let mut promote = written & newest[w];
+                for (age, seen) in self.seen.iter().enumerate() {
+                    if age != oldest {
+                        promote &= seen[slot][w];
+                    }
+                }
                 while promote != 0 && self.hot_count < Self::MAX_PAGES {
                     let lowest = promote & promote.wrapping_neg();
                     keep |= lowest;
@@ -163,14 +181,12 @@ impl HotPages {
                     self.hot_count += 1;
                 }
             }
-            for age in (1..self.seen.len()).rev() {
-                self.seen[age][slot][w] = self.seen[age - 1][slot][w];
-            }
-            self.seen[0][slot][w] = written;
+            newest[w] = written;
             hot[w] = keep;
             protect[w] = bits & !keep;
             kept_writable += u64::from(keep.count_ones());
         }
+        self.seen[oldest][slot] = newest;
         SlotPlan { protect, kept_writable }
     }
 }
@@ -292,6 +308,65 @@ mod tests {
         assert_eq!(first.kept_writable + second.kept_writable, HotPages::MAX_PAGES);
         let protected: u64 = first.protect.iter().chain(&second.protect).map(|w| u64::from(w.count_ones())).sum();
         assert_eq!(protected, 2 * 64 * words as u64 - HotPages::MAX_PAGES, "every other page is protected");
+    }
+
+    /// The policy page by page, as the module comment states it: a page written (and not hot) in
+    /// [`PROVE_HARVESTS`] harvests in a row becomes hot, a cooling protects every hot page.
+    #[derive(Default)]
+    struct PageByPage {
+        hot: Vec<bool>,
+        streak: Vec<usize>,
+    }
+
+    impl PageByPage {
+        fn plan(&mut self, reported: &[u64], cooling: bool) -> SlotPlan {
+            let pages = reported.len() * 64;
+            self.hot.resize(pages, false);
+            self.streak.resize(pages, 0);
+            let mut plan = SlotPlan { protect: vec![0; reported.len()], kept_writable: 0 };
+            for page in 0..pages {
+                let bit = reported[page / 64] >> (page % 64) & 1 == 1;
+                let written = bit && !self.hot[page];
+                self.streak[page] = if written { self.streak[page] + 1 } else { 0 };
+                let proven = written && self.streak[page] >= PROVE_HARVESTS;
+                let keep = !cooling && ((self.hot[page] && bit) || proven);
+                self.hot[page] = keep;
+                plan.kept_writable += u64::from(keep);
+                if bit && !keep {
+                    plan.protect[page / 64] |= 1 << (page % 64);
+                }
+            }
+            plan
+        }
+    }
+
+    #[test]
+    fn the_word_wise_plan_is_the_page_by_page_policy() {
+        // Two slots of 8 words; each page written with a probability that changes by page and
+        // over time, so that streaks of every length happen and pages come and go.
+        let mut p = HotPages::new(2);
+        let mut model = [PageByPage::default(), PageByPage::default()];
+        let mix = |x: u64| (x ^ (x >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17);
+        let mut kept = 0;
+        for harvest in 0..400u64 {
+            let cooling = p.begin_harvest();
+            for (slot, model) in model.iter_mut().enumerate() {
+                let reported: Vec<u64> = (0..8u64)
+                    .map(|w| {
+                        let r = mix(harvest * 1000 + slot as u64 * 100 + w);
+                        // Mostly the same pages (the first words of each slot), some at random.
+                        let steady = if w < 3 { !0u64 >> (harvest / 50) } else { 0 };
+                        (steady & (r | mix(r))) | (r & mix(r + 1) & mix(r + 2))
+                    })
+                    .collect();
+                let want = model.plan(&reported, cooling);
+                kept += want.kept_writable;
+                let got = p.plan(slot, &reported, cooling);
+                assert_eq!(got, want, "harvest {harvest}, slot {slot}");
+            }
+        }
+        assert!(kept > 1000, "pages became hot: {kept} kept writable in all");
+        assert!(p.hot_count() < HotPages::MAX_PAGES, "the bound is the other test's");
     }
 
     #[test]

@@ -13,9 +13,14 @@
 //! The requester writes the flag first, then signals, then writes the eventfd; the vCPU thread
 //! clears the flag and drains the eventfd *before* reading its event channel. So any event sent
 //! after that read finds the flag set again, and no request is lost.
+//!
+//! Before the flag, a kick also sets `kvm_run.kvm_valid_regs` (where KVM offers it): the
+//! `KVM_RUN` the kick ends then stores the registers, special registers and events in `kvm_run`
+//! as it returns, and the pause that follows reads them from there instead of with three ioctls.
+//! The vCPU thread clears them with the flag, so the runs between pauses store nothing.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -57,6 +62,8 @@ pub struct Kick {
     target: Mutex<Target>,
     /// `&kvm_run.immediate_exit` of the vCPU.
     immediate_exit: *mut u8,
+    /// `&kvm_run.kvm_valid_regs` of the vCPU, if KVM stores registers there.
+    valid_regs: Option<*mut u64>,
     interrupt: EventFd,
 }
 
@@ -69,19 +76,25 @@ unsafe impl Send for Kick {}
 unsafe impl Sync for Kick {}
 
 impl Kick {
-    /// A kick for the vCPU whose `kvm_run.immediate_exit` is at `immediate_exit`.
+    /// A kick for the vCPU whose `kvm_run.immediate_exit` is at `immediate_exit`, and whose
+    /// `kvm_run.kvm_valid_regs` is at `valid_regs` if KVM can store registers there.
     ///
     /// # Safety
     ///
-    /// `immediate_exit` must stay valid until [`Kick::retire`] is called, and must only be
-    /// accessed atomically (through this `Kick`) by user space while it is.
-    pub unsafe fn new(immediate_exit: *mut u8) -> std::io::Result<Self> {
+    /// `immediate_exit` and `valid_regs` must stay valid until [`Kick::retire`] is called, and
+    /// must only be accessed atomically (through this `Kick`) by user space while they are.
+    /// `valid_regs` must be 8-byte aligned (it is, in `struct kvm_run`).
+    pub unsafe fn new(
+        immediate_exit: *mut u8,
+        valid_regs: Option<*mut u64>,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             target: Mutex::new(Target {
                 alive: true,
                 thread: None,
             }),
             immediate_exit,
+            valid_regs,
             interrupt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -90,6 +103,11 @@ impl Kick {
         // SAFETY: callers hold the guarantee of `new` (the vCPU thread while it owns the vCPU fd,
         // other threads under the `target` lock with `alive` true). A u8 is always aligned.
         unsafe { AtomicU8::from_ptr(self.immediate_exit) }
+    }
+
+    fn valid_regs(&self) -> Option<&AtomicU64> {
+        // SAFETY: as for `flag`; `new` requires the pointer aligned.
+        self.valid_regs.map(|p| unsafe { AtomicU64::from_ptr(p) })
     }
 
     /// Records the vCPU thread so that [`Kick::kick`] can signal it.
@@ -104,6 +122,10 @@ impl Kick {
             let target = crate::devices::bus::lock(&self.target);
             if !target.alive {
                 return;
+            }
+            // Before the flag: the run that the flag or the signal ends must see them.
+            if let Some(v) = self.valid_regs() {
+                v.fetch_or(super::state::SYNCED_REGS, Ordering::SeqCst);
             }
             self.flag().store(1, Ordering::SeqCst);
             // The flag must be visible before the signal lands (Firecracker does the same).
@@ -124,8 +146,11 @@ impl Kick {
     }
 
     /// On the vCPU thread, at a pause point: forget the kicks seen so far. Must come before the
-    /// event channel is read.
+    /// event channel is read. (What the run that ended here stored in `kvm_run` stays there.)
     pub fn clear(&self) {
+        if let Some(v) = self.valid_regs() {
+            v.fetch_and(!super::state::SYNCED_REGS, Ordering::SeqCst);
+        }
         self.flag().store(0, Ordering::SeqCst);
         self.drain_interrupt();
         fence(Ordering::SeqCst);

@@ -22,12 +22,13 @@ pub mod io;
 pub mod kick;
 pub mod state;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
+use kvm_bindings::{kvm_sync_regs, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 pub use io::{Console, IoAction, IoHandler, StatusCell, VcpuContext};
@@ -224,7 +225,12 @@ pub struct Vcpu {
     responses: Sender<VcpuResponse>,
     exits: Sender<VcpuExitReport>,
     reported: bool,
+    /// States read from the registers the pause's `KVM_RUN` stored (see [`Self::synced_regs`]).
+    synced_saves: Arc<AtomicU64>,
 }
+
+/// RFLAGS bit 1 is set in every value the CPU holds: a stored copy with it clear was not stored.
+const RFLAGS_FIXED: u64 = 1 << 1;
 
 impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -267,10 +273,18 @@ impl Vcpu {
         kick::install_kick_handler().map_err(VcpuStartError::SignalHandler)?;
         let run = fd.get_kvm_run();
         let flag = std::ptr::addr_of_mut!(run.immediate_exit);
-        // SAFETY: `flag` points into the vCPU's kvm_run mapping, owned by `fd`; `fd` moves into
-        // the `Vcpu` below, whose Drop retires the kick before `fd` is dropped. User space only
-        // touches the byte through the `Kick` (this module never calls set_kvm_immediate_exit).
-        let kick = Arc::new(unsafe { Kick::new(flag) }.map_err(VcpuStartError::EventFd)?);
+        let valid_regs = ctx
+            .state
+            .sync_regs
+            .then_some(std::ptr::addr_of_mut!(run.kvm_valid_regs));
+        // SAFETY: `flag` and `valid_regs` point into the vCPU's kvm_run mapping, owned by `fd`
+        // (`kvm_valid_regs` at an 8-byte offset of the page-aligned mapping); `fd` moves into the
+        // `Vcpu` below, whose Drop retires the kick before `fd` is dropped. User space only
+        // touches them through the `Kick` (this module never calls set_kvm_immediate_exit nor
+        // set_sync_valid_reg).
+        let kick =
+            Arc::new(unsafe { Kick::new(flag, valid_regs) }.map_err(VcpuStartError::EventFd)?);
+        let synced_saves = Arc::new(AtomicU64::new(0));
         let (event_tx, event_rx) = channel();
         let (resp_tx, resp_rx) = channel();
         let vcpu = Vcpu {
@@ -283,6 +297,7 @@ impl Vcpu {
             responses: resp_tx,
             exits,
             reported: false,
+            synced_saves: synced_saves.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -297,6 +312,7 @@ impl Vcpu {
             events: event_tx,
             responses: resp_rx,
             kick,
+            synced_saves,
             thread: Some(thread),
             save_pending: false,
             resume_pending: false,
@@ -374,6 +390,8 @@ impl Vcpu {
                 // The restored CPUID and TSC frequency may differ from what was cached.
                 self.cache.clear();
                 let r = state::restore_state(&self.fd, &self.io.ctx().state, &s);
+                // What the last run stored is not this state.
+                self.fd.sync_regs_mut().regs.rflags = 0;
                 self.respond(match r {
                     Ok(()) => VcpuResponse::RestoredState,
                     Err(e) => VcpuResponse::RestoreStateFailed(e),
@@ -386,11 +404,30 @@ impl Vcpu {
 
     /// Reads the state (Paused only) and sends it.
     fn save_and_respond(&mut self) {
-        let r = state::save_state_cached(&self.fd, &self.io.ctx().state, &mut self.cache);
+        let synced = self.synced_regs();
+        let r = state::save_state_cached(
+            &self.fd,
+            &self.io.ctx().state,
+            &mut self.cache,
+            synced.as_ref(),
+        );
+        if synced.is_some() && r.is_ok() {
+            self.synced_saves.fetch_add(1, Ordering::Relaxed);
+        }
         self.respond(match r {
             Ok(s) => VcpuResponse::SavedState(Box::new(s)),
             Err(e) => VcpuResponse::SaveStateFailed(e),
         });
+    }
+
+    /// The registers, special registers and events the last `KVM_RUN` stored in `kvm_run`, if it
+    /// did: a kick asked for them (see [`kick`]), and the run marked before it was overwritten.
+    fn synced_regs(&self) -> Option<kvm_sync_regs> {
+        if !self.io.ctx().state.sync_regs {
+            return None;
+        }
+        let s = self.fd.sync_regs();
+        (s.regs.rflags & RFLAGS_FIXED != 0).then_some(s)
     }
 
     fn exited(&mut self) -> Option<RunState> {
@@ -470,6 +507,8 @@ impl Vcpu {
             if let IoAction::WaitFailed(kind, msg) = self.io.resume_wait() {
                 return self.fail(VcpuRunError::Wait(std::io::Error::new(kind, msg)));
             }
+            // Marked, so that a pause can tell whether this run stores the registers.
+            self.fd.sync_regs_mut().regs.rflags = 0;
             let step = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => match self.io.io_out(port, data) {
@@ -551,6 +590,7 @@ pub struct VcpuHandle {
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
     kick: Arc<Kick>,
+    synced_saves: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
     /// A [`VcpuEvent::PauseAndSave`] was answered Paused; its state answer is still to be read.
     save_pending: bool,
@@ -579,6 +619,12 @@ impl VcpuHandle {
     /// The vCPU index.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// How many of this vCPU's states were read from the registers its pause's `KVM_RUN` stored,
+    /// without the three register ioctls.
+    pub fn synced_saves(&self) -> u64 {
+        self.synced_saves.load(Ordering::Relaxed)
     }
 
     /// A stopper for this vCPU.
