@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn with_etcd_a_killed_primary_is_taken_over_at_once() {
-        kill_primary("fjh", &["--quorum", "etcd"]);
+        kill_primary("fjh", &["--quorum", "etcd"], WatchdogPipe::Closes);
     }
 
     fn cut_alink(tag: &str, extra: &[&str]) {
@@ -429,12 +429,30 @@ mod tests {
 
     #[test]
     fn a_killed_primary_is_taken_over_at_once() {
-        kill_primary("fmh", &[]);
+        kill_primary("fmh", &[], WatchdogPipe::Closes);
     }
 
-    fn kill_primary(tag: &str, extra: &[&str]) {
+    #[test]
+    fn a_killed_primary_is_taken_over_at_once_before_its_descriptors_close() {
+        kill_primary("fmp", &[], WatchdogPipe::Held);
+    }
+
+    /// What becomes of the killed primary's pipe to its lease watchdog.
+    #[derive(PartialEq)]
+    enum WatchdogPipe {
+        /// It ends with the primary.
+        Closes,
+        /// The test holds it open past the takeover, as a slow end of the primary would (its
+        /// descriptors close only once its memory is torn down and every thread is out of the
+        /// kernel): the watchdog must learn of the death without it.
+        Held,
+    }
+
+    fn kill_primary(tag: &str, extra: &[&str], pipe: WatchdogPipe) {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let mut c = Case::begin_with(tag, extra);
+        let held = (pipe == WatchdogPipe::Held)
+            .then(|| c.site.hold_watchdog_pipe("A").unwrap_or_else(|e| panic!("[{}] {e:#}", c.site.name)));
         c.mark_fault();
         let (killed, _) = c.site.kill("A");
         // "primary" already while B promotes; its takeover time comes once the VM runs.
@@ -446,6 +464,10 @@ mod tests {
         println!("[{}] B serving {:.0} ms after the kill was sent (seen by polling); takeover {takeover_ms:.1} ms", c.site.name, seen.as_secs_f64() * 1e3);
         // The watchdog released the lease: no wait for it to run out (1 s).
         assert!(takeover_ms < 1000.0, "[{}] takeover {takeover_ms} ms: the lease was waited out", c.site.name);
+        drop(held);
+        // The watchdog told B of the death as soon as it had released the lease.
+        let notices = st.json["hosts"][1]["detail"]["late_input"]["death_notices"].as_u64();
+        assert!(notices >= Some(1), "[{}] B got no death notice from A's watchdog: {}", c.site.name, st.json["hosts"][1]["detail"]["late_input"]);
         let st = c.finish(Serving::B);
         assert_eq!(st.state, "failed over", "{st}");
         // B is the primary now: its heartbeat responder answers probes (a backup has none). It is

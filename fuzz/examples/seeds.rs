@@ -9,7 +9,7 @@ use ftvm_fuzz::{seal, FrameSpec, KEY, SECRET};
 use ftvm_guest_abi::{BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 use ftvm_proto::frame::{FrameKind, FrameSealer, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use ftvm_proto::handshake::fuzzing_hello_key;
-use ftvm_proto::late_input::{seal_late_frame, LateInputId};
+use ftvm_proto::late_input::{seal_death_notice, seal_late_frame, LateInputId};
 use ftvm_proto::pages::PageRange;
 use ftvm_proto::witness::{
     WitnessClaim, WitnessOp, WitnessPrevious, WitnessReleaseReason, WitnessReply, WitnessRequest,
@@ -193,6 +193,7 @@ fn main() {
     // late_input: a datagram (0), LeaseTerm payloads (1), fields to seal (2).
     let frame: Vec<u8> = (0..80u8).collect();
     s.put("late_input", "datagram", &[[0].as_slice(), &seal_late_frame(&KEY, 3, 17, &frame)].concat());
+    s.put("late_input", "death-notice", &[[0].as_slice(), &seal_death_notice(&KEY, 3)].concat());
     s.put("late_input", "lease-term", &[[1].as_slice(), &LeaseTerm { term: 3, late_input: None }.encode()].concat());
     let with_id = LeaseTerm { term: 3, late_input: Some(LateInputId([0x42; 16])) };
     s.put("late_input", "lease-term-id", &[[1].as_slice(), &with_id.encode()].concat());

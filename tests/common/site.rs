@@ -291,6 +291,45 @@ impl Site {
         Ok(pids)
     }
 
+    /// A duplicate of the write end of host `host`'s pipe to its lease watchdog (the watchdog's
+    /// stdin), taken out of the host process: while it is held, that pipe does not end when the
+    /// host dies, so the watchdog must learn of the death otherwise.
+    pub fn hold_watchdog_pipe(&self, host: &str) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd as _;
+        let pid = self.host_pids(host)?[0];
+        let watchdog = std::fs::read_dir("/proc")?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                // The parent's pid is the second field after the command's closing parenthesis.
+                let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+                let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                ppid == Some(pid) && String::from_utf8_lossy(&cmdline).contains("lease-watchdog")
+            })
+            .with_context(|| format!("host {host} (pid {pid}) has no lease watchdog"))?;
+        let pipe = std::fs::read_link(format!("/proc/{watchdog}/fd/0"))?;
+        let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+            .flatten()
+            .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == pipe))
+            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .with_context(|| format!("host {host} holds no end of {}", pipe.display()))?;
+        // SAFETY: pidfd_open takes a pid and flags and touches no memory of this process.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if pidfd < 0 {
+            bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+        // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags; no memory.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
+        if dup < 0 {
+            bail!("pidfd_getfd({pid}, {fd}): {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as i32) })
+    }
+
     /// Copies the site's text files (not the disk images) out of /run to `<logs>/<site>/` before
     /// `down` removes them; returns that directory.
     pub fn save_logs(&self) -> PathBuf {

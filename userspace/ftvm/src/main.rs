@@ -2,6 +2,7 @@
 
 mod cli;
 mod console;
+mod death_signal;
 mod ebpf;
 mod ft;
 mod host;

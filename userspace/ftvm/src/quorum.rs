@@ -5,7 +5,9 @@
 //! without a "stop" (the primary died: SIGKILL, a crash; its kernel closed the pipe), the watchdog
 //! releases the lease at the quorum with the reason "holder died", so the backup takes over in
 //! milliseconds instead of waiting for the lease to run out. A whole host that dies takes its
-//! watchdog with it: then the lease runs out.
+//! watchdog with it: then the lease runs out. The watchdog learns of the death from a signal the
+//! kernel sends as the primary's threads end, before the pipe does (see
+//! [`crate::death_signal`]).
 //!
 //! The watchdog also inherits the primary's eBPF programs (their links and maps, see
 //! `ftvm_ebpf_host::spawn_inheriting`): the fencing gate on the business port and the heartbeat
@@ -37,11 +39,12 @@ use ftvm_repl::ha::lease::{Lease, LeaseConfig, LeaseView, QUORUM_CONNECTION_REFR
 use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
 use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
-use ftvm_repl::late_input::{forward_late_input, LateForward};
+use ftvm_repl::late_input::{forward_late_input, send_death_notice, LateForward};
 use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
 use ftvm_proto::late_input::LateInputId;
 use ftvm_vmm::machine::MachineHandle;
 
+use crate::death_signal::{ask_for_death_signal, on_parent_death, LastingThread};
 use crate::ebpf::EbpfHandoff;
 use crate::secret::read_secret;
 
@@ -185,6 +188,8 @@ impl LateInputForwarding {
 pub struct Watchdog {
     child: Child,
     stdin: Arc<Mutex<Option<ChildStdin>>>,
+    /// The thread that started it, whose end is the watchdog's news of this process's death.
+    parent: LastingThread,
 }
 
 impl Watchdog {
@@ -206,24 +211,26 @@ impl Watchdog {
             cmd.args(["--alink-secret-file".to_string(), alink_secret.display().to_string()]);
             cmd.args(["--primary-pid".to_string(), std::process::id().to_string()]);
         }
-        // The flags of `WatchdogArgs`.
-        let mut inherit: Vec<(&str, &dyn Handoff)> = Vec::new();
-        if let Some(r) = &handoff.responder {
-            inherit.push(("--responder-fds", r));
-        }
-        if let Some(g) = &handoff.gate {
-            inherit.push(("--gate-fds", g));
-        }
-        let spawned = spawn_inheriting(&mut cmd, &inherit);
-        // This process's duplicates are not needed once the child has its own.
-        drop(handoff);
-        let mut child = spawned.context("cannot start the lease watchdog")?;
+        ask_for_death_signal(&mut cmd);
+        let spawned = LastingThread::spawn("ftvm-watchdog-parent", move || {
+            // The flags of `WatchdogArgs`.
+            let mut inherit: Vec<(&str, &dyn Handoff)> = Vec::new();
+            if let Some(r) = &handoff.responder {
+                inherit.push(("--responder-fds", r));
+            }
+            if let Some(g) = &handoff.gate {
+                inherit.push(("--gate-fds", g));
+            }
+            // This process's duplicates (`handoff`) go once the child has its own.
+            spawn_inheriting(&mut cmd, &inherit)
+        });
+        let (mut child, parent) = spawned.context("cannot start the lease watchdog")?;
         let stdin = Arc::new(Mutex::new(child.stdin.take()));
         let pipe = Arc::clone(&stdin);
         lease.subscribe(move |v: LeaseView| {
             tell(&pipe, &if v.held { format!("term {}\n", v.term) } else { "none\n".to_string() });
         });
-        Ok(Self { child, stdin })
+        Ok(Self { child, stdin, parent })
     }
 
     /// Tells the watchdog the VM's TAP (its descriptor in this process), so that it can forward
@@ -240,7 +247,9 @@ impl Watchdog {
         if let Some(mut w) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = w.write_all(b"stop\n");
         }
-        let _ = self.child.wait();
+        if self.child.wait().is_ok() {
+            self.parent.end();
+        }
     }
 }
 
@@ -359,11 +368,66 @@ fn start_forwarding(setup: &LateInputSetup, tap: OwnedFd, term: u64) -> Option<s
     spawned.map_err(|e| tracing::warn!(error = %e, "no late input forwarding")).ok()
 }
 
-/// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none` and `stop` lines.
+/// What reaches the watchdog from its primary.
+enum FromPrimary {
+    /// A line on its pipe.
+    Line(String),
+    /// Its pipe ended: all its threads are gone.
+    PipeEnded,
+    /// Its threads are ending (see [`crate::death_signal`]).
+    Died,
+}
+
+/// What the primary told the watchdog so far.
+struct PrimaryLines<'a> {
+    late_setup: Option<&'a LateInputSetup>,
+    /// The lease term it holds.
+    term: Option<u64>,
+    /// Its TAP, duplicated.
+    tap: Option<OwnedFd>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Told {
+    Stop,
+    More,
+}
+
+impl PrimaryLines<'_> {
+    /// Takes one of the lines `term N`, `none`, `tap N` and `stop`.
+    fn take(&mut self, line: &str) -> Told {
+        match line.trim() {
+            "stop" => return Told::Stop,
+            "none" => self.term = None,
+            other if other.starts_with("tap ") => {
+                let fd = other.strip_prefix("tap ").and_then(|n| n.parse::<RawFd>().ok());
+                if let (Some(setup), Some(fd)) = (self.late_setup, fd) {
+                    match setup.take_fd(fd) {
+                        Ok(t) => self.tap = Some(t),
+                        Err(e) => tracing::warn!(error = %e, "cannot take the primary's TAP: no late input forwarding"),
+                    }
+                }
+            }
+            other => self.term = other.strip_prefix("term ").and_then(|t| t.parse::<u64>().ok()).or(self.term),
+        }
+        Told::More
+    }
+}
+
+/// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none`, `tap N` and
+/// `stop` lines.
 pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
     // Ctrl-C at the primary's terminal reaches this process group too: this process must outlive
-    // its parent to do its work, and ends when its parent's pipe does.
+    // its parent to do its work, and ends once its parent has died or told it to stop.
     crate::signals::block_stop_signals()?;
+    // Before any thread starts (see `on_parent_death`).
+    let (news_tx, news) = std::sync::mpsc::channel::<FromPrimary>();
+    let death_tx = news_tx.clone();
+    if let Err(e) = on_parent_death(std::os::unix::process::parent_id(), move || {
+        let _ = death_tx.send(FromPrimary::Died);
+    }) {
+        tracing::warn!(error = %e, "cannot watch for the primary's death signal: its pipe's end tells it, later");
+    }
     let responder = match &args.responder_fds {
         // SAFETY: the primary started this process through `spawn_inheriting` with this argument
         // for its responder, and nothing else in this process touches those descriptors; taken
@@ -377,66 +441,79 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
         None => None,
     };
     let late_setup = LateInputSetup::of(&args);
-    let mut tap: Option<OwnedFd> = None;
     let args = args.quorum;
     let secret = args.witness_secret_file.clone().unwrap_or_default();
     let mut client = args.client(&secret)?;
-    let mut term = None;
     // The primary's lines come through a thread, so that the connection to the quorum can be
     // kept open meanwhile: when the primary dies, the release is then one round trip instead of a
     // connection and a handshake (about 4 ms here), and the backup's takeover waits for it.
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
     std::thread::Builder::new().name("ftvm-watchdog-stdin".into()).spawn(move || {
         for line in std::io::stdin().lock().lines() {
             let Ok(line) = line else { break };
-            if lines_tx.send(line).is_err() {
-                break;
+            if news_tx.send(FromPrimary::Line(line)).is_err() {
+                return;
             }
         }
+        let _ = news_tx.send(FromPrimary::PipeEnded);
     })?;
     connect_ahead(client.as_mut());
-    // Bounded by the primary's pipe: it ends when the primary does.
+    let mut primary = PrimaryLines { late_setup: late_setup.as_ref(), term: None, tap: None };
+    // Bounded by the primary's life: its pipe ends, at the latest, when it does.
     loop {
-        match lines.recv_timeout(QUORUM_CONNECTION_REFRESH) {
-            Ok(line) => match line.trim() {
-                "stop" => return Ok(ExitCode::SUCCESS),
-                "none" => term = None,
-                other if other.starts_with("tap ") => {
-                    let fd = other.strip_prefix("tap ").and_then(|n| n.parse::<RawFd>().ok());
-                    if let (Some(setup), Some(fd)) = (&late_setup, fd) {
-                        match setup.take_fd(fd) {
-                            Ok(t) => tap = Some(t),
-                            Err(e) => tracing::warn!(error = %e, "cannot take the primary's TAP: no late input forwarding"),
-                        }
+        match news.recv_timeout(QUORUM_CONNECTION_REFRESH) {
+            Ok(FromPrimary::Line(line)) => {
+                if primary.take(&line) == Told::Stop {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            Ok(FromPrimary::Died) => {
+                // What it wrote before its death has been read by now (its threads took at least
+                // a wake-up to end); none of it waits.
+                while let Ok(FromPrimary::Line(line)) = news.try_recv() {
+                    if primary.take(&line) == Told::Stop {
+                        return Ok(ExitCode::SUCCESS);
                     }
                 }
-                other => term = other.strip_prefix("term ").and_then(|t| t.parse::<u64>().ok()).or(term),
-            },
+                tracing::warn!("the primary's threads are ending: it died");
+                break;
+            }
+            Ok(FromPrimary::PipeEnded) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => connect_ahead(client.as_mut()),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    // The pipe ended without "stop": the primary is gone. What reaches its TAP goes to the
-    // backup from now on, beside the release.
+    let PrimaryLines { term, tap, .. } = primary;
+    // The primary died (its threads are ending, or its pipe ended without "stop"). What reaches
+    // its TAP goes to the backup from now on, beside the release.
     let forwarder = match (&late_setup, tap, term) {
         (Some(setup), Some(tap), Some(term)) => start_forwarding(setup, tap, term),
         _ => None,
     };
     // While this process forwards, the gate stays as it was: closed, it would also drop in the
     // kernel the very input forwarded (its ingress side drops frames for an inactive guest).
-    // Nothing can emit the guest's frames meanwhile: its VMM died with the primary, and this
+    // Nothing can emit the guest's frames meanwhile: the VMM's threads are ending with the
+    // primary's and run none of its code (a write to the TAP already in the kernel can still
+    // complete: a frame of an acknowledged epoch, which the backup's copy counts as sent), and this
     // process only reads the TAP. The gate closes once the forwarding is over.
+    // Once the lease is released, the backup may take over at once: tell it so.
+    let notify = || {
+        if let (Some(setup), Some(term)) = (&late_setup, term) {
+            match send_death_notice(&LateForward::new(setup.to, &setup.secret, &setup.id, term)) {
+                Ok(()) => tracing::warn!(to = %setup.to, "the primary died: the backup is told so"),
+                Err(e) => tracing::warn!(error = %e, "cannot send the backup the death notice (it sees the death later)"),
+            }
+        }
+    };
     let mut gate = gate;
     match forwarder {
         Some(t) => {
-            let ended = after_death(None, responder.as_ref(), term, client.as_mut());
+            let ended = after_death(None, responder.as_ref(), term, client.as_mut(), &notify);
             let _ = t.join();
             if let Some(g) = &mut gate {
                 close_gate(g);
             }
             ended
         }
-        None => after_death(gate.as_mut(), responder.as_ref(), term, client.as_mut()),
+        None => after_death(gate.as_mut(), responder.as_ref(), term, client.as_mut(), &notify),
     }
 }
 
@@ -450,12 +527,13 @@ fn close_gate(gate: &mut InheritedGate) {
 }
 
 /// The primary died: close its gate (when given), say so in the heartbeat replies, release its
-/// lease.
+/// lease, then call `released`.
 fn after_death(
     gate: Option<&mut InheritedGate>,
     responder: Option<&InheritedResponder>,
     term: Option<u64>,
     client: &mut dyn QuorumClient,
+    released: &dyn Fn(),
 ) -> Result<ExitCode> {
     let had_gate = gate.is_some();
     if let Some(g) = gate {
@@ -482,6 +560,7 @@ fn after_death(
     for attempt in 0..5 {
         match client.release(term, ReleaseReason::HolderDied) {
             Ok(()) => {
+                released();
                 linger();
                 return Ok(ExitCode::SUCCESS);
             }

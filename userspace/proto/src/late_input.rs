@@ -14,8 +14,15 @@
 //! protocol 1.8). A datagram of another daemon's life, or forged without the secret, does not
 //! open. The sequence number lets the backup take each frame once.
 //!
+//! The watchdog also sends a *death notice* (kind 1, no frame) as soon as it has released the dead
+//! daemon's lease, so that the backup takes over at once instead of waiting for the daemon's
+//! A-Link connection to close or fall silent. It carries the same authority as the "daemon dead"
+//! of the host's heartbeat responder, which the same watchdog sets first. A backup of an earlier
+//! version refuses it (its kind byte was reserved), which costs it only the notice.
+//!
 //! ```text
-//! magic "FTLI" | version u8 (1) | 0 0 0 | term u64 | seq u64 | frame | tag [32]
+//! magic "FTLI" | version u8 (1) | kind u8 (0 frame, 1 death notice) | 0 0 | term u64 | seq u64
+//!   | frame | tag [32]
 //! ```
 //! (little-endian; the tag is keyed BLAKE3 over everything before it)
 
@@ -96,11 +103,37 @@ pub enum LateInputError {
     /// Reserved bytes not zero.
     #[error("reserved bytes set in a late input datagram")]
     Reserved,
+    /// A kind this side does not know.
+    #[error("late input datagram of kind {0} (this side reads 0, a frame, and 1, a death notice)")]
+    Kind(u8),
+    /// A death notice with a frame (of this many bytes) or a sequence number.
+    #[error("a death notice with {0} bytes of frame or a sequence number")]
+    BadNotice(usize),
+}
+
+/// What a datagram says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LateKind {
+    /// A frame that reached the dead primary's TAP.
+    Frame,
+    /// The primary's daemon died; its lease was released (see the module documentation).
+    DeathNotice,
+}
+
+impl LateKind {
+    fn byte(self) -> u8 {
+        match self {
+            Self::Frame => 0,
+            Self::DeathNotice => 1,
+        }
+    }
 }
 
 /// One opened datagram.
 #[derive(Debug, PartialEq, Eq)]
 pub struct LateFrame<'a> {
+    /// A frame, or the death notice (whose `frame` is empty).
+    pub kind: LateKind,
     /// The dead primary's lease term.
     pub term: u64,
     /// The frame's number among those its watchdog sent, from 0.
@@ -112,10 +145,18 @@ pub struct LateFrame<'a> {
 /// The datagram carrying `frame` (at most [`MAX_GUEST_FRAME`] bytes: longer ones are cut, and then
 /// refused by the backup's device like any frame no receive path could have read).
 pub fn seal_late_frame(key: &[u8; 32], term: u64, seq: u64, frame: &[u8]) -> Vec<u8> {
-    let frame = &frame[..frame.len().min(MAX_GUEST_FRAME)];
+    seal(key, LateKind::Frame, term, seq, &frame[..frame.len().min(MAX_GUEST_FRAME)])
+}
+
+/// The death notice of the daemon whose late input `key` tags, which held lease `term`.
+pub fn seal_death_notice(key: &[u8; 32], term: u64) -> Vec<u8> {
+    seal(key, LateKind::DeathNotice, term, 0, &[])
+}
+
+fn seal(key: &[u8; 32], kind: LateKind, term: u64, seq: u64, frame: &[u8]) -> Vec<u8> {
     let mut d = Vec::with_capacity(LATE_INPUT_HEAD + frame.len() + LATE_INPUT_TAG);
     d.extend_from_slice(&LATE_INPUT_MAGIC);
-    d.extend_from_slice(&[LATE_INPUT_VERSION, 0, 0, 0]);
+    d.extend_from_slice(&[LATE_INPUT_VERSION, kind.byte(), 0, 0]);
     d.extend_from_slice(&term.to_le_bytes());
     d.extend_from_slice(&seq.to_le_bytes());
     d.extend_from_slice(frame);
@@ -141,11 +182,19 @@ pub fn open_late_frame<'a>(key: &[u8; 32], d: &'a [u8]) -> Result<LateFrame<'a>,
     if blake3::keyed_hash(key, body) != blake3::Hash::from(tag) {
         return Err(LateInputError::Tag);
     }
-    if d[5..8] != [0, 0, 0] {
+    if d[6..8] != [0, 0] {
         return Err(LateInputError::Reserved);
     }
+    let frame = &body[LATE_INPUT_HEAD..];
     let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap_or([0; 8]));
-    Ok(LateFrame { term: u64_at(8), seq: u64_at(16), frame: &body[LATE_INPUT_HEAD..] })
+    let (term, seq) = (u64_at(8), u64_at(16));
+    let kind = match d[5] {
+        0 => LateKind::Frame,
+        1 if frame.is_empty() && seq == 0 => LateKind::DeathNotice,
+        1 => return Err(LateInputError::BadNotice(frame.len())),
+        other => return Err(LateInputError::Kind(other)),
+    };
+    Ok(LateFrame { kind, term, seq, frame })
 }
 
 #[cfg(test)]
@@ -163,7 +212,29 @@ mod tests {
         let frame: Vec<u8> = (0..100u8).collect();
         let d = seal_late_frame(&key(), 9, 3, &frame);
         assert_eq!(d.len(), LATE_INPUT_HEAD + frame.len() + LATE_INPUT_TAG);
-        assert_eq!(open_late_frame(&key(), &d), Ok(LateFrame { term: 9, seq: 3, frame: &frame }));
+        assert_eq!(open_late_frame(&key(), &d), Ok(LateFrame { kind: LateKind::Frame, term: 9, seq: 3, frame: &frame }));
+    }
+
+    #[test]
+    fn a_death_notice_opens_as_one_and_carries_no_frame() {
+        let d = seal_death_notice(&key(), 9);
+        assert_eq!(open_late_frame(&key(), &d), Ok(LateFrame { kind: LateKind::DeathNotice, term: 9, seq: 0, frame: &[] }));
+        let other = late_input_key(SECRET, &LateInputId([8; LATE_INPUT_ID_LEN]));
+        assert_eq!(open_late_frame(&other, &d), Err(LateInputError::Tag));
+        // Kinds are checked once the tag is: a notice with a frame, or an unknown kind, sealed
+        // with the right key, is refused by name.
+        let mut with_frame = seal_late_frame(&key(), 9, 0, &[1, 2]);
+        with_frame[5] = 1;
+        let body = with_frame.len() - LATE_INPUT_TAG;
+        let tag = blake3::keyed_hash(&key(), &with_frame[..body]);
+        with_frame[body..].copy_from_slice(tag.as_bytes());
+        assert_eq!(open_late_frame(&key(), &with_frame), Err(LateInputError::BadNotice(2)));
+        let mut unknown = seal_death_notice(&key(), 9);
+        unknown[5] = 7;
+        let body = unknown.len() - LATE_INPUT_TAG;
+        let tag = blake3::keyed_hash(&key(), &unknown[..body]);
+        unknown[body..].copy_from_slice(tag.as_bytes());
+        assert_eq!(open_late_frame(&key(), &unknown), Err(LateInputError::Kind(7)));
     }
 
     #[test]

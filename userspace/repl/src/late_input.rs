@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ftvm_proto::late_input::{late_input_key, open_late_frame, seal_late_frame, LateInputId, MAX_LATE_INPUT_DATAGRAM};
+use ftvm_proto::late_input::{
+    late_input_key, open_late_frame, seal_death_notice, seal_late_frame, LateInputId, LateKind, MAX_LATE_INPUT_DATAGRAM,
+};
 use ftvm_proto::limits::MAX_GUEST_FRAME;
 
 use crate::lock;
@@ -91,14 +93,34 @@ impl ForwardReport {
     }
 }
 
+/// Copies of the death notice sent: UDP may lose one.
+const DEATH_NOTICE_COPIES: usize = 2;
+
+/// Tells the backup that the daemon died and its lease is released (see
+/// [`ftvm_proto::late_input`]), so that it takes over without waiting for the daemon's A-Link
+/// connection to close or fall silent.
+pub fn send_death_notice(cfg: &LateForward) -> io::Result<()> {
+    let socket = connected_socket(cfg.to)?;
+    let notice = seal_death_notice(&cfg.key, cfg.term);
+    for _ in 0..DEATH_NOTICE_COPIES {
+        socket.send(&notice)?;
+    }
+    Ok(())
+}
+
+/// A UDP socket that sends to `to` only (and takes nothing from anyone else).
+fn connected_socket(to: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = if to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = UdpSocket::bind(local)?;
+    socket.connect(to)?;
+    Ok(socket)
+}
+
 /// Reads what arrives on `tap` (a non-blocking TAP with the virtio-net header, the dead daemon's:
 /// each read is one frame) for `cfg.window` and sends each frame to the backup. Bounded by the
 /// window and by [`FORWARD_MAX_FRAMES`].
 pub fn forward_late_input(mut tap: &File, cfg: &LateForward) -> io::Result<ForwardReport> {
-    let local: SocketAddr = if cfg.to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let socket = UdpSocket::bind(local)?;
-    // Connected: the socket takes nothing from anyone but the backup (and reads nothing anyway).
-    socket.connect(cfg.to)?;
+    let socket = connected_socket(cfg.to)?;
     let deadline = Instant::now() + cfg.window;
     let mut report = ForwardReport::default();
     let mut buf = vec![0u8; MAX_GUEST_FRAME];
@@ -150,6 +172,9 @@ pub struct LateInputStats {
     pub duplicates: u64,
     /// Datagrams past the limits, or after the delivery window.
     pub over_limit: u64,
+    /// Death notices of the bound daemon (absent in files of older versions).
+    #[serde(default)]
+    pub death_notices: u64,
 }
 
 /// Gives frames to the restored VM (its network device's `replay_rx`); returns how many it took.
@@ -169,6 +194,8 @@ struct InboxState {
     sink: Option<LateSink>,
     deliver_until: Option<Instant>,
     stats: LateInputStats,
+    /// The bound daemon's watchdog said it died.
+    death_noticed: bool,
 }
 
 /// The backup's late input, between the listener and the takeover. See the module documentation.
@@ -198,6 +225,7 @@ impl LateInbox {
             return;
         }
         s.binding = id.map(|id| Binding { key: late_input_key(&self.secret, &id), term });
+        s.death_noticed = false;
         s.seen.clear();
         s.held.clear();
         s.held_bytes = 0;
@@ -218,6 +246,11 @@ impl LateInbox {
                 return;
             }
         };
+        if frame.kind == LateKind::DeathNotice {
+            s.stats.death_notices += 1;
+            s.death_noticed = true;
+            return;
+        }
         if s.deliver_until.is_some_and(|t| Instant::now() > t) || s.seen.len() >= ACCEPT_MAX_FRAMES {
             s.stats.over_limit += 1;
             return;
@@ -255,6 +288,12 @@ impl LateInbox {
         s.sink = Some(sink);
         s.deliver_until = Some(Instant::now() + DELIVER_WINDOW);
         delivered
+    }
+
+    /// The watchdog of the daemon this inbox is bound to said that daemon died (and released its
+    /// lease): the backup may take over at once.
+    pub fn death_noticed(&self) -> bool {
+        lock(&self.state).death_noticed
     }
 
     /// The delivery window after a takeover has passed: nothing more is taken in.
@@ -368,9 +407,37 @@ mod tests {
         assert_eq!(lock(&got).len(), 4);
         assert_eq!(
             inbox.stats(),
-            LateInputStats { accepted: 4, delivered: 4, refused: 4, duplicates: 2, over_limit: 0 }
+            LateInputStats { accepted: 4, delivered: 4, refused: 4, duplicates: 2, over_limit: 0, death_notices: 0 }
         );
         assert!(!inbox.finished());
+    }
+
+    #[test]
+    fn only_the_bound_daemons_death_notice_counts_and_a_new_session_forgets_it() {
+        let inbox = LateInbox::new(SECRET);
+        let notice = |id: LateInputId, term| seal_death_notice(&late_input_key(SECRET, &id), term);
+        inbox.accept(&notice(id(1), 5));
+        assert!(!inbox.death_noticed(), "bound to no daemon yet");
+        inbox.bind(5, Some(id(1)));
+        inbox.accept(&notice(id(2), 5));
+        inbox.accept(&notice(id(1), 4));
+        let mut bad = notice(id(1), 5);
+        bad[20] ^= 1;
+        inbox.accept(&bad);
+        assert!(!inbox.death_noticed(), "another daemon's, another term's, a changed one");
+        inbox.accept(&notice(id(1), 5));
+        assert!(inbox.death_noticed());
+        assert_eq!(inbox.stats().death_notices, 1);
+        assert_eq!(inbox.stats().refused, 4);
+        // A notice is no frame: nothing to deliver.
+        let (sink, got) = recording();
+        assert_eq!(inbox.take_over(sink), 0);
+        assert!(lock(&got).is_empty());
+        let inbox = LateInbox::new(SECRET);
+        inbox.bind(5, Some(id(1)));
+        inbox.accept(&notice(id(1), 5));
+        inbox.bind(6, Some(id(2)));
+        assert!(!inbox.death_noticed(), "the next daemon lives");
     }
 
     #[test]
@@ -440,6 +507,14 @@ mod tests {
         assert_eq!(inbox.take_over(sink), 3);
         let got = lock(&got).clone();
         assert_eq!(got, vec![b"queued at the death".to_vec(), vec![9u8; 1500], b"arrived later".to_vec()]);
+        // The death notice goes the same way.
+        assert!(!inbox.death_noticed());
+        send_death_notice(&cfg).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !inbox.death_noticed() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(inbox.death_noticed(), "the notice did not arrive");
         drop(listener);
     }
 }

@@ -32,6 +32,10 @@
 //! the takeover the lease is renewed; while it is not valid the restored VM is paused, and if it is
 //! lost to another host the VM is stopped (role [`Role::Fenced`]).
 //!
+//! The primary's lease watchdog sends a death notice as soon as it has released a dead primary's
+//! lease ([`LateInbox::death_noticed`]): that is a dead verdict at once, as the host's "daemon
+//! dead" is.
+//!
 //! When the primary falls silent or its end of the link closes, and a [`HostProbe`] is configured,
 //! the daemon asks the primary's host (its XDP responder) before it believes the verdict: a
 //! daemon that still makes progress is not dead (a busy primary, or a broken connection: the
@@ -669,6 +673,16 @@ impl Watch {
                 && !matches!(end, SessionEnd::Goodbye | SessionEnd::Refused | SessionEnd::HandedOver)
             {
                 verdict = self.consult_host(verdict, now);
+            }
+            if verdict != Suspicion::NeverSeen
+                && !matches!(end, SessionEnd::Goodbye | SessionEnd::Refused | SessionEnd::HandedOver)
+                && self.late_input.as_ref().is_some_and(|inbox| inbox.death_noticed())
+            {
+                // The primary's watchdog says its daemon died and released its lease: no need to
+                // wait for the daemon's connection to close or fall silent (its threads may still
+                // be ending: tearing its memory down, waiting for a disk flush).
+                let for_ = self.activity.age(now).unwrap_or_default();
+                verdict = Suspicion::Dead { for_, reason: DeadReason::DaemonDead };
             }
             let stats = receiver.stats();
             self.keep_term_file(&stats);
