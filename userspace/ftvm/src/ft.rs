@@ -28,7 +28,9 @@ use ftvm_repl::epoch::engine::{DiskSource, EngineConfig, EngineState, Switchover
 use ftvm_repl::ha::failover::{BackupDaemon, BackupExit, DaemonConfig, ProtectAgain, Role};
 use ftvm_repl::ha::lease::Lease;
 use ftvm_repl::ha::primary::{claim_start, connect_backup, PrimaryExit, PrimaryHost, PrimaryHostConfig, StartClaimError};
+use ftvm_repl::taken_ring::TakenRing;
 use ftvm_repl::transport::CheckpointTransport;
+use ftvm_repl::ErrorChain;
 use ftvm_repl::ha::rejoin::RejoinConfig;
 use ftvm_repl::ha::term::TermFile;
 use ftvm_repl::late_input::LateInbox;
@@ -229,6 +231,15 @@ fn engine_config(args: &EngineArgs) -> EngineConfig {
     }
 }
 
+/// The ring where the VM's input waits until sent ahead, for this host's lease watchdog (see
+/// `ftvm_repl::taken_ring`); a failure only costs that.
+fn taken_ring() -> Option<Arc<TakenRing>> {
+    TakenRing::create()
+        .map(Arc::new)
+        .map_err(|e| tracing::warn!(error = %ErrorChain(&e), "no taken-input ring: input not yet sent ahead is lost with this process"))
+        .ok()
+}
+
 /// Fails when this host cannot run the dirty tracker and copy asked for (userfaultfd's tracker
 /// depends on the kernel's version; copy-on-write needs the userfaultfd the uffd tracker holds),
 /// before anything is claimed or started.
@@ -341,12 +352,16 @@ pub fn start_primary(args: PrimaryArgs) -> Result<PrimaryStart> {
             Err(e) => return Err(e.into()),
         };
     let machine = Machine::create(config)?;
+    let taken_ring = late.and_then(|_| taken_ring());
     if let Some(w) = &watchdog {
         w.hand_tap(&machine.handle());
+        if let Some(r) = &taken_ring {
+            w.hand_taken_ring(r);
+        }
     }
     let _stop = run::stop_on_signal(machine.handle())?;
     let mut host = PrimaryHostConfig::new(machine, transport, lease.clone(), host_ebpf.fence_hook());
-    host.engine = engine_config(&args.engine);
+    host.engine = EngineConfig { taken_ring, ..engine_config(&args.engine) };
     let disk_record = Arc::clone(&intent);
     host.disk = Some(DiskSource::new(args.vm.disk.clone(), disk_bytes).with_intent(intent));
     host.renewer = Some(renewer);
@@ -484,6 +499,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
     };
     // Once this host runs the VM, its own watchdog forwards late input to the other host.
     let late = LateInputForwarding::with_quorum(args.quorum.quorum, args.peer)?;
+    let taken_ring = late.and_then(|_| taken_ring());
     if let Some(peer) = args.peer {
         // The restored VM tracks its pages from the start: a backup may join at any time. A
         // tracker this kernel lacks must fail now, not at the takeover.
@@ -502,7 +518,7 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
         daemon_config.protect_again = Some(ProtectAgain {
             switchover,
             rejoin: RejoinConfig::new(peer, secret.clone(), options),
-            engine: engine_config(&args.engine),
+            engine: EngineConfig { taken_ring: taken_ring.clone(), ..engine_config(&args.engine) },
             ack_authority_hook: host_ebpf.ack_authority_hook().filter(|_| daemon_config.lease.has_quorum()),
         });
     }
@@ -544,6 +560,9 @@ pub fn run_backup(args: BackupArgs, kept: Option<KeptStandby>) -> Result<BackupE
                     Ok(w) => {
                         if let Some(machine) = daemon.machine_handle() {
                             w.hand_tap(&machine);
+                        }
+                        if let Some(r) = &taken_ring {
+                            w.hand_taken_ring(r);
                         }
                         watchdog = Some(w);
                     }

@@ -40,6 +40,7 @@ use ftvm_repl::ha::quorum::etcd::{EtcdConfig, EtcdQuorum};
 use ftvm_repl::ha::quorum::witness::{WitnessClientConfig, WitnessQuorum};
 use ftvm_repl::ha::quorum::{NoQuorum, QuorumClient, ReleaseReason};
 use ftvm_repl::late_input::{forward_late_input, send_death_notice, LateForward};
+use ftvm_repl::taken_ring::TakenRing;
 use ftvm_repl::witness::{Witness, WitnessConfig, DEFAULT_TTL};
 use ftvm_proto::late_input::LateInputId;
 use ftvm_vmm::machine::MachineHandle;
@@ -242,6 +243,12 @@ impl Watchdog {
         }
     }
 
+    /// Tells the watchdog the ring where the VM's input is kept until sent ahead, so that after
+    /// this process died it sends the backup what had not gone (see `ftvm_repl::taken_ring`).
+    pub fn hand_taken_ring(&self, ring: &TakenRing) {
+        tell(&self.stdin, &format!("ring {}\n", ring.fd().as_raw_fd()));
+    }
+
     /// This process stops on purpose: the watchdog exits without releasing anything.
     pub fn stop(mut self) {
         if let Some(mut w) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -355,12 +362,21 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
-/// Forwards what reaches the dead primary's TAP, from a thread (the release must not wait).
-fn start_forwarding(setup: &LateInputSetup, tap: OwnedFd, term: u64) -> Option<std::thread::JoinHandle<()>> {
+/// Forwards `taken` (the input the dead primary's VM had taken and not sent ahead), then what
+/// reaches its TAP, from a thread (the release must not wait).
+fn start_forwarding(
+    setup: &LateInputSetup,
+    tap: OwnedFd,
+    taken: Vec<Vec<u8>>,
+    term: u64,
+) -> Option<std::thread::JoinHandle<()>> {
     let cfg = LateForward::new(setup.to, &setup.secret, &setup.id, term);
     let tap = std::fs::File::from(tap);
+    if !taken.is_empty() {
+        tracing::warn!(frames = taken.len(), "the dead primary's VM had taken input it had not sent ahead: it goes first");
+    }
     let spawned = std::thread::Builder::new().name("ftvm-late-input".into()).spawn(move || {
-        match forward_late_input(&tap, &cfg) {
+        match forward_late_input(&tap, &taken, &cfg) {
             Ok(r) => tracing::warn!(frames = r.frames, send_errors = r.send_errors, to = %cfg.to, "forwarded the input that reached the dead primary's TAP"),
             Err(e) => tracing::warn!(error = %e, "cannot forward the input that reaches the dead primary's TAP"),
         }
@@ -385,6 +401,8 @@ struct PrimaryLines<'a> {
     term: Option<u64>,
     /// Its TAP, duplicated.
     tap: Option<OwnedFd>,
+    /// The ring of its VM's input not yet sent ahead, mapped here too.
+    ring: Option<TakenRing>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -394,11 +412,20 @@ enum Told {
 }
 
 impl PrimaryLines<'_> {
-    /// Takes one of the lines `term N`, `none`, `tap N` and `stop`.
+    /// Takes one of the lines `term N`, `none`, `tap N`, `ring N` and `stop`.
     fn take(&mut self, line: &str) -> Told {
         match line.trim() {
             "stop" => return Told::Stop,
             "none" => self.term = None,
+            other if other.starts_with("ring ") => {
+                let fd = other.strip_prefix("ring ").and_then(|n| n.parse::<RawFd>().ok());
+                if let (Some(setup), Some(fd)) = (self.late_setup, fd) {
+                    match setup.take_fd(fd).map_err(anyhow::Error::from).and_then(|f| Ok(TakenRing::open(f)?)) {
+                        Ok(r) => self.ring = Some(r),
+                        Err(e) => tracing::warn!(error = %format_args!("{e:#}"), "cannot map the primary's taken-input ring: what it had not sent ahead is lost at its death"),
+                    }
+                }
+            }
             other if other.starts_with("tap ") => {
                 let fd = other.strip_prefix("tap ").and_then(|n| n.parse::<RawFd>().ok());
                 if let (Some(setup), Some(fd)) = (self.late_setup, fd) {
@@ -414,8 +441,8 @@ impl PrimaryLines<'_> {
     }
 }
 
-/// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none`, `tap N` and
-/// `stop` lines.
+/// `ftvm lease-watchdog`: see the module documentation. Reads `term N`, `none`, `tap N`,
+/// `ring N` and `stop` lines.
 pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
     // Ctrl-C at the primary's terminal reaches this process group too: this process must outlive
     // its parent to do its work, and ends once its parent has died or told it to stop.
@@ -457,7 +484,7 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
         let _ = news_tx.send(FromPrimary::PipeEnded);
     })?;
     connect_ahead(client.as_mut());
-    let mut primary = PrimaryLines { late_setup: late_setup.as_ref(), term: None, tap: None };
+    let mut primary = PrimaryLines { late_setup: late_setup.as_ref(), term: None, tap: None, ring: None };
     // Bounded by the primary's life: its pipe ends, at the latest, when it does.
     loop {
         match news.recv_timeout(QUORUM_CONNECTION_REFRESH) {
@@ -481,11 +508,14 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => connect_ahead(client.as_mut()),
         }
     }
-    let PrimaryLines { term, tap, .. } = primary;
-    // The primary died (its threads are ending, or its pipe ended without "stop"). What reaches
-    // its TAP goes to the backup from now on, beside the release.
+    let PrimaryLines { term, tap, ring, .. } = primary;
+    // The primary died (its threads are ending, or its pipe ended without "stop"). What its VM
+    // had taken in and not sent ahead, then what reaches its TAP, goes to the backup from now on,
+    // beside the release.
     let forwarder = match (&late_setup, tap, term) {
-        (Some(setup), Some(tap), Some(term)) => start_forwarding(setup, tap, term),
+        (Some(setup), Some(tap), Some(term)) => {
+            start_forwarding(setup, tap, ring.map(|r| r.unsent()).unwrap_or_default(), term)
+        }
         _ => None,
     };
     // While this process forwards, the gate stays as it was: closed, it would also drop in the

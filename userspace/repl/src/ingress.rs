@@ -15,8 +15,9 @@
 //! on in each checkpoint's pause, with the devices stopped ([`IngressForwarder::epoch_paused`]).
 //!
 //! Best effort, and never a safety matter: a frame still queued here when the primary dies is
-//! lost as before (the client retransmits), and none of this releases output. The queue is
-//! bounded; past it frames are not forwarded, and counted.
+//! lost as before (the client retransmits), unless a [`TakenRing`] keeps it for the primary's
+//! watchdog, and none of this releases output. The queue is bounded; past it frames are not
+//! forwarded, and counted.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +29,7 @@ use ftvm_proto::frame::{HEADER_LEN, TAG_LEN};
 use ftvm_proto::limits::{MAX_CHUNK_BYTES, MAX_GUEST_FRAME};
 use ftvm_vmm::devices::virtio::net::RxMirror;
 
+use crate::taken_ring::TakenRing;
 use crate::transport::IngressLink;
 use crate::{lock, ErrorChain};
 
@@ -59,6 +61,8 @@ struct Batch {
     epoch: u64,
     payload: Vec<u8>,
     frames: u64,
+    /// The ring's number of the batch's last frame kept there.
+    last_kept: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +87,8 @@ struct Shared {
     forwarded: AtomicU64,
     bytes: AtomicU64,
     not_forwarded: AtomicU64,
+    /// Where each frame is kept until sent, for the watchdog.
+    ring: Option<Arc<TakenRing>>,
 }
 
 impl RxMirror for Shared {
@@ -95,6 +101,8 @@ impl RxMirror for Shared {
             return;
         }
         let epoch = self.epoch.load(Ordering::Acquire);
+        // First, where it outlives this process.
+        let kept = self.ring.as_ref().and_then(|r| r.record(frame));
         let mut q = lock(&self.queue);
         let encoded = 4 + frame.len();
         if q.bytes + encoded > QUEUE_BYTES {
@@ -108,11 +116,12 @@ impl RxMirror for Shared {
             Some(b) if fits(b) => {
                 encode_output_frame(frame, &mut b.payload);
                 b.frames += 1;
+                b.last_kept = kept.or(b.last_kept);
             }
             _ => {
                 let mut payload = Vec::with_capacity(encoded);
                 encode_output_frame(frame, &mut payload);
-                q.batches.push_back(Batch { epoch, payload, frames: 1 });
+                q.batches.push_back(Batch { epoch, payload, frames: 1, last_kept: kept });
             }
         }
     }
@@ -149,6 +158,9 @@ impl Shared {
             Ok(()) => {
                 self.forwarded.fetch_add(b.frames, Ordering::Relaxed);
                 self.bytes.fetch_add(link_bytes(b.payload.len()), Ordering::Relaxed);
+                if let (Some(ring), Some(last)) = (&self.ring, b.last_kept) {
+                    ring.mark_sent(last + 1);
+                }
             }
             Err(e) => {
                 // The engine learns of the failed link from its own next call.
@@ -170,13 +182,14 @@ pub struct IngressForwarder {
 
 impl Default for IngressForwarder {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
 impl IngressForwarder {
-    /// A forwarder with no link: frames are not copied until one is set.
-    pub fn new() -> Self {
+    /// A forwarder with no link: frames are not copied until one is set. With `ring`, each frame
+    /// is kept there too until sent (see [`crate::taken_ring`]).
+    pub fn new(ring: Option<Arc<TakenRing>>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 epoch: AtomicU64::new(0),
@@ -187,6 +200,7 @@ impl IngressForwarder {
                 forwarded: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
                 not_forwarded: AtomicU64::new(0),
+                ring,
             }),
             thread: None,
         }
@@ -308,7 +322,7 @@ mod tests {
     /// A link that takes a frame at once gets it from the taking thread, before the call returns.
     #[test]
     fn a_free_link_gets_the_frame_from_the_taking_thread() {
-        let mut f = IngressForwarder::new();
+        let mut f = IngressForwarder::new(None);
         let link = Arc::new(Recorder::default());
         link.2.store(true, Ordering::SeqCst);
         f.epoch_paused(7);
@@ -333,6 +347,29 @@ mod tests {
         assert_eq!(got, vec![b"x".to_vec(), b"w".to_vec(), b"y".to_vec(), b"z".to_vec()]);
     }
 
+    /// With a ring, what is taken is kept there until sent: the watchdog would find exactly the
+    /// frames the backup did not get.
+    #[test]
+    fn the_ring_keeps_what_was_not_sent_ahead() {
+        let ring = Arc::new(TakenRing::create().unwrap());
+        let mut f = IngressForwarder::new(Some(Arc::clone(&ring)));
+        let link = Arc::new(Recorder::default());
+        link.2.store(true, Ordering::SeqCst);
+        f.set_link(Some(link.clone() as Arc<dyn IngressLink>));
+        let mirror = f.mirror();
+        mirror.frame_taken(b"sent");
+        assert_eq!(ring.unsent(), vec![b"sent".to_vec()], "kept as it is taken, before the pass ends");
+        mirror.taken_all();
+        assert!(ring.unsent().is_empty());
+        // The link fails: what it could not take stays kept.
+        link.1.store(true, Ordering::SeqCst);
+        mirror.frame_taken(b"lost on the link");
+        mirror.taken_all();
+        wait_for(|| f.stats().frames_not_forwarded == 1);
+        mirror.frame_taken(b"taken, not yet sent");
+        assert_eq!(ring.unsent(), vec![b"lost on the link".to_vec(), b"taken, not yet sent".to_vec()]);
+    }
+
     fn wait_for(f: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !f() {
@@ -345,7 +382,7 @@ mod tests {
     /// without a link; a failed link counts what it could not send.
     #[test]
     fn frames_go_in_order_with_their_epoch() {
-        let mut f = IngressForwarder::new();
+        let mut f = IngressForwarder::new(None);
         let mirror = f.mirror();
         mirror.frame_taken(b"before any link");
         let link = Arc::new(Recorder::default());

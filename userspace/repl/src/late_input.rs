@@ -116,13 +116,20 @@ fn connected_socket(to: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket)
 }
 
-/// Reads what arrives on `tap` (a non-blocking TAP with the virtio-net header, the dead daemon's:
-/// each read is one frame) for `cfg.window` and sends each frame to the backup. Bounded by the
-/// window and by [`FORWARD_MAX_FRAMES`].
-pub fn forward_late_input(mut tap: &File, cfg: &LateForward) -> io::Result<ForwardReport> {
+/// Sends `taken` (what the dead daemon's VM had taken in and not sent ahead, see
+/// [`crate::taken_ring`]), then reads what arrives on `tap` (a non-blocking TAP with the
+/// virtio-net header, the dead daemon's: each read is one frame) for `cfg.window` and sends each
+/// frame to the backup. Bounded by the window and by [`FORWARD_MAX_FRAMES`].
+pub fn forward_late_input(mut tap: &File, taken: &[Vec<u8>], cfg: &LateForward) -> io::Result<ForwardReport> {
     let socket = connected_socket(cfg.to)?;
     let deadline = Instant::now() + cfg.window;
     let mut report = ForwardReport::default();
+    for frame in taken.iter().take(FORWARD_MAX_FRAMES) {
+        match socket.send(&seal_late_frame(&cfg.key, cfg.term, report.read(), frame)) {
+            Ok(_) => report.frames += 1,
+            Err(_) => report.send_errors += 1,
+        }
+    }
     let mut buf = vec![0u8; MAX_GUEST_FRAME];
     while report.read() < FORWARD_MAX_FRAMES as u64 {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -496,17 +503,20 @@ mod tests {
         let mut cfg = LateForward::new(addr, SECRET, &id(1), 7);
         cfg.window = Duration::from_millis(300);
         let tap = File::from(OwnedFd::from(tap_near));
-        let report = forward_late_input(&tap, &cfg).unwrap();
+        // And one the daemon's VM had taken in without sending it ahead: it goes first.
+        let taken = vec![b"taken, not sent ahead".to_vec()];
+        let report = forward_late_input(&tap, &taken, &cfg).unwrap();
         let _tap_far = sender.join().unwrap();
-        assert_eq!(report, ForwardReport { frames: 3, send_errors: 0 });
+        assert_eq!(report, ForwardReport { frames: 4, send_errors: 0 });
         let deadline = Instant::now() + Duration::from_secs(5);
-        while inbox.stats().accepted < 3 && Instant::now() < deadline {
+        while inbox.stats().accepted < 4 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let (sink, got) = recording();
-        assert_eq!(inbox.take_over(sink), 3);
+        assert_eq!(inbox.take_over(sink), 4);
         let got = lock(&got).clone();
-        assert_eq!(got, vec![b"queued at the death".to_vec(), vec![9u8; 1500], b"arrived later".to_vec()]);
+        let want = [&b"taken, not sent ahead"[..], b"queued at the death", &[9u8; 1500], b"arrived later"];
+        assert_eq!(got, want.map(<[u8]>::to_vec));
         // The death notice goes the same way.
         assert!(!inbox.death_noticed());
         send_death_notice(&cfg).unwrap();

@@ -10,6 +10,7 @@
 //! * [`output`]: output commit (the hold the guest's transmit goes to, released per epoch);
 //! * [`ingress`]: the guest's input, sent ahead to the backup for a takeover to deliver again;
 //! * [`late_input`]: the guest's input that reached a dead primary, forwarded by its watchdog;
+//! * [`taken_ring`]: the last input the VM took in, where the watchdog can read it after a death;
 //! * [`ha`]: failure detection, the quorum lease and failover;
 //! * [`witness`]: the built-in quorum service (`ftvm witness`).
 //!
@@ -24,6 +25,7 @@ pub mod ha;
 pub mod ingress;
 pub mod late_input;
 pub mod output;
+pub mod taken_ring;
 pub mod transport;
 pub mod witness;
 

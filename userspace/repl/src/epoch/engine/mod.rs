@@ -145,6 +145,9 @@ pub struct EngineConfig {
     /// takeover then answers the requests the dead primary had taken in without waiting for the
     /// clients to retransmit, at the cost of a small A-Link frame per received batch.
     pub input_ahead: bool,
+    /// Where the input is kept until sent ahead, for this host's lease watchdog to send after
+    /// a death (see [`crate::taken_ring`]).
+    pub taken_ring: Option<Arc<crate::taken_ring::TakenRing>>,
 }
 
 /// How a checkpoint copies the epoch's dirty pages out of guest memory (see "Why a staging copy"
@@ -185,6 +188,7 @@ impl Default for EngineConfig {
             dirty_send_budget: Some(Duration::from_millis(1)),
             dirty_probe_interval: Duration::from_millis(10),
             input_ahead: true,
+            taken_ring: None,
         }
     }
 }
@@ -422,6 +426,7 @@ impl PrimaryEngine {
             return Err(EngineCreateError::NoDirtyTracking);
         }
         let hold = Arc::new(OutputHold::new(cfg.hold_capacity)?);
+        let ingress = IngressForwarder::new(cfg.taken_ring.clone());
         let gate: Arc<dyn OutputGate> = Arc::new(HoldGate(hold.clone()));
         let disk_bytes = disk.as_ref().map_or(0, |d| d.bytes);
         let replicator = Arc::new(Mutex::new(MemoryDiskReplicator::new(disk_bytes, cfg.disk_backlog)));
@@ -478,7 +483,7 @@ impl PrimaryEngine {
             schedule,
             sent_state: Vec::new(),
             state_delta: Vec::new(),
-            ingress: IngressForwarder::new(),
+            ingress,
         })
     }
 
