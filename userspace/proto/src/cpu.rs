@@ -19,6 +19,7 @@
 
 use std::fmt;
 
+use crate::le::{u16_at, u32_at};
 use crate::limits::{MAX_CPU_WORDS, MAX_HOST_MSRS};
 
 /// A CPUID output register.
@@ -324,7 +325,7 @@ impl HostCpuCaps {
 
     /// Decodes and checks a payload (canonical form only).
     pub fn decode(p: &[u8]) -> Result<Self, HostCpuDecodeError> {
-        let u32_at = |o: usize| u32::from_le_bytes([p[o], p[o + 1], p[o + 2], p[o + 3]]);
+        let u32_at = |o: usize| u32_at(p, o);
         if p.len() < HEAD_LEN {
             return Err(HostCpuDecodeError::Length { expected: HEAD_LEN, got: p.len() });
         }
@@ -337,8 +338,8 @@ impl HostCpuCaps {
         }
         let xsave_bytes = u32_at(4);
         let xcr0 = u64::from(u32_at(8)) | (u64::from(u32_at(12)) << 32);
-        let nw = usize::from(u16::from_le_bytes([p[16], p[17]]));
-        let nm = usize::from(u16::from_le_bytes([p[18], p[19]]));
+        let nw = usize::from(u16_at(p, 16));
+        let nm = usize::from(u16_at(p, 18));
         if nw > MAX_CPU_WORDS || nm > MAX_HOST_MSRS {
             return Err(HostCpuDecodeError::TooMany { words: nw, msrs: nm });
         }

@@ -62,6 +62,7 @@
 use std::sync::Arc;
 
 use crate::frame::HEADER_LEN;
+use crate::le::{Cursor, PastTheEnd};
 use crate::limits::{MAX_DISK_WRITE_BYTES, MAX_GUEST_FRAME};
 use crate::limits::{PAGE_SIZE, SECTOR_SIZE};
 use crate::pages::{PageRange, PageRangeSet};
@@ -211,43 +212,25 @@ pub enum DecodeError {
     },
 }
 
-/// Little-endian reader over a payload; running off the end is an error, never a panic.
-struct Le<'a> {
-    b: &'a [u8],
-}
-
-impl<'a> Le<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.b.len() < n {
-            return Err(DecodeError::Short);
-        }
-        let (head, tail) = self.b.split_at(n);
-        self.b = tail;
-        Ok(head)
-    }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn zero32(&mut self) -> Result<(), DecodeError> {
-        if self.u32()? != 0 {
-            return Err(DecodeError::Reserved);
-        }
-        Ok(())
+impl From<PastTheEnd> for DecodeError {
+    fn from(_: PastTheEnd) -> Self {
+        Self::Short
     }
 }
 
-fn exact(payload: &[u8], len: usize) -> Result<Le<'_>, DecodeError> {
+/// A reserved `u32` that must be zero.
+fn zero32(r: &mut Cursor<'_>) -> Result<(), DecodeError> {
+    if r.u32()? != 0 {
+        return Err(DecodeError::Reserved);
+    }
+    Ok(())
+}
+
+fn exact(payload: &[u8], len: usize) -> Result<Cursor<'_>, DecodeError> {
     if payload.len() != len {
         return Err(DecodeError::Length { expected: len as u64, got: payload.len() });
     }
-    Ok(Le { b: payload })
+    Ok(Cursor::new(payload))
 }
 
 /// An epoch starts: what it will carry, so the backup can size its staging and show progress.
@@ -293,7 +276,7 @@ impl EpochBegin {
         if flags & !BEGIN_FLAG_INITIAL_SYNC != 0 {
             return Err(DecodeError::UnknownFlags(flags));
         }
-        r.zero32()?;
+        zero32(&mut r)?;
         Ok(Self {
             epoch,
             page_count,
@@ -456,7 +439,7 @@ impl StandbyInfo {
         if flags & !(Self::HAS_COMMITTED | Self::RESTORABLE) != 0 {
             return Err(DecodeError::UnknownFlags(flags));
         }
-        r.zero32()?;
+        zero32(&mut r)?;
         let epoch = r.u64()?;
         let has = flags & Self::HAS_COMMITTED != 0;
         // Canonical form: no epoch without the flag, and nothing restorable without an epoch.
@@ -519,13 +502,13 @@ impl DiskMarks {
 
     /// Decodes and checks a payload for a disk of `disk_bytes`.
     pub fn decode(payload: &[u8], disk_bytes: u64) -> Result<Self, DecodeError> {
-        let mut r = Le { b: payload };
+        let mut r = Cursor::new(payload);
         let region_bytes = r.u64()?;
         let flags = r.u32()?;
         if flags & !Self::COMPLETE != 0 {
             return Err(DecodeError::UnknownFlags(flags));
         }
-        r.zero32()?;
+        zero32(&mut r)?;
         let n = r.u64()?;
         if region_bytes < SECTOR_SIZE || !region_bytes.is_power_of_two() {
             return Err(DecodeError::BadRegionSize(region_bytes));
@@ -588,14 +571,14 @@ pub fn encode_pages_head(ranges: &[PageRange], out: &mut Vec<u8>) -> u64 {
 /// disjoint, non-empty, inside a guest memory of `memory_pages` pages, and `declared` pages in all.
 /// Shared by every payload that lists pages (Pages, and RDMA's descriptors).
 pub(crate) fn decode_range_table(table: &[u8], n: usize, declared: u64, memory_pages: u64) -> Result<Vec<PageRange>, DecodeError> {
-    let mut t = Le { b: table };
+    let mut t = Cursor::new(table);
     let mut ranges = Vec::with_capacity(n);
     let mut actual: u64 = 0;
     let mut prev_end = 0u64;
     for i in 0..n {
         let start = t.u64()?;
         let len = u64::from(t.u32()?);
-        t.zero32()?;
+        zero32(&mut t)?;
         let end = start.checked_add(len).filter(|_| len > 0).ok_or(DecodeError::BadRange { start, len })?;
         if i > 0 && start < prev_end {
             return Err(DecodeError::RangeOrder);
@@ -624,7 +607,7 @@ pub struct PagesView<'a> {
 impl<'a> PagesView<'a> {
     /// Decodes and checks a payload against a guest memory of `memory_pages` pages.
     pub fn decode(payload: &'a [u8], memory_pages: u64) -> Result<Self, DecodeError> {
-        let mut r = Le { b: payload };
+        let mut r = Cursor::new(payload);
         let n = r.u32()? as usize;
         let declared = u64::from(r.u32()?);
         if n == 0 {
@@ -638,7 +621,7 @@ impl<'a> PagesView<'a> {
         if r.take(offset - LIST_HEADER_LEN - table)?.iter().any(|&b| b != 0) {
             return Err(DecodeError::Reserved);
         }
-        let data = r.b;
+        let data = r.rest();
         let expected = actual.checked_mul(PAGE_SIZE as u64).ok_or(DecodeError::Short)?;
         if data.len() as u64 != expected {
             return Err(DecodeError::Length { expected: (offset as u64).saturating_add(expected), got: payload.len() });
@@ -767,9 +750,9 @@ pub fn encode_output_frame(frame: &[u8], out: &mut Vec<u8>) {
 
 /// The frames of a checked HeldOutput payload, in order.
 pub fn decode_output(payload: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
-    let mut r = Le { b: payload };
+    let mut r = Cursor::new(payload);
     let mut frames = Vec::new();
-    while !r.b.is_empty() {
+    while !r.rest().is_empty() {
         let len = r.u32()? as usize;
         if len == 0 || len > MAX_GUEST_FRAME {
             return Err(DecodeError::BadOutputFrame(len));
@@ -791,20 +774,20 @@ pub struct DiskWritesView<'a> {
 impl<'a> DiskWritesView<'a> {
     /// Decodes and checks a payload against a disk of `disk_bytes`.
     pub fn decode(payload: &'a [u8], disk_bytes: u64) -> Result<Self, DecodeError> {
-        let mut r = Le { b: payload };
+        let mut r = Cursor::new(payload);
         let n = r.u32()? as usize;
-        r.zero32()?;
+        zero32(&mut r)?;
         if n == 0 {
             return Err(DecodeError::Empty);
         }
         let table = n.checked_mul(RANGE_LEN).ok_or(DecodeError::Short)?;
-        let mut t = Le { b: r.take(table)? };
-        let mut data = r.b;
+        let mut t = Cursor::new(r.take(table)?);
+        let mut data = r.rest();
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
             let sector = t.u64()?;
             let len = t.u32()? as usize;
-            t.zero32()?;
+            zero32(&mut t)?;
             if len == 0 || !(len as u64).is_multiple_of(SECTOR_SIZE) || len > MAX_DISK_WRITE_BYTES {
                 return Err(DecodeError::BadWrite { sector, len: len as u64 });
             }
@@ -851,9 +834,9 @@ pub struct DiskImageView<'a> {
 impl<'a> DiskImageView<'a> {
     /// Decodes and checks a payload against a disk of `disk_bytes`.
     pub fn decode(payload: &'a [u8], disk_bytes: u64) -> Result<Self, DecodeError> {
-        let mut r = Le { b: payload };
+        let mut r = Cursor::new(payload);
         let offset = r.u64()?;
-        let data = r.b;
+        let data = r.rest();
         let len = data.len() as u64;
         if len == 0 || !len.is_multiple_of(SECTOR_SIZE) || !offset.is_multiple_of(SECTOR_SIZE) {
             return Err(DecodeError::BadImageChunk { offset, len });

@@ -21,6 +21,8 @@
 
 use std::io::{self, Read, Write};
 
+use crate::le::{u16_at, u32_at, u64_at};
+
 /// "FTAL", little-endian.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FTAL");
 /// Protocol major version: peers with different majors do not talk.
@@ -201,25 +203,22 @@ impl FrameHeader {
 
     /// Checks and decodes 32 header bytes: magic, major version, kind, reserved bits, length.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, FrameError> {
-        let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(b[r].try_into().expect("4 bytes"));
-        let le64 = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
-        let le16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        let magic = le32(0..4);
+        let magic = u32_at(b, 0);
         if magic != FRAME_MAGIC {
             return Err(FrameError::BadMagic(magic));
         }
         if b[4] != PROTOCOL_MAJOR {
             return Err(FrameError::UnsupportedVersion { major: b[4], minor: b[5] });
         }
-        let kind = FrameKind::from_u16(le16(6)).ok_or(FrameError::UnknownKind(le16(6)))?;
-        if le16(10) != 0 {
+        let kind = FrameKind::from_u16(u16_at(b, 6)).ok_or(FrameError::UnknownKind(u16_at(b, 6)))?;
+        if u16_at(b, 10) != 0 {
             return Err(FrameError::ReservedBits);
         }
-        let payload_len = le32(12..16);
+        let payload_len = u32_at(b, 12);
         if payload_len > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(payload_len));
         }
-        Ok(Self { version: (b[4], b[5]), kind, flags: le16(8), payload_len, seq: le64(16..24), epoch: le64(24..32) })
+        Ok(Self { version: (b[4], b[5]), kind, flags: u16_at(b, 8), payload_len, seq: u64_at(b, 16), epoch: u64_at(b, 24) })
     }
 }
 

@@ -26,6 +26,7 @@
 //! ```
 //! (little-endian; the tag is keyed BLAKE3 over everything before it)
 
+use crate::le::u64_at;
 use crate::limits::MAX_GUEST_FRAME;
 
 /// The first bytes of every datagram.
@@ -186,8 +187,7 @@ pub fn open_late_frame<'a>(key: &[u8; 32], d: &'a [u8]) -> Result<LateFrame<'a>,
         return Err(LateInputError::Reserved);
     }
     let frame = &body[LATE_INPUT_HEAD..];
-    let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap_or([0; 8]));
-    let (term, seq) = (u64_at(8), u64_at(16));
+    let (term, seq) = (u64_at(body, 8), u64_at(body, 16));
     let kind = match d[5] {
         0 => LateKind::Frame,
         1 if frame.is_empty() && seq == 0 => LateKind::DeathNotice,

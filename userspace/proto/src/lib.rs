@@ -21,6 +21,7 @@ pub mod epoch;
 pub mod frame;
 pub mod handshake;
 pub mod late_input;
+pub mod le;
 pub mod limits;
 pub mod page_delta;
 pub mod pages;

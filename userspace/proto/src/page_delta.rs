@@ -19,6 +19,7 @@
 //! The CRC is no authentication (the frame's tag is): it turns a base that differs from the
 //! primary's, which would be a bug, into a refused epoch instead of a silently wrong page.
 
+use crate::le::{u16_at, u32_at, u64_at};
 use crate::limits::{MAX_PAGES_PER_FRAME, PAGE_SIZE};
 use crate::xor_runs;
 
@@ -95,7 +96,7 @@ pub fn start(out: &mut Vec<u8>) {
 
 /// Records in a payload begun with [`start`].
 pub fn count(payload: &[u8]) -> u32 {
-    payload.get(..4).map_or(0, |c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+    u32_at(payload, 0)
 }
 
 /// Appends the record of page `pfn`, whose new content is `new` and whose `runs` turn the base
@@ -126,9 +127,7 @@ pub fn decode(payload: &[u8], memory_pages: u64) -> Result<Vec<PageDelta<'_>>, P
     let mut next_min = 0u64;
     for _ in 0..n {
         let head = payload.get(at..at + RECORD_HEAD_LEN).ok_or(PageDeltaError::Short)?;
-        let pfn = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        let crc = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-        let len = usize::from(u16::from_le_bytes(head[12..14].try_into().expect("2 bytes")));
+        let (pfn, crc, len) = (u64_at(head, 0), u32_at(head, 8), usize::from(u16_at(head, 12)));
         if pfn >= memory_pages {
             return Err(PageDeltaError::Outside { pfn, pages: memory_pages });
         }

@@ -39,6 +39,7 @@
 //! epoch) before it reads a byte: an offset from the wire is never trusted.
 
 use crate::epoch::DecodeError;
+use crate::le::{u16_at, u32_at, u64_at};
 use crate::limits::{MAX_RDMA_PAGES_PER_FRAME, MAX_RDMA_RING_BYTES, MIN_RDMA_RING_BYTES, PAGE_SIZE};
 use crate::pages::PageRange;
 
@@ -104,8 +105,7 @@ impl RdmaEndpoint {
     /// and a ring of a valid size that does not wrap the address space (or no ring fields at all).
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         let b: &[u8; Self::LEN] = payload.try_into().map_err(|_| DecodeError::Length { expected: Self::LEN as u64, got: payload.len() })?;
-        let le32 = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let le64 = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        let (le32, le64) = (|i| u32_at(b, i), |i| u64_at(b, i));
         let flags = le32(0);
         if flags & !ENDPOINT_FLAG_RING != 0 {
             return Err(DecodeError::UnknownFlags(flags));
@@ -132,7 +132,7 @@ impl RdmaEndpoint {
         };
         let mut gid = [0u8; 16];
         gid.copy_from_slice(&b[16..32]);
-        Ok(Self { qpn, psn, lid: u16::from_le_bytes([b[12], b[13]]), mtu, gid, ring })
+        Ok(Self { qpn, psn, lid: u16_at(b, 12), mtu, gid, ring })
     }
 }
 
@@ -197,8 +197,7 @@ impl RdmaPages {
         if payload.len() < RDMA_PAGES_HEAD {
             return Err(DecodeError::Short);
         }
-        let le32 = |i: usize| u32::from_le_bytes([payload[i], payload[i + 1], payload[i + 2], payload[i + 3]]);
-        let le64 = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().unwrap_or([0; 8]));
+        let (le32, le64) = (|i| u32_at(payload, i), |i| u64_at(payload, i));
         let n = le32(0) as usize;
         let declared = u64::from(le32(4));
         if n == 0 {

@@ -21,6 +21,7 @@
 //! session; the receiver applies a delta to the state it holds only when the digest matches, so a
 //! delta can never be applied to another base than the one it was made from.
 
+use crate::le::u32_at;
 use crate::limits::MAX_FRAME_PAYLOAD;
 
 /// First bytes of a delta.
@@ -74,8 +75,7 @@ pub fn apply(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
     if !is_delta(delta) {
         return Err(DeltaError::NotADelta);
     }
-    let u32_at = |at: usize| u32::from_le_bytes([delta[at], delta[at + 1], delta[at + 2], delta[at + 3]]);
-    let (base_len, new_len) = (u32_at(4), u32_at(8));
+    let (base_len, new_len) = (u32_at(delta, 4), u32_at(delta, 8));
     if base_len as usize != base.len() || delta[12..44] != *blake3::hash(base).as_bytes() {
         return Err(DeltaError::WrongBase { base_len, held_len: base.len() });
     }

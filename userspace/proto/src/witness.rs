@@ -12,6 +12,8 @@
 //!          | text_len u8 | text   (the owner's name, or an error message)
 //! ```
 
+use crate::le::{u32_at, u64_at};
+
 /// The longest VM id or host name.
 pub const MAX_NAME_LEN: usize = 64;
 /// The longest request payload.
@@ -105,18 +107,6 @@ fn name<'a>(b: &'a [u8], at: &mut usize, len: usize) -> Result<&'a str, WitnessD
     std::str::from_utf8(s).map_err(|_| WitnessDecodeError::BadName)
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
 impl WitnessRequest {
     /// The payload bytes. Names must be valid ([`valid_name`]); an invalid one is refused.
     pub fn encode(&self) -> Result<Vec<u8>, WitnessDecodeError> {
@@ -162,7 +152,7 @@ impl WitnessRequest {
             (1..=3, _, _) => return Err(WitnessDecodeError::Reserved),
             (code, _, _) => return Err(WitnessDecodeError::UnknownCode { what: "operation", code }),
         };
-        let term = le64(b, 4);
+        let term = u64_at(b, 4);
         let (vm_len, host_len) = (usize::from(b[12]), usize::from(b[13]));
         let mut at = 14;
         let vm = name(b, &mut at, vm_len)?.to_string();
@@ -262,7 +252,7 @@ impl WitnessReply {
         if b[2] != 0 || b[3] != 0 {
             return Err(WitnessDecodeError::Reserved);
         }
-        let (term, known, ttl_ms, remaining_ms) = (le64(b, 4), le64(b, 12), le32(b, 20), le32(b, 24));
+        let (term, known, ttl_ms, remaining_ms) = (u64_at(b, 4), u64_at(b, 12), u32_at(b, 20), u32_at(b, 24));
         let text_len = usize::from(b[28]);
         let text = b.get(REPLY_HEAD..REPLY_HEAD + text_len).ok_or(WitnessDecodeError::Truncated)?;
         if b.len() != REPLY_HEAD + text_len {
