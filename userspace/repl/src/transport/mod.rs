@@ -564,6 +564,14 @@ pub trait CheckpointTransport: Send {
     /// so that it does not take over a VM that still runs, then closes the link. Best effort.
     fn abandon(&mut self, reason: &str);
 
+    /// The link failed: waits, at most `within`, until everything the backup sent before the
+    /// failure has reached the acknowledgement listener. A backup that takes over sends
+    /// `TakingOver` and closes its end, and this side's write can fail on the close before its
+    /// reader has passed the notice on.
+    fn drain_after_failure(&mut self, within: Duration) {
+        let _ = within;
+    }
+
     /// A planned switchover: tells the backup that the VM is stopped at `epoch` (acknowledged)
     /// and that it is to take over from there. Its answer comes as [`AckEvent::Superseded`].
     fn hand_over(&mut self, epoch: EpochId) -> Result<(), HandOverError>;

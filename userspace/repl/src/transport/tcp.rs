@@ -734,6 +734,18 @@ impl CheckpointTransport for TcpTransport {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
+    fn drain_after_failure(&mut self, within: Duration) {
+        if self.shared.down().is_none() {
+            return;
+        }
+        let Some(reader) = &self.reader else { return };
+        // The reader ends at the end of the stream, after whatever came before it.
+        let until = Instant::now() + within;
+        while !reader.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     fn hand_over(&mut self, epoch: EpochId) -> Result<(), HandOverError> {
         if self.minor < 4 {
             return Err(HandOverError::Unsupported(self.minor));

@@ -3,6 +3,7 @@
 //! running alone.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use super::status::EngineState;
 use super::PrimaryEngine;
@@ -10,6 +11,11 @@ use crate::ha::heartbeat::monotonic_us;
 use crate::disk::DiskReplicator;
 use crate::ha::quorum::Claim;
 use crate::{lock, ErrorChain};
+
+/// Longest wait, when the link fails, for a takeover notice the backup sent before (see
+/// `CheckpointTransport::drain_after_failure`): it is in this host's socket by then, and its
+/// reader needs only to be scheduled.
+const TAKEOVER_NOTICE_WAIT: Duration = Duration::from_millis(50);
 
 impl PrimaryEngine {
     /// Another copy runs the VM: pause this one for good and release nothing more. The machine's
@@ -38,6 +44,12 @@ impl PrimaryEngine {
     /// The backup is gone: no page or disk write is lost, every held frame leaves, the VM goes on.
     pub(super) fn go_simplex(&mut self, why: &dyn std::fmt::Display) {
         if self.simplex || lock(&self.ack.superseded).is_some() {
+            return;
+        }
+        // A failed link may be a backup that took over: it said so before it closed, and that
+        // must be heard before anything held leaves (without a quorum nothing else stops it).
+        self.transport.drain_after_failure(TAKEOVER_NOTICE_WAIT);
+        if lock(&self.ack.superseded).is_some() {
             return;
         }
         if let Err(refusal) = self.ack.lease.claim(Claim::RunAlone) {
