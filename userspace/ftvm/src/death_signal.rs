@@ -125,3 +125,52 @@ pub fn on_parent_death(parent: u32, on_death: impl FnOnce() + Send + 'static) ->
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Whether [`DEATH_SIGNAL`] is pending for process `pid` (it is blocked there, so it stays).
+    fn death_signal_pending(pid: u32) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let pending = status
+            .lines()
+            .find_map(|l| l.strip_prefix("ShdPnd:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        pending & (1 << (DEATH_SIGNAL - 1)) != 0
+    }
+
+    fn sleeper() -> io::Result<Child> {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        ask_for_death_signal(&mut cmd);
+        cmd.spawn()
+    }
+
+    #[test]
+    fn the_child_gets_the_signal_when_its_lasting_thread_ends_and_not_before() {
+        let (mut child, parent) = LastingThread::spawn("test-parent", sleeper).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!death_signal_pending(child.id()), "signalled while the thread lasts");
+        parent.end();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !death_signal_pending(child.id()) {
+            assert!(Instant::now() < deadline, "no death signal after the thread ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_lasting_thread_dropped_without_end_lasts() {
+        let (mut child, parent) = LastingThread::spawn("test-parent", sleeper).unwrap();
+        drop(parent);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!death_signal_pending(child.id()), "a dropped handle ended the thread");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
