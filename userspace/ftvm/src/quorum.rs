@@ -339,6 +339,11 @@ impl LateInputSetup {
         Some(Self { primary, to, id, secret })
     }
 
+    /// Where and how to send for the dead daemon that held lease `term`.
+    fn forward(&self, term: u64) -> LateForward {
+        LateForward::new(self.to, &self.secret, &self.id, term)
+    }
+
     /// The primary's descriptor `fd`, duplicated into this process.
     fn take_fd(&self, fd: RawFd) -> std::io::Result<OwnedFd> {
         // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags (0), and touches no
@@ -370,7 +375,7 @@ fn start_forwarding(
     taken: Vec<Vec<u8>>,
     term: u64,
 ) -> Option<std::thread::JoinHandle<()>> {
-    let cfg = LateForward::new(setup.to, &setup.secret, &setup.id, term);
+    let cfg = setup.forward(term);
     let tap = std::fs::File::from(tap);
     if !taken.is_empty() {
         tracing::warn!(frames = taken.len(), "the dead primary's VM had taken input it had not sent ahead: it goes first");
@@ -412,29 +417,31 @@ enum Told {
 }
 
 impl PrimaryLines<'_> {
+    /// The primary's descriptor named by `line` after `prefix`, duplicated here; `None` when
+    /// nothing is forwarded or the number does not parse.
+    fn take_fd(&self, line: &str, prefix: &str) -> Option<std::io::Result<OwnedFd>> {
+        let fd = line.strip_prefix(prefix)?.parse::<RawFd>().ok()?;
+        Some(self.late_setup?.take_fd(fd))
+    }
+
     /// Takes one of the lines `term N`, `none`, `tap N`, `ring N` and `stop`.
     fn take(&mut self, line: &str) -> Told {
         match line.trim() {
             "stop" => return Told::Stop,
             "none" => self.term = None,
-            other if other.starts_with("ring ") => {
-                let fd = other.strip_prefix("ring ").and_then(|n| n.parse::<RawFd>().ok());
-                if let (Some(setup), Some(fd)) = (self.late_setup, fd) {
-                    match setup.take_fd(fd).map_err(anyhow::Error::from).and_then(|f| Ok(TakenRing::open(f)?)) {
-                        Ok(r) => self.ring = Some(r),
-                        Err(e) => tracing::warn!(error = %format_args!("{e:#}"), "cannot map the primary's taken-input ring: what it had not sent ahead is lost at its death"),
-                    }
-                }
-            }
-            other if other.starts_with("tap ") => {
-                let fd = other.strip_prefix("tap ").and_then(|n| n.parse::<RawFd>().ok());
-                if let (Some(setup), Some(fd)) = (self.late_setup, fd) {
-                    match setup.take_fd(fd) {
-                        Ok(t) => self.tap = Some(t),
-                        Err(e) => tracing::warn!(error = %e, "cannot take the primary's TAP: no late input forwarding"),
-                    }
-                }
-            }
+            other if other.starts_with("ring ") => match self.take_fd(other, "ring ") {
+                Some(Ok(f)) => match TakenRing::open(f) {
+                    Ok(r) => self.ring = Some(r),
+                    Err(e) => tracing::warn!(error = %ftvm_repl::ErrorChain(&e), "cannot map the primary's taken-input ring: what it had not sent ahead is lost at its death"),
+                },
+                Some(Err(e)) => tracing::warn!(error = %e, "cannot take the primary's taken-input ring: what it had not sent ahead is lost at its death"),
+                None => {}
+            },
+            other if other.starts_with("tap ") => match self.take_fd(other, "tap ") {
+                Some(Ok(t)) => self.tap = Some(t),
+                Some(Err(e)) => tracing::warn!(error = %e, "cannot take the primary's TAP: no late input forwarding"),
+                None => {}
+            },
             other => self.term = other.strip_prefix("term ").and_then(|t| t.parse::<u64>().ok()).or(self.term),
         }
         Told::More
@@ -518,21 +525,21 @@ pub fn watchdog(args: WatchdogArgs) -> Result<ExitCode> {
         }
         _ => None,
     };
+    // Once the lease is released, the backup may take over at once: tell it so.
+    let notify = || {
+        if let (Some(setup), Some(term)) = (&late_setup, term) {
+            match send_death_notice(&setup.forward(term)) {
+                Ok(()) => tracing::warn!(to = %setup.to, "the primary died: the backup is told so"),
+                Err(e) => tracing::warn!(error = %e, "cannot send the backup the death notice (it sees the death later)"),
+            }
+        }
+    };
     // While this process forwards, the gate stays as it was: closed, it would also drop in the
     // kernel the very input forwarded (its ingress side drops frames for an inactive guest).
     // Nothing can emit the guest's frames meanwhile: the VMM's threads are ending with the
     // primary's and run none of its code (a write to the TAP already in the kernel can still
     // complete: a frame of an acknowledged epoch, which the backup's copy counts as sent), and this
     // process only reads the TAP. The gate closes once the forwarding is over.
-    // Once the lease is released, the backup may take over at once: tell it so.
-    let notify = || {
-        if let (Some(setup), Some(term)) = (&late_setup, term) {
-            match send_death_notice(&LateForward::new(setup.to, &setup.secret, &setup.id, term)) {
-                Ok(()) => tracing::warn!(to = %setup.to, "the primary died: the backup is told so"),
-                Err(e) => tracing::warn!(error = %e, "cannot send the backup the death notice (it sees the death later)"),
-            }
-        }
-    };
     let mut gate = gate;
     match forwarder {
         Some(t) => {

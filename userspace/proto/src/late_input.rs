@@ -223,17 +223,16 @@ mod tests {
         assert_eq!(open_late_frame(&other, &d), Err(LateInputError::Tag));
         // Kinds are checked once the tag is: a notice with a frame, or an unknown kind, sealed
         // with the right key, is refused by name.
-        let mut with_frame = seal_late_frame(&key(), 9, 0, &[1, 2]);
-        with_frame[5] = 1;
-        let body = with_frame.len() - LATE_INPUT_TAG;
-        let tag = blake3::keyed_hash(&key(), &with_frame[..body]);
-        with_frame[body..].copy_from_slice(tag.as_bytes());
+        let with_kind = |mut d: Vec<u8>, kind: u8| {
+            d[5] = kind;
+            let body = d.len() - LATE_INPUT_TAG;
+            let tag = blake3::keyed_hash(&key(), &d[..body]);
+            d[body..].copy_from_slice(tag.as_bytes());
+            d
+        };
+        let with_frame = with_kind(seal_late_frame(&key(), 9, 0, &[1, 2]), 1);
         assert_eq!(open_late_frame(&key(), &with_frame), Err(LateInputError::BadNotice(2)));
-        let mut unknown = seal_death_notice(&key(), 9);
-        unknown[5] = 7;
-        let body = unknown.len() - LATE_INPUT_TAG;
-        let tag = blake3::keyed_hash(&key(), &unknown[..body]);
-        unknown[body..].copy_from_slice(tag.as_bytes());
+        let unknown = with_kind(seal_death_notice(&key(), 9), 7);
         assert_eq!(open_late_frame(&key(), &unknown), Err(LateInputError::Kind(7)));
     }
 

@@ -124,11 +124,15 @@ pub fn forward_late_input(mut tap: &File, taken: &[Vec<u8>], cfg: &LateForward) 
     let socket = connected_socket(cfg.to)?;
     let deadline = Instant::now() + cfg.window;
     let mut report = ForwardReport::default();
-    for frame in taken.iter().take(FORWARD_MAX_FRAMES) {
+    // Each frame is numbered by how many were read before it, sent or not.
+    let send = |report: &mut ForwardReport, frame: &[u8]| {
         match socket.send(&seal_late_frame(&cfg.key, cfg.term, report.read(), frame)) {
             Ok(_) => report.frames += 1,
             Err(_) => report.send_errors += 1,
         }
+    };
+    for frame in taken.iter().take(FORWARD_MAX_FRAMES) {
+        send(&mut report, frame);
     }
     let mut buf = vec![0u8; MAX_GUEST_FRAME];
     while report.read() < FORWARD_MAX_FRAMES as u64 {
@@ -156,11 +160,7 @@ pub fn forward_late_input(mut tap: &File, taken: &[Vec<u8>], cfg: &LateForward) 
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let datagram = seal_late_frame(&cfg.key, cfg.term, report.read(), &buf[..n]);
-            match socket.send(&datagram) {
-                Ok(_) => report.frames += 1,
-                Err(_) => report.send_errors += 1,
-            }
+            send(&mut report, &buf[..n]);
         }
     }
     Ok(report)
