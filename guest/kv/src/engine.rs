@@ -191,6 +191,11 @@ pub struct Stats {
     /// Frames received and sent, device notifications (VM exits) sent, and TCP SYNs dropped
     /// because no socket was free (maintained by the caller).
     pub net: [u64; 4],
+    /// Turns of the guest's main loop, and how many of them ended waiting in the VMM (maintained
+    /// by the caller): work per request, seen from inside the guest.
+    pub loop_turns: u64,
+    /// See `loop_turns`.
+    pub idle_waits: u64,
 }
 
 /// The store, the log and the commands.
@@ -571,7 +576,8 @@ impl Engine {
              aof_durable_seq:{}\r\naof_write_failures:{}\r\naof_replayed_records:{}\r\n\r\n\
              # Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
              ftvm_dirty_pages_per_ms:{}\r\nftvm_net_rx_frames:{}\r\nftvm_net_tx_frames:{}\r\n\
-             ftvm_virtio_notifies:{}\r\nftvm_syns_dropped:{}\r\n\r\n\
+             ftvm_virtio_notifies:{}\r\nftvm_syns_dropped:{}\r\nftvm_loop_turns:{}\r\n\
+             ftvm_idle_waits:{}\r\n\r\n\
              # Keyspace\r\n",
             self.stats.connected_clients,
             self.store.used_bytes(),
@@ -598,6 +604,8 @@ impl Engine {
             self.stats.net[1],
             self.stats.net[2],
             self.stats.net[3],
+            self.stats.loop_turns,
+            self.stats.idle_waits,
         );
         if !self.store.is_empty() {
             let _ = write!(s, "db0:keys={},expires=0,avg_ttl=0\r\n", self.store.len());

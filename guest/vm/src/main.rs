@@ -464,6 +464,7 @@ fn run(bi: &BootInfo) -> Result<(), &'static str> {
 
     // ---- main loop ----
     loop {
+        engine.stats.loop_turns += 1;
         let ts = now();
         let mut progress = iface.poll(ts, &mut net, &mut sockets) == PollResult::SocketStateChanged;
         progress |= net.take_activity();
@@ -527,6 +528,7 @@ fn run(bi: &BootInfo) -> Result<(), &'static str> {
         if pending || timeout == Some(0) {
             continue;
         }
+        engine.stats.idle_waits += 1;
         rt::wait(timeout.unwrap_or(WAIT_FOREVER));
     }
 }
