@@ -22,8 +22,12 @@ pub struct IdleReport {
 
 /// Clock ticks of user plus system time `pid` has used (its threads included).
 fn cpu_ticks(pid: i32) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    stat_ticks(&format!("/proc/{pid}/stat"))
+}
+
+/// Clock ticks of user plus system time in a `/proc/<pid>/stat` or `/proc/<pid>/task/<tid>/stat`.
+pub(crate) fn stat_ticks(path: &str) -> Result<u64> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
     // The command name (field 2) may hold spaces: the fields after it follow its last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("no ')' in /proc/<pid>/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();

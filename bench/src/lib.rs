@@ -8,6 +8,7 @@
 //! one at a time, with [`svg`] drawing their distributions.
 
 pub mod failover;
+pub mod guest_cost;
 pub mod heartbeat;
 pub mod idle;
 pub mod latency;
@@ -200,6 +201,16 @@ pub struct Report {
     /// One client's GET and SET, one at a time, unprotected and FT; `None` when skipped.
     #[serde(default)]
     pub one_client: Option<latency::OneClientReport>,
+    /// The guest's own vCPU time per command under the load, per pipeline depth.
+    #[serde(default)]
+    pub guest_cost: GuestCostReport,
+}
+
+/// [`guest_cost::GuestCost`] of each load run, unprotected and FT.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GuestCostReport {
+    pub unprotected: Vec<guest_cost::GuestCost>,
+    pub ft: Vec<guest_cost::GuestCost>,
 }
 
 impl Report {
@@ -237,6 +248,17 @@ impl Report {
                     r.test, r.pipeline, r.rps_ratio, r.added_p50_us, r.added_p99_us
                 );
             }
+        }
+        for (u, f) in self.guest_cost.unprotected.iter().zip(&self.guest_cost.ft) {
+            s += &format!(
+                "guest vCPU per command, P{}: unprotected {:.1} µs ({:.2} loop turns), FT {:.1} µs ({:.2}): ×{:.2}\n",
+                u.pipeline,
+                u.vcpu_us_per_command,
+                u.loop_turns_per_command,
+                f.vcpu_us_per_command,
+                f.loop_turns_per_command,
+                if u.vcpu_us_per_command > 0.0 { f.vcpu_us_per_command / u.vcpu_us_per_command } else { 0.0 }
+            );
         }
         if let Some(f) = &self.failover {
             s += &f.table();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use ftvm_bench::{run_redis_benchmark, RedisBenchmark, Report};
+use ftvm_bench::{guest_cost, run_redis_benchmark, RedisBenchmark, Report};
 use ftvm_system_tests::site::{Site, SiteEnv};
 use ftvm_system_tests::{Netns, TempDir, Vm, VmOptions};
 
@@ -199,8 +199,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let features: &[&str] = if args.alink_rdma_device.is_some() { &["rdma"] } else { &[] };
     let bin = release_ftvm("bench", features)?;
 
-    let load = |netns: &str| -> Result<Vec<_>> {
+    // The load, and what each run of it cost the guest (`vmm`: the process with its vCPUs).
+    let load = |netns: &str, vmm: i32| -> Result<(Vec<_>, Vec<_>)> {
         let mut results = Vec::new();
+        let mut costs = Vec::new();
         for pipeline in [1, 16] {
             let bench = RedisBenchmark {
                 tests: "ping,set,get,incr",
@@ -212,10 +214,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "[bench] redis-benchmark -n {} -c {} -P {pipeline}",
                 bench.requests, bench.clients
             );
+            let before = guest_cost::probe(netns, vmm)?;
             results.extend(run_redis_benchmark(netns, &bench)?);
+            costs.push(guest_cost::between(&before, &guest_cost::probe(netns, vmm)?, pipeline));
         }
-        Ok(results)
+        Ok((results, costs))
     };
+    let mut guest_cost = ftvm_bench::GuestCostReport::default();
 
     let idle_for = Duration::from_secs(args.idle_seconds);
     let mut idle = ftvm_bench::idle::IdleReport { seconds: idle_for.as_secs_f64(), ..Default::default() };
@@ -233,7 +238,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ns.name()
         );
         let vm = Vm::start(&ns, dir.path(), &opts);
-        let results = load(ns.name())?;
+        let (results, costs) = load(ns.name(), vm.pid().context("the unprotected VM has no process")?)?;
+        guest_cost.unprotected = costs;
         if args.one_client_requests > 0 {
             one_client_unprotected = Some(one_client(ns.name(), args.one_client_requests, "unprotected")?);
         }
@@ -257,7 +263,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Taken down when dropped, on every path.
         let mut site = Site::try_new(env, "fb")?;
         site.try_up(&up.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let ft = load(&site.netns("client"))?;
+        let vmm = guest_cost::vmm_pid(&site.host_pids("A")?).context("host A runs no VMM")?;
+        let (ft, costs) = load(&site.netns("client"), vmm)?;
+        guest_cost.ft = costs;
         let status = site.try_status()?.json;
         if args.one_client_requests > 0 {
             one_client_ft = Some(one_client(&site.netns("client"), args.one_client_requests, "FT")?);
@@ -363,6 +371,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         idle: (idle_for > Duration::ZERO && !args.failover_only).then_some(idle),
         pause_sweep,
         one_client,
+        guest_cost,
     };
     let path = report.write(&results_dir)?;
     print!("{}", report.table());
