@@ -217,6 +217,10 @@ fn a_write_load_several_times_the_disk_size_keeps_succeeding() {
     assert!(num(&i, "aof_current_size") < num(&i, "aof_region_size"), "{i:?}");
     assert!(num(&i, "aof_region_size") <= disk / 2, "{i:?}");
     assert!(vm.console().contains("log rewrite done"), "{}", vm.console());
+    // The guest's own counters (the bench's cost per command): every idle wait ends a turn of
+    // its main loop, and a load of pipelined requests takes far fewer turns than commands.
+    let (turns, waits) = (num(&i, "ftvm_loop_turns"), num(&i, "ftvm_idle_waits"));
+    assert!(waits > 0 && waits <= turns && turns < num(&i, "total_commands_processed"), "{i:?}");
     let problems = check_keys(&ns, &mut keys);
     assert!(problems.is_empty(), "{problems:#?}");
     // redis-benchmark's 1 000 keys and 1 000 counters, and the writers' 1 000 keys.
