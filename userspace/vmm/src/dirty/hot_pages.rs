@@ -24,10 +24,12 @@
 //! few, never in six in a row. Under `redis-benchmark -c 50` only 8–11 pages were hot, and the
 //! guest took about 3 write faults per GET, each about 16 µs of guest time here: 56 µs of vCPU
 //! time per GET against 10 µs unprotected, and 254 epochs a second. With two writes in six, 0.4
-//! faults per GET, 22 µs of vCPU time, about 790 epochs a second. Six in a row had been chosen for
-//! the A-Link's bytes (a hot page the guest did not write was sent whole); since pages sent again
-//! go as their difference from the backup's copy, such a page costs a few bytes and the copy
-//! into the staging buffer, about 0.3 µs, against a fault's 16.
+//! faults per GET and 22 µs of vCPU time, most of the faults the second proof of every hot page
+//! after each cooling (every 32 harvests then); with the cooling's credit and a cooling every 128
+//! harvests, 0.07 faults and 14 µs. Six in a row had been chosen for the A-Link's bytes (a hot
+//! page the guest did not write was sent whole); since pages sent again go as their difference
+//! from the backup's copy, such a page costs a few bytes and the copy into the staging buffer,
+//! about 0.3 µs, against a fault's 16.
 //!
 //! Never a matter of safety: a hot page is in every harvest, whether it was written or not, so a
 //! checkpoint never lacks a page the guest wrote. It only costs link bytes and copies for hot
