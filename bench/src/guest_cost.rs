@@ -7,11 +7,15 @@
 //! protects the guest's working set again at each checkpoint shows here first (stop 22: 56 µs of
 //! vCPU time per GET under 50 clients with FT against 10 unprotected, with as many loop turns).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use ftvm_system_tests::parse_info;
+
+use crate::idle::{stat_ticks, ticks_per_second};
 use crate::resp::{Conn, Reply};
 
 /// One load's cost to the guest.
@@ -41,7 +45,7 @@ pub fn probe(netns: &str, pid: i32) -> Result<Probe> {
     let vcpu_ticks = vcpu_ticks(pid)?;
     let mut conn = Conn::connect_in_netns(netns, Duration::from_secs(5))?;
     let info = match conn.cmd(&["INFO"])? {
-        Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Reply::Bulk(Some(b)) => parse_info(&b),
         other => bail!("INFO answered {other:?}"),
     };
     Ok(Probe {
@@ -53,8 +57,7 @@ pub fn probe(netns: &str, pid: i32) -> Result<Probe> {
 
 /// The cost between two probes of the same guest. The `INFO` of the second probe counts itself.
 pub fn between(before: &Probe, after: &Probe, pipeline: u32) -> GuestCost {
-    // SAFETY: sysconf only reads a system constant.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks_per_s = ticks_per_second();
     let commands = after.commands.saturating_sub(before.commands);
     let per = |x: f64| if commands == 0 { 0.0 } else { x / commands as f64 };
     GuestCost {
@@ -92,17 +95,15 @@ fn vcpu_ticks(pid: i32) -> Result<u64> {
     }
     let mut ticks = 0;
     for tid in tids {
-        ticks += crate::idle::stat_ticks(&format!("/proc/{pid}/task/{tid}/stat"))?;
+        ticks += stat_ticks(&format!("/proc/{pid}/task/{tid}/stat"))?;
     }
     Ok(ticks)
 }
 
-/// The number after `name:` on its own line of an `INFO` reply.
-fn info_field(info: &str, name: &str) -> Result<u64> {
-    info.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+/// The number in field `name` of an `INFO` reply ([`parse_info`]).
+fn info_field(info: &HashMap<String, String>, name: &str) -> Result<u64> {
+    info.get(name)
         .with_context(|| format!("INFO has no {name}"))?
-        .trim()
         .parse()
         .with_context(|| format!("INFO's {name} is not a number"))
 }
@@ -113,18 +114,17 @@ mod tests {
 
     #[test]
     fn info_fields_are_read_by_whole_name() {
-        let info = "# Stats\r\ntotal_commands_processed:12\r\nftvm_loop_turns:3\r\nftvm_loop_turns_x:9\r\n";
-        assert_eq!(info_field(info, "total_commands_processed").unwrap(), 12);
-        assert_eq!(info_field(info, "ftvm_loop_turns").unwrap(), 3);
-        assert!(info_field(info, "ftvm_idle_waits").is_err());
-        assert!(info_field("ftvm_loop_turns:x\r\n", "ftvm_loop_turns").is_err());
+        let info = parse_info(b"# Stats\r\ntotal_commands_processed:12\r\nftvm_loop_turns:3\r\nftvm_loop_turns_x:9\r\n");
+        assert_eq!(info_field(&info, "total_commands_processed").unwrap(), 12);
+        assert_eq!(info_field(&info, "ftvm_loop_turns").unwrap(), 3);
+        assert!(info_field(&info, "ftvm_idle_waits").is_err());
+        assert!(info_field(&parse_info(b"ftvm_loop_turns:x\r\n"), "ftvm_loop_turns").is_err());
     }
 
     #[test]
     fn the_cost_is_per_command() {
         let p = |vcpu_ticks, commands, loop_turns| Probe { vcpu_ticks, commands, loop_turns };
-        // SAFETY: sysconf only reads a system constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let hz = ticks_per_second() as u64;
         let c = between(&p(0, 100, 10), &p(hz, 1100, 510), 16);
         assert_eq!((c.pipeline, c.commands), (16, 1000));
         assert!((c.vcpu_us_per_command - 1000.0).abs() < 1e-9, "one second over 1 000 commands");

@@ -36,10 +36,15 @@ pub(crate) fn stat_ticks(path: &str) -> Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
+/// Clock ticks per second of the times in `/proc/<pid>/stat`.
+pub(crate) fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// The CPU `pids` use together over `stretch`, in percent of one core.
 pub fn cpu_percent(pids: &[i32], stretch: Duration) -> Result<f64> {
-    // SAFETY: sysconf only reads a system constant.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks_per_s = ticks_per_second();
     let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum::<Result<u64>>()?;
     let t = Instant::now();
     std::thread::sleep(stretch);

@@ -203,6 +203,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let load = |netns: &str, vmm: i32| -> Result<(Vec<_>, Vec<_>)> {
         let mut results = Vec::new();
         let mut costs = Vec::new();
+        // Each run's cost is from the probe before it to the next (one probe between runs).
+        let mut before = guest_cost::probe(netns, vmm)?;
         for pipeline in [1, 16] {
             let bench = RedisBenchmark {
                 tests: "ping,set,get,incr",
@@ -214,9 +216,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "[bench] redis-benchmark -n {} -c {} -P {pipeline}",
                 bench.requests, bench.clients
             );
-            let before = guest_cost::probe(netns, vmm)?;
             results.extend(run_redis_benchmark(netns, &bench)?);
-            costs.push(guest_cost::between(&before, &guest_cost::probe(netns, vmm)?, pipeline));
+            let after = guest_cost::probe(netns, vmm)?;
+            costs.push(guest_cost::between(&before, &after, pipeline));
+            before = after;
         }
         Ok((results, costs))
     };
