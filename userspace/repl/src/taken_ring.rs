@@ -22,13 +22,23 @@
 //! worse than none).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// The ring's first bytes.
 const MAGIC: u64 = u64::from_le_bytes(*b"FTVMRING");
 /// Bytes of the header.
 const HEADER: usize = 64;
+/// Where the header's fields are (see the layout above).
+const MAGIC_AT: usize = 0;
+const SLOTS_AT: usize = 8;
+const SLOT_BYTES_AT: usize = 12;
+/// The number of the next frame to record.
+const NEXT_AT: usize = 16;
+/// Frames numbered below this were sent ahead.
+const SENT_AT: usize = 24;
+/// Where a slot's length is, after its stamp (at the slot's start).
+const SLOT_LEN_AT: usize = 8;
 /// Bytes of a slot's own header (stamp, length, padding).
 const SLOT_HEADER: usize = 16;
 /// Frames kept: the last this many.
@@ -69,21 +79,11 @@ impl TakenRing {
     /// A new, empty ring in a fresh memfd.
     pub fn create() -> Result<Self, TakenRingError> {
         let len = HEADER + SLOTS * SLOT_BYTES;
-        // SAFETY: a NUL-terminated name and valid flags; returns a new descriptor or -1.
-        let raw = unsafe { libc::memfd_create(c"ftvm-taken-input".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(TakenRingError::Create(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on a descriptor this function owns.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(TakenRingError::Create(io::Error::last_os_error()));
-        }
+        let fd = ftvm_vmm::memory::sized_memfd(c"ftvm-taken-input", 0, len).map_err(TakenRingError::Create)?;
         let ring = Self::map(fd, len)?;
-        ring.u32_at(8).store(SLOTS as u32, Ordering::Relaxed);
-        ring.u32_at(12).store(SLOT_BYTES as u32, Ordering::Relaxed);
-        ring.u64_at(0).store(MAGIC, Ordering::Release);
+        ring.u32_at(SLOTS_AT).store(SLOTS as u32, Ordering::Relaxed);
+        ring.u32_at(SLOT_BYTES_AT).store(SLOT_BYTES as u32, Ordering::Relaxed);
+        ring.u64_at(MAGIC_AT).store(MAGIC, Ordering::Release);
         Ok(ring)
     }
 
@@ -100,11 +100,11 @@ impl TakenRing {
             return Err(TakenRingError::NotARing("wrong size"));
         }
         let ring = Self::map(fd, len)?;
-        if ring.u64_at(0).load(Ordering::Acquire) != MAGIC {
+        if ring.u64_at(MAGIC_AT).load(Ordering::Acquire) != MAGIC {
             return Err(TakenRingError::NotARing("bad magic"));
         }
-        let slots = ring.u32_at(8).load(Ordering::Relaxed) as usize;
-        let slot_bytes = ring.u32_at(12).load(Ordering::Relaxed) as usize;
+        let slots = ring.u32_at(SLOTS_AT).load(Ordering::Relaxed) as usize;
+        let slot_bytes = ring.u32_at(SLOT_BYTES_AT).load(Ordering::Relaxed) as usize;
         if (slots, slot_bytes) != (SLOTS, SLOT_BYTES) {
             return Err(TakenRingError::NotARing("another geometry"));
         }
@@ -158,30 +158,30 @@ impl TakenRing {
         if frame.len() > SLOT_BYTES - SLOT_HEADER {
             return None;
         }
-        let n = self.u64_at(16).load(Ordering::Relaxed);
+        let n = self.u64_at(NEXT_AT).load(Ordering::Relaxed);
         let slot = Self::slot(n);
         let stamp = self.u64_at(slot);
         stamp.store(2 * n + 1, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
-        self.u32_at(slot + 8).store(frame.len() as u32, Ordering::Relaxed);
+        self.u32_at(slot + SLOT_LEN_AT).store(frame.len() as u32, Ordering::Relaxed);
         // SAFETY: the slot's frame area has room for `frame` (checked above) and lies inside the
         // mapping; a reader copies it only between two equal, even stamps.
         unsafe { std::ptr::copy_nonoverlapping(frame.as_ptr(), self.base.add(slot + SLOT_HEADER), frame.len()) };
         stamp.store(2 * n + 2, Ordering::Release);
-        self.u64_at(16).store(n + 1, Ordering::Release);
+        self.u64_at(NEXT_AT).store(n + 1, Ordering::Release);
         Some(n)
     }
 
     /// Frames numbered below `through` have been sent ahead to the backup.
     pub fn mark_sent(&self, through: u64) {
-        self.u64_at(24).fetch_max(through, Ordering::AcqRel);
+        self.u64_at(SENT_AT).fetch_max(through, Ordering::AcqRel);
     }
 
     /// The frames kept and not marked sent, oldest first (in the watchdog, after the death: the
     /// recording process writes no more, but a frame it was writing is left out).
     pub fn unsent(&self) -> Vec<Vec<u8>> {
-        let next = self.u64_at(16).load(Ordering::Acquire);
-        let sent = self.u64_at(24).load(Ordering::Acquire);
+        let next = self.u64_at(NEXT_AT).load(Ordering::Acquire);
+        let sent = self.u64_at(SENT_AT).load(Ordering::Acquire);
         let first = sent.max(next.saturating_sub(SLOTS as u64));
         let mut frames = Vec::new();
         for n in first..next {
@@ -190,7 +190,7 @@ impl TakenRing {
             if stamp.load(Ordering::Acquire) != 2 * n + 2 {
                 continue;
             }
-            let len = (self.u32_at(slot + 8).load(Ordering::Relaxed) as usize).min(SLOT_BYTES - SLOT_HEADER);
+            let len = (self.u32_at(slot + SLOT_LEN_AT).load(Ordering::Relaxed) as usize).min(SLOT_BYTES - SLOT_HEADER);
             let mut frame = vec![0u8; len];
             // SAFETY: `len` bytes from the slot's frame area, inside the mapping.
             unsafe { std::ptr::copy_nonoverlapping(self.base.add(slot + SLOT_HEADER), frame.as_mut_ptr(), len) };
@@ -264,7 +264,7 @@ mod tests {
     fn anything_else_is_refused() {
         let ring = TakenRing::create().unwrap();
         let copy = reader(&ring);
-        copy.u64_at(0).store(7, Ordering::Relaxed);
+        copy.u64_at(MAGIC_AT).store(7, Ordering::Relaxed);
         assert!(matches!(TakenRing::open(ring.fd().try_clone_to_owned().unwrap()), Err(TakenRingError::NotARing(_))));
         let file = std::fs::File::open("/proc/self/exe").unwrap();
         assert!(matches!(TakenRing::open(OwnedFd::from(file)), Err(TakenRingError::NotARing("wrong size"))));

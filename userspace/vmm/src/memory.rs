@@ -50,6 +50,26 @@ pub fn advise_huge_pages(addr: *mut u8, len: usize) {
     }
 }
 
+/// A new memfd named `name` (`MFD_CLOEXEC` and `flags`), `len` bytes long (zeroes): memory that
+/// another mapping or another process can share (the backup's standby, a ring the lease watchdog
+/// reads after a death).
+pub fn sized_memfd(name: &std::ffi::CStr, flags: libc::c_uint, len: usize) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let file_len = libc::off_t::try_from(len).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: the name is a NUL-terminated string that outlives the call; the flags are valid.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: the descriptor is open for the call; ftruncate only sizes the file.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), file_len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 /// Why [`adopt_guest_memory`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptMemoryError {
@@ -135,18 +155,11 @@ fn seal_against_shrinking(fd: &OwnedFd) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
     use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     fn memfd(flags: libc::c_uint, len: u64) -> File {
-        // SAFETY: the name is a NUL-terminated string that outlives the call.
-        let raw = unsafe { libc::memfd_create(c"ftvm-test".as_ptr(), libc::MFD_CLOEXEC | flags) };
-        assert!(raw >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
-        let f = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-        f.set_len(len).unwrap();
-        f
+        File::from(sized_memfd(c"ftvm-test", flags, len as usize).unwrap())
     }
 
     #[test]

@@ -8,7 +8,6 @@ mod tests {
     use std::collections::BTreeSet;
     use std::fs::File;
     use std::io::Write;
-    use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::fs::FileExt;
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
@@ -25,7 +24,7 @@ mod tests {
         CaptureError, CheckpointSource, Machine, MachineExit, MachineRestoreError, MachineRunError,
         MemoryImage, VmConfig,
     };
-    use ftvm_vmm::memory::AdoptMemoryError;
+    use ftvm_vmm::memory::{sized_memfd, AdoptMemoryError};
     use ftvm_vmm::state::MachineState;
     use ftvm_vmm::vcpu::state::{self as vstate, FpuState, StateConfig, XsaveSupport};
     use ftvm_vmm::vcpu::{VcpuSaveError, VcpuState};
@@ -355,17 +354,8 @@ mod tests {
     /// A memfd holding `image` (its all-zero pages left as holes), sealable like the backup's
     /// standby memory; `MFD_ALLOW_SEALING` can be left out, to test the refusal.
     fn memfd_image(image: &[u8], sealable: bool) -> File {
-        let flags = libc::MFD_CLOEXEC | if sealable { libc::MFD_ALLOW_SEALING } else { 0 };
-        // SAFETY: the name is a NUL-terminated string that outlives the call.
-        let raw = unsafe { libc::memfd_create(c"ftvm-test-image".as_ptr(), flags) };
-        assert!(
-            raw >= 0,
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
-        let f = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-        f.set_len(image.len() as u64).unwrap();
+        let flags = if sealable { libc::MFD_ALLOW_SEALING } else { 0 };
+        let f = File::from(sized_memfd(c"ftvm-test-image", flags, image.len()).expect("memfd_create"));
         for (i, page) in image.chunks(4096).enumerate() {
             if page.iter().any(|&b| b != 0) {
                 f.write_all_at(page, (i * 4096) as u64).unwrap();

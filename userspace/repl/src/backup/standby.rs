@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
@@ -32,18 +32,7 @@ impl StandbyMemory {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty standby memory"));
         }
-        let file_len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the name is a NUL-terminated string that outlives the call; the flags are valid.
-        let raw = unsafe { libc::memfd_create(c"ftvm-standby".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: the descriptor is open for the call; ftruncate only sizes the file.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), file_len) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = ftvm_vmm::memory::sized_memfd(c"ftvm-standby", libc::MFD_ALLOW_SEALING, len)?;
         let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
         // SAFETY: F_ADD_SEALS takes an int argument and touches no memory; the fd is open.
         if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
